@@ -1,0 +1,39 @@
+"""Serve the run deployment from this process (the runner).
+
+    python -m deployments.serve [--config PATH]
+
+Each flow run executes as a subprocess of this runner. Set
+PREFECT_RUNNER_POLL_FREQUENCY=1 for a prompt start (the default polls every
+10 s). prefect.yaml declares the same deployment for `prefect deploy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from flows.run_lifecycle import run_lifecycle
+from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__)
+    parser.add_argument("--config", help="configuration file (default: $SWF_PANDA_WORKERS_CONFIG)")
+    args = parser.parse_args(argv)
+    # Flow runs are subprocesses that load the configuration themselves.
+    os.environ[CONFIG_ENV] = str(config_path(args.config).resolve())
+    settings = load_settings()
+    flow_name, _, deployment_name = settings.prefect.deployment.partition("/")
+    if flow_name != run_lifecycle.name or not deployment_name:
+        raise SystemExit(f"prefect.deployment must be '{run_lifecycle.name}/<name>', "
+                         f"not {settings.prefect.deployment!r}")
+    run_lifecycle.serve(
+        name=deployment_name,
+        limit=settings.prefect.runner_limit,
+        tags=["swf-panda-workers"],
+        description="One flow run per data-taking run, started by the STOMP listener.",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The life of one run, as one Prefect flow run.
+
+    create the iDDS workflow and task -> wait for its ids
+    -> scaling sub-flow (slice results -> adjust_worker) until the run ends
+    -> stop the transformers -> close the task -> iDDS's close status
+
+The flow's inputs are its run's Prefect events (bus messages the listener
+handed over, and the effects this flow journaled), so a retried flow run
+rebuilds its state and skips what was already done.
+"""
+
+
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel
+
+from flows.run_view import RunView, history_start
+from flows.scaling import ScalingReport, scale_workers
+from flows.tasks import publish
+from swf_panda_workers import outbound
+from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_id
+from swf_panda_workers.adapters.stomp_bus import BusClient
+from swf_panda_workers.config import Settings, load_settings
+from swf_panda_workers.messages import RunImminent, WorkflowIds, parse_message
+from swf_panda_workers.run_state import Effect, RunState, initial_state
+from swf_panda_workers.timestamps import utc_now
+
+
+class CreateNotAnswered(RuntimeError):
+    """iDDS did not reply to create_workflow_task in time."""
+
+
+class CloseNotConfirmed(RuntimeError):
+    """iDDS did not reply to close_workflow_task in time."""
+
+
+class RunOutcome(BaseModel):
+    run_id: str
+    namespace: str
+    status: str  # iDDS's closed_workflow_task status: ToCancel or NotFound
+    ids: WorkflowIds
+    slices_done: int
+    slices_failed: int
+    adjustments: int
+    end: str
+
+
+@flow(
+    name="swf-run",
+    flow_run_name="run-{run_id}",
+    retries=1,
+    retry_delay_seconds=10,
+    description="One data-taking run: iDDS task, worker scaling, stop and close.",
+)
+async def run_lifecycle(
+    run_id: str,
+    namespace: str,
+    announcement: dict[str, Any],
+    received_at: datetime | None = None,
+) -> RunOutcome:
+    """``announcement`` is the run_imminent message as received (either shape);
+    ``received_at`` when the listener got it (events are read from then on)."""
+    settings = settings_for(namespace)
+    run = announced_run(announcement, run_id)
+    since = history_start(received_at or utc_now())
+    resource = run_resource_id(namespace, run_id)
+
+    with BusClient(settings.brokers, name=f"run-{run_id}") as bus:
+        async with follow_run(resource, since) as feed:
+            view = RunView(feed, initial_state(run, settings), namespace)
+            await view.catch_up()
+            ids = await create_task(view, bus, run, settings)
+
+        report = await scale_workers(
+            run_id=run_id, namespace=namespace, announcement=announcement,
+            received_at=received_at, ids=ids,
+        )
+
+        async with follow_run(resource, since) as feed:
+            view = RunView(feed, initial_state(run, settings), namespace)
+            await view.catch_up()
+            state = await stop_and_close(view, bus, ids, settings)
+
+    outcome = RunOutcome(
+        run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
+        slices_done=report.slices_done, slices_failed=report.slices_failed,
+        adjustments=len(report.adjustments), end=report.end,
+    )
+    await publish_summary(outcome, report)
+    return outcome
+
+
+def settings_for(namespace: str) -> Settings:
+    """The configured settings, in the namespace this run belongs to."""
+    settings = load_settings()
+    transceiver = settings.transceiver.model_copy(update={"namespace": namespace})
+    return settings.model_copy(update={"transceiver": transceiver})
+
+
+def announced_run(announcement: dict[str, Any], run_id: str) -> RunImminent:
+    message = parse_message(announcement)
+    if not isinstance(message, RunImminent) or message.run_id != run_id:
+        raise ValueError(
+            f"announcement must be the run_imminent of run {run_id}, got "
+            f"{type(message).__name__} for run {getattr(message, 'run_id', None)}"
+        )
+    return message
+
+
+async def create_task(view: RunView, bus: BusClient, run: RunImminent,
+                      settings: Settings) -> WorkflowIds:
+    logger = get_run_logger()
+    if view.state.create_sent:
+        logger.info("create_workflow_task already sent by an earlier attempt; waiting for ids")
+    else:
+        await publish(bus, outbound.create_workflow_task(run, settings, utc_now()))
+        view.record(Effect(kind="create_sent"))
+        logger.info("create_workflow_task sent for run %s", run.run_id)
+
+    timeout = settings.timeouts.created_workflow_task
+    if not await view.until(lambda s: s.ids is not None, timeout):
+        raise CreateNotAnswered(
+            f"iDDS did not answer create_workflow_task for run {run.run_id} within {timeout:g}s; "
+            "nothing was closed, since there are no ids to close"
+        )
+    ids = view.state.ids
+    assert ids is not None
+    logger.info("iDDS created the task: request %s, transform %s, workload %s",
+                ids.request_id, ids.transform_id, ids.workload_id)
+    if ids.workload_id is None:
+        logger.warning("iDDS reports no workload_id: the PanDA submission failed")
+    return ids
+
+
+async def stop_and_close(view: RunView, bus: BusClient, ids: WorkflowIds,
+                         settings: Settings) -> RunState:
+    logger = get_run_logger()
+    run_id = view.state.run_id
+    if not view.state.stop_sent:
+        await publish(bus, outbound.stop_transformer(run_id, settings, utc_now()))
+        view.record(Effect(kind="stop_sent"))
+        logger.info("stop_transformer broadcast for run %s", run_id)
+    if not view.state.close_sent:
+        await publish(bus, outbound.close_workflow_task(run_id, ids, settings, utc_now()))
+        view.record(Effect(kind="close_sent"))
+        logger.info("close_workflow_task sent for request %s", ids.request_id)
+
+    timeout = settings.timeouts.closed_workflow_task
+    if not await view.until(lambda s: s.closed, timeout):
+        raise CloseNotConfirmed(
+            f"iDDS did not confirm close_workflow_task of request {ids.request_id} "
+            f"(run {run_id}) within {timeout:g}s"
+        )
+    logger.info("iDDS closed the task of run %s: %s", run_id, view.state.closed_status)
+    return view.state
+
+
+async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
+    """A per-run summary in the Prefect UI, under a stable key."""
+    rows = "\n".join(
+        f"| {a.at:%H:%M:%S} | {a.size.target_worker_count} | {a.reason} |"
+        for a in report.adjustments
+    ) or "| - | - | no adjustment |"
+    ids = outcome.ids
+    await create_markdown_artifact(
+        key=f"run-{outcome.namespace}-{outcome.run_id}".lower().replace("_", "-"),
+        description=f"Run {outcome.run_id}: iDDS status {outcome.status}",
+        markdown=(
+            f"# Run {outcome.run_id} ({outcome.namespace})\n\n"
+            f"- iDDS request {ids.request_id}, transform {ids.transform_id}, "
+            f"workload {ids.workload_id}\n"
+            f"- close status: **{outcome.status}**\n"
+            f"- slices: {outcome.slices_done} done, {outcome.slices_failed} failed\n"
+            f"- end: {outcome.end}\n\n"
+            "| time (UTC) | workers requested | reason |\n|---|---|---|\n"
+            f"{rows}\n"
+        ),
+    )

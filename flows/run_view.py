@@ -1,0 +1,82 @@
+"""A run as its flow sees it: the folded state of the run's event feed, and the
+place where the flow records what it did."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from swf_panda_workers.adapters.prefect_events import RunFeed, decode, effect_event
+from swf_panda_workers.messages import Message, WorkerSize
+from swf_panda_workers.run_state import Effect, RunState, apply
+from swf_panda_workers.timestamps import utc_now
+
+# Events are stamped when the listener receives them; look back a little
+# before the announcement so clock skew between hosts loses nothing.
+HISTORY_MARGIN = timedelta(minutes=10)
+
+
+def history_start(received_at: datetime) -> datetime:
+    return received_at - HISTORY_MARGIN
+
+
+class RunView:
+    def __init__(self, feed: RunFeed, state: RunState, namespace: str) -> None:
+        self._feed = feed
+        self._namespace = namespace
+        self.state = state
+        # Sizes an earlier attempt already asked for, known before replaying.
+        self.journaled_sizes: list[WorkerSize] = [
+            item.size for item in map(decode, feed.history)
+            if isinstance(item, Effect) and item.kind == "adjust_sent" and item.size is not None
+        ]
+
+    @property
+    def replaying(self) -> bool:
+        """True while the inputs come from the stored history."""
+        return self._feed.replaying
+
+    async def next_input(self, timeout: float) -> Message | Effect | None:
+        """Apply the next event to the state and return what it carried."""
+        event = await self._feed.next(timeout)
+        if event is None:
+            return None
+        item = decode(event)
+        if item is not None:
+            self.state = apply(item, self.state, event.occurred)
+        return item
+
+    async def catch_up(self) -> RunState:
+        """Apply everything already stored."""
+        while self.replaying:
+            await self.next_input(timeout=0)
+        return self.state
+
+    async def until(self, done: Callable[[RunState], bool], timeout: float) -> bool:
+        """Follow the feed until ``done(state)``; False if ``timeout`` passes first."""
+        loop_deadline = utc_now() + timedelta(seconds=timeout)
+        while not done(self.state):
+            left = (loop_deadline - utc_now()).total_seconds()
+            if left <= 0:
+                return False
+            await self.next_input(timeout=left)
+        return True
+
+    def record(self, effect: Effect) -> None:
+        """Journal an effect the flow performed and apply it at once; the
+        journal entry is what stops a retried flow run from repeating it."""
+        event = effect_event(effect, self._namespace, self.state.run_id, _flow_run_id())
+        self._feed.mark_seen(event.id)
+        emit_event(event=event.event, resource=event.resource.root, occurred=event.occurred,
+                   related=[r.root for r in event.related], payload=event.payload, id=event.id)
+        self.state = apply(effect, self.state, event.occurred)
+
+
+def _flow_run_id() -> UUID | None:
+    value = flow_run.id
+    return UUID(value) if value else None
+

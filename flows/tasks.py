@@ -1,0 +1,37 @@
+"""Small Prefect tasks the run flows share: each one side effect, with its
+retry policy in the decorator."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from swf_panda_workers.adapters.stomp_bus import BusClient, BusUnavailable
+from swf_panda_workers.outbound import Outgoing
+
+
+def _bus_trouble(task: object, task_run: object, state: object) -> bool:
+    """Retry only what a retry can fix: the broker being unreachable."""
+    try:
+        state.result()  # type: ignore[attr-defined]
+    except BusUnavailable:
+        return True
+    except Exception:  # any other failure is not the bus's: a retry would not help
+        return False
+    return False
+
+
+@task(
+    name="publish",
+    task_run_name="publish-{message.msg_type}",
+    retries=4,
+    retry_delay_seconds=[1, 2, 5, 10],
+    retry_condition_fn=_bus_trouble,
+    cache_policy=NO_CACHE,
+)
+async def publish(bus: BusClient, message: Outgoing) -> None:
+    """Send one message and wait for the broker's receipt. A retry after a lost
+    receipt may send it twice: delivery to the bus is at least once."""
+    await asyncio.to_thread(bus.send, message)

@@ -1,0 +1,33 @@
+"""python -m listeners [--config PATH]: the STOMP listener alone (the container's
+entrypoint). PREFECT_API_URL names the Prefect server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from listeners.bus_listener import serve_listener
+from swf_panda_workers.config import load_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m listeners", description=__doc__)
+    parser.add_argument("--config", help="configuration file (default: $SWF_PANDA_WORKERS_CONFIG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = load_settings(args.config)
+    asyncio.run(_run(settings))
+
+
+async def _run(settings: object) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await serve_listener(settings, stopping)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

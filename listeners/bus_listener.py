@@ -1,0 +1,260 @@
+"""The STOMP listener: parse, route, hand off durably to Prefect, then ack.
+
+- /topic/panda.workers, with the namespace selector the peers use;
+- /queue/panda.results.worker, without one: transformers started by iDDS send
+  no namespace header. Results of runs this namespace does not own are dropped.
+
+A message is acked only once what it caused is stored by Prefect: the run's
+flow run exists (run_imminent), or the message's event is readable back from
+the events API (everything else). Until then it stays unacked, so a crash
+means redelivery, never loss; redelivered messages map to the same event id.
+Bad input is logged with its reason, copied to the dead-letter queue with the
+reason in a header, and acked: it never stops the listener or another run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.events.clients import EventsClient
+from websockets.exceptions import WebSocketException
+
+from swf_panda_workers.adapters.prefect_events import message_event, stored_ids
+from swf_panda_workers.adapters.prefect_runs import RunStarter
+from swf_panda_workers.adapters.stomp_bus import (
+    BusClient,
+    BusUnavailable,
+    Delivery,
+    Subscription,
+    namespace_selector,
+)
+from swf_panda_workers.config import Settings
+from swf_panda_workers.messages import (
+    AdjustWorker,
+    CloseWorkflowTask,
+    CreateWorkflowTask,
+    InvalidMessage,
+    Message,
+    RunImminent,
+    SliceResult,
+    StopTransformer,
+    decode_body,
+    parse_message,
+)
+from swf_panda_workers.timestamps import utc_now
+
+log = logging.getLogger("swf.listener")
+
+# Failures of the hand-off that a later attempt can cure (Prefect restarting).
+HANDOFF_ERRORS: tuple[type[BaseException], ...] = (
+    httpx.HTTPError, OSError, TimeoutError, WebSocketException,
+)
+CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
+REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
+MAX_BODY_BYTES = 1_000_000  # a Prefect event carries at most ~1.5 MB
+
+
+@dataclass
+class Pending:
+    delivery: Delivery
+    event: Any  # prefect Event, kept to re-emit it
+    since: float
+
+
+Handler = Callable[[Message, dict[str, Any], Delivery], Awaitable[None]]
+
+
+@dataclass
+class BusListener:
+    settings: Settings
+    runs: RunStarter
+    events: EventsClient
+    bus: BusClient | None = None
+    owned: dict[str, UUID] = field(default_factory=dict)
+    _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    _pending: dict[UUID, Pending] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop = field(init=False)
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.transceiver.namespace
+
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        brokers = self.settings.brokers
+        return (
+            # Durable: run messages sent while the listener restarts wait for it.
+            Subscription(brokers.workers_topic, selector=namespace_selector(self.namespace),
+                         durable_name=f"swf-panda-workers-{self.namespace}"),
+            Subscription(brokers.results_queue),
+        )
+
+    def receive(self, delivery: Delivery) -> None:
+        """Called on stomp.py's receiver thread: queue it and return."""
+        self._loop.call_soon_threadsafe(self._inbox.put_nowait, delivery)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.owned.update(await self._with_retry(lambda: self.runs.active_runs(self.namespace)))
+        log.info("namespace %s owns %d runs in progress: %s", self.namespace, len(self.owned),
+                 ", ".join(sorted(self.owned)) or "none")
+        self.bus = BusClient(self.settings.brokers, self.subscriptions(), self.receive,
+                             name=f"listener-{self.namespace}",
+                             client_id=f"swf-panda-workers-{self.namespace}")
+        await asyncio.to_thread(self.bus.start)
+        confirming = asyncio.create_task(self._confirm_forever())
+        log.info("listening for namespace %s", self.namespace)
+        try:
+            while not stopping.is_set():
+                try:
+                    delivery = await asyncio.wait_for(self._inbox.get(), timeout=0.5)
+                except TimeoutError:
+                    continue
+                await self.handle(delivery)
+        finally:
+            confirming.cancel()
+            await asyncio.to_thread(self.bus.stop)
+
+    # --- one message ------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> None:
+        try:
+            if len(delivery.body) > MAX_BODY_BYTES:
+                raise InvalidMessage(f"body of {len(delivery.body)} bytes is over "
+                                     f"the {MAX_BODY_BYTES} byte limit")
+            data = decode_body(delivery.body)
+            message = parse_message(data)
+        except InvalidMessage as exc:
+            await self.set_aside(delivery, str(exc))
+            return
+        handler = self._routes().get(type(message), self.record)
+        try:
+            await handler(message, data, delivery)
+        except HANDOFF_ERRORS as exc:
+            # Prefect is unreachable: keep the message unacked and try again.
+            log.warning("hand-off of %s for run %s failed (%s); retrying in 2 s",
+                        data.get("msg_type"), data.get("run_id"), exc)
+            await asyncio.sleep(2)
+            self._inbox.put_nowait(delivery)
+
+    def _routes(self) -> dict[type, Handler]:
+        return {
+            RunImminent: self.start_run,
+            SliceResult: self.record_result,
+            # Our own requests (and other agents'), echoed by the topic.
+            CreateWorkflowTask: self.ignore,
+            AdjustWorker: self.ignore,
+            CloseWorkflowTask: self.ignore,
+            StopTransformer: self.ignore,
+        }
+
+    async def start_run(self, message: Message, data: dict[str, Any], delivery: Delivery) -> None:
+        assert isinstance(message, RunImminent)
+        flow_run_id = await self.runs.start(message, self.namespace, data, utc_now())
+        known = self.owned.setdefault(message.run_id, flow_run_id) == flow_run_id
+        log.info("run_imminent run_id=%s: flow run %s%s", message.run_id, flow_run_id,
+                 "" if known and not delivery.redelivered else " (already started)")
+        self._ack(delivery)
+
+    async def record_result(self, message: Message, data: dict[str, Any],
+                            delivery: Delivery) -> None:
+        run_id = getattr(message, "run_id", None)
+        if run_id not in self.owned:
+            log.debug("slice_result run_id=%s: not a run of namespace %s; dropped",
+                      run_id, self.namespace)
+            self._ack(delivery)
+            return
+        await self.record(message, data, delivery)
+
+    async def record(self, message: Message, data: dict[str, Any], delivery: Delivery) -> None:
+        """Hand the message to its run's flow as a Prefect event."""
+        run_id = getattr(message, "run_id", None)
+        event = message_event(data, message.msg_type, self.namespace, run_id,
+                              delivery.message_id, self.owned.get(run_id or ""))
+        await self.events.emit(event)
+        self._pending[event.id] = Pending(delivery, event, self._loop.time())
+        log.debug("%s run_id=%s -> event %s", message.msg_type, run_id, event.id)
+
+    async def ignore(self, message: Message, data: dict[str, Any], delivery: Delivery) -> None:
+        self._ack(delivery)
+
+    async def set_aside(self, delivery: Delivery, reason: str) -> None:
+        log.warning("rejected message %s from %s: %s", delivery.message_id,
+                    delivery.destination, reason)
+        assert self.bus is not None
+        headers = {
+            "persistent": "true",
+            "swf_reject_reason": reason[:1000],
+            "swf_original_destination": delivery.destination,
+            "swf_original_message_id": delivery.message_id,
+        }
+        try:
+            await asyncio.to_thread(self.bus.send_raw, self.settings.brokers.dead_letter_queue,
+                                    delivery.body, headers)
+        except BusUnavailable as exc:
+            log.warning("dead-letter queue unreachable (%s); message left for redelivery", exc)
+            return
+        self._ack(delivery)
+
+    # --- durable acknowledgement ----------------------------------------------
+
+    def _ack(self, delivery: Delivery) -> None:
+        assert self.bus is not None
+        self.bus.ack(delivery)
+
+    async def _confirm_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIRM_EVERY)
+            if not self._pending:
+                continue
+            batch = list(self._pending)[:200]
+            try:
+                stored = await stored_ids(batch)
+            except HANDOFF_ERRORS as exc:
+                log.warning("cannot confirm events with Prefect yet: %s", exc)
+                continue
+            for event_id in stored:
+                self._ack(self._pending.pop(event_id).delivery)
+            await self._reemit_stale()
+
+    async def _reemit_stale(self) -> None:
+        now = self._loop.time()
+        for pending in self._pending.values():
+            if now - pending.since > REEMIT_AFTER:
+                log.info("event %s not stored after %.0fs; emitting it again",
+                         pending.event.id, REEMIT_AFTER)
+                pending.since = now
+                await self.events.emit(pending.event)
+
+    async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                return await call()
+            except HANDOFF_ERRORS as exc:
+                log.warning("Prefect not reachable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
+async def serve_listener(settings: Settings, stopping: asyncio.Event) -> None:
+    """Run the listener until ``stopping`` is set, waiting for Prefect to be up."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.clients import get_events_client
+
+    async with get_client() as client:
+        while not stopping.is_set():
+            try:
+                await client.api_healthcheck()
+                async with get_events_client() as events:
+                    starter = RunStarter(client, settings.prefect.deployment)
+                    await BusListener(settings, starter, events).run(stopping)
+                return
+            except HANDOFF_ERRORS as exc:
+                log.warning("Prefect not reachable (%s); retrying in 2 s", exc)
+                await asyncio.sleep(2)

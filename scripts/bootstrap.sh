@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what is missing on a fresh Debian machine (root, apt and pip
+# reachable): Java + ActiveMQ Classic from Debian, and a virtualenv .venv
+# with the pinned packages. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -e /usr/share/activemq/bin/activemq.jar ] || ! command -v java >/dev/null; then
+  echo "bootstrap: installing ActiveMQ (Debian package activemq)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends activemq >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when the dependency list changed.
+stamp=.venv/.swf-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: installing Python packages into .venv" >&2
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi

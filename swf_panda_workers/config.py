@@ -1,0 +1,192 @@
+"""The service configuration: one YAML file, overridden by the environment.
+
+Sections follow the seed agent's file (transceiver, brokers, panda, slice) plus
+the waits this service adds (timeouts). Unknown keys are errors, so a typo is
+reported with its path instead of silently ignored. Secrets (broker password)
+and hosts come from the environment in the testbed; see ENV_OVERRIDES.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+CONFIG_ENV = "SWF_PANDA_WORKERS_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "swf_panda_workers.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the text names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Transceiver(_Section):
+    namespace: str = Field(
+        default="dev",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="deployment namespace: selector on inbound, header on outbound",
+    )
+    mode: Literal["message", "rest"] = Field(
+        default="message", description="how iDDS is reached: the bus, or its REST API"
+    )
+    timetolive: int = Field(
+        default=12 * 3600 * 1000, gt=0, description="message time to live, milliseconds"
+    )
+
+
+class Brokers(_Section):
+    host: str = "localhost"
+    port: int = Field(default=61613, gt=0, lt=65536)
+    username: str | None = None
+    password: SecretStr | None = None
+    use_ssl: bool = False
+    ssl_ca_certs: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    workers_topic: str = "/topic/panda.workers"
+    transformer_topic: str = "/topic/panda.transformer"
+    results_queue: str = "/queue/panda.results.worker"
+    dead_letter_queue: str = "/queue/panda.workers.DLQ"
+    prefetch_size: int = Field(
+        default=1000, gt=0, description="unacked messages the broker may push at once"
+    )
+    heartbeat_ms: int = Field(default=10000, ge=0, description="STOMP heart-beat period")
+
+
+class Panda(_Section):
+    """PanDA task attributes, forwarded as workflow.content.panda_attributes."""
+
+    vo: str = "wlcg"
+    queue: str = "BNL_PanDA_1"
+    site: str = "BNL-OSG"
+    cloud: str = "US"
+    working_group: str = "EIC"
+    priority: int = 900
+    core_count: int = Field(default=1, gt=0)
+    ram_count: int = Field(default=4000, gt=0, description="MB per core")
+    num_workers: int = Field(default=1, gt=0)
+    max_walltime: int = 3600
+    max_attempt: int = 3
+    idle_timeout: int = 120
+    username: str = "EICFast"
+    task_type: str = "EICFast"
+    processing_type: str | None = "EICFast"
+    transform_tag: str = "fastproc"
+    requester: str = "panda-worker"
+    campaign: str = "testbed"
+    campaign_tag: str = "test"
+    scope: str | None = Field(default=None, description="default EIC_<YYYY>")
+
+    def task_attributes(self) -> dict[str, Any]:
+        """The PanDA task parameters iDDS expects in panda_attributes."""
+        return self.model_dump(
+            include={
+                "vo", "queue", "site", "cloud", "working_group", "priority",
+                "core_count", "ram_count", "num_workers", "max_walltime",
+                "max_attempt", "idle_timeout", "username", "task_type",
+                "processing_type",
+            }
+        )
+
+
+class Slice(_Section):
+    processing_time: float = Field(
+        default=30.0, gt=0, description="expected seconds per slice (scaling threshold)"
+    )
+    cooldown: float = Field(
+        default=60.0, ge=0, description="seconds between two adjust_worker for one run"
+    )
+
+
+class Timeouts(_Section):
+    created_workflow_task: float = Field(
+        default=300.0, gt=0, description="seconds to wait for iDDS to create the task"
+    )
+    closed_workflow_task: float = Field(
+        default=120.0, gt=0, description="seconds to wait for iDDS to confirm the close"
+    )
+    run_end: float = Field(
+        default=48 * 3600.0, gt=0,
+        description="seconds after run_imminent to end a run whose end_run never came",
+    )
+
+
+class Prefect(_Section):
+    deployment: str = Field(
+        default="swf-run/panda-workers", description="<flow name>/<deployment name>"
+    )
+    runner_limit: int = Field(default=40, gt=0, description="flow runs served at once")
+
+
+class Settings(_Section):
+    transceiver: Transceiver = Transceiver()
+    brokers: Brokers = Brokers()
+    panda: Panda = Panda()
+    slice: Slice = Slice()
+    timeouts: Timeouts = Timeouts()
+    prefect: Prefect = Prefect()
+
+
+# environment variable -> (section, key). The ACTIVEMQ_* names are the ones
+# the swf-testbed compose file already sets for its agents.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "ACTIVEMQ_HOST": ("brokers", "host"),
+    "ACTIVEMQ_PORT": ("brokers", "port"),
+    "ACTIVEMQ_USER": ("brokers", "username"),
+    "ACTIVEMQ_PASSWORD": ("brokers", "password"),
+    "ACTIVEMQ_USE_SSL": ("brokers", "use_ssl"),
+    "ACTIVEMQ_SSL_CA_CERTS": ("brokers", "ssl_ca_certs"),
+    "SWF_NAMESPACE": ("transceiver", "namespace"),
+    "SWF_PANDA_MODE": ("transceiver", "mode"),
+}
+
+
+def config_path(explicit: str | Path | None = None) -> Path:
+    """--config, else $SWF_PANDA_WORKERS_CONFIG, else the packaged default."""
+    return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    source = config_path(path)
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return settings_from(raw, environ if environ is not None else os.environ, str(source))
+
+
+def settings_from(
+    raw: dict[str, Any], environ: Mapping[str, str], source: str = "configuration"
+) -> Settings:
+    # A section that is not a mapping is left as it is for validation to name.
+    merged = {
+        section: {} if values is None else dict(values) if isinstance(values, Mapping) else values
+        for section, values in raw.items()
+    }
+    for variable, (section, key) in ENV_OVERRIDES.items():
+        if environ.get(variable) and isinstance(merged.setdefault(section, {}), dict):
+            merged[section][key] = environ[variable]
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"{source}: {problems}") from None

@@ -1,0 +1,92 @@
+"""The demo: a whole data-taking session on this machine.
+
+Broker, Prefect server, runner and listener start as real processes; the
+control system, iDDS and the transformers are simulated over the real broker.
+Runs are announced, scale up during a slow stretch, end, and are closed; the
+bus traffic and the Prefect flow runs are summarised at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+from swf_panda_workers.adapters.prefect_runs import run_tags
+from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.control_system import Shape
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+
+NAMESPACE = "demo"
+
+# Seconds instead of the testbed's minutes, so a session takes under a minute.
+DEMO_CONFIG: dict[str, Any] = {
+    "transceiver": {"namespace": NAMESPACE},
+    "slice": {"processing_time": 0.5, "cooldown": 3},
+    "timeouts": {"created_workflow_task": 60, "closed_workflow_task": 60, "run_end": 3600},
+    "prefect": {"runner_limit": 10},
+}
+
+
+def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int = 40,
+             prefect_port: int = 4200, keep: bool = False) -> int:
+    stack = EmbeddedStack(workdir, DEMO_CONFIG, prefect_port=prefect_port)
+    print(f"starting broker, Prefect server, runner and listener (logs in {stack.logs}) ...")
+    with stack:
+        print(f"Prefect UI: {stack.ui_url}")
+        # Numeric run ids, as the testbed sends; distinct for every demo.
+        base = int(time.time()) % 1_000_000 * 10
+        run_ids = [str(base + i) for i in range(runs)]
+        with PeerHarness(stack.brokers, NAMESPACE, slices_per_run=slices,
+                         processing_time=slowdown_in_the_middle(0.3, 1.0, 10, 20),
+                         idle_timeout=5, heartbeat_every=5) as peers:
+            print(f"runs {', '.join(run_ids)}: {shape}-shaped messages, {slices} slices each")
+            result = play_session(peers, run_ids, shape, slices)
+            print("\nOn the bus (messages per run):")
+            print(peers.recorder.summary_table(run_ids))
+        states = asyncio.run(flow_run_states(stack.api_url, run_ids))
+        print("\nIn Prefect:")
+        for run_id in run_ids:
+            print(f"  run {run_id}: {states.get(run_id, 'no flow run')}")
+        print(f"\ncreated after {result.timings['created']:.1f}s, "
+              f"closed after {result.timings['closed']:.1f}s")
+        print(f"Prefect UI: {stack.ui_url}  (flow runs 'run-<id>', events 'swf.run.{NAMESPACE}.*')")
+        if keep:
+            print("the stack stays up for the UI; Ctrl-C stops it")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    ok = result.ok and all(states.get(r) == "Completed" for r in run_ids)
+    print("demo finished: " + ("every run completed" if ok else "SOME RUNS DID NOT COMPLETE"))
+    return 0 if ok else 1
+
+
+async def flow_run_states(api_url: str, run_ids: list[str], namespace: str = NAMESPACE,
+                          wait: float = 30.0) -> dict[str, str]:
+    """The state of each run's flow run, found by its tags, once all are final
+    (the flow run finishes a moment after iDDS's close reply) or ``wait`` passed."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.monotonic() + wait
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            while True:
+                states: dict[str, str] = {}
+                final = True
+                for run_id in run_ids:
+                    flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))))
+                    for flow_run in flow_runs:
+                        if flow_run.state is not None:
+                            states[run_id] = flow_run.state.name
+                            final = final and flow_run.state.is_final()
+                if (final and len(states) == len(run_ids)) or time.monotonic() > deadline:
+                    return states
+                await asyncio.sleep(0.5)

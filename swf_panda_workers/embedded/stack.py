@@ -1,0 +1,125 @@
+"""The whole service on one machine: broker, Prefect server, runner, listener.
+
+Used by the demo, by `swf-panda-workers serve` (without the broker, which the
+testbed provides) and by the integration tests, so all three run the same
+processes the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swf_panda_workers.config import Brokers, Settings, settings_from
+from swf_panda_workers.embedded.activemq import ActiveMQ, stomp_answers
+from swf_panda_workers.embedded.processes import (
+    ManagedProcess,
+    PrefectServer,
+    StartupError,
+    listener_process,
+    runner_process,
+    service_env,
+    wait_for_deployment,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class EmbeddedStack:
+    """``config`` is the configuration as a mapping (the YAML file's content);
+    it is written to ``workdir`` for the runner and the listener."""
+
+    workdir: Path
+    config: dict[str, Any]
+    prefect_port: int = 4200
+    own_broker: bool = True  # start one unless something already answers STOMP
+    fresh: bool = False  # wipe stored broker messages and the Prefect database
+    broker: ActiveMQ | None = field(default=None, init=False)
+    server: PrefectServer | None = field(default=None, init=False)
+    runner: ManagedProcess | None = field(default=None, init=False)
+    listener: ManagedProcess | None = field(default=None, init=False)
+
+    @property
+    def settings(self) -> Settings:
+        return settings_from(self.config, os.environ, "embedded configuration")
+
+    @property
+    def brokers(self) -> Brokers:
+        return self.settings.brokers
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.yaml"
+
+    @property
+    def api_url(self) -> str:
+        assert self.server is not None
+        return self.server.api_url
+
+    @property
+    def ui_url(self) -> str:
+        assert self.server is not None
+        return self.server.ui_url
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    def start(self) -> EmbeddedStack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.start_broker()
+        self.server = PrefectServer(self.workdir / "prefect", self.prefect_port)
+        if self.fresh:
+            (self.workdir / "prefect" / "prefect.db").unlink(missing_ok=True)
+        self.server.start()
+        self.start_runner()
+        self.start_listener()
+        return self
+
+    def start_broker(self) -> None:
+        brokers = self.brokers
+        if not self.own_broker or stomp_answers(brokers.host, brokers.port):
+            return
+        self.broker = ActiveMQ(self.workdir / "activemq", stomp_port=brokers.port,
+                               openwire_port=brokers.port + 3)
+        self.broker.start(fresh=self.fresh)
+
+    def start_runner(self) -> None:
+        env = service_env(self.api_url, self.config_path)
+        self.runner = runner_process(env, self.logs, PROJECT_ROOT).start()
+        wait_for_deployment(self.api_url, self.settings.prefect.deployment)
+
+    def start_listener(self, wait: float = 60.0) -> None:
+        env = service_env(self.api_url, self.config_path)
+        log_path = self.logs / "listener.log"
+        seen = log_path.stat().st_size if log_path.exists() else 0
+        self.listener = listener_process(env, self.logs, PROJECT_ROOT).start()
+        deadline = time.monotonic() + wait
+        while b"listening for namespace" not in log_path.read_bytes()[seen:]:
+            if not self.listener.alive:
+                raise StartupError(f"listener exited:\n{self.listener.tail()}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"listener not subscribed after {wait}s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for part in (self.listener, self.runner, self.server, self.broker):
+            if part is not None:
+                part.stop()
+
+    def __enter__(self) -> EmbeddedStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

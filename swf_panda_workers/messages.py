@@ -1,0 +1,401 @@
+"""Every message on the panda.workers bus, as pydantic models.
+
+The models accept both the seed's documented shapes and what the real peers
+send (shared PROTOCOL.md): ``run_imminent`` and ``run_imminent_worker``;
+``end_run``, ``run_end`` and ``run_stop``; ``transformer_heartbeat`` and the
+transformer's bare ``heartbeat``; slice results with or without
+``processing_time``; run ids as strings or integers.
+
+``parse_message`` is the single entry point for raw bodies: it returns one of
+the models or raises ``InvalidMessage`` whose text names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from swf_panda_workers.timestamps import Timestamp
+
+# Run ids travel as strings ("100123") from the testbed and as integers from
+# other peers; inside the service they are always text. They end up in STOMP
+# selectors, Prefect resource ids and file names, so only a safe alphabet.
+_RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _run_id_text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError("run_id must be a string or an integer")
+    text = str(value).strip()
+    if not _RUN_ID_PATTERN.match(text):
+        raise ValueError(
+            "run_id must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    return text
+
+
+RunId = Annotated[str, BeforeValidator(_run_id_text)]
+
+
+class InvalidMessage(ValueError):
+    """A bus message that cannot be used; the text says why."""
+
+
+class _Model(BaseModel):
+    # Peers add fields over time; unknown ones are kept, never fatal.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+
+class Envelope(_Model):
+    """Fields every message may carry besides its type and content."""
+
+    created_at: Timestamp | None = None
+    namespace: str | None = None
+    instance: str | None = None
+    sender: str | None = None
+
+
+class RunMessage(Envelope):
+    """A message about one run: run_id is required."""
+
+    run_id: RunId
+
+
+# --- from the control system -------------------------------------------------
+
+
+class RunSpec(_Model):
+    """What a run asks for. Seed names and testbed names are both accepted."""
+
+    target_worker_count: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=AliasChoices("target_worker_count", "num_workers"),
+        description="workers (PanDA jobs, one transformer each) wanted at the start",
+    )
+    core_count: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=AliasChoices("core_count", "num_cores_per_worker"),
+        description="cores per worker",
+    )
+    memory_per_core: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias=AliasChoices("memory_per_core", "num_ram_per_core"),
+        description="MB of memory per core",
+    )
+    site: str | None = None
+    slice_processing_time: float | None = Field(
+        default=None, gt=0, description="expected seconds per slice"
+    )
+    worker_rampup_time: float | None = Field(default=None, ge=0)
+    worker_rampdown_time: float | None = Field(default=None, ge=0)
+
+
+class RunImminent(RunMessage):
+    """A run is about to start: create its workflow and PanDA task."""
+
+    msg_type: Literal["run_imminent", "run_imminent_worker"]
+    content: RunSpec = Field(default_factory=RunSpec)
+
+
+class RunEnd(RunMessage):
+    """The run is over. The testbed may deliver it twice (two topics)."""
+
+    msg_type: Literal["end_run", "run_end", "run_stop"]
+    content: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- between us and iDDS ---------------------------------------------------
+
+
+class WorkflowIds(_Model):
+    """The iDDS handles of a run's workflow and PanDA task."""
+
+    request_id: int
+    transform_id: int
+    workload_id: int | None = Field(
+        default=None, description="null when the PanDA submission failed"
+    )
+
+
+class CreatedTaskContent(WorkflowIds):
+    run_id: RunId | None = None
+    processing_id: int | None = None
+    input_coll_id: int | None = None
+    output_coll_id: int | None = None
+
+
+class CreatedWorkflowTask(RunMessage):
+    """iDDS's reply to create_workflow_task."""
+
+    msg_type: Literal["created_workflow_task"]
+    content: CreatedTaskContent
+
+    @property
+    def ids(self) -> WorkflowIds:
+        c = self.content
+        return WorkflowIds(
+            request_id=c.request_id, transform_id=c.transform_id, workload_id=c.workload_id
+        )
+
+
+class WorkerSize(_Model):
+    """The size of a run's workers as requested from iDDS."""
+
+    core_count: int | None = Field(default=None, ge=0)
+    memory_per_core: int | None = Field(default=None, ge=0)
+    site: str | None = None
+    target_worker_count: int | None = Field(default=None, ge=0)
+
+
+class AdjustWorkerContent(WorkerSize):
+    run_id: RunId
+    created_at: Timestamp | None = None
+    request_id: int
+    transform_id: int
+    workload_id: int | None = None
+
+
+class AdjustedWorkerContent(WorkerSize):
+    run_id: RunId | None = None
+    request_id: int | None = None
+    transform_id: int | None = None
+    workload_id: int | None = None
+
+
+class AdjustedWorker(RunMessage):
+    """iDDS's reply to adjust_worker: the size it applied."""
+
+    msg_type: Literal["adjusted_worker"]
+    content: AdjustedWorkerContent
+
+
+class ClosedContent(_Model):
+    run_id: RunId | None = None
+    request_id: int | None = None
+    transform_id: int | None = None
+    workload_id: int | None = None
+    status: str = Field(min_length=1, description="ToCancel, or NotFound")
+
+
+class ClosedWorkflowTask(RunMessage):
+    """iDDS's reply to close_workflow_task."""
+
+    msg_type: Literal["closed_workflow_task"]
+    content: ClosedContent
+
+
+class CreateTaskContent(_Model):
+    run_id: RunId
+    created_at: Timestamp | None = None
+    workflow: dict[str, Any]
+
+
+class CreateWorkflowTask(RunMessage):
+    """Ours (message mode): ask iDDS for a workflow and PanDA task."""
+
+    msg_type: Literal["create_workflow_task"]
+    content: CreateTaskContent
+
+
+class AdjustWorker(RunMessage):
+    """Ours: ask iDDS to resize a run's workers."""
+
+    msg_type: Literal["adjust_worker"]
+    content: AdjustWorkerContent
+
+
+class CloseContent(_Model):
+    run_id: RunId | None = None
+    created_at: Timestamp | None = None
+    request_id: int | None = None
+    transform_id: int | None = None
+    workload_id: int | None = None
+
+
+class CloseWorkflowTask(RunMessage):
+    """Ours: close the run's task in iDDS."""
+
+    msg_type: Literal["close_workflow_task"]
+    content: CloseContent
+
+
+class StopTransformer(_Model):
+    """Ours, on /topic/panda.transformer. run_id stays as sent (int or str):
+    the transformer compares it with ``==`` against an integer."""
+
+    msg_type: Literal["stop_transformer"]
+    run_id: int | str
+    created_at: Timestamp | None = None
+    content: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- from the transformers -------------------------------------------------
+
+
+class SliceOutcome(_Model):
+    state: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class SliceResultContent(_Model):
+    requested_at: Timestamp | None = None
+    processing_start_at: Timestamp | None = None
+    processed_at: Timestamp | None = None
+    state: Literal["done", "failed"] = "done"
+    hostname: str | None = None
+    panda_task_id: int | str | None = None
+    panda_id: int | str | None = None
+    harvester_id: int | str | None = None
+    result: SliceOutcome | None = None
+    processing_time: float | None = Field(default=None, ge=0)
+
+
+class SliceResult(RunMessage):
+    """One slice processed (or failed) by a transformer."""
+
+    msg_type: Literal["slice_result"]
+    content: SliceResultContent
+
+    @property
+    def processing_seconds(self) -> float | None:
+        """Seconds the slice took: the seed's processing_time when present,
+        else processed_at - processing_start_at, else the transformer's own
+        result.result.actual_processing_time."""
+        c = self.content
+        if c.processing_time is not None:
+            return c.processing_time
+        if c.processed_at is not None and c.processing_start_at is not None:
+            return max(0.0, (c.processed_at - c.processing_start_at).total_seconds())
+        inner = c.result.result if c.result is not None else None
+        actual = (inner or {}).get("actual_processing_time")
+        if isinstance(actual, int | float) and not isinstance(actual, bool):
+            return float(actual)
+        return None
+
+
+class HeartbeatContent(_Model):
+    id: str | int | None = None
+    hostname: str | None = None
+
+
+class TransformerHeartbeat(Envelope):
+    """The seed's heartbeat: may name a run."""
+
+    msg_type: Literal["transformer_heartbeat"]
+    run_id: RunId | None = None
+    content: HeartbeatContent = Field(default_factory=HeartbeatContent)
+
+    @property
+    def worker(self) -> str:
+        return str(self.content.id or self.content.hostname or "unknown")
+
+    @property
+    def seen_at(self) -> datetime | None:
+        return self.created_at
+
+
+class Heartbeat(Envelope):
+    """The real transformer's heartbeat: every 30 s, no run_id."""
+
+    msg_type: Literal["heartbeat"]
+    run_id: RunId | None = None
+    internal_id: str | int | None = None
+    timestamp: Timestamp | None = None
+
+    @property
+    def worker(self) -> str:
+        return str(self.internal_id or "unknown")
+
+    @property
+    def seen_at(self) -> datetime | None:
+        return self.timestamp or self.created_at
+
+
+Message = Annotated[
+    RunImminent
+    | RunEnd
+    | CreatedWorkflowTask
+    | AdjustedWorker
+    | ClosedWorkflowTask
+    | CreateWorkflowTask
+    | AdjustWorker
+    | CloseWorkflowTask
+    | StopTransformer
+    | SliceResult
+    | TransformerHeartbeat
+    | Heartbeat,
+    Field(discriminator="msg_type"),
+]
+
+_MESSAGE = TypeAdapter(Message)
+
+
+def parse_message(body: bytes | str | dict[str, Any]) -> Message:
+    """Turn a raw bus body into a typed message, or say why it cannot be one."""
+    data = body if isinstance(body, dict) else decode_body(body)
+    if "msg_type" not in data:
+        raise InvalidMessage("msg_type: field required")
+    try:
+        return _MESSAGE.validate_python(data)
+    except ValidationError as exc:
+        raise InvalidMessage(_describe(exc)) from None
+
+
+def decode_body(body: bytes | str) -> dict[str, Any]:
+    """The JSON object a raw body holds, or InvalidMessage saying why not."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage(f"body is not JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise InvalidMessage("body is not JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"body is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    """'content.request_id: Input should be a valid integer; ...' without the
+    union-member prefix pydantic adds for discriminated unions."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        location = [str(p) for p in error["loc"]]
+        # A discriminated union's first location element is the tag value.
+        if error["type"] == "union_tag_invalid":
+            parts.append(f"msg_type: unknown message type {error['input'].get('msg_type')!r}")
+            continue
+        if location and location[0] in _TAGS:
+            location = location[1:]
+        parts.append(f"{'.'.join(location) or 'body'}: {error['msg']}")
+    return "; ".join(parts)
+
+
+_TAGS = {
+    tag
+    for model in (
+        RunImminent, RunEnd, CreatedWorkflowTask, AdjustedWorker, ClosedWorkflowTask,
+        CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer,
+        SliceResult, TransformerHeartbeat, Heartbeat,
+    )
+    for tag in model.model_fields["msg_type"].annotation.__args__  # type: ignore[union-attr]
+}

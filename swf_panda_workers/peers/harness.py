@@ -1,0 +1,101 @@
+"""All simulated peers wired together, as in the testbed: iDDS starts one
+transformer per requested worker when it creates a task, and more when an
+adjust raises the target. The control system drives runs; the recorder
+watches the topics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from swf_panda_workers.config import Brokers
+from swf_panda_workers.messages import AdjustWorkerContent
+from swf_panda_workers.peers.control_system import ControlSystem
+from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
+from swf_panda_workers.peers.recorder import BusRecorder
+from swf_panda_workers.peers.transformers import TransformerFarm
+
+
+def _fifth_of_a_second(_: int) -> float:
+    return 0.2
+
+
+class PeerHarness:
+    """Start with ``start()`` or ``with``; use ``control``, ``idds``,
+    ``farm`` and ``recorder`` directly."""
+
+    def __init__(
+        self,
+        brokers: Brokers,
+        namespace: str,
+        processing_time: Callable[[int], float] = _fifth_of_a_second,
+        slices_per_run: int = 20,
+        idle_timeout: float = 5.0,
+        heartbeat_every: float = 30.0,
+        reply_delay: float = 0.0,
+        answer_create: bool = True,
+        seed_shape_results: bool = False,
+        fail_every: int | None = None,
+        result_ttl_ms: int | None = None,
+    ) -> None:
+        self.processing_time = processing_time
+        self.slices_per_run = slices_per_run
+        self.seed_shape_results = seed_shape_results
+        self.fail_every = fail_every
+        self.recorder = BusRecorder(brokers, topics=(
+            brokers.workers_topic, brokers.transformer_topic))
+        self.farm = TransformerFarm(
+            brokers,
+            results_queue=brokers.results_queue,
+            transformer_topic=brokers.transformer_topic,
+            workers_topic=brokers.workers_topic,
+            heartbeat_every=heartbeat_every,
+            idle_timeout=idle_timeout,
+            result_ttl_ms=result_ttl_ms,
+        )
+        self.idds = SimulatedIDDS(
+            brokers,
+            on_task_created=self._task_created,
+            on_adjust=self._adjusted,
+            reply_delay=reply_delay,
+            answer_create=answer_create,
+            workers_topic=brokers.workers_topic,
+        )
+        self.control = ControlSystem(brokers, namespace, workers_topic=brokers.workers_topic)
+
+    def start(self) -> PeerHarness:
+        # The recorder first, so it sees everything the others cause.
+        self.recorder.start()
+        self.farm.start()
+        self.idds.start()
+        self.control.start()
+        return self
+
+    def stop(self) -> None:
+        for part in (self.control, self.idds, self.farm, self.recorder):
+            part.stop()
+
+    def __enter__(self) -> PeerHarness:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _task_created(self, run_id: str, task: TaskInfo) -> None:
+        # iDDS submits target_worker_count PanDA jobs, one transformer each;
+        # they run without a namespace.
+        self.farm.start_run(
+            run_id,
+            workers=task.target_worker_count or 1,
+            slices=self.slices_per_run,
+            processing_time=self.processing_time,
+            seed_shape=self.seed_shape_results,
+            fail_every=self.fail_every,
+            panda_task_id=task.workload_id,
+        )
+
+    def _adjusted(self, run_id: str, size: AdjustWorkerContent) -> None:
+        if size.target_worker_count is None or run_id not in self.farm.runs:
+            return
+        missing = size.target_worker_count - self.farm.live_workers(run_id)
+        if missing > 0:
+            self.farm.add_workers(run_id, missing)

@@ -1,0 +1,247 @@
+"""The iDDS prompt transceiver, message mode: answers create_workflow_task,
+adjust_worker and close_workflow_task on /topic/panda.workers.
+
+Like the real one it subscribes without a selector, hears its own replies
+(and everything else on the topic) and ignores them; it copies the request's
+namespace header onto the reply so the requester's selector matches. A close
+whose ids and run_id are all null is recorded in ``violations`` (the real iDDS
+would cancel every processing it has) and gets no reply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
+from swf_panda_workers.config import Brokers
+from swf_panda_workers.messages import (
+    AdjustWorker,
+    AdjustWorkerContent,
+    CloseWorkflowTask,
+    CreateWorkflowTask,
+    InvalidMessage,
+    Message,
+    parse_message,
+)
+from swf_panda_workers.peers._bus import Notifier, PeerBus, peer_headers, zulu_iso
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What iDDS created for a run."""
+
+    run_id: str
+    request_id: int
+    transform_id: int
+    processing_id: int
+    input_coll_id: int
+    output_coll_id: int
+    workload_id: int
+    target_worker_count: int | None
+    namespace: str | None
+
+    def reply_ids(self) -> dict[str, int]:
+        return {"request_id": self.request_id, "transform_id": self.transform_id,
+                "workload_id": self.workload_id}
+
+
+class SimulatedIDDS:
+    """Answers the service's requests; records everything for tests."""
+
+    def __init__(
+        self,
+        brokers: Brokers,
+        on_task_created: Callable[[str, TaskInfo], None] | None = None,
+        reply_delay: float = 0.0,
+        answer_create: bool = True,
+        on_adjust: Callable[[str, AdjustWorkerContent], None] | None = None,
+        workers_topic: str = "/topic/panda.workers",
+    ) -> None:
+        self.workers_topic = workers_topic
+        self.reply_delay = reply_delay
+        self.answer_create = answer_create
+        self._on_task_created = on_task_created
+        self._on_adjust = on_adjust
+        self._ids = itertools.count(1)
+        self._state = Notifier()
+        # Records for tests; guarded by self._state.lock.
+        self.requests: list[Message] = []
+        self.tasks: dict[str, TaskInfo] = {}
+        self.duplicate_creates: dict[str, int] = {}
+        self.closed: dict[str, str] = {}  # run_id -> status replied
+        self.violations: list[str] = []
+        self.invalid: list[str] = []
+        self._handlers: dict[type, Callable[[Any, str | None], None]] = {
+            CreateWorkflowTask: self._create,
+            AdjustWorker: self._adjust,
+            CloseWorkflowTask: self._close,
+        }
+        self._bus = PeerBus(
+            brokers, name="sim-idds",
+            subscriptions=(Subscription(workers_topic, ack="auto"),),
+            handle=self._on_delivery,
+        )
+
+    def start(self) -> SimulatedIDDS:
+        self._bus.start()
+        return self
+
+    def stop(self) -> None:
+        self._bus.stop()
+
+    def __enter__(self) -> SimulatedIDDS:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # --- for tests -----------------------------------------------------------
+
+    def requests_of(self, kind: type) -> list[Message]:
+        with self._state.lock:
+            return [m for m in self.requests if isinstance(m, kind)]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate`` (reading the records above) holds."""
+        return self._state.wait_for(predicate, timeout)
+
+    # --- handling (inbox worker thread) -------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        namespace = delivery.headers.get("namespace")
+        try:
+            message = parse_message(delivery.body)
+        except InvalidMessage as exc:
+            self._invalid(delivery.body, str(exc))
+            return
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            return  # our own replies, announcements, heartbeats: not for iDDS
+        with self._state.lock:
+            self.requests.append(message)
+            self._state.notify()
+        handler(message, namespace)
+
+    def _invalid(self, body: bytes, reason: str) -> None:
+        # Real iDDS does not validate: a close with no ids at all (even one our
+        # models reject, e.g. with a null run_id) would still cancel everything.
+        with self._state.lock:
+            if _is_unfiltered_close(body):
+                self.violations.append(f"close_workflow_task with no ids: {body[:300]!r}")
+            else:
+                self.invalid.append(reason)
+            self._state.notify()
+
+    def _create(self, message: CreateWorkflowTask, namespace: str | None) -> None:
+        run_id = message.run_id
+        with self._state.lock:
+            task = self.tasks.get(run_id)
+            first = task is None
+            if task is None:
+                task = self._new_task(message, namespace)
+                self.tasks[run_id] = task
+            else:
+                self.duplicate_creates[run_id] = self.duplicate_creates.get(run_id, 0) + 1
+            self._state.notify()
+        if not self.answer_create:
+            return
+        self._reply("created_workflow_task", run_id, namespace, {
+            "run_id": run_id,
+            "request_id": task.request_id,
+            "transform_id": task.transform_id,
+            "processing_id": task.processing_id,
+            "input_coll_id": task.input_coll_id,
+            "output_coll_id": task.output_coll_id,
+            "workload_id": task.workload_id,
+        })
+        if first and self._on_task_created is not None:
+            self._on_task_created(run_id, task)
+
+    def _new_task(self, message: CreateWorkflowTask, namespace: str | None) -> TaskInfo:
+        workflow_content = message.content.workflow.get("content") or {}
+        target = workflow_content.get("target_worker_count")
+        n = next(self._ids)
+        return TaskInfo(
+            run_id=message.run_id,
+            request_id=1000 + n,
+            transform_id=2000 + n,
+            processing_id=3000 + n,
+            input_coll_id=40000 + 2 * n,
+            output_coll_id=40001 + 2 * n,
+            workload_id=60000 + n,
+            target_worker_count=int(target) if target is not None else None,
+            namespace=namespace,
+        )
+
+    def _adjust(self, message: AdjustWorker, namespace: str | None) -> None:
+        c = message.content
+        with self._state.lock:
+            task = self.tasks.get(message.run_id)
+            if task is not None and c.target_worker_count is not None:
+                self.tasks[message.run_id] = replace(
+                    task, target_worker_count=c.target_worker_count)
+        reply = {
+            "run_id": message.run_id,
+            "request_id": c.request_id,
+            "transform_id": c.transform_id,
+            "workload_id": c.workload_id,
+            "core_count": c.core_count,
+            "memory_per_core": c.memory_per_core,
+            "site": c.site,
+        }
+        if c.target_worker_count is not None:
+            reply["target_worker_count"] = c.target_worker_count
+        self._reply("adjusted_worker", message.run_id, namespace, reply)
+        if self._on_adjust is not None:
+            self._on_adjust(message.run_id, c)
+
+    def _close(self, message: CloseWorkflowTask, namespace: str | None) -> None:
+        c = message.content
+        if c.request_id is None and c.transform_id is None and c.workload_id is None \
+                and c.run_id is None:
+            with self._state.lock:
+                self.violations.append(f"close_workflow_task with no ids: {message!r}")
+                self._state.notify()
+            return
+        with self._state.lock:
+            task = self._task_for_close(c.request_id, c.run_id)
+            status = "ToCancel" if task is not None else "NotFound"
+            self.closed[message.run_id] = status
+            self._state.notify()
+        ids = task.reply_ids() if task is not None else {
+            "request_id": c.request_id, "transform_id": c.transform_id,
+            "workload_id": c.workload_id}
+        self._reply("closed_workflow_task", message.run_id, namespace,
+                    {"run_id": c.run_id or message.run_id, **ids, "status": status})
+
+    def _task_for_close(self, request_id: int | None, run_id: str | None) -> TaskInfo | None:
+        """By request_id when given, else (as iDDS does) by run_id."""
+        if request_id is not None:
+            return next((t for t in self.tasks.values() if t.request_id == request_id), None)
+        return self.tasks.get(run_id) if run_id is not None else None
+
+    def _reply(self, msg_type: str, run_id: str, namespace: str | None,
+               content: dict[str, Any]) -> None:
+        if self.reply_delay > 0 and not self._bus.pause(self.reply_delay):
+            return
+        body = {"msg_type": msg_type, "run_id": run_id, "created_at": zulu_iso(),
+                "content": content}
+        self._bus.send(self.workers_topic, body, peer_headers(msg_type, run_id, namespace))
+
+
+def _is_unfiltered_close(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(data, dict) or data.get("msg_type") != "close_workflow_task":
+        return False
+    content = data.get("content")
+    if not isinstance(content, dict):
+        return True  # iDDS would read every id as missing
+    return all(content.get(k) is None
+               for k in ("request_id", "transform_id", "workload_id", "run_id"))

@@ -1,0 +1,119 @@
+"""A witness on the topics: records every message for tests and the demo.
+
+It subscribes to topics only (auto ack, no selector): a consumer on the
+results queue would steal slice results from the service.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
+from swf_panda_workers.config import Brokers
+from swf_panda_workers.peers._bus import Notifier, PeerBus
+
+# message type -> its column in summary_table
+SUMMARY_COLUMNS = {
+    "create_workflow_task": "create",
+    "created_workflow_task": "created",
+    "adjust_worker": "adjust",
+    "adjusted_worker": "adjusted",
+    "stop_transformer": "stop",
+    "close_workflow_task": "close",
+    "closed_workflow_task": "closed",
+}
+
+
+@dataclass(frozen=True)
+class Recorded:
+    destination: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.body.get("msg_type", ""))
+
+
+class BusRecorder:
+    """Records (destination, headers, body) of everything on its topics."""
+
+    def __init__(
+        self,
+        brokers: Brokers,
+        topics: tuple[str, ...] = ("/topic/panda.workers", "/topic/panda.transformer"),
+    ) -> None:
+        for topic in topics:
+            if not topic.startswith("/topic/"):
+                raise ValueError(f"the recorder only listens to topics, not {topic}")
+        self._state = Notifier()
+        self._records: list[Recorded] = []  # guarded by self._state.lock
+        self._bus = PeerBus(
+            brokers, name="sim-recorder",
+            subscriptions=tuple(Subscription(t, ack="auto") for t in topics),
+            handle=self._record,
+        )
+
+    def start(self) -> BusRecorder:
+        self._bus.start()
+        return self
+
+    def stop(self) -> None:
+        self._bus.stop()
+
+    def __enter__(self) -> BusRecorder:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def records(self) -> list[Recorded]:
+        with self._state.lock:
+            return list(self._records)
+
+    def of_type(self, msg_type: str, run_id: str | int | None = None) -> list[dict[str, Any]]:
+        """Bodies of that type (and run: compared as text, whatever was sent)."""
+        with self._state.lock:
+            return [
+                r.body for r in self._records
+                if r.msg_type == msg_type
+                and (run_id is None or str(r.body.get("run_id")) == str(run_id))
+            ]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait (woken by each new record) until ``predicate`` holds."""
+        return self._state.wait_for(predicate, timeout)
+
+    def counts(self) -> dict[str, int]:
+        with self._state.lock:
+            return dict(Counter(r.msg_type for r in self._records))
+
+    def summary_table(self, run_ids: Iterable[str]) -> str:
+        """Per run, how many of each iDDS/transformer message went by."""
+        headings = ("run_id", *SUMMARY_COLUMNS.values())
+        rows = [headings] + [
+            (str(run_id), *(str(len(self.of_type(t, run_id))) for t in SUMMARY_COLUMNS))
+            for run_id in run_ids
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(headings))]
+        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+                 for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def _record(self, delivery: Delivery) -> None:
+        try:
+            body = json.loads(delivery.body)
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            # Kept anyway: a test may want to see that garbage went by.
+            body = {"msg_type": "", "unparsed": delivery.body[:1000].decode(errors="replace")}
+        with self._state.lock:
+            self._records.append(Recorded(delivery.destination, delivery.headers, body))
+            self._state.notify()

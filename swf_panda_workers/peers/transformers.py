@@ -1,0 +1,302 @@
+"""The transformers (swf-transform) that PanDA jobs run: each takes slices of
+its run, "processes" them, and sends slice_result to the results queue.
+
+Faithful to the real transformer (PROTOCOL.md): results carry no namespace
+header (transformers started by iDDS have none) and, in the testbed shape, no
+processing_time field; the heartbeat is the bare ``heartbeat`` with no run_id;
+``stop_transformer`` is obeyed only when its run_id ``==`` the integer the
+transformer was started with, so a string "100123" does not stop run 100123.
+A stopped transformer finishes its current slice and exits; the slices left
+in the run's queue stay unprocessed. An unstopped one exits after
+``idle_timeout`` seconds without work.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
+from swf_panda_workers.config import Brokers
+from swf_panda_workers.messages import InvalidMessage, StopTransformer, parse_message
+from swf_panda_workers.peers._bus import Notifier, PeerBus, naive_iso, peer_headers
+
+log = logging.getLogger(__name__)
+
+HARVESTER_ID = "sim-harvester"
+
+
+@dataclass
+class RunSlices:
+    """One run's shared slice queue and what its transformers did.
+    Guarded by the farm's lock; tests read the counters."""
+
+    run_id: str
+    started_with: int | str  # what the transformer's config holds: an integer
+    processing_time: Callable[[int], float]
+    seed_shape: bool
+    fail_every: int | None
+    namespace: str | None
+    panda_task_id: int | None
+    requested_at: str
+    pending: deque[int] = field(default_factory=deque)
+    slices_sent: int = 0
+    failed_sent: int = 0
+    stopped: bool = False
+    stop_messages_seen: int = 0
+    ignored_stops: int = 0
+    started: int = 0
+    live: int = 0
+
+    @property
+    def unprocessed(self) -> list[int]:
+        """Slices no transformer took (left behind by a stop)."""
+        return list(self.pending)
+
+
+class TransformerFarm:
+    """Transformer threads for any number of runs, one bus connection."""
+
+    def __init__(
+        self,
+        brokers: Brokers,
+        results_queue: str = "/queue/panda.results.worker",
+        transformer_topic: str = "/topic/panda.transformer",
+        workers_topic: str = "/topic/panda.workers",
+        heartbeat_every: float = 30.0,
+        idle_timeout: float = 5.0,
+        result_ttl_ms: int | None = None,
+    ) -> None:
+        self.results_queue = results_queue
+        self.workers_topic = workers_topic
+        self.heartbeat_every = heartbeat_every
+        self.idle_timeout = idle_timeout
+        # The real transformer sets no expiry; tests may, so that results no
+        # consumer took do not pile up on the queue across test runs.
+        self.result_ttl_ms = result_ttl_ms
+        self._state = Notifier()
+        self._closing = threading.Event()
+        self._panda_ids = itertools.count(7_000_001)
+        # Guarded by self._state.lock.
+        self.runs: dict[str, RunSlices] = {}
+        self.stop_messages: list[StopTransformer] = []
+        self.invalid: list[str] = []
+        self._heartbeats: dict[str, str | None] = {}  # internal_id -> namespace, live ones
+        self._threads: list[threading.Thread] = []
+        self._handlers: dict[type, Callable[[Any], None]] = {StopTransformer: self._on_stop}
+        self._bus = PeerBus(
+            brokers, name="sim-transformers",
+            subscriptions=(Subscription(transformer_topic, ack="auto"),),
+            handle=self._on_delivery,
+        )
+        self._ticker = threading.Thread(target=self._beat, name="sim-transformers-heartbeat",
+                                        daemon=True)
+
+    def start(self) -> TransformerFarm:
+        self._bus.start()
+        self._ticker.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop every transformer now (a slice in progress is dropped)."""
+        with self._state.lock:
+            self._closing.set()
+            self._state.notify()
+        for thread in list(self._threads):
+            thread.join(timeout=10)
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
+        self._bus.stop()
+
+    def __enter__(self) -> TransformerFarm:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # --- driving the farm ----------------------------------------------------
+
+    def start_run(
+        self,
+        run_id: str,
+        workers: int,
+        slices: int,
+        processing_time: Callable[[int], float],
+        seed_shape: bool = False,
+        fail_every: int | None = None,
+        namespace: str | None = None,
+        panda_task_id: int | None = None,
+    ) -> RunSlices:
+        """Queue ``slices`` slices for the run and start ``workers`` transformers.
+        ``fail_every=n`` makes every n-th slice fail."""
+        with self._state.lock:
+            if run_id in self.runs:
+                raise ValueError(f"run {run_id} already has transformers: use add_workers")
+            run = RunSlices(
+                run_id=run_id,
+                # The real transformer is configured with int(run_id); keep
+                # non-numeric test ids as text rather than crash.
+                started_with=int(run_id) if run_id.isdigit() else run_id,
+                processing_time=processing_time,
+                seed_shape=seed_shape,
+                fail_every=fail_every,
+                namespace=namespace,
+                panda_task_id=panda_task_id,
+                requested_at=naive_iso(timespec="microseconds"),
+                pending=deque(range(slices)),
+            )
+            self.runs[run_id] = run
+            self._spawn(run, workers)
+            return run
+
+    def add_workers(self, run_id: str, n: int) -> None:
+        """Start ``n`` more transformers for a run (a stopped run gets none)."""
+        with self._state.lock:
+            run = self.runs[run_id]
+            if not run.stopped:
+                self._spawn(run, n)
+
+    def live_workers(self, run_id: str) -> int:
+        with self._state.lock:
+            run = self.runs.get(run_id)
+            return run.live if run is not None else 0
+
+    # --- for tests -----------------------------------------------------------
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return self._state.wait_for(predicate, timeout)
+
+    def wait_idle(self, timeout: float, run_id: str | None = None) -> bool:
+        """Wait until no transformer (of ``run_id``, or at all) is running."""
+        def idle() -> bool:
+            if run_id is not None:
+                run = self.runs.get(run_id)
+                return run is None or run.live == 0
+            return all(run.live == 0 for run in self.runs.values())
+        return self._state.wait_for(idle, timeout)
+
+    # --- transformer threads -------------------------------------------------
+
+    def _spawn(self, run: RunSlices, n: int) -> None:
+        for _ in range(n):
+            run.started += 1
+            run.live += 1
+            hostname = f"sim-{run.run_id}-{run.started}"
+            thread = threading.Thread(target=self._transform, args=(run, hostname),
+                                      name=hostname, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _transform(self, run: RunSlices, hostname: str) -> None:
+        internal_id = f"{hostname}-{threading.get_ident():x}"
+        panda_id = next(self._panda_ids)
+        with self._state.lock:
+            self._heartbeats[internal_id] = run.namespace
+        try:
+            while (index := self._next_slice(run)) is not None:
+                self._process(run, index, hostname, panda_id)
+        finally:
+            with self._state.lock:
+                run.live -= 1
+                del self._heartbeats[internal_id]
+                self._state.notify()
+
+    def _next_slice(self, run: RunSlices) -> int | None:
+        """A slice to process, or None: stopped, farm closing, or idle too long."""
+        with self._state.lock:
+            def ready() -> bool:
+                return run.stopped or self._closing.is_set() or bool(run.pending)
+            if not self._state.wait_for(ready, self.idle_timeout):
+                return None
+            if run.stopped or self._closing.is_set():
+                return None
+            return run.pending.popleft()
+
+    def _process(self, run: RunSlices, index: int, hostname: str, panda_id: int) -> None:
+        started_at = datetime.now(UTC)
+        began = time.monotonic()
+        if self._closing.wait(run.processing_time(index)):
+            return  # the farm is shutting down: the slice is abandoned
+        seconds = round(time.monotonic() - began, 6)
+        failed = run.fail_every is not None and (index + 1) % run.fail_every == 0
+        content: dict[str, Any] = {
+            "requested_at": run.requested_at,
+            "processing_start_at": naive_iso(started_at, timespec="microseconds"),
+            "processed_at": naive_iso(timespec="microseconds"),
+            "state": "failed" if failed else "done",
+            "hostname": hostname,
+            "panda_task_id": run.panda_task_id,
+            "panda_id": panda_id,
+            "harvester_id": HARVESTER_ID,
+            "result": (
+                {"state": "failed", "result": None, "error": f"simulated failure of slice {index}"}
+                if failed else
+                {"state": "done", "result": {"actual_processing_time": seconds}, "error": None}
+            ),
+        }
+        if not failed:
+            content["slice_id"] = index  # a failed slice carries no slice identity
+        if run.seed_shape:
+            content["processing_time"] = seconds
+        body = {
+            "msg_type": "slice_result",
+            "run_id": run.started_with,
+            "created_at": naive_iso(timespec="microseconds"),
+            "content": content,
+        }
+        headers = peer_headers("slice_result", run.run_id)  # no namespace, as from iDDS jobs
+        if self.result_ttl_ms is not None:
+            headers["expires"] = str(int(time.time() * 1000) + self.result_ttl_ms)
+        self._bus.send(self.results_queue, body, headers)
+        with self._state.lock:
+            run.slices_sent += 1
+            run.failed_sent += int(failed)
+            self._state.notify()
+
+    def _beat(self) -> None:
+        while not self._closing.wait(self.heartbeat_every):
+            with self._state.lock:
+                live = list(self._heartbeats.items())
+            for internal_id, namespace in live:
+                body = {"msg_type": "heartbeat", "internal_id": internal_id,
+                        "namespace": namespace, "timestamp": time.time()}
+                try:
+                    self._bus.send(self.workers_topic, body,
+                                   peer_headers("heartbeat", None, namespace))
+                except BusUnavailable as exc:  # a missed beat is what a real one would do
+                    log.warning("heartbeat of %s not sent: %s", internal_id, exc)
+
+    # --- stop_transformer (inbox worker thread) ------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            message = parse_message(delivery.body)
+        except InvalidMessage as exc:
+            with self._state.lock:
+                self.invalid.append(str(exc))
+            return
+        handler = self._handlers.get(type(message))
+        if handler is not None:
+            handler(message)
+
+    def _on_stop(self, message: StopTransformer) -> None:
+        with self._state.lock:
+            self.stop_messages.append(message)
+            for run in self.runs.values():
+                if str(message.run_id) != run.run_id:
+                    continue  # another run's stop
+                run.stop_messages_seen += 1
+                # The real transformer: `if msg['run_id'] == self.run_id` with
+                # an integer self.run_id. No coercion, on purpose.
+                if message.run_id == run.started_with:
+                    run.stopped = True
+                else:
+                    run.ignored_stops += 1
+            self._state.notify()

@@ -1,0 +1,166 @@
+"""A run's state as a pure function of what the run has seen.
+
+Inputs are the run's bus messages and the effects the run flow recorded
+(create sent, adjust sent, ...), each with the time it was received. The same
+inputs in the same order give the same state, so a retried flow run rebuilds
+exactly where the previous attempt was, and the run's event history doubles as
+its replay log. Dispatch is by input type (``apply.register``), not by
+comparing message-type strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from functools import singledispatch
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from swf_panda_workers.config import Settings
+from swf_panda_workers.messages import (
+    AdjustedWorker,
+    ClosedWorkflowTask,
+    CreatedWorkflowTask,
+    Heartbeat,
+    RunEnd,
+    RunImminent,
+    SliceResult,
+    TransformerHeartbeat,
+    WorkerSize,
+    WorkflowIds,
+)
+from swf_panda_workers.scaling import SliceObservation, WorkerPlan
+
+
+class Effect(BaseModel):
+    """Something the run flow did, recorded so a retry does not do it again."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["create_sent", "adjust_sent", "stop_sent", "close_sent"]
+    size: WorkerSize | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    at: datetime
+    size: WorkerSize
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    plan: WorkerPlan
+    ids: WorkflowIds | None = None
+    ended_at: datetime | None = None
+    closed_status: str | None = None
+    applied: WorkerSize | None = None  # the size iDDS last confirmed
+    create_sent: bool = False
+    stop_sent: bool = False
+    close_sent: bool = False
+    adjustments: tuple[Adjustment, ...] = ()
+    slices_done: int = 0
+    slices_failed: int = 0
+    slowest_slice: float | None = None
+    workers_seen: frozenset[str] = field(default_factory=frozenset)
+    last_slice: SliceObservation | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_status is not None
+
+
+def initial_state(run: RunImminent, settings: Settings) -> RunState:
+    """A new run, sized from run_imminent, with configured defaults for gaps."""
+    spec, panda = run.content, settings.panda
+    size = WorkerSize(
+        core_count=spec.core_count or panda.core_count,
+        memory_per_core=spec.memory_per_core or panda.ram_count,
+        site=spec.site or panda.site,
+        target_worker_count=spec.target_worker_count or panda.num_workers,
+    )
+    return RunState(run_id=run.run_id, plan=WorkerPlan(initial=size, current=size))
+
+
+@singledispatch
+def apply(item: object, state: RunState, at: datetime) -> RunState:
+    """Inputs the run does not act on (e.g. our own echoed requests)."""
+    return state
+
+
+@apply.register
+def _created(item: CreatedWorkflowTask, state: RunState, at: datetime) -> RunState:
+    # iDDS hears its own replies and a retried create may be answered twice:
+    # the first ids are the run's.
+    return state if state.ids is not None else replace(state, ids=item.ids)
+
+
+@apply.register
+def _adjusted(item: AdjustedWorker, state: RunState, at: datetime) -> RunState:
+    return replace(state, applied=WorkerSize.model_validate(
+        item.content.model_dump(include=set(WorkerSize.model_fields))))
+
+
+@apply.register
+def _closed(item: ClosedWorkflowTask, state: RunState, at: datetime) -> RunState:
+    return state if state.closed else replace(state, closed_status=item.content.status)
+
+
+@apply.register
+def _ended(item: RunEnd, state: RunState, at: datetime) -> RunState:
+    # end_run arrives on two topics: the first one ends the run.
+    return state if state.ended else replace(state, ended_at=at)
+
+
+@apply.register
+def _slice(item: SliceResult, state: RunState, at: datetime) -> RunState:
+    failed = item.content.state == "failed"
+    seconds = item.processing_seconds
+    slowest = state.slowest_slice
+    if seconds is not None and not failed:
+        slowest = seconds if slowest is None else max(slowest, seconds)
+    return replace(
+        state,
+        slices_done=state.slices_done + (0 if failed else 1),
+        slices_failed=state.slices_failed + (1 if failed else 0),
+        slowest_slice=slowest,
+        workers_seen=_with_worker(state.workers_seen, item.content.hostname),
+        last_slice=SliceObservation(at=at, processing_seconds=seconds, failed=failed),
+    )
+
+
+@apply.register
+def _seed_heartbeat(item: TransformerHeartbeat, state: RunState, at: datetime) -> RunState:
+    return replace(state, workers_seen=_with_worker(state.workers_seen, item.worker))
+
+
+@apply.register
+def _heartbeat(item: Heartbeat, state: RunState, at: datetime) -> RunState:
+    return replace(state, workers_seen=_with_worker(state.workers_seen, item.worker))
+
+
+@apply.register
+def _effect(item: Effect, state: RunState, at: datetime) -> RunState:
+    match item.kind:
+        case "create_sent":
+            return replace(state, create_sent=True)
+        case "stop_sent":
+            return replace(state, stop_sent=True)
+        case "close_sent":
+            return replace(state, close_sent=True)
+        case "adjust_sent":
+            assert item.size is not None, "adjust_sent carries the size requested"
+            plan = replace(state.plan, current=item.size, last_adjusted_at=at)
+            record = Adjustment(at=at, size=item.size, reason=item.reason or "")
+            return replace(state, plan=plan, adjustments=(*state.adjustments, record))
+
+
+def _with_worker(seen: frozenset[str], worker: str | None) -> frozenset[str]:
+    return seen if not worker or worker in seen else seen | {worker}

@@ -1,0 +1,279 @@
+"""The simulated peers against the real broker (started by conftest)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from swf_panda_workers import outbound
+from swf_panda_workers.adapters.stomp_bus import (
+    BusClient,
+    Delivery,
+    Subscription,
+    namespace_selector,
+)
+from swf_panda_workers.config import Brokers, Settings, Transceiver
+from swf_panda_workers.messages import (
+    AdjustedWorker,
+    ClosedWorkflowTask,
+    CreatedWorkflowTask,
+    RunImminent,
+    SliceResult,
+    WorkerSize,
+    parse_message,
+)
+from swf_panda_workers.peers.control_system import ControlSystem
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
+from swf_panda_workers.peers.recorder import BusRecorder
+from swf_panda_workers.peers.transformers import TransformerFarm
+
+pytestmark = pytest.mark.integration
+
+WAIT = 10.0  # seconds: generous, every wait returns as soon as its condition holds
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def brokers(namespace: str, broker_port: int) -> Brokers:
+    """Destinations of this test alone: the session's broker is shared with
+    the service under test, whose iDDS simulators and listener must not answer
+    us or take our slice results."""
+    return Brokers(
+        host="127.0.0.1", port=broker_port, heartbeat_ms=0,
+        workers_topic=f"/topic/panda.workers.{namespace}",
+        transformer_topic=f"/topic/panda.transformer.{namespace}",
+        results_queue=f"/queue/panda.results.worker.{namespace}",
+    )
+
+
+@pytest.fixture
+def run_id() -> str:
+    # Numeric, as the testbed's; unique so old messages never match.
+    return str(100_000_000 + uuid.uuid4().int % 900_000_000)
+
+
+@pytest.fixture
+def settings(brokers: Brokers, namespace: str) -> Settings:
+    return Settings(transceiver=Transceiver(namespace=namespace), brokers=brokers)
+
+
+class Listener:
+    """A consumer like the service's: deliveries land in a queue."""
+
+    def __init__(self, brokers: Brokers, subscription: Subscription) -> None:
+        self.deliveries: queue.Queue[Delivery] = queue.Queue()
+        self.client = BusClient(brokers, (subscription,), self.deliveries.put,
+                                name=f"test-{uuid.uuid4().hex[:6]}")
+
+    def next_of(self, msg_type: str) -> Delivery:
+        """The next delivery of that type (others are skipped)."""
+        while True:
+            delivery = self.deliveries.get(timeout=WAIT)
+            self.client.ack(delivery)
+            if json.loads(delivery.body).get("msg_type") == msg_type:
+                return delivery
+
+
+@pytest.fixture
+def requester(brokers: Brokers, namespace: str) -> Iterator[Listener]:
+    """The service's side of the workers topic: namespace selector, acks."""
+    listener = Listener(brokers, Subscription(brokers.workers_topic,
+                                              selector=namespace_selector(namespace)))
+    with listener.client:
+        yield listener
+
+
+def imminent(run_id: str, target: int) -> RunImminent:
+    message = parse_message({
+        "msg_type": "run_imminent_worker", "run_id": run_id,
+        "content": {"target_worker_count": target, "core_count": 1},
+    })
+    assert isinstance(message, RunImminent)
+    return message
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def test_announce_and_end_reach_the_topics(brokers: Brokers, namespace: str, run_id: str) -> None:
+    epic = f"/topic/epictopic.{namespace}"
+    with BusRecorder(brokers, topics=(brokers.workers_topic, epic)) as recorder, \
+            ControlSystem(brokers, namespace, brokers.workers_topic, epic) as control:
+        control.announce(run_id, "testbed", target_workers=30)
+        control.announce(run_id + "1", "seed", target_workers=4, memory_per_core=3000)
+        control.end(run_id, "testbed", duplicate=True)
+        assert recorder.wait_for(lambda: len(recorder.of_type("end_run", run_id)) == 3, WAIT)
+        assert recorder.wait_for(lambda: bool(recorder.of_type("run_imminent", run_id + "1")),
+                                 WAIT)
+
+    testbed = next(r for r in recorder.records if r.msg_type == "run_imminent_worker"
+                   and r.body["run_id"] == run_id)
+    assert testbed.headers["namespace"] == namespace
+    assert testbed.headers["run_id"] == run_id
+    assert testbed.headers["persistent"] == "true"
+    assert testbed.body["run_id"] == run_id  # a string, as the testbed sends it
+    assert "Z" not in testbed.body["created_at"] and "+" not in testbed.body["created_at"]
+    parsed = parse_message(testbed.body)
+    assert isinstance(parsed, RunImminent)
+    assert parsed.content.target_worker_count == 30
+    assert parsed.content.worker_rampup_time == 300
+
+    seed = parse_message(recorder.of_type("run_imminent", run_id + "1")[0])
+    assert isinstance(seed, RunImminent)
+    assert (seed.content.target_worker_count, seed.content.memory_per_core) == (4, 3000)
+    assert seed.created_at is not None
+
+    ends = [r.destination for r in recorder.records
+            if r.msg_type == "end_run" and r.body["run_id"] == run_id]
+    assert sorted(ends) == sorted([brokers.workers_topic] * 2 + [epic])
+
+
+def test_idds_answers_with_the_requester_namespace(
+    brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
+) -> None:
+    created: queue.Queue[tuple[str, TaskInfo]] = queue.Queue()
+    with SimulatedIDDS(brokers, on_task_created=lambda r, t: created.put((r, t)),
+                       workers_topic=brokers.workers_topic) as idds:
+        create = outbound.create_workflow_task(imminent(run_id, 3), settings, now())
+        requester.client.send(create)
+        reply = requester.next_of("created_workflow_task")
+        assert reply.headers["namespace"] == namespace
+        assert reply.headers["run_id"] == run_id
+        answer = parse_message(reply.body)
+        assert isinstance(answer, CreatedWorkflowTask)
+        assert answer.run_id == run_id
+        assert answer.content.workload_id is not None
+        started_run, task = created.get(timeout=WAIT)
+        assert (started_run, task.target_worker_count, task.namespace) == (run_id, 3, namespace)
+
+        # A repeated create gets the same ids and starts nothing new.
+        requester.client.send(create)
+        again = parse_message(requester.next_of("created_workflow_task").body)
+        assert isinstance(again, CreatedWorkflowTask)
+        assert again.ids == answer.ids
+        assert idds.duplicate_creates == {run_id: 1}
+        assert created.empty()
+
+        size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL-OSG",
+                          target_worker_count=5)
+        requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings, now()))
+        adjusted = parse_message(requester.next_of("adjusted_worker").body)
+        assert isinstance(adjusted, AdjustedWorker)
+        assert adjusted.content.target_worker_count == 5
+        assert adjusted.content.request_id == answer.content.request_id
+
+        requester.client.send(outbound.close_workflow_task(run_id, answer.ids, settings, now()))
+        closed = parse_message(requester.next_of("closed_workflow_task").body)
+        assert isinstance(closed, ClosedWorkflowTask)
+        assert closed.content.status == "ToCancel"
+
+        other = run_id + "9"
+        requester.client.send(outbound.close_workflow_task(other, None, settings, now()))
+        not_found = parse_message(requester.next_of("closed_workflow_task").body)
+        assert isinstance(not_found, ClosedWorkflowTask)
+        assert (not_found.run_id, not_found.content.status) == (other, "NotFound")
+
+        # The close that would cancel everything: recorded, never answered.
+        danger = {"msg_type": "close_workflow_task", "run_id": None, "content": {
+            "run_id": None, "request_id": None, "transform_id": None, "workload_id": None}}
+        requester.client.send_raw(brokers.workers_topic, json.dumps(danger).encode(),
+                                  {"namespace": namespace, "msg_type": "close_workflow_task"})
+        assert idds.wait_for(lambda: len(idds.violations) == 1, WAIT)
+        # iDDS answers in order: a reply to the danger would precede this one.
+        last = run_id + "8"
+        requester.client.send(outbound.close_workflow_task(last, None, settings, now()))
+        after = parse_message(requester.next_of("closed_workflow_task").body)
+        assert isinstance(after, ClosedWorkflowTask)
+        assert after.run_id == last
+
+
+def test_stop_transformer_needs_the_integer_run_id(
+    brokers: Brokers, settings: Settings, run_id: str
+) -> None:
+    slices = 400
+    with TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+                         brokers.workers_topic, idle_timeout=1.0,
+                         result_ttl_ms=60_000) as farm, \
+            BusClient(brokers, name="test-stopper") as service:
+        run = farm.start_run(run_id, workers=2, slices=slices, processing_time=lambda _: 0.05)
+        assert farm.wait_for(lambda: run.slices_sent >= 2, WAIT)
+
+        as_text = {"msg_type": "stop_transformer", "run_id": run_id,
+                   "created_at": now().isoformat(), "content": {}}
+        service.send_raw(brokers.transformer_topic, json.dumps(as_text).encode(),
+                         {"msg_type": "stop_transformer", "run_id": run_id})
+        assert farm.wait_for(lambda: run.ignored_stops == 1, WAIT)
+        assert not run.stopped
+        assert farm.live_workers(run_id) == 2
+
+        service.send(outbound.stop_transformer(run_id, settings, now()))
+        assert farm.wait_idle(WAIT, run_id)
+        assert run.stopped
+        assert run.stop_messages_seen == 2
+        assert run.unprocessed, "a stop must leave the remaining slices unprocessed"
+        assert run.slices_sent + len(run.unprocessed) == slices
+
+
+def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
+    results = Listener(brokers, Subscription(brokers.results_queue,
+                                             selector=f"run_id='{run_id}'"))
+    with results.client, \
+            BusRecorder(brokers, (brokers.workers_topic,)) as recorder, \
+            TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+                            brokers.workers_topic, heartbeat_every=0.2, idle_timeout=0.5,
+                            result_ttl_ms=60_000) as farm:
+        farm.start_run(run_id, workers=2, slices=5, processing_time=lambda _: 0.3,
+                       fail_every=5, namespace="ns1")
+        got = [results.next_of("slice_result") for _ in range(5)]
+        assert recorder.wait_for(lambda: bool(recorder.of_type("heartbeat")), WAIT)
+        assert farm.wait_idle(WAIT)
+
+    assert all("namespace" not in d.headers for d in got)
+    parsed = [parse_message(d.body) for d in got]
+    assert all(isinstance(p, SliceResult) and p.run_id == run_id for p in parsed)
+    bodies = [json.loads(d.body) for d in got]
+    assert all("processing_time" not in b["content"] for b in bodies)
+    assert all(isinstance(b["run_id"], int) for b in bodies)
+    seconds = [p.processing_seconds for p in parsed if isinstance(p, SliceResult)]
+    assert all(s is not None and s >= 0.29 for s in seconds)
+    failed = [b["content"] for b in bodies if b["content"]["state"] == "failed"]
+    assert len(failed) == 1 and "slice_id" not in failed[0]
+
+    beat = recorder.of_type("heartbeat")[0]
+    assert "run_id" not in beat and isinstance(beat["timestamp"], float)
+    assert beat["namespace"] == "ns1"
+
+
+def test_harness_starts_and_adds_transformers(
+    brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
+) -> None:
+    with PeerHarness(brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,
+                     idle_timeout=1.0, result_ttl_ms=60_000) as peers:
+        requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
+        answer = parse_message(requester.next_of("created_workflow_task").body)
+        assert isinstance(answer, CreatedWorkflowTask)
+        assert peers.farm.wait_for(lambda: run_id in peers.farm.runs, WAIT)
+        assert peers.farm.runs[run_id].started == 2
+
+        size = WorkerSize(target_worker_count=4)
+        requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings, now()))
+        requester.next_of("adjusted_worker")
+        assert peers.farm.wait_for(lambda: peers.farm.runs[run_id].started == 4, WAIT)
+
+        requester.client.send(outbound.stop_transformer(run_id, settings, now()))
+        assert peers.farm.wait_idle(WAIT, run_id)
+        assert peers.recorder.wait_for(
+            lambda: len(peers.recorder.of_type("adjusted_worker", run_id)) == 1, WAIT)
+        table = peers.recorder.summary_table([run_id])
+        assert run_id in table and "adjusted" in table

@@ -1,0 +1,190 @@
+"""Whole runs through the real broker, the listener, a real Prefect server and
+its served deployment, and the simulated peers. Everything asserted is
+counted on the bus or read back from Prefect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from swf_panda_workers.adapters.prefect_runs import run_tags
+from swf_panda_workers.adapters.stomp_bus import BusClient, Delivery, Subscription
+from swf_panda_workers.demo import flow_run_states
+from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.control_system import Shape
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.recorder import BusRecorder
+from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+
+pytestmark = pytest.mark.integration
+
+SLICES = 30
+WORKFLOW_KEYS = {
+    "scope", "name", "requester", "username", "transform_tag", "cloud", "campaign",
+    "campaign_scope", "campaign_group", "campaign_tag", "content",
+}
+
+
+@pytest.fixture(params=["testbed", "seed"])
+def shape(request: pytest.FixtureRequest) -> Shape:
+    return request.param
+
+
+@pytest.fixture
+def peers(stack: EmbeddedStack, shape: Shape, namespace: str) -> Iterator[PeerHarness]:
+    # The seed's transformers report processing_time; the real ones do not.
+    with PeerHarness(stack.brokers, namespace, slices_per_run=SLICES,
+                     processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
+                     seed_shape_results=shape == "seed", idle_timeout=3,
+                     heartbeat_every=2) as harness:
+        yield harness
+
+
+def one(recorder: BusRecorder, msg_type: str, run_id: str) -> dict[str, Any]:
+    found = recorder.of_type(msg_type, run_id)
+    assert len(found) == 1, f"{msg_type} for run {run_id}: {len(found)} messages, not one"
+    return found[0]
+
+
+def headers_of(recorder: BusRecorder, msg_type: str, run_id: str) -> dict[str, str]:
+    return next(r.headers for r in recorder.records
+                if r.msg_type == msg_type and str(r.body.get("run_id")) == run_id)
+
+
+def reply_ids(recorder: BusRecorder, run_id: str) -> dict[str, Any]:
+    content = one(recorder, "created_workflow_task", run_id)["content"]
+    return {k: content[k] for k in ("request_id", "transform_id", "workload_id")}
+
+
+def test_two_concurrent_runs_go_through_their_whole_life(
+    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    new_run_id: Callable[[], str],
+) -> None:
+    runs = [new_run_id(), new_run_id()]
+    session = play_session(peers, runs, shape, SLICES)
+    assert session.created, "iDDS never saw/answered create_workflow_task for every run"
+    assert session.closed, "not every run was closed"
+    recorder = peers.recorder
+
+    for run_id in runs:
+        ids = reply_ids(recorder, run_id)
+        create = one(recorder, "create_workflow_task", run_id)
+        assert set(create["content"]) == {"run_id", "created_at", "workflow"}
+        workflow = create["content"]["workflow"]
+        assert set(workflow) == WORKFLOW_KEYS
+        assert workflow["content"]["run_id"] == run_id
+        assert workflow["content"]["target_worker_count"] == 3
+        assert set(workflow["content"]["panda_attributes"]) >= {"vo", "queue", "site", "priority"}
+        headers = headers_of(recorder, "create_workflow_task", run_id)
+        assert headers["persistent"] == "true" and headers["vo"] == "eic"
+        assert headers["namespace"] == namespace and headers["run_id"] == run_id
+        assert int(headers["expires"]) > 0 and headers["ttl"].isdigit()
+
+        # The slow stretch asks for more workers, only ever with the reply's ids.
+        adjusts = recorder.of_type("adjust_worker", run_id)
+        assert adjusts, f"run {run_id} saw slow slices but asked for no workers"
+        for adjust in adjusts:
+            sent = {k: adjust["content"][k] for k in ("request_id", "transform_id", "workload_id")}
+            assert sent == ids
+            assert adjust["content"]["target_worker_count"] > 3
+
+        stop = one(recorder, "stop_transformer", run_id)
+        assert stop["run_id"] == int(run_id)  # a JSON integer: the transformer compares ==
+        close = one(recorder, "close_workflow_task", run_id)
+        assert {k: close["content"][k] for k in ids} == ids
+        assert one(recorder, "closed_workflow_task", run_id)["content"]["status"] == "ToCancel"
+        assert peers.farm.runs[run_id].stopped, "the transformers ignored stop_transformer"
+
+    assert peers.idds.violations == []
+    states = asyncio.run(flow_run_states(stack.api_url, runs, namespace))
+    assert states == {run_id: "Completed" for run_id in runs}
+
+
+@pytest.mark.parametrize("shape", ["testbed"])
+def test_duplicated_run_imminent_and_end_run_act_once(
+    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    new_run_id: Callable[[], str],
+) -> None:
+    run_id = new_run_id()
+    session = play_session(peers, [run_id], shape, SLICES, duplicate_messages=True)
+    assert session.closed
+    recorder = peers.recorder
+    assert len(recorder.of_type("run_imminent_worker", run_id)) == 2
+    assert len(recorder.of_type("end_run", run_id)) == 2  # plus one on the other topic
+    for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
+        one(recorder, msg_type, run_id)
+    assert asyncio.run(count_flow_runs(stack.api_url, namespace, run_id)) == 1
+
+
+@pytest.mark.parametrize("shape", ["testbed"])
+def test_a_second_run_imminent_for_a_finished_run_starts_nothing(
+    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    new_run_id: Callable[[], str],
+) -> None:
+    run_id = new_run_id()
+    assert play_session(peers, [run_id], shape, SLICES).closed
+    peers.control.announce(run_id, shape)
+    # The listener handles messages in order: once a later run's create goes
+    # out, the repeated announcement has been handled.
+    later = new_run_id()
+    peers.control.announce(later, shape)
+    assert peers.recorder.wait_for(
+        lambda: bool(peers.recorder.of_type("create_workflow_task", later)), 30)
+    one(peers.recorder, "create_workflow_task", run_id)
+    assert asyncio.run(count_flow_runs(stack.api_url, namespace, run_id)) == 1
+    peers.control.end(later, shape)
+
+
+@pytest.mark.parametrize("shape", ["testbed"])
+def test_bad_input_is_set_aside_with_its_reason_and_runs_go_on(
+    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    new_run_id: Callable[[], str],
+) -> None:
+    brokers = stack.brokers
+    dead: queue.Queue[Delivery] = queue.Queue()
+    bad_bodies = [
+        b"{not json",
+        b"[1, 2, 3]",
+        b"\xff\xfe\x00",
+        json.dumps({"msg_type": "no_such_type", "run_id": "1"}).encode(),
+        json.dumps({"msg_type": "end_run", "run_id": ""}).encode(),
+        json.dumps({"msg_type": "end_run", "run_id": "1' OR namespace<>'x"}).encode(),
+        json.dumps({"msg_type": "created_workflow_task", "run_id": "7",
+                    "content": {"request_id": "abc", "transform_id": 1}}).encode(),
+    ]
+    with BusClient(brokers, (Subscription(brokers.dead_letter_queue),), dead.put) as bus:
+        for body in bad_bodies:
+            bus.send_raw(brokers.workers_topic, body, {"namespace": namespace})
+        reasons = {}
+        for _ in bad_bodies:
+            delivery = dead.get(timeout=30)
+            reasons[delivery.body] = delivery.headers["swf_reject_reason"]
+            bus.ack(delivery)
+    assert set(reasons) == set(bad_bodies)
+    assert "not JSON" in reasons[b"{not json"]
+    assert "not an object" in reasons[b"[1, 2, 3]"]
+    assert "UTF-8" in reasons[b"\xff\xfe\x00"]
+    assert "unknown message type 'no_such_type'" in reasons[bad_bodies[3]]
+    assert reasons[bad_bodies[4]].startswith("run_id")
+    assert reasons[bad_bodies[5]].startswith("run_id")
+    assert "content.request_id" in reasons[bad_bodies[6]]
+
+    assert stack.listener is not None and stack.listener.alive
+    run_id = new_run_id()
+    assert play_session(peers, [run_id], shape, SLICES).closed
+
+
+async def count_flow_runs(api_url: str, namespace: str, run_id: str) -> int:
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))))
+    return len(flow_runs)

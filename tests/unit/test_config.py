@@ -1,0 +1,230 @@
+"""Settings from the YAML file, overridden by the environment; ConfigError names the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from swf_panda_workers.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+    settings_from,
+)
+
+PANDA_ATTRIBUTE_KEYS = {
+    "vo", "queue", "site", "cloud", "working_group", "priority", "core_count", "ram_count",
+    "num_workers", "max_walltime", "max_attempt", "idle_timeout", "username", "task_type",
+    "processing_type",
+}
+
+
+@pytest.fixture(autouse=True)
+def no_config_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_file_loads_with_the_documented_values() -> None:
+    settings = load_settings(environ={})
+
+    assert DEFAULT_CONFIG.is_file()
+    assert settings.transceiver.namespace == "dev"
+    assert settings.transceiver.mode == "message"
+    assert settings.transceiver.timetolive == 12 * 3600 * 1000
+    assert (settings.brokers.host, settings.brokers.port) == ("localhost", 61613)
+    assert settings.brokers.password is None
+    assert settings.brokers.workers_topic == "/topic/panda.workers"
+    assert settings.brokers.transformer_topic == "/topic/panda.transformer"
+    assert settings.brokers.results_queue == "/queue/panda.results.worker"
+    assert settings.panda.site == "BNL-OSG"
+    assert settings.panda.transform_tag == "fastproc"
+    assert settings.slice.processing_time == 30.0
+    assert settings.slice.cooldown == 60.0
+    assert settings.timeouts.created_workflow_task == 300.0
+    assert settings.prefect.runner_limit == 40
+
+
+def test_default_file_agrees_with_the_model_defaults() -> None:
+    assert load_settings(DEFAULT_CONFIG, environ={}) == Settings()
+
+
+def test_config_env_var_chooses_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "brokers:\n  host: from-env-file\n")
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+
+    assert load_settings(environ={}).brokers.host == "from-env-file"
+
+
+def test_explicit_path_beats_the_config_env_var(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "absent.yaml"))
+    path = write(tmp_path, "brokers:\n  host: explicit\n")
+
+    assert load_settings(path, environ={}).brokers.host == "explicit"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "read", "expected"),
+    [
+        ("ACTIVEMQ_HOST", "mq.example.org", lambda s: s.brokers.host, "mq.example.org"),
+        ("ACTIVEMQ_PORT", "61616", lambda s: s.brokers.port, 61616),
+        ("ACTIVEMQ_USER", "agent", lambda s: s.brokers.username, "agent"),
+        ("ACTIVEMQ_PASSWORD", "hunter2",
+         lambda s: s.brokers.password.get_secret_value(), "hunter2"),
+        ("ACTIVEMQ_USE_SSL", "true", lambda s: s.brokers.use_ssl, True),
+        ("ACTIVEMQ_SSL_CA_CERTS", "/etc/ca.pem", lambda s: s.brokers.ssl_ca_certs,
+         Path("/etc/ca.pem")),
+        ("SWF_NAMESPACE", "prod", lambda s: s.transceiver.namespace, "prod"),
+        ("SWF_PANDA_MODE", "rest", lambda s: s.transceiver.mode, "rest"),
+    ],
+)
+def test_environment_overrides(variable: str, value: str, read: Any, expected: Any) -> None:
+    assert read(load_settings(environ={variable: value})) == expected
+
+
+def test_environment_beats_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "brokers:\n  host: file-host\n  port: 1234\n")
+
+    settings = load_settings(path, environ={"ACTIVEMQ_HOST": "env-host"})
+
+    assert settings.brokers.host == "env-host"
+    assert settings.brokers.port == 1234
+
+
+def test_environment_fills_a_section_the_file_lacks(tmp_path: Path) -> None:
+    path = write(tmp_path, "panda:\n  site: CERN\n")
+
+    settings = load_settings(path, environ={"SWF_NAMESPACE": "test", "ACTIVEMQ_PORT": "1"})
+
+    assert settings.transceiver.namespace == "test"
+    assert settings.brokers.port == 1
+    assert settings.panda.site == "CERN"
+
+
+def test_empty_environment_values_are_ignored() -> None:
+    settings = load_settings(environ={"ACTIVEMQ_HOST": "", "SWF_NAMESPACE": ""})
+
+    assert settings.brokers.host == "localhost"
+    assert settings.transceiver.namespace == "dev"
+
+
+def test_password_is_secret_and_never_shown() -> None:
+    settings = load_settings(environ={"ACTIVEMQ_PASSWORD": "hunter2"})
+
+    assert isinstance(settings.brokers.password, SecretStr)
+    assert settings.brokers.password.get_secret_value() == "hunter2"
+    for shown in (repr(settings), str(settings), repr(settings.brokers), str(settings.brokers),
+                  settings.model_dump_json(), str(settings.model_dump())):
+        assert "hunter2" not in shown
+
+
+def test_password_from_the_file_is_secret_too(tmp_path: Path) -> None:
+    path = write(tmp_path, "brokers:\n  password: s3cret\n")
+
+    settings = load_settings(path, environ={})
+
+    assert settings.brokers.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "environ", "key"),
+    [
+        ("brokers:\n  prot: 61613\n", {}, "brokers.prot"),
+        ("brokerz:\n  port: 61613\n", {}, "brokerz"),
+        ("brokers:\n  port: many\n", {}, "brokers.port"),
+        ("brokers:\n  port: 70000\n", {}, "brokers.port"),
+        ("brokers: 5\n", {}, "brokers"),
+        ("brokers: [a, b]\n", {}, "brokers"),
+        ("brokers: text\n", {"ACTIVEMQ_HOST": "h"}, "brokers"),
+        ("panda:\n  priority: high\n", {}, "panda.priority"),
+        ("panda:\n  core_count: 0\n", {}, "panda.core_count"),
+        ("transceiver:\n  mode: carrier-pigeon\n", {}, "transceiver.mode"),
+        ("transceiver:\n  namespace: \"a' OR '1\"\n", {}, "transceiver.namespace"),
+        ("transceiver:\n  timetolive: 0\n", {}, "transceiver.timetolive"),
+        ("slice:\n  processing_time: 0\n", {}, "slice.processing_time"),
+        ("slice:\n  cooldown: -1\n", {}, "slice.cooldown"),
+        ("", {"ACTIVEMQ_PORT": "abc"}, "brokers.port"),
+        ("", {"SWF_NAMESPACE": "bad namespace"}, "transceiver.namespace"),
+    ],
+)
+def test_bad_settings_name_the_key(
+    tmp_path: Path, yaml_text: str, environ: dict[str, str], key: str
+) -> None:
+    path = write(tmp_path, yaml_text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=environ)
+
+    text = str(caught.value)
+    assert f"{key}: " in text
+    assert str(path) in text
+
+
+def test_settings_from_names_its_source() -> None:
+    with pytest.raises(ConfigError, match=r"^my-source: brokers\.prot: "):
+        settings_from({"brokers": {"prot": 1}}, {}, "my-source")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"brokers: [unclosed\n", "is not valid YAML"),
+        (b"brokers:\n  host: a\n   port: 1\n", "is not valid YAML"),
+        (b"- brokers\n- panda\n", "top level must be a mapping"),
+        (b"just text\n", "top level must be a mapping"),
+        (b"brokers:\n  host: \xff\xfe\n", "is not UTF-8"),
+    ],
+)
+def test_unreadable_files(tmp_path: Path, content: bytes, says: str) -> None:
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(content)
+
+    with pytest.raises(ConfigError, match=says):
+        load_settings(path, environ={})
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "# nothing\n"), environ={}) == Settings()
+
+
+def test_empty_section_means_its_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "brokers:\n"), environ={}).brokers.port == 61613
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+
+    with pytest.raises(ConfigError, match="cannot read configuration") as caught:
+        load_settings(missing, environ={})
+    assert str(missing) in str(caught.value)
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_panda_task_attributes_are_the_protocol_keys() -> None:
+    attributes = Settings().panda.task_attributes()
+
+    assert set(attributes) == PANDA_ATTRIBUTE_KEYS
+    assert attributes["queue"] == "BNL_PanDA_1"
+    assert attributes["ram_count"] == 4000
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.brokers.port = 1  # type: ignore[misc]
