@@ -17,14 +17,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView, history_start
 from flows.scaling import ScalingReport, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_id
 from swf_panda_workers.adapters.stomp_bus import BusClient
-from swf_panda_workers.config import Settings, load_settings
-from swf_panda_workers.messages import RunImminent, WorkflowIds, parse_message
+from swf_panda_workers.config import Settings
+from swf_panda_workers.messages import RunImminent, WorkflowIds
 from swf_panda_workers.run_state import Effect, RunState, initial_state
 from swf_panda_workers.timestamps import utc_now
 
@@ -45,6 +46,7 @@ class RunOutcome(BaseModel):
     slices_done: int
     slices_failed: int
     adjustments: int
+    workers_confirmed: int | None  # the worker count iDDS last confirmed (adjusted_worker)
     end: str
 
 
@@ -87,27 +89,11 @@ async def run_lifecycle(
     outcome = RunOutcome(
         run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
         slices_done=report.slices_done, slices_failed=report.slices_failed,
-        adjustments=len(report.adjustments), end=report.end,
+        adjustments=len(report.adjustments), workers_confirmed=report.workers_confirmed,
+        end=report.end,
     )
     await publish_summary(outcome, report)
     return outcome
-
-
-def settings_for(namespace: str) -> Settings:
-    """The configured settings, in the namespace this run belongs to."""
-    settings = load_settings()
-    transceiver = settings.transceiver.model_copy(update={"namespace": namespace})
-    return settings.model_copy(update={"transceiver": transceiver})
-
-
-def announced_run(announcement: dict[str, Any], run_id: str) -> RunImminent:
-    message = parse_message(announcement)
-    if not isinstance(message, RunImminent) or message.run_id != run_id:
-        raise ValueError(
-            f"announcement must be the run_imminent of run {run_id}, got "
-            f"{type(message).__name__} for run {getattr(message, 'run_id', None)}"
-        )
-    return message
 
 
 async def create_task(view: RunView, bus: BusClient, run: RunImminent,
@@ -174,6 +160,7 @@ async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
             f"workload {ids.workload_id}\n"
             f"- close status: **{outcome.status}**\n"
             f"- slices: {outcome.slices_done} done, {outcome.slices_failed} failed\n"
+            f"- workers confirmed by iDDS: {outcome.workers_confirmed or 'initial size'}\n"
             f"- end: {outcome.end}\n\n"
             "| time (UTC) | workers requested | reason |\n|---|---|---|\n"
             f"{rows}\n"

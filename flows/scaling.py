@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView, history_start
 from flows.tasks import publish
 from swf_panda_workers import outbound
@@ -40,6 +41,7 @@ class ScalingReport(BaseModel):
     slices_done: int
     slices_failed: int
     adjustments: list[AdjustmentRecord]
+    workers_confirmed: int | None  # target_worker_count of iDDS's last adjusted_worker
     end: str  # why the sub-flow returned
 
 
@@ -51,9 +53,6 @@ async def scale_workers(
     received_at: datetime | None,
     ids: WorkflowIds,
 ) -> ScalingReport:
-    # Imported here: flows.run_lifecycle imports this module.
-    from flows.run_lifecycle import announced_run, settings_for
-
     settings = settings_for(namespace)
     run = announced_run(announcement, run_id)
     policy = ReferencePolicy(
@@ -75,6 +74,7 @@ async def scale_workers(
         slices_failed=final.slices_failed,
         adjustments=[AdjustmentRecord(at=a.at, size=a.size, reason=a.reason)
                      for a in final.adjustments],
+        workers_confirmed=final.applied.target_worker_count if final.applied else None,
         end=end,
     )
 

@@ -9,7 +9,7 @@ import logging
 import signal
 
 from listeners.bus_listener import serve_listener
-from swf_panda_workers.config import load_settings
+from swf_panda_workers.config import Settings, load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(_run(settings))
 
 
-async def _run(settings: object) -> None:
+async def _run(settings: Settings) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await serve_listener(settings, stopping)  # type: ignore[arg-type]
+    await serve_listener(settings, stopping)
 
 
 if __name__ == "__main__":

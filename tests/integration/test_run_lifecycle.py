@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterTags,
+)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from swf_panda_workers.adapters.prefect_runs import run_tags
@@ -107,6 +112,14 @@ def test_two_concurrent_runs_go_through_their_whole_life(
     states = asyncio.run(flow_run_states(stack.api_url, runs, namespace))
     assert states == {run_id: "Completed" for run_id in runs}
 
+    # The summary an operator reads in the UI, with what iDDS confirmed.
+    for run_id in runs:
+        summary = asyncio.run(artifact_markdown(stack.api_url, f"run-{namespace}-{run_id}"))
+        confirmed = recorder.of_type("adjusted_worker", run_id)[-1]["content"]
+        assert "close status: **ToCancel**" in summary
+        assert f"request {reply_ids(recorder, run_id)['request_id']}," in summary
+        assert f"workers confirmed by iDDS: {confirmed['target_worker_count']}" in summary
+
 
 @pytest.mark.parametrize("shape", ["testbed"])
 def test_duplicated_run_imminent_and_end_run_act_once(
@@ -188,3 +201,12 @@ async def count_flow_runs(api_url: str, namespace: str, run_id: str) -> int:
             flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))))
     return len(flow_runs)
+
+
+async def artifact_markdown(api_url: str, key: str) -> str:
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert artifacts, f"no artifact {key}"
+    return str(artifacts[0].data)
