@@ -135,12 +135,21 @@ class BusListener:
         handler = self._routes().get(type(message), self.record)
         try:
             await handler(message, data, delivery)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code >= 500:
+                await self._retry_later(delivery, data, exc)
+            else:  # Prefect refuses this message: asking again would not help
+                await self.set_aside(delivery, f"Prefect refused it: {exc.response.text[:500]}")
         except HANDOFF_ERRORS as exc:
-            # Prefect is unreachable: keep the message unacked and try again.
-            log.warning("hand-off of %s for run %s failed (%s); retrying in 2 s",
-                        data.get("msg_type"), data.get("run_id"), exc)
-            await asyncio.sleep(2)
-            self._inbox.put_nowait(delivery)
+            await self._retry_later(delivery, data, exc)
+
+    async def _retry_later(self, delivery: Delivery, data: dict[str, Any],
+                           exc: BaseException) -> None:
+        """Prefect is unreachable: keep the message unacked and try again."""
+        log.warning("hand-off of %s for run %s failed (%s); retrying in 2 s",
+                    data.get("msg_type"), data.get("run_id"), exc)
+        await asyncio.sleep(2)
+        self._inbox.put_nowait(delivery)
 
     def _routes(self) -> dict[type, Handler]:
         return {

@@ -41,12 +41,17 @@ def namespace() -> str:
 
 
 @pytest.fixture(scope="session")
-def broker_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    broker = ActiveMQ(tmp_path_factory.mktemp("activemq"), stomp_port=STOMP_PORT,
-                      openwire_port=STOMP_PORT + 3)
-    broker.start(fresh=True)
-    yield STOMP_PORT
-    broker.stop()
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActiveMQ]:
+    activemq = ActiveMQ(tmp_path_factory.mktemp("activemq"), stomp_port=STOMP_PORT,
+                        openwire_port=STOMP_PORT + 3)
+    activemq.start(fresh=True)
+    yield activemq
+    activemq.stop()
+
+
+@pytest.fixture(scope="session")
+def broker_port(broker: ActiveMQ) -> int:
+    return broker.stomp_port
 
 
 @pytest.fixture(scope="session")

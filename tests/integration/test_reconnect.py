@@ -1,0 +1,36 @@
+"""The service survives the broker going away: stomp.py neither reconnects
+nor resubscribes by itself, so this proves our BusClient does."""
+
+from collections.abc import Callable
+
+import pytest
+
+from swf_panda_workers.embedded.activemq import ActiveMQ
+from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.scenario import play_session
+
+pytestmark = pytest.mark.integration
+
+
+def test_listener_reconnects_and_resubscribes_after_a_broker_restart(
+    broker: ActiveMQ, stack: EmbeddedStack, namespace: str, new_run_id: Callable[[], str]
+) -> None:
+    assert stack.listener is not None
+    log = stack.logs / "listener.log"
+    before = log.stat().st_size
+
+    broker.stop()
+    broker.start()
+
+    with PeerHarness(stack.brokers, namespace, slices_per_run=10, idle_timeout=3) as peers:
+        run_id = new_run_id()
+        session = play_session(peers, [run_id], "testbed", 10)
+        assert session.created and session.closed
+        for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
+            assert len(peers.recorder.of_type(msg_type, run_id)) == 1
+
+    assert stack.listener.alive
+    since_restart = log.read_text(errors="replace")[before:]
+    assert "lost the broker" in since_restart  # it really was cut off ...
+    assert "(2 subscriptions)" in since_restart  # ... and subscribed again
