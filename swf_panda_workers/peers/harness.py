@@ -33,6 +33,7 @@ class PeerHarness:
         heartbeat_every: float = 30.0,
         reply_delay: float = 0.0,
         answer_create: bool = True,
+        workers_before_reply: bool = False,
         seed_shape_results: bool = False,
         fail_every: int | None = None,
         result_ttl_ms: int | None = None,
@@ -58,6 +59,7 @@ class PeerHarness:
             on_adjust=self._adjusted,
             reply_delay=reply_delay,
             answer_create=answer_create,
+            workers_before_reply=workers_before_reply,
             workers_topic=brokers.workers_topic,
         )
         self.control = ControlSystem(brokers, namespace, workers_topic=brokers.workers_topic)

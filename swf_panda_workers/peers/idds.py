@@ -60,10 +60,14 @@ class SimulatedIDDS:
         answer_create: bool = True,
         on_adjust: Callable[[str, AdjustWorkerContent], None] | None = None,
         workers_topic: str = "/topic/panda.workers",
+        workers_before_reply: bool = False,
     ) -> None:
         self.workers_topic = workers_topic
         self.reply_delay = reply_delay
         self.answer_create = answer_create
+        # With a reply_delay: the task's transformers run (and send results)
+        # before its creator hears the ids, as when iDDS's reply is slow.
+        self.workers_before_reply = workers_before_reply
         self._on_task_created = on_task_created
         self._on_adjust = on_adjust
         self._ids = itertools.count(1)
@@ -147,6 +151,8 @@ class SimulatedIDDS:
             else:
                 self.duplicate_creates[run_id] = self.duplicate_creates.get(run_id, 0) + 1
             self._state.notify()
+        if first and self.workers_before_reply and self._on_task_created is not None:
+            self._on_task_created(run_id, task)
         if not self.answer_create:
             return
         self._reply("created_workflow_task", run_id, namespace, {
@@ -158,7 +164,7 @@ class SimulatedIDDS:
             "output_coll_id": task.output_coll_id,
             "workload_id": task.workload_id,
         })
-        if first and self._on_task_created is not None:
+        if first and not self.workers_before_reply and self._on_task_created is not None:
             self._on_task_created(run_id, task)
 
     def _new_task(self, message: CreateWorkflowTask, namespace: str | None) -> TaskInfo:

@@ -195,6 +195,29 @@ def test_bad_input_is_set_aside_with_its_reason_and_runs_go_on(
     assert play_session(peers, [run_id], shape, SLICES).closed
 
 
+def test_slice_results_before_the_ids_are_held_until_the_ids_come(
+    stack: EmbeddedStack, namespace: str, new_run_id: Callable[[], str]
+) -> None:
+    # Three slow slices first; iDDS's reply comes 4 s after its transformers
+    # started, by when every result is out.
+    with PeerHarness(stack.brokers, namespace, slices_per_run=12, reply_delay=4.0,
+                     workers_before_reply=True, idle_timeout=3,
+                     processing_time=slowdown_in_the_middle(0.2, 1.0, 0, 3)) as peers:
+        run_id = new_run_id()
+        peers.control.announce(run_id, "testbed", slice_processing_time=0.5)
+        recorder = peers.recorder
+        assert recorder.wait_for(lambda: bool(recorder.of_type("created_workflow_task", run_id)),
+                                 30)
+        assert peers.farm.runs[run_id].slices_sent == 12, "results were not all before the ids"
+        assert recorder.wait_for(lambda: bool(recorder.of_type("adjust_worker", run_id)), 30)
+        adjust = one(recorder, "adjust_worker", run_id)["content"]
+        assert {k: adjust[k] for k in ("request_id", "transform_id", "workload_id")} == \
+            reply_ids(recorder, run_id)
+        peers.control.end(run_id, "testbed")
+        assert recorder.wait_for(lambda: bool(recorder.of_type("closed_workflow_task", run_id)),
+                                 30)
+
+
 async def count_flow_runs(api_url: str, namespace: str, run_id: str) -> int:
     with temporary_settings({PREFECT_API_URL: api_url}):
         async with get_client() as client:
