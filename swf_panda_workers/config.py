@@ -58,7 +58,8 @@ class Brokers(_Section):
     prefetch_size: int = Field(
         default=1000, gt=0, description="unacked messages the broker may push at once"
     )
-    heartbeat_ms: int = Field(default=10000, ge=0, description="STOMP heart-beat period")
+    heartbeat_ms: int = Field(
+        default=10000, ge=0, description="period of the STOMP heart-beats we send (ms)")
 
 
 class Panda(_Section):

@@ -302,8 +302,10 @@ class TransformerHeartbeat(Envelope):
     content: HeartbeatContent = Field(default_factory=HeartbeatContent)
 
     @property
-    def worker(self) -> str:
-        return str(self.content.id or self.content.hostname or "unknown")
+    def worker(self) -> str | None:
+        """Who sent it; None when it does not say (it then counts no worker)."""
+        name = self.content.id or self.content.hostname
+        return None if name is None else str(name)
 
     @property
     def seen_at(self) -> datetime | None:
@@ -319,8 +321,8 @@ class Heartbeat(Envelope):
     timestamp: Timestamp | None = None
 
     @property
-    def worker(self) -> str:
-        return str(self.internal_id or "unknown")
+    def worker(self) -> str | None:
+        return None if self.internal_id is None else str(self.internal_id)
 
     @property
     def seen_at(self) -> datetime | None:

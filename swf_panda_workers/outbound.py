@@ -14,7 +14,7 @@ from typing import Any
 
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import RunImminent, WorkerSize, WorkflowIds
-from swf_panda_workers.timestamps import to_iso
+from swf_panda_workers.timestamps import parse_timestamp, to_iso
 
 
 class UnsafeMessage(ValueError):
@@ -49,7 +49,7 @@ def headers_for(msg_type: str, run_id: str, settings: Settings, now: datetime) -
         "run_id": run_id,
         # Artemis-era peers read ttl; ActiveMQ Classic only honours expires.
         "ttl": str(ttl),
-        "expires": str(int(now.timestamp() * 1000) + ttl),
+        "expires": str(int(parse_timestamp(now).timestamp() * 1000) + ttl),  # naive = UTC
     }
     namespace = settings.transceiver.namespace
     if namespace:

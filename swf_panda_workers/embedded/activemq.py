@@ -52,9 +52,6 @@ class ActiveMQ:
     home: Path
     stomp_port: int = 61613
     openwire_port: int = 61616
-    stomp_ssl_port: int | None = None
-    keystore: Path | None = None
-    keystore_password: str = "changeit"
     heap: str = "256m"
     process: subprocess.Popen[bytes] | None = None
 
@@ -133,20 +130,8 @@ class ActiveMQ:
         ]
 
     def _write_config(self) -> None:
-        ssl = ""
-        if self.stomp_ssl_port is not None and self.keystore is not None:
-            ssl = (
-                f'<transportConnector name="stomp+ssl" '
-                f'uri="stomp+ssl://127.0.0.1:{self.stomp_ssl_port}?transport.closeAsync=false"/>'
-            )
-        ssl_context = ""
-        if self.keystore is not None:
-            ssl_context = (
-                f'<sslContext><sslContext keyStore="file:{self.keystore}" '
-                f'keyStorePassword="{self.keystore_password}"/></sslContext>'
-            )
-        (self.home / "conf" / "activemq.xml").write_text(_BROKER_XML.format(
-            openwire=self.openwire_port, stomp=self.stomp_port, ssl=ssl, ssl_context=ssl_context))
+        (self.home / "conf" / "activemq.xml").write_text(
+            _BROKER_XML.format(openwire=self.openwire_port, stomp=self.stomp_port))
         # Debian's ActiveMQ logs through log4j 1.2: the packaged log4j2 file is ignored.
         (self.home / "conf" / "log4j.properties").write_text(_LOG4J)
 
@@ -159,7 +144,6 @@ _BROKER_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
   <broker xmlns="http://activemq.apache.org/schema/core" brokerName="localhost"
           useJmx="false" schedulerSupport="false" dataDirectory="${{activemq.data}}">
     <persistenceAdapter><kahaDB directory="${{activemq.data}}/kahadb"/></persistenceAdapter>
-    {ssl_context}
     <systemUsage><systemUsage>
       <storeUsage><storeUsage limit="1 gb"/></storeUsage>
       <tempUsage><tempUsage limit="512 mb"/></tempUsage>
@@ -167,7 +151,6 @@ _BROKER_XML = """<beans xmlns="http://www.springframework.org/schema/beans"
     <transportConnectors>
       <transportConnector name="openwire" uri="tcp://127.0.0.1:{openwire}"/>
       <transportConnector name="stomp" uri="stomp://127.0.0.1:{stomp}?transport.closeAsync=false"/>
-      {ssl}
     </transportConnectors>
   </broker>
 </beans>

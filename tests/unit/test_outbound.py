@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -319,3 +320,24 @@ def test_outbound_bodies_parse_as_their_own_models(
 
     assert isinstance(msg, model)
     assert msg.created_at == NOW
+
+
+@pytest.fixture
+def local_time_not_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_not_utc")
+def test_a_naive_time_is_utc_for_expires_as_for_created_at() -> None:
+    # Read as local time, a naive time would shift expires by hours.
+    settings = Settings()
+    aware = datetime(2026, 1, 20, 12, 0, tzinfo=UTC)
+    naive = aware.replace(tzinfo=None)
+    assert headers_for("adjust_worker", "1", settings, naive)["expires"] == \
+        headers_for("adjust_worker", "1", settings, aware)["expires"]
+    assert headers_for("adjust_worker", "1", settings, aware)["expires"] == \
+        str(int(aware.timestamp() * 1000) + settings.transceiver.timetolive)

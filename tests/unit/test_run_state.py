@@ -251,3 +251,16 @@ def test_fold_feeds_the_policy() -> None:
     later = fold([(done(50), 71)], start=adjusted)
     decision = policy.decide(later.plan, later.last_slice)
     assert decision is not None and decision.size == BIGGEST
+
+
+@pytest.mark.parametrize(
+    "anonymous",
+    [
+        {"msg_type": "heartbeat", "namespace": "dev", "timestamp": 1_760_000_000.0},
+        {"msg_type": "transformer_heartbeat", "run_id": "100123", "content": {}},
+    ],
+    ids=["heartbeat without internal_id", "transformer_heartbeat without id or hostname"],
+)
+def test_a_heartbeat_that_names_no_worker_counts_no_worker(anonymous: dict[str, Any]) -> None:
+    state = fold([(heartbeat("wn-1"), 1), (parse_message(anonymous), 2)])
+    assert state.workers_seen == frozenset({"wn-1"})
