@@ -22,12 +22,19 @@ from flows.run_view import RunView, history_start
 from flows.scaling import ScalingReport, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
-from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_id
+from swf_panda_workers.adapters.prefect_events import (
+    follow_run,
+    message_event_name,
+    run_resource_id,
+)
 from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import RunImminent, WorkflowIds
 from swf_panda_workers.run_state import Effect, RunState, initial_state
 from swf_panda_workers.timestamps import utc_now
+
+SUB_FLOW_ONLY = tuple(
+    message_event_name(t) for t in ("slice_result", "heartbeat", "transformer_heartbeat"))
 
 
 class CreateNotAnswered(RuntimeError):
@@ -70,26 +77,26 @@ async def run_lifecycle(
     since = history_start(received_at or utc_now())
     resource = run_resource_id(namespace, run_id)
 
+    # One subscription for the whole run, so nothing falls between two. The
+    # stream of slice results and heartbeats is the scaling sub-flow's.
     with BusClient(settings.brokers, name=f"run-{run_id}") as bus:
-        async with follow_run(resource, since) as feed:
+        async with follow_run(resource, since, exclude=SUB_FLOW_ONLY) as feed:
             view = RunView(feed, initial_state(run, settings), namespace)
             await view.catch_up()
             ids = await create_task(view, bus, run, settings)
-
-        report = await scale_workers(
-            run_id=run_id, namespace=namespace, announcement=announcement,
-            received_at=received_at, ids=ids,
-        )
-
-        async with follow_run(resource, since) as feed:
-            view = RunView(feed, initial_state(run, settings), namespace)
-            await view.catch_up()
+            report = await scale_workers(
+                run_id=run_id, namespace=namespace, announcement=announcement,
+                received_at=received_at, ids=ids,
+            )
             state = await stop_and_close(view, bus, ids, settings)
 
     outcome = RunOutcome(
         run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
         slices_done=report.slices_done, slices_failed=report.slices_failed,
-        adjustments=len(report.adjustments), workers_confirmed=report.workers_confirmed,
+        adjustments=len(report.adjustments),
+        # From this flow's state: a reply to the sub-flow's last adjust may
+        # arrive after the sub-flow has returned, but before the close.
+        workers_confirmed=state.applied.target_worker_count if state.applied else None,
         end=report.end,
     )
     await publish_summary(outcome, report)

@@ -41,7 +41,6 @@ class ScalingReport(BaseModel):
     slices_done: int
     slices_failed: int
     adjustments: list[AdjustmentRecord]
-    workers_confirmed: int | None  # target_worker_count of iDDS's last adjusted_worker
     end: str  # why the sub-flow returned
 
 
@@ -74,7 +73,6 @@ async def scale_workers(
         slices_failed=final.slices_failed,
         adjustments=[AdjustmentRecord(at=a.at, size=a.size, reason=a.reason)
                      for a in final.adjustments],
-        workers_confirmed=final.applied.target_worker_count if final.applied else None,
         end=end,
     )
 

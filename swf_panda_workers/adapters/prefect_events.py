@@ -47,6 +47,10 @@ PAGE_LIMIT = 50  # the most the events API returns per request
 _IDS = uuid.UUID("5f0c6d8e-9a51-4a8e-9f65-2c1f3b8f2a10")  # namespace for uuid5 event ids
 
 
+def message_event_name(msg_type: str) -> str:
+    return MESSAGE_EVENT + msg_type
+
+
 def run_resource_id(namespace: str, run_id: str) -> str:
     return f"swf.run.{namespace}.{run_id}"
 
@@ -88,7 +92,7 @@ def message_event(
     return Event(
         id=uuid.uuid5(_IDS, f"{namespace}|{delivery_key}"),
         occurred=utc_now(),
-        event=MESSAGE_EVENT + msg_type,
+        event=message_event_name(msg_type),
         resource=resource,
         related=_flow_run_related(flow_run_id),
         payload={"message": body},
@@ -135,20 +139,24 @@ async def stored_ids(candidates: Iterable[uuid.UUID]) -> set[uuid.UUID]:
     return found
 
 
-def _run_filter(resource_id: str, since: datetime) -> EventFilter:
+def _run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ()) -> EventFilter:
     return EventFilter(
         resource=EventResourceFilter(id=[resource_id]),
-        event=EventNameFilter(prefix=[MESSAGE_EVENT, EFFECT_EVENT]),
+        event=EventNameFilter(prefix=[MESSAGE_EVENT, EFFECT_EVENT],
+                              exclude_prefix=list(exclude) or None),
         occurred=EventOccurredFilter(since=since, until=utc_now() + timedelta(days=3650)),
         order=EventOrder.ASC,
     )
 
 
-async def run_history(resource_id: str, since: datetime) -> list[Event]:
-    """The run's stored events, oldest first."""
+async def run_history(resource_id: str, since: datetime,
+                      exclude: tuple[str, ...] = ()) -> list[Event]:
+    """The run's stored events, oldest first, less the event names starting
+    with one of ``exclude``."""
     events: list[Event] = []
     async with get_client() as client:
-        page = await client.read_events(filter=_run_filter(resource_id, since), limit=PAGE_LIMIT)
+        page = await client.read_events(filter=_run_filter(resource_id, since, exclude),
+                                        limit=PAGE_LIMIT)
         events.extend(page.events)
         while page.next_page is not None:
             page = await client.read_events_page(page.next_page)
@@ -209,11 +217,13 @@ LATE_HISTORY_SWEEPS = (6.0, 15.0)
 
 
 @asynccontextmanager
-async def follow_run(resource_id: str, since: datetime) -> AsyncIterator[RunFeed]:
+async def follow_run(resource_id: str, since: datetime,
+                     exclude: tuple[str, ...] = ()) -> AsyncIterator[RunFeed]:
     """Subscribe first, then read the history: an event stored between the
     two shows up in both and is yielded once."""
     opened_at = utc_now()
-    async with get_events_subscriber(filter=_run_filter(resource_id, since)) as subscriber:
+    run_filter = _run_filter(resource_id, since, exclude)
+    async with get_events_subscriber(filter=run_filter) as subscriber:
         pending: list[Event] = []
         feed_ready = asyncio.Event()
         feed: RunFeed | None = None
@@ -229,13 +239,13 @@ async def follow_run(resource_id: str, since: datetime) -> AsyncIterator[RunFeed
             recent = max(since, opened_at - timedelta(minutes=1))
             for delay in LATE_HISTORY_SWEEPS:
                 await asyncio.sleep(delay)
-                for event in await run_history(resource_id, recent):
+                for event in await run_history(resource_id, recent, exclude):
                     target._deliver(event)  # the feed drops what it has seen
 
         pumping = asyncio.create_task(pump())
         sweeping: asyncio.Task[None] | None = None
         try:
-            feed = RunFeed(await run_history(resource_id, since))
+            feed = RunFeed(await run_history(resource_id, since, exclude))
             feed._source = pumping
             for event in pending:
                 feed._deliver(event)

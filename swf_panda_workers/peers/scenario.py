@@ -29,11 +29,12 @@ class SessionResult:
     created: bool = False
     drained: bool = False
     closed: bool = False
+    stopped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.created and self.closed
+        return self.created and self.closed and self.stopped
 
 
 def play_session(
@@ -74,4 +75,7 @@ def play_session(
     result.closed = recorder.wait_for(
         lambda: all(recorder.of_type("closed_workflow_task", r) for r in run_ids), wait)
     result.timings["closed"] = time.monotonic() - started
+    # Topics are delivered independently: the stop may trail the close reply.
+    result.stopped = recorder.wait_for(
+        lambda: all(recorder.of_type("stop_transformer", r) for r in run_ids), 10)
     return result

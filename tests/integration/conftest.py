@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Generator, Iterator
 
 import pytest
 
@@ -61,11 +60,21 @@ def stack(broker_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                              fresh=True)
     with embedded:
         yield embedded
-    _print_logs_on_failure(embedded.logs)
 
 
-def _print_logs_on_failure(logs: Path) -> None:
-    # pytest shows this output only for failing sessions (captured otherwise).
-    for log in sorted(logs.glob("*.log")):
-        print(f"--- {log.name} (last lines)")
-        print("\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test's report carries the last lines of the service's logs."""
+    report = yield
+    stack = getattr(item, "funcargs", {}).get("stack")
+    if report.failed and isinstance(stack, EmbeddedStack):
+        for log in sorted(stack.logs.glob("*.log")):
+            tail = "\n".join(_interesting(log.read_text(errors="replace").splitlines())[-60:])
+            report.sections.append((f"service log {log.name}", tail))
+    return report
+
+
+def _interesting(lines: list[str]) -> list[str]:
+    return [line for line in lines if "HTTP Request:" not in line]

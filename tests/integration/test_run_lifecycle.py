@@ -77,6 +77,7 @@ def test_two_concurrent_runs_go_through_their_whole_life(
     session = play_session(peers, runs, shape, SLICES)
     assert session.created, "iDDS never saw/answered create_workflow_task for every run"
     assert session.closed, "not every run was closed"
+    assert session.stopped, "no stop_transformer for every run"
     recorder = peers.recorder
 
     for run_id in runs:
@@ -106,7 +107,9 @@ def test_two_concurrent_runs_go_through_their_whole_life(
         close = one(recorder, "close_workflow_task", run_id)
         assert {k: close["content"][k] for k in ids} == ids
         assert one(recorder, "closed_workflow_task", run_id)["content"]["status"] == "ToCancel"
-        assert peers.farm.runs[run_id].stopped, "the transformers ignored stop_transformer"
+        # The farm hears the stop on its own connection: wait for it, briefly.
+        assert peers.farm.wait_for(lambda r=run_id: peers.farm.runs[r].stopped, 10), \
+            "the transformers ignored stop_transformer"
 
     assert peers.idds.violations == []
     states = asyncio.run(flow_run_states(stack.api_url, runs, namespace))
@@ -128,7 +131,7 @@ def test_duplicated_run_imminent_and_end_run_act_once(
 ) -> None:
     run_id = new_run_id()
     session = play_session(peers, [run_id], shape, SLICES, duplicate_messages=True)
-    assert session.closed
+    assert session.closed and session.stopped
     recorder = peers.recorder
     assert len(recorder.of_type("run_imminent_worker", run_id)) == 2
     assert len(recorder.of_type("end_run", run_id)) == 2  # plus one on the other topic
@@ -143,7 +146,7 @@ def test_a_second_run_imminent_for_a_finished_run_starts_nothing(
     new_run_id: Callable[[], str],
 ) -> None:
     run_id = new_run_id()
-    assert play_session(peers, [run_id], shape, SLICES).closed
+    assert play_session(peers, [run_id], shape, SLICES).ok
     peers.control.announce(run_id, shape)
     # The listener handles messages in order: once a later run's create goes
     # out, the repeated announcement has been handled.
@@ -192,7 +195,7 @@ def test_bad_input_is_set_aside_with_its_reason_and_runs_go_on(
 
     assert stack.listener is not None and stack.listener.alive
     run_id = new_run_id()
-    assert play_session(peers, [run_id], shape, SLICES).closed
+    assert play_session(peers, [run_id], shape, SLICES).ok
 
 
 def test_slice_results_before_the_ids_are_held_until_the_ids_come(
