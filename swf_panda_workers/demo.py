@@ -9,6 +9,8 @@ bus traffic and the Prefect flow runs are summarised at the end.
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,15 +59,18 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
               f"closed after {result.timings['closed']:.1f}s")
         print(f"Prefect UI: {stack.ui_url}  (flow runs 'run-<id>', events 'swf.run.{NAMESPACE}.*')")
         if keep:
-            print("the stack stays up for the UI; Ctrl-C stops it")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            print("the stack stays up for the UI; Ctrl-C (or SIGTERM) stops it")
+            wait_for_stop_signal()
     ok = result.ok and all(states.get(r) == "Completed" for r in run_ids)
     print("demo finished: " + ("every run completed" if ok else "SOME RUNS DID NOT COMPLETE"))
     return 0 if ok else 1
+
+
+def wait_for_stop_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
 
 
 async def flow_run_states(api_url: str, run_ids: list[str], namespace: str = NAMESPACE,
