@@ -23,7 +23,7 @@ from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_i
 from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import SliceResult, WorkerSize, WorkflowIds
-from swf_panda_workers.run_state import Effect, initial_state
+from swf_panda_workers.run_state import Adjustment, Effect, initial_state
 from swf_panda_workers.scaling import ReferencePolicy, ScalingPolicy
 from swf_panda_workers.timestamps import utc_now
 
@@ -31,16 +31,10 @@ from swf_panda_workers.timestamps import utc_now
 IDLE_CHECK_SECONDS = 5.0
 
 
-class AdjustmentRecord(BaseModel):
-    at: datetime
-    size: WorkerSize
-    reason: str
-
-
 class ScalingReport(BaseModel):
     slices_done: int
     slices_failed: int
-    adjustments: list[AdjustmentRecord]
+    adjustments: list[Adjustment]
     end: str  # why the sub-flow returned
 
 
@@ -71,8 +65,7 @@ async def scale_workers(
     return ScalingReport(
         slices_done=final.slices_done,
         slices_failed=final.slices_failed,
-        adjustments=[AdjustmentRecord(at=a.at, size=a.size, reason=a.reason)
-                     for a in final.adjustments],
+        adjustments=list(final.adjustments),
         end=end,
     )
 

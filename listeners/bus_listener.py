@@ -22,6 +22,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+from prefect.events import Event
 from prefect.events.clients import EventsClient
 from websockets.exceptions import WebSocketException
 
@@ -63,7 +64,7 @@ MAX_BODY_BYTES = 1_000_000  # a Prefect event carries at most ~1.5 MB
 @dataclass
 class Pending:
     delivery: Delivery
-    event: Any  # prefect Event, kept to re-emit it
+    event: Event  # kept to emit it again if the server loses it
     since: float
 
 

@@ -43,8 +43,11 @@ class Effect(BaseModel):
     reason: str | None = None
 
 
-@dataclass(frozen=True)
-class Adjustment:
+class Adjustment(BaseModel):
+    """A worker size the run asked for, when, and why."""
+
+    model_config = ConfigDict(frozen=True)
+
     at: datetime
     size: WorkerSize
     reason: str
