@@ -13,6 +13,7 @@ import argparse
 import os
 
 from flows.run_lifecycle import run_lifecycle
+from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, check_rest_client
 from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
 
 
@@ -27,6 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     if flow_name != run_lifecycle.name or not deployment_name:
         raise SystemExit(f"prefect.deployment must be '{run_lifecycle.name}/<name>', "
                          f"not {settings.prefect.deployment!r}")
+    if settings.transceiver.mode == "rest":
+        try:
+            check_rest_client(settings)
+        except IddsNotConfigured as exc:
+            raise SystemExit(f"REST mode cannot reach iDDS: {exc}") from None
     run_lifecycle.serve(
         name=deployment_name,
         limit=settings.prefect.runner_limit,

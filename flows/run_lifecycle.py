@@ -11,12 +11,14 @@ rebuilds its state and skips what was already done.
 
 
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
+from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView, history_start
 from flows.scaling import ScalingReport, scale_workers
@@ -29,6 +31,7 @@ from swf_panda_workers.adapters.prefect_events import (
 )
 from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.config import Settings
+from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import RunImminent, WorkflowIds
 from swf_panda_workers.run_state import Effect, RunState, initial_state
 from swf_panda_workers.timestamps import utc_now
@@ -48,7 +51,7 @@ class CloseNotConfirmed(RuntimeError):
 class RunOutcome(BaseModel):
     run_id: str
     namespace: str
-    status: str  # iDDS's closed_workflow_task status: ToCancel or NotFound
+    status: str  # iDDS's close answer: ToCancel or NotFound on the bus; its REST message
     ids: WorkflowIds
     slices_done: int
     slices_failed: int
@@ -83,12 +86,13 @@ async def run_lifecycle(
         async with follow_run(resource, since, exclude=SUB_FLOW_ONLY) as feed:
             view = RunView(feed, initial_state(run, settings), namespace)
             await view.catch_up()
-            ids = await create_task(view, bus, run, settings)
+            idds = gateway_for(settings, bus)
+            ids = await create_task(view, idds, run, settings)
             report = await scale_workers(
                 run_id=run_id, namespace=namespace, announcement=announcement,
                 received_at=received_at, ids=ids,
             )
-            state = await stop_and_close(view, bus, ids, settings)
+            state = await stop_and_close(view, bus, idds, ids, settings)
 
     outcome = RunOutcome(
         run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
@@ -103,14 +107,15 @@ async def run_lifecycle(
     return outcome
 
 
-async def create_task(view: RunView, bus: BusClient, run: RunImminent,
+async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
                       settings: Settings) -> WorkflowIds:
     logger = get_run_logger()
     if view.state.create_sent:
         logger.info("create_workflow_task already sent by an earlier attempt; waiting for ids")
     else:
-        await publish(bus, outbound.create_workflow_task(run, settings, utc_now()))
-        view.record(Effect(kind="create_sent"))
+        answer = await ask_idds(settings)(
+            "create_workflow_task", partial(idds.create_workflow_task, run, utc_now()))
+        view.record(Effect(kind="create_sent"), answer)
         logger.info("create_workflow_task sent for run %s", run.run_id)
 
     timeout = settings.timeouts.created_workflow_task
@@ -124,11 +129,11 @@ async def create_task(view: RunView, bus: BusClient, run: RunImminent,
     logger.info("iDDS created the task: request %s, transform %s, workload %s",
                 ids.request_id, ids.transform_id, ids.workload_id)
     if ids.workload_id is None:
-        logger.warning("iDDS reports no workload_id: the PanDA submission failed")
+        logger.warning("iDDS reports no workload_id: the PanDA submission failed or is pending")
     return ids
 
 
-async def stop_and_close(view: RunView, bus: BusClient, ids: WorkflowIds,
+async def stop_and_close(view: RunView, bus: BusClient, idds: IddsGateway, ids: WorkflowIds,
                          settings: Settings) -> RunState:
     logger = get_run_logger()
     run_id = view.state.run_id
@@ -137,8 +142,9 @@ async def stop_and_close(view: RunView, bus: BusClient, ids: WorkflowIds,
         view.record(Effect(kind="stop_sent"))
         logger.info("stop_transformer broadcast for run %s", run_id)
     if not view.state.close_sent:
-        await publish(bus, outbound.close_workflow_task(run_id, ids, settings, utc_now()))
-        view.record(Effect(kind="close_sent"))
+        answer = await ask_idds(settings)(
+            "close_workflow_task", partial(idds.close_workflow_task, run_id, ids, utc_now()))
+        view.record(Effect(kind="close_sent"), answer)
         logger.info("close_workflow_task sent for request %s", ids.request_id)
 
     timeout = settings.timeouts.closed_workflow_task

@@ -7,10 +7,16 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from prefect.events import emit_event
+from prefect.events import Event, emit_event
 from prefect.runtime import flow_run
 
-from swf_panda_workers.adapters.prefect_events import RunFeed, decode, effect_event
+from swf_panda_workers.adapters.prefect_events import (
+    RunFeed,
+    answer_event,
+    decode,
+    effect_event,
+)
+from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import Message, WorkerSize
 from swf_panda_workers.run_state import Effect, RunState, apply
 from swf_panda_workers.timestamps import utc_now
@@ -66,14 +72,20 @@ class RunView:
             await self.next_input(timeout=left)
         return True
 
-    def record(self, effect: Effect) -> None:
-        """Journal an effect the flow performed and apply it at once; the
-        journal entry is what stops a retried flow run from repeating it."""
-        event = effect_event(effect, self._namespace, self.state.run_id, _flow_run_id())
+    def record(self, effect: Effect, answer: Answer | None = None) -> None:
+        """Journal an effect the flow performed, and iDDS's answer when the
+        request returned one (REST mode), and apply them at once. The journal
+        is what stops a retried flow run from repeating the effect."""
+        self._journal(effect, effect_event(effect, self._namespace, self.state.run_id,
+                                           _flow_run_id()))
+        if answer is not None:
+            self._journal(answer, answer_event(answer, self._namespace, _flow_run_id()))
+
+    def _journal(self, item: Effect | Answer, event: Event) -> None:
         self._feed.mark_seen(event.id)
         emit_event(event=event.event, resource=event.resource.root, occurred=event.occurred,
                    related=[r.root for r in event.related], payload=event.payload, id=event.id)
-        self.state = apply(effect, self.state, event.occurred)
+        self.state = apply(item, self.state, event.occurred)
 
 
 def _flow_run_id() -> UUID | None:

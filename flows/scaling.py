@@ -10,18 +10,19 @@ for a size already requested is not sent twice.
 
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView, history_start
-from flows.tasks import publish
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_id
 from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.config import Settings
+from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import SliceResult, WorkerSize, WorkflowIds
 from swf_panda_workers.run_state import Adjustment, Effect, initial_state
 from swf_panda_workers.scaling import ReferencePolicy, ScalingPolicy
@@ -58,7 +59,7 @@ async def scale_workers(
     with BusClient(settings.brokers, name=f"scaling-{run_id}") as bus:
         async with follow_run(run_resource_id(namespace, run_id), history_start(started)) as feed:
             view = RunView(feed, replace(initial_state(run, settings), ids=ids), namespace)
-            scaler = Scaler(view, policy, bus, settings)
+            scaler = Scaler(view, policy, gateway_for(settings, bus), settings)
             end = await scaler.follow_until_end(deadline)
 
     final = view.state
@@ -74,7 +75,7 @@ async def scale_workers(
 class Scaler:
     view: RunView
     policy: ScalingPolicy
-    bus: BusClient
+    idds: IddsGateway
     settings: Settings
 
     async def follow_until_end(self, deadline: datetime) -> str:
@@ -99,10 +100,10 @@ class Scaler:
             return
         if self.already_requested(decision.size):
             return  # replaying history: this request went out in an earlier attempt
-        message = outbound.adjust_worker(state.run_id, state.ids, decision.size, self.settings,
-                                         utc_now())
-        await publish(self.bus, message)
-        self.view.record(Effect(kind="adjust_sent", size=decision.size, reason=decision.reason))
+        answer = await ask_idds(self.settings)("adjust_worker", partial(
+            self.idds.adjust_worker, state.run_id, state.ids, decision.size, utc_now()))
+        self.view.record(Effect(kind="adjust_sent", size=decision.size, reason=decision.reason),
+                         answer)
         get_run_logger().info("adjust_worker for run %s: %s workers (%s)", state.run_id,
                               decision.size.target_worker_count, decision.reason)
 

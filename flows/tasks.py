@@ -4,23 +4,19 @@ retry policy in the decorator."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from prefect import task
+from prefect import State, task
 from prefect.cache_policies import NO_CACHE
 
 from swf_panda_workers.adapters.stomp_bus import BusClient, BusUnavailable
 from swf_panda_workers.outbound import Outgoing
 
 
-def _bus_trouble(task: object, task_run: object, state: object) -> bool:
-    """Retry only what a retry can fix: the broker being unreachable."""
-    try:
-        state.result()  # type: ignore[attr-defined]
-    except BusUnavailable:
-        return True
-    except Exception:  # any other failure is not the bus's: a retry would not help
-        return False
-    return False
+async def bus_trouble(task: object, task_run: object, state: State[Any]) -> bool:
+    """Retry only what a retry can fix: the broker being unreachable. Async:
+    inside a running event loop ``state.result()`` is a coroutine."""
+    return isinstance(await state.aresult(raise_on_failure=False), BusUnavailable)
 
 
 @task(
@@ -28,7 +24,7 @@ def _bus_trouble(task: object, task_run: object, state: object) -> bool:
     task_run_name="publish-{message.msg_type}",
     retries=4,
     retry_delay_seconds=[1, 2, 5, 10],
-    retry_condition_fn=_bus_trouble,
+    retry_condition_fn=bus_trouble,
     cache_policy=NO_CACHE,
 )
 async def publish(bus: BusClient, message: Outgoing) -> None:

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", type=Path, default=Path(".swf-local/demo"),
                       help="broker data, Prefect database and logs")
     demo.add_argument("--keep", action="store_true", help="keep the stack up afterwards")
+    demo.add_argument("--mode", choices=["message", "rest"], default="message",
+                      help="how the service reaches iDDS: on the bus (default), or its REST "
+                           "API (a simulated iDDS REST server, via idds-client)")
 
     for name, text in (("serve", "Prefect server (unless PREFECT_API_URL is set), runner "
                                  "and listener, against the configured broker"),
@@ -55,7 +58,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from swf_panda_workers.demo import run_demo
 
         return run_demo(args.workdir.resolve(), args.runs, args.shape, args.slices,
-                        args.prefect_port, args.keep)
+                        args.prefect_port, args.keep, args.mode)
     os.environ[CONFIG_ENV] = str(config_path(args.config).resolve())
     load_settings()  # a bad file fails here, with its reason, before anything starts
     if args.command == "listen":

@@ -120,6 +120,27 @@ class Timeouts(_Section):
     )
 
 
+class Idds(_Section):
+    """How REST mode reaches iDDS. Credentials are not here: idds-client reads
+    them from its usual environment (IDDS_AUTH_TYPE, X509_USER_PROXY,
+    IDDS_OIDC_TOKEN or IDDS_OIDC_TOKEN_FILE, IDDS_VO)."""
+
+    route: Literal["direct", "panda_relay"] = Field(
+        default="direct",
+        description="direct: idds-client to the iDDS server; panda_relay: through the "
+        "PanDA server (panda-client)",
+    )
+    host: str | None = Field(
+        default=None, description="iDDS REST base URL, e.g. https://host:443/idds; "
+        "IDDS_HOST overrides it, as in idds-client",
+    )
+    timeout: float = Field(default=30.0, gt=0, description="seconds per HTTP request")
+    retry_delays: tuple[float, ...] = Field(
+        default=(2.0, 5.0, 10.0),
+        description="seconds before each retry of a failed request; one retry per entry",
+    )
+
+
 class Prefect(_Section):
     deployment: str = Field(
         default="swf-run/panda-workers", description="<flow name>/<deployment name>"
@@ -133,6 +154,7 @@ class Settings(_Section):
     panda: Panda = Panda()
     slice: Slice = Slice()
     timeouts: Timeouts = Timeouts()
+    idds: Idds = Idds()
     prefect: Prefect = Prefect()
 
 

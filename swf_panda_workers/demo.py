@@ -9,11 +9,13 @@ bus traffic and the Prefect flow runs are summarised at the end.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -35,9 +37,17 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
+Mode = Literal["message", "rest"]
+
+
 def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int = 40,
-             prefect_port: int = 4200, keep: bool = False) -> int:
-    stack = EmbeddedStack(workdir, DEMO_CONFIG, prefect_port=prefect_port)
+             prefect_port: int = 4200, keep: bool = False, mode: Mode = "message") -> int:
+    config = {**DEMO_CONFIG, "transceiver": {"namespace": NAMESPACE, "mode": mode}}
+    # REST mode: a simulated iDDS REST server on a free port, reached with a
+    # one-off OIDC token that only the runner (and the server) know.
+    idds_port, token = _free_port(), secrets.token_urlsafe(24)
+    runner_env = _idds_client_env(workdir, idds_port, token) if mode == "rest" else {}
+    stack = EmbeddedStack(workdir, config, prefect_port=prefect_port, runner_env=runner_env)
     print(f"starting broker, Prefect server, runner and listener (logs in {stack.logs}) ...")
     with stack:
         print(f"Prefect UI: {stack.ui_url}")
@@ -46,11 +56,18 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
         run_ids = [str(base + i) for i in range(runs)]
         with PeerHarness(stack.brokers, NAMESPACE, slices_per_run=slices,
                          processing_time=slowdown_in_the_middle(0.3, 1.0, 10, 20),
-                         idle_timeout=5, heartbeat_every=5) as peers:
-            print(f"runs {', '.join(run_ids)}: {shape}-shaped messages, {slices} slices each")
+                         idle_timeout=5, heartbeat_every=5, idds_mode=mode,
+                         rest_port=idds_port, rest_token=token, rest_vo="eic") as peers:
+            where = (f"iDDS REST API at {peers.idds_rest.url}" if peers.idds_rest
+                     else "iDDS on the bus")
+            print(f"runs {', '.join(run_ids)}: {shape}-shaped messages, {slices} slices each; "
+                  f"{where}")
             result = play_session(peers, run_ids, shape, slices)
             print("\nOn the bus (messages per run):")
             print(peers.recorder.summary_table(run_ids))
+            if peers.idds_rest is not None:
+                print("\nAt the iDDS REST API (HTTP status of each request, per run):")
+                print(peers.idds_rest.summary_table(run_ids))
         states = asyncio.run(flow_run_states(stack.api_url, run_ids))
         print("\nIn Prefect:")
         for run_id in run_ids:
@@ -64,6 +81,23 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
     ok = result.ok and all(states.get(r) == "Completed" for r in run_ids)
     print("demo finished: " + ("every run completed" if ok else "SOME RUNS DID NOT COMPLETE"))
     return 0 if ok else 1
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _idds_client_env(workdir: Path, port: int, token: str) -> dict[str, str]:
+    """idds-client's own settings, as an operator would export them."""
+    return {
+        "IDDS_HOST": f"http://127.0.0.1:{port}/idds",
+        "IDDS_AUTH_TYPE": "oidc",
+        "IDDS_OIDC_TOKEN": token,
+        "IDDS_VO": "eic",
+        "IDDS_LOCAL_CONFIG_ROOT": str(workdir / "idds-client"),  # not ~/.idds
+    }
 
 
 def wait_for_stop_signal() -> None:

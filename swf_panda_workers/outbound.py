@@ -3,7 +3,7 @@
 Pure functions: the caller passes the time, so the shapes are unit-testable and
 a replayed decision produces the same message. Safety rules from PROTOCOL.md
 are enforced here, where every outbound message is made: never an adjust
-without the run's iDDS ids, never a close whose ids and run_id are all null.
+or a close without the run's iDDS ids.
 """
 
 from __future__ import annotations
@@ -114,16 +114,22 @@ def create_workflow_task(run: RunImminent, settings: Settings, now: datetime) ->
     )
 
 
-def adjust_worker(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
-                  settings: Settings, now: datetime) -> Outgoing:
+def adjust_content(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
+                   now: datetime) -> dict[str, Any]:
+    """What iDDS reads from an adjust_worker, on the bus or over REST."""
     if ids is None:
         raise UnsafeMessage(f"adjust_worker for run {run_id} without its iDDS ids")
-    content = {
+    return {
         "run_id": run_id,
         "created_at": to_iso(now),
         **ids.model_dump(include={"request_id", "transform_id", "workload_id"}),
         **size.model_dump(exclude_none=True),
     }
+
+
+def adjust_worker(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
+                  settings: Settings, now: datetime) -> Outgoing:
+    content = adjust_content(run_id, ids, size, now)
     return Outgoing(
         settings.brokers.workers_topic,
         _envelope("adjust_worker", run_id, now, content, settings),
@@ -131,15 +137,19 @@ def adjust_worker(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
     )
 
 
+def close_content(run_id: str, ids: WorkflowIds | None, now: datetime) -> dict[str, Any]:
+    """What iDDS reads from a close_workflow_task, on the bus or over REST."""
+    # iDDS's close filters on the ids it is given (some versions ignore
+    # run_id): without them it would cancel every processing it has.
+    if ids is None:
+        raise UnsafeMessage(f"close_workflow_task for run {run_id or '?'} without its iDDS ids")
+    return {"run_id": run_id, "created_at": to_iso(now),
+            **ids.model_dump(include={"request_id", "transform_id", "workload_id"})}
+
+
 def close_workflow_task(run_id: str, ids: WorkflowIds | None, settings: Settings,
                         now: datetime) -> Outgoing:
-    request = ids.model_dump(include={"request_id", "transform_id", "workload_id"}) if ids else {
-        "request_id": None, "transform_id": None, "workload_id": None}
-    # iDDS given all-null ids and run_id filters on nothing and cancels
-    # every processing it has.
-    if not run_id and all(value is None for value in request.values()):
-        raise UnsafeMessage("close_workflow_task with no ids and no run_id")
-    content = {"run_id": run_id, "created_at": to_iso(now), **request}
+    content = close_content(run_id, ids, now)
     return Outgoing(
         settings.brokers.workers_topic,
         _envelope("close_workflow_task", run_id, now, content, settings),

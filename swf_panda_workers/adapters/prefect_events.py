@@ -35,6 +35,7 @@ from prefect.events.filters import (
     EventResourceFilter,
 )
 
+from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import InvalidMessage, Message, parse_message
 from swf_panda_workers.run_state import Effect
 from swf_panda_workers.timestamps import utc_now
@@ -42,6 +43,7 @@ from swf_panda_workers.timestamps import utc_now
 log = logging.getLogger(__name__)
 
 MESSAGE_EVENT = "swf.bus."  # + msg_type
+ANSWER_EVENT = "swf.idds."  # + msg_type: iDDS's REST answers, shaped as its bus replies
 EFFECT_EVENT = "swf.effect."  # + effect kind
 PAGE_LIMIT = 50  # the most the events API returns per request
 _IDS = uuid.UUID("5f0c6d8e-9a51-4a8e-9f65-2c1f3b8f2a10")  # namespace for uuid5 event ids
@@ -110,13 +112,24 @@ def effect_event(effect: Effect, namespace: str, run_id: str,
     )
 
 
+def answer_event(answer: Answer, namespace: str, flow_run_id: uuid.UUID | None) -> Event:
+    """iDDS's REST answer, journaled like the reply message mode receives."""
+    return Event(
+        occurred=utc_now(),
+        event=ANSWER_EVENT + answer.msg_type,
+        resource=_run_resource(namespace, answer.run_id),
+        related=_flow_run_related(flow_run_id),
+        payload={"message": answer.model_dump(mode="json", exclude_none=True)},
+    )
+
+
 def decode(event: Event) -> Message | Effect | None:
     """The message or effect an event carries; None (logged) if it carries
     neither, e.g. an event some other tool attached to the run."""
     try:
         if event.event.startswith(EFFECT_EVENT):
             return Effect.model_validate(event.payload["effect"])
-        if event.event.startswith(MESSAGE_EVENT):
+        if event.event.startswith((MESSAGE_EVENT, ANSWER_EVENT)):
             return parse_message(event.payload["message"])
     except (KeyError, InvalidMessage, ValueError) as exc:
         log.warning("event %s (%s) is unreadable: %s", event.id, event.event, exc)

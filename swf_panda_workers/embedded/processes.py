@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,10 +129,12 @@ def healthy(api_url: str) -> bool:
         return False
 
 
-def service_env(api_url: str, config: Path) -> dict[str, str]:
+def service_env(api_url: str, config: Path,
+                extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of the runner and the listener."""
     return {
         **os.environ,
+        **(extra or {}),
         "PREFECT_API_URL": api_url,
         "SWF_PANDA_WORKERS_CONFIG": str(config),
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",

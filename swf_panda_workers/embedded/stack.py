@@ -40,6 +40,13 @@ class EmbeddedStack:
     prefect_port: int = 4200
     own_broker: bool = True  # start one unless something already answers STOMP
     fresh: bool = False  # wipe stored broker messages and the Prefect database
+    # Another stack's Prefect server to share (a second runner and listener,
+    # e.g. in another namespace or iDDS mode), instead of starting one.
+    shared_server: PrefectServer | None = None
+    # For the runner (its flow runs talk to iDDS) besides the usual: the iDDS
+    # client's IDDS_HOST and credentials in REST mode. The listener never
+    # needs them, so never gets them.
+    runner_env: dict[str, str] = field(default_factory=dict)
     broker: ActiveMQ | None = field(default=None, init=False)
     server: PrefectServer | None = field(default=None, init=False)
     runner: ManagedProcess | None = field(default=None, init=False)
@@ -75,10 +82,13 @@ class EmbeddedStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.start_broker()
-        self.server = PrefectServer(self.workdir / "prefect", self.prefect_port)
-        if self.fresh:
-            (self.workdir / "prefect" / "prefect.db").unlink(missing_ok=True)
-        self.server.start()
+        if self.shared_server is not None:
+            self.server = self.shared_server
+        else:
+            self.server = PrefectServer(self.workdir / "prefect", self.prefect_port)
+            if self.fresh:
+                (self.workdir / "prefect" / "prefect.db").unlink(missing_ok=True)
+            self.server.start()
         self.start_runner()
         self.start_listener()
         return self
@@ -92,7 +102,7 @@ class EmbeddedStack:
         self.broker.start(fresh=self.fresh)
 
     def start_runner(self) -> None:
-        env = service_env(self.api_url, self.config_path)
+        env = service_env(self.api_url, self.config_path, self.runner_env)
         self.runner = runner_process(env, self.logs, PROJECT_ROOT).start()
         wait_for_deployment(self.api_url, self.settings.prefect.deployment)
 
@@ -110,7 +120,8 @@ class EmbeddedStack:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for part in (self.listener, self.runner, self.server, self.broker):
+        own_server = self.server if self.server is not self.shared_server else None
+        for part in (self.listener, self.runner, own_server, self.broker):
             if part is not None:
                 part.stop()
 

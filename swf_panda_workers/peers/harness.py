@@ -1,16 +1,21 @@
 """All simulated peers wired together, as in the testbed: iDDS starts one
 transformer per requested worker when it creates a task, and more when an
 adjust raises the target. The control system drives runs; the recorder
-watches the topics."""
+watches the topics. With ``idds_mode="rest"`` iDDS is also served over REST
+(``idds_rest``), wired to the transformers the same way; the bus iDDS keeps
+running, so a test can check it heard nothing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import Literal
 
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.messages import AdjustWorkerContent
+from swf_panda_workers.messages import WorkerSize
 from swf_panda_workers.peers.control_system import ControlSystem
 from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
+from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest
 from swf_panda_workers.peers.recorder import BusRecorder
 from swf_panda_workers.peers.transformers import TransformerFarm
 
@@ -21,7 +26,9 @@ def _fifth_of_a_second(_: int) -> float:
 
 class PeerHarness:
     """Start with ``start()`` or ``with``; use ``control``, ``idds``,
-    ``farm`` and ``recorder`` directly."""
+    ``idds_rest`` (rest mode; else None), ``farm`` and ``recorder`` directly.
+    ``rest_token``/``rest_vo``: what the REST server demands (oidc);
+    ``workload_pending``: iDDS answers creates with workload_id null."""
 
     def __init__(
         self,
@@ -37,7 +44,15 @@ class PeerHarness:
         seed_shape_results: bool = False,
         fail_every: int | None = None,
         result_ttl_ms: int | None = None,
+        idds_mode: Literal["message", "rest"] = "message",
+        rest_port: int = 0,
+        rest_token: str | None = None,
+        rest_vo: str | None = None,
+        workload_pending: bool = False,
     ) -> None:
+        if idds_mode not in ("message", "rest"):
+            raise ValueError(f"idds_mode must be 'message' or 'rest', not {idds_mode!r}")
+        self.idds_mode = idds_mode
         self.processing_time = processing_time
         self.slices_per_run = slices_per_run
         self.seed_shape_results = seed_shape_results
@@ -61,7 +76,13 @@ class PeerHarness:
             answer_create=answer_create,
             workers_before_reply=workers_before_reply,
             workers_topic=brokers.workers_topic,
+            workload_pending=workload_pending,
         )
+        self.idds_rest: SimulatedIDDSRest | None = None
+        if idds_mode == "rest":
+            self.idds_rest = SimulatedIDDSRest(
+                port=rest_port, token=rest_token, vo=rest_vo, workload_pending=workload_pending,
+                on_task_created=self._task_created, on_adjust=self._adjusted)
         self.control = ControlSystem(brokers, namespace, workers_topic=brokers.workers_topic)
 
     def start(self) -> PeerHarness:
@@ -69,10 +90,14 @@ class PeerHarness:
         self.recorder.start()
         self.farm.start()
         self.idds.start()
+        if self.idds_rest is not None:
+            self.idds_rest.start()
         self.control.start()
         return self
 
     def stop(self) -> None:
+        if self.idds_rest is not None:
+            self.idds_rest.stop()
         for part in (self.control, self.idds, self.farm, self.recorder):
             part.stop()
 
@@ -81,6 +106,30 @@ class PeerHarness:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+    # --- what iDDS did, whichever way it was asked -----------------------------
+
+    def task_created(self, run_id: str) -> bool:
+        """iDDS created the run's task (and, on the bus, replied)."""
+        if self.idds_rest is not None:
+            return run_id in self.idds_rest.tasks
+        return bool(self.recorder.of_type("created_workflow_task", run_id))
+
+    def task_closed(self, run_id: str) -> bool:
+        """iDDS closed the run's task (and, on the bus, replied)."""
+        if self.idds_rest is not None:
+            return run_id in self.idds_rest.closed
+        return bool(self.recorder.of_type("closed_workflow_task", run_id))
+
+    @staticmethod
+    def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+        """Poll ``condition`` (it may read several peers' records)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _task_created(self, run_id: str, task: TaskInfo) -> None:
         # iDDS submits target_worker_count PanDA jobs, one transformer each;
@@ -95,7 +144,7 @@ class PeerHarness:
             panda_task_id=task.workload_id,
         )
 
-    def _adjusted(self, run_id: str, size: AdjustWorkerContent) -> None:
+    def _adjusted(self, run_id: str, size: WorkerSize) -> None:
         if size.target_worker_count is None or run_id not in self.farm.runs:
             return
         missing = size.target_worker_count - self.farm.live_workers(run_id)

@@ -5,15 +5,14 @@ Like the real one it subscribes without a selector, hears its own replies
 (and everything else on the topic) and ignores them; it copies the request's
 namespace header onto the reply so the requester's selector matches. A close
 whose ids and run_id are all null is recorded in ``violations`` (the real iDDS
-would cancel every processing it has) and gets no reply.
+would cancel every processing it has) and gets no reply. The tasks live in
+a ``TaskBook``, shared with the REST simulator (``peers.idds_rest``).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
@@ -28,28 +27,12 @@ from swf_panda_workers.messages import (
     parse_message,
 )
 from swf_panda_workers.peers._bus import Notifier, PeerBus, peer_headers, zulu_iso
+from swf_panda_workers.peers.idds_tasks import TaskBook, TaskInfo, TaskRecords
+
+__all__ = ["SimulatedIDDS", "TaskInfo"]
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    """What iDDS created for a run."""
-
-    run_id: str
-    request_id: int
-    transform_id: int
-    processing_id: int
-    input_coll_id: int
-    output_coll_id: int
-    workload_id: int
-    target_worker_count: int | None
-    namespace: str | None
-
-    def reply_ids(self) -> dict[str, int]:
-        return {"request_id": self.request_id, "transform_id": self.transform_id,
-                "workload_id": self.workload_id}
-
-
-class SimulatedIDDS:
+class SimulatedIDDS(TaskRecords):
     """Answers the service's requests; records everything for tests."""
 
     def __init__(
@@ -61,7 +44,10 @@ class SimulatedIDDS:
         on_adjust: Callable[[str, AdjustWorkerContent], None] | None = None,
         workers_topic: str = "/topic/panda.workers",
         workers_before_reply: bool = False,
+        workload_pending: bool = False,
     ) -> None:
+        """``workload_pending``: creates are answered with workload_id null,
+        as while iDDS's PanDA submission is pending."""
         self.workers_topic = workers_topic
         self.reply_delay = reply_delay
         self.answer_create = answer_create
@@ -70,14 +56,11 @@ class SimulatedIDDS:
         self.workers_before_reply = workers_before_reply
         self._on_task_created = on_task_created
         self._on_adjust = on_adjust
-        self._ids = itertools.count(1)
         self._state = Notifier()
-        # Records for tests; guarded by self._state.lock.
+        self._book = TaskBook(self._state, workload_pending=workload_pending)
+        # Records for tests; guarded by self._state.lock. The book's records
+        # (tasks, duplicate_creates, closed, violations) are properties below.
         self.requests: list[Message] = []
-        self.tasks: dict[str, TaskInfo] = {}
-        self.duplicate_creates: dict[str, int] = {}
-        self.closed: dict[str, str] = {}  # run_id -> status replied
-        self.violations: list[str] = []
         self.invalid: list[str] = []
         self._handlers: dict[type, Callable[[Any, str | None], None]] = {
             CreateWorkflowTask: self._create,
@@ -133,63 +116,28 @@ class SimulatedIDDS:
     def _invalid(self, body: bytes, reason: str) -> None:
         # Real iDDS does not validate: a close with no ids at all (even one our
         # models reject, e.g. with a null run_id) would still cancel everything.
+        if _is_unfiltered_close(body):
+            self._book.violation(f"close_workflow_task with no ids: {body[:300]!r}")
+            return
         with self._state.lock:
-            if _is_unfiltered_close(body):
-                self.violations.append(f"close_workflow_task with no ids: {body[:300]!r}")
-            else:
-                self.invalid.append(reason)
+            self.invalid.append(reason)
             self._state.notify()
 
     def _create(self, message: CreateWorkflowTask, namespace: str | None) -> None:
         run_id = message.run_id
-        with self._state.lock:
-            task = self.tasks.get(run_id)
-            first = task is None
-            if task is None:
-                task = self._new_task(message, namespace)
-                self.tasks[run_id] = task
-            else:
-                self.duplicate_creates[run_id] = self.duplicate_creates.get(run_id, 0) + 1
-            self._state.notify()
+        task, first = self._book.create(run_id, message.content.workflow, namespace)
         if first and self.workers_before_reply and self._on_task_created is not None:
             self._on_task_created(run_id, task)
         if not self.answer_create:
             return
-        self._reply("created_workflow_task", run_id, namespace, {
-            "run_id": run_id,
-            "request_id": task.request_id,
-            "transform_id": task.transform_id,
-            "processing_id": task.processing_id,
-            "input_coll_id": task.input_coll_id,
-            "output_coll_id": task.output_coll_id,
-            "workload_id": task.workload_id,
-        })
+        self._reply("created_workflow_task", run_id, namespace,
+                    {"run_id": run_id, **task.created_ids()})
         if first and not self.workers_before_reply and self._on_task_created is not None:
             self._on_task_created(run_id, task)
 
-    def _new_task(self, message: CreateWorkflowTask, namespace: str | None) -> TaskInfo:
-        workflow_content = message.content.workflow.get("content") or {}
-        target = workflow_content.get("target_worker_count")
-        n = next(self._ids)
-        return TaskInfo(
-            run_id=message.run_id,
-            request_id=1000 + n,
-            transform_id=2000 + n,
-            processing_id=3000 + n,
-            input_coll_id=40000 + 2 * n,
-            output_coll_id=40001 + 2 * n,
-            workload_id=60000 + n,
-            target_worker_count=int(target) if target is not None else None,
-            namespace=namespace,
-        )
-
     def _adjust(self, message: AdjustWorker, namespace: str | None) -> None:
         c = message.content
-        with self._state.lock:
-            task = self.tasks.get(message.run_id)
-            if task is not None and c.target_worker_count is not None:
-                self.tasks[message.run_id] = replace(
-                    task, target_worker_count=c.target_worker_count)
+        self._book.resize(message.run_id, c.target_worker_count)
         reply = {
             "run_id": message.run_id,
             "request_id": c.request_id,
@@ -207,28 +155,15 @@ class SimulatedIDDS:
 
     def _close(self, message: CloseWorkflowTask, namespace: str | None) -> None:
         c = message.content
-        if c.request_id is None and c.transform_id is None and c.workload_id is None \
-                and c.run_id is None:
-            with self._state.lock:
-                self.violations.append(f"close_workflow_task with no ids: {message!r}")
-                self._state.notify()
-            return
-        with self._state.lock:
-            task = self._task_for_close(c.request_id, c.run_id)
-            status = "ToCancel" if task is not None else "NotFound"
-            self.closed[message.run_id] = status
-            self._state.notify()
+        status, task = self._book.close(c.request_id, c.transform_id, c.workload_id, c.run_id,
+                                        key=message.run_id, request=repr(message))
+        if status is None:
+            return  # the close that would cancel everything: recorded, unanswered
         ids = task.reply_ids() if task is not None else {
             "request_id": c.request_id, "transform_id": c.transform_id,
             "workload_id": c.workload_id}
         self._reply("closed_workflow_task", message.run_id, namespace,
                     {"run_id": c.run_id or message.run_id, **ids, "status": status})
-
-    def _task_for_close(self, request_id: int | None, run_id: str | None) -> TaskInfo | None:
-        """By request_id when given, else (as iDDS does) by run_id."""
-        if request_id is not None:
-            return next((t for t in self.tasks.values() if t.request_id == request_id), None)
-        return self.tasks.get(run_id) if run_id is not None else None
 
     def _reply(self, msg_type: str, run_id: str, namespace: str | None,
                content: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,11 +100,7 @@ class BusRecorder:
             (str(run_id), *(str(len(self.of_type(t, run_id))) for t in SUMMARY_COLUMNS))
             for run_id in run_ids
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(headings))]
-        lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
-                 for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(rows)
 
     def _record(self, delivery: Delivery) -> None:
         try:
@@ -117,3 +113,12 @@ class BusRecorder:
         with self._state.lock:
             self._records.append(Recorded(delivery.destination, delivery.headers, body))
             self._state.notify()
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Right-aligned columns, the first row a heading underlined with dashes."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -57,8 +57,7 @@ def play_session(
             peers.control.announce(run_id, shape, target_workers=target_workers,
                                    slice_processing_time=slice_processing_time)
 
-    result.created = recorder.wait_for(
-        lambda: all(recorder.of_type("created_workflow_task", r) for r in run_ids), wait)
+    result.created = peers.wait_until(lambda: all(map(peers.task_created, run_ids)), wait)
     result.timings["created"] = time.monotonic() - started
 
     def all_slices_done() -> bool:
@@ -72,8 +71,7 @@ def play_session(
     for run_id in run_ids:
         peers.control.end(run_id, shape, duplicate=duplicate_messages)
 
-    result.closed = recorder.wait_for(
-        lambda: all(recorder.of_type("closed_workflow_task", r) for r in run_ids), wait)
+    result.closed = peers.wait_until(lambda: all(map(peers.task_closed, run_ids)), wait)
     result.timings["closed"] = time.monotonic() - started
     # Topics are delivered independently: the stop may trail the close reply.
     result.stopped = recorder.wait_for(

@@ -5,6 +5,7 @@ run deployment, and the listener, all as separate processes."""
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Generator, Iterator
 
@@ -23,6 +24,22 @@ STACK_CONFIG = {
     "slice": {"processing_time": 0.5, "cooldown": 2},
     "timeouts": {"created_workflow_task": 30, "closed_workflow_task": 30, "run_end": 600},
     "prefect": {"runner_limit": 10},
+}
+
+# The same service in REST mode: its own runner and listener beside the
+# message-mode ones, sharing the broker and the Prefect server. Only the mode
+# key, the namespace and the deployment name differ, plus short iDDS waits.
+REST_NAMESPACE = "itestrest"
+REST_IDDS_PORT = 18443  # the simulated iDDS REST server, started by each test
+REST_TOKEN = secrets.token_urlsafe(24)  # the runner's OIDC token; must never leak
+REST_CONFIG = {
+    **STACK_CONFIG,
+    "transceiver": {"namespace": REST_NAMESPACE, "mode": "rest"},
+    # Its own results queue: the message-mode listener would drop results of
+    # runs it does not own (see the README's known gaps).
+    "brokers": {**STACK_CONFIG["brokers"], "results_queue": "/queue/panda.results.worker.rest"},
+    "idds": {"timeout": 3, "retry_delays": [0.5, 1]},
+    "prefect": {"deployment": "swf-run/panda-workers-rest", "runner_limit": 10},
 }
 
 _run_numbers = itertools.count(int(time.time()) % 100_000 * 100)
@@ -62,17 +79,49 @@ def stack(broker_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield embedded
 
 
+@pytest.fixture
+def rest_token() -> str:
+    """The OIDC token the REST-mode runner holds."""
+    return REST_TOKEN
+
+
+@pytest.fixture
+def rest_idds_port() -> int:
+    """Where the REST-mode runner expects the (simulated) iDDS REST server."""
+    return REST_IDDS_PORT
+
+
+@pytest.fixture(scope="session")
+def rest_stack(stack: EmbeddedStack,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    workdir = tmp_path_factory.mktemp("rest-stack")
+    idds_client_env = {
+        "IDDS_HOST": f"http://127.0.0.1:{REST_IDDS_PORT}/idds",
+        "IDDS_AUTH_TYPE": "oidc",
+        "IDDS_OIDC_TOKEN": REST_TOKEN,
+        "IDDS_VO": "eic",
+        "IDDS_LOCAL_CONFIG_ROOT": str(workdir / "idds-client"),  # not ~/.idds
+    }
+    embedded = EmbeddedStack(workdir, REST_CONFIG, own_broker=False, shared_server=stack.server,
+                             runner_env=idds_client_env)
+    with embedded:
+        yield embedded
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failing test's report carries the last lines of the service's logs."""
     report = yield
-    stack = getattr(item, "funcargs", {}).get("stack")
-    if report.failed and isinstance(stack, EmbeddedStack):
-        for log in sorted(stack.logs.glob("*.log")):
-            tail = "\n".join(_interesting(log.read_text(errors="replace").splitlines())[-60:])
-            report.sections.append((f"service log {log.name}", tail))
+    if not report.failed:
+        return report
+    for fixture in ("stack", "rest_stack"):
+        stack = getattr(item, "funcargs", {}).get(fixture)
+        if isinstance(stack, EmbeddedStack):
+            for log in sorted(stack.logs.glob("*.log")):
+                tail = "\n".join(_interesting(log.read_text(errors="replace").splitlines())[-60:])
+                report.sections.append((f"{fixture} log {log.name}", tail))
     return report
 
 

@@ -7,6 +7,7 @@ import queue
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -178,8 +179,16 @@ def test_idds_answers_with_the_requester_namespace(
         assert isinstance(closed, ClosedWorkflowTask)
         assert closed.content.status == "ToCancel"
 
+        # A close naming only the run (the service never sends one; another
+        # agent might): iDDS looks the task up by run_id.
+        def close_by_run_id(run: str) -> None:
+            body = {"msg_type": "close_workflow_task", "run_id": run, "content": {
+                "run_id": run, "request_id": None, "transform_id": None, "workload_id": None}}
+            requester.client.send_raw(brokers.workers_topic, json.dumps(body).encode(),
+                                      {"namespace": namespace, "msg_type": "close_workflow_task"})
+
         other = run_id + "9"
-        requester.client.send(outbound.close_workflow_task(other, None, settings, now()))
+        close_by_run_id(other)
         not_found = parse_message(requester.next_of("closed_workflow_task").body)
         assert isinstance(not_found, ClosedWorkflowTask)
         assert (not_found.run_id, not_found.content.status) == (other, "NotFound")
@@ -192,7 +201,7 @@ def test_idds_answers_with_the_requester_namespace(
         assert idds.wait_for(lambda: len(idds.violations) == 1, WAIT)
         # iDDS answers in order: a reply to the danger would precede this one.
         last = run_id + "8"
-        requester.client.send(outbound.close_workflow_task(last, None, settings, now()))
+        close_by_run_id(last)
         after = parse_message(requester.next_of("closed_workflow_task").body)
         assert isinstance(after, ClosedWorkflowTask)
         assert after.run_id == last
@@ -277,3 +286,59 @@ def test_harness_starts_and_adds_transformers(
             lambda: len(peers.recorder.of_type("adjusted_worker", run_id)) == 1, WAIT)
         table = peers.recorder.summary_table([run_id])
         assert run_id in table and "adjusted" in table
+
+
+def test_harness_in_rest_mode_serves_idds_over_http(
+    brokers: Brokers, settings: Settings, namespace: str, run_id: str,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    token = f"tok-{uuid.uuid4().hex}"
+    results = Listener(brokers, Subscription(brokers.results_queue,
+                                             selector=f"run_id='{run_id}'"))
+    with results.client, PeerHarness(
+        brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,
+        idle_timeout=1.0, result_ttl_ms=60_000, idds_mode="rest", rest_token=token, rest_vo="eic",
+    ) as peers:
+        assert peers.idds_rest is not None
+        # The real idds-client, configured as an operator would.
+        for name in ("IDDS_CONFIG", "IDDS_OIDC_TOKEN_FILE", "OIDC_AUTH_ID_TOKEN", "OIDC_AUTH_VO"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("IDDS_LOCAL_CONFIG_ROOT", str(tmp_path / "idds"))
+        monkeypatch.setenv("IDDS_HOST", peers.idds_rest.url)
+        monkeypatch.setenv("IDDS_AUTH_TYPE", "oidc")
+        monkeypatch.setenv("IDDS_OIDC_TOKEN", token)
+        monkeypatch.setenv("IDDS_VO", "eic")
+        # Imported only now: importing the client creates its local config
+        # directory (~/.idds unless IDDS_LOCAL_CONFIG_ROOT says otherwise).
+        from idds.client.clientmanager import ClientManager
+
+        manager = ClientManager(timeout=10)
+        manager.setup_client()
+        manager.client.retries = 1
+
+        ids = manager.create_workflow_task(
+            outbound.workflow_for(imminent(run_id, 2), settings, now()))
+        assert isinstance(ids, dict), ids
+        assert peers.farm.wait_for(lambda: run_id in peers.farm.runs, WAIT)
+        assert peers.farm.runs[run_id].started == 2
+        first = parse_message(results.next_of("slice_result").body)
+        assert isinstance(first, SliceResult) and first.run_id == run_id
+        assert first.content.panda_task_id == ids["workload_id"]
+
+        grow = {"content": {"run_id": run_id, "target_worker_count": 4}}
+        adjusted = manager.adjust_worker(ids["request_id"], ids["transform_id"],
+                                         ids["workload_id"], grow)
+        assert adjusted == {"status": 0, "message": "adjusted successfully"}
+        assert peers.farm.wait_for(lambda: peers.farm.runs[run_id].started == 4, WAIT)
+
+        results.client.send(outbound.stop_transformer(run_id, settings, now()))
+        assert peers.farm.wait_idle(WAIT, run_id)
+        closed = manager.close_workflow_task(ids["request_id"], {"run_id": run_id, **{
+            k: ids[k] for k in ("transform_id", "workload_id")}})
+        assert closed == {"status": 0, "message": "closed successfully"}
+        assert peers.idds_rest.closed == {run_id: "ToCancel"}
+
+        # The bus iDDS, running all along, heard no request and answered none.
+        assert peers.idds.requests == []
+        assert peers.recorder.of_type("created_workflow_task", run_id) == []
+        assert peers.recorder.of_type("adjusted_worker", run_id) == []

@@ -1,0 +1,41 @@
+"""Message mode: a run's requests to iDDS go on the bus; iDDS answers on the
+bus too, and the listener hands the answers to the run's event feed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from swf_panda_workers import outbound
+from swf_panda_workers.adapters.stomp_bus import BusClient
+from swf_panda_workers.config import Settings
+from swf_panda_workers.messages import (
+    AdjustedWorker,
+    ClosedWorkflowTask,
+    CreatedWorkflowTask,
+    RunImminent,
+    WorkerSize,
+    WorkflowIds,
+)
+
+
+class BusGateway:
+    """Sends each request and waits for the broker's receipt, not for iDDS:
+    every method returns None, the answer comes later."""
+
+    def __init__(self, bus: BusClient, settings: Settings) -> None:
+        self._bus = bus
+        self._settings = settings
+
+    def create_workflow_task(self, run: RunImminent, now: datetime) -> CreatedWorkflowTask | None:
+        self._bus.send(outbound.create_workflow_task(run, self._settings, now))
+        return None
+
+    def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
+                      now: datetime) -> AdjustedWorker | None:
+        self._bus.send(outbound.adjust_worker(run_id, ids, size, self._settings, now))
+        return None
+
+    def close_workflow_task(self, run_id: str, ids: WorkflowIds,
+                            now: datetime) -> ClosedWorkflowTask | None:
+        self._bus.send(outbound.close_workflow_task(run_id, ids, self._settings, now))
+        return None

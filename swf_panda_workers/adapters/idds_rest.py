@@ -1,0 +1,178 @@
+"""REST mode: a run's requests to iDDS as HTTP calls, answered at once.
+
+Two routes to the same iDDS workflow-task API, chosen by ``idds.route``:
+``direct`` with idds-client's ClientManager, and ``panda_relay`` through the
+PanDA server with panda-client. Both clients read their credentials from
+their own environment variables, so no secret passes through this service's
+configuration, logs or Prefect parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from typing import Any, Protocol
+
+from swf_panda_workers import outbound
+from swf_panda_workers.config import Idds, Settings
+from swf_panda_workers.idds_gateway import (
+    adjusted_answer,
+    client_result,
+    closed_answer,
+    created_answer,
+    relay_result,
+)
+from swf_panda_workers.messages import (
+    AdjustedWorker,
+    ClosedWorkflowTask,
+    CreatedWorkflowTask,
+    RunImminent,
+    WorkerSize,
+    WorkflowIds,
+)
+
+
+class IddsNotConfigured(RuntimeError):
+    """REST mode cannot start: no iDDS host, or the client's credentials are
+    missing. Not retried: only the operator can fix it."""
+
+
+class WorkflowTaskApi(Protocol):
+    """The three calls both iDDS clients offer for workflow tasks."""
+
+    def create_workflow_task(self, workflow: dict[str, Any]) -> object: ...
+
+    def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,
+                      parameters: dict[str, Any]) -> object: ...
+
+    def close_workflow_task(self, request_id: int, parameters: dict[str, Any]) -> object: ...
+
+
+Unwrap = Callable[[object, str], object]
+
+
+class RestGateway:
+    """Each request is one call; its answer (or IddsRequestFailed with iDDS's
+    words) comes back at once."""
+
+    def __init__(self, api: Callable[[], WorkflowTaskApi], unwrap: Unwrap,
+                 settings: Settings) -> None:
+        self._connect = api
+        self._api: WorkflowTaskApi | None = None
+        self._unwrap = unwrap
+        self._settings = settings
+
+    def create_workflow_task(self, run: RunImminent, now: datetime) -> CreatedWorkflowTask:
+        workflow = outbound.workflow_for(run, self._settings, now)
+        result = self._call("create_workflow_task", lambda api: api.create_workflow_task(workflow))
+        return created_answer(run.run_id, result, now)
+
+    def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
+                      now: datetime) -> AdjustedWorker:
+        content = outbound.adjust_content(run_id, ids, size, now)
+        # The parameters iDDS's adjust handler reads, with the whole request
+        # (target worker count included) under "content", as on the bus.
+        parameters = {**size.model_dump(include={"core_count", "memory_per_core", "site"}),
+                      "content": content}
+        self._call("adjust_worker", lambda api: api.adjust_worker(
+            ids.request_id, ids.transform_id, ids.workload_id, parameters))
+        return adjusted_answer(run_id, ids, size, now)
+
+    def close_workflow_task(self, run_id: str, ids: WorkflowIds,
+                            now: datetime) -> ClosedWorkflowTask:
+        parameters = outbound.close_content(run_id, ids, now)
+        result = self._call("close_workflow_task",
+                            lambda api: api.close_workflow_task(ids.request_id, parameters))
+        return closed_answer(run_id, ids, result, now)
+
+    def _call(self, request: str, call: Callable[[WorkflowTaskApi], object]) -> object:
+        if self._api is None:
+            self._api = self._connect()
+        return self._unwrap(call(self._api), request)
+
+
+def rest_gateway(settings: Settings) -> RestGateway:
+    """The gateway for ``idds.route``; its client is made on first use."""
+    return RestGateway(partial(_ROUTES[settings.idds.route], settings.idds),
+                       _UNWRAP[settings.idds.route], settings)
+
+
+def check_rest_client(settings: Settings) -> None:
+    """Make the configured client once, without calling iDDS, so a missing
+    host or credential stops the runner at start-up instead of a run later.
+    Raises IddsNotConfigured."""
+    _ROUTES[settings.idds.route](settings.idds)
+
+
+def direct_api(idds: Idds) -> WorkflowTaskApi:
+    """idds-client's ClientManager, set up from its usual environment
+    (IDDS_HOST wins over ``idds.host``, as the client decides)."""
+    from idds.client.clientmanager import ClientManager
+    from idds.common.exceptions import IDDSException
+
+    manager = ClientManager(host=idds.host, timeout=idds.timeout)
+    try:
+        manager.setup_client()
+    except IDDSException as exc:
+        raise IddsNotConfigured(f"idds-client cannot start: {exc}") from None
+    if not manager.host:
+        raise IddsNotConfigured(
+            "REST mode needs the iDDS server: set idds.host in the configuration or IDDS_HOST")
+    # The client retries a refused connection three times after random sleeps
+    # of up to 30 s each, unseen; the flow's task retries instead, visibly.
+    manager.client.retries = 1
+    return manager
+
+
+def relay_api(idds: Idds) -> WorkflowTaskApi:
+    """panda-client's relay to iDDS through the PanDA server, an optional
+    dependency configured by its own environment (PANDA_URL_SSL, PANDA_AUTH,
+    PANDA_AUTH_VO, PANDA_AUTH_ID_TOKEN or OIDC_AUTH_TOKEN_FILE, X509_USER_PROXY).
+    Its timeout is fixed by panda-client (600 s); ``idds.timeout`` does not apply."""
+    try:
+        from pandaclient import idds_api
+    except ImportError:
+        raise IddsNotConfigured(
+            "idds.route panda_relay needs panda-client: pip install "
+            "'swf-panda-workers[panda]'") from None
+    except OSError as exc:  # it resolves PanDA's cache host while importing
+        raise IddsNotConfigured(
+            f"panda-client cannot start ({exc}): check PANDA_URL_SSL and DNS, or set "
+            "PANDA_BEHIND_REAL_LB=1 behind a load balancer") from None
+    return _Relay(idds_api.get_api(json.dumps, idds_host=idds.host, compress=True,
+                                   manager=True))
+
+
+_ROUTES: dict[str, Callable[[Idds], WorkflowTaskApi]] = {
+    "direct": direct_api, "panda_relay": relay_api}
+_UNWRAP: dict[str, Unwrap] = {"direct": client_result, "panda_relay": relay_result}
+
+
+class _Relay:
+    """panda-client exits the process (SystemExit) when its OIDC settings are
+    incomplete; that must fail the request, not the flow-run process."""
+
+    def __init__(self, api: WorkflowTaskApi) -> None:
+        self._api = api
+
+    def create_workflow_task(self, workflow: dict[str, Any]) -> object:
+        return self._guarded(lambda: self._api.create_workflow_task(workflow))
+
+    def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,
+                      parameters: dict[str, Any]) -> object:
+        return self._guarded(lambda: self._api.adjust_worker(
+            request_id, transform_id, workload_id, parameters))
+
+    def close_workflow_task(self, request_id: int, parameters: dict[str, Any]) -> object:
+        return self._guarded(lambda: self._api.close_workflow_task(request_id, parameters))
+
+    @staticmethod
+    def _guarded(call: Callable[[], object]) -> object:
+        try:
+            return call()
+        except SystemExit as exc:
+            raise IddsNotConfigured(
+                f"panda-client gave up (exit {exc.code}): check PANDA_AUTH, PANDA_AUTH_VO "
+                "and the token") from None

@@ -1,0 +1,1065 @@
+"""A simulated iDDS REST server (the workflow-task API of iDDS's
+``rest/v1/workflowtask.py``), for tests and the demo, spoken to by the real
+idds-client ``ClientManager``; plus a small client for its fault-injection
+endpoints and a command line to run it on its own.
+
+Served under ``/idds`` (as iDDS's web server mounts its app there):
+
+- ``POST /idds/workflow_task`` ``{"workflow": {...}}`` -> the task's ids
+  ``{request_id, transform_id, processing_id, input_coll_id, output_coll_id,
+  workload_id}``;
+- ``PUT /idds/workflow_task/<request_id>/<transform_id>/<workload_id>/adjust``
+  ``{"parameters": {core_count, memory_per_core, site, content}}``;
+- ``PUT /idds/workflow_task/<request_id>/close`` (and the legacy
+  ``.../<request_id>/<workload_id>/close``) ``{"parameters": {...}}``.
+
+Ids in a path may be ``null``. Errors come back as the real server sends them:
+the status, an empty body, and the headers ``ExceptionClass`` (a class of
+``idds.common.exceptions``) and ``ExceptionMessage``, which the client raises
+as that exception and ``ClientManager`` returns as ``(False, text)``. A
+failed authentication is a 401 with ``ExceptionClass: IDDSException`` and the
+bare reason, as iDDS's ``before_request_auth`` answers.
+
+The tasks live in a ``TaskBook`` shared with the bus simulator
+(``peers.idds``): one task per run, duplicates counted, a close with no ids
+and no run_id recorded as a violation (and answered 200, as the real one
+would after cancelling everything).
+
+Faults, in-process (``fail_next``, ``delay``, ``clear_faults``) or over HTTP
+from another process (``SimControl``, or ``/_sim/fail``, ``/_sim/delay``,
+``/_sim/clear`` and ``GET /_sim/state`` directly).
+
+The PanDA server's relay to iDDS is served too, as panda-client's
+``idds_api`` (``Client.call_idds_command``) reaches it through PanDA:
+``POST /server/panda/relay_idds_command`` (``relay_url`` is what
+``PANDA_URL_SSL`` takes). The body is gzip-compressed JSON (Content-Type
+application/json) or a form, ``{command_name, args, kwargs, manager}`` with
+``args``/``kwargs`` as JSON text and ``command_name`` optionally
+``"<command>+<idds host>"``. ``create_workflow_task``, ``adjust_worker`` and
+``close_workflow_task`` go to the same handling as the direct endpoints (same
+tasks, records, faults and callbacks; the records say ``route="panda_relay"``),
+as the iDDS request PanDA's own ClientManager would send. The answer is what
+PanDA's ``relay_idds_command`` returns, 200 text/plain:
+
+- ``[true, <iDDS's answer>]``;
+- ``[true, [false, "<text>"]]`` when iDDS failed (an injected fault, a bad
+  request), the text being what ClientManager returns for that iDDS answer;
+  ``[true, [-1, "<text>"]]`` when ClientManager's own guards refuse the call;
+- ``[false, "<cmd> is not a command of iDDS ClientManager"]`` for an unknown
+  command; ``[false, "failed to execute command with ..."]`` when the relay
+  itself fails: undecodable args, an iDDS command the simulator does not
+  serve, or (with ``manager`` false, iDDS's Client, which raises) any failure;
+- 500 text/plain with the error for a body PanDA's entry cannot read.
+
+With a ``token``, the relay wants panda-client's OIDC headers
+(``Authorization: Bearer <token>``, ``Origin: <vo>``) as PanDA's WSGI entry
+checks them: a wrong token, VO or missing Origin is 403 text/plain ``ERROR :
+Token authentication failed. <reason>``; no Authorization at all means a
+client certificate, of which plain HTTP has none, so the relay answers
+``[false, "SSL secure connection is required"]``. PanDA authenticates to iDDS
+with its own credentials, so relayed calls skip the iDDS-side check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hmac
+import inspect
+import json
+import logging
+import os
+import re
+import signal
+import socketserver
+import sys
+import threading
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, Literal, get_args
+from urllib.parse import parse_qs, urlsplit
+
+from idds.common import exceptions as idds_exceptions
+from idds.common.utils import json_loads as idds_json_loads
+from pydantic import ValidationError
+
+from swf_panda_workers.messages import WorkerSize
+from swf_panda_workers.peers._bus import Notifier
+from swf_panda_workers.peers.idds_tasks import TaskBook, TaskId, TaskInfo, TaskRecords
+from swf_panda_workers.peers.recorder import text_table
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/idds"
+CONTROL_PREFIX = "/_sim"
+RELAY_PREFIX = "/server/panda"  # what PANDA_URL_SSL ends with
+RELAY_METHOD = "relay_idds_command"
+Endpoint = Literal["create", "adjust", "close"]
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+Route = Literal["direct", "panda_relay"]
+REDACTED = "<redacted>"
+# Header names whose values are credentials (X-IDDS-Auth-Token,
+# X-IDDS-Auth-Usertoken-Original, ...-Usercert-Original, Authorization).
+_SECRET_HEADER_WORDS = ("token", "authorization", "cookie", "cert", "secret", "password")
+
+_ID = r"(?P<{}>[^/]+)"
+_ROUTES: tuple[tuple[re.Pattern[str], Endpoint, str], ...] = (
+    (re.compile(r"^/workflow_task$"), "create", "POST"),
+    (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('transform_id')}/"
+                rf"{_ID.format('workload_id')}/adjust$"), "adjust", "PUT"),
+    (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/close$"), "close", "PUT"),
+    (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('workload_id')}/close$"),
+     "close", "PUT"),
+)
+
+# What the real app answers for a path or method it has no API for (werkzeug's
+# wording, inside iDDS's errorhandler).
+_NO_API = {
+    404: "404 Not Found: The requested URL was not found on the server. If you entered the "
+         "URL manually please check your spelling and try again.",
+    405: "405 Method Not Allowed: The method is not allowed for the requested URL.",
+}
+
+
+@dataclass(frozen=True)
+class RestCall:
+    """One request to the iDDS API, as answered."""
+
+    method: str
+    path: str
+    endpoint: Endpoint | None  # None: no such API (404/405)
+    body: Any  # parsed JSON; the text when it is not JSON; None when empty
+    headers: dict[str, str]  # credentials redacted
+    status: int
+    # ok, bad_request, unauthorized, injected, error, no_api, stopped; relayed
+    # calls also refused (ClientManager's guards), not_a_command, relay_failed
+    outcome: str
+    # panda_relay: through PanDA's relay_idds_command, whose decoded
+    # {command_name, args, kwargs, manager} is the body; status is the relay's
+    route: Route = "direct"
+
+    @property
+    def run_id(self) -> str | None:
+        """The run a direct request names in its body (create: the workflow's
+        content; adjust: parameters.content; close: parameters)."""
+        body = _as_dict(self.body)
+        if self.endpoint == "create":
+            named = _as_dict(_as_dict(body.get("workflow")).get("content")).get("run_id")
+        else:
+            parameters = _as_dict(body.get("parameters"))
+            inner = _as_dict(parameters.get("content")) if self.endpoint == "adjust" \
+                else parameters
+            named = inner.get("run_id")
+        return None if named is None else str(named)
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """One adjust request. ``run_id`` names the task it changed: the real
+    iDDS updates the transform by transform_id, so with none (or an unknown
+    one) it changes nothing and ``run_id`` is None."""
+
+    run_id: str | None
+    request_id: TaskId
+    transform_id: TaskId
+    workload_id: TaskId
+    size: WorkerSize | None  # None when the parameters are no readable size
+    parameters: dict[str, Any]
+
+
+@dataclass
+class _Failure:
+    remaining: int
+    status: int
+    exception_class: str | None
+    message: str
+    endpoint: Endpoint | None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    outcome: str
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    # Runs after the answer is written: iDDS's PanDA jobs start after it replied.
+    then: Callable[[], None] | None = field(default=None, compare=False)
+
+
+class _Rejected(Exception):
+    def __init__(self, answer: _Answer) -> None:
+        super().__init__(answer.outcome)
+        self.answer = answer
+
+
+class SimulatedIDDSRest(TaskRecords):
+    """The iDDS workflow-task REST API on ``url`` (``http://127.0.0.1:<port>/idds``),
+    and PanDA's relay to it on ``relay_url``.
+
+    ``token``: requests must use oidc with this token (and ``vo``, when set),
+    else 401 (403 at the relay). ``workload_pending``: creates answer ``workload_id: null``, as
+    while iDDS's PanDA submission is pending. ``on_task_created(run_id, task)``
+    runs after a run's first create is answered; ``on_adjust(run_id, size)``
+    after an adjust that matched a task.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+        vo: str | None = None,
+        workload_pending: bool = False,
+        on_task_created: Callable[[str, TaskInfo], None] | None = None,
+        on_adjust: Callable[[str, WorkerSize], None] | None = None,
+    ) -> None:
+        self._address = (host, port)
+        self._token = token
+        self._vo = vo
+        self._on_task_created = on_task_created
+        self._on_adjust = on_adjust
+        self._state = Notifier()
+        self._book = TaskBook(self._state, workload_pending=workload_pending)
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        # Records and faults; guarded by self._state.lock.
+        self.calls: list[RestCall] = []
+        self.adjustments: list[Adjustment] = []
+        self._failures: list[_Failure] = []
+        self._delays: dict[Endpoint | None, float] = {}
+
+    # --- life ---------------------------------------------------------------
+
+    def start(self) -> SimulatedIDDSRest:
+        self._stopping.clear()
+        self._server = _Server(self._address, _Handler, self)
+        # A short poll interval: shutdown() waits for the loop to notice.
+        self._thread = threading.Thread(target=partial(self._server.serve_forever, 0.05),
+                                        name="sim-idds-rest", daemon=True)
+        self._thread.start()
+        log.info("simulated iDDS REST server on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # cuts injected delays short
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def __enter__(self) -> SimulatedIDDSRest:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def root(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the simulated iDDS REST server is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        """What idds-client takes as its host (IDDS_HOST)."""
+        return self.root + PREFIX
+
+    @property
+    def relay_url(self) -> str:
+        """What panda-client takes as its server (PANDA_URL_SSL)."""
+        return self.root + RELAY_PREFIX
+
+    @property
+    def control_url(self) -> str:
+        return self.root + CONTROL_PREFIX
+
+    # --- records, for tests -------------------------------------------------
+
+    def calls_to(self, endpoint: Endpoint | None, route: Route | None = None) -> list[RestCall]:
+        """The calls to ``endpoint`` (by either route, unless ``route`` is given)."""
+        with self._state.lock:
+            return [c for c in self.calls
+                    if c.endpoint == endpoint and route in (None, c.route)]
+
+    def calls_for(self, endpoint: Endpoint, run_id: str) -> list[RestCall]:
+        """The direct calls to ``endpoint`` about the run ``run_id``."""
+        return [c for c in self.calls_to(endpoint, "direct") if c.run_id == run_id]
+
+    def summary_table(self, run_ids: Iterable[str]) -> str:
+        """Per run, the HTTP status of each request, e.g. ``500,200``."""
+        headings = ("run_id", *ENDPOINTS)
+        rows = [headings, *(
+            (run_id, *(",".join(str(c.status) for c in self.calls_for(e, run_id)) or "-"
+                       for e in ENDPOINTS))
+            for run_id in run_ids)]
+        return text_table(rows)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate`` (reading the records) holds."""
+        return self._state.wait_for(predicate, timeout)
+
+    def state(self) -> dict[str, Any]:
+        """Every record and the pending faults, as JSON-ready data."""
+        with self._state.lock:
+            return {
+                "url": self.url if self._server is not None else None,
+                "relay_url": self.relay_url if self._server is not None else None,
+                "calls": [asdict(c) for c in self.calls],
+                "tasks": {run: asdict(t) for run, t in self.tasks.items()},
+                "duplicate_creates": dict(self.duplicate_creates),
+                "closed": dict(self.closed),
+                "adjustments": [
+                    {**asdict(a), "size": a.size.model_dump() if a.size else None}
+                    for a in self.adjustments
+                ],
+                "violations": list(self.violations),
+                "faults": {
+                    "fail_next": [asdict(f) for f in self._failures],
+                    "delay": {k or "all": v for k, v in self._delays.items()},
+                },
+            }
+
+    # --- faults -------------------------------------------------------------
+
+    def fail_next(self, count: int = 1, *, status: int = 500,
+                  exception_class: str | None = "CoreException",
+                  message: str = "simulated iDDS failure",
+                  endpoint: Endpoint | None = None) -> None:
+        """Answer the next ``count`` requests (to ``endpoint`` only, when
+        given) with ``status`` and ``exception_class(message)``, doing nothing.
+        With ``exception_class=None`` the answer has no exception headers and
+        ``message`` as its body, like a proxy's error page."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status (400-599)")
+        _check_endpoint(endpoint)
+        with self._state.lock:
+            self._failures.append(_Failure(count, status, exception_class, message, endpoint))
+
+    def delay(self, seconds: float, *, endpoint: Endpoint | None = None) -> None:
+        """Answer every request (to ``endpoint`` only, when given) ``seconds``
+        late, until changed; 0 ends it. The request is carried out when the
+        delay ends, whether or not the client still waits, as on a slow
+        server."""
+        if seconds < 0:
+            raise ValueError("seconds must not be negative")
+        _check_endpoint(endpoint)
+        with self._state.lock:
+            if seconds:
+                self._delays[endpoint] = float(seconds)
+            else:
+                self._delays.pop(endpoint, None)
+
+    def clear_faults(self) -> None:
+        with self._state.lock:
+            self._failures.clear()
+            self._delays.clear()
+
+    # --- handling (one server thread per request) ---------------------------
+
+    def _handle(self, method: str, target: str, headers: Mapping[str, str],
+                body: bytes) -> _Answer:
+        path = urlsplit(target).path
+        if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
+            return self._control(method, path[len(CONTROL_PREFIX):], body)
+        route: Route = "direct"
+        if path.startswith(RELAY_PREFIX + "/"):
+            route = "panda_relay"
+            endpoint, readable, answer = self._relay(method, path, headers, body)
+        else:
+            endpoint, ids, answer = _route(method, path)
+            readable = _readable(body)
+            if endpoint is not None:
+                answer = self._serve(endpoint, ids, headers, body, path)
+        call = RestCall(method, path, endpoint, readable, _redacted(headers),
+                        answer.status, answer.outcome, route)
+        with self._state.lock:
+            self.calls.append(call)
+            self._state.notify()
+        log.info("%s %s -> %s (%s)", method, path, answer.status, answer.outcome)
+        return answer
+
+    def _serve(self, endpoint: Endpoint, ids: dict[str, str], headers: Mapping[str, str],
+               body: bytes, path: str, *, authenticate: bool = True) -> _Answer:
+        """One iDDS API request, as iDDS answers it. ``authenticate=False``
+        for PanDA's relayed requests: PanDA authenticated the caller itself,
+        and iDDS trusts PanDA's own credentials."""
+        seconds = self._delay_for(endpoint)
+        if seconds and self._stopping.wait(seconds):
+            return _Answer(503, "stopped")
+        try:
+            if authenticate:
+                self._authenticate({k.lower(): v for k, v in headers.items()})
+            self._inject(endpoint)
+            if endpoint == "create":
+                return self._create(body)
+            if endpoint == "adjust":
+                return self._adjust(ids, body)
+            return self._close(ids, body, path)
+        except _Rejected as rejected:
+            return rejected.answer
+
+    def _delay_for(self, endpoint: Endpoint) -> float:
+        with self._state.lock:
+            return max(self._delays.get(endpoint, 0.0), self._delays.get(None, 0.0))
+
+    def _authenticate(self, headers: Mapping[str, str]) -> None:
+        # As iDDS's before_request_auth: the type defaults to x509_proxy.
+        auth_type = headers.get("x-idds-auth-type") or "x509_proxy"
+        if auth_type not in ("x509_proxy", "oidc"):
+            raise _Rejected(_auth_failed(f"Authentication method {auth_type} is not supported"))
+        if self._token is None:
+            return
+        if auth_type == "x509_proxy":
+            # No TLS here, so never a client DN: what iDDS says without one.
+            raise _Rejected(_auth_failed("User DN cannot be found."))
+        vo = headers.get("x-idds-auth-vo")
+        if self._vo is not None and vo != self._vo:
+            raise _Rejected(_auth_failed(f"VO {vo} is not allowed."))
+        token = headers.get("x-idds-auth-token")
+        if not token:
+            raise _Rejected(_auth_failed("Failed to verify oidc token: no token"))
+        if not hmac.compare_digest(token.encode(), self._token.encode()):
+            raise _Rejected(_auth_failed("Failed to verify oidc token: Signature verification "
+                                         "failed (not the simulated iDDS's token)"))
+
+    def _inject(self, endpoint: Endpoint) -> None:
+        with self._state.lock:
+            failure = next((f for f in self._failures
+                            if f.endpoint in (None, endpoint)), None)
+            if failure is None:
+                return
+            failure.remaining -= 1
+            if failure.remaining <= 0:
+                self._failures.remove(failure)
+        if failure.exception_class is None:
+            raise _Rejected(_Answer(failure.status, "injected", failure.message.encode(),
+                                    (("Content-Type", "text/html"),)))
+        raise _Rejected(_error(failure.status, failure.exception_class, failure.message,
+                               "injected"))
+
+    def _create(self, body: bytes) -> _Answer:
+        try:
+            data = json.loads(body) if body else None
+            if not data:
+                raise _Rejected(_error(400, "BadRequest", "Request body must not be empty",
+                                       "bad_request"))
+            workflow = data.get("workflow")
+            if not workflow:
+                raise _Rejected(_error(400, "BadRequest",
+                                       "'workflow' key is required in the request body",
+                                       "bad_request"))
+        except (ValueError, AttributeError):
+            return _undecodable()
+        workflow = _mapping(workflow)
+        content = _mapping(workflow.get("content", {}))
+        run_id = content.get("run_id")
+        if run_id is None or not str(run_id).strip():
+            task = self._book.create_without_run(workflow, json.dumps(workflow)[:300])
+            return _ok(task.created_ids())
+        task, first = self._book.create(str(run_id).strip(), workflow)
+        created = self._on_task_created
+        then = partial(created, task.run_id, task) if first and created else None
+        return _ok(task.created_ids(), then)
+
+    def _adjust(self, ids: dict[str, str], body: bytes) -> _Answer:
+        parameters = _mapping(_parameters(body))
+        content = parameters.get("content")
+        content = content if isinstance(content, Mapping) else {}
+        try:
+            size: WorkerSize | None = WorkerSize(
+                core_count=parameters.get("core_count"),
+                memory_per_core=parameters.get("memory_per_core"),
+                site=parameters.get("site"),
+                target_worker_count=content.get("target_worker_count"),
+            )
+        except ValidationError:
+            size = None  # iDDS stores whatever it is given; nothing to resize
+        request_id, transform_id, workload_id = (
+            _task_id(ids.get(k)) for k in ("request_id", "transform_id", "workload_id"))
+        # iDDS updates the transform named in the path; without one, nothing.
+        task = self._book.find(transform_id=transform_id) if transform_id is not None else None
+        if task is not None and size is not None:
+            task = self._book.resize(task.run_id, size.target_worker_count)
+        run_id = task.run_id if task is not None else None
+        with self._state.lock:
+            self.adjustments.append(Adjustment(run_id, request_id, transform_id, workload_id,
+                                               size, dict(parameters)))
+            self._state.notify()
+        adjusted = self._on_adjust
+        then = None
+        if run_id is not None and size is not None and adjusted is not None:
+            then = partial(adjusted, run_id, size)
+        return _ok({"status": 0, "message": "adjusted successfully"}, then)
+
+    def _close(self, ids: dict[str, str], body: bytes, path: str) -> _Answer:
+        parameters = dict(_mapping(_parameters(body) or {}))
+        legacy_workload_id = _task_id(ids.get("workload_id"))
+        if legacy_workload_id is not None and not parameters.get("workload_id"):
+            parameters["workload_id"] = legacy_workload_id
+        run_id = parameters.get("run_id")
+        run = str(run_id).strip() if run_id is not None and str(run_id).strip() else None
+        self._book.close(
+            _task_id(ids.get("request_id")), _task_id(parameters.get("transform_id")),
+            _task_id(parameters.get("workload_id")), run, key=None,
+            request=f"PUT {path} {json.dumps(parameters, default=str)}")
+        # The real iDDS says the same whether it cancelled one, none or all.
+        return _ok({"status": 0, "message": "closed successfully"})
+
+    # --- PanDA's relay ------------------------------------------------------
+
+    def _relay(self, method: str, path: str, headers: Mapping[str, str],
+               body: bytes) -> tuple[Endpoint | None, Any, _Answer]:
+        """PanDA's relay_idds_command: the endpoint reached (None: none), the
+        request as recorded, and PanDA's answer."""
+        name = path[len(RELAY_PREFIX) + 1:]
+        if name != RELAY_METHOD:
+            # PanDA's entry refuses any method it does not export.
+            return None, _readable(body), _panda_error(403, f"{name} is forbidden", "no_api")
+        if method != "POST":
+            # The simulator's own answer: panda-client only ever POSTs here.
+            return None, _readable(body), _panda_error(405, f"{name} takes POST", "no_api")
+        lowered = {k.lower(): v for k, v in headers.items()}
+        params: dict[str, Any] | None = None
+        unreadable = ""
+        try:
+            params = _relay_params(lowered.get("content-type"), body)
+        except ValueError as exc:
+            unreadable = str(exc)
+        recorded: Any = _relay_record(params) if params is not None else (
+            f"<unreadable body: {unreadable}>")
+        command, manager = _relay_command(params or {})
+        endpoint = _RELAYED.get(command)
+        # PanDA checks the token before it reads the body.
+        refusal = self._authenticate_relay(lowered)
+        if refusal is not None:
+            return endpoint, recorded, refusal
+        if params is None or "command_name" not in params:
+            # The entry's answer to a call it cannot make: 500, the error's text.
+            reason = unreadable if params is None else (
+                f"{RELAY_METHOD}() missing 1 required positional argument: 'command_name'")
+            return endpoint, recorded, _Answer(500, "bad_request", reason.encode(), _TEXT)
+        unknown = sorted(set(params) - _RELAY_PARAMS)
+        if unknown:
+            reason = f"{RELAY_METHOD}() got an unexpected keyword argument '{unknown[0]}'"
+            return endpoint, recorded, _Answer(500, "bad_request", reason.encode(), _TEXT)
+        api = "ClientManager" if manager else "Client"
+        if endpoint is None:
+            if _is_idds_command(command, manager):
+                return None, recorded, _relay_answer(
+                    [False, f"failed to execute command with the simulated iDDS serves only "
+                            f"{', '.join(_RELAYED)}, not {command}"], "relay_failed")
+            return None, recorded, _relay_answer(
+                [False, f"{command} is not a command of iDDS {api}"], "not_a_command")
+        try:
+            args = _relay_json(params.get("args"), list)
+            kwargs = _relay_json(params.get("kwargs"), dict)
+        except ValueError as exc:
+            return endpoint, recorded, _relay_answer(
+                [False, f"failed to execute command with {exc}"], "relay_failed")
+        try:
+            arguments = _SIGNATURES[endpoint].bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            return endpoint, recorded, _relayed_failure(manager, f"{command}(): {exc}",
+                                                         "bad_request")
+        refused = _client_manager_guard(endpoint, arguments) if manager else None
+        if refused is not None:
+            # ClientManager's own guard: iDDS is never asked.
+            return endpoint, recorded, _relay_answer([True, [-1, refused]], "refused")
+        ids, api_path, data = _idds_request(endpoint, arguments)
+        answer = self._serve(endpoint, ids, {}, json.dumps(data, default=str).encode(),
+                             PREFIX + api_path, authenticate=False)
+        ok, result = _as_client_sees(answer)
+        if ok:
+            return endpoint, recorded, _relay_answer([True, result], answer.outcome, answer.then)
+        return endpoint, recorded, _relayed_failure(manager, result, answer.outcome)
+
+    def _authenticate_relay(self, headers: Mapping[str, str]) -> _Answer | None:
+        """PanDA's checks, None when they pass: its WSGI entry's on a token
+        (panda_request.decode_token), then relay_idds_command's isSecure."""
+        if self._token is None:
+            return None  # as if TLS had brought a client certificate
+        authorization = headers.get("authorization")
+        if not authorization:
+            # No token means x509, and plain HTTP brings no certificate.
+            return _relay_answer([False, _NOT_SECURE], "unauthorized")
+        parts = authorization.split()
+        token = parts[1] if len(parts) == 2 and parts[0].lower() == "bearer" else ""
+        origin = headers.get("origin")
+        if origin is None:
+            reason = "Token decode failure. no HTTP_ORIGIN to identify the VO"
+        elif not hmac.compare_digest(token.encode(), self._token.encode()):
+            reason = "Invalid token. Signature verification failed"
+        elif self._vo is not None and origin != self._vo:
+            reason = f"Unknown vo : {origin}"
+        else:
+            return None
+        return _panda_error(403, f"Token authentication failed. {reason}", "unauthorized")
+
+    # --- control endpoints --------------------------------------------------
+
+    def _control(self, method: str, action: str, body: bytes) -> _Answer:
+        try:
+            if method == "GET" and action == "/state":
+                return _json(200, self.state(), "control")
+            if method != "POST" or action not in ("/fail", "/delay", "/clear"):
+                return _json(404, {"error": f"no control {method} {CONTROL_PREFIX}{action}"},
+                             "control")
+            args = json.loads(body) if body else {}
+            if not isinstance(args, dict):
+                raise ValueError("the body must be a JSON object")
+            if action == "/fail":
+                _only(args, {"count", "status", "exception_class", "message", "endpoint"})
+                self.fail_next(**args)
+            elif action == "/delay":
+                _only(args, {"seconds", "endpoint"})
+                self.delay(**args)
+            else:
+                _only(args, set())
+                self.clear_faults()
+            return _json(200, {"ok": True}, "control")
+        except (ValueError, TypeError) as exc:
+            return _json(400, {"error": str(exc)}, "control")
+
+
+class SimControl:
+    """The fault-injection endpoints of a simulated iDDS REST server running
+    elsewhere (another process): the same calls as on the server object."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        """``url``: the server's ``url`` or ``control_url``, or its root."""
+        parts = urlsplit(url)
+        self.control_url = f"{parts.scheme}://{parts.netloc}{CONTROL_PREFIX}"
+        self.timeout = timeout
+
+    def fail_next(self, count: int = 1, *, status: int = 500,
+                  exception_class: str | None = "CoreException",
+                  message: str = "simulated iDDS failure",
+                  endpoint: Endpoint | None = None) -> None:
+        self._post("/fail", {"count": count, "status": status,
+                             "exception_class": exception_class, "message": message,
+                             "endpoint": endpoint})
+
+    def delay(self, seconds: float, *, endpoint: Endpoint | None = None) -> None:
+        self._post("/delay", {"seconds": seconds, "endpoint": endpoint})
+
+    def clear_faults(self) -> None:
+        self._post("/clear", {})
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.control_url + "/state", timeout=self.timeout) as reply:
+            data: dict[str, Any] = json.load(reply)
+            return data
+
+    def _post(self, action: str, args: dict[str, Any]) -> None:
+        request = urllib.request.Request(
+            self.control_url + action, data=json.dumps(args).encode(), method="POST",
+            headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise ValueError(f"{action}: {exc.read().decode(errors='replace')}") from None
+
+
+# --- the HTTP side ----------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a delayed answer must not hold up stop()
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 sim: SimulatedIDDSRest) -> None:
+        self.sim = sim
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks the host name up (getfqdn), slow without DNS.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "sim-idds"
+
+    def do_GET(self) -> None:  # http.server's naming
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def do_PUT(self) -> None:
+        self._answer()
+
+    def do_DELETE(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0  # read as an empty body: iDDS's own "must not be empty" answers
+        body = self.rfile.read(length) if length > 0 else b""
+        answer = self.server.sim._handle(self.command, self.path, dict(self.headers.items()),
+                                         body)
+        try:
+            self.send_response(answer.status)
+            for name, value in answer.headers:
+                self.send_header(name, _header_safe(value))
+            self.send_header("Content-Length", str(len(answer.body)))
+            self.end_headers()
+            self.wfile.write(answer.body)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("%s %s: the client left before the answer", self.command, self.path)
+        if answer.then is not None:
+            try:
+                answer.then()
+            except Exception:  # the simulator keeps serving; the log says what broke
+                log.exception("simulated iDDS: callback after %s %s failed",
+                              self.command, self.path)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The request line only (never headers): http.server would print to stderr.
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+# --- PanDA's relay: helpers ----------------------------------------------------
+
+_TEXT: tuple[tuple[str, str], ...] = (("Content-Type", "text/plain"),)
+# relay_idds_command's answer to a caller without a client certificate (isSecure).
+_NOT_SECURE = "SSL secure connection is required"
+_RELAY_PARAMS = {"command_name", "args", "kwargs", "manager", "json_outputs"}
+_RELAYED: dict[str, Endpoint] = {"create_workflow_task": "create",
+                                 "adjust_worker": "adjust",
+                                 "close_workflow_task": "close"}
+# The three methods' parameters (the same in ClientManager and Client), to
+# bind relayed args and kwargs as the call would.
+_SIGNATURES: dict[Endpoint, inspect.Signature] = {
+    "create": inspect.signature(lambda workflow: None),
+    "adjust": inspect.signature(
+        lambda request_id, transform_id, workload_id, parameters: None),
+    "close": inspect.signature(lambda request_id, parameters: None),
+}
+
+
+def _relay_params(content_type: str | None, body: bytes) -> dict[str, Any]:
+    """The parameters as PanDA's entry reads them: gzip-compressed JSON when
+    the Content-Type is exactly application/json (true/false becoming
+    "True"/"False"), else a form. ValueError when unreadable."""
+    if content_type == "application/json":
+        try:
+            data = json.loads(gzip.decompress(body))
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            raise ValueError(f"not gzip-compressed JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("the JSON body is not an object")
+        return {k: str(v) if isinstance(v, bool) else v for k, v in data.items()}
+    try:
+        text = body.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not a form: {exc}") from None
+    return {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
+
+
+def _relay_record(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The relayed request as recorded: args and kwargs decoded when JSON."""
+    record = dict(params)
+    for key in ("args", "kwargs"):
+        value = record.get(key)
+        if isinstance(value, str) and value:
+            with contextlib.suppress(ValueError):  # else recorded as sent
+                record[key] = json.loads(value)
+    return record
+
+
+def _relay_command(params: Mapping[str, Any]) -> tuple[str, bool]:
+    """The command (without PanDA's "+<idds host>") and whether ClientManager
+    (else Client) runs it, as relay_idds_command's resolve_bool reads it."""
+    command = str(params.get("command_name") or "").partition("+")[0]
+    return command, str(params.get("manager")) in ("True", "true")
+
+
+def _relay_json(text: Any, kind: type) -> Any:
+    """args (a list) or kwargs (a dict) as the relay decodes them; empty when
+    not sent. ValueError when unreadable."""
+    if not text:
+        return kind()
+    try:
+        value = idds_json_loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{text!r} is not a JSON {'list' if kind is list else 'object'}")
+    return value
+
+
+def _is_idds_command(command: str, manager: bool) -> bool:
+    """Whether PanDA would find ``command`` on its iDDS client object."""
+    # Imported here: importing the iDDS clients creates their local config
+    # directory (~/.idds unless IDDS_LOCAL_CONFIG_ROOT), unwanted on the common path.
+    if manager:
+        from idds.client.clientmanager import ClientManager
+
+        return hasattr(ClientManager, command)
+    from idds.client.client import Client
+
+    return hasattr(Client, command)
+
+
+def _client_manager_guard(endpoint: Endpoint, arguments: Mapping[str, Any]) -> str | None:
+    """What ClientManager (idds-client 2.6.21) refuses by itself, returning
+    ``(-1, text)`` without asking iDDS."""
+    if endpoint == "adjust" and arguments["request_id"] is None \
+            and arguments["workload_id"] is None:
+        return "Both request_id and workload_id are None. One of them should not be None"
+    if endpoint == "close" and arguments["request_id"] is None:
+        return "request_id is None"
+    return None
+
+
+def _idds_request(endpoint: Endpoint,
+                  arguments: Mapping[str, Any]) -> tuple[dict[str, str], str, dict[str, Any]]:
+    """The path ids, API path and body of the iDDS request that idds-client's
+    WorkflowTaskClient makes of a call (a None id as "null")."""
+    if endpoint == "create":
+        return {}, "/workflow_task", {"workflow": arguments["workflow"]}
+    ids = {key: "null" if arguments[key] is None else str(arguments[key])
+           for key in ("request_id", "transform_id", "workload_id") if key in arguments}
+    if endpoint == "adjust":
+        api_path = (f"/workflow_task/{ids['request_id']}/{ids['transform_id']}/"
+                    f"{ids['workload_id']}/adjust")
+    else:
+        api_path = f"/workflow_task/{ids['request_id']}/close"
+    return ids, api_path, {"parameters": arguments["parameters"]}
+
+
+def _as_client_sees(answer: _Answer) -> tuple[bool, Any]:
+    """What the iDDS client on PanDA's side makes of an iDDS answer: (True,
+    the decoded body) on 200, else (False, the text of the exception it
+    raises), which ClientManager's exception_handler returns. As idds-client
+    2.6.21's BaseRestClient.get_request_response, branch by branch."""
+    text = answer.body.decode(errors="replace")
+    if answer.status == 200:
+        return True, idds_json_loads(text) if text else None
+    headers = dict(answer.headers)
+    try:
+        if "ExceptionClass" in headers:
+            cls = getattr(idds_exceptions, headers["ExceptionClass"], None)
+            if cls is None:
+                raise idds_exceptions.IDDSException(text)
+            # As sent on the wire, one latin-1 line.
+            raise cls(_header_safe(headers.get("ExceptionMessage", "")))
+        if answer.status in (400, 401, 403, 404, 405, 500):
+            raise idds_exceptions.IDDSException(text)
+        if not text:
+            raise idds_exceptions.IDDSException(f"Unknow exception: {text}")  # sic
+        raise idds_exceptions.IDDSException(**idds_json_loads(text))
+    except Exception as exc:  # any of them, as exception_handler catches any
+        return False, str(exc)
+
+
+def _relayed_failure(manager: bool, text: str, outcome: str) -> _Answer:
+    # ClientManager returns the failure, which PanDA relays as a result;
+    # Client raises it, which fails the relay itself.
+    if manager:
+        return _relay_answer([True, [False, text]], outcome)
+    return _relay_answer([False, f"failed to execute command with {text}"], outcome)
+
+
+def _relay_answer(payload: list[Any], outcome: str,
+                  then: Callable[[], None] | None = None) -> _Answer:
+    # relay_idds_command's json.dumps((ok, ...)), which PanDA sends as text.
+    return _Answer(200, outcome, json.dumps(payload, default=str).encode(), _TEXT, then)
+
+
+def _panda_error(status: int, message: str, outcome: str) -> _Answer:
+    # How PanDA's WSGI entry refuses a request.
+    return _Answer(status, outcome, f"ERROR : {message}".encode(), _TEXT)
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _route(method: str, path: str) -> tuple[Endpoint | None, dict[str, str], _Answer]:
+    """The endpoint and path ids; or no endpoint and the 404/405 answer."""
+    if path.startswith(PREFIX + "/"):
+        api_path = path[len(PREFIX):]
+        methods: set[str] = set()
+        for pattern, endpoint, allowed in _ROUTES:
+            matched = pattern.match(api_path)
+            if matched is None:
+                continue
+            if method == allowed:
+                return endpoint, matched.groupdict(), _Answer(200, "ok")
+            methods.add(allowed)
+        status = 405 if methods else 404
+    else:
+        status = 404
+    return None, {}, _error_raw(status, "IDDSException",
+                                f"The requested REST API is not defined: {_NO_API[status]}",
+                                "no_api")
+
+
+def _parameters(body: bytes) -> Any:
+    """``body["parameters"]`` as iDDS reads it (missing: {}); a body that is
+    not a JSON object is the 400 iDDS answers."""
+    try:
+        data = (json.loads(body) if body else {}) or {}
+        return data.get("parameters", {})
+    except (ValueError, AttributeError):
+        raise _Rejected(_undecodable()) from None
+
+
+def _as_dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    # iDDS calls .get on it: anything else fails there, with Python's words.
+    if not isinstance(value, Mapping):
+        raise _Rejected(_error(500, "CoreException",
+                               f"'{type(value).__name__}' object has no attribute 'get'",
+                               "error", wrap=False))
+    return value
+
+
+def _task_id(value: Any) -> TaskId:
+    """An id as iDDS filters on it: missing, null, "null", "" or 0 filter
+    nothing; digits are the integer; any other text matches nothing."""
+    if value is None or value in ("null", "", 0) or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    return int(text) if text.isdigit() else text
+
+
+def _ok(data: dict[str, Any], then: Callable[[], None] | None = None) -> _Answer:
+    return _Answer(200, "ok", json.dumps(data).encode(), then=then)
+
+
+def _json(status: int, data: dict[str, Any], outcome: str) -> _Answer:
+    return _Answer(status, outcome, json.dumps(data, default=str).encode())
+
+
+def _error(status: int, exception_class: str, message: str, outcome: str,
+           wrap: bool = True) -> _Answer:
+    """As iDDS's generate_http_response after ``raise ExceptionClass(message)``:
+    ExceptionMessage is ``{"msg": str(the exception)}``. ``wrap=False`` for a
+    plain Python error, whose text iDDS sends as it is."""
+    cls = getattr(idds_exceptions, exception_class, None)
+    text = str(cls(message)) if wrap and isinstance(cls, type) else message
+    return _error_raw(status, exception_class, json.dumps({"msg": text}), outcome)
+
+
+def _error_raw(status: int, exception_class: str, header_message: str,
+               outcome: str) -> _Answer:
+    return _Answer(status, outcome, b"", (
+        ("Content-Type", "application/json"),
+        ("ExceptionClass", exception_class),
+        ("ExceptionMessage", header_message),
+    ))
+
+
+def _auth_failed(reason: str) -> _Answer:
+    # iDDS's generate_failed_auth_response: IDDSException, the bare reason.
+    return _error_raw(401, "IDDSException", reason, "unauthorized")
+
+
+def _undecodable() -> _Answer:
+    return _error(400, "BadRequest", "Cannot decode JSON parameter dictionary", "bad_request",
+                  wrap=False)
+
+
+def _header_safe(value: str) -> str:
+    # A header value must be one latin-1 line.
+    one_line = value.replace("\r", " ").replace("\n", " ")
+    return one_line.encode("latin-1", errors="replace").decode("latin-1")
+
+
+def _redacted(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name: REDACTED if any(w in name.lower() for w in _SECRET_HEADER_WORDS) else value
+            for name, value in headers.items()}
+
+
+def _readable(body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")
+
+
+def _check_endpoint(endpoint: str | None) -> None:
+    if endpoint is not None and endpoint not in ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)} (or none for all)")
+
+
+def _only(args: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(args) - allowed
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+
+
+# --- command line -------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until interrupted; prints its URL (what IDDS_HOST takes),
+    and its relay URL (what PANDA_URL_SSL takes) on stderr."""
+    parser = argparse.ArgumentParser(
+        prog="python -m swf_panda_workers.peers.idds_rest",
+        description="A simulated iDDS workflow-task REST server, for demos and tests.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8443, help="0 picks a free port")
+    parser.add_argument("--token-env", metavar="VAR",
+                        help="require oidc with the token in this environment variable")
+    parser.add_argument("--vo", help="require this VO (X-IDDS-Auth-VO)")
+    parser.add_argument("--workload-pending", action="store_true",
+                        help="answer creates with workload_id null")
+    args = parser.parse_args(argv)
+    token = None
+    if args.token_env:
+        # From the environment, never the command line: ps would show it.
+        token = os.environ.get(args.token_env)
+        if not token:
+            parser.error(f"--token-env {args.token_env}: that variable is empty or unset")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with SimulatedIDDSRest(args.host, args.port, token=token, vo=args.vo,
+                           workload_pending=args.workload_pending) as server:
+        print(server.url, flush=True)
+        print(f"# PanDA relay (PANDA_URL_SSL): {server.relay_url}", file=sys.stderr, flush=True)
+        print(f"# faults and records: {server.control_url} (GET /state; POST /fail, "
+              f"/delay, /clear); auth: {'oidc token from $' + args.token_env if token else 'any'}",
+              file=sys.stderr, flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
