@@ -4,14 +4,20 @@
 
 Each flow run executes as a subprocess of this runner. Set
 PREFECT_RUNNER_POLL_FREQUENCY=1 for a prompt start (the default polls every
-10 s). prefect.yaml declares the same deployment for `prefect deploy`.
+10 s). The runner also runs again the deployment's flow runs whose process
+died, e.g. with an earlier runner (deployments/recovery.py). prefect.yaml
+declares the same deployment for `prefect deploy` (a worker then runs the flow
+runs, and nothing recovers orphans).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from datetime import timedelta
 
+from deployments.recovery import RunRecovery
 from flows.run_lifecycle import run_lifecycle
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, check_rest_client
 from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
@@ -33,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
             check_rest_client(settings)
         except IddsNotConfigured as exc:
             raise SystemExit(f"REST mode cannot reach iDDS: {exc}") from None
+    # Prefect's logging setup shows warnings only; the recovery says what it does.
+    logging.getLogger("swf").setLevel(logging.INFO)
+    RunRecovery(settings.prefect.deployment,
+                horizon=timedelta(seconds=settings.timeouts.run_end)).start()
     run_lifecycle.serve(
         name=deployment_name,
         limit=settings.prefect.runner_limit,

@@ -13,9 +13,12 @@ rebuilds its state and skips what was already done.
 from datetime import datetime
 from functools import partial
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.idds_requests import ask_idds, gateway_for
@@ -29,6 +32,7 @@ from swf_panda_workers.adapters.prefect_events import (
     message_event_name,
     run_resource_id,
 )
+from swf_panda_workers.adapters.prefect_runs import claim_run
 from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
@@ -75,6 +79,9 @@ async def run_lifecycle(
 ) -> RunOutcome:
     """``announcement`` is the run_imminent message as received (either shape);
     ``received_at`` when the listener got it (events are read from then on)."""
+    # First of all, which process runs this attempt: a runner that finds that
+    # process gone runs the flow run again (deployments/recovery.py).
+    await claim_attempt()
     settings = settings_for(namespace)
     run = announced_run(announcement, run_id)
     since = history_start(received_at or utc_now())
@@ -107,6 +114,14 @@ async def run_lifecycle(
     return outcome
 
 
+async def claim_attempt() -> None:
+    flow_run_id = flow_run.id
+    if flow_run_id is None:
+        raise RuntimeError("the run flow runs only as a flow run")
+    async with get_client() as client:
+        await claim_run(client, UUID(flow_run_id), flow_run.run_count)
+
+
 async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
                       settings: Settings) -> WorkflowIds:
     logger = get_run_logger()
@@ -115,7 +130,7 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
     else:
         answer = await ask_idds(settings)(
             "create_workflow_task", partial(idds.create_workflow_task, run, utc_now()))
-        view.record(Effect(kind="create_sent"), answer)
+        await view.record(Effect(kind="create_sent"), answer)
         logger.info("create_workflow_task sent for run %s", run.run_id)
 
     timeout = settings.timeouts.created_workflow_task
@@ -139,12 +154,12 @@ async def stop_and_close(view: RunView, bus: BusClient, idds: IddsGateway, ids: 
     run_id = view.state.run_id
     if not view.state.stop_sent:
         await publish(bus, outbound.stop_transformer(run_id, settings, utc_now()))
-        view.record(Effect(kind="stop_sent"))
+        await view.record(Effect(kind="stop_sent"))
         logger.info("stop_transformer broadcast for run %s", run_id)
     if not view.state.close_sent:
         answer = await ask_idds(settings)(
             "close_workflow_task", partial(idds.close_workflow_task, run_id, ids, utc_now()))
-        view.record(Effect(kind="close_sent"), answer)
+        await view.record(Effect(kind="close_sent"), answer)
         logger.info("close_workflow_task sent for request %s", ids.request_id)
 
     timeout = settings.timeouts.closed_workflow_task

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from prefect.events import Event, emit_event
+from prefect.events import Event
 from prefect.runtime import flow_run
 
 from swf_panda_workers.adapters.prefect_events import (
@@ -15,6 +15,8 @@ from swf_panda_workers.adapters.prefect_events import (
     answer_event,
     decode,
     effect_event,
+    emit,
+    until_stored,
 )
 from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import Message, WorkerSize
@@ -62,6 +64,17 @@ class RunView:
             await self.next_input(timeout=0)
         return self.state
 
+    async def settle(self) -> RunState:
+        """Apply what else the run received, once the feed has caught up with
+        events sent just before it subscribed: a run that ends soon after the
+        sub-flow started must still count the slice results sent before that."""
+        await self._feed.caught_up.wait()
+        while (event := await self._feed.next(timeout=0)) is not None:
+            item = decode(event)
+            if item is not None:
+                self.state = apply(item, self.state, event.occurred)
+        return self.state
+
     async def until(self, done: Callable[[RunState], bool], timeout: float) -> bool:
         """Follow the feed until ``done(state)``; False if ``timeout`` passes first."""
         loop_deadline = utc_now() + timedelta(seconds=timeout)
@@ -72,23 +85,26 @@ class RunView:
             await self.next_input(timeout=left)
         return True
 
-    def record(self, effect: Effect, answer: Answer | None = None) -> None:
+    async def record(self, effect: Effect, answer: Answer | None = None) -> None:
         """Journal an effect the flow performed, and iDDS's answer when the
         request returned one (REST mode), and apply them at once. The journal
-        is what stops a retried flow run from repeating the effect."""
-        self._journal(effect, effect_event(effect, self._namespace, self.state.run_id,
-                                           _flow_run_id()))
+        is what stops a retried flow run from repeating the effect, so this
+        returns only once the server has stored it: a flow-run process killed
+        after that is never retried into doing the effect again."""
+        events = [self._journal(effect, effect_event(effect, self._namespace, self.state.run_id,
+                                                     _flow_run_id()))]
         if answer is not None:
-            self._journal(answer, answer_event(answer, self._namespace, _flow_run_id()))
+            events.append(self._journal(answer, answer_event(answer, self._namespace,
+                                                             _flow_run_id())))
+        await until_stored(events)
 
-    def _journal(self, item: Effect | Answer, event: Event) -> None:
+    def _journal(self, item: Effect | Answer, event: Event) -> Event:
         self._feed.mark_seen(event.id)
-        emit_event(event=event.event, resource=event.resource.root, occurred=event.occurred,
-                   related=[r.root for r in event.related], payload=event.payload, id=event.id)
+        emit(event)
         self.state = apply(item, self.state, event.occurred)
+        return event
 
 
 def _flow_run_id() -> UUID | None:
     value = flow_run.id
     return UUID(value) if value else None
-

@@ -61,6 +61,7 @@ async def scale_workers(
             view = RunView(feed, replace(initial_state(run, settings), ids=ids), namespace)
             scaler = Scaler(view, policy, gateway_for(settings, bus), settings)
             end = await scaler.follow_until_end(deadline)
+            await view.settle()  # results sent before the end, not yet seen
 
     final = view.state
     return ScalingReport(
@@ -102,8 +103,8 @@ class Scaler:
             return  # replaying history: this request went out in an earlier attempt
         answer = await ask_idds(self.settings)("adjust_worker", partial(
             self.idds.adjust_worker, state.run_id, state.ids, decision.size, utc_now()))
-        self.view.record(Effect(kind="adjust_sent", size=decision.size, reason=decision.reason),
-                         answer)
+        await self.view.record(
+            Effect(kind="adjust_sent", size=decision.size, reason=decision.reason), answer)
         get_run_logger().info("adjust_worker for run %s: %s workers (%s)", state.run_id,
                               decision.size.target_worker_count, decision.reason)
 

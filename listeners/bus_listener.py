@@ -2,7 +2,12 @@
 
 - /topic/panda.workers, with the namespace selector the peers use;
 - /queue/panda.results.worker, without one: transformers started by iDDS send
-  no namespace header. Results of runs this namespace does not own are dropped.
+  no namespace header. Results of runs this namespace does not own, and
+  messages naming another namespace, are acked and dropped; only what
+  transformers send is taken from it.
+
+What to do with each delivery is decided by ``listeners.routing.decide``,
+without I/O; this module carries the decision out.
 
 A message is acked only once what it caused is stored by Prefect: the run's
 flow run exists (run_imminent), or the message's event is readable back from
@@ -26,6 +31,15 @@ from prefect.events import Event
 from prefect.events.clients import EventsClient
 from websockets.exceptions import WebSocketException
 
+from listeners.routing import (
+    Decision,
+    Ignore,
+    Record,
+    SetAside,
+    StartRun,
+    decide,
+    one_line,
+)
 from swf_panda_workers.adapters.prefect_events import message_event, stored_ids
 from swf_panda_workers.adapters.prefect_runs import RunStarter
 from swf_panda_workers.adapters.stomp_bus import (
@@ -36,18 +50,6 @@ from swf_panda_workers.adapters.stomp_bus import (
     namespace_selector,
 )
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import (
-    AdjustWorker,
-    CloseWorkflowTask,
-    CreateWorkflowTask,
-    InvalidMessage,
-    Message,
-    RunImminent,
-    SliceResult,
-    StopTransformer,
-    decode_body,
-    parse_message,
-)
 from swf_panda_workers.timestamps import utc_now
 
 log = logging.getLogger("swf.listener")
@@ -58,7 +60,6 @@ HANDOFF_ERRORS: tuple[type[BaseException], ...] = (
 )
 CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
 REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
-MAX_BODY_BYTES = 1_000_000  # a Prefect event carries at most ~1.5 MB
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Pending:
     since: float
 
 
-Handler = Callable[[Message, dict[str, Any], Delivery], Awaitable[None]]
+Action = Callable[[Any, Delivery], Awaitable[None]]  # carries out one kind of Decision
 
 
 @dataclass
@@ -124,82 +125,73 @@ class BusListener:
     # --- one message ------------------------------------------------------------
 
     async def handle(self, delivery: Delivery) -> None:
+        decision = decide(delivery.body, delivery.headers, self.namespace,
+                          self.settings.brokers.results_queue, self.owned)
+        act = self._actions()[type(decision)]
         try:
-            if len(delivery.body) > MAX_BODY_BYTES:
-                raise InvalidMessage(f"body of {len(delivery.body)} bytes is over "
-                                     f"the {MAX_BODY_BYTES} byte limit")
-            data = decode_body(delivery.body)
-            message = parse_message(data)
-        except InvalidMessage as exc:
-            await self.set_aside(delivery, str(exc))
-            return
-        handler = self._routes().get(type(message), self.record)
-        try:
-            await handler(message, data, delivery)
+            await act(decision, delivery)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code >= 500:
-                await self._retry_later(delivery, data, exc)
+                await self._retry_later(delivery, decision, exc)
             else:  # Prefect refuses this message: asking again would not help
-                await self.set_aside(delivery, f"Prefect refused it: {exc.response.text[:500]}")
+                await self.set_aside(SetAside(one_line(
+                    f"Prefect refused it: {exc.response.text}", 500)), delivery)
         except HANDOFF_ERRORS as exc:
-            await self._retry_later(delivery, data, exc)
+            await self._retry_later(delivery, decision, exc)
 
-    async def _retry_later(self, delivery: Delivery, data: dict[str, Any],
+    async def _retry_later(self, delivery: Delivery, decision: Decision,
                            exc: BaseException) -> None:
         """Prefect is unreachable: keep the message unacked and try again."""
+        message = getattr(decision, "message", None)
         log.warning("hand-off of %s for run %s failed (%s); retrying in 2 s",
-                    data.get("msg_type"), data.get("run_id"), exc)
+                    getattr(message, "msg_type", None), getattr(message, "run_id", None), exc)
         await asyncio.sleep(2)
         self._inbox.put_nowait(delivery)
 
-    def _routes(self) -> dict[type, Handler]:
+    def _actions(self) -> dict[type, Action]:
         return {
-            RunImminent: self.start_run,
-            SliceResult: self.record_result,
-            # Our own requests (and other agents'), echoed by the topic.
-            CreateWorkflowTask: self.ignore,
-            AdjustWorker: self.ignore,
-            CloseWorkflowTask: self.ignore,
-            StopTransformer: self.ignore,
+            StartRun: self.start_run,
+            Record: self.record,
+            Ignore: self.ignore,
+            SetAside: self.set_aside,
         }
 
-    async def start_run(self, message: Message, data: dict[str, Any], delivery: Delivery) -> None:
-        assert isinstance(message, RunImminent)
-        flow_run_id = await self.runs.start(message, self.namespace, data, utc_now())
+    async def start_run(self, decision: StartRun, delivery: Delivery) -> None:
+        message = decision.message
+        flow_run_id = await self.runs.start(message, self.namespace, decision.data, utc_now())
         known = self.owned.setdefault(message.run_id, flow_run_id) == flow_run_id
         log.info("run_imminent run_id=%s: flow run %s%s", message.run_id, flow_run_id,
                  "" if known and not delivery.redelivered else " (already started)")
         self._ack(delivery)
 
-    async def record_result(self, message: Message, data: dict[str, Any],
-                            delivery: Delivery) -> None:
-        run_id = getattr(message, "run_id", None)
-        if run_id not in self.owned:
-            log.debug("slice_result run_id=%s: not a run of namespace %s; dropped",
-                      run_id, self.namespace)
-            self._ack(delivery)
-            return
-        await self.record(message, data, delivery)
-
-    async def record(self, message: Message, data: dict[str, Any], delivery: Delivery) -> None:
+    async def record(self, decision: Record, delivery: Delivery) -> None:
         """Hand the message to its run's flow as a Prefect event."""
-        run_id = getattr(message, "run_id", None)
-        event = message_event(data, message.msg_type, self.namespace, run_id,
+        run_id = decision.run_id
+        event = message_event(decision.data, decision.message.msg_type, self.namespace, run_id,
                               delivery.message_id, self.owned.get(run_id or ""))
         await self.events.emit(event)
         self._pending[event.id] = Pending(delivery, event, self._loop.time())
-        log.debug("%s run_id=%s -> event %s", message.msg_type, run_id, event.id)
+        log.debug("%s run_id=%s -> event %s", decision.message.msg_type, run_id, event.id)
 
-    async def ignore(self, message: Message, data: dict[str, Any], delivery: Delivery) -> None:
+    async def ignore(self, decision: Ignore, delivery: Delivery) -> None:
+        log.debug("ignored message %s from %s: %s", delivery.message_id,
+                  delivery.destination, decision.why)
         self._ack(delivery)
 
-    async def set_aside(self, delivery: Delivery, reason: str) -> None:
+    async def set_aside(self, decision: SetAside, delivery: Delivery) -> None:
+        """Copy the message, whole, to the dead-letter queue with the reason,
+        then ack it. Whole, not truncated: once acked, the copy is all that is
+        left of it, and an operator may replay it once the cause is fixed; and
+        the broker, which took it once (ActiveMQ refuses STOMP bodies over
+        100 MB on the way in), takes the copy too."""
         log.warning("rejected message %s from %s: %s", delivery.message_id,
-                    delivery.destination, reason)
+                    delivery.destination, decision.reason)
         assert self.bus is not None
         headers = {
             "persistent": "true",
-            "swf_reject_reason": reason[:1000],
+            # Only our own headers: none of the sender's (a forged reason, a
+            # stale expiry) is carried over to the copy.
+            "swf_reject_reason": decision.reason,
             "swf_original_destination": delivery.destination,
             "swf_original_message_id": delivery.message_id,
         }
@@ -230,7 +222,12 @@ class BusListener:
                 continue
             for event_id in stored:
                 self._ack(self._pending.pop(event_id).delivery)
-            await self._reemit_stale()
+            try:
+                await self._reemit_stale()
+            except HANDOFF_ERRORS as exc:
+                # Prefect went away between the read-back and the re-send:
+                # the events stay pending, the next round tries again.
+                log.warning("cannot re-send unstored events to Prefect yet: %s", exc)
 
     async def _reemit_stale(self) -> None:
         now = self._loop.time()

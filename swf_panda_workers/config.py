@@ -2,19 +2,26 @@
 
 Sections follow the seed agent's file (transceiver, brokers, panda, slice) plus
 the waits this service adds (timeouts). Unknown keys are errors, so a typo is
-reported with its path instead of silently ignored. Secrets (broker password)
-and hosts come from the environment in the testbed; see ENV_OVERRIDES.
+reported with its path instead of silently ignored. Secrets (broker user and
+password) and hosts come from the environment in the testbed, or from files
+the environment names (``ACTIVEMQ_PASSWORD_FILE``, as Docker and Kubernetes
+secrets are mounted); see ENV_OVERRIDES and SECRET_FILE_VARIANTS. A password
+written into the file still works, with a warning. No error message carries
+a secret's value: they name keys, variables and files.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "SWF_PANDA_WORKERS_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "swf_panda_workers.yaml"
@@ -47,10 +54,14 @@ class Brokers(_Section):
     port: int = Field(default=61613, gt=0, lt=65536)
     username: str | None = None
     password: SecretStr | None = None
-    use_ssl: bool = False
-    ssl_ca_certs: Path | None = None
-    ssl_cert_file: Path | None = None
-    ssl_key_file: Path | None = None
+    use_ssl: bool = Field(default=False, description="STOMP over TLS (the broker's stomp+ssl)")
+    ssl_ca_certs: Path | None = Field(
+        default=None, description="PEM CA bundle the broker's certificate must chain to; "
+        "none: the system's CAs")
+    ssl_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate, for brokers requiring one")
+    ssl_key_file: Path | None = Field(
+        default=None, description="its PEM private key, unencrypted (default: in ssl_cert_file)")
     workers_topic: str = "/topic/panda.workers"
     transformer_topic: str = "/topic/panda.transformer"
     results_queue: str = "/queue/panda.results.worker"
@@ -60,6 +71,13 @@ class Brokers(_Section):
     )
     heartbeat_ms: int = Field(
         default=10000, ge=0, description="period of the STOMP heart-beats we send (ms)")
+
+    @model_validator(mode="after")
+    def _key_needs_its_certificate(self) -> Brokers:
+        # stomp.py would silently connect without the client certificate.
+        if self.ssl_key_file is not None and self.ssl_cert_file is None:
+            raise ValueError("ssl_key_file is set but ssl_cert_file is not")
+        return self
 
 
 class Panda(_Section):
@@ -167,9 +185,15 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "ACTIVEMQ_PASSWORD": ("brokers", "password"),
     "ACTIVEMQ_USE_SSL": ("brokers", "use_ssl"),
     "ACTIVEMQ_SSL_CA_CERTS": ("brokers", "ssl_ca_certs"),
+    "ACTIVEMQ_SSL_CERT_FILE": ("brokers", "ssl_cert_file"),
+    "ACTIVEMQ_SSL_KEY_FILE": ("brokers", "ssl_key_file"),
     "SWF_NAMESPACE": ("transceiver", "namespace"),
     "SWF_PANDA_MODE": ("transceiver", "mode"),
 }
+
+# <VARIABLE>_FILE names a file holding the value of <VARIABLE> (one trailing
+# newline stripped), for secrets mounted as files; setting both is an error.
+SECRET_FILE_VARIANTS = ("ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD")
 
 
 def config_path(explicit: str | Path | None = None) -> Path:
@@ -188,7 +212,7 @@ def load_settings(
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     return settings_from(raw, environ if environ is not None else os.environ, str(source))
@@ -202,9 +226,15 @@ def settings_from(
         section: {} if values is None else dict(values) if isinstance(values, Mapping) else values
         for section, values in raw.items()
     }
+    values = _environment_values(environ)
     for variable, (section, key) in ENV_OVERRIDES.items():
-        if environ.get(variable) and isinstance(merged.setdefault(section, {}), dict):
-            merged[section][key] = environ[variable]
+        if values.get(variable) and isinstance(merged.setdefault(section, {}), dict):
+            merged[section][key] = values[variable]
+    brokers = raw.get("brokers")
+    if isinstance(brokers, Mapping) and brokers.get("password") and not values.get(
+            "ACTIVEMQ_PASSWORD"):
+        log.warning("%s: brokers.password is written in the configuration; keep it out of the "
+                    "file, in ACTIVEMQ_PASSWORD or ACTIVEMQ_PASSWORD_FILE", source)
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
@@ -213,3 +243,45 @@ def settings_from(
             for e in exc.errors(include_url=False)
         )
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def _environment_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """The override variables' values, with each <VARIABLE>_FILE read in."""
+    values = {name: environ[name] for name in ENV_OVERRIDES if environ.get(name)}
+    for name in SECRET_FILE_VARIANTS:
+        file_variable = f"{name}_FILE"
+        if not environ.get(file_variable):
+            continue
+        if environ.get(name):
+            raise ConfigError(f"both {name} and {file_variable} are set; set one")
+        values[name] = read_secret_file(environ[file_variable], file_variable)
+    return values
+
+
+def read_secret_file(path: str | Path, variable: str) -> str:
+    """A secret from a file: its text less one trailing newline (which editors
+    and `echo` add). Errors name the variable and the file, never the content."""
+    try:
+        # Bytes, then decoded: text mode would turn a '\r' inside the secret into '\n'.
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text") from None
+    for newline in ("\r\n", "\n"):
+        if text.endswith(newline):
+            text = text[: -len(newline)]
+            break
+    if not text:
+        raise ConfigError(f"{variable}: {path} is empty")
+    return text
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's excerpt of the offending
+    line: that line may hold a password."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        return f"{exc.problem or exc.context or 'syntax error'}{where}"
+    return type(exc).__name__

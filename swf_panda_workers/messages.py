@@ -13,6 +13,7 @@ the models or raises ``InvalidMessage`` whose text names the offending field.
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -350,7 +351,11 @@ _MESSAGE = TypeAdapter(Message)
 
 def parse_message(body: bytes | str | dict[str, Any]) -> Message:
     """Turn a raw bus body into a typed message, or say why it cannot be one."""
-    data = body if isinstance(body, dict) else decode_body(body)
+    if isinstance(body, dict):
+        _check_forwardable(body)
+        data = body
+    else:
+        data = decode_body(body)
     if "msg_type" not in data:
         raise InvalidMessage("msg_type: field required")
     try:
@@ -359,21 +364,73 @@ def parse_message(body: bytes | str | dict[str, Any]) -> Message:
         raise InvalidMessage(_describe(exc)) from None
 
 
+# Deeper than any message of the protocol (about 5 levels), far below what
+# pydantic (about 250) or json (about 1000) can serialize again once the body
+# is wrapped in a Prefect event or flow-run parameters.
+MAX_DEPTH = 32
+
+
 def decode_body(body: bytes | str) -> dict[str, Any]:
-    """The JSON object a raw body holds, or InvalidMessage saying why not."""
+    """The JSON object a raw body holds, or InvalidMessage saying why not.
+
+    Only strict JSON that can be written out again is accepted: the body goes
+    on to Prefect as an event or as flow-run parameters, and a value that
+    cannot be serialized there would fail the hand-off of a message already
+    judged good, on every redelivery."""
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
     except UnicodeDecodeError as exc:
         raise InvalidMessage(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"body is not JSON: {exc.msg} at line {exc.lineno}") from None
+    except InvalidMessage:  # from _no_constant
+        raise
     except RecursionError:
         raise InvalidMessage("body is not JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer over Python's 4300-digit conversion limit
+        raise InvalidMessage(f"body is not JSON: {str(exc).split(':')[0]}") from None
     if not isinstance(data, dict):
         raise InvalidMessage(f"body is a JSON {type(data).__name__}, not an object")
+    _check_forwardable(data)
     return data
+
+
+def _no_constant(name: str) -> Any:
+    # json accepts NaN and Infinity; RFC 8259 does not, nor does Prefect's client.
+    raise InvalidMessage(f"body is not JSON: {name} is not a JSON number")
+
+
+def _check_forwardable(data: dict[str, Any]) -> None:
+    """Nesting within MAX_DEPTH, text without lone surrogates (a JSON escape
+    like \\ud800 decodes to one, and UTF-8 cannot encode it), finite numbers.
+    Iterative: the point is to bound depth, not to recurse into it."""
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_DEPTH:
+                raise InvalidMessage(f"body is nested deeper than {MAX_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InvalidMessage(f"body holds {value}, which is not a JSON number")
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_text(text: str) -> None:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise InvalidMessage(
+            f"body holds the lone surrogate \\u{ord(found.group()):04x}, which is not Unicode text")
 
 
 def _describe(exc: ValidationError) -> str:

@@ -10,6 +10,17 @@ events in the Prefect UI, linked to the run's flow run.
 Event ids derive from the STOMP message id: a message the broker redelivers
 (say, after a listener crash before its ack) maps to the same event, which the
 server stores once and the feed yields once.
+
+A Prefect server restart under a running flow (measured with Prefect 3.8.8):
+the events websocket drops, and Prefect's subscriber gives up after its few
+reconnection attempts (or ends quietly on a clean close), which used to fail
+the flow run; its one retry then rebuilt the state. Now ``follow_run`` opens a
+new subscription until the server is back (OUTAGE_TOLERANCE at most) and reads
+the whole history again, so the flow-run process waits the outage out. Each
+journal entry is read back before the flow goes on (``until_stored``), and
+emitted again until it is: a server that stops before its persister flushes
+loses what it held in memory, and an effect whose journal entry was lost
+would be repeated by a later attempt.
 """
 
 from __future__ import annotations
@@ -18,13 +29,14 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 from prefect.client.orchestration import get_client
-from prefect.events import Event
+from prefect.events import Event, emit_event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import (
     EventFilter,
@@ -34,6 +46,7 @@ from prefect.events.filters import (
     EventOrder,
     EventResourceFilter,
 )
+from websockets.exceptions import WebSocketException
 
 from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import InvalidMessage, Message, parse_message
@@ -177,15 +190,84 @@ async def run_history(resource_id: str, since: datetime,
     return events
 
 
+class JournalNotStored(RuntimeError):
+    """The server did not store a journal event in time: the effect it records
+    cannot be proven done, so the flow run must not go on as if it were."""
+
+
+def emit(event: Event) -> None:
+    """Hand an event to this process's events worker (fire and forget)."""
+    emit_event(event=event.event, resource=event.resource.root, occurred=event.occurred,
+               related=[r.root for r in event.related], payload=event.payload, id=event.id)
+
+
+# How long a run flow waits out an unreachable Prefect server before giving
+# up: its feed fails (the flow run fails and Prefect retries it) and an
+# unconfirmed journal entry fails the effect that wrote it.
+OUTAGE_TOLERANCE = 900.0
+JOURNAL_CONFIRM_EVERY = 0.5  # s between read-backs of a journal entry
+JOURNAL_REEMIT_AFTER = 15.0  # s a journal entry may stay unstored before it is emitted again
+# What a call to an unreachable or restarting server raises.
+SERVER_TROUBLE: tuple[type[BaseException], ...] = (
+    httpx.TransportError, OSError, TimeoutError, WebSocketException,
+)
+
+
+def server_trouble(exc: BaseException) -> bool:
+    """The server is unreachable, restarting or failing: waiting may cure it."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500
+    if isinstance(exc, SERVER_TROUBLE):
+        return True
+    # The subscriber reports a socket closed during its handshake as a bare
+    # Exception raised from the ConnectionClosed.
+    return isinstance(exc.__cause__, WebSocketException)
+
+
+async def until_stored(events: list[Event], timeout: float = OUTAGE_TOLERANCE) -> None:
+    """Wait until the server has written ``events`` to its database (they read
+    back from the events API), emitting again those it has not stored after
+    JOURNAL_REEMIT_AFTER: a Prefect server that stops before its persister
+    flushes loses what it had only in memory. Raises JournalNotStored after
+    ``timeout``, waiting out server outages until then."""
+    loop = asyncio.get_running_loop()
+    waiting = {event.id: event for event in events}
+    deadline = loop.time() + timeout
+    emitted_at = loop.time()
+    while True:
+        try:
+            for event_id in await stored_ids(waiting):
+                waiting.pop(event_id)
+        except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+            if not server_trouble(exc):
+                raise
+            log.info("cannot read the journal back yet: %s", exc)
+        if not waiting:
+            return
+        now = loop.time()
+        if now > deadline:
+            raise JournalNotStored(
+                f"Prefect did not store journal events {sorted(map(str, waiting))} "
+                f"within {timeout:g}s")
+        if now - emitted_at > JOURNAL_REEMIT_AFTER:
+            emitted_at = now
+            for event in waiting.values():
+                emit(event)
+        await asyncio.sleep(JOURNAL_CONFIRM_EVERY)
+
+
 class RunFeed:
     """A run's events, each once: what was stored before, then what arrives."""
 
-    def __init__(self, history: list[Event]) -> None:
+    def __init__(self, history: list[Event], live: asyncio.Queue[Event] | None = None) -> None:
         self.history = tuple(history)
         self._backlog: deque[Event] = deque(history)
         self._seen: set[uuid.UUID] = {event.id for event in history}
-        self._live: asyncio.Queue[Event] = asyncio.Queue()
+        self._live: asyncio.Queue[Event] = live if live is not None else asyncio.Queue()
         self._source: asyncio.Task[None] | None = None
+        # Set once the history was read again late enough to hold every event
+        # sent before the subscription opened (LATE_HISTORY_SWEEPS).
+        self.caught_up = asyncio.Event()
 
     def mark_seen(self, event_id: uuid.UUID) -> None:
         """An event this process emitted itself and has already applied."""
@@ -196,14 +278,21 @@ class RunFeed:
         return bool(self._backlog)
 
     async def next(self, timeout: float) -> Event | None:
-        """The next unseen event, or None if none arrives within ``timeout``."""
+        """The next unseen event, or None if none arrives within ``timeout``
+        (``timeout`` 0: none is waiting already)."""
         if self._backlog:
             return self._backlog.popleft()
         deadline = asyncio.get_running_loop().time() + timeout
-        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        while True:
             self._raise_if_source_failed()
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                event = await asyncio.wait_for(self._live.get(), min(left, 1.0))
+                if not self._live.empty():
+                    event = self._live.get_nowait()
+                elif left <= 0:
+                    return None
+                else:
+                    event = await asyncio.wait_for(self._live.get(), min(left, 1.0))
             except TimeoutError:
                 continue
             if event.id not in self._seen:
@@ -215,8 +304,8 @@ class RunFeed:
         self._live.put_nowait(event)
 
     def _raise_if_source_failed(self) -> None:
-        # A subscription that gave up (server gone past its retries) must fail
-        # the flow run, so Prefect retries it, rather than leave it waiting.
+        # A subscription that gave up (server gone past OUTAGE_TOLERANCE) must
+        # fail the flow run, so Prefect retries it, rather than leave it waiting.
         if self._source is not None and self._source.done():
             error = None if self._source.cancelled() else self._source.exception()
             raise ConnectionError("the run's event subscription ended") from error
@@ -227,48 +316,136 @@ class RunFeed:
 # just before we subscribed is in neither the live stream nor the first
 # history read, so the history is read again once it must be stored.
 LATE_HISTORY_SWEEPS = (6.0, 15.0)
+# After the subscription was cut off, the whole history is read again at
+# once and then later: the listener emits again what a stopping server lost
+# (after its REEMIT_AFTER, 30 s), with the time it first received it, which
+# a new subscription's backfill window may not reach.
+RECONNECT_HISTORY_SWEEPS = (0.0, 6.0, 15.0, 45.0)
+RESUBSCRIBE_EVERY = 2.0  # s between attempts to subscribe again
 
 
 @asynccontextmanager
 async def follow_run(resource_id: str, since: datetime,
                      exclude: tuple[str, ...] = ()) -> AsyncIterator[RunFeed]:
     """Subscribe first, then read the history: an event stored between the
-    two shows up in both and is yielded once."""
+    two shows up in both and is yielded once.
+
+    The subscription outlives a Prefect server restart: when it drops it is
+    opened again, every RESUBSCRIBE_EVERY seconds, and the whole history is
+    read again (events stored while it was cut off are in no live stream).
+    The feed fails only when the server stayed unreachable for
+    OUTAGE_TOLERANCE."""
     opened_at = utc_now()
     run_filter = _run_filter(resource_id, since, exclude)
-    async with get_events_subscriber(filter=run_filter) as subscriber:
-        pending: list[Event] = []
-        feed_ready = asyncio.Event()
-        feed: RunFeed | None = None
+    live: asyncio.Queue[Event] = asyncio.Queue()
+    subscribed = asyncio.Event()
+    sweeps: set[asyncio.Task[None]] = set()
 
-        async def pump() -> None:
-            async for event in subscriber:
-                if feed_ready.is_set() and feed is not None:
-                    feed._deliver(event)
-                else:
-                    pending.append(event)
-
-        async def sweep(target: RunFeed) -> None:
-            recent = max(since, opened_at - timedelta(minutes=1))
-            for delay in LATE_HISTORY_SWEEPS:
-                await asyncio.sleep(delay)
-                for event in await run_history(resource_id, recent, exclude):
-                    target._deliver(event)  # the feed drops what it has seen
-
-        pumping = asyncio.create_task(pump())
-        sweeping: asyncio.Task[None] | None = None
+    async def sweep(start: datetime, delays: tuple[float, ...],
+                    caught_up: asyncio.Event | None = None) -> None:
         try:
-            feed = RunFeed(await run_history(resource_id, since, exclude))
-            feed._source = pumping
-            for event in pending:
-                feed._deliver(event)
-            feed_ready.set()
-            sweeping = asyncio.create_task(sweep(feed))
-            yield feed
+            for delay in delays:
+                await asyncio.sleep(delay)
+                try:
+                    events = await run_history(resource_id, start, exclude)
+                except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+                    if not server_trouble(exc):
+                        raise
+                    # Cut off again: the next subscription reads it all again.
+                    log.info("history of %s not readable now: %s", resource_id, exc)
+                    return
+                for event in events:
+                    live.put_nowait(event)  # the feed drops what it has seen
+                if caught_up is not None:
+                    caught_up.set()
         finally:
-            for background in (pumping, sweeping):
-                if background is not None:
-                    background.cancel()
-                    with suppress(asyncio.CancelledError):
-                        await background
+            if caught_up is not None:
+                caught_up.set()  # a sweep cut short must not hold its reader forever
 
+    def start_sweep(start: datetime, delays: tuple[float, ...],
+                    caught_up: asyncio.Event | None = None) -> None:
+        task = asyncio.create_task(sweep(start, delays, caught_up))
+        sweeps.add(task)
+        task.add_done_callback(sweeps.discard)
+
+    def on_subscribed(first: bool) -> None:
+        subscribed.set()
+        if not first:
+            start_sweep(since, RECONNECT_HISTORY_SWEEPS)
+
+    source = asyncio.create_task(_keep_subscribed(run_filter, live.put_nowait, on_subscribed))
+    try:
+        await _first_subscription(subscribed, source)
+        feed = RunFeed(await _history_when_reachable(resource_id, since, exclude), live)
+        feed._source = source
+        start_sweep(max(since, opened_at - timedelta(minutes=1)), LATE_HISTORY_SWEEPS,
+                    feed.caught_up)
+        yield feed
+    finally:
+        for background in (source, *sweeps):
+            background.cancel()
+            with suppress(asyncio.CancelledError):
+                await background
+
+
+async def _keep_subscribed(run_filter: EventFilter, deliver: Callable[[Event], None],
+                           on_subscribed: Callable[[bool], None]) -> None:
+    """Keep one subscription open, opening a new one whenever it drops; raise
+    once none could be opened for OUTAGE_TOLERANCE."""
+    loop = asyncio.get_running_loop()
+    first = True
+    cut_off_since: float | None = None
+    while True:
+        try:
+            # A copy: the subscriber rewrites its filter's time window.
+            async with get_events_subscriber(filter=run_filter.model_copy(deep=True),
+                                             reconnection_attempts=2) as subscriber:
+                if cut_off_since is not None:
+                    log.warning("event subscription open again after %.0fs",
+                                loop.time() - cut_off_since)
+                on_subscribed(first)
+                first, cut_off_since = False, None
+                async for event in subscriber:
+                    deliver(event)
+            reason: BaseException | str = "the server closed the event stream"
+        except Exception as exc:
+            if not server_trouble(exc):
+                raise
+            reason = exc
+        if cut_off_since is None:
+            log.warning("event subscription cut off (%s); subscribing again every %gs",
+                        reason, RESUBSCRIBE_EVERY)
+        else:
+            log.debug("event subscription still cut off: %s", reason)
+        cut_off_since = cut_off_since or loop.time()
+        if loop.time() - cut_off_since > OUTAGE_TOLERANCE:
+            raise ConnectionError(
+                f"no event subscription for {OUTAGE_TOLERANCE:g}s: Prefect is unreachable")
+        await asyncio.sleep(RESUBSCRIBE_EVERY)
+
+
+async def _first_subscription(subscribed: asyncio.Event, source: asyncio.Task[None]) -> None:
+    """Wait until the subscription is open (or has given up)."""
+    opened = asyncio.create_task(subscribed.wait())
+    try:
+        await asyncio.wait({opened, source}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        opened.cancel()
+    if source.done():
+        source.result()  # raises what made it give up
+        raise ConnectionError("the run's event subscription ended before it opened")
+
+
+async def _history_when_reachable(resource_id: str, since: datetime,
+                                  exclude: tuple[str, ...]) -> list[Event]:
+    """The run's stored history, waiting out a server outage (up to OUTAGE_TOLERANCE)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + OUTAGE_TOLERANCE
+    while True:
+        try:
+            return await run_history(resource_id, since, exclude)
+        except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+            if not server_trouble(exc) or loop.time() > deadline:
+                raise
+            log.warning("history of %s not readable yet (%s); retrying", resource_id, exc)
+            await asyncio.sleep(RESUBSCRIBE_EVERY)

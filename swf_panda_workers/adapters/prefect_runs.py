@@ -1,8 +1,14 @@
-"""Starting a run's flow run, once, and finding the runs a namespace owns."""
+"""Starting a run's flow run, once; finding the runs a namespace owns; and
+recording which process executes a run's flow run, so that a runner can tell
+a run whose process died from one still running (deployments/recovery.py)."""
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -74,3 +80,92 @@ class RunStarter:
             for fr in flow_runs
             if "run_id" in fr.parameters
         }
+
+
+# --- which process runs a flow run ---------------------------------------------
+
+PROCESS_LABEL = "swf.process"  # flow-run label: the process of its current attempt
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True)
+class RunProcess:
+    """The process executing one attempt of a flow run. On Linux, the boot id
+    and the process's start time (clock ticks since boot) tell a live process
+    from a later one that got the same pid; elsewhere they are empty and only
+    the pid is checked."""
+
+    host: str
+    boot: str
+    pid: int
+    started: str
+    attempt: int  # the flow run's run_count when the process claimed it
+
+    @classmethod
+    def current(cls, attempt: int) -> RunProcess:
+        return cls.of(os.getpid(), attempt)
+
+    @classmethod
+    def of(cls, pid: int, attempt: int) -> RunProcess:
+        """Process ``pid`` of this host."""
+        return cls(socket.gethostname(), _boot_id(), pid, _start_time(pid), attempt)
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}|{self.boot}|{self.pid}|{self.started}|{self.attempt}"
+
+    @classmethod
+    def from_label(cls, text: object) -> RunProcess | None:
+        """None for a label this module did not write."""
+        parts = str(text).split("|") if text is not None else []
+        if len(parts) != 5 or not parts[2].isdigit() or not parts[4].isdigit():
+            return None
+        host, boot, pid, started, attempt = parts
+        return cls(host, boot, int(pid), started, int(attempt))
+
+    def alive(self) -> bool | None:
+        """Whether the process still runs; None when this host cannot tell
+        (the process ran on another host)."""
+        if self.host != socket.gethostname():
+            return None
+        if self.boot != _boot_id():
+            return False  # the machine rebooted since
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # exists, another user's
+        state, started = _proc_stat(self.pid)
+        # A zombie has exited: nobody reaped it yet (a container's init may never).
+        return state not in ("Z", "X") and started == self.started
+
+
+def _boot_id() -> str:
+    try:
+        return (_PROC / "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    return _proc_stat(pid)[1]
+
+
+def _proc_stat(pid: int) -> tuple[str, str]:
+    """(state, start time) from /proc/<pid>/stat (fields 3 and 22); ("", "")
+    without /proc. The command name before them may hold spaces and
+    parentheses, so fields are counted from its closing one."""
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return "", ""
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+async def claim_run(client: PrefectClient, flow_run_id: UUID, attempt: int) -> RunProcess:
+    """Record that this process executes the flow run's attempt ``attempt``."""
+    process = RunProcess.current(attempt)
+    await client.update_flow_run_labels(flow_run_id, {PROCESS_LABEL: process.label})
+    return process

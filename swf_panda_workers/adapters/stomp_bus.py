@@ -9,12 +9,22 @@ after the broker goes away: a watchdog thread here does both, with backoff.
 Acks carry the connection epoch they were received on: an ack for a message
 of a lost connection is dropped, because the broker redelivers that message on
 the new one.
+
+With ``brokers.use_ssl`` the connection is STOMP over TLS, the broker's
+certificate verified against ``ssl_ca_certs`` (and its host name checked),
+optionally with a client certificate. A refusal that retrying cannot cure (an
+untrusted certificate, a rejected client certificate, a refused login, an
+unreadable certificate file) is ``BusRefused`` with the reason, raised by
+``start`` at once rather than after its whole timeout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Callable
@@ -22,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import stomp
-from stomp.exception import StompException
+from stomp.exception import ConnectFailedException, StompException
 
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.outbound import Outgoing
@@ -32,6 +42,23 @@ log = logging.getLogger(__name__)
 
 class BusUnavailable(ConnectionError):
     """The broker could not be reached, or did not confirm a send in time."""
+
+
+class BusRefused(RuntimeError):
+    """The broker, or TLS, turned us away for a reason that needs a change of
+    configuration or credentials (not a ConnectionError: nothing should retry
+    it as if the broker were merely down)."""
+
+
+# ERROR answers to CONNECT that a retry will not cure: ActiveMQ Classic's
+# "User name [x] or password is invalid.", "User x is not authorized ...",
+# Artemis's "Unable to validate user ...". Narrow on purpose: anything else
+# (e.g. "Client: <id> already connected") passes, and is retried.
+_LOGIN_REFUSED = re.compile(
+    r"password is invalid|is not authori[sz]ed|unable to validate user|authentication failed",
+    re.IGNORECASE)
+CONNECT_TIMEOUT = 10.0  # s for the TCP connect and the TLS handshake of one attempt
+REFUSED_RETRY_MAX = 30.0  # s between reconnects while the broker refuses us
 
 
 @dataclass(frozen=True)
@@ -91,6 +118,8 @@ class BusClient(stomp.ConnectionListener):
         self._stopping = threading.Event()
         self._receipts: dict[str, threading.Event] = {}
         self._watchdog: threading.Thread | None = None
+        self._refusal: str | None = None  # the ERROR frame answering our CONNECT
+        self._answered = threading.Event()  # CONNECTED, ERROR or the connection gone
         self.connected = threading.Event()
 
     # --- lifecycle -----------------------------------------------------------
@@ -188,11 +217,18 @@ class BusClient(stomp.ConnectionListener):
         if waiter is not None:
             waiter.set()
 
+    def on_connected(self, frame: stomp.utils.Frame) -> None:
+        self._answered.set()
+
     def on_error(self, frame: stomp.utils.Frame) -> None:
+        if not self.connected.is_set():  # the answer to our CONNECT: a refused login?
+            self._refusal = str(frame.headers.get("message") or "no reason given")
+            self._answered.set()
         log.error("broker error: %s %s", frame.headers.get("message"), frame.body[:500])
 
     def on_disconnected(self) -> None:
         self.connected.clear()
+        self._answered.set()
         if not self._stopping.is_set():
             log.warning("lost the broker %s:%s; reconnecting",
                         self._brokers.host, self._brokers.port)
@@ -213,18 +249,32 @@ class BusClient(stomp.ConnectionListener):
             try:
                 self._connect_once()
                 return
+            except BusRefused as exc:
+                if deadline is not None:  # starting: say so now, the caller must fix it
+                    raise
+                # Reconnecting: a renewed certificate or password may cure it
+                # without a restart, so keep trying, slowly and loudly.
+                log.error("%s; trying again in %.0fs", exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, REFUSED_RETRY_MAX)
             except (StompException, OSError) as exc:
+                # stomp.py's ConnectFailedException carries no text (it logs the cause).
+                reason = str(exc) or ("no answer to STOMP CONNECT (is the broker up? "
+                                      "is its TLS port reached with brokers.use_ssl?)")
                 if deadline is not None and waited >= deadline:
                     raise BusUnavailable(
-                        f"cannot reach the broker {self._brokers.host}:{self._brokers.port}: {exc}"
-                    ) from exc
-                log.info("broker not reachable (%s); retrying in %.1fs", exc, delay)
+                        f"cannot reach the broker {self._brokers.host}:{self._brokers.port}: "
+                        f"{reason}") from exc
+                log.info("broker not reachable (%s); retrying in %.1fs", reason, delay)
                 self._stopping.wait(delay)
                 waited += delay
                 delay = min(delay * 2, 5.0)
 
     def _connect_once(self) -> None:
         b = self._brokers
+        if b.use_ssl:
+            # stomp.py loops forever on a missing certificate file.
+            _check_readable(b)
         conn = stomp.Connection12(
             [(b.host, b.port)],
             # We send heart-beats; we do not ask for them: ActiveMQ Classic
@@ -233,6 +283,9 @@ class BusClient(stomp.ConnectionListener):
             heartbeats=(b.heartbeat_ms, 0),
             auto_decode=False,  # bodies stay bytes: invalid UTF-8 must not kill the receiver
             reconnect_attempts_max=1,
+            # Bounds the TCP connect and TLS handshake (a TLS client on a
+            # plain port would wait forever); reads are not affected.
+            timeout=CONNECT_TIMEOUT,
         )
         if b.use_ssl:
             conn.set_ssl(
@@ -244,7 +297,21 @@ class BusClient(stomp.ConnectionListener):
         conn.set_listener(self._name, self)
         headers = {"client-id": self._client_id} if self._client_id else {}
         password = b.password.get_secret_value() if b.password else None
-        conn.connect(b.username, password, wait=True, headers=headers)
+        self._refusal = None
+        self._answered.clear()
+        try:
+            conn.connect(b.username, password, wait=False, headers=headers)
+            # Not stomp.py's wait: it has no deadline, and never ends when a
+            # TLS broker drops us after the handshake (a refused client
+            # certificate): its receiver then spins.
+            if not self._answered.wait(CONNECT_TIMEOUT):
+                raise ConnectFailedException(f"no answer to CONNECT in {CONNECT_TIMEOUT:.0f}s")
+            if not conn.is_connected():
+                raise ConnectFailedException()
+        except ConnectFailedException:
+            conn.transport.disconnect_socket()  # also stops a spinning receiver
+            self._explain_failure()
+            raise
         with self._lock:
             self._epoch += 1
             self._conn = conn
@@ -259,6 +326,22 @@ class BusClient(stomp.ConnectionListener):
             self._receipts.pop(receipt, None)
         self.connected.set()
         log.info("connected to %s:%s (%d subscriptions)", b.host, b.port, len(self._subscriptions))
+
+    def _explain_failure(self) -> None:
+        """Raise what a failed connect was, when it can be told (stomp.py only
+        logs it): BusRefused for a refused login or a TLS failure, else a
+        StompException carrying the broker's ERROR (e.g. our client-id still
+        connected, which passes), to be retried."""
+        b = self._brokers
+        if self._refusal is not None:
+            reason = self._refusal
+            if _LOGIN_REFUSED.search(reason):
+                raise BusRefused(f"the broker {b.host}:{b.port} refused the login: {reason}")
+            raise StompException(f"the broker answered CONNECT with an error: {reason}")
+        if b.use_ssl:
+            problem = tls_problem(b)
+            if problem is not None:
+                raise BusRefused(f"the broker {b.host}:{b.port} failed TLS: {problem}")
 
     def _subscribe(self, conn: stomp.Connection12,
                    sub: Subscription) -> tuple[str, threading.Event]:
@@ -275,6 +358,65 @@ class BusClient(stomp.ConnectionListener):
         if sub.durable_name:
             headers["activemq.subscriptionName"] = sub.durable_name
         return headers
+
+
+def _check_readable(b: Brokers) -> None:
+    for key, path in (("ssl_ca_certs", b.ssl_ca_certs), ("ssl_cert_file", b.ssl_cert_file),
+                      ("ssl_key_file", b.ssl_key_file)):
+        if path is None:
+            continue
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise BusRefused(f"brokers.{key}: cannot read {path}: {exc.strerror}") from None
+
+
+def tls_problem(b: Brokers, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """What goes wrong with TLS to the broker, with the same settings stomp.py
+    uses; None if the handshake works (or the broker is simply unreachable)."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(b.ssl_ca_certs) if b.ssl_ca_certs else None)
+        if b.ssl_cert_file is not None:
+            context.load_cert_chain(b.ssl_cert_file, b.ssl_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        return f"cannot load the certificates: {exc}"
+    try:
+        raw = socket.create_connection((b.host, b.port), timeout=timeout)
+    except OSError:
+        return None  # unreachable: a later attempt may succeed
+    with raw:
+        try:
+            tls = context.wrap_socket(raw, server_hostname=b.host)
+        except TimeoutError:
+            return f"no TLS handshake in {timeout:.0f}s (is {b.port} the broker's TLS port?)"
+        except ssl.SSLError as exc:
+            return _tls_refusal(exc, b)
+        except OSError:
+            return None
+        with tls:
+            # In TLS 1.3 the server judges our client certificate after the
+            # handshake: its verdict is the first thing to read.
+            tls.settimeout(1.0)
+            try:
+                tls.recv(1)
+            except ssl.SSLError as exc:
+                return _tls_refusal(exc, b)
+            except OSError:  # a timeout: the broker waits for our CONNECT, TLS is fine
+                return None
+    return None
+
+
+def _tls_refusal(exc: ssl.SSLError, b: Brokers) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        trusted = f"the CAs in {b.ssl_ca_certs}" if b.ssl_ca_certs else "the system's CAs"
+        return (f"its certificate failed verification against {trusted} "
+                f"(brokers.ssl_ca_certs): {exc.verify_message}")
+    reason = exc.reason or str(exc)
+    if "CERTIFICATE" in reason:  # the server's alert: bad, unknown or missing client certificate
+        ours = b.ssl_cert_file or "none (brokers.ssl_cert_file)"
+        return f"it refused our client certificate ({reason}); ours: {ours}"
+    return str(exc)
 
 
 def namespace_selector(namespace: str) -> str:

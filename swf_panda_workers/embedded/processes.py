@@ -3,6 +3,7 @@ runner and the listener, each a child process with its own log file."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -152,14 +153,21 @@ def listener_process(env: dict[str, str], logs: Path, cwd: Path) -> ManagedProce
     return ManagedProcess("listener", python_module("listeners"), env, logs / "listener.log", cwd)
 
 
-def wait_for_deployment(api_url: str, name: str, wait: float = 120.0) -> None:
-    """The runner registers its deployment when it starts serving."""
+def wait_for_deployment(api_url: str, name: str, wait: float = 120.0,
+                        auth_string: str | None = None) -> None:
+    """The runner registers its deployment when it starts serving.
+    ``auth_string``: the server's PREFECT_SERVER_API_AUTH_STRING, by default
+    this process's PREFECT_API_AUTH_STRING (the header Prefect's client sends)."""
     flow_name, _, deployment = name.partition("/")
     url = f"{api_url}/deployments/name/{flow_name}/{deployment}"
+    auth_string = auth_string or os.environ.get("PREFECT_API_AUTH_STRING")
+    headers = ({"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+               if auth_string else {})
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):

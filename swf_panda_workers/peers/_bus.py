@@ -8,11 +8,12 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from swf_panda_workers.adapters.stomp_bus import BusClient, Delivery, Subscription
+from swf_panda_workers.adapters.stomp_bus import BusClient, BusUnavailable, Delivery, Subscription
 from swf_panda_workers.config import Brokers
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,23 @@ class PeerBus:
     def send(self, destination: str, body: dict[str, Any], headers: dict[str, str]) -> None:
         self._client.send_raw(destination, json.dumps(body).encode(), headers)
 
+    def resync(self, timeout: float) -> bool:
+        """After the broker came back: True once a send is confirmed on a live
+        connection. The client subscribes before it reports a new connection,
+        so the receipt also proves the subscriptions are back."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                # A connection whose loss was not noticed yet fails the send.
+                self._client.send_raw(SYNC_TOPIC, b"{}", {"persistent": "false"}, min(left, 5.0))
+                return True
+            except BusUnavailable as exc:
+                log.info("%s: not reconnected yet (%s)", self._name, exc)
+                self._stopping.wait(0.2)
+
     def _drain(self) -> None:
         assert self._handle is not None
         while (item := self._inbox.get()) is not _STOP:
@@ -93,7 +111,8 @@ class Notifier:
         """Call with ``lock`` held, after changing the guarded state."""
         self._changed.notify_all()
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """``timeout`` None: as long as it takes."""
         with self._changed:
             return self._changed.wait_for(predicate, timeout)
 

@@ -43,6 +43,10 @@ class ControlSystem:
     def stop(self) -> None:
         self._bus.stop()
 
+    def resync(self, timeout: float) -> bool:
+        """True once this peer's connection is live again (after a broker restart)."""
+        return self._bus.resync(timeout)
+
     def __enter__(self) -> ControlSystem:
         return self.start()
 

@@ -101,6 +101,13 @@ class PeerHarness:
         for part in (self.control, self.idds, self.farm, self.recorder):
             part.stop()
 
+    def resync(self, timeout: float) -> bool:
+        """After a broker restart: True once every peer is connected (and
+        subscribed) again; each reconnects by itself, with backoff."""
+        deadline = time.monotonic() + timeout
+        parts = (self.recorder, self.farm, self.idds, self.control)
+        return all(part.resync(max(deadline - time.monotonic(), 0.1)) for part in parts)
+
     def __enter__(self) -> PeerHarness:
         return self.start()
 

@@ -80,6 +80,10 @@ class SimulatedIDDS(TaskRecords):
     def stop(self) -> None:
         self._bus.stop()
 
+    def resync(self, timeout: float) -> bool:
+        """True once this peer's connection is live again (after a broker restart)."""
+        return self._bus.resync(timeout)
+
     def __enter__(self) -> SimulatedIDDS:
         return self.start()
 

@@ -7,6 +7,8 @@ results queue would steal slice results from the service.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ class BusRecorder:
         for topic in topics:
             if not topic.startswith("/topic/"):
                 raise ValueError(f"the recorder only listens to topics, not {topic}")
+        self._topics = topics
         self._state = Notifier()
         self._records: list[Recorded] = []  # guarded by self._state.lock
         self._bus = PeerBus(
@@ -64,6 +67,10 @@ class BusRecorder:
 
     def stop(self) -> None:
         self._bus.stop()
+
+    def resync(self, timeout: float) -> bool:
+        """True once this peer's connection is live again (after a broker restart)."""
+        return self._bus.resync(timeout)
 
     def __enter__(self) -> BusRecorder:
         return self.start()
@@ -88,6 +95,24 @@ class BusRecorder:
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait (woken by each new record) until ``predicate`` holds."""
         return self._state.wait_for(predicate, timeout)
+
+    def settle(self, timeout: float) -> bool:
+        """True once everything sent to the recorded topics before this call
+        has been recorded: a marker sent after it on each topic came back
+        (a topic delivers to one subscriber in the order the broker got the
+        messages). The marker is a heartbeat naming no run and carrying no
+        namespace header, which every peer and the service ignore."""
+        marker = f"recorder-marker-{uuid.uuid4().hex}"
+        for topic in self._topics:
+            body = {"msg_type": "heartbeat", "internal_id": marker, "namespace": None,
+                    "timestamp": time.time()}
+            self._bus.send(topic, body, {"persistent": "false", "msg_type": "heartbeat"})
+
+        def back() -> bool:
+            seen = {r.destination for r in self._records if r.body.get("internal_id") == marker}
+            return seen >= set(self._topics)
+
+        return self._state.wait_for(back, timeout)
 
     def counts(self) -> dict[str, int]:
         with self._state.lock:

@@ -89,6 +89,8 @@ class TransformerFarm:
         self.stop_messages: list[StopTransformer] = []
         self.invalid: list[str] = []
         self._heartbeats: dict[str, str | None] = {}  # internal_id -> namespace, live ones
+        self._holding = False  # results wait before their send (hold_results)
+        self._sending = 0  # results being sent now
         self._threads: list[threading.Thread] = []
         self._handlers: dict[type, Callable[[Any], None]] = {StopTransformer: self._on_stop}
         self._bus = PeerBus(
@@ -114,6 +116,10 @@ class TransformerFarm:
         if self._ticker.is_alive():
             self._ticker.join(timeout=5)
         self._bus.stop()
+
+    def resync(self, timeout: float) -> bool:
+        """True once the farm's connection is live again (after a broker restart)."""
+        return self._bus.resync(timeout)
 
     def __enter__(self) -> TransformerFarm:
         return self.start()
@@ -172,6 +178,21 @@ class TransformerFarm:
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         return self._state.wait_for(predicate, timeout)
+
+    def hold_results(self, timeout: float) -> bool:
+        """Keep finished slices' results from being sent, until ``release_results``;
+        True once no result is being sent any more. For stopping the broker
+        without a send in flight, whose fate (stored or not) nobody could
+        tell: a real transformer would lose or resend it, and the run's slice
+        count could not be checked exactly."""
+        with self._state.lock:
+            self._holding = True
+            return self._state.wait_for(lambda: self._sending == 0, timeout)
+
+    def release_results(self) -> None:
+        with self._state.lock:
+            self._holding = False
+            self._state.notify()
 
     def wait_idle(self, timeout: float, run_id: str | None = None) -> bool:
         """Wait until no transformer (of ``run_id``, or at all) is running."""
@@ -254,7 +275,18 @@ class TransformerFarm:
         headers = peer_headers("slice_result", run.run_id)  # no namespace, as from iDDS jobs
         if self.result_ttl_ms is not None:
             headers["expires"] = str(int(time.time() * 1000) + self.result_ttl_ms)
-        self._bus.send(self.results_queue, body, headers)
+        with self._state.lock:
+            # Held after the slice is timed, so holding slows no slice down.
+            self._state.wait_for(lambda: not self._holding or self._closing.is_set(), None)
+            if self._holding:
+                return  # the farm is shutting down while holding: the result is dropped
+            self._sending += 1
+        try:
+            self._bus.send(self.results_queue, body, headers)
+        finally:
+            with self._state.lock:
+                self._sending -= 1
+                self._state.notify()
         with self._state.lock:
             run.slices_sent += 1
             run.failed_sent += int(failed)

@@ -5,6 +5,7 @@ run deployment, and the listener, all as separate processes."""
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -14,8 +15,10 @@ import pytest
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.stack import EmbeddedStack
 
-STOMP_PORT = 61633  # not the default: a demo or a testbed broker may hold 61613
-PREFECT_PORT = 4310
+# Not the defaults (a demo or a testbed broker may hold 61613); overridable
+# so that two test sessions can run side by side on one machine.
+STOMP_PORT = int(os.environ.get("SWF_TEST_STOMP_PORT", "61633"))
+PREFECT_PORT = int(os.environ.get("SWF_TEST_PREFECT_PORT", "4310"))
 NAMESPACE = "itest"
 
 STACK_CONFIG = {
@@ -30,7 +33,8 @@ STACK_CONFIG = {
 # message-mode ones, sharing the broker and the Prefect server. Only the mode
 # key, the namespace and the deployment name differ, plus short iDDS waits.
 REST_NAMESPACE = "itestrest"
-REST_IDDS_PORT = 18443  # the simulated iDDS REST server, started by each test
+# the simulated iDDS REST server, started by each test
+REST_IDDS_PORT = int(os.environ.get("SWF_TEST_IDDS_PORT", "18443"))
 REST_TOKEN = secrets.token_urlsafe(24)  # the runner's OIDC token; must never leak
 REST_CONFIG = {
     **STACK_CONFIG,

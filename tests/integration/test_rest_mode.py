@@ -7,7 +7,6 @@ read back from Prefect."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,14 +16,13 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
-    FlowRunFilterTags,
     LogFilter,
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_reads import final_flow_run
 
-from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest
@@ -101,7 +99,7 @@ def test_two_concurrent_runs_go_through_their_whole_life_over_rest(
     assert server.duplicate_creates == {}
     assert server.violations == []
     assert peers.idds.requests == []  # the bus iDDS heard no request at all
-    flow_runs = {r: asyncio.run(final_flow_run(rest_stack.api_url, r)) for r in runs}
+    flow_runs = {r: asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, r)) for r in runs}
     assert {r: f.state_name for r, f in flow_runs.items()} == dict.fromkeys(runs, "Completed")
     for flow_run in flow_runs.values():
         assert_no_token_in(rest_stack, flow_run, rest_token)
@@ -120,7 +118,8 @@ def test_a_transient_idds_failure_is_retried_and_the_run_goes_on(
     assert [c.status for c in server.calls_for("create", run_id)] == [500, 500, 200]
     assert list(server.tasks) == [run_id]
     assert len(server.calls_for("close", run_id)) == 1
-    assert asyncio.run(final_flow_run(rest_stack.api_url, run_id)).state_name == "Completed"
+    flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id))
+    assert flow_run.state_name == "Completed"
 
 
 def test_idds_errors_end_in_a_failed_run_that_says_what_idds_answered(
@@ -132,7 +131,7 @@ def test_idds_errors_end_in_a_failed_run_that_says_what_idds_answered(
     run_id = new_run_id()
 
     peers.control.announce(run_id, "testbed", target_workers=3)
-    flow_run = asyncio.run(final_flow_run(rest_stack.api_url, run_id, wait=90))
+    flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id, wait=90))
 
     assert flow_run.state_name == "Failed"
     assert flow_run.state is not None and flow_run.state.message is not None
@@ -151,7 +150,7 @@ def test_idds_timeouts_end_in_a_failed_run_that_says_it_timed_out(
     run_id = new_run_id()
 
     peers.control.announce(run_id, "testbed", target_workers=3)
-    flow_run = asyncio.run(final_flow_run(rest_stack.api_url, run_id, wait=120))
+    flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id, wait=120))
 
     assert flow_run.state_name == "Failed"
     assert flow_run.state is not None and "timed out" in (flow_run.state.message or "")
@@ -170,7 +169,7 @@ def test_a_refused_credential_fails_the_run_with_idds_reason(
         server = rest_server(peers)
         run_id = new_run_id()
         peers.control.announce(run_id, "testbed", target_workers=3)
-        flow_run = asyncio.run(final_flow_run(rest_stack.api_url, run_id, wait=90))
+        flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id, wait=90))
 
         assert flow_run.state_name == "Failed"
         assert flow_run.state is not None
@@ -183,22 +182,6 @@ def test_a_refused_credential_fails_the_run_with_idds_reason(
 
 
 # --- reading Prefect ------------------------------------------------------------
-
-
-async def final_flow_run(api_url: str, run_id: str, wait: float = 60.0) -> FlowRun:
-    """The run's flow run once it is in a final state (retries included)."""
-    deadline = time.monotonic() + wait
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        async with get_client() as client:
-            while True:
-                found = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=run_tags(NAMESPACE, run_id))))
-                if found and found[0].state is not None and found[0].state.is_final():
-                    return found[0]
-                if time.monotonic() > deadline:
-                    state = found[0].state_name if found else "no flow run"
-                    raise AssertionError(f"run {run_id}: not final after {wait}s ({state})")
-                await asyncio.sleep(0.5)
 
 
 def assert_no_token_in(stack: EmbeddedStack, flow_run: FlowRun, token: str) -> None:

@@ -5,23 +5,19 @@ counted on the bus or read back from Prefect."""
 from __future__ import annotations
 
 import asyncio
-import json
-import queue
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterTags,
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_reads import artifact_markdown
 
 from swf_panda_workers.adapters.prefect_runs import run_tags
-from swf_panda_workers.adapters.stomp_bus import BusClient, Delivery, Subscription
 from swf_panda_workers.demo import flow_run_states
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import Shape
@@ -159,45 +155,6 @@ def test_a_second_run_imminent_for_a_finished_run_starts_nothing(
     peers.control.end(later, shape)
 
 
-@pytest.mark.parametrize("shape", ["testbed"])
-def test_bad_input_is_set_aside_with_its_reason_and_runs_go_on(
-    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
-    new_run_id: Callable[[], str],
-) -> None:
-    brokers = stack.brokers
-    dead: queue.Queue[Delivery] = queue.Queue()
-    bad_bodies = [
-        b"{not json",
-        b"[1, 2, 3]",
-        b"\xff\xfe\x00",
-        json.dumps({"msg_type": "no_such_type", "run_id": "1"}).encode(),
-        json.dumps({"msg_type": "end_run", "run_id": ""}).encode(),
-        json.dumps({"msg_type": "end_run", "run_id": "1' OR namespace<>'x"}).encode(),
-        json.dumps({"msg_type": "created_workflow_task", "run_id": "7",
-                    "content": {"request_id": "abc", "transform_id": 1}}).encode(),
-    ]
-    with BusClient(brokers, (Subscription(brokers.dead_letter_queue),), dead.put) as bus:
-        for body in bad_bodies:
-            bus.send_raw(brokers.workers_topic, body, {"namespace": namespace})
-        reasons = {}
-        for _ in bad_bodies:
-            delivery = dead.get(timeout=30)
-            reasons[delivery.body] = delivery.headers["swf_reject_reason"]
-            bus.ack(delivery)
-    assert set(reasons) == set(bad_bodies)
-    assert "not JSON" in reasons[b"{not json"]
-    assert "not an object" in reasons[b"[1, 2, 3]"]
-    assert "UTF-8" in reasons[b"\xff\xfe\x00"]
-    assert "unknown message type 'no_such_type'" in reasons[bad_bodies[3]]
-    assert reasons[bad_bodies[4]].startswith("run_id")
-    assert reasons[bad_bodies[5]].startswith("run_id")
-    assert "content.request_id" in reasons[bad_bodies[6]]
-
-    assert stack.listener is not None and stack.listener.alive
-    run_id = new_run_id()
-    assert play_session(peers, [run_id], shape, SLICES).ok
-
-
 def test_slice_results_before_the_ids_are_held_until_the_ids_come(
     stack: EmbeddedStack, namespace: str, new_run_id: Callable[[], str]
 ) -> None:
@@ -227,12 +184,3 @@ async def count_flow_runs(api_url: str, namespace: str, run_id: str) -> int:
             flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))))
     return len(flow_runs)
-
-
-async def artifact_markdown(api_url: str, key: str) -> str:
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        async with get_client() as client:
-            artifacts = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    assert artifacts, f"no artifact {key}"
-    return str(artifacts[0].data)

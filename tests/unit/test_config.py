@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ def test_explicit_path_beats_the_config_env_var(
         ("ACTIVEMQ_USE_SSL", "true", lambda s: s.brokers.use_ssl, True),
         ("ACTIVEMQ_SSL_CA_CERTS", "/etc/ca.pem", lambda s: s.brokers.ssl_ca_certs,
          Path("/etc/ca.pem")),
+        ("ACTIVEMQ_SSL_CERT_FILE", "/etc/me.pem", lambda s: s.brokers.ssl_cert_file,
+         Path("/etc/me.pem")),
         ("SWF_NAMESPACE", "prod", lambda s: s.transceiver.namespace, "prod"),
         ("SWF_PANDA_MODE", "rest", lambda s: s.transceiver.mode, "rest"),
     ],
@@ -137,6 +140,155 @@ def test_password_from_the_file_is_secret_too(tmp_path: Path) -> None:
 
     assert settings.brokers.password.get_secret_value() == "s3cret"
     assert "s3cret" not in repr(settings)
+
+
+def test_password_in_the_file_works_but_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "brokers:\n  password: s3cret\n")
+
+    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config"):
+        settings = load_settings(path, environ={})
+
+    assert settings.brokers.password.get_secret_value() == "s3cret"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "brokers.password" in warnings[0] and "ACTIVEMQ_PASSWORD_FILE" in warnings[0]
+    assert str(path) in warnings[0]
+    assert "s3cret" not in caplog.text
+
+
+def test_no_warning_when_the_environment_supplies_the_password(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "brokers:\n  password: s3cret\n")
+
+    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config"):
+        settings = load_settings(path, environ={"ACTIVEMQ_PASSWORD": "from-env"})
+        load_settings(environ={"ACTIVEMQ_PASSWORD": "from-env"})
+
+    assert settings.brokers.password.get_secret_value() == "from-env"
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("written", "read"),
+    [
+        (b"hunter2\n", "hunter2"),  # what `echo hunter2 > file` writes
+        (b"hunter2", "hunter2"),
+        (b"hunter2\r\n", "hunter2"),
+        (b"hunter2\n\n", "hunter2\n"),  # one newline only: the rest is the secret's
+        (b" spaced pass \n", " spaced pass "),
+        (b"a\rb\n", "a\rb"),  # a carriage return inside is kept as it is
+        ("pässwörd\n".encode(), "pässwörd"),
+    ],
+)
+def test_password_file(tmp_path: Path, written: bytes, read: str) -> None:
+    secret = tmp_path / "password"
+    secret.write_bytes(written)
+
+    settings = load_settings(environ={"ACTIVEMQ_PASSWORD_FILE": str(secret)})
+
+    assert settings.brokers.password.get_secret_value() == read
+
+
+def test_user_file_and_password_file_beat_the_configuration_file(tmp_path: Path) -> None:
+    (tmp_path / "user").write_text("agent\n")
+    (tmp_path / "password").write_text("from-file\n")
+    path = write(tmp_path, "brokers:\n  username: yaml-user\n  password: yaml-pass\n")
+
+    settings = load_settings(path, environ={
+        "ACTIVEMQ_USER_FILE": str(tmp_path / "user"),
+        "ACTIVEMQ_PASSWORD_FILE": str(tmp_path / "password"),
+    })
+
+    assert settings.brokers.username == "agent"
+    assert settings.brokers.password.get_secret_value() == "from-file"
+
+
+@pytest.mark.parametrize("name", ["ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD"])
+def test_a_value_and_its_file_together_are_an_error(tmp_path: Path, name: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("in-the-file\n")
+
+    with pytest.raises(ConfigError, match=f"both {name} and {name}_FILE are set") as caught:
+        load_settings(environ={name: "in-the-env", f"{name}_FILE": str(secret)})
+
+    assert "in-the-file" not in str(caught.value) and "in-the-env" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda d: d / "absent", "cannot read .*absent: No such file"),
+        (lambda d: d, "cannot read"),  # a directory
+        (lambda d: _written(d / "empty", b""), "empty is empty"),
+        (lambda d: _written(d / "newline", b"\n"), "newline is empty"),
+        (lambda d: _written(d / "binary", b"s3cret\xff\n"), "binary is not UTF-8"),
+    ],
+)
+def test_unusable_password_files_name_the_variable_and_file(
+    tmp_path: Path, make: Any, says: str
+) -> None:
+    path = make(tmp_path)
+
+    with pytest.raises(ConfigError, match=f"^ACTIVEMQ_PASSWORD_FILE: .*{says}") as caught:
+        load_settings(environ={"ACTIVEMQ_PASSWORD_FILE": str(path)})
+
+    assert "s3cret" not in str(caught.value)
+
+
+def _written(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "brokers:\n  password: s3cret: more\n",  # a syntax error on the password's line
+        "brokers:\n  password: \"s3cret\n",
+        "brokers:\n  password: [s3cret\n",
+        "brokers:\n  password: s3cret\n   port: 1\n",
+        "brokers:\n  password: s3cret\n  port: many\n",  # a bad value beside it
+        "brokers:\n  password: s3cret\n  pasword: s3cret\n",  # a misspelt key
+        "brokers:\n  password: [s3cret]\n",  # a password of the wrong type
+        "brokers:\n  password: {s3cret: 1}\n",
+    ],
+)
+def test_configuration_errors_never_show_the_password(tmp_path: Path, yaml_text: str) -> None:
+    path = write(tmp_path, yaml_text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+
+    assert "s3cret" not in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_yaml_errors_still_say_where(tmp_path: Path) -> None:
+    path = write(tmp_path, "brokers:\n  password: s3cret: more\n")
+
+    with pytest.raises(ConfigError, match=r"not valid YAML: mapping values are not allowed "
+                                          r"here at line 2, column 19"):
+        load_settings(path, environ={})
+
+
+def test_a_client_key_needs_its_certificate() -> None:
+    with pytest.raises(ConfigError, match=r"brokers: .*ssl_key_file is set but ssl_cert_file"):
+        load_settings(environ={"ACTIVEMQ_SSL_KEY_FILE": "/etc/me.key"})
+
+
+def test_tls_settings_from_the_environment() -> None:
+    settings = load_settings(environ={
+        "ACTIVEMQ_USE_SSL": "true", "ACTIVEMQ_SSL_CA_CERTS": "/etc/ca.pem",
+        "ACTIVEMQ_SSL_CERT_FILE": "/etc/me.pem", "ACTIVEMQ_SSL_KEY_FILE": "/etc/me.key",
+    })
+
+    brokers = settings.brokers
+    assert brokers.use_ssl is True
+    assert (brokers.ssl_ca_certs, brokers.ssl_cert_file, brokers.ssl_key_file) == (
+        Path("/etc/ca.pem"), Path("/etc/me.pem"), Path("/etc/me.key"))
 
 
 @pytest.mark.parametrize(

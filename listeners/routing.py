@@ -1,0 +1,156 @@
+"""What the listener does with one delivery, decided without any I/O.
+
+``decide`` reads a delivery's body and headers, the namespace, the results
+queue's name and the runs the namespace owns, and returns exactly one
+``Decision``:
+
+- ``StartRun``: a run announcement; start (or find) the run's flow run;
+- ``Record``: a message about a run (or a namespace-wide heartbeat); hand it
+  to the run's flow as a Prefect event;
+- ``Ignore``: nothing to do, the message is not ours to act on (another
+  namespace's, a result of a run this namespace does not own, our own
+  requests echoed by the topic); ack it;
+- ``SetAside``: bad input; copy it to the dead-letter queue with ``reason``
+  and ack it.
+
+It never raises: whatever the bytes, the answer is one of the four, and what
+is set aside carries a one-line, printable, bounded reason. Which rule
+applies to a parsed message is a mapping from its type, not a chain of
+comparisons of type names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from swf_panda_workers.messages import (
+    AdjustWorker,
+    CloseWorkflowTask,
+    CreateWorkflowTask,
+    Heartbeat,
+    InvalidMessage,
+    Message,
+    RunImminent,
+    SliceResult,
+    StopTransformer,
+    TransformerHeartbeat,
+    decode_body,
+    parse_message,
+)
+
+# Bodies over this are set aside unread. The biggest real message (a
+# run_imminent with the whole upstream run document) is a few kB; a Prefect
+# event carries at most about 1.5 MB (PREFECT_EVENTS_MAXIMUM_SIZE_BYTES).
+MAX_BODY_BYTES = 1_000_000
+# A reason goes into a STOMP header and a log line: one bounded line.
+# ActiveMQ drops a connection that sends a header over 10240 bytes; 1000
+# printable characters are at most 4000 bytes of UTF-8.
+MAX_REASON_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class StartRun:
+    message: RunImminent
+    data: dict[str, Any]  # the announcement as received: the flow run's parameter
+
+
+@dataclass(frozen=True)
+class Record:
+    message: Message
+    data: dict[str, Any]  # the body as received: the event's payload
+    run_id: str | None  # None: a heartbeat naming no run, kept with the namespace
+
+
+@dataclass(frozen=True)
+class Ignore:
+    why: str
+
+
+@dataclass(frozen=True)
+class SetAside:
+    reason: str
+
+
+Decision = StartRun | Record | Ignore | SetAside
+
+
+@dataclass(frozen=True)
+class Where:
+    """What the rules need to know besides the message."""
+
+    namespace: str
+    results_queue: str
+    owned: Container[str]
+    destination: str
+
+
+Rule = Callable[[Any, dict[str, Any], Where], Decision]
+
+
+def _start_run(message: RunImminent, data: dict[str, Any], where: Where) -> Decision:
+    return StartRun(message, data)
+
+
+def _record(message: Message, data: dict[str, Any], where: Where) -> Decision:
+    return Record(message, data, getattr(message, "run_id", None))
+
+
+def _record_if_owned(message: SliceResult, data: dict[str, Any], where: Where) -> Decision:
+    # The results queue carries no namespace: a result of a run this namespace
+    # did not start belongs to another listener (or to none).
+    if message.run_id not in where.owned:
+        return Ignore(f"slice_result of run {message.run_id}, not a run of namespace "
+                      f"{where.namespace}")
+    return Record(message, data, message.run_id)
+
+
+def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
+    return Ignore(f"{message.msg_type} is a request to a peer, echoed by the topic")
+
+
+RULES: Mapping[type, Rule] = {
+    RunImminent: _start_run,
+    SliceResult: _record_if_owned,
+    CreateWorkflowTask: _own_echo,
+    AdjustWorker: _own_echo,
+    CloseWorkflowTask: _own_echo,
+    StopTransformer: _own_echo,
+}
+# The results queue has no namespace selector (iDDS's transformers send no
+# namespace), so only what transformers send is taken from it: a run
+# announcement or an iDDS reply there could be any namespace's.
+FROM_RESULTS_QUEUE: frozenset[type] = frozenset({SliceResult, Heartbeat, TransformerHeartbeat})
+
+
+def decide(body: bytes, headers: Mapping[str, str], namespace: str, results_queue: str,
+           owned: Container[str]) -> Decision:
+    """The one thing to do with a delivery of ``body`` with ``headers``."""
+    where = Where(namespace, results_queue, owned, headers.get("destination", ""))
+    sender_namespace = headers.get("namespace")
+    if sender_namespace and sender_namespace != namespace:
+        # Only possible on the results queue: the topic's selector filters.
+        return Ignore(f"namespace {one_line(sender_namespace, 100)} is not {namespace}")
+    if len(body) > MAX_BODY_BYTES:
+        return SetAside(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit")
+    try:
+        data = decode_body(body)
+        message = parse_message(data)
+    except InvalidMessage as exc:
+        return SetAside(one_line(str(exc)) or "invalid message")
+    if where.destination == results_queue and type(message) not in FROM_RESULTS_QUEUE:
+        return SetAside(f"{message.msg_type} does not belong on {results_queue}, which "
+                        f"carries no namespace")
+    return RULES.get(type(message), _record)(message, data, where)
+
+
+def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters:
+    control characters (newline, NUL, ...) escaped as in Python literals, so
+    that input quoted in a reason can neither forge a log line nor break the
+    STOMP header it travels in."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(line) > limit:
+        return f"{line[:limit]}... ({len(line)} characters in all)"
+    return line

@@ -1,0 +1,55 @@
+"""Reading back from the Prefect server what the integration tests assert on:
+a run's flow run once final, and its summary artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterParentTaskRunId,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+from swf_panda_workers.adapters.prefect_runs import run_tags
+
+
+def _settings(api_url: str, auth_string: str | None) -> dict[object, object]:
+    return {PREFECT_API_URL: api_url,
+            **({PREFECT_API_AUTH_STRING: auth_string} if auth_string else {})}
+
+
+async def final_flow_run(api_url: str, namespace: str, run_id: str, wait: float = 120.0,
+                         auth_string: str | None = None) -> FlowRun:
+    """The run's flow run once its state is final (the flow's retries
+    included); a run has one (top-level) flow run, never two."""
+    deadline = time.monotonic() + wait
+    with temporary_settings(_settings(api_url, auth_string)):  # type: ignore[arg-type]
+        async with get_client() as client:
+            while True:
+                found = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=run_tags(namespace, run_id)),
+                    parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))
+                assert len(found) <= 1, f"run {run_id} has {len(found)} flow runs"
+                if found and found[0].state is not None and found[0].state.is_final():
+                    return found[0]
+                if time.monotonic() > deadline:
+                    state = found[0].state_name if found else "no flow run"
+                    raise AssertionError(f"run {run_id}: not final after {wait}s ({state})")
+                await asyncio.sleep(0.5)
+
+
+async def artifact_markdown(api_url: str, key: str, auth_string: str | None = None) -> str:
+    """The markdown of the artifact ``key`` (a run's summary: run-<ns>-<id>)."""
+    with temporary_settings(_settings(api_url, auth_string)):  # type: ignore[arg-type]
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert artifacts, f"no artifact {key}"
+    return str(artifacts[0].data)

@@ -1,0 +1,214 @@
+"""The listener's thin shell around ``decide``, with fakes for the bus and
+Prefect: each outcome is carried out (set aside = copy to the dead-letter
+queue with the reason, then ack), and no delivery, however bad, makes
+``handle`` raise. The fakes serialize what they are given as the real
+clients do, so a body that Prefect's client could not encode fails here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime
+from typing import Any, get_args
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prefect.events import Event
+from pydantic import TypeAdapter
+
+from listeners.bus_listener import BusListener
+from listeners.routing import Decision
+from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery
+from swf_panda_workers.config import Settings
+from swf_panda_workers.messages import RunImminent
+
+NS = "itest"
+TOPIC = "/topic/panda.workers"
+RESULTS = "/queue/panda.results.worker"
+DLQ = "/queue/panda.workers.DLQ.test"
+
+
+class FakeBus:
+    def __init__(self, fail_sends: bool = False) -> None:
+        self.fail_sends = fail_sends
+        self.log: list[tuple[str, Any]] = []  # ("send", (dest, body, headers)) / ("ack", id)
+
+    def send_raw(self, destination: str, body: bytes, headers: dict[str, str]) -> None:
+        if self.fail_sends:
+            raise BusUnavailable("broker did not confirm")
+        self.log.append(("send", (destination, body, headers)))
+
+    def ack(self, delivery: Delivery) -> None:
+        self.log.append(("ack", delivery.message_id))
+
+    @property
+    def acked(self) -> list[str]:
+        return [what for kind, what in self.log if kind == "ack"]
+
+    @property
+    def sent(self) -> list[tuple[str, bytes, dict[str, str]]]:
+        return [what for kind, what in self.log if kind == "send"]
+
+
+class FakeRuns:
+    def __init__(self, refuse: int | None = None) -> None:
+        self.refuse = refuse
+        self.started: list[str] = []
+
+    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
+                    received_at: datetime) -> uuid.UUID:
+        # What Prefect's client does with the parameters: a pydantic JSON-mode
+        # dump, then httpx's strict JSON in UTF-8.
+        dumped = TypeAdapter(dict[str, Any]).dump_python({"announcement": announcement},
+                                                         mode="json")
+        json.dumps(dumped, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        if self.refuse is not None:
+            request = httpx.Request("POST", "http://prefect/api/deployments/x/create_flow_run")
+            raise httpx.HTTPStatusError(
+                "refused", request=request,
+                response=httpx.Response(self.refuse, text='{"detail": "no\\nway"}',
+                                        request=request))
+        self.started.append(run.run_id)
+        return uuid.uuid5(uuid.NAMESPACE_URL, run.run_id)
+
+
+class FakeEvents:
+    def __init__(self) -> None:
+        self.emitted: list[Event] = []
+
+    async def emit(self, event: Event) -> None:
+        event.model_dump_json()  # what the websocket client sends
+        self.emitted.append(event)
+
+
+def listener(bus: FakeBus, runs: FakeRuns | None = None,
+             events: FakeEvents | None = None) -> BusListener:
+    settings = Settings.model_validate({
+        "transceiver": {"namespace": NS}, "brokers": {"dead_letter_queue": DLQ}})
+    made = BusListener(settings, runs or FakeRuns(), events or FakeEvents(),  # type: ignore[arg-type]
+                       bus=bus)  # type: ignore[arg-type]
+    made._loop = asyncio.get_running_loop()
+    return made
+
+
+_ids = iter(range(10**9))
+
+
+def delivery(body: bytes, destination: str = TOPIC, **headers: str) -> Delivery:
+    base = {"destination": destination, "message-id": f"ID:m-{next(_ids)}", "ack": "a"}
+    if destination == TOPIC:
+        base["namespace"] = NS
+    return Delivery({**base, **headers}, body, "sub", 1)
+
+
+async def handled(body: bytes, bus: FakeBus | None = None, runs: FakeRuns | None = None,
+                  events: FakeEvents | None = None, **kwargs: str) -> tuple[Delivery, FakeBus]:
+    bus = bus or FakeBus()
+    shell = listener(bus, runs, events)
+    item = delivery(body, **kwargs)
+    await shell.handle(item)
+    return item, bus
+
+
+def test_every_outcome_has_an_action() -> None:
+    async def actions() -> set[type]:
+        return set(listener(FakeBus())._actions())
+    assert asyncio.run(actions()) == set(get_args(Decision))
+
+
+def test_bad_input_is_copied_whole_with_its_reason_then_acked() -> None:
+    body = b"{not json" + b" " * 2_000_000  # over the limit too: the size is the reason
+    item, bus = asyncio.run(handled(body, swf_reject_reason="forged", expires="1"))
+    assert bus.log == [
+        ("send", (DLQ, body, {
+            "persistent": "true",
+            "swf_reject_reason": "body of 2000009 bytes is over the 1000000 byte limit",
+            "swf_original_destination": TOPIC,
+            "swf_original_message_id": item.message_id,
+        })),
+        ("ack", item.message_id),
+    ]
+
+
+def test_a_copy_the_broker_did_not_confirm_leaves_the_message_unacked() -> None:
+    _, bus = asyncio.run(handled(b"[]", bus=FakeBus(fail_sends=True)))
+    assert bus.log == []
+
+
+def test_a_message_prefect_refuses_is_set_aside_with_prefects_words() -> None:
+    body = json.dumps({"msg_type": "run_imminent", "run_id": "5"}).encode()
+    item, bus = asyncio.run(handled(body, runs=FakeRuns(refuse=422)))
+    [(destination, copied, headers)] = bus.sent
+    assert (destination, copied) == (DLQ, body)
+    assert headers["swf_reject_reason"] == r'Prefect refused it: {"detail": "no\nway"}'
+    assert bus.acked == [item.message_id]
+
+
+def test_a_result_of_another_namespace_is_acked_and_not_recorded() -> None:
+    events = FakeEvents()
+    body = json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode()
+    item, bus = asyncio.run(handled(body, events=events, destination=RESULTS, namespace="prod"))
+    assert bus.log == [("ack", item.message_id)]
+    assert events.emitted == []
+
+
+def test_an_announcement_starts_the_run_and_is_acked() -> None:
+    runs = FakeRuns()
+    body = json.dumps({"msg_type": "run_imminent", "run_id": "5"}).encode()
+    item, bus = asyncio.run(handled(body, runs=runs))
+    assert runs.started == ["5"]
+    assert bus.log == [("ack", item.message_id)]
+
+
+JSON_ISH = st.lists(st.sampled_from([
+    b'{"msg_type": "end_run", "run_id": "1", "x": ', b'{"msg_type": "run_imminent", ',
+    b'"run_id": "7", ', b'"content": {"a": ', b'"s": ', b'NaN', b'1e999', b'"\\ud800"',
+    b'"\\ud83d\\ude00"', b"9" * 4400, b"[" * 40, b"]" * 40, b"}", b"}}", b"\xff", b"\x00", b",",
+]), max_size=8).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300) | JSON_ISH, st.sampled_from([TOPIC, RESULTS]))
+def test_handle_never_raises_and_settles_each_delivery_once(body: bytes, where: str) -> None:
+    events = FakeEvents()
+
+    async def go() -> tuple[Delivery, FakeBus, BusListener]:
+        bus = FakeBus()
+        shell = listener(bus, FakeRuns(), events)
+        item = delivery(body, where)
+        await shell.handle(item)
+        return item, bus, shell
+
+    item, bus, shell = asyncio.run(go())
+    pending = [p.delivery for p in shell._pending.values()]
+    # acked now, or waiting for Prefect to confirm its event: one or the other
+    assert bus.acked.count(item.message_id) + pending.count(item) == 1
+    assert len(bus.sent) <= 1
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(b'{"msg_type": "end_run", "run_id": "1", "x": "\\ud800"}',
+                 id="lone surrogate: UTF-8 cannot encode it for Prefect"),
+    pytest.param(b'{"msg_type": "run_imminent", "run_id": "1", "content": {"x": "\\udfff"}}',
+                 id="lone surrogate in an announcement"),
+    pytest.param(b'{"msg_type": "end_run", "run_id": "1", "n": ' + b"9" * 4400 + b"}",
+                 id="integer over the 4300-digit limit: ValueError from json"),
+    pytest.param(b'{"msg_type": "end_run", "run_id": "1", "c": ' + b"[" * 300 + b"]" * 300
+                 + b"}", id="300 levels: over pydantic's serialization depth"),
+])
+def test_bodies_that_once_crashed_the_listener_are_set_aside(body: bytes) -> None:
+    item, bus = asyncio.run(handled(body))
+    assert [destination for destination, _, _ in bus.sent] == [DLQ]
+    assert bus.acked == [item.message_id]
+
+
+def test_nan_is_set_aside_rather_than_reaching_prefect_as_null() -> None:
+    body = b'{"msg_type": "run_imminent", "run_id": "1", "content": {"x": NaN}}'
+    runs = FakeRuns()
+    item, bus = asyncio.run(handled(body, runs=runs))
+    assert runs.started == []
+    assert bus.sent[0][2]["swf_reject_reason"] == "body is not JSON: NaN is not a JSON number"
+    assert bus.acked == [item.message_id]
