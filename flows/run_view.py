@@ -66,9 +66,12 @@ class RunView:
 
     async def settle(self) -> RunState:
         """Apply what else the run received, once the feed has caught up with
-        events sent just before it subscribed: a run that ends soon after the
-        sub-flow started must still count the slice results sent before that."""
+        events sent just before it subscribed (a run that ends soon after the
+        sub-flow started must still count the slice results sent before that),
+        and after a last read of the stored history, which holds every message
+        the listener acked, whatever the live stream dropped."""
         await self._feed.caught_up.wait()
+        await self._feed.reread()
         while (event := await self._feed.next(timeout=0)) is not None:
             item = decode(event)
             if item is not None:

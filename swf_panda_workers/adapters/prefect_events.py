@@ -29,9 +29,10 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -265,6 +266,8 @@ class RunFeed:
         self._seen: set[uuid.UUID] = {event.id for event in history}
         self._live: asyncio.Queue[Event] = live if live is not None else asyncio.Queue()
         self._source: asyncio.Task[None] | None = None
+        # Reads the run's stored history again (set by follow_run).
+        self._reread: Callable[[], Awaitable[list[Event]]] | None = None
         # Set once the history was read again late enough to hold every event
         # sent before the subscription opened (LATE_HISTORY_SWEEPS).
         self.caught_up = asyncio.Event()
@@ -272,6 +275,14 @@ class RunFeed:
     def mark_seen(self, event_id: uuid.UUID) -> None:
         """An event this process emitted itself and has already applied."""
         self._seen.add(event_id)
+
+    async def reread(self) -> None:
+        """Read the stored history again and queue what the live stream
+        missed (a subscription the Prefect client re-opened by itself, under
+        load, backfills only what the server had already stored)."""
+        if self._reread is not None:
+            for event in await self._reread():
+                self._live.put_nowait(event)  # next() drops what was seen
 
     @property
     def replaying(self) -> bool:
@@ -378,6 +389,7 @@ async def follow_run(resource_id: str, since: datetime,
         await _first_subscription(subscribed, source)
         feed = RunFeed(await _history_when_reachable(resource_id, since, exclude), live)
         feed._source = source
+        feed._reread = partial(run_history, resource_id, since, exclude)
         start_sweep(max(since, opened_at - timedelta(minutes=1)), LATE_HISTORY_SWEEPS,
                     feed.caught_up)
         yield feed
