@@ -24,6 +24,7 @@ from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import Shape
 from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.idds_rest import client_env
 from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
 
 NAMESPACE = "demo"
@@ -46,7 +47,8 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
     # REST mode: a simulated iDDS REST server on a free port, reached with a
     # one-off OIDC token that only the runner (and the server) know.
     idds_port, token = _free_port(), secrets.token_urlsafe(24)
-    runner_env = _idds_client_env(workdir, idds_port, token) if mode == "rest" else {}
+    runner_env = (client_env(idds_port, token, workdir / "idds-client") if mode == "rest"
+                  else {})
     stack = EmbeddedStack(workdir, config, prefect_port=prefect_port, runner_env=runner_env)
     print(f"starting broker, Prefect server, runner and listener (logs in {stack.logs}) ...")
     with stack:
@@ -87,17 +89,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _idds_client_env(workdir: Path, port: int, token: str) -> dict[str, str]:
-    """idds-client's own settings, as an operator would export them."""
-    return {
-        "IDDS_HOST": f"http://127.0.0.1:{port}/idds",
-        "IDDS_AUTH_TYPE": "oidc",
-        "IDDS_OIDC_TOKEN": token,
-        "IDDS_VO": "eic",
-        "IDDS_LOCAL_CONFIG_ROOT": str(workdir / "idds-client"),  # not ~/.idds
-    }
 
 
 def wait_for_stop_signal() -> None:

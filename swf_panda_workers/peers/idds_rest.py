@@ -82,6 +82,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args
 from urllib.parse import parse_qs, urlsplit
@@ -634,6 +635,19 @@ class SimulatedIDDSRest(TaskRecords):
             return _json(200, {"ok": True}, "control")
         except (ValueError, TypeError) as exc:
             return _json(400, {"error": str(exc)}, "control")
+
+
+def client_env(port: int, token: str, config_root: Path, vo: str = "eic") -> dict[str, str]:
+    """idds-client's own settings for the simulated server on ``port``, as an
+    operator would export them: OIDC with ``token``, its local configuration
+    under ``config_root`` (not ~/.idds)."""
+    return {
+        "IDDS_HOST": f"http://127.0.0.1:{port}{PREFIX}",
+        "IDDS_AUTH_TYPE": "oidc",
+        "IDDS_OIDC_TOKEN": token,
+        "IDDS_VO": vo,
+        "IDDS_LOCAL_CONFIG_ROOT": str(config_root),
+    }
 
 
 class SimControl:

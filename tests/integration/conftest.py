@@ -14,6 +14,7 @@ import pytest
 
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.idds_rest import client_env
 
 # Not the defaults (a demo or a testbed broker may hold 61613); overridable
 # so that two test sessions can run side by side on one machine.
@@ -99,13 +100,7 @@ def rest_idds_port() -> int:
 def rest_stack(stack: EmbeddedStack,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     workdir = tmp_path_factory.mktemp("rest-stack")
-    idds_client_env = {
-        "IDDS_HOST": f"http://127.0.0.1:{REST_IDDS_PORT}/idds",
-        "IDDS_AUTH_TYPE": "oidc",
-        "IDDS_OIDC_TOKEN": REST_TOKEN,
-        "IDDS_VO": "eic",
-        "IDDS_LOCAL_CONFIG_ROOT": str(workdir / "idds-client"),  # not ~/.idds
-    }
+    idds_client_env = client_env(REST_IDDS_PORT, REST_TOKEN, workdir / "idds-client")
     embedded = EmbeddedStack(workdir, REST_CONFIG, own_broker=False, shared_server=stack.server,
                              runner_env=idds_client_env)
     with embedded:
