@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView, history_start
-from flows.scaling import ScalingReport, scale_workers
+from flows.scaling import ScalingReport, publish_decisions, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
@@ -111,6 +111,7 @@ async def run_lifecycle(
         end=report.end,
     )
     await publish_summary(outcome, report)
+    await publish_decisions(run_id, namespace, report)
     return outcome
 
 

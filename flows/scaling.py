@@ -1,31 +1,39 @@
-"""The scaling sub-flow: slice results in, adjust_worker out, until the run ends.
+"""The scaling sub-flow: slice results in, adjust_worker out, until the run ends
+(and, with ``scaling.end: drain``, until its queue has drained).
 
 Slice results that arrived before iDDS's ids are held and decided once the
 ids are known (the parent starts this sub-flow with the ids, and the run's
 stored history replays the early results first). On a retried flow run the
 history also holds the adjustments already sent; a decision that asks again
-for a size already requested is not sent twice.
+for a size already requested is not sent twice. Every adjustment is journaled
+with the figures it was decided on; at the end they are shown in the Prefect
+UI as a table and a plot of the run's workers and processing time.
 """
 
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
+from swf_panda_workers.plots import Trace, markdown_image, timeline_png
 
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView, history_start
 from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_id
 from swf_panda_workers.adapters.stomp_bus import BusClient
+from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import SliceResult, WorkerSize, WorkflowIds
 from swf_panda_workers.run_state import Adjustment, Effect, initial_state
-from swf_panda_workers.scaling import ReferencePolicy, ScalingPolicy
+from swf_panda_workers.scaling import SliceObservation
+from swf_panda_workers.slice_window import SliceSample
 from swf_panda_workers.timestamps import utc_now
 
 # How often the loop wakes when nothing arrives, to check the run's deadline.
@@ -37,6 +45,7 @@ class ScalingReport(BaseModel):
     slices_failed: int
     adjustments: list[Adjustment]
     end: str  # why the sub-flow returned
+    timeline: list[TimelinePoint]  # the run at each look of its policy, for the plot
 
 
 @flow(name="swf-scaling", flow_run_name="scaling-{run_id}")
@@ -49,18 +58,17 @@ async def scale_workers(
 ) -> ScalingReport:
     settings = settings_for(namespace)
     run = announced_run(announcement, run_id)
-    policy = ReferencePolicy(
-        expected_seconds=run.content.slice_processing_time or settings.slice.processing_time,
-        cooldown_seconds=settings.slice.cooldown,
-    )
+    autoscaler = Autoscaler(policy_for(settings, run), window_for(settings))
     started = received_at or utc_now()
     deadline = started + timedelta(seconds=settings.timeouts.run_end)
 
     with BusClient(settings.brokers, name=f"scaling-{run_id}") as bus:
         async with follow_run(run_resource_id(namespace, run_id), history_start(started)) as feed:
             view = RunView(feed, replace(initial_state(run, settings), ids=ids), namespace)
-            scaler = Scaler(view, policy, gateway_for(settings, bus), settings)
+            scaler = Scaler(view, autoscaler, gateway_for(settings, bus), settings)
             end = await scaler.follow_until_end(deadline)
+            if settings.scaling.end == "drain" and view.state.ended:
+                end = f"{end}; {await scaler.drain()}"
             await view.settle()  # results sent before the end, not yet seen
 
     final = view.state
@@ -69,13 +77,14 @@ async def scale_workers(
         slices_failed=final.slices_failed,
         adjustments=list(final.adjustments),
         end=end,
+        timeline=autoscaler.timeline.points,
     )
 
 
 @dataclass
 class Scaler:
     view: RunView
-    policy: ScalingPolicy
+    autoscaler: Autoscaler
     idds: IddsGateway
     settings: Settings
 
@@ -86,27 +95,103 @@ class Scaler:
                 logger.warning("no end of run %s by %s: ending it here",
                                self.view.state.run_id, deadline)
                 return f"no end_run within {self.settings.timeouts.run_end:g}s"
-            item = await self.view.next_input(timeout=IDLE_CHECK_SECONDS)
-            if isinstance(item, SliceResult):
-                await self.consider_last_slice()
+            await self.step()
         return "end_run received"
 
-    async def consider_last_slice(self) -> None:
+    async def drain(self) -> str:
+        """Keep the transformers until the run's queue is empty: no result for
+        ``drain_quiet`` seconds (or twice the slices' processing time, if
+        longer: every transformer is idle), or ``drain_timeout`` passed."""
+        scaling = self.settings.scaling
+        ended_at = self.view.state.ended_at or utc_now()
+        give_up = ended_at + timedelta(seconds=scaling.drain_timeout)
+        while True:
+            now = utc_now()
+            quiet = max(scaling.drain_quiet, 2 * (self.slice_seconds() or 0.0))
+            last = max(ended_at, self.last_result_at() or ended_at)
+            if (now - last).total_seconds() >= quiet:
+                return f"drained: no slice result for {quiet:g}s"
+            if now >= give_up:
+                return f"drain given up after {scaling.drain_timeout:g}s"
+            item = await self.view.next_input(timeout=min(
+                IDLE_CHECK_SECONDS, quiet - (now - last).total_seconds()))
+            if isinstance(item, SliceResult):
+                self.observe(item)
+
+    async def step(self) -> None:
+        """Take the next input (or wait for one up to the next look), and look
+        when the policy is due."""
+        now = utc_now()
+        wait = self.autoscaler.seconds_to_next_look(now)
+        item = await self.view.next_input(
+            timeout=IDLE_CHECK_SECONDS if wait is None else min(wait, IDLE_CHECK_SECONDS))
+        if isinstance(item, SliceResult):
+            seen = self.observe(item)
+            if self.autoscaler.due(seen.at, after_result=True):
+                await self.look(seen.at, seen)
+        elif item is None and not self.view.replaying and self.autoscaler.due(
+                now := utc_now(), after_result=False):
+            await self.look(now, None)
+
+    def observe(self, result: SliceResult) -> SliceObservation:
+        seen = self.view.state.last_slice
+        assert seen is not None, "a slice result was just applied"
+        self.autoscaler.observe(SliceSample.of(result, seen.at))
+        return seen
+
+    async def look(self, at: datetime, seen: SliceObservation | None) -> None:
         state = self.view.state
-        seen = state.last_slice
-        if seen is None or state.ids is None:
+        if state.ids is None:
             return
-        decision = self.policy.decide(state.plan, seen)
+        decision = self.autoscaler.look(state.plan, at, seen)
         if decision is None:
             return
         if self.already_requested(decision.size):
             return  # replaying history: this request went out in an earlier attempt
         answer = await ask_idds(self.settings)("adjust_worker", partial(
             self.idds.adjust_worker, state.run_id, state.ids, decision.size, utc_now()))
-        await self.view.record(
-            Effect(kind="adjust_sent", size=decision.size, reason=decision.reason), answer)
+        await self.view.record(Effect(kind="adjust_sent", size=decision.size,
+                                      reason=decision.reason, inputs=decision.inputs), answer)
         get_run_logger().info("adjust_worker for run %s: %s workers (%s)", state.run_id,
                               decision.size.target_worker_count, decision.reason)
 
     def already_requested(self, size: WorkerSize) -> bool:
         return size in self.view.journaled_sizes
+
+    def slice_seconds(self) -> float | None:
+        return self.autoscaler.window.demand(utc_now()).processing_seconds
+
+    def last_result_at(self) -> datetime | None:
+        seen = self.view.state.last_slice
+        return seen.at if seen is not None else None
+
+
+async def publish_decisions(run_id: str, namespace: str, report: ScalingReport) -> None:
+    """The run's scaling decisions, as a table and a plot, under stable keys."""
+    key = f"scaling-{namespace}-{run_id}".lower().replace("_", "-")
+    await create_table_artifact(
+        key=key, table=decision_rows(report.adjustments),
+        description=f"Run {run_id}: every adjust_worker, with what it was decided on")
+    png = timeline_png(f"Run {run_id}: workers and processing time", [Trace(
+        label="this run", points=report.timeline,
+        adjustments=[a.at for a in report.adjustments])])
+    await create_markdown_artifact(
+        key=f"{key}-plot", markdown=markdown_image(png, f"run {run_id} workers over time"),
+        description=f"Run {run_id}: workers requested and seen, processing time, backlog")
+
+
+def decision_rows(adjustments: Iterable[Adjustment]) -> list[dict[str, Any]]:
+    rows = []
+    for adjustment in adjustments:
+        demand = adjustment.inputs
+        rows.append({
+            "time (UTC)": f"{adjustment.at:%H:%M:%S}",
+            "workers": adjustment.size.target_worker_count,
+            "slices/s": None if demand is None else round(demand.rate, 3),
+            "processing (s)": None if demand is None or demand.processing_seconds is None
+            else round(demand.processing_seconds, 2),
+            "backlog": None if demand is None else round(demand.backlog, 1),
+            "workers seen": None if demand is None else demand.workers_seen,
+            "reason": adjustment.reason,
+        })
+    return rows

@@ -4,6 +4,7 @@
     swf-panda-workers serve     the service against the configured broker
     swf-panda-workers listen    the STOMP listener alone (container entrypoint)
     swf-panda-workers runner    the Prefect runner serving the run deployment alone
+    swf-panda-workers replay    a recorded run replayed offline through scaling policies
 """
 
 from __future__ import annotations
@@ -11,13 +12,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
 
 from swf_panda_workers.config import CONFIG_ENV, ConfigError, config_path, load_settings
+
+if TYPE_CHECKING:
+    from swf_panda_workers.recording import RunRecording
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--runs", type=int, default=2, help="concurrent runs (default 2)")
     demo.add_argument("--shape", choices=["testbed", "seed"], default="testbed",
                       help="message shapes the control system uses")
-    demo.add_argument("--slices", type=int, default=40, help="slices per run")
+    demo.add_argument("--slices", type=int, default=240,
+                      help="slices per run (they arrive at 4/s)")
     demo.add_argument("--prefect-port", type=int, default=4200)
     demo.add_argument("--workdir", type=Path, default=Path(".swf-local/demo"),
                       help="broker data, Prefect database and logs")
@@ -44,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                        ("runner", "the Prefect runner alone")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", help=f"configuration file (or ${CONFIG_ENV})")
+    _add_replay(commands)
     args = parser.parse_args(argv)
 
     try:
@@ -54,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "replay":
+        return _replay(args)
     if args.command == "demo":
         from swf_panda_workers.demo import run_demo
 
@@ -122,3 +134,107 @@ def _serve() -> int:
     finally:
         for part in reversed(started):
             part.stop()
+
+
+REPLAY_HELP = """\
+Replay a recorded run offline through one or more scaling policies and compare
+them: worker-hours, time the backlog was over its deadline, adjustments. The
+recorded slices arrive when they were queued and take the time they took; each
+policy decides as the live service would, with the configuration's settings
+and what the policy spec changes. Writes a plot of workers, processing time and
+backlog over the run.
+
+A policy spec is NAME[:KEY=VALUE,...]: NAME is reference or proportional; a KEY
+without a dot is in the scaling section, one with a dot names its section.
+  --policy reference --policy proportional:max_workers=20,up_window=10
+  --policy proportional:end=stop,slice.cooldown=30
+"""
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay = commands.add_parser(
+        "replay", help="replay a recorded run through scaling policies, side by side",
+        description=REPLAY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = replay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", type=Path, help="a recording (JSON), e.g. from --save")
+    source.add_argument("--run", metavar="RUN_ID", help="fetch the run's recording from Prefect")
+    replay.add_argument("--namespace", help="the run's namespace (default: the configuration's)")
+    replay.add_argument("--policy", action="append", metavar="SPEC",
+                        help="a policy to replay; repeat to compare "
+                             "(default: reference and proportional)")
+    replay.add_argument("--config", help=f"configuration file (or ${CONFIG_ENV})")
+    replay.add_argument("--worker-startup", type=float, default=30.0, metavar="SECONDS",
+                        help="seconds from asking for workers to their start (default 30)")
+    replay.add_argument("--plot", type=Path, help="PNG to write (default replay-<run_id>.png)")
+    replay.add_argument("--save", type=Path, metavar="FILE",
+                        help="write the recording replayed, as JSON (to replay again with --file)")
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from swf_panda_workers.plots import timeline_png
+    from swf_panda_workers.recording import RunRecording
+    from swf_panda_workers.replay import comparison_table, replay, settings_with
+
+    def fail(text: str) -> int:
+        print(f"replay: {text}", file=sys.stderr)
+        return 2
+
+    if args.worker_startup < 0:
+        return fail("--worker-startup must not be negative")
+    settings = load_settings(args.config)
+    # Every spec is checked before the recording is fetched: a typo fails at once.
+    chosen = [settings_with(settings, spec) for spec in args.policy or ["reference",
+                                                                       "proportional"]]
+    if args.file is not None:
+        try:
+            recording = RunRecording.model_validate_json(args.file.read_bytes())
+        except OSError as exc:
+            return fail(f"cannot read {args.file}: {exc.strerror}")
+        except ValidationError as exc:
+            return fail(f"{args.file} is not a run recording: {_first_problem(exc)}")
+    else:
+        namespace = args.namespace or settings.transceiver.namespace
+        try:
+            recording = _fetch(args.run, namespace)
+        # Whatever stops the fetch (no server, no such run, no adapter) is the
+        # operator's to fix: one line, not a traceback.
+        except Exception as exc:
+            return fail(f"cannot fetch run {args.run} ({namespace}) from Prefect: {exc}")
+    if args.save is not None:
+        try:
+            args.save.write_text(recording.model_dump_json(indent=1))
+        except OSError as exc:
+            return fail(f"cannot write {args.save}: {exc.strerror}")
+    try:
+        results = [replay(recording, policy, label, args.worker_startup)
+                   for label, policy in chosen]
+    except ValidationError as exc:  # the announcement, read only now
+        return fail(f"the recording's announcement is not usable: {_first_problem(exc)}")
+    print(f"run {recording.run_id} ({recording.namespace}): {len(recording.slices)} slices")
+    print(comparison_table(results))
+    # The run id comes from a file: it must not lead the plot elsewhere.
+    plot = args.plot or Path(f"replay-{re.sub(r'[^A-Za-z0-9_.-]', '_', recording.run_id)}.png")
+    try:
+        plot.write_bytes(timeline_png(f"run {recording.run_id}: replay",
+                                      [result.trace() for result in results]))
+    except OSError as exc:
+        return fail(f"cannot write {plot}: {exc.strerror}")
+    print(f"plot: {plot}")
+    return 0
+
+
+def _fetch(run_id: str, namespace: str) -> RunRecording:
+    import asyncio
+
+    from swf_panda_workers.adapters.prefect_recordings import fetch_recording
+
+    return asyncio.run(fetch_recording(run_id, namespace))
+
+
+def _first_problem(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    if not errors:
+        return str(exc)
+    where = ".".join(str(part) for part in errors[0]["loc"]) or "body"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {errors[0]['msg']}{more}"

@@ -125,6 +125,57 @@ class Slice(_Section):
     )
 
 
+class Scaling(_Section):
+    """How a run's workers are sized (swf_panda_workers.scaling) and how it ends."""
+
+    policy: Literal["proportional", "reference"] = Field(
+        default="proportional",
+        description="proportional: size from the run's demand; reference: the seed's "
+        "1.2x/1.5x rule (slice.processing_time, slice.cooldown)")
+    window: float = Field(default=120.0, gt=0, description="seconds of slice results "
+                          "the demand is measured over")
+    percentile: float = Field(default=90.0, gt=0, le=100,
+                              description="percentile of processing time sized for")
+    target_utilisation: float = Field(default=0.8, gt=0, le=1)
+    drain_deadline: float = Field(default=300.0, gt=0,
+                                  description="seconds the backlog is to drain within")
+    backlog_from_waits: bool = Field(
+        default=True, description="estimate the backlog from the slices' queue waits "
+        "(processing_start_at - requested_at)")
+    min_workers: int = Field(default=1, ge=0)
+    max_workers: int = Field(default=100, gt=0)
+    max_total_cores: int | None = Field(default=None, gt=0)
+    max_total_memory_mb: int | None = Field(default=None, gt=0)
+    tolerance: float = Field(default=0.1, ge=0, lt=1,
+                             description="relative change inside which nothing is asked")
+    up_window: float = Field(default=30.0, ge=0, description="seconds a higher need must "
+                             "hold before scaling up")
+    down_window: float = Field(default=300.0, ge=0, description="seconds a lower need "
+                               "must hold before scaling down")
+    max_step_up: float = Field(default=1.0, gt=0, description="largest increase per "
+                               "request, as a fraction of the current size")
+    max_step_down: float = Field(default=0.5, gt=0, le=1)
+    rampup: float = Field(default=300.0, ge=0, description="seconds requested workers may "
+                          "take to appear (the announcement's worker_rampup_time wins)")
+    min_results: int = Field(default=5, gt=0)
+    tick: float = Field(default=5.0, gt=0, description="seconds between looks at the "
+                        "demand when no result arrives")
+    end: Literal["stop", "drain"] = Field(
+        default="drain", description="at end_run: stop the transformers at once (the "
+        "seed), or once the backlog has drained")
+    drain_timeout: float = Field(default=900.0, ge=0,
+                                 description="seconds after end_run a drain may take")
+    drain_quiet: float = Field(
+        default=10.0, gt=0, description="the backlog is empty when no result came for "
+        "this long, or for twice the slices' processing time if longer")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> Scaling:
+        if self.min_workers > self.max_workers:
+            raise ValueError("min_workers is above max_workers")
+        return self
+
+
 class Timeouts(_Section):
     created_workflow_task: float = Field(
         default=300.0, gt=0, description="seconds to wait for iDDS to create the task"
@@ -171,6 +222,7 @@ class Settings(_Section):
     brokers: Brokers = Brokers()
     panda: Panda = Panda()
     slice: Slice = Slice()
+    scaling: Scaling = Scaling()
     timeouts: Timeouts = Timeouts()
     idds: Idds = Idds()
     prefect: Prefect = Prefect()

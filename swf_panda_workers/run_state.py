@@ -31,6 +31,7 @@ from swf_panda_workers.messages import (
     WorkflowIds,
 )
 from swf_panda_workers.scaling import SliceObservation, WorkerPlan
+from swf_panda_workers.slice_window import Demand
 
 
 class Effect(BaseModel):
@@ -41,6 +42,7 @@ class Effect(BaseModel):
     kind: Literal["create_sent", "adjust_sent", "stop_sent", "close_sent"]
     size: WorkerSize | None = None
     reason: str | None = None
+    inputs: Demand | None = None  # what the policy saw, for an adjust
 
 
 class Adjustment(BaseModel):
@@ -51,6 +53,7 @@ class Adjustment(BaseModel):
     at: datetime
     size: WorkerSize
     reason: str
+    inputs: Demand | None = None
 
 
 @dataclass(frozen=True)
@@ -153,15 +156,17 @@ def _heartbeat(item: Heartbeat, state: RunState, at: datetime) -> RunState:
 def _effect(item: Effect, state: RunState, at: datetime) -> RunState:
     match item.kind:
         case "create_sent":
-            return replace(state, create_sent=True)
+            return replace(state, create_sent=True,
+                           plan=replace(state.plan, requested_at=state.plan.requested_at or at))
         case "stop_sent":
             return replace(state, stop_sent=True)
         case "close_sent":
             return replace(state, close_sent=True)
         case "adjust_sent":
             assert item.size is not None, "adjust_sent carries the size requested"
-            plan = replace(state.plan, current=item.size, last_adjusted_at=at)
-            record = Adjustment(at=at, size=item.size, reason=item.reason or "")
+            plan = replace(state.plan, current=item.size, last_adjusted_at=at, requested_at=at)
+            record = Adjustment(at=at, size=item.size, reason=item.reason or "",
+                                inputs=item.inputs)
             return replace(state, plan=plan, adjustments=(*state.adjustments, record))
 
 

@@ -1,12 +1,16 @@
 """All simulated peers wired together, as in the testbed: iDDS starts one
-transformer per requested worker when it creates a task, and more when an
-adjust raises the target. The control system drives runs; the recorder
-watches the topics. With ``idds_mode="rest"`` iDDS is also served over REST
+transformer per requested worker when it creates a task; an adjust sets the
+run's target, so more transformers start when it rises (``worker_rampup``
+seconds later, the time a PanDA pilot takes to start) and the surplus end,
+each after its current slice, when it falls. Slices arrive all at once or
+over time (``arrival``, see ``transformers``). The control system drives
+runs; the recorder watches the topics. With ``idds_mode="rest"`` iDDS is also served over REST
 (``idds_rest``), wired to the transformers the same way; the bus iDDS keeps
 running, so a test can check it heard nothing."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -28,7 +32,10 @@ class PeerHarness:
     """Start with ``start()`` or ``with``; use ``control``, ``idds``,
     ``idds_rest`` (rest mode; else None), ``farm`` and ``recorder`` directly.
     ``rest_token``/``rest_vo``: what the REST server demands (oidc);
-    ``workload_pending``: iDDS answers creates with workload_id null."""
+    ``workload_pending``: iDDS answers creates with workload_id null;
+    ``worker_rampup``: seconds before transformers added by an adjust start;
+    ``arrival``: slice i of a run arrives ``arrival(i)`` seconds after its
+    task is created (None: all at once)."""
 
     def __init__(
         self,
@@ -49,6 +56,8 @@ class PeerHarness:
         rest_token: str | None = None,
         rest_vo: str | None = None,
         workload_pending: bool = False,
+        worker_rampup: float = 0.0,
+        arrival: Callable[[int], float] | None = None,
     ) -> None:
         if idds_mode not in ("message", "rest"):
             raise ValueError(f"idds_mode must be 'message' or 'rest', not {idds_mode!r}")
@@ -57,6 +66,12 @@ class PeerHarness:
         self.slices_per_run = slices_per_run
         self.seed_shape_results = seed_shape_results
         self.fail_every = fail_every
+        self.worker_rampup = worker_rampup
+        self.arrival = arrival
+        # Adjusts waiting for their ramp-up, one per run: a later adjust
+        # replaces the pending one. Guarded by _rampup_lock.
+        self._rampup_lock = threading.Lock()
+        self._rampups: dict[str, threading.Timer] = {}
         self.recorder = BusRecorder(brokers, topics=(
             brokers.workers_topic, brokers.transformer_topic))
         self.farm = TransformerFarm(
@@ -96,6 +111,10 @@ class PeerHarness:
         return self
 
     def stop(self) -> None:
+        with self._rampup_lock:
+            for timer in self._rampups.values():
+                timer.cancel()
+            self._rampups.clear()
         if self.idds_rest is not None:
             self.idds_rest.stop()
         for part in (self.control, self.idds, self.farm, self.recorder):
@@ -149,11 +168,33 @@ class PeerHarness:
             seed_shape=self.seed_shape_results,
             fail_every=self.fail_every,
             panda_task_id=task.workload_id,
+            arrival=self.arrival,
         )
 
     def _adjusted(self, run_id: str, size: WorkerSize) -> None:
-        if size.target_worker_count is None or run_id not in self.farm.runs:
+        # iDDS/PanDA: more jobs when the target rises, jobs that end are not
+        # replaced when it falls.
+        target = size.target_worker_count
+        if target is None or run_id not in self.farm.runs:
             return
-        missing = size.target_worker_count - self.farm.live_workers(run_id)
-        if missing > 0:
-            self.farm.add_workers(run_id, missing)
+        with self._rampup_lock:
+            pending = self._rampups.pop(run_id, None)
+            if pending is not None:
+                pending.cancel()  # superseded: the latest target is what counts
+            if self.worker_rampup <= 0 or target <= self.farm.live_workers(run_id):
+                # Nothing to start: no pilot to wait for.
+                self.farm.set_target(run_id, target)
+                return
+            timer = threading.Timer(self.worker_rampup, self._ramped_up, (run_id, target))
+            timer.name = f"rampup-{run_id}"
+            timer.daemon = True
+            self._rampups[run_id] = timer
+            timer.start()
+
+    def _ramped_up(self, run_id: str, target: int) -> None:
+        with self._rampup_lock:
+            timer = self._rampups.get(run_id)
+            if timer is None or timer is not threading.current_thread():
+                return  # cancelled or superseded after it had already fired
+            del self._rampups[run_id]
+            self.farm.set_target(run_id, target)

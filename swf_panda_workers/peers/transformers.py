@@ -9,6 +9,16 @@ transformer was started with, so a string "100123" does not stop run 100123.
 A stopped transformer finishes its current slice and exits; the slices left
 in the run's queue stay unprocessed. An unstopped one exits after
 ``idle_timeout`` seconds without work.
+
+Slices are queued all at once when the run starts, or over time (``arrival``:
+slice i arrives ``arrival(i)`` seconds after the start, as data comes off the
+detector); a slice's result carries the moment it was queued as
+``requested_at``, so ``processing_start_at - requested_at`` is its queue wait.
+While more slices are still to arrive a run's transformers are not idle, so a
+gap between arrivals never ends them; a stop or the farm's shutdown does, and
+slices not yet arrived at a stop never arrive. ``set_target`` sets how many
+transformers a run should have: more are started, or the surplus exit once
+their current slice is done (PanDA jobs ending without replacement).
 """
 
 from __future__ import annotations
@@ -45,8 +55,11 @@ class RunSlices:
     fail_every: int | None
     namespace: str | None
     panda_task_id: int | None
-    requested_at: str
+    slices: int  # all the run will ever queue
     pending: deque[int] = field(default_factory=deque)
+    queued_at: dict[int, str] = field(default_factory=dict)  # slice -> its requested_at
+    feeding: bool = False  # a feeder still has slices to queue
+    target: int | None = None  # transformers wanted (set_target); None: no limit
     slices_sent: int = 0
     failed_sent: int = 0
     stopped: bool = False
@@ -56,9 +69,24 @@ class RunSlices:
     live: int = 0
 
     @property
+    def queued(self) -> int:
+        """Slices queued so far (arrived), taken or not."""
+        return len(self.queued_at)
+
+    @property
     def unprocessed(self) -> list[int]:
-        """Slices no transformer took (left behind by a stop)."""
+        """Slices queued that no transformer took (left behind by a stop)."""
         return list(self.pending)
+
+    @property
+    def arriving(self) -> bool:
+        """More slices are still to be queued: work pending, not idleness."""
+        return self.feeding and not self.stopped
+
+    @property
+    def surplus(self) -> bool:
+        """More transformers are live than the run's target."""
+        return self.target is not None and self.live > self.target
 
 
 class TransformerFarm:
@@ -139,9 +167,11 @@ class TransformerFarm:
         fail_every: int | None = None,
         namespace: str | None = None,
         panda_task_id: int | None = None,
+        arrival: Callable[[int], float] | None = None,
     ) -> RunSlices:
         """Queue ``slices`` slices for the run and start ``workers`` transformers.
-        ``fail_every=n`` makes every n-th slice fail."""
+        ``fail_every=n`` makes every n-th slice fail. ``arrival``: slice i is
+        queued ``arrival(i)`` seconds after now instead of at once."""
         with self._state.lock:
             if run_id in self.runs:
                 raise ValueError(f"run {run_id} already has transformers: use add_workers")
@@ -155,10 +185,15 @@ class TransformerFarm:
                 fail_every=fail_every,
                 namespace=namespace,
                 panda_task_id=panda_task_id,
-                requested_at=naive_iso(timespec="microseconds"),
-                pending=deque(range(slices)),
+                slices=slices,
             )
             self.runs[run_id] = run
+            if arrival is None:
+                queued_at = naive_iso(timespec="microseconds")
+                for index in range(slices):
+                    self._queue(run, index, queued_at)
+            else:
+                self._start_feeder(run, arrival)
             self._spawn(run, workers)
             return run
 
@@ -166,8 +201,22 @@ class TransformerFarm:
         """Start ``n`` more transformers for a run (a stopped run gets none)."""
         with self._state.lock:
             run = self.runs[run_id]
+            if run.target is not None:
+                # Without this, a target set earlier would retire them at once.
+                run.target = max(run.target, run.live + n)
             if not run.stopped:
                 self._spawn(run, n)
+
+    def set_target(self, run_id: str, n: int) -> None:
+        """The run should have ``n`` transformers: start the missing ones (a
+        stopped run gets none), or let the surplus exit, each after its
+        current slice (a slice in progress is never abandoned)."""
+        with self._state.lock:
+            run = self.runs[run_id]
+            run.target = max(n, 0)
+            if not run.stopped and run.live < run.target:
+                self._spawn(run, run.target - run.live)
+            self._state.notify()  # idle surplus transformers leave now
 
     def live_workers(self, run_id: str) -> int:
         with self._state.lock:
@@ -203,6 +252,45 @@ class TransformerFarm:
             return all(run.live == 0 for run in self.runs.values())
         return self._state.wait_for(idle, timeout)
 
+    # --- slice arrivals ------------------------------------------------------
+
+    def _queue(self, run: RunSlices, index: int, queued_at: str) -> None:
+        """Call with the lock held."""
+        run.queued_at[index] = queued_at
+        run.pending.append(index)
+        self._state.notify()
+
+    def _start_feeder(self, run: RunSlices, arrival: Callable[[int], float]) -> None:
+        """Call with the lock held."""
+        run.feeding = True
+        feeder = threading.Thread(target=self._feed, args=(run, arrival, time.monotonic()),
+                                  name=f"sim-{run.run_id}-feeder", daemon=True)
+        self._threads.append(feeder)
+        feeder.start()
+
+    def _feed(self, run: RunSlices, arrival: Callable[[int], float], began: float) -> None:
+        """Queue each slice at its arrival time, in arrival order, until all
+        are queued, the run is stopped or the farm closes."""
+        def halted() -> bool:
+            return run.stopped or self._closing.is_set()
+        try:
+            due = sorted((began + arrival(index), index) for index in range(run.slices))
+            for at, index in due:
+                with self._state.lock:
+                    # Waiting on the condition, so that a stop or the farm's
+                    # shutdown cuts the wait short.
+                    self._state.wait_for(halted, max(at - time.monotonic(), 0.0))
+                    if halted():
+                        return  # slices not arrived yet never arrive
+                    self._queue(run, index, naive_iso(timespec="microseconds"))
+        except Exception:  # a broken arrival function: the log says what broke
+            log.exception("run %s: feeding slices failed", run.run_id)
+        finally:
+            with self._state.lock:
+                # However it ended: waiting transformers may idle again.
+                run.feeding = False
+                self._state.notify()
+
     # --- transformer threads -------------------------------------------------
 
     def _spawn(self, run: RunSlices, n: int) -> None:
@@ -221,24 +309,37 @@ class TransformerFarm:
         with self._state.lock:
             self._heartbeats[internal_id] = run.namespace
         try:
-            while (index := self._next_slice(run)) is not None:
+            while (index := self._next_slice(run, internal_id)) is not None:
                 self._process(run, index, hostname, panda_id)
         finally:
             with self._state.lock:
-                run.live -= 1
-                del self._heartbeats[internal_id]
-                self._state.notify()
+                self._leave(run, internal_id)  # after an error: not done yet
 
-    def _next_slice(self, run: RunSlices) -> int | None:
-        """A slice to process, or None: stopped, farm closing, or idle too long."""
+    def _next_slice(self, run: RunSlices, internal_id: str) -> int | None:
+        """A slice to process, or None (the transformer has left): stopped,
+        farm closing, surplus to the run's target, or idle too long."""
         with self._state.lock:
             def ready() -> bool:
-                return run.stopped or self._closing.is_set() or bool(run.pending)
-            if not self._state.wait_for(ready, self.idle_timeout):
-                return None
-            if run.stopped or self._closing.is_set():
+                return (run.stopped or self._closing.is_set() or run.surplus
+                        or bool(run.pending))
+            # While slices are still to arrive the transformer is not idle:
+            # the idle clock starts once the last one has arrived.
+            self._state.wait_for(lambda: ready() or not run.arriving, None)
+            self._state.wait_for(ready, self.idle_timeout)
+            if run.stopped or self._closing.is_set() or run.surplus or not run.pending:
+                self._leave(run, internal_id)
                 return None
             return run.pending.popleft()
+
+    def _leave(self, run: RunSlices, internal_id: str) -> None:
+        """Call with the lock held; once per transformer, however it ends.
+        Counted out in the same hold as the decision to leave, so that two
+        surplus transformers never both leave for one too many."""
+        if internal_id not in self._heartbeats:
+            return
+        del self._heartbeats[internal_id]
+        run.live -= 1
+        self._state.notify()
 
     def _process(self, run: RunSlices, index: int, hostname: str, panda_id: int) -> None:
         started_at = datetime.now(UTC)
@@ -248,7 +349,7 @@ class TransformerFarm:
         seconds = round(time.monotonic() - began, 6)
         failed = run.fail_every is not None and (index + 1) % run.fail_every == 0
         content: dict[str, Any] = {
-            "requested_at": run.requested_at,
+            "requested_at": run.queued_at[index],
             "processing_start_at": naive_iso(started_at, timespec="microseconds"),
             "processed_at": naive_iso(timespec="microseconds"),
             "state": "failed" if failed else "done",

@@ -12,6 +12,7 @@ from collections.abc import Callable, Generator, Iterator
 
 import pytest
 
+from swf_panda_workers.demo import SHRUNK_SCALING
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.idds_rest import client_env
@@ -26,6 +27,9 @@ STACK_CONFIG = {
     "transceiver": {"namespace": NAMESPACE},
     "brokers": {"host": "127.0.0.1", "port": STOMP_PORT},
     "slice": {"processing_time": 0.5, "cooldown": 2},
+    # The seed's policy and its immediate stop, which these tests were written
+    # for; the proportional policy and the drain have their own stack below.
+    "scaling": {"policy": "reference", "end": "stop"},
     "timeouts": {"created_workflow_task": 30, "closed_workflow_task": 30, "run_end": 600},
     "prefect": {"runner_limit": 10},
 }
@@ -45,6 +49,18 @@ REST_CONFIG = {
     "brokers": {**STACK_CONFIG["brokers"], "results_queue": "/queue/panda.results.worker.rest"},
     "idds": {"timeout": 3, "retry_delays": [0.5, 1]},
     "prefect": {"deployment": "swf-run/panda-workers-rest", "runner_limit": 10},
+}
+
+# The proportional policy on the demo's time scale (seconds where the testbed
+# has minutes), with its own namespace, results queue and deployment.
+SCALING_NAMESPACE = "itestscale"
+SCALING_CONFIG = {
+    **STACK_CONFIG,
+    "transceiver": {"namespace": SCALING_NAMESPACE},
+    "brokers": {**STACK_CONFIG["brokers"], "results_queue": "/queue/panda.results.worker.scale"},
+    "slice": {"cooldown": 2},
+    "scaling": SHRUNK_SCALING,
+    "prefect": {"deployment": "swf-run/panda-workers-scaling", "runner_limit": 10},
 }
 
 _run_numbers = itertools.count(int(time.time()) % 100_000 * 100)
@@ -107,6 +123,16 @@ def rest_stack(stack: EmbeddedStack,
         yield embedded
 
 
+@pytest.fixture(scope="session")
+def scaling_stack(stack: EmbeddedStack,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    """A runner and listener with the proportional policy, beside the others."""
+    embedded = EmbeddedStack(tmp_path_factory.mktemp("scaling-stack"), SCALING_CONFIG,
+                             own_broker=False, shared_server=stack.server)
+    with embedded:
+        yield embedded
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -115,7 +141,7 @@ def pytest_runtest_makereport(
     report = yield
     if not report.failed:
         return report
-    for fixture in ("stack", "rest_stack"):
+    for fixture in ("stack", "rest_stack", "scaling_stack"):
         stack = getattr(item, "funcargs", {}).get(fixture)
         if isinstance(stack, EmbeddedStack):
             for log in sorted(stack.logs.glob("*.log")):

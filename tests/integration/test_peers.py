@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,6 +264,136 @@ def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
     beat = recorder.of_type("heartbeat")[0]
     assert "run_id" not in beat and isinstance(beat["timestamp"], float)
     assert beat["namespace"] == "ns1"
+
+
+def slice_contents(deliveries: list[Delivery]) -> list[dict[str, Any]]:
+    """The results' contents, by slice (failed slices carry none: not here)."""
+    return sorted((json.loads(d.body)["content"] for d in deliveries),
+                  key=lambda content: content["slice_id"])
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: str) -> None:
+    idle = 0.5
+    # The last gap (2 s) is much longer than the idle timeout.
+    offsets = [0.0, 0.3, 0.6, 2.6]
+    results = Listener(brokers, Subscription(brokers.results_queue,
+                                             selector=f"run_id='{run_id}'"))
+    with results.client, \
+            TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+                            brokers.workers_topic, idle_timeout=idle,
+                            result_ttl_ms=60_000) as farm:
+        began = time.monotonic()
+        run = farm.start_run(run_id, workers=2, slices=len(offsets),
+                             processing_time=lambda _: 0.05, arrival=lambda i: offsets[i])
+        got = [results.next_of("slice_result") for _ in range(3)]
+        # In the gap: the workers have idled longer than idle_timeout, yet
+        # they are still there, since a slice is still to come.
+        time.sleep(max(began + offsets[2] + 0.05 + idle + 0.4 - time.monotonic(), 0.0))
+        assert time.monotonic() - began < offsets[3], "too slow to test inside the gap"
+        assert (run.queued, run.unprocessed, farm.live_workers(run_id)) == (3, [], 2)
+
+        got.append(results.next_of("slice_result"))
+        assert farm.wait_idle(WAIT, run_id)  # all arrived: idleness ends them now
+        assert run.started == 2  # the last slice was done by the original workers
+
+        # Stopped while slices are still to arrive: those never arrive, and
+        # neither a stop nor the farm's shutdown waits for them.
+        stopped = run_id + "1"
+        late = farm.start_run(stopped, workers=1, slices=5, processing_time=lambda _: 0.0,
+                              arrival=lambda i: 0.0 if i < 2 else 600.0)
+        assert farm.wait_for(lambda: late.slices_sent == 2, WAIT)
+        results.client.send(outbound.stop_transformer(stopped, settings, now()))
+        assert farm.wait_idle(WAIT, stopped)
+        pending = run_id + "2"
+        farm.start_run(pending, workers=1, slices=2, processing_time=lambda _: 0.0,
+                       arrival=lambda i: 600.0 * i)
+        closing = time.monotonic()
+    assert time.monotonic() - closing < 5.0
+    assert (late.queued, late.unprocessed, late.feeding) == (2, [], False)
+
+    contents = slice_contents(got)
+    assert [c["slice_id"] for c in contents] == list(range(len(offsets)))
+    assert len({c["requested_at"] for c in contents}) == len(offsets)
+    first = contents[0]["requested_at"]
+    for content, offset in zip(contents, offsets, strict=True):
+        assert abs(seconds_between(first, content["requested_at"]) - offset) < 0.2
+        # requested_at is the slice's own queueing: idle workers take it at once.
+        assert 0 <= seconds_between(content["requested_at"],
+                                    content["processing_start_at"]) < 0.2
+
+
+def test_lowering_the_target_finishes_every_slice(brokers: Brokers, run_id: str) -> None:
+    slices = 30
+    results = Listener(brokers, Subscription(brokers.results_queue,
+                                             selector=f"run_id='{run_id}'"))
+    with results.client, \
+            TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+                            brokers.workers_topic, idle_timeout=1.0,
+                            result_ttl_ms=60_000) as farm:
+        run = farm.start_run(run_id, workers=4, slices=slices, processing_time=lambda _: 0.2)
+        assert farm.wait_for(lambda: run.slices_sent >= 4, WAIT)
+        farm.set_target(run_id, 1)  # the four are all in the middle of a slice
+        assert farm.wait_for(lambda: farm.live_workers(run_id) == 1, WAIT)
+        time.sleep(0.5)
+        assert farm.live_workers(run_id) == 1, "exactly the surplus leave"
+        assert run.started == 4
+
+        farm.set_target(run_id, 2)  # raising again starts new ones
+        assert (run.started, farm.live_workers(run_id)) == (5, 2)
+        got = [results.next_of("slice_result") for _ in range(slices)]
+        assert farm.wait_idle(WAIT, run_id)
+
+    assert run.slices_sent == slices and run.unprocessed == []
+    assert [c["slice_id"] for c in slice_contents(got)] == list(range(slices))
+
+
+def test_harness_adjusts_start_transformers_after_the_rampup(
+    brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
+) -> None:
+    rampup = 1.5
+    with PeerHarness(brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=1000,
+                     idle_timeout=1.0, result_ttl_ms=60_000, worker_rampup=rampup) as peers:
+        farm = peers.farm
+        requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
+        answer = parse_message(requester.next_of("created_workflow_task").body)
+        assert isinstance(answer, CreatedWorkflowTask)
+        assert farm.wait_for(lambda: run_id in farm.runs, WAIT)
+        run = farm.runs[run_id]
+        assert run.started == 2  # the initial ones start at once
+
+        def adjust(target: int) -> float:
+            sent = time.monotonic()
+            size = WorkerSize(target_worker_count=target)
+            requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings,
+                                                         now()))
+            requester.next_of("adjusted_worker")
+            return sent
+
+        sent = adjust(4)
+        assert not farm.wait_for(lambda: run.started > 2, sent + rampup - 0.3 - time.monotonic())
+        assert farm.wait_for(lambda: run.started == 4, WAIT)
+        assert time.monotonic() - sent >= rampup
+        assert farm.live_workers(run_id) == 4
+
+        # Lowering starts nothing: it takes effect as the surplus finish their slice.
+        adjust(1)
+        assert farm.wait_for(lambda: farm.live_workers(run_id) == 1, WAIT)
+        assert run.started == 4
+
+        # A later adjust supersedes a pending one: 6 is never reached.
+        sent = adjust(6)
+        adjust(3)
+        assert not farm.wait_for(lambda: run.started > 4, sent + rampup - 0.3 - time.monotonic())
+        assert farm.wait_for(lambda: run.started == 6, WAIT)
+        time.sleep(rampup)
+        assert (run.started, farm.live_workers(run_id)) == (6, 3)
+
+        requester.client.send(outbound.stop_transformer(run_id, settings, now()))
+        assert farm.wait_idle(WAIT, run_id)
 
 
 def test_harness_starts_and_adds_transformers(

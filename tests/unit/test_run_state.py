@@ -18,7 +18,14 @@ from swf_panda_workers.run_state import (
     apply,
     initial_state,
 )
-from swf_panda_workers.scaling import ReferencePolicy, SliceObservation, WorkerPlan
+from swf_panda_workers.scaling import (
+    Observation,
+    ReferencePolicy,
+    ScalingDecision,
+    ScalingMemory,
+    SliceObservation,
+    WorkerPlan,
+)
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings()
@@ -139,23 +146,30 @@ FOLDS = [
                                           "target_worker_count": 36}), 9)],
         {"applied": BIGGER}, id="adjusted_worker is what iDDS applied",
     ),
-    pytest.param([(Effect(kind="create_sent"), 1)], {"create_sent": True}, id="create_sent"),
+    pytest.param([(Effect(kind="create_sent"), 1)],
+                 {"create_sent": True, "plan": WorkerPlan(initial=SIZE, current=SIZE,
+                                                          requested_at=at(1))},
+                 id="create_sent: the initial size is requested"),
     pytest.param([(Effect(kind="stop_sent"), 1)], {"stop_sent": True}, id="stop_sent"),
     pytest.param([(Effect(kind="close_sent"), 1)], {"close_sent": True}, id="close_sent"),
     pytest.param(
         [(Effect(kind="create_sent"), 1), (Effect(kind="create_sent"), 2)],
-        {"create_sent": True}, id="effects are idempotent",
+        {"create_sent": True, "plan": WorkerPlan(initial=SIZE, current=SIZE,
+                                                 requested_at=at(1))},
+        id="effects are idempotent",
     ),
     pytest.param(
         [(Effect(kind="adjust_sent", size=BIGGER, reason="slow"), 50)],
-        {"plan": WorkerPlan(initial=SIZE, current=BIGGER, last_adjusted_at=at(50)),
+        {"plan": WorkerPlan(initial=SIZE, current=BIGGER, last_adjusted_at=at(50),
+                            requested_at=at(50)),
          "adjustments": (Adjustment(at=at(50), size=BIGGER, reason="slow"),)},
         id="adjust_sent moves the plan",
     ),
     pytest.param(
         [(Effect(kind="adjust_sent", size=BIGGER, reason="slow"), 50),
          (Effect(kind="adjust_sent", size=BIGGEST), 200)],
-        {"plan": WorkerPlan(initial=SIZE, current=BIGGEST, last_adjusted_at=at(200)),
+        {"plan": WorkerPlan(initial=SIZE, current=BIGGEST, last_adjusted_at=at(200),
+                            requested_at=at(200)),
          "adjustments": (Adjustment(at=at(50), size=BIGGER, reason="slow"),
                          Adjustment(at=at(200), size=BIGGEST, reason=""))},
         id="adjustments accumulate",
@@ -234,22 +248,28 @@ def test_anything_else_is_ignored() -> None:
     assert apply(object(), BASE, T0) is BASE
 
 
+def decide(policy: ReferencePolicy, plan: WorkerPlan, seen: SliceObservation | None
+           ) -> ScalingDecision | None:
+    assert seen is not None
+    return policy.decide(plan, Observation(seen.at, seen), ScalingMemory()).decision
+
+
 def test_fold_feeds_the_policy() -> None:
     policy = ReferencePolicy(expected_seconds=30, cooldown_seconds=60)
 
     slow = fold([(done(40), 10)])
-    decision = policy.decide(slow.plan, slow.last_slice)
+    decision = decide(policy, slow.plan, slow.last_slice)
     assert decision is not None and decision.size == BIGGER
 
     adjusted = fold([(Effect(kind="adjust_sent", size=decision.size), 11), (done(40), 12)],
                     start=slow)
-    assert policy.decide(adjusted.plan, adjusted.last_slice) is None  # same size again
+    assert decide(policy, adjusted.plan, adjusted.last_slice) is None  # same size again
 
     slower = fold([(done(50), 30)], start=adjusted)
-    assert policy.decide(slower.plan, slower.last_slice) is None  # within the cooldown
+    assert decide(policy, slower.plan, slower.last_slice) is None  # within the cooldown
 
     later = fold([(done(50), 71)], start=adjusted)
-    decision = policy.decide(later.plan, later.last_slice)
+    decision = decide(policy, later.plan, later.last_slice)
     assert decision is not None and decision.size == BIGGEST
 
 

@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swf_panda_workers.messages import WorkerSize
-from swf_panda_workers.scaling import ReferencePolicy, SliceObservation, WorkerPlan
+from swf_panda_workers.scaling import (
+    Observation,
+    ReferencePolicy,
+    ScalingDecision,
+    ScalingMemory,
+    SliceObservation,
+    WorkerPlan,
+)
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 POLICY = ReferencePolicy(expected_seconds=30, cooldown_seconds=60)
@@ -25,6 +32,13 @@ def plan(initial: int | None, current: int | None, adjusted_ago: float | None = 
          ) -> WorkerPlan:
     last = None if adjusted_ago is None else T0 - timedelta(seconds=adjusted_ago)
     return WorkerPlan(initial=size(initial), current=size(current), last_adjusted_at=last)
+
+
+def decide(policy: ReferencePolicy, plan: WorkerPlan, slice_seen: SliceObservation
+           ) -> ScalingDecision | None:
+    verdict = policy.decide(plan, Observation(slice_seen.at, slice_seen), ScalingMemory())
+    assert verdict.memory == ScalingMemory()  # the reference policy remembers nothing
+    return verdict.decision
 
 
 def seen(seconds: float | None, failed: bool = False) -> SliceObservation:
@@ -58,7 +72,7 @@ def seen(seconds: float | None, failed: bool = False) -> SliceObservation:
 def test_reference_policy_table(
     seconds: float, current: int | None, adjusted_ago: float | None, expected: int | None
 ) -> None:
-    decision = POLICY.decide(plan(30, current, adjusted_ago), seen(seconds))
+    decision = decide(POLICY, plan(30, current, adjusted_ago), seen(seconds))
 
     if expected is None:
         assert decision is None
@@ -85,7 +99,7 @@ def test_reference_policy_table(
 def test_scales_the_initial_worker_count_rounded_up(
     initial: int | None, seconds: float, expected: int | None
 ) -> None:
-    decision = POLICY.decide(plan(initial, initial), seen(seconds))
+    decision = decide(POLICY, plan(initial, initial), seen(seconds))
 
     if expected is None:
         assert decision is None
@@ -97,7 +111,7 @@ def test_scales_the_initial_worker_count_rounded_up(
 def test_only_the_worker_count_scales() -> None:
     initial = WorkerSize(core_count=8, memory_per_core=2000, site="CERN", target_worker_count=30)
 
-    decision = POLICY.decide(WorkerPlan(initial=initial, current=initial), seen(50))
+    decision = decide(POLICY, WorkerPlan(initial=initial, current=initial), seen(50))
 
     assert decision is not None
     assert decision.size == WorkerSize(core_count=8, memory_per_core=2000, site="CERN",
@@ -105,7 +119,7 @@ def test_only_the_worker_count_scales() -> None:
 
 
 def test_decision_explains_itself() -> None:
-    decision = POLICY.decide(plan(30, 30), seen(40))
+    decision = decide(POLICY, plan(30, 30), seen(40))
 
     assert decision is not None
     assert decision.reason == (
@@ -119,14 +133,14 @@ def test_decision_explains_itself() -> None:
     ids=["failed slow slice", "unknown time", "failed, unknown time"],
 )
 def test_failed_or_unknown_time_slices_are_ignored(observation: SliceObservation) -> None:
-    assert POLICY.decide(plan(30, 30), observation) is None
+    assert decide(POLICY, plan(30, 30), observation) is None
 
 
 def test_custom_steps_and_cooldown() -> None:
     policy = ReferencePolicy(expected_seconds=10, cooldown_seconds=0, steps=((2.0, 3.0),))
 
-    assert policy.decide(plan(10, 10), seen(20)) is None
-    decision = policy.decide(plan(10, 10, adjusted_ago=0), seen(21))
+    assert decide(policy, plan(10, 10), seen(20)) is None
+    decision = decide(policy, plan(10, 10, adjusted_ago=0), seen(21))
     assert decision is not None and decision.size.target_worker_count == 30
 
 
@@ -145,7 +159,7 @@ def test_never_below_the_initial_size_nor_above_one_and_a_half_times_it(
     initial: int, current: int | None, seconds: float | None, failed: bool,
     adjusted_ago: float | None,
 ) -> None:
-    decision = POLICY.decide(plan(initial, current, adjusted_ago), seen(seconds, failed))
+    decision = decide(POLICY, plan(initial, current, adjusted_ago), seen(seconds, failed))
 
     if decision is None:
         return
