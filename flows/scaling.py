@@ -20,7 +20,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
-from swf_panda_workers.plots import Trace, markdown_image, timeline_png
 
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
@@ -31,6 +30,7 @@ from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, 
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import SliceResult, WorkerSize, WorkflowIds
+from swf_panda_workers.plots import Trace, markdown_image, timeline_png
 from swf_panda_workers.run_state import Adjustment, Effect, initial_state
 from swf_panda_workers.scaling import SliceObservation
 from swf_panda_workers.slice_window import SliceSample
