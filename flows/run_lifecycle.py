@@ -23,12 +23,13 @@ from pydantic import BaseModel
 
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
-from flows.run_view import RunView, history_start
+from flows.run_view import RunView
 from flows.scaling import ScalingReport, publish_decisions, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
     follow_run,
+    history_start,
     message_event_name,
     run_resource_id,
 )

@@ -4,7 +4,7 @@ place where the flow records what it did."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from uuid import UUID
 
 from prefect.events import Event
@@ -22,14 +22,6 @@ from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import Message, WorkerSize
 from swf_panda_workers.run_state import Effect, RunState, apply
 from swf_panda_workers.timestamps import utc_now
-
-# Events are stamped when the listener receives them; look back a little
-# before the announcement so clock skew between hosts loses nothing.
-HISTORY_MARGIN = timedelta(minutes=10)
-
-
-def history_start(received_at: datetime) -> datetime:
-    return received_at - HISTORY_MARGIN
 
 
 class RunView:

@@ -23,8 +23,12 @@ from pydantic import BaseModel
 
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
-from flows.run_view import RunView, history_start
-from swf_panda_workers.adapters.prefect_events import follow_run, run_resource_id
+from flows.run_view import RunView
+from swf_panda_workers.adapters.prefect_events import (
+    follow_run,
+    history_start,
+    run_resource_id,
+)
 from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings

@@ -91,9 +91,6 @@ class Verdict:
 class ScalingPolicy(Protocol):
     # Seconds between looks when no slice result arrives; 0: look only on results.
     tick_seconds: float
-    # Seconds of slice results the policy's demand is measured over; 0: none.
-    window_seconds: float
-    percentile: float
 
     def decide(self, plan: WorkerPlan, seen: Observation, memory: ScalingMemory) -> Verdict:
         """A new size for the run (or None), and what to remember."""
@@ -108,8 +105,6 @@ class ReferencePolicy:
     cooldown_seconds: float = 60.0
     steps: tuple[tuple[float, float], ...] = ((1.5, 1.5), (1.2, 1.2))
     tick_seconds: float = 0.0
-    window_seconds: float = 0.0
-    percentile: float = 100.0
 
     def decide(self, plan: WorkerPlan, seen: Observation, memory: ScalingMemory) -> Verdict:
         return Verdict(self._decide(plan, seen.slice) if seen.slice else None, memory)
@@ -179,8 +174,7 @@ class ProportionalPolicy:
     rampup_seconds: float = 300.0  # how long requested workers may take to show up
     min_results: int = 5  # results in the window before the demand is trusted
     tick_seconds: float = 5.0
-    window_seconds: float = 120.0
-    percentile: float = 90.0
+    percentile: float = 90.0  # the demand's percentile of processing time, for the reason
 
     def needed(self, demand: Demand) -> float:
         """Workers the demand needs, before bounds and damping."""

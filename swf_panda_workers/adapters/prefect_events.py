@@ -166,6 +166,15 @@ async def stored_ids(candidates: Iterable[uuid.UUID]) -> set[uuid.UUID]:
     return found
 
 
+# Events are stamped when the listener receives them; a run's history is read
+# from a little before its announcement, so clock skew between hosts loses nothing.
+HISTORY_MARGIN = timedelta(minutes=10)
+
+
+def history_start(announced_at: datetime) -> datetime:
+    return announced_at - HISTORY_MARGIN
+
+
 def _run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ()) -> EventFilter:
     return EventFilter(
         resource=EventResourceFilter(id=[resource_id]),

@@ -3,7 +3,7 @@ flow run was started with, and the run's stored events."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -14,13 +14,14 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import TypeAdapter
 
-from swf_panda_workers.adapters.prefect_events import decode, run_history, run_resource_id
+from swf_panda_workers.adapters.prefect_events import (
+    decode,
+    history_start,
+    run_history,
+    run_resource_id,
+)
 from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.recording import RunRecording, recording_from
-
-# As the run flow reads its history: from a little before the announcement,
-# so clock skew between hosts loses nothing.
-LOOK_BACK = timedelta(minutes=10)
 
 
 class RunNotFound(LookupError):
@@ -40,7 +41,7 @@ async def fetch_recording(run_id: str, namespace: str) -> RunRecording:
     parameters = found[0].parameters
     announced_at = _when(parameters.get("received_at")) or found[0].created
     assert announced_at is not None, "a stored flow run has a creation time"
-    events = await run_history(run_resource_id(namespace, run_id), announced_at - LOOK_BACK)
+    events = await run_history(run_resource_id(namespace, run_id), history_start(announced_at))
     inputs = [(event.occurred, item) for event in events if (item := decode(event)) is not None]
     return recording_from(run_id, namespace, parameters["announcement"], announced_at, inputs)
 
