@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
-from flows.run_view import RunView
+from flows.run_view import RunView, recount
 from flows.scaling import ScalingReport, publish_decisions, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
@@ -102,9 +102,12 @@ async def run_lifecycle(
             )
             state = await stop_and_close(view, bus, idds, ids, settings)
 
+    # Counted from the stored history after the stop and the close, which
+    # must not wait for a read of a long run's every result.
+    slices = await recount(initial_state(run, settings), resource, since)
     outcome = RunOutcome(
         run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
-        slices_done=report.slices_done, slices_failed=report.slices_failed,
+        slices_done=slices.slices_done, slices_failed=slices.slices_failed,
         adjustments=len(report.adjustments),
         # From this flow's state: a reply to the sub-flow's last adjust may
         # arrive after the sub-flow has returned, but before the close.

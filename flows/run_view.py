@@ -4,7 +4,7 @@ place where the flow records what it did."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from prefect.events import Event
@@ -16,6 +16,7 @@ from swf_panda_workers.adapters.prefect_events import (
     decode,
     effect_event,
     emit,
+    stored_events,
     until_stored,
 )
 from swf_panda_workers.idds_gateway import Answer
@@ -31,7 +32,7 @@ class RunView:
         self.state = state
         # Sizes an earlier attempt already asked for, known before replaying.
         self.journaled_sizes: list[WorkerSize] = [
-            item.size for item in map(decode, feed.history)
+            item.size for item in map(decode, feed.backlog())
             if isinstance(item, Effect) and item.kind == "adjust_sent" and item.size is not None
         ]
 
@@ -54,20 +55,6 @@ class RunView:
         """Apply everything already stored."""
         while self.replaying:
             await self.next_input(timeout=0)
-        return self.state
-
-    async def settle(self) -> RunState:
-        """Apply what else the run received, once the feed has caught up with
-        events sent just before it subscribed (a run that ends soon after the
-        sub-flow started must still count the slice results sent before that),
-        and after a last read of the stored history, which holds every message
-        the listener acked, whatever the live stream dropped."""
-        await self._feed.caught_up.wait()
-        await self._feed.reread()
-        while (event := await self._feed.next(timeout=0)) is not None:
-            item = decode(event)
-            if item is not None:
-                self.state = apply(item, self.state, event.occurred)
         return self.state
 
     async def until(self, done: Callable[[RunState], bool], timeout: float) -> bool:
@@ -94,7 +81,7 @@ class RunView:
         await until_stored(events)
 
     def _journal(self, item: Effect | Answer, event: Event) -> Event:
-        self._feed.mark_seen(event.id)
+        self._feed.mark_seen(event)
         emit(event)
         self.state = apply(item, self.state, event.occurred)
         return event
@@ -103,3 +90,15 @@ class RunView:
 def _flow_run_id() -> UUID | None:
     value = flow_run.id
     return UUID(value) if value else None
+
+
+async def recount(state: RunState, resource_id: str, since: datetime) -> RunState:
+    """``state`` folded over the run's whole stored history, a page at a time:
+    the slices every message the listener acked, whatever the live streams
+    dropped or delivered late (a result sent just before the end)."""
+    async for page in stored_events(resource_id, since):
+        for event in page:
+            item = decode(event)
+            if item is not None:
+                state = apply(item, state, event.occurred)
+    return state

@@ -45,8 +45,6 @@ IDLE_CHECK_SECONDS = 5.0
 
 
 class ScalingReport(BaseModel):
-    slices_done: int
-    slices_failed: int
     adjustments: list[Adjustment]
     end: str  # why the sub-flow returned
     timeline: list[TimelinePoint]  # the run at each look of its policy, for the plot
@@ -73,13 +71,10 @@ async def scale_workers(
             end = await scaler.follow_until_end(deadline)
             if settings.scaling.end == "drain" and view.state.ended:
                 end = f"{end}; {await scaler.drain()}"
-            await view.settle()  # results sent before the end, not yet seen
 
-    final = view.state
+    # Slice totals are the parent's, counted once the stop is out of the way.
     return ScalingReport(
-        slices_done=final.slices_done,
-        slices_failed=final.slices_failed,
-        adjustments=list(final.adjustments),
+        adjustments=list(view.state.adjustments),
         end=end,
         timeline=autoscaler.timeline.points,
     )

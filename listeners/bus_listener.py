@@ -20,6 +20,7 @@ reason in a header, and acked: it never stops the listener or another run.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 from uuid import UUID
 
 import httpx
+from prefect.client.orchestration import PrefectClient
 from prefect.events import Event
 from prefect.events.clients import EventsClient
 from websockets.exceptions import WebSocketException
@@ -77,6 +79,7 @@ class BusListener:
     settings: Settings
     runs: RunStarter
     events: EventsClient
+    prefect: PrefectClient | None = None  # reads emitted events back (the confirm loop)
     bus: BusClient | None = None
     owned: dict[str, UUID] = field(default_factory=dict)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
@@ -214,9 +217,10 @@ class BusListener:
             await asyncio.sleep(CONFIRM_EVERY)
             if not self._pending:
                 continue
-            batch = list(self._pending)[:200]
+            batch = list(itertools.islice(self._pending, 200))
+            assert self.prefect is not None, "confirming needs a Prefect client"
             try:
-                stored = await stored_ids(batch)
+                stored = await stored_ids(self.prefect, batch)
             except HANDOFF_ERRORS as exc:
                 log.warning("cannot confirm events with Prefect yet: %s", exc)
                 continue
@@ -260,7 +264,7 @@ async def serve_listener(settings: Settings, stopping: asyncio.Event) -> None:
                 await client.api_healthcheck()
                 async with get_events_client() as events:
                     starter = RunStarter(client, settings.prefect.deployment)
-                    await BusListener(settings, starter, events).run(stopping)
+                    await BusListener(settings, starter, events, client).run(stopping)
                 return
             except HANDOFF_ERRORS as exc:
                 log.warning("Prefect not reachable (%s); retrying in 2 s", exc)

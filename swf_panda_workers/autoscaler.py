@@ -24,11 +24,12 @@ from swf_panda_workers.scaling import (
     SliceObservation,
     WorkerPlan,
 )
-from swf_panda_workers.slice_window import SliceSample, SliceWindow
+from swf_panda_workers.slice_window import Demand, SliceSample, SliceWindow
 
 # A timeline keeps at most this many points: past it, every other point is
 # dropped, so an hours-long run's timeline costs what a short one's does.
 TIMELINE_POINTS = 2000
+DEMAND_REUSE = 1.0  # s a per-result policy reuses the window's reading
 
 
 def policy_for(settings: Settings, run: RunImminent | None = None) -> ScalingPolicy:
@@ -95,6 +96,7 @@ class Autoscaler:
         self.memory = ScalingMemory()
         self.timeline = Timeline()
         self._last_look: datetime | None = None
+        self._demand: Demand | None = None  # the window's last reading
 
     def observe(self, sample: SliceSample) -> None:
         self.window.add(sample)
@@ -115,12 +117,25 @@ class Autoscaler:
 
     def look(self, plan: WorkerPlan, at: datetime,
              last_slice: SliceObservation | None = None) -> ScalingDecision | None:
-        demand = self.window.demand(at)
+        demand, fresh = self._read_window(at)
         verdict = self.policy.decide(plan, Observation(at, last_slice, demand), self.memory)
         self.memory = verdict.memory
         self._last_look = at
-        self.timeline.add(TimelinePoint(
-            at=at, requested=plan.workers, workers_seen=demand.workers_seen,
-            processing_seconds=demand.processing_seconds, backlog=demand.backlog,
-            rate=demand.rate))
+        if fresh:
+            self.timeline.add(TimelinePoint(
+                at=at, requested=plan.workers, workers_seen=demand.workers_seen,
+                processing_seconds=demand.processing_seconds, backlog=demand.backlog,
+                rate=demand.rate))
         return verdict.decision
+
+    def _read_window(self, at: datetime) -> tuple[Demand, bool]:
+        """The window's demand, and whether it was read just now. A policy
+        that looks at every result (no tick) reuses a reading for up to
+        DEMAND_REUSE seconds: reading costs a pass over the whole window,
+        which at tens of results a second was the runner's hottest spot."""
+        last = self._demand
+        if (last is None or self.policy.tick_seconds > 0
+                or (at - last.at).total_seconds() >= DEMAND_REUSE):
+            self._demand = self.window.demand(at)
+            return self._demand, True
+        return last, False

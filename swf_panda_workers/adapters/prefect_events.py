@@ -29,14 +29,13 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any
 
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.events import Event, emit_event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import (
@@ -151,18 +150,19 @@ def decode(event: Event) -> Message | Effect | None:
     return None
 
 
-async def stored_ids(candidates: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+async def stored_ids(client: PrefectClient, candidates: Iterable[uuid.UUID]) -> set[uuid.UUID]:
     """Which of these events the server has written to its database: only
-    those are safe to acknowledge on the bus."""
+    those are safe to acknowledge on the bus. ``client`` is reused by the
+    caller: a new one per call costs a TLS context, which profiling showed
+    was a fifth of the listener's time."""
     wanted = list(candidates)
     found: set[uuid.UUID] = set()
-    async with get_client() as client:
-        for start in range(0, len(wanted), PAGE_LIMIT):
-            chunk = wanted[start:start + PAGE_LIMIT]
-            page = await client.read_events(
-                filter=EventFilter(id=EventIDFilter(id=chunk)), limit=len(chunk)
-            )
-            found.update(event.id for event in page.events)
+    for start in range(0, len(wanted), PAGE_LIMIT):
+        chunk = wanted[start:start + PAGE_LIMIT]
+        page = await client.read_events(
+            filter=EventFilter(id=EventIDFilter(id=chunk)), limit=len(chunk)
+        )
+        found.update(event.id for event in page.events)
     return found
 
 
@@ -185,19 +185,25 @@ def _run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ()
     )
 
 
-async def run_history(resource_id: str, since: datetime,
-                      exclude: tuple[str, ...] = ()) -> list[Event]:
-    """The run's stored events, oldest first, less the event names starting
-    with one of ``exclude``."""
-    events: list[Event] = []
+async def stored_events(resource_id: str, since: datetime,
+                        exclude: tuple[str, ...] = ()) -> AsyncIterator[list[Event]]:
+    """The run's stored events, oldest first, a page at a time (a long run
+    has tens of thousands: never all in memory at once), less the event
+    names starting with one of ``exclude``."""
     async with get_client() as client:
         page = await client.read_events(filter=_run_filter(resource_id, since, exclude),
                                         limit=PAGE_LIMIT)
-        events.extend(page.events)
+        yield page.events
         while page.next_page is not None:
             page = await client.read_events_page(page.next_page)
-            events.extend(page.events)
-    return events
+            yield page.events
+
+
+async def run_history(resource_id: str, since: datetime,
+                      exclude: tuple[str, ...] = ()) -> list[Event]:
+    """The run's stored events, oldest first, as one list."""
+    return [event async for page in stored_events(resource_id, since, exclude)
+            for event in page]
 
 
 class JournalNotStored(RuntimeError):
@@ -244,54 +250,90 @@ async def until_stored(events: list[Event], timeout: float = OUTAGE_TOLERANCE) -
     waiting = {event.id: event for event in events}
     deadline = loop.time() + timeout
     emitted_at = loop.time()
-    while True:
-        try:
-            for event_id in await stored_ids(waiting):
-                waiting.pop(event_id)
-        except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
-            if not server_trouble(exc):
-                raise
-            log.info("cannot read the journal back yet: %s", exc)
-        if not waiting:
+    async with get_client() as client:
+        while True:
+            try:
+                for event_id in await stored_ids(client, waiting):
+                    waiting.pop(event_id)
+            except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+                if not server_trouble(exc):
+                    raise
+                log.info("cannot read the journal back yet: %s", exc)
+            if not waiting:
+                return
+            now = loop.time()
+            if now > deadline:
+                raise JournalNotStored(
+                    f"Prefect did not store journal events {sorted(map(str, waiting))} "
+                    f"within {timeout:g}s")
+            if now - emitted_at > JOURNAL_REEMIT_AFTER:
+                emitted_at = now
+                for event in waiting.values():
+                    emit(event)
+            await asyncio.sleep(JOURNAL_CONFIRM_EVERY)
+
+
+# How far back the feed remembers which events it yielded. Events come again
+# only from re-reads of the stored history (the late sweeps at the start, the
+# sweeps after a reconnect, which read from this far back), so an event older
+# than this is dropped unread: the memory of a run open for hours stays
+# bounded. The run flow's final count reads the whole history anyway.
+SEEN_HORIZON = timedelta(seconds=OUTAGE_TOLERANCE) + timedelta(minutes=10)
+
+
+class SeenEvents:
+    """Ids of the events yielded within SEEN_HORIZON of the newest one."""
+
+    def __init__(self) -> None:
+        self._ids: set[uuid.UUID] = set()
+        self._by_time: deque[tuple[datetime, uuid.UUID]] = deque()
+        self.forgotten_before: datetime | None = None  # events up to it count as seen
+        self._newest: datetime | None = None
+
+    def __contains__(self, event: Event) -> bool:
+        old = self.forgotten_before is not None and event.occurred <= self.forgotten_before
+        return old or event.id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, event_id: uuid.UUID, occurred: datetime) -> None:
+        if event_id in self._ids:
             return
-        now = loop.time()
-        if now > deadline:
-            raise JournalNotStored(
-                f"Prefect did not store journal events {sorted(map(str, waiting))} "
-                f"within {timeout:g}s")
-        if now - emitted_at > JOURNAL_REEMIT_AFTER:
-            emitted_at = now
-            for event in waiting.values():
-                emit(event)
-        await asyncio.sleep(JOURNAL_CONFIRM_EVERY)
+        self._ids.add(event_id)
+        # Events arrive nearly in time order; one out of order only stays a
+        # little longer than it must.
+        self._by_time.append((occurred, event_id))
+        self._newest = newest = occurred if self._newest is None else max(self._newest, occurred)
+        while self._by_time and newest - self._by_time[0][0] > SEEN_HORIZON:
+            when, oldest = self._by_time.popleft()
+            self._ids.discard(oldest)
+            self.forgotten_before = when
 
 
 class RunFeed:
     """A run's events, each once: what was stored before, then what arrives."""
 
     def __init__(self, history: list[Event], live: asyncio.Queue[Event] | None = None) -> None:
-        self.history = tuple(history)
         self._backlog: deque[Event] = deque(history)
-        self._seen: set[uuid.UUID] = {event.id for event in history}
+        self._seen = SeenEvents()
+        for event in history:
+            self._seen.add(event.id, event.occurred)
         self._live: asyncio.Queue[Event] = live if live is not None else asyncio.Queue()
         self._source: asyncio.Task[None] | None = None
-        # Reads the run's stored history again (set by follow_run).
-        self._reread: Callable[[], Awaitable[list[Event]]] | None = None
-        # Set once the history was read again late enough to hold every event
-        # sent before the subscription opened (LATE_HISTORY_SWEEPS).
-        self.caught_up = asyncio.Event()
 
-    def mark_seen(self, event_id: uuid.UUID) -> None:
+    def backlog(self) -> tuple[Event, ...]:
+        """The stored events not yielded yet."""
+        return tuple(self._backlog)
+
+    def mark_seen(self, event: Event) -> None:
         """An event this process emitted itself and has already applied."""
-        self._seen.add(event_id)
+        self._seen.add(event.id, event.occurred)
 
-    async def reread(self) -> None:
-        """Read the stored history again and queue what the live stream
-        missed (a subscription the Prefect client re-opened by itself, under
-        load, backfills only what the server had already stored)."""
-        if self._reread is not None:
-            for event in await self._reread():
-                self._live.put_nowait(event)  # next() drops what was seen
+    @property
+    def remembered(self) -> int:
+        """How many event ids the feed holds to drop repeats (bounded)."""
+        return len(self._seen)
 
     @property
     def replaying(self) -> bool:
@@ -315,8 +357,8 @@ class RunFeed:
                     event = await asyncio.wait_for(self._live.get(), min(left, 1.0))
             except TimeoutError:
                 continue
-            if event.id not in self._seen:
-                self._seen.add(event.id)
+            if event not in self._seen:
+                self._seen.add(event.id, event.occurred)
                 return event
         return None
 
@@ -361,46 +403,38 @@ async def follow_run(resource_id: str, since: datetime,
     subscribed = asyncio.Event()
     sweeps: set[asyncio.Task[None]] = set()
 
-    async def sweep(start: datetime, delays: tuple[float, ...],
-                    caught_up: asyncio.Event | None = None) -> None:
-        try:
-            for delay in delays:
-                await asyncio.sleep(delay)
-                try:
-                    events = await run_history(resource_id, start, exclude)
-                except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
-                    if not server_trouble(exc):
-                        raise
-                    # Cut off again: the next subscription reads it all again.
-                    log.info("history of %s not readable now: %s", resource_id, exc)
-                    return
-                for event in events:
-                    live.put_nowait(event)  # the feed drops what it has seen
-                if caught_up is not None:
-                    caught_up.set()
-        finally:
-            if caught_up is not None:
-                caught_up.set()  # a sweep cut short must not hold its reader forever
+    async def sweep(start: datetime, delays: tuple[float, ...]) -> None:
+        for delay in delays:
+            await asyncio.sleep(delay)
+            try:
+                async for page in stored_events(resource_id, start, exclude):
+                    for event in page:
+                        live.put_nowait(event)  # the feed drops what it has seen
+            except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+                if not server_trouble(exc):
+                    raise
+                # Cut off again: the next subscription reads it all again.
+                log.info("history of %s not readable now: %s", resource_id, exc)
+                return
 
-    def start_sweep(start: datetime, delays: tuple[float, ...],
-                    caught_up: asyncio.Event | None = None) -> None:
-        task = asyncio.create_task(sweep(start, delays, caught_up))
+    def start_sweep(start: datetime, delays: tuple[float, ...]) -> None:
+        task = asyncio.create_task(sweep(start, delays))
         sweeps.add(task)
         task.add_done_callback(sweeps.discard)
 
     def on_subscribed(first: bool) -> None:
         subscribed.set()
         if not first:
-            start_sweep(since, RECONNECT_HISTORY_SWEEPS)
+            # What the feed still remembers, not the whole run: older events
+            # would be dropped as seen anyway.
+            start_sweep(max(since, utc_now() - SEEN_HORIZON), RECONNECT_HISTORY_SWEEPS)
 
     source = asyncio.create_task(_keep_subscribed(run_filter, live.put_nowait, on_subscribed))
     try:
         await _first_subscription(subscribed, source)
-        feed = RunFeed(await _history_when_reachable(resource_id, since, exclude), live)
+        feed = RunFeed(await history_when_reachable(resource_id, since, exclude), live)
         feed._source = source
-        feed._reread = partial(run_history, resource_id, since, exclude)
-        start_sweep(max(since, opened_at - timedelta(minutes=1)), LATE_HISTORY_SWEEPS,
-                    feed.caught_up)
+        start_sweep(max(since, opened_at - timedelta(minutes=1)), LATE_HISTORY_SWEEPS)
         yield feed
     finally:
         for background in (source, *sweeps):
@@ -457,7 +491,7 @@ async def _first_subscription(subscribed: asyncio.Event, source: asyncio.Task[No
         raise ConnectionError("the run's event subscription ended before it opened")
 
 
-async def _history_when_reachable(resource_id: str, since: datetime,
+async def history_when_reachable(resource_id: str, since: datetime,
                                   exclude: tuple[str, ...]) -> list[Event]:
     """The run's stored history, waiting out a server outage (up to OUTAGE_TOLERANCE)."""
     loop = asyncio.get_running_loop()

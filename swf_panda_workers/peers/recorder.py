@@ -11,7 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
@@ -35,6 +35,7 @@ class Recorded:
     destination: str
     headers: dict[str, str]
     body: dict[str, Any]
+    at: float = field(default_factory=time.time)  # when it was received (epoch seconds)
 
     @property
     def msg_type(self) -> str:

@@ -88,3 +88,25 @@ def test_a_long_timeline_is_thinned_not_grown() -> None:
     assert 50 <= len(timeline.points) <= 100
     assert timeline.points[0].at == at(0)
     assert timeline.points[-1].at >= at(9_900)
+
+
+def test_a_per_result_policy_reads_the_window_at_most_once_a_second() -> None:
+    scaler = Autoscaler(ReferencePolicy(expected_seconds=10), SliceWindow(60, 90))
+    for i in range(50):  # 50 results in 0.98 s, each looked at
+        moment = at(i * 0.02)
+        scaler.observe(SliceSample(at=moment, processing_seconds=1.0, waited_seconds=0.0,
+                                   worker="wn-1"))
+        scaler.look(PLAN, moment, SliceObservation(at=moment, processing_seconds=1.0))
+    assert len(scaler.timeline.points) == 1
+    scaler.observe(SliceSample(at=at(1.0), processing_seconds=1.0, waited_seconds=0.0,
+                                worker="wn-1"))
+    scaler.look(PLAN, at(1.0), SliceObservation(at=at(1.0), processing_seconds=1.0))
+    assert [p.at for p in scaler.timeline.points] == [at(0), at(1.0)]
+    assert scaler.timeline.points[-1].rate > 0
+
+
+def test_a_ticking_policy_reads_the_window_at_every_look() -> None:
+    scaler = Autoscaler(ProportionalPolicy(tick_seconds=0.01), SliceWindow(60, 90))
+    for i in range(5):
+        scaler.look(PLAN, at(i * 0.02))
+    assert len(scaler.timeline.points) == 5

@@ -1,0 +1,98 @@
+"""The simulated transformers' slice results at a steady total rate, sent
+over several connections (one sender thread each), as the testbed's many
+transformers would. A result has the transformer's shape (PROTOCOL.md): no
+namespace header, the run id as the integer the job was started with, no
+processing_time field (the service reads processed_at - processing_start_at)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bench.plan import LoadPlan, SliceSend
+from swf_panda_workers.config import Brokers
+from swf_panda_workers.peers._bus import PeerBus, naive_iso, peer_headers
+
+WORKERS_PER_RUN = 10  # distinct transformer host names a run's results come from
+
+
+def slice_result(run_id: str, send: SliceSend, workload_id: int | None) -> dict[str, Any]:
+    done = datetime.now(UTC)
+    started = done - timedelta(seconds=send.seconds)
+    return {
+        "msg_type": "slice_result",
+        "run_id": int(run_id),
+        "created_at": naive_iso(done, timespec="microseconds"),
+        "content": {
+            "requested_at": naive_iso(started, timespec="microseconds"),
+            "processing_start_at": naive_iso(started, timespec="microseconds"),
+            "processed_at": naive_iso(done, timespec="microseconds"),
+            "state": "done",
+            "hostname": f"bench-{run_id}-{send.index % WORKERS_PER_RUN}",
+            "panda_task_id": workload_id,
+            "panda_id": send.index,
+            "harvester_id": "bench-harvester",
+            "slice_id": send.index,
+            "result": {"state": "done", "result": {"actual_processing_time": send.seconds},
+                       "error": None},
+        },
+    }
+
+
+class SliceLoad:
+    """Sends a plan's results for ``run_ids`` (the plan's run i is run_ids[i])
+    to ``queue``; ``workload(run_id)`` is the PanDA task iDDS created."""
+
+    def __init__(self, brokers: Brokers, queue: str, plan: LoadPlan, run_ids: Sequence[str],
+                 workload: Callable[[str], int | None], connections: int = 4) -> None:
+        self.plan = plan
+        self._queue = queue
+        self._run_ids = run_ids
+        self._workload = workload
+        self._buses = [PeerBus(brokers, name=f"bench-load-{k}") for k in range(connections)]
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.slow_sent: dict[str, list[float]] = {run_id: [] for run_id in run_ids}
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+
+    def run(self) -> None:
+        """Send everything (returns when the last result is sent)."""
+        for bus in self._buses:
+            bus.start()
+        sends = list(self.plan.sends())
+        began = time.time()
+        threads = [threading.Thread(target=self._send_share, args=(bus, sends[k::len(self._buses)],
+                                                                   began), daemon=True)
+                   for k, bus in enumerate(self._buses)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for bus in self._buses:
+            bus.stop()
+
+    @property
+    def achieved_rate(self) -> float:
+        if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
+            return 0.0
+        return (self.sent - 1) / (self.last_at - self.first_at)
+
+    def _send_share(self, bus: PeerBus, sends: list[SliceSend], began: float) -> None:
+        for send in sends:
+            delay = began + send.at - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            run_id = self._run_ids[send.run]
+            body = slice_result(run_id, send, self._workload(run_id))
+            at = time.time()
+            bus.send(self._queue, body, peer_headers("slice_result", run_id))
+            with self._lock:
+                self.sent += 1
+                self.first_at = at if self.first_at is None else min(self.first_at, at)
+                self.last_at = at if self.last_at is None else max(self.last_at, at)
+                if send.slow:
+                    self.slow_sent[run_id].append(at)

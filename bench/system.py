@@ -1,0 +1,281 @@
+"""One benchmark: start the system, announce the runs, send the load, end
+the runs, and gather what happened from the bus, Prefect and /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import prefect
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays
+from bench.load import SliceLoad
+from bench.plan import LoadPlan
+from bench.processes import Sampler
+from bench.profiles import Profiles
+from swf_panda_workers.adapters.prefect_events import message_event_name, run_resource_id
+from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.control_system import ControlSystem
+from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
+from swf_panda_workers.peers.recorder import BusRecorder
+
+NAMESPACE = "bench"
+INITIAL_WORKERS = 10
+IDLE_SECONDS = 5.0  # the system at rest before the first run, for its idle memory
+EXPECTED = {  # effects each run must cause exactly this often
+    "create_workflow_task": 1,
+    "adjust_worker": 2,  # one per slow slice (plan.SLOW)
+    "stop_transformer": 1,
+    "close_workflow_task": 1,
+}
+
+
+@dataclass
+class Options:
+    plan: LoadPlan
+    workdir: Path
+    stomp_port: int = 61663
+    prefect_port: int = 4340
+    runner_limit: int | None = None  # default: runs + 5
+    connections: int = 4  # load generator connections
+    profile: Path | None = None  # where py-spy profiles of the load go, if anywhere
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        plan = self.plan
+        base: dict[str, Any] = {
+            "transceiver": {"namespace": NAMESPACE},
+            "brokers": {"host": "127.0.0.1", "port": self.stomp_port},
+            # The seed's policy decides on each result, so a slow result's
+            # adjust_worker measures the path through the system, not a tick.
+            "slice": {"processing_time": plan.expected_seconds, "cooldown": 1},
+            "scaling": {"policy": "reference", "end": "stop"},
+            "timeouts": {"created_workflow_task": 120, "closed_workflow_task": 300,
+                         "run_end": 4 * 3600},
+            "prefect": {"runner_limit": self.runner_limit or plan.runs + 5},
+        }
+        for section, values in self.extra_config.items():
+            base[section] = {**base.get(section, {}), **values}
+        return base
+
+
+class Benchmark:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.plan = options.plan
+        self.stack = EmbeddedStack(options.workdir, options.config(),
+                                   prefect_port=options.prefect_port, fresh=True)
+        first = int(time.time()) % 100_000 * 100
+        self.run_ids = [str(first + i) for i in range(self.plan.runs)]
+        self.tasks: dict[str, TaskInfo] = {}
+        self.announced: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    def run(self) -> BenchResult:
+        started_at = datetime.now(UTC)
+        with self.stack:
+            print(f"Prefect UI: {self.stack.ui_url}", flush=True)
+            brokers = self.stack.brokers
+            sampler = Sampler(self._roots()).start()
+            time.sleep(IDLE_SECONDS)
+            idle = {name: tree.last_rss_mb for name, tree in sampler.trees.items()}
+            recorder = BusRecorder(brokers, topics=(brokers.workers_topic,
+                                                    brokers.transformer_topic)).start()
+            idds = SimulatedIDDS(brokers, on_task_created=self._task_created,
+                                 workers_topic=brokers.workers_topic).start()
+            control = ControlSystem(brokers, NAMESPACE, workers_topic=brokers.workers_topic)
+            control.start()
+            try:
+                load = self._drive(recorder, control)
+                drain = self._wait_stored(time.time())
+                self._end_runs(recorder, control)
+                states = self._final_states()
+                stored = self.stored_results()
+            finally:
+                sampler.stop()
+                for part in (control, idds, recorder):
+                    part.stop()
+        return self._result(started_at, recorder, load, drain, stored, states, idle, sampler)
+
+    def _roots(self) -> dict[str, int]:
+        parts = {"listener": self.stack.listener, "runner": self.stack.runner,
+                 "prefect server": self.stack.server.process if self.stack.server else None}
+        return {name: part.process.pid for name, part in parts.items()
+                if part is not None and part.process is not None}
+
+    def _task_created(self, run_id: str, task: TaskInfo) -> None:
+        self.tasks[run_id] = task
+
+    def _drive(self, recorder: BusRecorder, control: ControlSystem) -> SliceLoad:
+        """Announce every run, wait for their tasks, then send the load."""
+        for run_id in self.run_ids:
+            self.announced[run_id] = time.time()
+            control.announce(run_id, "testbed", target_workers=INITIAL_WORKERS,
+                             slice_processing_time=self.plan.expected_seconds)
+        if not recorder.wait_for(lambda: all(recorder.of_type("created_workflow_task", r)
+                                             for r in self.run_ids), timeout=180):
+            raise RuntimeError("not every run's task was created within 180 s")
+        print(f"{self.plan.runs} runs created; sending {self.plan.runs * self.plan.slices} "
+              f"slice results at {self.plan.rate:g}/s for {self.plan.duration:.0f} s", flush=True)
+        load = SliceLoad(self.stack.brokers, self.stack.brokers.results_queue, self.plan,
+                         self.run_ids, lambda r: self.tasks[r].workload_id,
+                         connections=self.options.connections)
+        profiles = (Profiles(self.options.profile, self._roots(), self.plan.duration)
+                    if self.options.profile else None)
+        if profiles:
+            profiles.start()
+        load.run()
+        if profiles:
+            profiles.wait()
+        return load
+
+    def _wait_stored(self, since: float, timeout: float = 600.0) -> float | None:
+        """Seconds until every result is stored as its run's event (None: not
+        within ``timeout``): how far the listener's hand-off lags the load."""
+        while time.time() - since < timeout:
+            counts = self.stored_results()
+            if all(counts.get(r, 0) >= self.plan.slices for r in self.run_ids):
+                return time.time() - since
+            time.sleep(1.0)
+        self.notes.append(f"not every slice result was stored within {timeout:g} s")
+        return None
+
+    def stored_results(self) -> dict[str, int]:
+        """Per run, the slice-result events the Prefect server stored."""
+        now = datetime.now(UTC)
+        event_filter = EventFilter(
+            occurred=EventOccurredFilter(since=now - timedelta(days=1), until=now),
+            event=EventNameFilter(name=[message_event_name("slice_result")]),
+            resource=EventResourceFilter(id=[run_resource_id(NAMESPACE, r)
+                                             for r in self.run_ids]),
+        )
+        response = httpx.post(f"{self.stack.api_url}/events/count-by/resource", json={
+            "filter": event_filter.model_dump(mode="json"), "time_unit": "day",
+            "time_interval": 1.0}, timeout=60)
+        response.raise_for_status()
+        prefix = run_resource_id(NAMESPACE, "")
+        return {row["value"].removeprefix(prefix): row["count"] for row in response.json()}
+
+    def _end_runs(self, recorder: BusRecorder, control: ControlSystem) -> None:
+        for run_id in self.run_ids:
+            self.ended[run_id] = time.time()
+            control.end(run_id, "testbed")
+        if not recorder.wait_for(lambda: all(recorder.of_type("closed_workflow_task", r)
+                                             for r in self.run_ids), timeout=600):
+            self.notes.append("not every run's task was closed within 600 s of its end")
+
+    def _final_states(self) -> dict[str, tuple[str, int | None]]:
+        """Per run: its flow run's final state and the slices its flow counted."""
+        return asyncio.run(self._read_final_states())
+
+    async def _read_final_states(self, wait: float = 300.0) -> dict[str, tuple[str, int | None]]:
+        names = [f"run-{r}" for r in self.run_ids]
+        deadline = time.monotonic() + wait
+        with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
+            async with get_client() as client:
+                while True:
+                    runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        name=FlowRunFilterName(any_=names)))
+                    final = all(r.state is not None and r.state.is_final() for r in runs)
+                    if (final and len(runs) >= len(names)) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(1.0)
+                artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[f"run-{NAMESPACE}-{r}" for r in self.run_ids])))
+        counted = {a.key: _slices_done(str(a.data)) for a in artifacts if a.key}
+        return {
+            r.name.removeprefix("run-"): (r.state.name if r.state else "?",
+                                          counted.get(f"run-{NAMESPACE}-{r.name[4:]}"))
+            for r in runs
+        }
+
+    def _result(self, started_at: datetime, recorder: BusRecorder, load: SliceLoad,
+                drain: float | None, stored: Mapping[str, int],
+                states: Mapping[str, tuple[str, int | None]],
+                idle: Mapping[str, float], sampler: Sampler) -> BenchResult:
+        seen = _times_by_run(recorder)
+        latency = {
+            "run_imminent -> create_workflow_task": _first_delays(
+                self.announced, seen["create_workflow_task"]),
+            "slow slice_result -> adjust_worker": delays(load.slow_sent, seen["adjust_worker"]),
+            "end_run -> stop_transformer": _first_delays(self.ended, seen["stop_transformer"]),
+            "end_run -> close_workflow_task": _first_delays(
+                self.ended, seen["close_workflow_task"]),
+        }
+        effects = {kind: Tally.of({r: n for r in self.run_ids},
+                                  {r: len(t) for r, t in seen[kind].items()})
+                   for kind, n in EXPECTED.items()}
+        effects["slice result stored as event"] = Tally.of(
+            {r: self.plan.slices for r in self.run_ids}, stored)
+        effects["slice result counted by flow"] = Tally.of(
+            {r: self.plan.slices for r in self.run_ids},
+            {r: n for r, (_, n) in states.items() if n is not None})
+        state_names = sorted({s for s, _ in states.values()})
+        self.notes.append("flow runs: " + ", ".join(
+            f"{sum(1 for s, _ in states.values() if s == name)} {name}" for name in state_names))
+        processes = {name: ProcessUse(idle_rss_mb=round(idle[name], 1),
+                                      peak_rss_mb=round(tree.peak_rss_mb, 1),
+                                      cpu_seconds=round(tree.cpu_seconds, 1))
+                     for name, tree in sampler.trees.items()}
+        service = [processes[n] for n in ("listener", "runner") if n in processes]
+        added = sum(p.peak_rss_mb - p.idle_rss_mb for p in service) / self.plan.runs
+        load_seconds = (load.last_at or 0) - (load.first_at or 0)
+        return BenchResult(
+            started_at=started_at.isoformat(timespec="seconds"),
+            machine={"cpus": os.cpu_count(), "python": platform.python_version(),
+                     "prefect": prefect.__version__, "host": platform.node()},
+            plan={"runs": self.plan.runs, "slices": self.plan.slices, "rate": self.plan.rate,
+                  "expected_seconds": self.plan.expected_seconds,
+                  "duration": self.plan.duration, "config": self.options.config()},
+            latency_ms={name: Latency.of(values) for name, values in latency.items()},
+            sent_per_second=round(load.achieved_rate, 1),
+            handled_per_second=round(sum(stored.values()) / (load_seconds + (drain or 0.0)), 1)
+            if load_seconds > 0 else 0.0,
+            handoff_drain_seconds=None if drain is None else round(drain, 1),
+            effects=effects, processes=processes, per_added_run_mb=round(added, 1),
+            notes=self.notes,
+        )
+
+
+def _times_by_run(recorder: BusRecorder) -> dict[str, dict[str, list[float]]]:
+    """message type -> run id -> when each message of that type was seen."""
+    found: dict[str, dict[str, list[float]]] = {kind: {} for kind in EXPECTED}
+    for record in recorder.records:
+        if record.msg_type in found:
+            found[record.msg_type].setdefault(str(record.body.get("run_id")), []).append(
+                record.at)
+    return found
+
+
+def _first_delays(causes: Mapping[str, float],
+                  effects: Mapping[str, list[float]]) -> list[float]:
+    return delays({r: [t] for r, t in causes.items()}, effects)
+
+
+def _slices_done(markdown: str) -> int | None:
+    match = re.search(r"slices: (\d+) done", markdown)
+    return int(match.group(1)) if match else None

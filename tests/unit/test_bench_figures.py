@@ -1,0 +1,56 @@
+"""The benchmark's pure parts: its schedule and how figures are derived."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.figures import Latency, Tally, delays
+from bench.plan import FAST, SLOW, LoadPlan
+
+
+def test_the_plan_interleaves_runs_at_the_total_rate() -> None:
+    plan = LoadPlan(runs=3, slices=6, rate=30.0, expected_seconds=5.0)
+    sends = list(plan.sends())
+    assert len(sends) == 18
+    assert [s.run for s in sends[:6]] == [0, 1, 2, 0, 1, 2]
+    assert [round(s.at, 6) for s in sends[:3]] == [0.0, round(1 / 30, 6), round(2 / 30, 6)]
+    assert sends[-1].at == pytest.approx(plan.duration)
+    assert plan.duration == pytest.approx(17 / 30)
+
+
+def test_each_run_has_two_slow_results_over_the_policy_steps() -> None:
+    plan = LoadPlan(runs=2, slices=9, rate=10.0, expected_seconds=4.0)
+    for run in (0, 1):
+        mine = [s for s in plan.sends() if s.run == run]
+        slow = [s for s in mine if s.slow]
+        assert [s.index for s in slow] == [3, 6]
+        assert [s.seconds for s in slow] == [SLOW[0] * 4.0, SLOW[1] * 4.0]
+        assert {s.seconds for s in mine if not s.slow} == {FAST * 4.0}
+    assert SLOW[0] > 1.2 and SLOW[1] > 1.5 and FAST < 1.2
+
+
+def test_a_plan_without_room_for_its_slow_results_is_refused() -> None:
+    with pytest.raises(ValueError):
+        LoadPlan(runs=1, slices=2, rate=1.0, expected_seconds=1.0)
+
+
+def test_each_cause_takes_the_first_effect_after_it() -> None:
+    causes = {"a": [10.0, 20.0], "b": [5.0]}
+    effects = {"a": [9.0, 10.1, 20.3, 20.4], "b": []}
+    assert delays(causes, effects) == pytest.approx([0.1, 0.3])
+
+
+def test_a_late_effect_is_not_taken_by_two_causes() -> None:
+    assert delays({"a": [1.0, 2.0]}, {"a": [3.0]}) == pytest.approx([2.0])
+
+
+def test_latency_percentiles_are_in_milliseconds() -> None:
+    latency = Latency.of([i / 1000 for i in range(1, 101)])
+    assert (latency.samples, latency.p50, latency.p95, latency.p99, latency.max) == (
+        100, 50.0, 95.0, 99.0, 100.0)
+    assert Latency.of([]).p99 is None
+
+
+def test_the_tally_counts_losses_and_duplicates_per_run() -> None:
+    tally = Tally.of({"a": 1, "b": 1, "c": 1}, {"a": 2, "c": 1})
+    assert (tally.expected, tally.seen, tally.lost, tally.duplicated) == (3, 3, 1, 1)

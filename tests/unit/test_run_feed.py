@@ -1,0 +1,67 @@
+"""The run feed yields each event once, and remembers a bounded window of
+what it yielded, however long the run."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from prefect.events import Event
+
+from swf_panda_workers.adapters.prefect_events import SEEN_HORIZON, RunFeed, SeenEvents
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def event(seconds: float, event_id: uuid.UUID | None = None) -> Event:
+    return Event(id=event_id or uuid.uuid4(), occurred=T0 + timedelta(seconds=seconds),
+                 event="swf.bus.slice_result", resource={"prefect.resource.id": "swf.run.t.1"},
+                 payload={})
+
+
+def drain(feed: RunFeed) -> list[Event]:
+    async def take() -> list[Event]:
+        found = []
+        while (item := await feed.next(timeout=0)) is not None:
+            found.append(item)
+        return found
+    return asyncio.run(take())
+
+
+def test_an_event_stored_and_then_streamed_is_yielded_once() -> None:
+    stored = event(0)
+    live: asyncio.Queue[Event] = asyncio.Queue()
+    feed = RunFeed([stored], live)
+    repeat = event(0, stored.id)
+    fresh = event(1)
+    for item in (repeat, fresh, fresh):
+        live.put_nowait(item)
+    assert [e.id for e in drain(feed)] == [stored.id, fresh.id]
+
+
+def test_memory_of_seen_events_stays_within_the_horizon() -> None:
+    seen = SeenEvents()
+    step = 10.0
+    count = int(3 * SEEN_HORIZON.total_seconds() / step)
+    for i in range(count):
+        seen.add(uuid.uuid4(), T0 + timedelta(seconds=i * step))
+    assert len(seen) <= SEEN_HORIZON.total_seconds() / step + 1
+    assert len(seen) < count / 2
+
+
+def test_an_event_older_than_what_is_remembered_counts_as_seen() -> None:
+    live: asyncio.Queue[Event] = asyncio.Queue()
+    feed = RunFeed([], live)
+    first = event(0)
+    live.put_nowait(first)
+    later = event(SEEN_HORIZON.total_seconds() + 60)
+    live.put_nowait(later)
+    assert [e.id for e in drain(feed)] == [first.id, later.id]
+    # A re-read of the history brings both again: the first is forgotten
+    # but too old to be new, the later one is remembered.
+    live.put_nowait(event(0, first.id))
+    live.put_nowait(event(SEEN_HORIZON.total_seconds() + 60, later.id))
+    live.put_nowait(unseen := event(SEEN_HORIZON.total_seconds() + 61))
+    assert [e.id for e in drain(feed)] == [unseen.id]
+    assert feed.remembered == 2
