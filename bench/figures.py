@@ -74,6 +74,9 @@ class ProcessUse(BaseModel):
     idle_rss_mb: float  # before the first run was announced
     peak_rss_mb: float
     cpu_seconds: float  # during the benchmark
+    # RSS once the load has run a quarter, half, three quarters and all of
+    # its time: a run that stays open must not grow with the events it saw.
+    load_rss_mb: list[float | None]
 
 
 class BenchResult(BaseModel):
@@ -96,8 +99,10 @@ class BenchResult(BaseModel):
         effects = [("effect", "expected", "seen", "lost", "duplicated")]
         effects += [(name, *(str(x) for x in (t.expected, t.seen, t.lost, t.duplicated)))
                     for name, t in self.effects.items()]
-        use = [("process", "idle RSS MB", "peak RSS MB", "CPU s")]
-        use += [(name, _num(p.idle_rss_mb), _num(p.peak_rss_mb), _num(p.cpu_seconds))
+        use = [("process", "idle RSS MB", "peak RSS MB", "RSS at 1/4, 1/2, 3/4, end of load",
+                "CPU s")]
+        use += [(name, _num(p.idle_rss_mb), _num(p.peak_rss_mb),
+                 " ".join(_num(x) for x in p.load_rss_mb), _num(p.cpu_seconds))
                 for name, p in self.processes.items()]
         plan = self.plan
         return "\n\n".join([

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,12 +58,14 @@ class TreeUse:
     root: int
     peak_rss_mb: float = 0.0
     last_rss_mb: float = 0.0
+    history: list[tuple[float, float]] = field(default_factory=list)  # (time, RSS MB)
     _cpu_start: dict[int, float] = field(default_factory=dict)
     _cpu_last: dict[int, float] = field(default_factory=dict)
 
     def sample(self) -> None:
         pids = descendants(self.root)
         self.last_rss_mb = sum(rss_mb(pid) for pid in pids)
+        self.history.append((time.time(), self.last_rss_mb))
         self.peak_rss_mb = max(self.peak_rss_mb, self.last_rss_mb)
         first = not self._cpu_last
         for pid in pids:
@@ -71,6 +74,11 @@ class TreeUse:
             # (a flow run's subprocess); one there at the start, from then.
             self._cpu_start.setdefault(pid, used if first else 0.0)
             self._cpu_last[pid] = used
+
+    def rss_at(self, moment: float) -> float | None:
+        """The RSS sampled last before ``moment``."""
+        before = [rss for at, rss in self.history if at <= moment]
+        return before[-1] if before else None
 
     @property
     def cpu_seconds(self) -> float:

@@ -237,10 +237,14 @@ class Benchmark:
         state_names = sorted({s for s, _ in states.values()})
         self.notes.append("flow runs: " + ", ".join(
             f"{sum(1 for s, _ in states.values() if s == name)} {name}" for name in state_names))
-        processes = {name: ProcessUse(idle_rss_mb=round(idle[name], 1),
-                                      peak_rss_mb=round(tree.peak_rss_mb, 1),
-                                      cpu_seconds=round(tree.cpu_seconds, 1))
-                     for name, tree in sampler.trees.items()}
+        quarters = [(load.first_at or 0) + q * ((load.last_at or 0) - (load.first_at or 0))
+                    for q in (0.25, 0.5, 0.75, 1.0)]
+        processes = {name: ProcessUse(
+            idle_rss_mb=round(idle[name], 1), peak_rss_mb=round(tree.peak_rss_mb, 1),
+            cpu_seconds=round(tree.cpu_seconds, 1),
+            load_rss_mb=[None if (rss := tree.rss_at(q)) is None else round(rss, 1)
+                         for q in quarters])
+            for name, tree in sampler.trees.items()}
         service = [processes[n] for n in ("listener", "runner") if n in processes]
         added = sum(p.peak_rss_mb - p.idle_rss_mb for p in service) / self.plan.runs
         load_seconds = (load.last_at or 0) - (load.first_at or 0)

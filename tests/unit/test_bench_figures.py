@@ -1,11 +1,17 @@
-"""The benchmark's pure parts: its schedule and how figures are derived."""
+"""The benchmark's own parts: its schedule, how figures are derived, and how
+processes are measured."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 
 from bench.figures import Latency, Tally, delays
 from bench.plan import FAST, SLOW, LoadPlan
+from bench.processes import TreeUse, descendants
 
 
 def test_the_plan_interleaves_runs_at_the_total_rate() -> None:
@@ -54,3 +60,19 @@ def test_latency_percentiles_are_in_milliseconds() -> None:
 def test_the_tally_counts_losses_and_duplicates_per_run() -> None:
     tally = Tally.of({"a": 1, "b": 1, "c": 1}, {"a": 2, "c": 1})
     assert (tally.expected, tally.seen, tally.lost, tally.duplicated) == (3, 3, 1, 1)
+
+
+def test_a_process_tree_counts_its_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in descendants(os.getpid())
+        tree = TreeUse(os.getpid())
+        tree.sample()
+        sum(i * i for i in range(2_000_000))  # some CPU for this process
+        tree.sample()
+        assert tree.peak_rss_mb > 10
+        assert tree.cpu_seconds > 0
+        assert tree.rss_at(tree.history[-1][0]) == tree.last_rss_mb
+    finally:
+        child.kill()
+        child.wait()
