@@ -76,7 +76,7 @@ class ProcessUse(BaseModel):
     cpu_seconds: float  # during the benchmark
     # RSS once the load has run a quarter, half, three quarters and all of
     # its time: a run that stays open must not grow with the events it saw.
-    load_rss_mb: list[float | None]
+    load_rss_mb: list[float | None] = []
 
 
 class BenchResult(BaseModel):
@@ -94,15 +94,15 @@ class BenchResult(BaseModel):
 
     def table(self) -> str:
         rows = [("latency (ms)", "samples", "p50", "p95", "p99", "max")]
-        rows += [(name, str(v.samples), *(_num(x) for x in (v.p50, v.p95, v.p99, v.max)))
+        rows += [(name, str(v.samples), *(number(x) for x in (v.p50, v.p95, v.p99, v.max)))
                  for name, v in self.latency_ms.items()]
         effects = [("effect", "expected", "seen", "lost", "duplicated")]
         effects += [(name, *(str(x) for x in (t.expected, t.seen, t.lost, t.duplicated)))
                     for name, t in self.effects.items()]
         use = [("process", "idle RSS MB", "peak RSS MB", "RSS at 1/4, 1/2, 3/4, end of load",
                 "CPU s")]
-        use += [(name, _num(p.idle_rss_mb), _num(p.peak_rss_mb),
-                 " ".join(_num(x) for x in p.load_rss_mb), _num(p.cpu_seconds))
+        use += [(name, number(p.idle_rss_mb), number(p.peak_rss_mb),
+                 " ".join(number(x) for x in p.load_rss_mb), number(p.cpu_seconds))
                 for name, p in self.processes.items()]
         plan = self.plan
         return "\n\n".join([
@@ -111,7 +111,7 @@ class BenchResult(BaseModel):
             text_table(rows),
             f"slice results sent {self.sent_per_second:.1f}/s, stored as run events "
             f"{self.handled_per_second:.1f}/s; all stored "
-            f"{_num(self.handoff_drain_seconds)} s after the last was sent",
+            f"{number(self.handoff_drain_seconds)} s after the last was sent",
             text_table(effects),
             text_table(use),
             f"memory per added run (listener + runner): {self.per_added_run_mb:.1f} MB",
@@ -119,5 +119,5 @@ class BenchResult(BaseModel):
         ])
 
 
-def _num(value: float | None) -> str:
+def number(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
