@@ -22,7 +22,7 @@ from swf_panda_workers.adapters.prefect_events import (
 from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import Message, WorkerSize
 from swf_panda_workers.run_state import Effect, RunState, apply
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.timestamps import plain_utc, utc_now
 
 
 class RunView:
@@ -48,7 +48,7 @@ class RunView:
             return None
         item = decode(event)
         if item is not None:
-            self.state = apply(item, self.state, event.occurred)
+            self.state = apply(item, self.state, plain_utc(event.occurred))
         return item
 
     async def catch_up(self) -> RunState:
@@ -83,7 +83,7 @@ class RunView:
     def _journal(self, item: Effect | Answer, event: Event) -> Event:
         self._feed.mark_seen(event)
         emit(event)
-        self.state = apply(item, self.state, event.occurred)
+        self.state = apply(item, self.state, plain_utc(event.occurred))
         return event
 
 
@@ -100,5 +100,5 @@ async def recount(state: RunState, resource_id: str, since: datetime) -> RunStat
         for event in page:
             item = decode(event)
             if item is not None:
-                state = apply(item, state, event.occurred)
+                state = apply(item, state, plain_utc(event.occurred))
     return state

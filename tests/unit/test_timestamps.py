@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prefect.events import Event
 
-from swf_panda_workers.timestamps import parse_timestamp, to_iso
+from swf_panda_workers.timestamps import parse_timestamp, plain_utc, to_iso
 
 NOON = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 NOON_EPOCH = 1768910400  # 2026-01-20T12:00:00Z
@@ -107,3 +108,10 @@ def test_to_iso_round_trips_through_parse(moment: datetime) -> None:
     assert text.endswith("+00:00")
     expected = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     assert parse_timestamp(text) == expected
+
+
+def test_a_prefect_event_time_becomes_a_plain_utc_datetime() -> None:
+    occurred = Event(event="x", resource={"prefect.resource.id": "r"}).occurred
+    plain = plain_utc(occurred)
+    assert type(plain) is datetime and plain.tzinfo is UTC
+    assert plain == occurred
