@@ -150,7 +150,8 @@ class Scaler:
         answer = await ask_idds(self.settings)("adjust_worker", partial(
             self.idds.adjust_worker, state.run_id, state.ids, decision.size, utc_now()))
         await self.view.record(Effect(kind="adjust_sent", size=decision.size,
-                                      reason=decision.reason, inputs=decision.inputs), answer)
+                                      reason=decision.reason, inputs=decision.inputs,
+                                      decided_at=at), answer)
         get_run_logger().info("adjust_worker for run %s: %s workers (%s)", state.run_id,
                               decision.size.target_worker_count, decision.reason)
 

@@ -43,6 +43,10 @@ class Effect(BaseModel):
     size: WorkerSize | None = None
     reason: str | None = None
     inputs: Demand | None = None  # what the policy saw, for an adjust
+    # When the policy decided, on the clock of the results it looked at. The
+    # cooldown runs from it: a flow catching up on stored results decides
+    # at their times, not at the moment it happens to read them.
+    decided_at: datetime | None = None
 
 
 class Adjustment(BaseModel):
@@ -164,7 +168,8 @@ def _effect(item: Effect, state: RunState, at: datetime) -> RunState:
             return replace(state, close_sent=True)
         case "adjust_sent":
             assert item.size is not None, "adjust_sent carries the size requested"
-            plan = replace(state.plan, current=item.size, last_adjusted_at=at, requested_at=at)
+            plan = replace(state.plan, current=item.size, requested_at=at,
+                           last_adjusted_at=item.decided_at or at)
             record = Adjustment(at=at, size=item.size, reason=item.reason or "",
                                 inputs=item.inputs)
             return replace(state, plan=plan, adjustments=(*state.adjustments, record))

@@ -175,6 +175,13 @@ FOLDS = [
         id="adjustments accumulate",
     ),
     pytest.param(
+        [(Effect(kind="adjust_sent", size=BIGGER, reason="slow", decided_at=at(20)), 90)],
+        {"plan": WorkerPlan(initial=SIZE, current=BIGGER, last_adjusted_at=at(20),
+                            requested_at=at(90)),
+         "adjustments": (Adjustment(at=at(90), size=BIGGER, reason="slow"),)},
+        id="a decision taken on stored results cools down from their time",
+    ),
+    pytest.param(
         [(done(40), 10)],
         {"slices_done": 1, "slowest_slice": 40.0, "workers_seen": frozenset({"wn-1"}),
          "last_slice": SliceObservation(at=at(10), processing_seconds=40.0)},
