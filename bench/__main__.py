@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=500, help="slice results/s in total")
     parser.add_argument("--expected", type=float, default=5.0,
                         help="the service's expected slice processing time (s)")
+    parser.add_argument("--announce-every", type=float, default=0.5, metavar="SECONDS",
+                        help="time between two runs' announcements (0: all at once)")
     parser.add_argument("--connections", type=int, default=4,
                         help="connections the simulated transformers send on")
     parser.add_argument("--stomp-port", type=int, default=61663)
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="swf-bench-"))
     result = Benchmark(Options(plan=plan, workdir=workdir, stomp_port=args.stomp_port,
                                prefect_port=args.prefect_port,
-                               connections=args.connections, profile=args.profile)).run()
+                               connections=args.connections, profile=args.profile,
+                               announce_every=args.announce_every)).run()
     print(result.table())
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

@@ -61,6 +61,7 @@ class Options:
     prefect_port: int = 4340
     runner_limit: int | None = None  # default: runs + 5
     connections: int = 4  # load generator connections
+    announce_every: float = 0.5  # s between two runs' announcements
     profile: Path | None = None  # where py-spy profiles of the load go, if anywhere
     extra_config: dict[str, Any] = field(default_factory=dict)
 
@@ -136,6 +137,7 @@ class Benchmark:
             self.announced[run_id] = time.time()
             control.announce(run_id, "testbed", target_workers=INITIAL_WORKERS,
                              slice_processing_time=self.plan.expected_seconds)
+            time.sleep(self.options.announce_every)
         if not recorder.wait_for(lambda: all(recorder.of_type("created_workflow_task", r)
                                              for r in self.run_ids), timeout=180):
             raise RuntimeError("not every run's task was created within 180 s")
