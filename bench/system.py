@@ -256,7 +256,8 @@ class Benchmark:
                      "prefect": prefect.__version__, "host": platform.node()},
             plan={"runs": self.plan.runs, "slices": self.plan.slices, "rate": self.plan.rate,
                   "expected_seconds": self.plan.expected_seconds,
-                  "duration": self.plan.duration, "config": self.options.config()},
+                  "duration": self.plan.duration, "announce_every": self.options.announce_every,
+                  "connections": self.options.connections, "config": self.options.config()},
             latency_ms={name: Latency.of(values) for name, values in latency.items()},
             sent_per_second=round(load.achieved_rate, 1),
             handled_per_second=round(sum(stored.values()) / (load_seconds + (drain or 0.0)), 1)
