@@ -25,7 +25,9 @@ RECOVERY_EVERY seconds, reads its deployment's top-level flow runs that are
 unfinished or Crashed and reschedules (``AwaitingRetry``, due now) those
 whose process is known to be gone:
 
-- Crashed: the runner saw its process die;
+- Crashed: the runner saw its process die (but not a run that crashed while
+  being cancelled: the in-process runner cancels a run's task, its engine
+  reports Crashed, and the runner then marks it Cancelled);
 - Running, claimed by its current attempt on this host, and that process no
   longer exists (or is a zombie, or its pid belongs to a later process);
 - Pending, or Running but never claimed by its current attempt, for longer
@@ -63,7 +65,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Crashed
@@ -98,6 +100,13 @@ def orphaned(run: FlowRun, now: datetime) -> str | None:
     return None
 
 
+def crash_ends_a_cancel(states: list[State]) -> bool:
+    """Whether a run's states (oldest first) end in a crash that followed a
+    request to cancel it (Cancelling): such a run is never to run again."""
+    return (len(states) >= 2 and states[-1].type == StateType.CRASHED
+            and states[-2].type == StateType.CANCELLING)
+
+
 async def recover_orphans(client: PrefectClient, deployment_id: UUID,
                           horizon: timedelta) -> list[FlowRun]:
     """One look at the deployment's runs: reschedule the orphans; returns them."""
@@ -118,7 +127,7 @@ async def recover_orphans(client: PrefectClient, deployment_id: UUID,
 
 async def reschedule(client: PrefectClient, run: FlowRun, reason: str) -> bool:
     """Schedule the run again, now, unless it was rescheduled MAX_RECOVERIES
-    times already (then it is left Crashed)."""
+    times already (then it is left Crashed) or was being cancelled."""
     assert run.state is not None
     done = int(run.labels.get(RECOVERIES_LABEL) or 0)
     if done >= MAX_RECOVERIES:
@@ -126,6 +135,9 @@ async def reschedule(client: PrefectClient, run: FlowRun, reason: str) -> bool:
             message = (f"{reason}; rescheduled {done} times already, so left for an operator")
             log.error("flow run %s (%s): %s", run.name, run.id, message)
             await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+        return False
+    if run.state.type == StateType.CRASHED and crash_ends_a_cancel(
+            await client.read_flow_run_states(run.id)):
         return False
     await client.update_flow_run_labels(run.id, {RECOVERIES_LABEL: done + 1})
     # Forced: the runner that would have reported this run's end is gone,

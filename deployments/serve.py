@@ -2,12 +2,14 @@
 
     python -m deployments.serve [--config PATH]
 
-Each flow run executes as a subprocess of this runner. Set
-PREFECT_RUNNER_POLL_FREQUENCY=1 for a prompt start (the default polls every
-10 s). The runner also runs again the deployment's flow runs whose process
-died, e.g. with an earlier runner (deployments/recovery.py). prefect.yaml
-declares the same deployment for `prefect deploy` (a worker then runs the flow
-runs, and nothing recovers orphans).
+``prefect.flow_runs`` says where the flow runs execute: ``in_process`` (the
+default), each as a task of this process (deployments/in_process.py), or
+``subprocess``, each as a subprocess of Prefect's runner (``flow.serve``; set
+PREFECT_RUNNER_POLL_FREQUENCY=1 for a prompt start, the default polls every
+10 s). Either way the runner also runs again the deployment's flow runs whose
+process died, e.g. with an earlier runner (deployments/recovery.py).
+prefect.yaml declares the same deployment for `prefect deploy` (a worker then
+runs the flow runs, and nothing recovers orphans).
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import logging
 import os
 from datetime import timedelta
 
+from deployments.in_process import InProcessRunner, serve_in_process
 from deployments.recovery import RunRecovery
 from flows.run_lifecycle import run_lifecycle
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, check_rest_client
 from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
+
+TAGS = ["swf-panda-workers"]
+DESCRIPTION = "One flow run per data-taking run, started by the STOMP listener."
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,12 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("swf").setLevel(logging.INFO)
     RunRecovery(settings.prefect.deployment,
                 horizon=timedelta(seconds=settings.timeouts.run_end)).start()
-    run_lifecycle.serve(
-        name=deployment_name,
-        limit=settings.prefect.runner_limit,
-        tags=["swf-panda-workers"],
-        description="One flow run per data-taking run, started by the STOMP listener.",
-    )
+    if settings.prefect.flow_runs == "in_process":
+        serve_in_process(InProcessRunner(run_lifecycle, deployment_name,
+                                         settings.prefect.runner_limit, TAGS, DESCRIPTION))
+    else:
+        run_lifecycle.serve(name=deployment_name, limit=settings.prefect.runner_limit,
+                            tags=TAGS, description=DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from swf_panda_workers.adapters.prefect_events import (
     run_resource_id,
 )
 from swf_panda_workers.adapters.prefect_runs import claim_run
-from swf_panda_workers.adapters.stomp_bus import BusClient
+from swf_panda_workers.adapters.stomp_bus import BusClient, connected_bus
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import RunImminent, WorkflowIds
@@ -90,17 +90,19 @@ async def run_lifecycle(
 
     # One subscription for the whole run, so nothing falls between two. The
     # stream of slice results and heartbeats is the scaling sub-flow's.
-    with BusClient(settings.brokers, name=f"run-{run_id}") as bus:
-        async with follow_run(resource, since, exclude=SUB_FLOW_ONLY) as feed:
-            view = RunView(feed, initial_state(run, settings), namespace)
-            await view.catch_up()
-            idds = gateway_for(settings, bus)
-            ids = await create_task(view, idds, run, settings)
-            report = await scale_workers(
-                run_id=run_id, namespace=namespace, announcement=announcement,
-                received_at=received_at, ids=ids,
-            )
-            state = await stop_and_close(view, bus, idds, ids, settings)
+    async with (
+        connected_bus(settings.brokers, name=f"run-{run_id}") as bus,
+        follow_run(resource, since, exclude=SUB_FLOW_ONLY) as feed,
+    ):
+        view = RunView(feed, initial_state(run, settings), namespace)
+        await view.catch_up()
+        idds = gateway_for(settings, bus)
+        ids = await create_task(view, idds, run, settings)
+        report = await scale_workers(
+            run_id=run_id, namespace=namespace, announcement=announcement,
+            received_at=received_at, ids=ids,
+        )
+        state = await stop_and_close(view, bus, idds, ids, settings)
 
     # Counted from the stored history after the stop and the close, which
     # must not wait for a read of a long run's every result.

@@ -11,6 +11,7 @@ UI as a table and a plot of the run's workers and processing time.
 """
 
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -29,7 +30,7 @@ from swf_panda_workers.adapters.prefect_events import (
     history_start,
     run_resource_id,
 )
-from swf_panda_workers.adapters.stomp_bus import BusClient
+from swf_panda_workers.adapters.stomp_bus import connected_bus
 from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
@@ -64,13 +65,15 @@ async def scale_workers(
     started = received_at or utc_now()
     deadline = started + timedelta(seconds=settings.timeouts.run_end)
 
-    with BusClient(settings.brokers, name=f"scaling-{run_id}") as bus:
-        async with follow_run(run_resource_id(namespace, run_id), history_start(started)) as feed:
-            view = RunView(feed, replace(initial_state(run, settings), ids=ids), namespace)
-            scaler = Scaler(view, autoscaler, gateway_for(settings, bus), settings)
-            end = await scaler.follow_until_end(deadline)
-            if settings.scaling.end == "drain" and view.state.ended:
-                end = f"{end}; {await scaler.drain()}"
+    async with (
+        connected_bus(settings.brokers, name=f"scaling-{run_id}") as bus,
+        follow_run(run_resource_id(namespace, run_id), history_start(started)) as feed,
+    ):
+        view = RunView(feed, replace(initial_state(run, settings), ids=ids), namespace)
+        scaler = Scaler(view, autoscaler, gateway_for(settings, bus), settings)
+        end = await scaler.follow_until_end(deadline)
+        if settings.scaling.end == "drain" and view.state.ended:
+            end = f"{end}; {await scaler.drain()}"
 
     # Slice totals are the parent's, counted once the stop is out of the way.
     return ScalingReport(
@@ -172,9 +175,11 @@ async def publish_decisions(run_id: str, namespace: str, report: ScalingReport) 
     await create_table_artifact(
         key=key, table=decision_rows(report.adjustments),
         description=f"Run {run_id}: every adjust_worker, with what it was decided on")
-    png = timeline_png(f"Run {run_id}: workers and processing time", [Trace(
-        label="this run", points=report.timeline,
-        adjustments=[a.at for a in report.adjustments])])
+    # Drawn in a thread: the event loop may be shared with other runs.
+    png = await asyncio.to_thread(
+        timeline_png, f"Run {run_id}: workers and processing time", [Trace(
+            label="this run", points=report.timeline,
+            adjustments=[a.at for a in report.adjustments])])
     await create_markdown_artifact(
         key=f"{key}-plot", markdown=markdown_image(png, f"run {run_id} workers over time"),
         description=f"Run {run_id}: workers requested and seen, processing time, backlog")

@@ -215,6 +215,12 @@ class Prefect(_Section):
         default="swf-run/panda-workers", description="<flow name>/<deployment name>"
     )
     runner_limit: int = Field(default=40, gt=0, description="flow runs served at once")
+    flow_runs: Literal["in_process", "subprocess"] = Field(
+        default="in_process",
+        description="where the runner executes flow runs: in_process (each a task of the "
+        "runner's own process, deployments/in_process.py) or subprocess (Prefect's runner: "
+        "a process each, about 100 MB)",
+    )
 
 
 class Settings(_Section):

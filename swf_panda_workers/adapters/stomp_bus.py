@@ -20,6 +20,7 @@ unreadable certificate file) is ``BusRefused`` with the reason, raised by
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -27,7 +28,8 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -358,6 +360,19 @@ class BusClient(stomp.ConnectionListener):
         if sub.durable_name:
             headers["activemq.subscriptionName"] = sub.durable_name
         return headers
+
+
+@asynccontextmanager
+async def connected_bus(brokers: Brokers, name: str) -> AsyncIterator[BusClient]:
+    """A started BusClient for async code. Connecting (which waits out an
+    unreachable broker) and disconnecting happen in a thread: the event loop
+    may be shared by many flow runs (the in-process runner)."""
+    bus = BusClient(brokers, name=name)
+    await asyncio.to_thread(bus.start)
+    try:
+        yield bus
+    finally:
+        await asyncio.to_thread(bus.stop)
 
 
 def _check_readable(b: Brokers) -> None:

@@ -54,6 +54,7 @@ def test_default_file_loads_with_the_documented_values() -> None:
     assert settings.slice.cooldown == 60.0
     assert settings.timeouts.created_workflow_task == 300.0
     assert settings.prefect.runner_limit == 40
+    assert settings.prefect.flow_runs == "in_process"
 
 
 def test_default_file_agrees_with_the_model_defaults() -> None:
@@ -304,6 +305,7 @@ def test_tls_settings_from_the_environment() -> None:
         ("panda:\n  priority: high\n", {}, "panda.priority"),
         ("panda:\n  core_count: 0\n", {}, "panda.core_count"),
         ("transceiver:\n  mode: carrier-pigeon\n", {}, "transceiver.mode"),
+        ("prefect:\n  flow_runs: thread\n", {}, "prefect.flow_runs"),
         ("transceiver:\n  namespace: \"a' OR '1\"\n", {}, "transceiver.namespace"),
         ("transceiver:\n  timetolive: 0\n", {}, "transceiver.timetolive"),
         ("slice:\n  processing_time: 0\n", {}, "slice.processing_time"),

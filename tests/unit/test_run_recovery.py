@@ -14,7 +14,7 @@ from uuid import uuid4
 import pytest
 from prefect.client.schemas.objects import FlowRun, State, StateType
 
-from deployments.recovery import UNCLAIMED_GRACE, orphaned
+from deployments.recovery import UNCLAIMED_GRACE, crash_ends_a_cancel, orphaned
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess
 from swf_panda_workers.timestamps import utc_now
 
@@ -108,3 +108,25 @@ def test_labels_this_module_did_not_write_name_no_process(label: object) -> None
 def test_a_process_label_round_trips() -> None:
     process = RunProcess.current(3)
     assert RunProcess.from_label(process.label) == process
+
+
+def states(*types: StateType) -> list[State]:
+    return [State(type=t) for t in types]
+
+
+def test_a_crash_that_ends_a_cancel_is_not_recovered() -> None:
+    # The in-process runner cancels the run's task; its engine reports Crashed.
+    assert crash_ends_a_cancel(states(StateType.SCHEDULED, StateType.PENDING,
+                                      StateType.RUNNING, StateType.CANCELLING,
+                                      StateType.CRASHED))
+
+
+@pytest.mark.parametrize("history", [
+    (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CRASHED),
+    (StateType.CANCELLING, StateType.RUNNING, StateType.CRASHED),  # cancel undone
+    (StateType.CANCELLING, StateType.CANCELLED),
+    (StateType.CRASHED,),
+    (),
+])
+def test_other_crashes_are_recovered(history: tuple[StateType, ...]) -> None:
+    assert not crash_ends_a_cancel(states(*history))
