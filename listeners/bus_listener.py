@@ -9,6 +9,13 @@
 What to do with each delivery is decided by ``listeners.routing.decide``,
 without I/O; this module carries the decision out.
 
+Several replicas of one namespace may run at once (``transceiver.replica``),
+each with its own client-id and durable subscription: each receives every
+topic message and maps it to the same event id, which Prefect stores once; the
+results queue gives each result to one of them; a run announced twice starts
+one flow run (its idempotency key). A result of a run this replica has not
+seen start is recorded if Prefect holds the run's flow run.
+
 A message is acked only once what it caused is stored by Prefect: the run's
 flow run exists (run_imminent), or the message's event is readable back from
 the events API (everything else). Until then it stays unacked, so a crash
@@ -36,6 +43,7 @@ from websockets.exceptions import WebSocketException
 from listeners.routing import (
     Decision,
     Ignore,
+    LookUpRun,
     Record,
     SetAside,
     StartRun,
@@ -90,12 +98,16 @@ class BusListener:
     def namespace(self) -> str:
         return self.settings.transceiver.namespace
 
+    @property
+    def listener_id(self) -> str:
+        return self.settings.transceiver.listener_id
+
     def subscriptions(self) -> tuple[Subscription, ...]:
         brokers = self.settings.brokers
         return (
             # Durable: run messages sent while the listener restarts wait for it.
             Subscription(brokers.workers_topic, selector=namespace_selector(self.namespace),
-                         durable_name=f"swf-panda-workers-{self.namespace}"),
+                         durable_name=self.listener_id),
             Subscription(brokers.results_queue),
         )
 
@@ -109,11 +121,10 @@ class BusListener:
         log.info("namespace %s owns %d runs in progress: %s", self.namespace, len(self.owned),
                  ", ".join(sorted(self.owned)) or "none")
         self.bus = BusClient(self.settings.brokers, self.subscriptions(), self.receive,
-                             name=f"listener-{self.namespace}",
-                             client_id=f"swf-panda-workers-{self.namespace}")
+                             name=f"listener-{self.namespace}", client_id=self.listener_id)
         await asyncio.to_thread(self.bus.start)
         confirming = asyncio.create_task(self._confirm_forever())
-        log.info("listening for namespace %s", self.namespace)
+        log.info("listening for namespace %s as %s", self.namespace, self.listener_id)
         try:
             while not stopping.is_set():
                 try:
@@ -155,6 +166,7 @@ class BusListener:
         return {
             StartRun: self.start_run,
             Record: self.record,
+            LookUpRun: self.look_up_run,
             Ignore: self.ignore,
             SetAside: self.set_aside,
         }
@@ -171,10 +183,31 @@ class BusListener:
         """Hand the message to its run's flow as a Prefect event."""
         run_id = decision.run_id
         event = message_event(decision.data, decision.message.msg_type, self.namespace, run_id,
-                              delivery.message_id, self.owned.get(run_id or ""))
+                              delivery.message_id, self.owned.get(run_id or ""),
+                              listener=self.listener_id)
         await self.events.emit(event)
         self._pending[event.id] = Pending(delivery, event, self._loop.time())
-        log.debug("%s run_id=%s -> event %s", decision.message.msg_type, run_id, event.id)
+        if delivery.redelivered:
+            # An earlier connection, of this listener or of another replica,
+            # had it unacked: the same event id, so it is applied once.
+            log.info("%s run_id=%s redelivered -> event %s", decision.message.msg_type,
+                     run_id, event.id)
+        else:
+            log.debug("%s run_id=%s -> event %s", decision.message.msg_type, run_id, event.id)
+
+    async def look_up_run(self, decision: LookUpRun, delivery: Delivery) -> None:
+        """A result of a run this listener did not see start: record it if
+        another replica of the namespace started the run, else ignore it."""
+        run_id = decision.message.run_id
+        flow_run_id = await self.runs.find(self.namespace, run_id)
+        if flow_run_id is None:
+            await self.ignore(Ignore(f"slice_result of run {run_id}, not a run of namespace "
+                                     f"{self.namespace}"), delivery)
+            return
+        self.owned.setdefault(run_id, flow_run_id)
+        log.info("run %s: flow run %s, started by another listener of namespace %s",
+                 run_id, flow_run_id, self.namespace)
+        await self.record(Record(decision.message, decision.data, run_id), delivery)
 
     async def ignore(self, decision: Ignore, delivery: Delivery) -> None:
         log.debug("ignored message %s from %s: %s", delivery.message_id,

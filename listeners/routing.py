@@ -7,13 +7,15 @@ queue's name and the runs the namespace owns, and returns exactly one
 - ``StartRun``: a run announcement; start (or find) the run's flow run;
 - ``Record``: a message about a run (or a namespace-wide heartbeat); hand it
   to the run's flow as a Prefect event;
+- ``LookUpRun``: a slice result of a run this listener has not seen start;
+  record it if Prefect holds the run's flow run (another listener replica of
+  the namespace started it), else ignore it;
 - ``Ignore``: nothing to do, the message is not ours to act on (another
-  namespace's, a result of a run this namespace does not own, our own
-  requests echoed by the topic); ack it;
+  namespace's, our own requests echoed by the topic); ack it;
 - ``SetAside``: bad input; copy it to the dead-letter queue with ``reason``
   and ack it.
 
-It never raises: whatever the bytes, the answer is one of the four, and what
+It never raises: whatever the bytes, the answer is one of the five, and what
 is set aside carries a one-line, printable, bounded reason. Which rule
 applies to a parsed message is a mapping from its type, not a chain of
 comparisons of type names.
@@ -64,6 +66,12 @@ class Record:
 
 
 @dataclass(frozen=True)
+class LookUpRun:
+    message: SliceResult
+    data: dict[str, Any]  # the body as received: the event's payload if the run is found
+
+
+@dataclass(frozen=True)
 class Ignore:
     why: str
 
@@ -73,7 +81,7 @@ class SetAside:
     reason: str
 
 
-Decision = StartRun | Record | Ignore | SetAside
+Decision = StartRun | Record | LookUpRun | Ignore | SetAside
 
 
 @dataclass(frozen=True)
@@ -98,11 +106,11 @@ def _record(message: Message, data: dict[str, Any], where: Where) -> Decision:
 
 
 def _record_if_owned(message: SliceResult, data: dict[str, Any], where: Where) -> Decision:
-    # The results queue carries no namespace: a result of a run this namespace
-    # did not start belongs to another listener (or to none).
+    # The results queue carries no namespace: a result of a run this listener
+    # did not see start belongs to another namespace (or to none), unless
+    # another replica of this namespace started the run; only Prefect knows.
     if message.run_id not in where.owned:
-        return Ignore(f"slice_result of run {message.run_id}, not a run of namespace "
-                      f"{where.namespace}")
+        return LookUpRun(message, data)
     return Record(message, data, message.run_id)
 
 

@@ -12,6 +12,15 @@ if [ ! -e /usr/share/activemq/bin/activemq.jar ] || ! command -v java >/dev/null
   apt-get install -y -qq --no-install-recommends activemq >/dev/null
 fi
 
+# The integration tests' Prefect server on PostgreSQL (SWF_TEST_PREFECT_DATABASE=
+# postgresql): Debian's server binaries; the tests make their own cluster.
+if [ "${SWF_TEST_PREFECT_DATABASE:-}" = postgresql ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "bootstrap: installing PostgreSQL (Debian package postgresql)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+fi
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2

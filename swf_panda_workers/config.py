@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "SWF_PANDA_WORKERS_CONFIG"
+REPLICA_ENV = "SWF_LISTENER_REPLICA"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "swf_panda_workers.yaml"
 
 
@@ -47,6 +48,22 @@ class Transceiver(_Section):
     timetolive: int = Field(
         default=12 * 3600 * 1000, gt=0, description="message time to live, milliseconds"
     )
+    replica: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="this listener's name among the listeners of one namespace; stable "
+        "across its restarts (it names its durable subscription); unset: the only one",
+    )
+
+    @property
+    def listener_id(self) -> str:
+        """The listener's STOMP client-id and durable subscription name. Each
+        replica needs its own (the broker refuses a client-id already
+        connected) and the same one after a restart (its durable subscription
+        kept what came meanwhile). Without a replica name it is what a single
+        listener always used, so an existing subscription carries on."""
+        base = f"swf-panda-workers-{self.namespace}"
+        return f"{base}-{self.replica}" if self.replica else base
 
 
 class Brokers(_Section):
@@ -247,6 +264,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "ACTIVEMQ_SSL_KEY_FILE": ("brokers", "ssl_key_file"),
     "SWF_NAMESPACE": ("transceiver", "namespace"),
     "SWF_PANDA_MODE": ("transceiver", "mode"),
+    REPLICA_ENV: ("transceiver", "replica"),
 }
 
 # <VARIABLE>_FILE names a file holding the value of <VARIABLE> (one trailing

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 MESSAGE_EVENT = "swf.bus."  # + msg_type
 ANSWER_EVENT = "swf.idds."  # + msg_type: iDDS's REST answers, shaped as its bus replies
 EFFECT_EVENT = "swf.effect."  # + effect kind
+LISTENER_LABEL = "swf.listener"  # resource label: the listener that received the message
 PAGE_LIMIT = 50  # the most the events API returns per request
 _IDS = uuid.UUID("5f0c6d8e-9a51-4a8e-9f65-2c1f3b8f2a10")  # namespace for uuid5 event ids
 
@@ -97,13 +98,18 @@ def message_event(
     run_id: str | None,
     delivery_key: str,
     flow_run_id: uuid.UUID | None = None,
+    listener: str | None = None,
 ) -> Event:
     """A received bus message as an event of its run (or of the namespace,
-    for heartbeats that name no run)."""
+    for heartbeats that name no run). ``listener``: the listener that handed
+    it over (a label; it is not part of the id, so replicas that both receive
+    a topic message make the same event, stored once)."""
     resource = (
         _run_resource(namespace, run_id) if run_id
         else {"prefect.resource.id": namespace_resource_id(namespace), "swf.namespace": namespace}
     )
+    if listener is not None:
+        resource[LISTENER_LABEL] = listener
     return Event(
         id=uuid.uuid5(_IDS, f"{namespace}|{delivery_key}"),
         occurred=utc_now(),

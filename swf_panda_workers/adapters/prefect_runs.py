@@ -66,6 +66,17 @@ class RunStarter:
         )
         return flow_run.id
 
+    async def find(self, namespace: str, run_id: str) -> UUID | None:
+        """The run's flow run, whoever started it and whatever its state."""
+        flow_runs = await self._client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(all_=run_tags(namespace, run_id)),
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+            ),
+            limit=1,
+        )
+        return flow_runs[0].id if flow_runs else None
+
     async def active_runs(self, namespace: str) -> dict[str, UUID]:
         """run_id -> flow run id of the namespace's runs still in progress."""
         flow_runs = await self._client.read_flow_runs(

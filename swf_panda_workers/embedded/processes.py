@@ -1,5 +1,6 @@
-"""The service's processes on one machine: a Prefect server (SQLite), the
-runner and the listener, each a child process with its own log file."""
+"""The service's processes on one machine: a Prefect server (SQLite, or a
+PostgreSQL database), the runner and the listener, each a child process with
+its own log file."""
 
 from __future__ import annotations
 
@@ -75,10 +76,14 @@ def python_module(module: str, *args: str) -> list[str]:
 
 @dataclass
 class PrefectServer:
-    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (SQLite)."""
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME. Its
+    database is SQLite in that home unless ``database_url`` names another
+    (``postgresql+asyncpg://user:password@host:port/database``), or the
+    environment's PREFECT_API_DATABASE_CONNECTION_URL does."""
 
     home: Path
     port: int = 4200
+    database_url: str | None = field(default=None, repr=False)  # it holds a password
 
     def __post_init__(self) -> None:
         env = {
@@ -90,6 +95,8 @@ class PrefectServer:
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
         }
         env.pop("PREFECT_API_URL", None)
+        if self.database_url is not None:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         self.process = ManagedProcess(
             "prefect-server",
             python_module("prefect", "server", "start", "--host", "127.0.0.1",

@@ -15,13 +15,14 @@ from typing import Any
 
 import yaml
 
-from swf_panda_workers.config import Brokers, Settings, settings_from
+from swf_panda_workers.config import REPLICA_ENV, Brokers, Settings, settings_from
 from swf_panda_workers.embedded.activemq import ActiveMQ, stomp_answers
 from swf_panda_workers.embedded.processes import (
     ManagedProcess,
     PrefectServer,
     StartupError,
     listener_process,
+    python_module,
     runner_process,
     service_env,
     wait_for_deployment,
@@ -40,6 +41,12 @@ class EmbeddedStack:
     prefect_port: int = 4200
     own_broker: bool = True  # start one unless something already answers STOMP
     fresh: bool = False  # wipe stored broker messages and the Prefect database
+    # The Prefect server's database (postgresql+asyncpg://...); None: SQLite
+    # in the server's home.
+    database_url: str | None = field(default=None, repr=False)
+    # Names of listener replicas to run for the namespace, each a process with
+    # its own SWF_LISTENER_REPLICA; empty: one listener, without a name.
+    listener_replicas: tuple[str, ...] = ()
     # Another stack's Prefect server to share (a second runner and listener,
     # e.g. in another namespace or iDDS mode), instead of starting one.
     shared_server: PrefectServer | None = None
@@ -51,6 +58,7 @@ class EmbeddedStack:
     server: PrefectServer | None = field(default=None, init=False)
     runner: ManagedProcess | None = field(default=None, init=False)
     listener: ManagedProcess | None = field(default=None, init=False)
+    replicas: dict[str, ManagedProcess] = field(default_factory=dict, init=False)
 
     @property
     def settings(self) -> Settings:
@@ -85,12 +93,17 @@ class EmbeddedStack:
         if self.shared_server is not None:
             self.server = self.shared_server
         else:
-            self.server = PrefectServer(self.workdir / "prefect", self.prefect_port)
+            self.server = PrefectServer(self.workdir / "prefect", self.prefect_port,
+                                        self.database_url)
             if self.fresh:
                 (self.workdir / "prefect" / "prefect.db").unlink(missing_ok=True)
             self.server.start()
         self.start_runner()
-        self.start_listener()
+        if self.listener_replicas:
+            for replica in self.listener_replicas:
+                self.start_replica(replica)
+        else:
+            self.start_listener()
         return self
 
     def start_broker(self) -> None:
@@ -108,20 +121,37 @@ class EmbeddedStack:
 
     def start_listener(self, wait: float = 60.0) -> None:
         env = service_env(self.api_url, self.config_path)
-        log_path = self.logs / "listener.log"
+        self.listener = self._start_subscribed(
+            listener_process(env, self.logs, PROJECT_ROOT), wait)
+
+    def start_replica(self, replica: str, wait: float = 60.0) -> ManagedProcess:
+        """Start (or start again) the listener replica ``replica``."""
+        env = service_env(self.api_url, self.config_path, {REPLICA_ENV: replica})
+        process = ManagedProcess(f"listener-{replica}", python_module("listeners"), env,
+                                 self.logs / f"listener-{replica}.log", PROJECT_ROOT)
+        self.replicas[replica] = self._start_subscribed(process, wait)
+        return process
+
+    def _start_subscribed(self, listener: ManagedProcess, wait: float) -> ManagedProcess:
+        """Start a listener process; return once it has subscribed (else stop it
+        and raise)."""
+        log_path = listener.log_path
         seen = log_path.stat().st_size if log_path.exists() else 0
-        self.listener = listener_process(env, self.logs, PROJECT_ROOT).start()
+        listener.start()
         deadline = time.monotonic() + wait
         while b"listening for namespace" not in log_path.read_bytes()[seen:]:
-            if not self.listener.alive:
-                raise StartupError(f"listener exited:\n{self.listener.tail()}")
+            if not listener.alive:
+                raise StartupError(f"{listener.name} exited:\n{listener.tail()}")
             if time.monotonic() > deadline:
-                raise StartupError(f"listener not subscribed after {wait}s")
+                listener.stop()
+                raise StartupError(f"{listener.name} not subscribed after {wait}s")
             time.sleep(0.2)
+        return listener
 
     def stop(self) -> None:
         own_server = self.server if self.server is not self.shared_server else None
-        for part in (self.listener, self.runner, own_server, self.broker):
+        for part in (self.listener, *self.replicas.values(), self.runner, own_server,
+                     self.broker):
             if part is not None:
                 part.stop()
 

@@ -1,6 +1,10 @@
 """The real parts, started once per test session on private ports: an ActiveMQ
-broker (Debian's activemq), a Prefect server (SQLite), the runner serving the
-run deployment, and the listener, all as separate processes."""
+broker (Debian's activemq), a Prefect server, the runner serving the run
+deployment, and the listener, all as separate processes.
+
+The Prefect server's database is SQLite, or with
+SWF_TEST_PREFECT_DATABASE=postgresql a private PostgreSQL cluster (Debian's
+postgresql) started for the session on SWF_TEST_POSTGRES_PORT."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import pytest
 
 from swf_panda_workers.demo import SHRUNK_SCALING
 from swf_panda_workers.embedded.activemq import ActiveMQ
+from swf_panda_workers.embedded.postgres import PostgresCluster
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.idds_rest import client_env
 
@@ -21,6 +26,8 @@ from swf_panda_workers.peers.idds_rest import client_env
 # so that two test sessions can run side by side on one machine.
 STOMP_PORT = int(os.environ.get("SWF_TEST_STOMP_PORT", "61633"))
 PREFECT_PORT = int(os.environ.get("SWF_TEST_PREFECT_PORT", "4310"))
+PREFECT_DATABASE = os.environ.get("SWF_TEST_PREFECT_DATABASE", "sqlite")
+POSTGRES_PORT = int(os.environ.get("SWF_TEST_POSTGRES_PORT", "55432"))
 NAMESPACE = "itest"
 
 STACK_CONFIG = {
@@ -92,10 +99,25 @@ def broker_port(broker: ActiveMQ) -> int:
 
 
 @pytest.fixture(scope="session")
-def stack(broker_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def prefect_database_url() -> Iterator[str | None]:
+    """The session's Prefect database: None for SQLite (in the server's home),
+    else the URL of a PostgreSQL cluster made for the session."""
+    if PREFECT_DATABASE == "sqlite":
+        yield None
+        return
+    if PREFECT_DATABASE != "postgresql":
+        raise pytest.UsageError(f"SWF_TEST_PREFECT_DATABASE={PREFECT_DATABASE!r}: "
+                                "use sqlite (the default) or postgresql")
+    with PostgresCluster(port=POSTGRES_PORT) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(scope="session")
+def stack(broker_port: int, prefect_database_url: str | None,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     workdir = tmp_path_factory.mktemp("stack")
     embedded = EmbeddedStack(workdir, STACK_CONFIG, prefect_port=PREFECT_PORT, own_broker=False,
-                             fresh=True)
+                             fresh=True, database_url=prefect_database_url)
     with embedded:
         yield embedded
 
@@ -141,7 +163,7 @@ def pytest_runtest_makereport(
     report = yield
     if not report.failed:
         return report
-    for fixture in ("stack", "rest_stack", "scaling_stack"):
+    for fixture in ("stack", "rest_stack", "scaling_stack", "replica_stack"):
         stack = getattr(item, "funcargs", {}).get(fixture)
         if isinstance(stack, EmbeddedStack):
             for log in sorted(stack.logs.glob("*.log")):

@@ -92,10 +92,24 @@ def test_explicit_path_beats_the_config_env_var(
          Path("/etc/me.pem")),
         ("SWF_NAMESPACE", "prod", lambda s: s.transceiver.namespace, "prod"),
         ("SWF_PANDA_MODE", "rest", lambda s: s.transceiver.mode, "rest"),
+        ("SWF_LISTENER_REPLICA", "host-b", lambda s: s.transceiver.replica, "host-b"),
     ],
 )
 def test_environment_overrides(variable: str, value: str, read: Any, expected: Any) -> None:
     assert read(load_settings(environ={variable: value})) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "listener_id"),
+    [
+        # What the single listener always was: its durable subscription carries on.
+        ({"SWF_NAMESPACE": "prod"}, "swf-panda-workers-prod"),
+        ({"SWF_NAMESPACE": "prod", "SWF_LISTENER_REPLICA": "a"}, "swf-panda-workers-prod-a"),
+        ({"SWF_NAMESPACE": "prod", "SWF_LISTENER_REPLICA": "b"}, "swf-panda-workers-prod-b"),
+    ],
+)
+def test_each_replica_has_its_own_listener_id(environ: dict[str, str], listener_id: str) -> None:
+    assert load_settings(environ=environ).transceiver.listener_id == listener_id
 
 
 def test_environment_beats_the_file(tmp_path: Path) -> None:
@@ -312,6 +326,7 @@ def test_tls_settings_from_the_environment() -> None:
         ("slice:\n  cooldown: -1\n", {}, "slice.cooldown"),
         ("", {"ACTIVEMQ_PORT": "abc"}, "brokers.port"),
         ("", {"SWF_NAMESPACE": "bad namespace"}, "transceiver.namespace"),
+        ("", {"SWF_LISTENER_REPLICA": "a/b"}, "transceiver.replica"),
     ],
 )
 def test_bad_settings_name_the_key(

@@ -54,9 +54,20 @@ class FakeBus:
 
 
 class FakeRuns:
-    def __init__(self, refuse: int | None = None) -> None:
+    """``elsewhere``: runs whose flow run another listener replica started."""
+
+    def __init__(self, refuse: int | None = None, elsewhere: frozenset[str] = frozenset()
+                 ) -> None:
         self.refuse = refuse
+        self.elsewhere = elsewhere
         self.started: list[str] = []
+        self.looked_up: list[str] = []
+
+    async def find(self, namespace: str, run_id: str) -> uuid.UUID | None:
+        self.looked_up.append(run_id)
+        if run_id in self.elsewhere or run_id in self.started:
+            return uuid.uuid5(uuid.NAMESPACE_URL, run_id)
+        return None
 
     async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
                     received_at: datetime) -> uuid.UUID:
@@ -151,6 +162,38 @@ def test_a_result_of_another_namespace_is_acked_and_not_recorded() -> None:
     events = FakeEvents()
     body = json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode()
     item, bus = asyncio.run(handled(body, events=events, destination=RESULTS, namespace="prod"))
+    assert bus.log == [("ack", item.message_id)]
+    assert events.emitted == []
+
+
+def test_a_result_of_a_run_another_replica_started_is_recorded_with_its_flow_run() -> None:
+    runs, events = FakeRuns(elsewhere=frozenset({"5"})), FakeEvents()
+    body = json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode()
+
+    async def go() -> tuple[Delivery, FakeBus, BusListener]:
+        bus = FakeBus()
+        shell = listener(bus, runs, events)
+        item = delivery(body, RESULTS)
+        await shell.handle(item)
+        await shell.handle(delivery(body, RESULTS))  # the run is known from now on
+        return item, bus, shell
+
+    item, bus, shell = asyncio.run(go())
+    flow_run_id = uuid.uuid5(uuid.NAMESPACE_URL, "5")
+    assert runs.looked_up == ["5"]
+    assert shell.owned == {"5": flow_run_id}
+    assert [e.resource.id for e in events.emitted] == ["swf.run.itest.5"] * 2
+    assert events.emitted[0].related[0].id == f"prefect.flow-run.{flow_run_id}"
+    assert events.emitted[0].resource["swf.listener"] == f"swf-panda-workers-{NS}"
+    # Acked once Prefect confirms the event, as any recorded message.
+    assert bus.acked == [] and item in [p.delivery for p in shell._pending.values()]
+
+
+def test_a_result_of_a_run_no_replica_started_is_acked_and_not_recorded() -> None:
+    runs, events = FakeRuns(), FakeEvents()
+    body = json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode()
+    item, bus = asyncio.run(handled(body, runs=runs, events=events, destination=RESULTS))
+    assert runs.looked_up == ["5"]
     assert bus.log == [("ack", item.message_id)]
     assert events.emitted == []
 

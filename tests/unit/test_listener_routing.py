@@ -23,6 +23,7 @@ from listeners.routing import (
     MAX_REASON_CHARS,
     Decision,
     Ignore,
+    LookUpRun,
     Record,
     SetAside,
     StartRun,
@@ -356,11 +357,12 @@ def test_our_own_requests_echoed_by_the_topic_are_ignored(msg_type: str) -> None
     assert on_topic(body) == Ignore(f"{msg_type} is a request to a peer, echoed by the topic")
 
 
-def test_results_of_runs_this_namespace_owns_are_recorded_others_ignored() -> None:
+def test_results_of_runs_this_listener_owns_are_recorded_others_looked_up() -> None:
     body = wire(msg_type="slice_result", run_id="5", content={"state": "done"})
     assert isinstance(on_results(body, owned=frozenset({"5"})), Record)
-    assert on_results(body, owned=frozenset({"6"})) == Ignore(
-        "slice_result of run 5, not a run of namespace itest")
+    # Another replica of the namespace may have started run 5: Prefect knows.
+    assert on_results(body, owned=frozenset({"6"})) == LookUpRun(
+        parse_message(body), json.loads(body))
 
 
 def test_whatever_names_another_namespace_is_ignored_even_for_an_owned_run() -> None:
@@ -453,16 +455,16 @@ def test_decide_gives_every_delivery_exactly_one_outcome(
             assert len(reason) <= MAX_REASON_CHARS + 40
         case Ignore(why=why):
             assert why
-        case StartRun() | Record():
+        case StartRun() | Record() | LookUpRun():
             # Only what parses is acted on, from our namespace, and the
             # hand-off cannot fail on what it carries.
             assert not foreign and message is not None and len(body) <= MAX_BODY_BYTES
             assert decision.message == message
             assert decision.data == json.loads(body)
             strictly_json({"announcement": decision.data})
-            if isinstance(decision, Record):
-                message_event(decision.data, message.msg_type, NS, decision.run_id, "m-1"
-                              ).model_dump_json()
+            if isinstance(decision, Record | LookUpRun):
+                message_event(decision.data, message.msg_type, NS,
+                              getattr(message, "run_id", None), "m-1").model_dump_json()
     if message is None and not foreign:
         assert isinstance(decision, SetAside)
 
@@ -480,9 +482,10 @@ def test_valid_messages_from_our_namespace_go_where_their_type_says(
         assert isinstance(decision, SetAside)
     elif isinstance(message, RunImminent):
         assert decision == StartRun(message, data)
-    elif isinstance(message, ECHOES) or (
-            isinstance(message, SliceResult) and message.run_id not in owned):
+    elif isinstance(message, ECHOES):
         assert isinstance(decision, Ignore)
+    elif isinstance(message, SliceResult) and message.run_id not in owned:
+        assert decision == LookUpRun(message, data)
     else:
         assert decision == Record(message, data, getattr(message, "run_id", None))
 
