@@ -70,6 +70,8 @@ HANDOFF_ERRORS: tuple[type[BaseException], ...] = (
 )
 CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
 REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
+FOREIGN_FOR = 30.0  # s a run found to be none of ours is not looked up again
+FOREIGN_RUNS_KEPT = 10_000
 
 
 @dataclass
@@ -92,6 +94,7 @@ class BusListener:
     owned: dict[str, UUID] = field(default_factory=dict)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _pending: dict[UUID, Pending] = field(default_factory=dict)
+    _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
     _loop: asyncio.AbstractEventLoop = field(init=False)
 
     @property
@@ -199,15 +202,29 @@ class BusListener:
         """A result of a run this listener did not see start: record it if
         another replica of the namespace started the run, else ignore it."""
         run_id = decision.message.run_id
+        not_ours = Ignore(f"slice_result of run {run_id}, not a run of namespace "
+                          f"{self.namespace}")
+        now = self._loop.time()
+        if self._foreign.get(run_id, 0.0) > now:
+            await self.ignore(not_ours, delivery)
+            return
         flow_run_id = await self.runs.find(self.namespace, run_id)
         if flow_run_id is None:
-            await self.ignore(Ignore(f"slice_result of run {run_id}, not a run of namespace "
-                                     f"{self.namespace}"), delivery)
+            self._remember_foreign(run_id, now)
+            await self.ignore(not_ours, delivery)
             return
         self.owned.setdefault(run_id, flow_run_id)
         log.info("run %s: flow run %s, started by another listener of namespace %s",
                  run_id, flow_run_id, self.namespace)
         await self.record(Record(decision.message, decision.data, run_id), delivery)
+
+    def _remember_foreign(self, run_id: str, now: float) -> None:
+        """Results of another namespace's run come by the thousand: ask
+        Prefect about that run again only after FOREIGN_FOR seconds (its
+        results only flow once its task exists, so the answer holds)."""
+        if len(self._foreign) >= FOREIGN_RUNS_KEPT:
+            self._foreign = {r: t for r, t in self._foreign.items() if t > now}
+        self._foreign[run_id] = now + FOREIGN_FOR
 
     async def ignore(self, decision: Ignore, delivery: Delivery) -> None:
         log.debug("ignored message %s from %s: %s", delivery.message_id,

@@ -198,6 +198,21 @@ def test_a_result_of_a_run_no_replica_started_is_acked_and_not_recorded() -> Non
     assert events.emitted == []
 
 
+def test_prefect_is_asked_once_about_a_stream_of_another_runs_results() -> None:
+    runs, events, bus = FakeRuns(), FakeEvents(), FakeBus()
+
+    async def stream() -> BusListener:
+        shell = listener(bus, runs, events)
+        for _ in range(20):
+            body = json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}})
+            await shell.handle(delivery(body.encode(), RESULTS))
+        return shell
+
+    asyncio.run(stream())
+    assert runs.looked_up == ["5"]
+    assert len(bus.acked) == 20 and events.emitted == []
+
+
 def test_an_announcement_starts_the_run_and_is_acked() -> None:
     runs = FakeRuns()
     body = json.dumps({"msg_type": "run_imminent", "run_id": "5"}).encode()
