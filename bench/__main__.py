@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="connections the simulated transformers send on")
     parser.add_argument("--stomp-port", type=int, default=61663)
     parser.add_argument("--prefect-port", type=int, default=4340)
+    parser.add_argument("--postgres-port", type=int, metavar="PORT",
+                        help="run the Prefect server on a private PostgreSQL cluster on PORT "
+                        "(default: SQLite)")
     parser.add_argument("--workdir", type=Path, help="where the system keeps its files "
                         "(default: a new temporary directory)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     result = Benchmark(Options(plan=plan, workdir=workdir, stomp_port=args.stomp_port,
                                prefect_port=args.prefect_port,
                                connections=args.connections, profile=args.profile,
-                               announce_every=args.announce_every)).run()
+                               announce_every=args.announce_every,
+                               postgres_port=args.postgres_port)).run()
     print(result.table())
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"

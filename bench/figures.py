@@ -107,7 +107,7 @@ class BenchResult(BaseModel):
         plan = self.plan
         return "\n\n".join([
             f"{plan['runs']} runs x {plan['slices']} slice results at {plan['rate']:g}/s "
-            f"({plan['duration']:.0f} s of load)",
+            f"({plan['duration']:.0f} s of load), Prefect on {plan.get('database', 'sqlite')}",
             text_table(rows),
             f"slice results sent {self.sent_per_second:.1f}/s, stored as run events "
             f"{self.handled_per_second:.1f}/s; all stored "

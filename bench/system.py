@@ -37,6 +37,7 @@ from bench.plan import LoadPlan
 from bench.processes import Sampler
 from bench.profiles import Profiles
 from swf_panda_workers.adapters.prefect_events import message_event_name, run_resource_id
+from swf_panda_workers.embedded.postgres import PostgresCluster
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import ControlSystem
 from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
@@ -63,6 +64,7 @@ class Options:
     connections: int = 4  # load generator connections
     announce_every: float = 0.5  # s between two runs' announcements
     profile: Path | None = None  # where py-spy profiles of the load go, if anywhere
+    postgres_port: int | None = None  # the Prefect server on a private PostgreSQL there
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
@@ -95,8 +97,17 @@ class Benchmark:
         self.announced: dict[str, float] = {}
         self.ended: dict[str, float] = {}
         self.notes: list[str] = []
+        self.postgres_pid: int | None = None
 
     def run(self) -> BenchResult:
+        if self.options.postgres_port is None:
+            return self._run()
+        with PostgresCluster(port=self.options.postgres_port) as cluster:
+            self.stack.database_url = cluster.url
+            self.postgres_pid = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+            return self._run()
+
+    def _run(self) -> BenchResult:
         started_at = datetime.now(UTC)
         with self.stack:
             print(f"Prefect UI: {self.stack.ui_url}", flush=True)
@@ -125,8 +136,11 @@ class Benchmark:
     def _roots(self) -> dict[str, int]:
         parts = {"listener": self.stack.listener, "runner": self.stack.runner,
                  "prefect server": self.stack.server.process if self.stack.server else None}
-        return {name: part.process.pid for name, part in parts.items()
-                if part is not None and part.process is not None}
+        roots = {name: part.process.pid for name, part in parts.items()
+                 if part is not None and part.process is not None}
+        if self.postgres_pid is not None:
+            roots["postgresql"] = self.postgres_pid
+        return roots
 
     def _task_created(self, run_id: str, task: TaskInfo) -> None:
         self.tasks[run_id] = task
@@ -254,7 +268,8 @@ class Benchmark:
             started_at=started_at.isoformat(timespec="seconds"),
             machine={"cpus": os.cpu_count(), "python": platform.python_version(),
                      "prefect": prefect.__version__, "host": platform.node()},
-            plan={"runs": self.plan.runs, "slices": self.plan.slices, "rate": self.plan.rate,
+            plan={"database": "postgresql" if self.postgres_pid else "sqlite",
+                  "runs": self.plan.runs, "slices": self.plan.slices, "rate": self.plan.rate,
                   "expected_seconds": self.plan.expected_seconds,
                   "duration": self.plan.duration, "announce_every": self.options.announce_every,
                   "connections": self.options.connections, "config": self.options.config()},

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from bench.figures import Latency, Tally, delays
+from bench.compare import comparison
+from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays
 from bench.plan import FAST, SLOW, LoadPlan
 from bench.processes import TreeUse, descendants
 
@@ -76,3 +77,26 @@ def test_a_process_tree_counts_its_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def result(p99_stop: float, lost: int) -> BenchResult:
+    return BenchResult(
+        started_at="2026-11-23T12:00:00+00:00", machine={}, notes=[],
+        plan={"runs": 2, "slices": 10, "rate": 5.0, "duration": 3.8},
+        latency_ms={"end_run -> stop_transformer": Latency.of([p99_stop / 1000])},
+        sent_per_second=5.0, handled_per_second=5.0, handoff_drain_seconds=1.0,
+        effects={"stop_transformer": Tally(expected=2, seen=2 - lost, lost=lost, duplicated=0)},
+        processes={"runner": ProcessUse(idle_rss_mb=100, peak_rss_mb=120, cpu_seconds=3,
+                                        load_rss_mb=[110, 111, 112, 113])},
+        per_added_run_mb=10.0)
+
+
+def test_results_compare_side_by_side() -> None:
+    table = comparison([("before", result(900.0, 1)), ("after", result(200.0, 0))])
+    lines = table.splitlines()
+    assert lines[0].split() == ["figure", "before", "after"]
+    stop = next(line for line in lines if "stop_transformer p99" in line)
+    assert stop.split()[-2:] == ["900.0", "200.0"]
+    lost = next(line for line in lines if "stop_transformer: lost" in line)
+    assert lost.split()[-2:] == ["1", "0"]
+    assert "RSS at 1/4" in result(1.0, 0).table()
