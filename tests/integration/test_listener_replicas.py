@@ -35,6 +35,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run
 
 from swf_panda_workers.adapters.prefect_events import (
+    LATE_HISTORY_SWEEPS,
     LISTENER_LABEL,
     follow_run,
     message_event,
@@ -227,7 +228,7 @@ def test_an_event_sent_by_both_replicas_is_stored_once_and_followed_once(
             followed = [await feed.next(WAIT)]
             # The feed reads the stored history again (twice, within 21 s):
             # once that is done, nothing more may come.
-            await asyncio.wait_for(feed.caught_up.wait(), WAIT)
+            await asyncio.sleep(sum(LATE_HISTORY_SWEEPS) + 2)
             while (event := await feed.next(2.0)) is not None:
                 followed.append(event)
         await asyncio.sleep(3)  # past the server's flush interval (1 s)
