@@ -223,11 +223,12 @@ class Benchmark:
                 artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
                     key=ArtifactFilterKey(any_=[f"run-{NAMESPACE}-{r}" for r in self.run_ids])))
         counted = {a.key: _slices_done(str(a.data)) for a in artifacts if a.key}
-        return {
-            r.name.removeprefix("run-"): (r.state.name if r.state else "?",
-                                          counted.get(f"run-{NAMESPACE}-{r.name[4:]}"))
-            for r in runs
-        }
+        states: dict[str, tuple[str, int | None]] = {}
+        for flow_run in runs:
+            run_id = flow_run.name.removeprefix("run-")
+            states[run_id] = (flow_run.state.name if flow_run.state else "?",
+                              counted.get(f"run-{NAMESPACE}-{run_id}"))
+        return states
 
     def _result(self, started_at: datetime, recorder: BusRecorder, load: SliceLoad,
                 drain: float | None, stored: Mapping[str, int],

@@ -51,7 +51,7 @@ from websockets.exceptions import WebSocketException
 from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import InvalidMessage, Message, parse_message
 from swf_panda_workers.run_state import Effect
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.timestamps import plain_utc, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -293,12 +293,13 @@ class SeenEvents:
     def __init__(self) -> None:
         self._ids: set[uuid.UUID] = set()
         self._by_time: deque[tuple[datetime, uuid.UUID]] = deque()
-        self.forgotten_before: datetime | None = None  # events up to it count as seen
+        self._forgotten_up_to: datetime | None = None  # events up to it count as seen
         self._newest: datetime | None = None
 
     def __contains__(self, event: Event) -> bool:
-        old = self.forgotten_before is not None and event.occurred <= self.forgotten_before
-        return old or event.id in self._ids
+        forgotten = self._forgotten_up_to
+        return (forgotten is not None and plain_utc(event.occurred) <= forgotten) or (
+            event.id in self._ids)
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -307,6 +308,9 @@ class SeenEvents:
         if event_id in self._ids:
             return
         self._ids.add(event_id)
+        # Plain datetimes: Prefect's event times are pendulum's, whose
+        # arithmetic is slow, and this runs at every event.
+        occurred = plain_utc(occurred)
         # Events arrive nearly in time order; one out of order only stays a
         # little longer than it must.
         self._by_time.append((occurred, event_id))
@@ -314,7 +318,7 @@ class SeenEvents:
         while self._by_time and newest - self._by_time[0][0] > SEEN_HORIZON:
             when, oldest = self._by_time.popleft()
             self._ids.discard(oldest)
-            self.forgotten_before = when
+            self._forgotten_up_to = when
 
 
 class RunFeed:
