@@ -8,7 +8,7 @@ import asyncio
 import logging
 import signal
 
-from listeners.bus_listener import serve_listener
+from listeners.bus_listener import HealthSource, serve_listener
 from swf_panda_workers.config import Settings, load_settings
 
 
@@ -26,7 +26,8 @@ async def _run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    await serve_listener(settings, stopping)
+    health = HealthSource()  # read by the health check, the metrics and the monitor
+    await serve_listener(settings, stopping, health)
 
 
 if __name__ == "__main__":

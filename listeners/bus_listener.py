@@ -72,6 +72,18 @@ CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
 REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
 FOREIGN_FOR = 30.0  # s a run found to be none of ours is not looked up again
 FOREIGN_RUNS_KEPT = 10_000
+RUNS_EVERY = 15.0  # s between counts of the namespace's runs in progress
+
+
+@dataclass(frozen=True)
+class ListenerHealth:
+    """What the listener can say of itself, for health checks, metrics and the
+    swf-monitor heartbeat."""
+
+    listening: bool  # subscribed and taking messages (False while starting and stopping)
+    bus_connected: bool
+    prefect_reachable: bool  # the last count of runs in progress succeeded
+    runs_active: int | None  # flow runs of the namespace not yet finished; None: not counted yet
 
 
 @dataclass
@@ -96,6 +108,9 @@ class BusListener:
     _pending: dict[UUID, Pending] = field(default_factory=dict)
     _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
     _loop: asyncio.AbstractEventLoop = field(init=False)
+    _listening: bool = False
+    _prefect_reachable: bool = False
+    _runs_active: int | None = None
 
     @property
     def namespace(self) -> str:
@@ -114,6 +129,16 @@ class BusListener:
             Subscription(brokers.results_queue),
         )
 
+    def health(self) -> ListenerHealth:
+        """A snapshot; safe to call from any thread."""
+        bus = self.bus
+        return ListenerHealth(
+            listening=self._listening,
+            bus_connected=bus is not None and bus.connected.is_set(),
+            prefect_reachable=self._prefect_reachable,
+            runs_active=self._runs_active,
+        )
+
     def receive(self, delivery: Delivery) -> None:
         """Called on stomp.py's receiver thread: queue it and return."""
         self._loop.call_soon_threadsafe(self._inbox.put_nowait, delivery)
@@ -127,7 +152,9 @@ class BusListener:
                              name=f"listener-{self.namespace}", client_id=self.listener_id)
         await asyncio.to_thread(self.bus.start)
         confirming = asyncio.create_task(self._confirm_forever())
+        counting = asyncio.create_task(self._count_runs_forever())
         log.info("listening for namespace %s as %s", self.namespace, self.listener_id)
+        self._listening = True
         try:
             while not stopping.is_set():
                 try:
@@ -136,7 +163,9 @@ class BusListener:
                     continue
                 await self.handle(delivery)
         finally:
+            self._listening = False
             confirming.cancel()
+            counting.cancel()
             await asyncio.to_thread(self.bus.stop)
 
     # --- one message ------------------------------------------------------------
@@ -292,6 +321,18 @@ class BusListener:
                 pending.since = now
                 await self.events.emit(pending.event)
 
+    async def _count_runs_forever(self) -> None:
+        """Count the namespace's runs in progress (flow runs not finished):
+        what the health check, the metrics and the monitor report."""
+        while True:
+            try:
+                self._runs_active = len(await self.runs.active_runs(self.namespace))
+                self._prefect_reachable = True
+            except HANDOFF_ERRORS as exc:
+                self._prefect_reachable = False
+                log.warning("cannot count runs in progress with Prefect: %s", exc)
+            await asyncio.sleep(RUNS_EVERY)
+
     async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
         delay = 0.5
         while True:
@@ -303,7 +344,23 @@ class BusListener:
                 delay = min(delay * 2, 10.0)
 
 
-async def serve_listener(settings: Settings, stopping: asyncio.Event) -> None:
+class HealthSource:
+    """The health of whichever listener is running now (``serve_listener``
+    makes a new one each time Prefect comes back); callable from any thread."""
+
+    def __init__(self) -> None:
+        self.listener: BusListener | None = None
+
+    def __call__(self) -> ListenerHealth:
+        listener = self.listener
+        if listener is None:
+            return ListenerHealth(listening=False, bus_connected=False,
+                                  prefect_reachable=False, runs_active=None)
+        return listener.health()
+
+
+async def serve_listener(settings: Settings, stopping: asyncio.Event,
+                         health: HealthSource | None = None) -> None:
     """Run the listener until ``stopping`` is set, waiting for Prefect to be up."""
     from prefect.client.orchestration import get_client
     from prefect.events.clients import get_events_client
@@ -314,7 +371,10 @@ async def serve_listener(settings: Settings, stopping: asyncio.Event) -> None:
                 await client.api_healthcheck()
                 async with get_events_client() as events:
                     starter = RunStarter(client, settings.prefect.deployment)
-                    await BusListener(settings, starter, events, client).run(stopping)
+                    listener = BusListener(settings, starter, events, client)
+                    if health is not None:
+                        health.listener = listener
+                    await listener.run(stopping)
                 return
             except HANDOFF_ERRORS as exc:
                 log.warning("Prefect not reachable (%s); retrying in 2 s", exc)
