@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_ENV = "SWF_PANDA_WORKERS_CONFIG"
 REPLICA_ENV = "SWF_LISTENER_REPLICA"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "swf_panda_workers.yaml"
+CONFIG_NAME = "swf_panda_workers.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / CONFIG_NAME
 
 
 class ConfigError(ValueError):
@@ -272,9 +274,29 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 SECRET_FILE_VARIANTS = ("ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD")
 
 
-def config_path(explicit: str | Path | None = None) -> Path:
-    """--config, else $SWF_PANDA_WORKERS_CONFIG, else the packaged default."""
-    return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+def config_path(explicit: str | Path | None = None,
+                environ: Mapping[str, str] | None = None) -> Path:
+    """The configuration file, searched as the seed agent did: --config, else
+    $SWF_PANDA_WORKERS_CONFIG (either must exist: a typo is an error, not a
+    silent fall-back), else the first that exists of the user's file
+    ($XDG_CONFIG_HOME or ~/.config)/swf_panda_workers/swf_panda_workers.yaml
+    and the installation's <prefix>/etc/swf_panda_workers/swf_panda_workers.yaml,
+    else the packaged default."""
+    environ = os.environ if environ is None else environ
+    named = explicit or environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    return next((path for path in config_candidates(environ) if path.is_file()), DEFAULT_CONFIG)
+
+
+def config_candidates(environ: Mapping[str, str]) -> list[Path]:
+    """Where a configuration file is looked for when none is named."""
+    user = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [
+        user / "swf_panda_workers" / CONFIG_NAME,
+        Path(sys.prefix) / "etc" / "swf_panda_workers" / CONFIG_NAME,
+        DEFAULT_CONFIG,
+    ]
 
 
 def load_settings(

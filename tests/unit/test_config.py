@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from swf_panda_workers.config import (
     DEFAULT_CONFIG,
     ConfigError,
     Settings,
+    config_path,
     load_settings,
     settings_from,
 )
@@ -397,3 +399,44 @@ def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(ValidationError):
         settings.brokers.port = 1  # type: ignore[misc]
+
+
+def test_search_path_user_file_then_installation_then_packaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    environ = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    user = tmp_path / "xdg" / "swf_panda_workers" / "swf_panda_workers.yaml"
+    installed = tmp_path / "prefix" / "etc" / "swf_panda_workers" / "swf_panda_workers.yaml"
+
+    assert config_path(environ=environ) == DEFAULT_CONFIG
+    installed.parent.mkdir(parents=True)
+    installed.write_text("brokers:\n  host: installed\n")
+    assert config_path(environ=environ) == installed
+    user.parent.mkdir(parents=True)
+    user.write_text("brokers:\n  host: user\n")
+    assert config_path(environ=environ) == user
+    assert config_path(environ={**environ, CONFIG_ENV: "/etc/named.yaml"}) == Path(
+        "/etc/named.yaml")
+    assert config_path("given.yaml", environ={**environ, CONFIG_ENV: "/etc/named.yaml"}) == Path(
+        "given.yaml")
+
+
+def test_user_config_dir_defaults_to_dot_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    user = tmp_path / ".config" / "swf_panda_workers" / "swf_panda_workers.yaml"
+    user.parent.mkdir(parents=True)
+    user.write_text("{}\n")
+
+    assert config_path(environ={}) == user
+
+
+def test_a_named_file_that_is_missing_is_an_error_not_a_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "typo.yaml"))
+
+    with pytest.raises(ConfigError, match=r"typo\.yaml"):
+        load_settings(environ={})
