@@ -10,13 +10,19 @@ from prefect.cache_policies import NO_CACHE
 
 from swf_panda_workers.adapters.idds_bus import BusGateway
 from swf_panda_workers.adapters.idds_rest import rest_gateway
-from swf_panda_workers.adapters.stomp_bus import BusClient, BusUnavailable
+from swf_panda_workers.adapters.stomp_bus import BusUnavailable
 from swf_panda_workers.config import Settings
+from swf_panda_workers.dry_run import WithheldMessages
 from swf_panda_workers.idds_gateway import Answer, IddsGateway, IddsRequestFailed
+from swf_panda_workers.outbound import Sender
 
 
-def gateway_for(settings: Settings, bus: BusClient) -> IddsGateway:
-    """The one configuration key ``transceiver.mode`` decides how iDDS is reached."""
+def gateway_for(settings: Settings, bus: Sender) -> IddsGateway:
+    """The one configuration key ``transceiver.mode`` decides how iDDS is
+    reached; a dry run reaches nothing: its requests are withheld, in the
+    shape they take on the bus, whatever the mode."""
+    if isinstance(bus, WithheldMessages):
+        return BusGateway(bus, settings)
     if settings.transceiver.mode == "rest":
         return rest_gateway(settings)
     return BusGateway(bus, settings)

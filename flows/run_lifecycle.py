@@ -7,6 +7,11 @@
 The flow's inputs are its run's Prefect events (bus messages the listener
 handed over, and the effects this flow journaled), so a retried flow run
 rebuilds its state and skips what was already done.
+
+With ``dry_run`` the flow replays a recorded run: the run's stored messages
+are its inputs, it decides as configured now, and it sends nothing (each
+message it would send is in its log) and journals nothing. Its summary and
+decisions are artifacts of their own, beside the live run's.
 """
 
 
@@ -21,23 +26,25 @@ from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
+from flows.connections import run_bus, run_events
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
-from flows.run_view import RunView, recount
+from flows.run_view import RunView
 from flows.scaling import ScalingReport, publish_decisions, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
-    follow_run,
+    fold_history,
     history_start,
     message_event_name,
     run_resource_id,
 )
 from swf_panda_workers.adapters.prefect_runs import claim_run
-from swf_panda_workers.adapters.stomp_bus import BusClient, connected_bus
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import RunImminent, WorkflowIds
+from swf_panda_workers.outbound import Sender
+from swf_panda_workers.run_report import artifact_key
 from swf_panda_workers.run_state import Effect, RunState, initial_state
 from swf_panda_workers.timestamps import utc_now
 
@@ -63,11 +70,18 @@ class RunOutcome(BaseModel):
     adjustments: int
     workers_confirmed: int | None  # the worker count iDDS last confirmed (adjusted_worker)
     end: str
+    dry_run: bool = False
+
+
+def run_name() -> str:
+    parameters = flow_run.parameters
+    prefix = "dry-run" if parameters.get("dry_run") else "run"
+    return f"{prefix}-{parameters['run_id']}"
 
 
 @flow(
     name="swf-run",
-    flow_run_name="run-{run_id}",
+    flow_run_name=run_name,
     retries=1,
     retry_delay_seconds=10,
     description="One data-taking run: iDDS task, worker scaling, stop and close.",
@@ -77,9 +91,11 @@ async def run_lifecycle(
     namespace: str,
     announcement: dict[str, Any],
     received_at: datetime | None = None,
+    dry_run: bool = False,
 ) -> RunOutcome:
     """``announcement`` is the run_imminent message as received (either shape);
-    ``received_at`` when the listener got it (events are read from then on)."""
+    ``received_at`` when the listener got it (events are read from then on);
+    ``dry_run``: replay the recorded run, sending nothing."""
     # First of all, which process runs this attempt: a runner that finds that
     # process gone runs the flow run again (deployments/recovery.py).
     await claim_attempt()
@@ -91,22 +107,22 @@ async def run_lifecycle(
     # One subscription for the whole run, so nothing falls between two. The
     # stream of slice results and heartbeats is the scaling sub-flow's.
     async with (
-        connected_bus(settings.brokers, name=f"run-{run_id}") as bus,
-        follow_run(resource, since, exclude=SUB_FLOW_ONLY) as feed,
+        run_bus(settings, f"run-{run_id}", dry_run) as bus,
+        run_events(resource, since, dry_run, exclude=SUB_FLOW_ONLY) as feed,
     ):
-        view = RunView(feed, initial_state(run, settings), namespace)
+        view = RunView(feed, initial_state(run, settings), namespace, dry_run)
         await view.catch_up()
         idds = gateway_for(settings, bus)
         ids = await create_task(view, idds, run, settings)
         report = await scale_workers(
             run_id=run_id, namespace=namespace, announcement=announcement,
-            received_at=received_at, ids=ids,
+            received_at=received_at, ids=ids, dry_run=dry_run,
         )
         state = await stop_and_close(view, bus, idds, ids, settings)
 
     # Counted from the stored history after the stop and the close, which
     # must not wait for a read of a long run's every result.
-    slices = await recount(initial_state(run, settings), resource, since)
+    slices = await fold_history(initial_state(run, settings), resource, since)
     outcome = RunOutcome(
         run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
         slices_done=slices.slices_done, slices_failed=slices.slices_failed,
@@ -115,9 +131,10 @@ async def run_lifecycle(
         # arrive after the sub-flow has returned, but before the close.
         workers_confirmed=state.applied.target_worker_count if state.applied else None,
         end=report.end,
+        dry_run=dry_run,
     )
     await publish_summary(outcome, report)
-    await publish_decisions(run_id, namespace, report)
+    await publish_decisions(run_id, namespace, report, dry_run)
     return outcome
 
 
@@ -142,6 +159,9 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
 
     timeout = settings.timeouts.created_workflow_task
     if not await view.until(lambda s: s.ids is not None, timeout):
+        if view.dry_run:
+            raise CreateNotAnswered(f"the recorded run {run.run_id} holds no answer of iDDS "
+                                    "to create_workflow_task: nothing to replay")
         raise CreateNotAnswered(
             f"iDDS did not answer create_workflow_task for run {run.run_id} within {timeout:g}s; "
             "nothing was closed, since there are no ids to close"
@@ -155,7 +175,7 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
     return ids
 
 
-async def stop_and_close(view: RunView, bus: BusClient, idds: IddsGateway, ids: WorkflowIds,
+async def stop_and_close(view: RunView, bus: Sender, idds: IddsGateway, ids: WorkflowIds,
                          settings: Settings) -> RunState:
     logger = get_run_logger()
     run_id = view.state.run_id
@@ -171,6 +191,10 @@ async def stop_and_close(view: RunView, bus: BusClient, idds: IddsGateway, ids: 
 
     timeout = settings.timeouts.closed_workflow_task
     if not await view.until(lambda s: s.closed, timeout):
+        if view.dry_run:
+            # The replay's decisions are still worth showing.
+            logger.warning("the recorded run %s holds no close confirmation of iDDS", run_id)
+            return view.state
         raise CloseNotConfirmed(
             f"iDDS did not confirm close_workflow_task of request {ids.request_id} "
             f"(run {run_id}) within {timeout:g}s"
@@ -180,20 +204,23 @@ async def stop_and_close(view: RunView, bus: BusClient, idds: IddsGateway, ids: 
 
 
 async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
-    """A per-run summary in the Prefect UI, under a stable key."""
+    """A per-run summary in the Prefect UI, under a stable key (a dry run's
+    beside the live run's)."""
     rows = "\n".join(
         f"| {a.at:%H:%M:%S} | {a.size.target_worker_count} | {a.reason} |"
         for a in report.adjustments
     ) or "| - | - | no adjustment |"
     ids = outcome.ids
+    title = f"Dry run of run {outcome.run_id}" if outcome.dry_run else f"Run {outcome.run_id}"
+    note = "Replayed from the recorded run; nothing was sent.\n\n" if outcome.dry_run else ""
     await create_markdown_artifact(
-        key=f"run-{outcome.namespace}-{outcome.run_id}".lower().replace("_", "-"),
-        description=f"Run {outcome.run_id}: iDDS status {outcome.status}",
+        key=artifact_key("run", outcome.namespace, outcome.run_id, outcome.dry_run),
+        description=f"{title}: iDDS status {outcome.status or 'not confirmed'}",
         markdown=(
-            f"# Run {outcome.run_id} ({outcome.namespace})\n\n"
+            f"# {title} ({outcome.namespace})\n\n{note}"
             f"- iDDS request {ids.request_id}, transform {ids.transform_id}, "
             f"workload {ids.workload_id}\n"
-            f"- close status: **{outcome.status}**\n"
+            f"- close status: **{outcome.status or 'not confirmed'}**\n"
             f"- slices: {outcome.slices_done} done, {outcome.slices_failed} failed\n"
             f"- workers confirmed by iDDS: {outcome.workers_confirmed or 'initial size'}\n"
             f"- end: {outcome.end}\n\n"

@@ -1,5 +1,9 @@
 """A run as its flow sees it: the folded state of the run's event feed, and the
-place where the flow records what it did."""
+place where the flow records what it did.
+
+In a dry run the feed is a recorded run's stored history: what the run
+received is replayed, what its flow did then (the journaled effects) is left
+out, and what the dry run does is applied here only, never journaled."""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from swf_panda_workers.adapters.prefect_events import (
     decode,
     effect_event,
     emit,
-    stored_events,
     until_stored,
 )
 from swf_panda_workers.idds_gateway import Answer
@@ -26,12 +29,15 @@ from swf_panda_workers.timestamps import plain_utc, utc_now
 
 
 class RunView:
-    def __init__(self, feed: RunFeed, state: RunState, namespace: str) -> None:
+    def __init__(self, feed: RunFeed, state: RunState, namespace: str,
+                 dry_run: bool = False) -> None:
         self._feed = feed
         self._namespace = namespace
+        self.dry_run = dry_run
         self.state = state
+        self._clock: datetime | None = None  # when the last input applied arrived
         # Sizes an earlier attempt already asked for, known before replaying.
-        self.journaled_sizes: list[WorkerSize] = [
+        self.journaled_sizes: list[WorkerSize] = [] if dry_run else [
             item.size for item in map(decode, feed.backlog())
             if isinstance(item, Effect) and item.kind == "adjust_sent" and item.size is not None
         ]
@@ -41,15 +47,24 @@ class RunView:
         """True while the inputs come from the stored history."""
         return self._feed.replaying
 
+    @property
+    def exhausted(self) -> bool:
+        """True once a dry run has read the whole recorded history."""
+        return self._feed.exhausted
+
     async def next_input(self, timeout: float) -> Message | Effect | None:
         """Apply the next event to the state and return what it carried."""
-        event = await self._feed.next(timeout)
-        if event is None:
-            return None
-        item = decode(event)
-        if item is not None:
-            self.state = apply(item, self.state, plain_utc(event.occurred))
-        return item
+        while True:
+            event = await self._feed.next(timeout)
+            if event is None:
+                return None
+            item = decode(event)
+            if self.dry_run and isinstance(item, Effect):
+                continue  # what the recorded run's flow did: the dry run decides afresh
+            if item is not None:
+                self._clock = plain_utc(event.occurred)
+                self.state = apply(item, self.state, self._clock)
+            return item
 
     async def catch_up(self) -> RunState:
         """Apply everything already stored."""
@@ -62,7 +77,7 @@ class RunView:
         loop_deadline = utc_now() + timedelta(seconds=timeout)
         while not done(self.state):
             left = (loop_deadline - utc_now()).total_seconds()
-            if left <= 0:
+            if left <= 0 or self.exhausted:
                 return False
             await self.next_input(timeout=left)
         return True
@@ -72,7 +87,14 @@ class RunView:
         request returned one (REST mode), and apply them at once. The journal
         is what stops a retried flow run from repeating the effect, so this
         returns only once the server has stored it: a flow-run process killed
-        after that is never retried into doing the effect again."""
+        after that is never retried into doing the effect again. A dry run
+        journals nothing: the recorded run's history stays as it was."""
+        if self.dry_run:
+            # On the recorded run's clock, not today's: the policy's cooldown
+            # and ramp-up run on it.
+            self.state = apply(effect, self.state,
+                               effect.decided_at or self._clock or utc_now())
+            return
         events = [self._journal(effect, effect_event(effect, self._namespace, self.state.run_id,
                                                      _flow_run_id()))]
         if answer is not None:
@@ -90,15 +112,3 @@ class RunView:
 def _flow_run_id() -> UUID | None:
     value = flow_run.id
     return UUID(value) if value else None
-
-
-async def recount(state: RunState, resource_id: str, since: datetime) -> RunState:
-    """``state`` folded over the run's whole stored history, a page at a time:
-    the slices every message the listener acked, whatever the live streams
-    dropped or delivered late (a result sent just before the end)."""
-    async for page in stored_events(resource_id, since):
-        for event in page:
-            item = decode(event)
-            if item is not None:
-                state = apply(item, state, plain_utc(event.occurred))
-    return state

@@ -22,21 +22,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
+from flows.connections import run_bus, run_events
 from flows.idds_requests import ask_idds, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
-from swf_panda_workers.adapters.prefect_events import (
-    follow_run,
-    history_start,
-    run_resource_id,
-)
-from swf_panda_workers.adapters.stomp_bus import connected_bus
+from swf_panda_workers.adapters.prefect_events import history_start, run_resource_id
 from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
 from swf_panda_workers.messages import SliceResult, WorkerSize, WorkflowIds
 from swf_panda_workers.plots import Trace, markdown_image, timeline_png
-from swf_panda_workers.run_state import Adjustment, Effect, initial_state
+from swf_panda_workers.run_report import artifact_key
+from swf_panda_workers.run_state import Adjustment, Effect, apply, initial_state
 from swf_panda_workers.scaling import SliceObservation
 from swf_panda_workers.slice_window import SliceSample
 from swf_panda_workers.timestamps import utc_now
@@ -58,18 +55,24 @@ async def scale_workers(
     announcement: dict[str, Any],
     received_at: datetime | None,
     ids: WorkflowIds,
+    dry_run: bool = False,
 ) -> ScalingReport:
     settings = settings_for(namespace)
     run = announced_run(announcement, run_id)
     autoscaler = Autoscaler(policy_for(settings, run), window_for(settings))
     started = received_at or utc_now()
     deadline = started + timedelta(seconds=settings.timeouts.run_end)
+    state = replace(initial_state(run, settings), ids=ids)
+    if dry_run:
+        # The recorded create is left out with the rest of the recorded
+        # flow's journal; the ramp-up after it still counts from about then.
+        state = apply(Effect(kind="create_sent"), state, started)
 
     async with (
-        connected_bus(settings.brokers, name=f"scaling-{run_id}") as bus,
-        follow_run(run_resource_id(namespace, run_id), history_start(started)) as feed,
+        run_bus(settings, f"scaling-{run_id}", dry_run) as bus,
+        run_events(run_resource_id(namespace, run_id), history_start(started), dry_run) as feed,
     ):
-        view = RunView(feed, replace(initial_state(run, settings), ids=ids), namespace)
+        view = RunView(feed, state, namespace, dry_run)
         scaler = Scaler(view, autoscaler, gateway_for(settings, bus), settings)
         end = await scaler.follow_until_end(deadline)
         if settings.scaling.end == "drain" and view.state.ended:
@@ -93,7 +96,9 @@ class Scaler:
     async def follow_until_end(self, deadline: datetime) -> str:
         logger = get_run_logger()
         while not self.view.state.ended:
-            if utc_now() >= deadline:
+            if self.view.exhausted:
+                return "the recorded run ends here, without end_run"
+            if not self.view.dry_run and utc_now() >= deadline:
                 logger.warning("no end of run %s by %s: ending it here",
                                self.view.state.run_id, deadline)
                 return f"no end_run within {self.settings.timeouts.run_end:g}s"
@@ -108,6 +113,8 @@ class Scaler:
         ended_at = self.view.state.ended_at or utc_now()
         give_up = ended_at + timedelta(seconds=scaling.drain_timeout)
         while True:
+            if self.view.exhausted:
+                return "drained: the recorded run ends here"
             now = utc_now()
             quiet = max(scaling.drain_quiet, 2 * (self.slice_seconds() or 0.0))
             last = max(ended_at, self.last_result_at() or ended_at)
@@ -169,9 +176,10 @@ class Scaler:
         return seen.at if seen is not None else None
 
 
-async def publish_decisions(run_id: str, namespace: str, report: ScalingReport) -> None:
+async def publish_decisions(run_id: str, namespace: str, report: ScalingReport,
+                            dry_run: bool = False) -> None:
     """The run's scaling decisions, as a table and a plot, under stable keys."""
-    key = f"scaling-{namespace}-{run_id}".lower().replace("_", "-")
+    key = artifact_key("scaling", namespace, run_id, dry_run)
     await create_table_artifact(
         key=key, table=decision_rows(report.adjustments),
         description=f"Run {run_id}: every adjust_worker, with what it was decided on")

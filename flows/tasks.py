@@ -9,8 +9,8 @@ from typing import Any
 from prefect import State, task
 from prefect.cache_policies import NO_CACHE
 
-from swf_panda_workers.adapters.stomp_bus import BusClient, BusUnavailable
-from swf_panda_workers.outbound import Outgoing
+from swf_panda_workers.adapters.stomp_bus import BusUnavailable
+from swf_panda_workers.outbound import Outgoing, Sender
 
 
 async def bus_trouble(task: object, task_run: object, state: State[Any]) -> bool:
@@ -27,7 +27,7 @@ async def bus_trouble(task: object, task_run: object, state: State[Any]) -> bool
     retry_condition_fn=bus_trouble,
     cache_policy=NO_CACHE,
 )
-async def publish(bus: BusClient, message: Outgoing) -> None:
+async def publish(bus: Sender, message: Outgoing) -> None:
     """Send one message and wait for the broker's receipt. A retry after a lost
     receipt may send it twice: delivery to the bus is at least once."""
     await asyncio.to_thread(bus.send, message)

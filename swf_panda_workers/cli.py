@@ -3,8 +3,16 @@
     swf-panda-workers demo      a whole session on this machine (embedded everything)
     swf-panda-workers serve     the service against the configured broker
     swf-panda-workers listen    the STOMP listener alone (container entrypoint)
-    swf-panda-workers runner    the Prefect runner serving the run deployment alone
+    swf-panda-workers runner    the Prefect runner serving the run flows alone
+    swf-panda-workers show      a run's state: its flow run, iDDS ids, steps, slices, workers
+    swf-panda-workers dry-run   a recorded run again, in Prefect, sending nothing
     swf-panda-workers replay    a recorded run replayed offline through scaling policies
+    swf-panda-workers send      a test message to the broker
+    swf-panda-workers config    which configuration file is used, and its settings
+
+The configuration file: --config, else $SWF_PANDA_WORKERS_CONFIG, else
+~/.config/swf_panda_workers/swf_panda_workers.yaml, else
+<prefix>/etc/swf_panda_workers/swf_panda_workers.yaml, else the packaged one.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
 from pydantic import ValidationError
 
 from swf_panda_workers.config import CONFIG_ENV, ConfigError, config_path, load_settings
@@ -29,9 +38,18 @@ if TYPE_CHECKING:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swf-panda-workers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="run a whole session on this machine")
     demo.add_argument("--runs", type=int, default=2, help="concurrent runs (default 2)")
@@ -47,25 +65,95 @@ def main(argv: list[str] | None = None) -> int:
                       help="how the service reaches iDDS: on the bus (default), or its REST "
                            "API (a simulated iDDS REST server, via idds-client)")
 
-    for name, text in (("serve", "Prefect server (unless PREFECT_API_URL is set), runner "
-                                 "and listener, against the configured broker"),
-                       ("listen", "the STOMP listener alone"),
-                       ("runner", "the Prefect runner alone")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("--config", help=f"configuration file (or ${CONFIG_ENV})")
+    for name, text, aliases in (
+            ("serve", "Prefect server (unless PREFECT_API_URL is set), runner and listener, "
+                      "against the configured broker", []),
+            ("listen", "the STOMP listener alone (the container's command)", []),
+            ("runner", "the Prefect runner serving the run flows alone", ["serve-flows"])):
+        command = commands.add_parser(name, help=text, description=text, aliases=aliases)
+        _add_config(command)
+    _add_run_commands(commands)
     _add_replay(commands)
-    args = parser.parse_args(argv)
+    _add_send(commands)
+    config = commands.add_parser(
+        "config", help="which configuration file is used, and its settings",
+        description="Print the configuration file the search path finds and the settings it "
+                    "gives, with the environment's overrides (secrets masked).")
+    _add_config(config)
+    return parser
 
-    try:
-        return _dispatch(args)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+
+def _add_config(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", help=f"configuration file (or ${CONFIG_ENV}, or the "
+                                          "user's, the installation's, the packaged one)")
+
+
+def _add_run_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    show = commands.add_parser(
+        "show", help="a run's state: flow run, iDDS ids, steps done, slices, workers",
+        description="Show one run as Prefect holds it: its flow run and sub-flow run, and "
+                    "its state folded from the run's stored messages and the effects its "
+                    "flow journaled (iDDS ids, create/stop/close sent, slices, workers "
+                    "asked for and confirmed, every adjustment).")
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--namespace", help="the run's namespace (default: the configuration's)")
+    show.add_argument("--parameters", action="store_true",
+                      help="print only the flow run's parameters, as JSON for "
+                           "`prefect deployment run --params`")
+    _add_config(show)
+    dry = commands.add_parser(
+        "dry-run", help="run a recorded run again in Prefect, sending nothing",
+        description="Start a new flow run of the run deployment with the recorded run's "
+                    "parameters and dry_run=true: the flows replay the run's stored "
+                    "messages with today's configuration and decide everything the live "
+                    "run would, but send nothing (each message withheld is in the flow "
+                    "run's log) and journal nothing. Prints the dry run's summary.")
+    dry.add_argument("run_id", metavar="RUN_ID")
+    dry.add_argument("--namespace", help="the run's namespace (default: the configuration's)")
+    dry.add_argument("--deployment", help="deployment to run (default: prefect.deployment)")
+    dry.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                     help="wait this long for the dry run to finish (0: do not wait)")
+    _add_config(dry)
+
+
+def _add_send(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    send = commands.add_parser(
+        "send", help="send a test message to the broker",
+        description="Send one message to the configured broker, as its sender would, and "
+                    "wait for the broker's receipt.")
+    kinds = send.add_subparsers(dest="kind", required=True, metavar="KIND")
+    imminent = kinds.add_parser("run_imminent", help="announce a run (as the control system)",
+                                description="Announce a run, as the control system does.")
+    imminent.add_argument("--workers", type=int, default=1, help="target_worker_count")
+    imminent.add_argument("--cores", type=int, default=1, help="core_count")
+    end = kinds.add_parser("end_run", help="end a run (as the control system)",
+                           description="End a run, as the control system does.")
+    result = kinds.add_parser("slice_result", help="a slice result (as a transformer)",
+                              description="A slice result, as a transformer sends it, to the "
+                                          "results queue.")
+    result.add_argument("--seconds", type=float, default=1.0, help="processing time")
+    result.add_argument("--slice", type=int, default=0, help="slice_id")
+    result.add_argument("--failed", action="store_true", help="a failed slice")
+    for kind in (imminent, end, result):
+        kind.add_argument("run_id", metavar="RUN_ID")
+    for kind in (imminent, end):
+        kind.add_argument("--namespace", help="default: the configuration's")
+        kind.add_argument("--shape", choices=["testbed", "seed"], default="testbed",
+                          help="the testbed's message types and timestamps, or the seed's")
+    raw = kinds.add_parser("file", help="a body from a file, sent as it is",
+                           description="Send a file's bytes (- for stdin) as a message body, "
+                                       "as they are, even what the listener will set aside.")
+    raw.add_argument("path", metavar="FILE")
+    for kind in (imminent, end, result, raw):
+        kind.add_argument("--destination", help="default: where that message type goes")
+        _add_config(kind)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "replay":
         return _replay(args)
+    if args.command in ("show", "dry-run", "send", "config"):
+        return _operate(args)
     if args.command == "demo":
         from swf_panda_workers.demo import run_demo
 
@@ -78,12 +166,46 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         listen([])
         return 0
-    if args.command == "runner":
+    if args.command in ("runner", "serve-flows"):
         from deployments.serve import main as serve_runner
 
         serve_runner([])
         return 0
     return _serve()
+
+
+def _operate(args: argparse.Namespace) -> int:
+    from swf_panda_workers import operator_commands, sample_messages
+    from swf_panda_workers.timestamps import utc_now
+
+    path = config_path(args.config)
+    settings = load_settings(path)
+    if args.command == "config":
+        print(f"# {path.resolve()}")
+        print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    namespace = getattr(args, "namespace", None) or settings.transceiver.namespace
+    if args.command == "show":
+        return operator_commands.show(settings, args.run_id, namespace, args.parameters)
+    if args.command == "dry-run":
+        return operator_commands.dry_run(settings, args.run_id, namespace, args.deployment,
+                                         args.wait)
+    now, brokers = utc_now(), settings.brokers
+    if args.kind == "file":
+        try:
+            raw = operator_commands.read_body(args.path)
+        except OSError as exc:
+            return operator_commands.fail("send", f"cannot read {args.path}: {exc.strerror}")
+        return operator_commands.send(settings, None, raw, args.destination)
+    samples = {
+        "run_imminent": lambda: sample_messages.run_imminent(
+            args.run_id, namespace, brokers, now, args.workers, args.cores, args.shape),
+        "end_run": lambda: sample_messages.end_run(args.run_id, namespace, brokers, now,
+                                                   args.shape),
+        "slice_result": lambda: sample_messages.slice_result(
+            args.run_id, brokers, now, args.seconds, args.slice, args.failed),
+    }
+    return operator_commands.send(settings, samples[args.kind](), None, args.destination)
 
 
 def _serve() -> int:

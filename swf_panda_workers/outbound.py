@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import RunImminent, WorkerSize, WorkflowIds
@@ -32,6 +32,14 @@ class Outgoing:
     @property
     def msg_type(self) -> str:
         return str(self.body["msg_type"])
+
+
+class Sender(Protocol):
+    """Where outgoing messages go: the bus (adapters.stomp_bus.BusClient), or
+    nowhere in a dry run (dry_run.WithheldMessages)."""
+
+    def send(self, message: Outgoing, timeout: float = 10.0) -> None:
+        ...
 
 
 def wire_run_id(run_id: str) -> int | str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from swf_panda_workers import outbound
-from swf_panda_workers.adapters.stomp_bus import BusClient
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import (
     AdjustedWorker,
@@ -16,13 +15,14 @@ from swf_panda_workers.messages import (
     WorkerSize,
     WorkflowIds,
 )
+from swf_panda_workers.outbound import Sender
 
 
 class BusGateway:
     """Sends each request and waits for the broker's receipt, not for iDDS:
     every method returns None, the answer comes later."""
 
-    def __init__(self, bus: BusClient, settings: Settings) -> None:
+    def __init__(self, bus: Sender, settings: Settings) -> None:
         self._bus = bus
         self._settings = settings
 

@@ -50,7 +50,7 @@ from websockets.exceptions import WebSocketException
 
 from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.messages import InvalidMessage, Message, parse_message
-from swf_panda_workers.run_state import Effect
+from swf_panda_workers.run_state import Effect, RunState, apply
 from swf_panda_workers.timestamps import plain_utc, utc_now
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,18 @@ async def run_history(resource_id: str, since: datetime,
             for event in page]
 
 
+async def fold_history(state: RunState, resource_id: str, since: datetime) -> RunState:
+    """``state`` folded over the run's whole stored history, a page at a time:
+    the slices of every message the listener acked, whatever the live streams
+    dropped or delivered late (a result sent just before the end)."""
+    async for page in stored_events(resource_id, since):
+        for event in page:
+            item = decode(event)
+            if item is not None:
+                state = apply(item, state, plain_utc(event.occurred))
+    return state
+
+
 class JournalNotStored(RuntimeError):
     """The server did not store a journal event in time: the effect it records
     cannot be proven done, so the flow run must not go on as if it were."""
@@ -322,9 +334,13 @@ class SeenEvents:
 
 
 class RunFeed:
-    """A run's events, each once: what was stored before, then what arrives."""
+    """A run's events, each once: what was stored before, then what arrives.
+    A ``finite`` feed is the stored history alone (a dry run of a recorded
+    run): once it is read, nothing more comes."""
 
-    def __init__(self, history: list[Event], live: asyncio.Queue[Event] | None = None) -> None:
+    def __init__(self, history: list[Event], live: asyncio.Queue[Event] | None = None,
+                 finite: bool = False) -> None:
+        self.finite = finite
         self._backlog: deque[Event] = deque(history)
         self._seen = SeenEvents()
         for event in history:
@@ -349,11 +365,18 @@ class RunFeed:
     def replaying(self) -> bool:
         return bool(self._backlog)
 
+    @property
+    def exhausted(self) -> bool:
+        """A finite feed with nothing left to yield."""
+        return self.finite and not self._backlog
+
     async def next(self, timeout: float) -> Event | None:
         """The next unseen event, or None if none arrives within ``timeout``
         (``timeout`` 0: none is waiting already)."""
         if self._backlog:
             return self._backlog.popleft()
+        if self.finite:
+            return None
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             self._raise_if_source_failed()
@@ -451,6 +474,14 @@ async def follow_run(resource_id: str, since: datetime,
             background.cancel()
             with suppress(asyncio.CancelledError):
                 await background
+
+
+@asynccontextmanager
+async def recorded_run(resource_id: str, since: datetime,
+                       exclude: tuple[str, ...] = ()) -> AsyncIterator[RunFeed]:
+    """The run's stored history as a finite feed, without subscribing: what a
+    dry run replays."""
+    yield RunFeed(await history_when_reachable(resource_id, since, exclude), finite=True)
 
 
 async def _keep_subscribed(run_filter: EventFilter, deliver: Callable[[Event], None],
