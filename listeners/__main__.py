@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="configuration file (default: $SWF_PANDA_WORKERS_CONFIG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One line per request to Prefect would bury the one line per message.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = load_settings(args.config)
     asyncio.run(_run(settings))
 

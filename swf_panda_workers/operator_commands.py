@@ -44,7 +44,7 @@ def show(settings: Settings, run_id: str, namespace: str, parameters_only: bool)
         return fail("show", str(exc))
     except PREFECT_TROUBLE as exc:
         return fail("show", f"cannot read run {run_id} from Prefect: {exc}")
-    print(parameters_json(report.parameters) if parameters_only else report.text())
+    print(parameters_json(report.recorded_parameters) if parameters_only else report.text())
     return 0
 
 

@@ -31,6 +31,13 @@ class RunReport:
     parameters: dict[str, Any]
     ui_url: str | None = None
 
+    @property
+    def recorded_parameters(self) -> dict[str, Any]:
+        """The run's own parameters, without ``dry_run``: whether to send is
+        the replay's choice (the dry-run deployment's default), not the
+        record's, and the live run's ``dry_run: false`` would override it."""
+        return {k: v for k, v in self.parameters.items() if k != "dry_run"}
+
     def text(self) -> str:
         s, fr = self.state, self.flow_run
         lines = [

@@ -121,7 +121,7 @@ class EmbeddedStack:
 
     def start_listener(self, wait: float = 60.0) -> None:
         env = service_env(self.api_url, self.config_path)
-        self.listener = self._start_subscribed(
+        self.listener = start_subscribed(
             listener_process(env, self.logs, PROJECT_ROOT), wait)
 
     def start_replica(self, replica: str, wait: float = 60.0) -> ManagedProcess:
@@ -129,24 +129,8 @@ class EmbeddedStack:
         env = service_env(self.api_url, self.config_path, {REPLICA_ENV: replica})
         process = ManagedProcess(f"listener-{replica}", python_module("listeners"), env,
                                  self.logs / f"listener-{replica}.log", PROJECT_ROOT)
-        self.replicas[replica] = self._start_subscribed(process, wait)
+        self.replicas[replica] = start_subscribed(process, wait)
         return process
-
-    def _start_subscribed(self, listener: ManagedProcess, wait: float) -> ManagedProcess:
-        """Start a listener process; return once it has subscribed (else stop it
-        and raise)."""
-        log_path = listener.log_path
-        seen = log_path.stat().st_size if log_path.exists() else 0
-        listener.start()
-        deadline = time.monotonic() + wait
-        while b"listening for namespace" not in log_path.read_bytes()[seen:]:
-            if not listener.alive:
-                raise StartupError(f"{listener.name} exited:\n{listener.tail()}")
-            if time.monotonic() > deadline:
-                listener.stop()
-                raise StartupError(f"{listener.name} not subscribed after {wait}s")
-            time.sleep(0.2)
-        return listener
 
     def stop(self) -> None:
         own_server = self.server if self.server is not self.shared_server else None
@@ -164,3 +148,20 @@ class EmbeddedStack:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def start_subscribed(listener: ManagedProcess, wait: float = 60.0) -> ManagedProcess:
+    """Start a listener process; return once it has subscribed (else stop it
+    and raise): messages sent to a topic before that would not reach it."""
+    log_path = listener.log_path
+    seen = log_path.stat().st_size if log_path.exists() else 0
+    listener.start()
+    deadline = time.monotonic() + wait
+    while b"listening for namespace" not in log_path.read_bytes()[seen:]:
+        if not listener.alive:
+            raise StartupError(f"{listener.name} exited:\n{listener.tail()}")
+        if time.monotonic() > deadline:
+            listener.stop()
+            raise StartupError(f"{listener.name} not subscribed after {wait}s")
+        time.sleep(0.2)
+    return listener

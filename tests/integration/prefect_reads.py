@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -42,6 +43,19 @@ async def final_flow_run(api_url: str, namespace: str, run_id: str, wait: float 
                 if time.monotonic() > deadline:
                     state = found[0].state_name if found else "no flow run"
                     raise AssertionError(f"run {run_id}: not final after {wait}s ({state})")
+                await asyncio.sleep(0.5)
+
+
+async def final_state_name(api_url: str, flow_run_id: UUID, wait: float = 180.0) -> str:
+    """The name of the flow run's state once final, else what it is after ``wait``."""
+    deadline = time.monotonic() + wait
+    with temporary_settings(_settings(api_url, None)):  # type: ignore[arg-type]
+        async with get_client() as client:
+            while True:
+                flow_run = await client.read_flow_run(flow_run_id)
+                if (flow_run.state is not None and flow_run.state.is_final()) or \
+                        time.monotonic() > deadline:
+                    return flow_run.state_name or "no state"
                 await asyncio.sleep(0.5)
 
 

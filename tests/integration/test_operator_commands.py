@@ -16,9 +16,8 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_reads import artifact_markdown, final_flow_run
+from prefect_reads import artifact_markdown, final_flow_run, final_state_name
 
 from swf_panda_workers.adapters.prefect_events import (
     decode,
@@ -62,19 +61,6 @@ def effects_of(stack: EmbeddedStack, namespace: str, run_id: str) -> list[Effect
             since = history_start(flow_run.created)  # type: ignore[arg-type]
             events = await run_history(run_resource_id(namespace, run_id), since)
         return [item for event in events if isinstance(item := decode(event), Effect)]
-    return asyncio.run(read())
-
-
-def flow_run_state(stack: EmbeddedStack, flow_run_id: UUID, wait: float = 120) -> str:
-    async def read() -> str:
-        with temporary_settings({PREFECT_API_URL: stack.api_url}):
-            async with get_client() as client:
-                for _ in range(int(wait)):
-                    flow_run = await client.read_flow_run(flow_run_id)
-                    if flow_run.state is not None and flow_run.state.is_final():
-                        return flow_run.state_name or ""
-                    await asyncio.sleep(1)
-        return f"not final after {wait}s"
     return asyncio.run(read())
 
 
@@ -125,6 +111,7 @@ def test_show_then_replay_a_finished_run_sends_nothing(
     assert parameters.returncode == 0, parameters.stderr
     recorded = json.loads(parameters.stdout)
     assert recorded["run_id"] == run_id and recorded["namespace"] == namespace
+    assert "dry_run" not in recorded  # the replay's to choose
     sent_before = {t: len(recorder.of_type(t, run_id)) for t in OUTBOUND}
     journal_before = effects_of(stack, namespace, run_id)
 
@@ -136,7 +123,7 @@ def test_show_then_replay_a_finished_run_sends_nothing(
         env=service_env(stack.api_url, stack.config_path))
     assert replay.returncode == 0, replay.stdout + replay.stderr
     flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", replay.stdout).group(1))  # type: ignore[union-attr]
-    assert flow_run_state(stack, flow_run_id) == "Completed"
+    assert asyncio.run(final_state_name(stack.api_url, flow_run_id)) == "Completed"
 
     summary = asyncio.run(artifact_markdown(stack.api_url,
                                             f"run-{namespace}-{run_id}-dry-run"))

@@ -162,3 +162,15 @@ def test_the_run_report_says_where_the_run_is() -> None:
 def test_artifact_keys_are_what_prefect_accepts() -> None:
     assert artifact_key("run", "dev", "100200") == "run-dev-100200"
     assert artifact_key("scaling", "Dev_2", "r.7", dry_run=True) == "scaling-dev-2-r-7-dry-run"
+
+
+def test_recorded_parameters_leave_the_dry_run_choice_to_the_replay() -> None:
+    size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL", target_worker_count=3)
+    state = RunState(run_id="7", plan=WorkerPlan(initial=size, current=size))
+    flow_run = FlowRunSummary(id="f", name="run-7", state="Completed", started=None, ended=None)
+    recorded = {"run_id": "7", "namespace": "ops", "announcement": {}, "received_at": None,
+                "dry_run": False}
+    report = RunReport("7", "ops", flow_run, (), state, recorded)
+
+    assert report.recorded_parameters == {"run_id": "7", "namespace": "ops", "announcement": {},
+                                          "received_at": None}
