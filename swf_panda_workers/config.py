@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -283,6 +284,14 @@ class Monitor(_Section):
             # The URL is logged; the token has its own variable.
             raise ValueError("credentials in the URL; use SWF_API_TOKEN or SWF_API_TOKEN_FILE")
         return url.rstrip("/")
+
+    @field_validator("token")
+    @classmethod
+    def _token_fits_a_header(cls, token: SecretStr | None) -> SecretStr | None:
+        # HTTP libraries quote an unsendable header value in their errors.
+        if token is not None and not re.fullmatch(r"[!-~]+", token.get_secret_value()):
+            raise ValueError("holds a space, a control or a non-ASCII character")
+        return token
 
 
 class Settings(_Section):

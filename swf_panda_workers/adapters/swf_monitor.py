@@ -108,7 +108,8 @@ class MonitorClient:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/") + HEARTBEAT_PATH
         self.timeout = timeout
-        headers = {"Authorization": f"Token {token.get_secret_value()}"} if token else {}
+        self._token = token.get_secret_value() if token else None
+        headers = {"Authorization": f"Token {self._token}"} if self._token else {}
         self._http = httpx.AsyncClient(headers=headers, timeout=timeout, follow_redirects=False,
                                        transport=transport)
 
@@ -122,8 +123,12 @@ class MonitorClient:
             return Outcome(False, "timeout", f"no answer within {self.timeout:g}s")
         except (httpx.HTTPError, OSError) as exc:
             return Outcome(False, f"unreachable ({type(exc).__name__})",
-                           f"unreachable: {type(exc).__name__}: {exc}")
+                           f"unreachable: {type(exc).__name__}: {self._scrubbed(str(exc))}")
         return answer_outcome(response.status_code, response.headers.get("location"), body)
+
+    def _scrubbed(self, text: str) -> str:
+        # A library's error may quote the request's headers.
+        return text.replace(self._token, "<token>") if self._token else text
 
     async def aclose(self) -> None:
         await self._http.aclose()

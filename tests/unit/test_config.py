@@ -454,3 +454,12 @@ def test_unusable_monitor_urls(url: str, says: str) -> None:
 def test_bad_monitor_settings_name_the_key(tmp_path: Path, yaml_text: str, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
         load_settings(write(tmp_path, yaml_text), environ={})
+
+
+@pytest.mark.parametrize("token", ["t0k en", "t0ken\nmore", "t0k\x00en", "t0kén"])
+def test_a_token_that_cannot_travel_in_a_header(token: str) -> None:
+    with pytest.raises(ConfigError, match=r"monitor\.token: .*holds a space, a control or "
+                                          r"a non-ASCII character") as caught:
+        load_settings(environ={"SWF_API_TOKEN": token})
+
+    assert "t0k" not in str(caught.value)

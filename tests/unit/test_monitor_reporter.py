@@ -13,10 +13,16 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
+from pydantic import SecretStr
 
 from listeners.bus_listener import ListenerHealth
-from swf_panda_workers.adapters.swf_monitor import HeartbeatReporter, monitor_heartbeats
+from swf_panda_workers.adapters.swf_monitor import (
+    HeartbeatReporter,
+    MonitorClient,
+    monitor_heartbeats,
+)
 from swf_panda_workers.config import Settings, settings_from
 from swf_panda_workers.peers.monitor import HUNG, LOGIN_PATH, HeartbeatCall, MonitorStandIn
 
@@ -318,3 +324,15 @@ def test_a_body_that_is_not_the_agent(stand_in: MonitorStandIn,
          lambda reporter, stopping: failing(reporter, at_least=2)(reporter, stopping))
 
     assert "not the agent's JSON" in monitor_warnings(logs)[0]
+
+
+def test_an_error_quoting_the_token_is_told_without_it() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.LocalProtocolError(f"Illegal header value {request.headers['authorization']}")
+
+    client = MonitorClient("http://monitor.invalid", SecretStr(TOKEN), 1.0,
+                           transport=httpx.MockTransport(refuse))
+    outcome = asyncio.run(client.post({}))
+
+    assert not outcome.delivered
+    assert outcome.detail == "unreachable: LocalProtocolError: Illegal header value Token <token>"
