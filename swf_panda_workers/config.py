@@ -3,10 +3,11 @@
 Sections follow the seed agent's file (transceiver, brokers, panda, slice) plus
 the waits this service adds (timeouts). Unknown keys are errors, so a typo is
 reported with its path instead of silently ignored. Secrets (broker user and
-password) and hosts come from the environment in the testbed, or from files
-the environment names (``ACTIVEMQ_PASSWORD_FILE``, as Docker and Kubernetes
-secrets are mounted); see ENV_OVERRIDES and SECRET_FILE_VARIANTS. A password
-written into the file still works, with a warning. No error message carries
+password, the swf-monitor API token) and hosts come from the environment in
+the testbed, or from files the environment names (``ACTIVEMQ_PASSWORD_FILE``,
+as Docker and Kubernetes secrets are mounted); see ENV_OVERRIDES and
+SECRET_FILE_VARIANTS. A password or token written into the file still works,
+with a warning. No error message carries
 a secret's value: they name keys, variables and files.
 """
 
@@ -14,13 +15,23 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +253,49 @@ class Prefect(_Section):
     )
 
 
+class Monitor(_Section):
+    """Heartbeats to swf-monitor, as the testbed's agents send them
+    (swf_panda_workers.adapters.swf_monitor); off while ``url`` is unset."""
+
+    url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="the monitor's base URL (heartbeats go to {url}/api/systemagents/heartbeat/)"
+        "; SWF_MONITOR_URL; unset: no heartbeats")
+    token: SecretStr | None = Field(
+        default=None, description="API token, sent as 'Authorization: Token <token>'; "
+        "SWF_API_TOKEN or SWF_API_TOKEN_FILE")
+    interval: float = Field(default=60.0, gt=0, description="seconds between two heartbeats "
+                            "(a change of state is sent at once)")
+    timeout: float = Field(default=5.0, gt=0, description="seconds one heartbeat may take, "
+                           "the last one at shutdown included")
+    agent_type: str = Field(
+        default="panda_workers", pattern=r"^[A-Za-z0-9_.-]{1,20}$",
+        description="the monitor's agent_type (20 characters at most; some monitor versions "
+        "accept only their own list: daqsim, data, processing, fastmon, ..., other)")
+    instance_name: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+        description="this listener's name in the monitor; unset: "
+        "panda-workers-<namespace>[-<replica>]-<hostname>")
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_the_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if "@" in urlsplit(url).netloc:
+            # The URL is logged; the token has its own variable.
+            raise ValueError("credentials in the URL; use SWF_API_TOKEN or SWF_API_TOKEN_FILE")
+        return url.rstrip("/")
+
+    @field_validator("token")
+    @classmethod
+    def _token_fits_a_header(cls, token: SecretStr | None) -> SecretStr | None:
+        # HTTP libraries quote an unsendable header value in their errors.
+        if token is not None and not re.fullmatch(r"[!-~]+", token.get_secret_value()):
+            raise ValueError("holds a space, a control or a non-ASCII character")
+        return token
+
+
 class Settings(_Section):
     transceiver: Transceiver = Transceiver()
     brokers: Brokers = Brokers()
@@ -251,6 +305,7 @@ class Settings(_Section):
     timeouts: Timeouts = Timeouts()
     idds: Idds = Idds()
     prefect: Prefect = Prefect()
+    monitor: Monitor = Monitor()
 
 
 # environment variable -> (section, key). The ACTIVEMQ_* names are the ones
@@ -267,11 +322,19 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWF_NAMESPACE": ("transceiver", "namespace"),
     "SWF_PANDA_MODE": ("transceiver", "mode"),
     REPLICA_ENV: ("transceiver", "replica"),
+    # the names swf-common-lib's agents read
+    "SWF_MONITOR_URL": ("monitor", "url"),
+    "SWF_API_TOKEN": ("monitor", "token"),
+    "SWF_MONITOR_INTERVAL": ("monitor", "interval"),
 }
 
 # <VARIABLE>_FILE names a file holding the value of <VARIABLE> (one trailing
 # newline stripped), for secrets mounted as files; setting both is an error.
-SECRET_FILE_VARIANTS = ("ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD")
+SECRET_FILE_VARIANTS = ("ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD", "SWF_API_TOKEN")
+
+# Secrets that work when written in the file, with a warning: (section, key, variable).
+SECRETS_IN_THE_FILE = (("brokers", "password", "ACTIVEMQ_PASSWORD"),
+                       ("monitor", "token", "SWF_API_TOKEN"))
 
 
 def config_path(explicit: str | Path | None = None,
@@ -328,11 +391,11 @@ def settings_from(
     for variable, (section, key) in ENV_OVERRIDES.items():
         if values.get(variable) and isinstance(merged.setdefault(section, {}), dict):
             merged[section][key] = values[variable]
-    brokers = raw.get("brokers")
-    if isinstance(brokers, Mapping) and brokers.get("password") and not values.get(
-            "ACTIVEMQ_PASSWORD"):
-        log.warning("%s: brokers.password is written in the configuration; keep it out of the "
-                    "file, in ACTIVEMQ_PASSWORD or ACTIVEMQ_PASSWORD_FILE", source)
+    for section, key, variable in SECRETS_IN_THE_FILE:
+        written = raw.get(section)
+        if isinstance(written, Mapping) and written.get(key) and not values.get(variable):
+            log.warning("%s: %s.%s is written in the configuration; keep it out of the "
+                        "file, in %s or %s_FILE", source, section, key, variable, variable)
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

@@ -54,6 +54,8 @@ class EmbeddedStack:
     # client's IDDS_HOST and credentials in REST mode. The listener never
     # needs them, so never gets them.
     runner_env: dict[str, str] = field(default_factory=dict)
+    # For the listener(s) besides the usual: e.g. SWF_MONITOR_URL.
+    listener_env: dict[str, str] = field(default_factory=dict)
     broker: ActiveMQ | None = field(default=None, init=False)
     server: PrefectServer | None = field(default=None, init=False)
     runner: ManagedProcess | None = field(default=None, init=False)
@@ -120,13 +122,14 @@ class EmbeddedStack:
         wait_for_deployment(self.api_url, self.settings.prefect.deployment)
 
     def start_listener(self, wait: float = 60.0) -> None:
-        env = service_env(self.api_url, self.config_path)
+        env = service_env(self.api_url, self.config_path, self.listener_env)
         self.listener = start_subscribed(
             listener_process(env, self.logs, PROJECT_ROOT), wait)
 
     def start_replica(self, replica: str, wait: float = 60.0) -> ManagedProcess:
         """Start (or start again) the listener replica ``replica``."""
-        env = service_env(self.api_url, self.config_path, {REPLICA_ENV: replica})
+        env = service_env(self.api_url, self.config_path,
+                          {**self.listener_env, REPLICA_ENV: replica})
         process = ManagedProcess(f"listener-{replica}", python_module("listeners"), env,
                                  self.logs / f"listener-{replica}.log", PROJECT_ROOT)
         self.replicas[replica] = start_subscribed(process, wait)

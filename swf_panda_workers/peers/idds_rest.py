@@ -72,7 +72,6 @@ import logging
 import os
 import re
 import signal
-import socketserver
 import sys
 import threading
 import urllib.error
@@ -81,7 +80,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args
@@ -93,6 +92,7 @@ from pydantic import ValidationError
 
 from swf_panda_workers.messages import WorkerSize
 from swf_panda_workers.peers._bus import Notifier
+from swf_panda_workers.peers._http import LocalHTTPServer
 from swf_panda_workers.peers.idds_tasks import TaskBook, TaskId, TaskInfo, TaskRecords
 from swf_panda_workers.peers.recorder import text_table
 
@@ -693,19 +693,11 @@ class SimControl:
 # --- the HTTP side ----------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a delayed answer must not hold up stop()
-
+class _Server(LocalHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  sim: SimulatedIDDSRest) -> None:
         self.sim = sim
         super().__init__(address, handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer's own looks the host name up (getfqdn), slow without DNS.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -163,7 +163,7 @@ def pytest_runtest_makereport(
     report = yield
     if not report.failed:
         return report
-    for fixture in ("stack", "rest_stack", "scaling_stack", "replica_stack"):
+    for fixture in ("stack", "rest_stack", "scaling_stack", "replica_stack", "monitor_stack"):
         stack = getattr(item, "funcargs", {}).get(fixture)
         if isinstance(stack, EmbeddedStack):
             for log in sorted(stack.logs.glob("*.log")):

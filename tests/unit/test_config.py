@@ -95,6 +95,10 @@ def test_explicit_path_beats_the_config_env_var(
         ("SWF_NAMESPACE", "prod", lambda s: s.transceiver.namespace, "prod"),
         ("SWF_PANDA_MODE", "rest", lambda s: s.transceiver.mode, "rest"),
         ("SWF_LISTENER_REPLICA", "host-b", lambda s: s.transceiver.replica, "host-b"),
+        ("SWF_MONITOR_URL", "https://mon.example/swf-monitor/", lambda s: s.monitor.url,
+         "https://mon.example/swf-monitor"),
+        ("SWF_API_TOKEN", "t0ken", lambda s: s.monitor.token.get_secret_value(), "t0ken"),
+        ("SWF_MONITOR_INTERVAL", "15", lambda s: s.monitor.interval, 15.0),
     ],
 )
 def test_environment_overrides(variable: str, value: str, read: Any, expected: Any) -> None:
@@ -159,32 +163,37 @@ def test_password_from_the_file_is_secret_too(tmp_path: Path) -> None:
     assert "s3cret" not in repr(settings)
 
 
-def test_password_in_the_file_works_but_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+YAML_SECRETS = [("brokers", "password", "ACTIVEMQ_PASSWORD"), ("monitor", "token", "SWF_API_TOKEN")]
+
+
+@pytest.mark.parametrize(("section", "key", "variable"), YAML_SECRETS)
+def test_a_secret_in_the_file_works_but_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, section: str, key: str, variable: str
 ) -> None:
-    path = write(tmp_path, "brokers:\n  password: s3cret\n")
+    path = write(tmp_path, f"{section}:\n  {key}: s3cret\n")
 
     with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config"):
         settings = load_settings(path, environ={})
 
-    assert settings.brokers.password.get_secret_value() == "s3cret"
+    assert getattr(getattr(settings, section), key).get_secret_value() == "s3cret"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert "brokers.password" in warnings[0] and "ACTIVEMQ_PASSWORD_FILE" in warnings[0]
+    assert f"{section}.{key}" in warnings[0] and f"{variable}_FILE" in warnings[0]
     assert str(path) in warnings[0]
     assert "s3cret" not in caplog.text
 
 
-def test_no_warning_when_the_environment_supplies_the_password(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(("section", "key", "variable"), YAML_SECRETS)
+def test_no_warning_when_the_environment_supplies_the_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, section: str, key: str, variable: str
 ) -> None:
-    path = write(tmp_path, "brokers:\n  password: s3cret\n")
+    path = write(tmp_path, f"{section}:\n  {key}: s3cret\n")
 
     with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config"):
-        settings = load_settings(path, environ={"ACTIVEMQ_PASSWORD": "from-env"})
-        load_settings(environ={"ACTIVEMQ_PASSWORD": "from-env"})
+        settings = load_settings(path, environ={variable: "from-env"})
+        load_settings(environ={variable: "from-env"})
 
-    assert settings.brokers.password.get_secret_value() == "from-env"
+    assert getattr(getattr(settings, section), key).get_secret_value() == "from-env"
     assert not caplog.records
 
 
@@ -223,7 +232,7 @@ def test_user_file_and_password_file_beat_the_configuration_file(tmp_path: Path)
     assert settings.brokers.password.get_secret_value() == "from-file"
 
 
-@pytest.mark.parametrize("name", ["ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD"])
+@pytest.mark.parametrize("name", ["ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD", "SWF_API_TOKEN"])
 def test_a_value_and_its_file_together_are_an_error(tmp_path: Path, name: str) -> None:
     secret = tmp_path / "secret"
     secret.write_text("in-the-file\n")
@@ -440,3 +449,60 @@ def test_a_named_file_that_is_missing_is_an_error_not_a_fallback(
 
     with pytest.raises(ConfigError, match=r"typo\.yaml"):
         load_settings(environ={})
+
+
+def test_monitor_is_off_by_default() -> None:
+    monitor = load_settings(environ={}).monitor
+
+    assert monitor.url is None and monitor.token is None
+    assert (monitor.interval, monitor.timeout) == (60.0, 5.0)
+    assert monitor.agent_type == "panda_workers"
+    assert monitor.instance_name is None
+
+
+def test_monitor_token_from_its_file_is_secret(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("t0ken-from-file\n")
+
+    settings = load_settings(environ={"SWF_API_TOKEN_FILE": str(tmp_path / "token")})
+
+    assert settings.monitor.token.get_secret_value() == "t0ken-from-file"
+    assert "t0ken" not in repr(settings) and "t0ken" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("mon.example:8000", "monitor.url: String should match pattern"),
+        ("ftp://mon.example", "monitor.url: String should match pattern"),
+        ("https://user:s3cret@mon.example", "monitor.url: .*credentials in the URL"),
+    ],
+)
+def test_unusable_monitor_urls(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says) as caught:
+        load_settings(environ={"SWF_MONITOR_URL": url})
+
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "says"),
+    [
+        ("monitor:\n  interval: 0\n", "monitor.interval"),
+        ("monitor:\n  timeout: -1\n", "monitor.timeout"),
+        ("monitor:\n  agent_type: a_type_longer_than_twenty\n", "monitor.agent_type"),
+        ("monitor:\n  instance_name: has space\n", "monitor.instance_name"),
+        ("monitor:\n  urll: http://x\n", "monitor.urll"),
+    ],
+)
+def test_bad_monitor_settings_name_the_key(tmp_path: Path, yaml_text: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        load_settings(write(tmp_path, yaml_text), environ={})
+
+
+@pytest.mark.parametrize("token", ["t0k en", "t0ken\nmore", "t0k\x00en", "t0kén"])
+def test_a_token_that_cannot_travel_in_a_header(token: str) -> None:
+    with pytest.raises(ConfigError, match=r"monitor\.token: .*holds a space, a control or "
+                                          r"a non-ASCII character") as caught:
+        load_settings(environ={"SWF_API_TOKEN": token})
+
+    assert "t0k" not in str(caught.value)
