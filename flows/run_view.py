@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from prefect import get_run_logger
 from prefect.events import Event
 from prefect.runtime import flow_run
 
@@ -23,6 +24,7 @@ from swf_panda_workers.adapters.prefect_events import (
     until_stored,
 )
 from swf_panda_workers.idds_gateway import Answer
+from swf_panda_workers.log_lines import input_line
 from swf_panda_workers.messages import Message, WorkerSize
 from swf_panda_workers.run_state import Effect, RunState, apply
 from swf_panda_workers.timestamps import plain_utc, utc_now
@@ -64,6 +66,7 @@ class RunView:
             if item is not None:
                 self._clock = plain_utc(event.occurred)
                 self.state = apply(item, self.state, self._clock)
+                get_run_logger().info(input_line(item, self.state.run_id))
             return item
 
     async def catch_up(self) -> RunState:

@@ -1,0 +1,33 @@
+"""One line per input, with run_id and msg_type (or the effect) first."""
+
+from __future__ import annotations
+
+import pytest
+
+from swf_panda_workers.log_lines import input_line
+from swf_panda_workers.messages import WorkerSize, parse_message
+from swf_panda_workers.run_state import Effect
+
+
+@pytest.mark.parametrize(("body", "line"), [
+    ({"msg_type": "slice_result", "run_id": 7, "content": {
+        "processing_start_at": "2026-11-24T10:00:00", "processed_at": "2026-11-24T10:00:02.5",
+        "state": "done", "hostname": "node-3"}},
+     "msg_type=slice_result run_id=7 state=done took=2.50s worker=node-3"),
+    ({"msg_type": "created_workflow_task", "run_id": "7", "content": {
+        "request_id": 1, "transform_id": 2, "workload_id": 3}},
+     "msg_type=created_workflow_task run_id=7 request_id=1 transform_id=2 workload_id=3"),
+    ({"msg_type": "end_run", "run_id": "7", "content": {}}, "msg_type=end_run run_id=7"),
+    ({"msg_type": "closed_workflow_task", "run_id": "7", "content": {
+        "request_id": 1, "transform_id": 2, "workload_id": 3, "status": "ToCancel"}},
+     "msg_type=closed_workflow_task run_id=7 status=ToCancel"),
+])
+def test_message_lines(body: dict[str, object], line: str) -> None:
+    assert input_line(parse_message(body), "7") == line
+
+
+def test_effect_lines() -> None:
+    size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL", target_worker_count=6)
+    assert input_line(Effect(kind="adjust_sent", size=size), "7") == \
+        "effect=adjust_sent run_id=7 workers=6"
+    assert input_line(Effect(kind="stop_sent"), "7") == "effect=stop_sent run_id=7"
