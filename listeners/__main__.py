@@ -9,6 +9,7 @@ import logging
 import signal
 
 from listeners.bus_listener import HealthSource, serve_listener
+from listeners.status_server import status_endpoint
 from swf_panda_workers.config import Settings, load_settings
 
 
@@ -27,7 +28,8 @@ async def _run(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     health = HealthSource()  # read by the health check, the metrics and the monitor
-    await serve_listener(settings, stopping, health)
+    with status_endpoint(settings, health) as metrics:
+        await serve_listener(settings, stopping, health, metrics)
 
 
 if __name__ == "__main__":

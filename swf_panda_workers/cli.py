@@ -5,6 +5,7 @@
     swf-panda-workers listen    the STOMP listener alone (container entrypoint)
     swf-panda-workers runner    the Prefect runner serving the run deployment alone
     swf-panda-workers replay    a recorded run replayed offline through scaling policies
+    swf-panda-workers healthcheck   exit 0 if the listener's /healthz says healthy
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", help=f"configuration file (or ${CONFIG_ENV})")
     _add_replay(commands)
+    check = commands.add_parser("healthcheck", help="exit 0 if the listener's /healthz answers "
+                                "200 within 3 s, else 1 (the container's HEALTHCHECK)")
+    check.add_argument("--url", help="default: /healthz on this host at the configuration's "
+                                     "metrics.port")
+    check.add_argument("--config", help=f"configuration file (or ${CONFIG_ENV})")
     args = parser.parse_args(argv)
 
     try:
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "healthcheck":
+        return _healthcheck(args.url, args.config)
     if args.command == "replay":
         return _replay(args)
     if args.command == "demo":
@@ -134,6 +142,28 @@ def _serve() -> int:
     finally:
         for part in reversed(started):
             part.stop()
+
+
+def _healthcheck(url: str | None, config: str | None) -> int:
+    """0 or 1 (never 2: Docker reserves it), with one line on stderr if 1."""
+    from swf_panda_workers.healthcheck import default_url, problem
+
+    def fail(text: str) -> int:
+        print(f"healthcheck: {text}", file=sys.stderr)
+        return 1
+
+    if url is None:
+        try:
+            url = default_url(load_settings(config).metrics)
+        except ConfigError as exc:
+            return fail(f"configuration error: {exc}")
+        if url is None:
+            return fail("metrics.port is 0: the listener serves no /healthz")
+    wrong, answer = problem(url)
+    if wrong is not None:
+        return fail(wrong)
+    print(answer)
+    return 0
 
 
 REPLAY_HELP = """\
