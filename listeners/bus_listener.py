@@ -376,10 +376,10 @@ async def serve_listener(settings: Settings, stopping: asyncio.Event,
                          metrics: ListenerMetrics | None = None) -> None:
     """Run the listener until ``stopping`` is set, waiting for Prefect to be up.
     ``metrics`` outlive each listener made here: counters never go back."""
-    metrics = metrics or ListenerMetrics()
     from prefect.client.orchestration import get_client
     from prefect.events.clients import get_events_client
 
+    metrics = metrics or ListenerMetrics()
     async with get_client() as client:
         while not stopping.is_set():
             try:
