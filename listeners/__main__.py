@@ -9,6 +9,7 @@ import logging
 import signal
 
 from listeners.bus_listener import HealthSource, serve_listener
+from listeners.status_server import status_endpoint
 from swf_panda_workers.adapters.swf_monitor import monitor_heartbeats
 from swf_panda_workers.config import Settings, load_settings
 
@@ -30,8 +31,9 @@ async def _run(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     health = HealthSource()  # read by the health check, the metrics and the monitor
-    async with monitor_heartbeats(settings, health, stopping):
-        await serve_listener(settings, stopping, health)
+    with status_endpoint(settings, health) as metrics:
+        async with monitor_heartbeats(settings, health, stopping):
+            await serve_listener(settings, stopping, health, metrics)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from prefect.events import Event
 from prefect.events.clients import EventsClient
 from websockets.exceptions import WebSocketException
 
+from listeners.metrics import Handoff, ListenerMetrics
 from listeners.routing import (
     Decision,
     Ignore,
@@ -103,10 +104,12 @@ class BusListener:
     events: EventsClient
     prefect: PrefectClient | None = None  # reads emitted events back (the confirm loop)
     bus: BusClient | None = None
+    metrics: ListenerMetrics = field(default_factory=ListenerMetrics)
     owned: dict[str, UUID] = field(default_factory=dict)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _pending: dict[UUID, Pending] = field(default_factory=dict)
     _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
+    _retrying: set[str] = field(default_factory=set)  # message ids back in the inbox
     _loop: asyncio.AbstractEventLoop = field(init=False)
     _listening: bool = False
     _prefect_reachable: bool = False
@@ -173,6 +176,10 @@ class BusListener:
     async def handle(self, delivery: Delivery) -> None:
         decision = decide(delivery.body, delivery.headers, self.namespace,
                           self.settings.brokers.results_queue, self.owned)
+        if delivery.message_id in self._retrying:
+            self._retrying.discard(delivery.message_id)  # counted when it first came
+        else:
+            self.metrics.received(delivery, decision)
         act = self._actions()[type(decision)]
         try:
             await act(decision, delivery)
@@ -181,7 +188,8 @@ class BusListener:
                 await self._retry_later(delivery, decision, exc)
             else:  # Prefect refuses this message: asking again would not help
                 await self.set_aside(SetAside(one_line(
-                    f"Prefect refused it: {exc.response.text}", 500)), delivery)
+                    f"Prefect refused it: {exc.response.text}", 500), "prefect_refused",
+                    getattr(decision, "message", None)), delivery)
         except HANDOFF_ERRORS as exc:
             await self._retry_later(delivery, decision, exc)
 
@@ -192,6 +200,7 @@ class BusListener:
         log.warning("hand-off of %s for run %s failed (%s); retrying in 2 s",
                     getattr(message, "msg_type", None), getattr(message, "run_id", None), exc)
         await asyncio.sleep(2)
+        self._retrying.add(delivery.message_id)
         self._inbox.put_nowait(delivery)
 
     def _actions(self) -> dict[type, Action]:
@@ -209,7 +218,7 @@ class BusListener:
         known = self.owned.setdefault(message.run_id, flow_run_id) == flow_run_id
         log.info("run_imminent run_id=%s: flow run %s%s", message.run_id, flow_run_id,
                  "" if known and not delivery.redelivered else " (already started)")
-        self._ack(delivery)
+        self._ack(delivery, "flow_run")
 
     async def record(self, decision: Record, delivery: Delivery) -> None:
         """Hand the message to its run's flow as a Prefect event."""
@@ -284,12 +293,15 @@ class BusListener:
             log.warning("dead-letter queue unreachable (%s); message left for redelivery", exc)
             return
         self._ack(delivery)
+        self.metrics.set_aside(decision.kind)
 
     # --- durable acknowledgement ----------------------------------------------
 
-    def _ack(self, delivery: Delivery) -> None:
+    def _ack(self, delivery: Delivery, stored: Handoff | None = None) -> None:
+        """``stored``: what Prefect stored before this ack (None: nothing to store)."""
         assert self.bus is not None
         self.bus.ack(delivery)
+        self.metrics.acked(delivery, stored)
 
     async def _confirm_forever(self) -> None:
         while True:
@@ -304,7 +316,7 @@ class BusListener:
                 log.warning("cannot confirm events with Prefect yet: %s", exc)
                 continue
             for event_id in stored:
-                self._ack(self._pending.pop(event_id).delivery)
+                self._ack(self._pending.pop(event_id).delivery, "event")
             try:
                 await self._reemit_stale()
             except HANDOFF_ERRORS as exc:
@@ -360,18 +372,21 @@ class HealthSource:
 
 
 async def serve_listener(settings: Settings, stopping: asyncio.Event,
-                         health: HealthSource | None = None) -> None:
-    """Run the listener until ``stopping`` is set, waiting for Prefect to be up."""
+                         health: HealthSource | None = None,
+                         metrics: ListenerMetrics | None = None) -> None:
+    """Run the listener until ``stopping`` is set, waiting for Prefect to be up.
+    ``metrics`` outlive each listener made here: counters never go back."""
     from prefect.client.orchestration import get_client
     from prefect.events.clients import get_events_client
 
+    metrics = metrics or ListenerMetrics()
     async with get_client() as client:
         while not stopping.is_set():
             try:
                 await client.api_healthcheck()
                 async with get_events_client() as events:
                     starter = RunStarter(client, settings.prefect.deployment)
-                    listener = BusListener(settings, starter, events, client)
+                    listener = BusListener(settings, starter, events, client, metrics=metrics)
                     if health is not None:
                         health.listener = listener
                     await listener.run(stopping)

@@ -13,7 +13,11 @@ queue's name and the runs the namespace owns, and returns exactly one
 - ``Ignore``: nothing to do, the message is not ours to act on (another
   namespace's, our own requests echoed by the topic); ack it;
 - ``SetAside``: bad input; copy it to the dead-letter queue with ``reason``
-  and ack it.
+  and ack it. ``kind`` classes the reason in a word (for the metrics).
+
+Ignore and SetAside carry the message too when it was parsed: the metrics
+count messages by type, and read the size of each run's workers from our own
+adjust_worker echoed by the topic.
 
 It never raises: whatever the bytes, the answer is one of the five, and what
 is set aside carries a one-line, printable, bounded reason. Which rule
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from swf_panda_workers.messages import (
     AdjustWorker,
@@ -74,11 +78,19 @@ class LookUpRun:
 @dataclass(frozen=True)
 class Ignore:
     why: str
+    message: Message | None = None  # None: dropped unread (another namespace's)
+
+
+# Why a message was set aside, in a word: a metric label, so a fixed few.
+RejectKind = Literal["too_large", "bad_json", "invalid_message", "wrong_queue",
+                     "prefect_refused"]
 
 
 @dataclass(frozen=True)
 class SetAside:
     reason: str
+    kind: RejectKind
+    message: Message | None = None  # None: it did not parse
 
 
 Decision = StartRun | Record | LookUpRun | Ignore | SetAside
@@ -115,7 +127,7 @@ def _record_if_owned(message: SliceResult, data: dict[str, Any], where: Where) -
 
 
 def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
-    return Ignore(f"{message.msg_type} is a request to a peer, echoed by the topic")
+    return Ignore(f"{message.msg_type} is a request to a peer, echoed by the topic", message)
 
 
 RULES: Mapping[type, Rule] = {
@@ -141,15 +153,19 @@ def decide(body: bytes, headers: Mapping[str, str], namespace: str, results_queu
         # Only possible on the results queue: the topic's selector filters.
         return Ignore(f"namespace {one_line(sender_namespace, 100)} is not {namespace}")
     if len(body) > MAX_BODY_BYTES:
-        return SetAside(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit")
+        return SetAside(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit",
+                        "too_large")
     try:
         data = decode_body(body)
+    except InvalidMessage as exc:
+        return SetAside(one_line(str(exc)) or "invalid JSON", "bad_json")
+    try:
         message = parse_message(data)
     except InvalidMessage as exc:
-        return SetAside(one_line(str(exc)) or "invalid message")
+        return SetAside(one_line(str(exc)) or "invalid message", "invalid_message")
     if where.destination == results_queue and type(message) not in FROM_RESULTS_QUEUE:
         return SetAside(f"{message.msg_type} does not belong on {results_queue}, which "
-                        f"carries no namespace")
+                        f"carries no namespace", "wrong_queue", message)
     return RULES.get(type(message), _record)(message, data, where)
 
 

@@ -8,6 +8,7 @@
     swf-panda-workers dry-run   a recorded run again, in Prefect, sending nothing
     swf-panda-workers replay    a recorded run replayed offline through scaling policies
     swf-panda-workers send      a test message to the broker
+    swf-panda-workers healthcheck  exit 0 if the listener's /healthz says healthy
     swf-panda-workers config    which configuration file is used, and its settings
 
 The configuration file: --config, else $SWF_PANDA_WORKERS_CONFIG, else
@@ -75,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(commands)
     _add_replay(commands)
     _add_send(commands)
+    check = commands.add_parser(
+        "healthcheck", help="exit 0 if the listener's /healthz answers 200 within 3 s, else 1 "
+        "(the container's HEALTHCHECK)",
+        description="Exit 0 if the listener's /healthz answers 200 within 3 s, else 1 with "
+                    "one line on stderr (the container's HEALTHCHECK).")
+    check.add_argument("--url", help="default: /healthz on this host at the configuration's "
+                                     "metrics.port")
+    _add_config(check)
     config = commands.add_parser(
         "config", help="which configuration file is used, and its settings",
         description="Print the configuration file the search path finds and the settings it "
@@ -150,6 +159,8 @@ def _add_send(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "healthcheck":
+        return _healthcheck(args.url, args.config)
     if args.command == "replay":
         return _replay(args)
     if args.command in ("show", "dry-run", "send", "config"):
@@ -256,6 +267,28 @@ def _serve() -> int:
     finally:
         for part in reversed(started):
             part.stop()
+
+
+def _healthcheck(url: str | None, config: str | None) -> int:
+    """0 or 1 (never 2: Docker reserves it), with one line on stderr if 1."""
+    from swf_panda_workers.healthcheck import default_url, problem
+
+    def fail(text: str) -> int:
+        print(f"healthcheck: {text}", file=sys.stderr)
+        return 1
+
+    if url is None:
+        try:
+            url = default_url(load_settings(config).metrics)
+        except ConfigError as exc:
+            return fail(f"configuration error: {exc}")
+        if url is None:
+            return fail("metrics.port is 0: the listener serves no /healthz")
+    wrong, answer = problem(url)
+    if wrong is not None:
+        return fail(wrong)
+    print(answer)
+    return 0
 
 
 REPLAY_HELP = """\

@@ -296,6 +296,15 @@ class Monitor(_Section):
         return token
 
 
+class Metrics(_Section):
+    """The listener's HTTP endpoint: Prometheus metrics on /metrics, its
+    health on /healthz (listeners/status_server.py)."""
+
+    host: str = Field(default="127.0.0.1", min_length=1,
+                      description="address to listen on; 0.0.0.0 in a container")
+    port: int = Field(default=9640, ge=0, lt=65536, description="0: no endpoint")
+
+
 class Settings(_Section):
     transceiver: Transceiver = Transceiver()
     brokers: Brokers = Brokers()
@@ -306,6 +315,7 @@ class Settings(_Section):
     idds: Idds = Idds()
     prefect: Prefect = Prefect()
     monitor: Monitor = Monitor()
+    metrics: Metrics = Metrics()
 
 
 # environment variable -> (section, key). The ACTIVEMQ_* names are the ones
@@ -326,6 +336,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWF_MONITOR_URL": ("monitor", "url"),
     "SWF_API_TOKEN": ("monitor", "token"),
     "SWF_MONITOR_INTERVAL": ("monitor", "interval"),
+    "SWF_METRICS_HOST": ("metrics", "host"),
+    "SWF_METRICS_PORT": ("metrics", "port"),
 }
 
 # <VARIABLE>_FILE names a file holding the value of <VARIABLE> (one trailing

@@ -27,10 +27,11 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import stomp
@@ -83,6 +84,8 @@ class Delivery:
     body: bytes
     subscription: str
     epoch: int
+    # time.monotonic() when the frame came in: the listener's hand-off latency
+    received_at: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def message_id(self) -> str:

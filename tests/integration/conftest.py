@@ -39,6 +39,9 @@ STACK_CONFIG = {
     "scaling": {"policy": "reference", "end": "stop"},
     "timeouts": {"created_workflow_task": 30, "closed_workflow_task": 30, "run_end": 600},
     "prefect": {"runner_limit": 10},
+    # No metrics endpoint: the stacks' listeners would all want port 9640;
+    # test_observability.py opens one on a free port.
+    "metrics": {"port": 0},
 }
 
 # The same service in REST mode: its own runner and listener beside the

@@ -25,6 +25,7 @@ from listeners.routing import (
     Ignore,
     LookUpRun,
     Record,
+    RejectKind,
     SetAside,
     StartRun,
     decide,
@@ -269,28 +270,32 @@ def test_paired_surrogate_escapes_are_text() -> None:
 # --- decide: each case ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("body", "reason"), [
+@pytest.mark.parametrize(("body", "reason", "kind"), [
     pytest.param(b"{not json", "body is not JSON: Expecting property name enclosed in double "
-                 "quotes at line 1", id="malformed JSON"),
-    pytest.param(b"[1, 2]", "body is a JSON list, not an object", id="array"),
-    pytest.param(b"42", "body is a JSON int, not an object", id="number"),
-    pytest.param(wire(msg_type="end_run"), "run_id: Field required", id="missing run_id"),
+                 "quotes at line 1", "bad_json", id="malformed JSON"),
+    pytest.param(b"[1, 2]", "body is a JSON list, not an object", "bad_json", id="array"),
+    pytest.param(b"42", "body is a JSON int, not an object", "bad_json", id="number"),
+    pytest.param(wire(msg_type="end_run"), "run_id: Field required", "invalid_message",
+                 id="missing run_id"),
     pytest.param(wire(msg_type="end_run", run_id=""), "run_id: Value error, run_id must be "
-                 "1-64 characters of letters, digits, '_', '.', '-'", id="empty run_id"),
+                 "1-64 characters of letters, digits, '_', '.', '-'", "invalid_message",
+                 id="empty run_id"),
     pytest.param(wire(msg_type="no_such_type", run_id="1"),
-                 "msg_type: unknown message type 'no_such_type'", id="unknown msg_type"),
+                 "msg_type: unknown message type 'no_such_type'", "invalid_message",
+                 id="unknown msg_type"),
     pytest.param(wire(msg_type="created_workflow_task", run_id="1",
                       content={"request_id": "abc", "transform_id": 1}),
                  "content.request_id: Input should be a valid integer, unable to parse string "
-                 "as an integer", id="wrong field type"),
+                 "as an integer", "invalid_message", id="wrong field type"),
     pytest.param(b'{"msg_type": "end_run", "run_id": "\xff\xfe"}',
-                 "body is not UTF-8: invalid start byte at byte 35", id="invalid UTF-8"),
+                 "body is not UTF-8: invalid start byte at byte 35", "bad_json",
+                 id="invalid UTF-8"),
     pytest.param(b"x" * (MAX_BODY_BYTES + 1), f"body of {MAX_BODY_BYTES + 1} bytes is over the "
-                 f"{MAX_BODY_BYTES} byte limit", id="over the size limit"),
+                 f"{MAX_BODY_BYTES} byte limit", "too_large", id="over the size limit"),
 ])
-def test_bad_input_is_set_aside_with_its_reason(body: bytes, reason: str) -> None:
-    assert on_topic(body) == SetAside(reason)
-    assert on_results(body) == SetAside(reason)
+def test_bad_input_is_set_aside_with_its_reason(body: bytes, reason: str, kind: str) -> None:
+    assert on_topic(body) == SetAside(reason, kind)  # type: ignore[arg-type]
+    assert on_results(body) == SetAside(reason, kind)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("run_id", [
@@ -307,7 +312,7 @@ def test_the_10_mb_body_is_refused_unread() -> None:
     # Valid JSON, so it is the size that refuses it, before any parsing.
     body = wire(msg_type="end_run", run_id="1", pad="x" * 10_000_000)
     assert on_topic(body) == SetAside(
-        f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit")
+        f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit", "too_large")
 
 
 def test_a_body_at_the_size_limit_is_read() -> None:
@@ -354,7 +359,9 @@ def test_a_heartbeat_naming_no_run_is_recorded_with_the_namespace() -> None:
 def test_our_own_requests_echoed_by_the_topic_are_ignored(msg_type: str) -> None:
     body = wire(msg_type=msg_type, run_id="1", content={
         "run_id": "1", "request_id": 1, "transform_id": 2, "workflow": {}})
-    assert on_topic(body) == Ignore(f"{msg_type} is a request to a peer, echoed by the topic")
+    # Carrying the message: the metrics read each run's workers from adjust_worker.
+    assert on_topic(body) == Ignore(f"{msg_type} is a request to a peer, echoed by the topic",
+                                    parse_message(body))
 
 
 def test_results_of_runs_this_listener_owns_are_recorded_others_looked_up() -> None:
@@ -379,7 +386,8 @@ def test_the_results_queue_carries_only_what_transformers_send(msg_type: str) ->
     body = wire(msg_type=msg_type, run_id="5",
                 content={"request_id": 1, "transform_id": 2})
     assert on_results(body, owned=frozenset({"5"})) == SetAside(
-        f"{msg_type} does not belong on {RESULTS}, which carries no namespace")
+        f"{msg_type} does not belong on {RESULTS}, which carries no namespace", "wrong_queue",
+        parse_message(body))
 
 
 # --- decide: properties -----------------------------------------------------------
@@ -449,12 +457,15 @@ def test_decide_gives_every_delivery_exactly_one_outcome(
     except InvalidMessage:
         message = None
     match decision:
-        case SetAside(reason=reason):
+        case SetAside(reason=reason, kind=kind):
+            assert kind in get_args(RejectKind)  # a metric label: one of a fixed few
+            assert decision.message in (None, message)
             assert reason and reason.strip()
             assert reason.isprintable()  # one line: no newline, NUL or other control
             assert len(reason) <= MAX_REASON_CHARS + 40
         case Ignore(why=why):
             assert why
+            assert decision.message in (None, message)
         case StartRun() | Record() | LookUpRun():
             # Only what parses is acted on, from our namespace, and the
             # hand-off cannot fail on what it carries.
