@@ -216,8 +216,8 @@ class BusListener:
         message = decision.message
         flow_run_id = await self.runs.start(message, self.namespace, decision.data, utc_now())
         known = self.owned.setdefault(message.run_id, flow_run_id) == flow_run_id
-        log.info("run_imminent run_id=%s: flow run %s%s", message.run_id, flow_run_id,
-                 "" if known and not delivery.redelivered else " (already started)")
+        log.info("msg_type=%s run_id=%s -> flow run %s%s", message.msg_type, message.run_id,
+                 flow_run_id, "" if known and not delivery.redelivered else " (already started)")
         self._ack(delivery, "flow_run")
 
     async def record(self, decision: Record, delivery: Delivery) -> None:
@@ -228,13 +228,10 @@ class BusListener:
                               listener=self.listener_id)
         await self.events.emit(event)
         self._pending[event.id] = Pending(delivery, event, self._loop.time())
-        if delivery.redelivered:
-            # An earlier connection, of this listener or of another replica,
-            # had it unacked: the same event id, so it is applied once.
-            log.info("%s run_id=%s redelivered -> event %s", decision.message.msg_type,
-                     run_id, event.id)
-        else:
-            log.debug("%s run_id=%s -> event %s", decision.message.msg_type, run_id, event.id)
+        # Redelivered: an earlier connection, of this listener or of another
+        # replica, had it unacked; the same event id, so it is applied once.
+        log.info("msg_type=%s run_id=%s -> event %s%s", decision.message.msg_type, run_id,
+                 event.id, " (redelivered)" if delivery.redelivered else "")
 
     async def look_up_run(self, decision: LookUpRun, delivery: Delivery) -> None:
         """A result of a run this listener did not see start: record it if

@@ -91,7 +91,7 @@ def peers_for(stack: EmbeddedStack, slices: int) -> PeerHarness:
 
 # --- what the replicas and Prefect did ----------------------------------------------
 
-STARTED = re.compile(r"run_imminent run_id=(\S+): flow run ([0-9a-f-]{36})")
+STARTED = re.compile(r"msg_type=run_imminent\S* run_id=(\S+) -> flow run ([0-9a-f-]{36})")
 
 
 def runs_started(stack: EmbeddedStack, replica: str) -> dict[str, set[str]]:
