@@ -103,7 +103,7 @@ def runs_started(stack: EmbeddedStack, replica: str) -> dict[str, set[str]]:
     return started
 
 
-REDELIVERED_RESULT = re.compile(r"slice_result run_id=\S+ redelivered")
+REDELIVERED_RESULT = re.compile(r"msg_type=slice_result run_id=\S+ -> event \S+ \(redelivered\)")
 
 
 def redelivered_results(stack: EmbeddedStack, replica: str) -> int:
