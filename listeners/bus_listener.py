@@ -52,7 +52,7 @@ from listeners.routing import (
     one_line,
 )
 from swf_panda_workers.adapters.prefect_events import message_event, stored_ids
-from swf_panda_workers.adapters.prefect_runs import RunStarter
+from swf_panda_workers.adapters.prefect_runs import DeploymentMissing, RunStarter
 from swf_panda_workers.adapters.stomp_bus import (
     BusClient,
     BusUnavailable,
@@ -65,9 +65,10 @@ from swf_panda_workers.timestamps import utc_now
 
 log = logging.getLogger("swf.listener")
 
-# Failures of the hand-off that a later attempt can cure (Prefect restarting).
+# Failures of the hand-off that a later attempt can cure (Prefect restarting,
+# the runner not yet serving the run deployment).
 HANDOFF_ERRORS: tuple[type[BaseException], ...] = (
-    httpx.HTTPError, OSError, TimeoutError, WebSocketException,
+    httpx.HTTPError, OSError, TimeoutError, WebSocketException, DeploymentMissing,
 )
 CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
 REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -21,6 +22,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
 
 from swf_panda_workers.messages import RunImminent
 from swf_panda_workers.timestamps import to_iso
@@ -37,6 +39,11 @@ def run_tags(namespace: str, run_id: str) -> list[str]:
     return ["swf-panda-workers", f"namespace:{namespace}", f"run:{run_id}"]
 
 
+class DeploymentMissing(RuntimeError):
+    """The run deployment is not on the Prefect server (yet): the runner that
+    registers it is not up, or it was deleted. Worth waiting out."""
+
+
 class RunStarter:
     """Creates run flow runs from the configured deployment, one at a time
     (concurrent creates against SQLite hit 'database is locked')."""
@@ -49,21 +56,29 @@ class RunStarter:
     async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
                     received_at: datetime) -> UUID:
         """Create (or find) the run's flow run; once this returns, it is stored."""
-        if self._deployment_id is None:
-            deployment = await self._client.read_deployment_by_name(self._deployment_name)
-            self._deployment_id = deployment.id
-        flow_run = await self._client.create_flow_run_from_deployment(
-            self._deployment_id,
-            parameters={
-                "run_id": run.run_id,
-                "namespace": namespace,
-                "announcement": announcement,
-                "received_at": to_iso(received_at),
-            },
-            name=f"run-{run.run_id}",
-            tags=run_tags(namespace, run.run_id),
-            idempotency_key=idempotency_key(namespace, run.run_id),
-        )
+        try:
+            if self._deployment_id is None:
+                deployment = await self._client.read_deployment_by_name(self._deployment_name)
+                self._deployment_id = deployment.id
+            flow_run = await self._client.create_flow_run_from_deployment(
+                self._deployment_id,
+                parameters={
+                    "run_id": run.run_id,
+                    "namespace": namespace,
+                    "announcement": announcement,
+                    "received_at": to_iso(received_at),
+                },
+                name=f"run-{run.run_id}",
+                tags=run_tags(namespace, run.run_id),
+                idempotency_key=idempotency_key(namespace, run.run_id),
+            )
+        except (ObjectNotFound, httpx.HTTPStatusError) as exc:
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code != 404:
+                raise
+            self._deployment_id = None  # it may come back under a new id
+            raise DeploymentMissing(
+                f"deployment {self._deployment_name} is not on the Prefect server: is the "
+                "runner serving it?") from exc
         return flow_run.id
 
     async def find(self, namespace: str, run_id: str) -> UUID | None:

@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 
 from listeners.bus_listener import BusListener
 from listeners.routing import Decision
+from swf_panda_workers.adapters.prefect_runs import DeploymentMissing
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import RunImminent
@@ -270,3 +271,26 @@ def test_nan_is_set_aside_rather_than_reaching_prefect_as_null() -> None:
     assert runs.started == []
     assert bus.sent[0][2]["swf_reject_reason"] == "body is not JSON: NaN is not a JSON number"
     assert bus.acked == [item.message_id]
+
+
+def test_a_run_announced_before_the_runner_serves_its_deployment_waits_unacked() -> None:
+    """The deployment missing (the runner not up yet, or redeploying) is
+    waited out: the announcement stays unacked and is tried again, never set
+    aside, and the listener goes on."""
+
+    class NoDeploymentYet(FakeRuns):
+        async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
+                        received_at: datetime) -> uuid.UUID:
+            raise DeploymentMissing("deployment swf-run/panda-workers is not on the server")
+
+    async def go() -> tuple[BusListener, Delivery, FakeBus]:
+        bus = FakeBus()
+        shell = listener(bus, NoDeploymentYet())
+        item = delivery(json.dumps({"msg_type": "run_imminent", "run_id": "77",
+                                    "namespace": NS, "content": {}}).encode())
+        await shell.handle(item)
+        return shell, item, bus
+
+    shell, item, bus = asyncio.run(go())
+    assert bus.acked == [] and bus.sent == []  # neither acked nor dead-lettered
+    assert shell._inbox.get_nowait() is item  # queued to be tried again
