@@ -388,11 +388,11 @@ def test_a_run_end_to_end_over_tls_with_secrets_from_the_environment_and_files(
 
     parameters, logs = asyncio.run(parameters_and_logs(auth_server.api_url, flow_run))
     # The run's flow run gets the announcement and where it came from; its
-    # scaling sub-flow those and the iDDS ids: no settings, no credentials.
+    # scaling sub-flow those, the iDDS ids and dry_run: no settings, no credentials.
     run_keys = {"run_id", "namespace", "announcement", "received_at"}
     assert set(parameters[flow_run.id]) == run_keys
     assert len(parameters) == 2, "no scaling sub-flow found"
-    assert all(set(p) <= run_keys | {"ids"} for p in parameters.values()), parameters
+    assert all(set(p) <= run_keys | {"ids", "dry_run"} for p in parameters.values()), parameters
     assert logs, "no flow-run logs read back: the checks below would prove nothing"
     for secret in (PASSWORD, AUTH_STRING):
         assert secret not in repr(parameters)
