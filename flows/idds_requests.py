@@ -12,18 +12,15 @@ from swf_panda_workers.adapters.idds_bus import BusGateway
 from swf_panda_workers.adapters.idds_rest import rest_gateway
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable
 from swf_panda_workers.config import Settings
-from swf_panda_workers.dry_run import WithheldMessages
 from swf_panda_workers.idds_gateway import Answer, IddsGateway, IddsRequestFailed
 from swf_panda_workers.outbound import Sender
 
 
-def gateway_for(settings: Settings, bus: Sender) -> IddsGateway:
+def gateway_for(settings: Settings, bus: Sender, dry_run: bool = False) -> IddsGateway:
     """The one configuration key ``transceiver.mode`` decides how iDDS is
     reached; a dry run reaches nothing: its requests are withheld, in the
     shape they take on the bus, whatever the mode."""
-    if isinstance(bus, WithheldMessages):
-        return BusGateway(bus, settings)
-    if settings.transceiver.mode == "rest":
+    if settings.transceiver.mode == "rest" and not dry_run:
         return rest_gateway(settings)
     return BusGateway(bus, settings)
 

@@ -112,7 +112,7 @@ async def run_lifecycle(
     ):
         view = RunView(feed, initial_state(run, settings), namespace, dry_run)
         await view.catch_up()
-        idds = gateway_for(settings, bus)
+        idds = gateway_for(settings, bus, dry_run)
         ids = await create_task(view, idds, run, settings)
         report = await scale_workers(
             run_id=run_id, namespace=namespace, announcement=announcement,

@@ -73,7 +73,7 @@ async def scale_workers(
         run_events(run_resource_id(namespace, run_id), history_start(started), dry_run) as feed,
     ):
         view = RunView(feed, state, namespace, dry_run)
-        scaler = Scaler(view, autoscaler, gateway_for(settings, bus), settings)
+        scaler = Scaler(view, autoscaler, gateway_for(settings, bus, dry_run), settings)
         end = await scaler.follow_until_end(deadline)
         if settings.scaling.end == "drain" and view.state.ended:
             end = f"{end}; {await scaler.drain()}"

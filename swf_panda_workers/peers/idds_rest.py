@@ -92,7 +92,7 @@ from pydantic import ValidationError
 
 from swf_panda_workers.messages import WorkerSize
 from swf_panda_workers.peers._bus import Notifier
-from swf_panda_workers.peers._http import LocalHTTPServer
+from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 from swf_panda_workers.peers.idds_tasks import TaskBook, TaskId, TaskInfo, TaskRecords
 from swf_panda_workers.peers.recorder import text_table
 
@@ -700,50 +700,26 @@ class _Server(LocalHTTPServer):
         super().__init__(address, handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(PeerRequestHandler):
     server: _Server
     server_version = "sim-idds"
 
-    def do_GET(self) -> None:  # http.server's naming
-        self._answer()
+    def do_DELETE(self) -> None:  # http.server's naming
+        self.answer(self._body())
 
-    def do_POST(self) -> None:
-        self._answer()
-
-    def do_PUT(self) -> None:
-        self._answer()
-
-    def do_DELETE(self) -> None:
-        self._answer()
-
-    def _answer(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0  # read as an empty body: iDDS's own "must not be empty" answers
-        body = self.rfile.read(length) if length > 0 else b""
+    def answer(self, body: bytes) -> None:
+        # A bad Content-Length reads as an empty body: iDDS's own "must not be
+        # empty" answers.
         answer = self.server.sim._handle(self.command, self.path, dict(self.headers.items()),
                                          body)
-        try:
-            self.send_response(answer.status)
-            for name, value in answer.headers:
-                self.send_header(name, _header_safe(value))
-            self.send_header("Content-Length", str(len(answer.body)))
-            self.end_headers()
-            self.wfile.write(answer.body)
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("%s %s: the client left before the answer", self.command, self.path)
+        self.reply(answer.status, [(name, _header_safe(value)) for name, value in answer.headers],
+                   answer.body)
         if answer.then is not None:
             try:
                 answer.then()
             except Exception:  # the simulator keeps serving; the log says what broke
                 log.exception("simulated iDDS: callback after %s %s failed",
                               self.command, self.path)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # The request line only (never headers): http.server would print to stderr.
-        log.debug("%s %s", self.address_string(), format % args)
 
 
 # --- PanDA's relay: helpers ----------------------------------------------------

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from swf_panda_workers.monitor_heartbeat import HEARTBEAT_PATH
 from swf_panda_workers.peers._bus import Notifier
-from swf_panda_workers.peers._http import LocalHTTPServer
+from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -247,42 +247,17 @@ class _Server(LocalHTTPServer):
         super().__init__(address, handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(PeerRequestHandler):
     server: _Server
     server_version = "swf-monitor-stand-in"
 
-    def do_GET(self) -> None:  # http.server's naming
-        self._answer()
-
-    def do_POST(self) -> None:
-        self._answer()
-
-    def do_PUT(self) -> None:
-        self._answer()
-
-    def _answer(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        raw = self.rfile.read(length) if length > 0 else b""
+    def answer(self, body: bytes) -> None:
         answer = self.server.stand_in._handle(self.command, self.path,
-                                              dict(self.headers.items()), raw)
+                                              dict(self.headers.items()), body)
         if answer.status == HUNG:
             self.close_connection = True
             return
-        try:
-            self.send_response(answer.status)
-            for name, value in answer.headers:
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(answer.body)))
-            self.end_headers()
-            self.wfile.write(answer.body)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("%s %s: the client left before the answer", self.command, self.path)
-
-    def log_message(self, format: str, *args: Any) -> None:  # http.server's naming
-        log.debug("%s " + format, self.address_string(), *args)
+        self.reply(answer.status, answer.headers, answer.body)
 
 
 def main(argv: list[str] | None = None) -> int:
