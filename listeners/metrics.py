@@ -23,7 +23,12 @@ from prometheus_client.registry import Collector
 from listeners.requested_workers import RequestedWorkers
 from listeners.routing import Decision, Ignore, Record, RejectKind, SetAside
 from swf_panda_workers.adapters.stomp_bus import Delivery
-from swf_panda_workers.messages import AdjustWorker, CreateWorkflowTask, RunEnd
+from swf_panda_workers.messages import (
+    AdjustWorker,
+    CreateWorkflowTask,
+    RunEnd,
+    UnroutedSliceResult,
+)
 
 if TYPE_CHECKING:
     from listeners.bus_listener import ListenerHealth
@@ -45,7 +50,8 @@ class ListenerMetrics:
         self._clock = clock
         self._received = Counter(
             f"{PREFIX}_messages_received", "Bus messages received, by type ('unparsed': bad "
-            "input; 'unread': dropped unread, another namespace's) and destination kind",
+            "input; 'unread': dropped unread, another namespace's; 'slice_result_no_run': a "
+            "transformer's result naming no run) and destination kind",
             ["msg_type", "destination"], registry=self.registry)
         self._rejected = Counter(
             f"{PREFIX}_messages_rejected", "Messages set aside to the dead-letter queue, by "
@@ -89,6 +95,8 @@ class ListenerMetrics:
 
 def message_type(decision: Decision) -> str:
     message = getattr(decision, "message", None)
+    if isinstance(message, UnroutedSliceResult):
+        return "slice_result_no_run"  # a transformer's answer to a heartbeat, dropped
     if message is not None:
         return str(message.msg_type)
     return "unparsed" if isinstance(decision, SetAside) else "unread"

@@ -42,6 +42,7 @@ from swf_panda_workers.messages import (
     SliceResult,
     StopTransformer,
     TransformerHeartbeat,
+    UnroutedSliceResult,
     decode_body,
     parse_message,
 )
@@ -126,6 +127,13 @@ def _record_if_owned(message: SliceResult, data: dict[str, Any], where: Where) -
     return Record(message, data, message.run_id)
 
 
+def _unrouted(message: UnroutedSliceResult, data: dict[str, Any], where: Where) -> Decision:
+    # Not bad input: the real transformers send these whenever one takes
+    # another's heartbeat off the shared slice queue. Counted, not set aside.
+    return Ignore("slice_result without run_id: a transformer's answer to a message "
+                  "that was no slice (a heartbeat on its slice queue)", message)
+
+
 def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
     return Ignore(f"{message.msg_type} is a request to a peer, echoed by the topic", message)
 
@@ -133,6 +141,7 @@ def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
 RULES: Mapping[type, Rule] = {
     RunImminent: _start_run,
     SliceResult: _record_if_owned,
+    UnroutedSliceResult: _unrouted,
     CreateWorkflowTask: _own_echo,
     AdjustWorker: _own_echo,
     CloseWorkflowTask: _own_echo,
@@ -141,7 +150,8 @@ RULES: Mapping[type, Rule] = {
 # The results queue has no namespace selector (iDDS's transformers send no
 # namespace), so only what transformers send is taken from it: a run
 # announcement or an iDDS reply there could be any namespace's.
-FROM_RESULTS_QUEUE: frozenset[type] = frozenset({SliceResult, Heartbeat, TransformerHeartbeat})
+FROM_RESULTS_QUEUE: frozenset[type] = frozenset(
+    {SliceResult, UnroutedSliceResult, Heartbeat, TransformerHeartbeat})
 
 
 def decide(body: bytes, headers: Mapping[str, str], namespace: str, results_queue: str,

@@ -4,7 +4,13 @@ The models accept both the seed's documented shapes and what the real peers
 send (shared PROTOCOL.md): ``run_imminent`` and ``run_imminent_worker``;
 ``end_run``, ``run_end`` and ``run_stop``; ``transformer_heartbeat`` and the
 transformer's bare ``heartbeat``; slice results with or without
-``processing_time``; run ids as strings or integers.
+``processing_time``; run ids as strings or integers. The real peers' own
+shapes (shared PROTOCOL.md, "Facts read from the real peers' code") are
+accepted as they come: ``result.state`` a JSON boolean, ``workload_id`` an
+integer, null or iDDS's ``[task_id, null]``, idds-prompt's
+``Thu, 03 Dec 2026 13:04:48 UTC`` times, and a ``slice_result`` whose run_id
+is null (``UnroutedSliceResult``: a transformer answering a heartbeat it took
+off its slice queue).
 
 ``parse_message`` is the single entry point for raw bodies: it returns one of
 the models or raises ``InvalidMessage`` whose text names the offending field.
@@ -16,14 +22,16 @@ import json
 import math
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     TypeAdapter,
     ValidationError,
 )
@@ -48,6 +56,17 @@ def _run_id_text(value: object) -> str:
 
 
 RunId = Annotated[str, BeforeValidator(_run_id_text)]
+
+
+def _workload_id(value: object) -> object:
+    # One branch of iDDS's PanDA client returns (task_id, None), which iDDS
+    # sends on as the JSON array [task_id, null]: the task id is the first.
+    if isinstance(value, list | tuple) and len(value) == 2 and value[1] is None:
+        return value[0]
+    return value
+
+
+WorkloadId = Annotated[int | None, BeforeValidator(_workload_id)]
 
 
 class InvalidMessage(ValueError):
@@ -128,8 +147,8 @@ class WorkflowIds(_Model):
 
     request_id: int
     transform_id: int
-    workload_id: int | None = Field(
-        default=None, description="null when the PanDA submission failed"
+    workload_id: WorkloadId = Field(
+        default=None, description="the PanDA task id; null when the PanDA submission failed"
     )
 
 
@@ -249,7 +268,8 @@ class StopTransformer(_Model):
 
 
 class SliceOutcome(_Model):
-    state: str | None = None
+    # A JSON boolean from the real transformers; the seed's text ("done") too.
+    state: bool | str | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
 
@@ -288,6 +308,16 @@ class SliceResult(RunMessage):
         if isinstance(actual, int | float) and not isinstance(actual, bool):
             return float(actual)
         return None
+
+
+class UnroutedSliceResult(Envelope):
+    """A slice_result naming no run: a transformer sends one for any message
+    it takes off its slice queue that is no slice (a heartbeat of another
+    transformer). It belongs to no run; the listener counts and drops it."""
+
+    msg_type: Literal["slice_result"]
+    run_id: None
+    content: dict[str, Any] = Field(default_factory=dict)
 
 
 class HeartbeatContent(_Model):
@@ -330,23 +360,43 @@ class Heartbeat(Envelope):
         return self.timestamp or self.created_at
 
 
-Message = Annotated[
-    RunImminent
-    | RunEnd
-    | CreatedWorkflowTask
-    | AdjustedWorker
-    | ClosedWorkflowTask
-    | CreateWorkflowTask
-    | AdjustWorker
-    | CloseWorkflowTask
-    | StopTransformer
-    | SliceResult
-    | TransformerHeartbeat
-    | Heartbeat,
-    Field(discriminator="msg_type"),
-]
+_UNROUTED = "slice_result without run_id"
 
-_MESSAGE = TypeAdapter(Message)
+
+def _message_tag(data: Any) -> Any:
+    """The union member for a body: its msg_type, except that a slice_result
+    whose run_id is null is no result of any run."""
+    if not isinstance(data, dict):
+        return getattr(data, "msg_type", None)
+    tag = data.get("msg_type")
+    if not isinstance(tag, str):
+        return None  # null, a number, a list: no message type at all
+    if tag == "slice_result" and "run_id" in data and data["run_id"] is None:
+        return _UNROUTED
+    return tag
+
+
+def _tagged(*models: type[BaseModel]) -> list[Any]:
+    return [Annotated[m, Tag(t)] for m in models
+            for t in m.model_fields["msg_type"].annotation.__args__]  # type: ignore[union-attr]
+
+
+_ROUTED_MODELS: tuple[type[BaseModel], ...] = (
+    RunImminent, RunEnd, CreatedWorkflowTask, AdjustedWorker, ClosedWorkflowTask,
+    CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer,
+    SliceResult, TransformerHeartbeat, Heartbeat,
+)
+
+Message = (RunImminent | RunEnd | CreatedWorkflowTask | AdjustedWorker | ClosedWorkflowTask
+           | CreateWorkflowTask | AdjustWorker | CloseWorkflowTask | StopTransformer
+           | SliceResult | UnroutedSliceResult | TransformerHeartbeat | Heartbeat)
+
+_MESSAGE: TypeAdapter[Message] = TypeAdapter(Annotated[
+    Union[  # noqa: UP007 (a runtime union of Annotated members)
+        tuple([*_tagged(*_ROUTED_MODELS), Annotated[UnroutedSliceResult, Tag(_UNROUTED)]])
+    ],
+    Discriminator(_message_tag),
+])
 
 
 def parse_message(body: bytes | str | dict[str, Any]) -> Message:
@@ -440,8 +490,9 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors(include_url=False):
         location = [str(p) for p in error["loc"]]
         # A discriminated union's first location element is the tag value.
-        if error["type"] == "union_tag_invalid":
-            parts.append(f"msg_type: unknown message type {error['input'].get('msg_type')!r}")
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            tag = error["input"].get("msg_type") if isinstance(error["input"], dict) else None
+            parts.append(f"msg_type: unknown message type {tag!r}")
             continue
         if location and location[0] in _TAGS:
             location = location[1:]
@@ -450,11 +501,7 @@ def _describe(exc: ValidationError) -> str:
 
 
 _TAGS = {
-    tag
-    for model in (
-        RunImminent, RunEnd, CreatedWorkflowTask, AdjustedWorker, ClosedWorkflowTask,
-        CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer,
-        SliceResult, TransformerHeartbeat, Heartbeat,
-    )
-    for tag in model.model_fields["msg_type"].annotation.__args__  # type: ignore[union-attr]
+    *(tag for model in _ROUTED_MODELS
+      for tag in model.model_fields["msg_type"].annotation.__args__),  # type: ignore[union-attr]
+    _UNROUTED,
 }
