@@ -157,7 +157,7 @@ class Benchmark:
             raise RuntimeError("not every run's task was created within 180 s")
         print(f"{self.plan.runs} runs created; sending {self.plan.runs * self.plan.slices} "
               f"slice results at {self.plan.rate:g}/s for {self.plan.duration:.0f} s", flush=True)
-        load = SliceLoad(self.stack.brokers, self.stack.brokers.results_queue, self.plan,
+        load = SliceLoad(self.stack.brokers, self.stack.brokers.results_destination, self.plan,
                          self.run_ids, lambda r: self.tasks[r].workload_id,
                          connections=self.options.connections)
         profiles = (Profiles(self.options.profile, self._roots(), self.plan.duration)

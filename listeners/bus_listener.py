@@ -1,10 +1,18 @@
 """The STOMP listener: parse, route, hand off durably to Prefect, then ack.
 
-- /topic/panda.workers, with the namespace selector the peers use;
-- /queue/panda.results.worker, without one: transformers started by iDDS send
-  no namespace header. Results of runs this namespace does not own, and
-  messages naming another namespace, are acked and dropped; only what
-  transformers send is taken from it.
+- /topic/panda.workers, durably, with the namespace selector the peers use,
+  widened to what iDDS answers in (its own namespace, or none);
+- the results destination (``brokers.results_destination``), which carries no
+  namespace (transformers started by iDDS send none):
+  - a queue (the seed's /queue/panda.results.worker) may be shared by several
+    namespaces: each listener takes only its own runs' results, one
+    subscription per run it follows with the selector ``run_id = '<id>'``, and
+    those naming no run (``run_id IS NULL``: heartbeats, and the results a
+    transformer sends for a heartbeat it took off its slice queue);
+  - a topic (swf-transform's /topic/panda.results) gives every subscriber
+    every result: one durable subscription, and results of runs not ours are
+    dropped.
+  Only what transformers send is taken from it.
 
 What to do with each delivery is decided by ``listeners.routing.decide``,
 without I/O; this module carries the decision out.
@@ -40,10 +48,12 @@ from prefect.events import Event
 from prefect.events.clients import EventsClient
 from websockets.exceptions import WebSocketException
 
+from listeners.followed_runs import FollowedRuns
 from listeners.metrics import Handoff, ListenerMetrics
 from listeners.routing import (
     Decision,
     Ignore,
+    Inbox,
     LookUpRun,
     Record,
     SetAside,
@@ -54,11 +64,13 @@ from listeners.routing import (
 from swf_panda_workers.adapters.prefect_events import message_event, stored_ids
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing, RunStarter
 from swf_panda_workers.adapters.stomp_bus import (
+    NO_RUN_SELECTOR,
     BusClient,
     BusUnavailable,
     Delivery,
     Subscription,
-    namespace_selector,
+    run_selector,
+    workers_selector,
 )
 from swf_panda_workers.config import Settings
 from swf_panda_workers.timestamps import utc_now
@@ -107,6 +119,7 @@ class BusListener:
     bus: BusClient | None = None
     metrics: ListenerMetrics = field(default_factory=ListenerMetrics)
     owned: dict[str, UUID] = field(default_factory=dict)
+    followed: FollowedRuns = field(init=False)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _pending: dict[UUID, Pending] = field(default_factory=dict)
     _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
@@ -116,22 +129,41 @@ class BusListener:
     _prefect_reachable: bool = False
     _runs_active: int | None = None
 
+    def __post_init__(self) -> None:
+        self.followed = FollowedRuns(self.settings.brokers.results_grace)
+
     @property
     def namespace(self) -> str:
         return self.settings.transceiver.namespace
+
+    @property
+    def inbox(self) -> Inbox:
+        transceiver = self.settings.transceiver
+        return Inbox(transceiver.namespace, self.settings.brokers.results_destination,
+                     transceiver.idds_namespace)
 
     @property
     def listener_id(self) -> str:
         return self.settings.transceiver.listener_id
 
     def subscriptions(self) -> tuple[Subscription, ...]:
-        brokers = self.settings.brokers
-        return (
-            # Durable: run messages sent while the listener restarts wait for it.
-            Subscription(brokers.workers_topic, selector=namespace_selector(self.namespace),
-                         durable_name=self.listener_id),
-            Subscription(brokers.results_queue),
-        )
+        """What the listener subscribes to from the start; on a results queue,
+        each followed run's subscription comes and goes with it (``results_of``)."""
+        brokers, transceiver = self.settings.brokers, self.settings.transceiver
+        # Durable: run messages sent while the listener restarts wait for it.
+        workers = Subscription(
+            brokers.workers_topic, durable_name=self.listener_id,
+            selector=workers_selector(transceiver.namespace, transceiver.idds_namespace))
+        if brokers.results_on_topic:
+            return workers, Subscription(brokers.results_destination,
+                                         durable_name=f"{self.listener_id}.results")
+        return workers, Subscription(brokers.results_destination, selector=NO_RUN_SELECTOR,
+                                     name="results.no-run")
+
+    def results_of(self, run_id: str) -> Subscription:
+        """One run's results on a shared results queue."""
+        return Subscription(self.settings.brokers.results_destination,
+                            selector=run_selector(run_id), name=f"results.{run_id}")
 
     def health(self) -> ListenerHealth:
         """A snapshot; safe to call from any thread."""
@@ -152,8 +184,13 @@ class BusListener:
         self.owned.update(await self._with_retry(lambda: self.runs.active_runs(self.namespace)))
         log.info("namespace %s owns %d runs in progress: %s", self.namespace, len(self.owned),
                  ", ".join(sorted(self.owned)) or "none")
-        self.bus = BusClient(self.settings.brokers, self.subscriptions(), self.receive,
-                             name=f"listener-{self.namespace}", client_id=self.listener_id)
+        for run_id in self.owned:
+            self.followed.follow(run_id)
+        per_run = () if self.settings.brokers.results_on_topic else tuple(
+            self.results_of(run_id) for run_id in sorted(self.owned))
+        self.bus = BusClient(self.settings.brokers, (*self.subscriptions(), *per_run),
+                             self.receive, name=f"listener-{self.namespace}",
+                             client_id=self.listener_id)
         await asyncio.to_thread(self.bus.start)
         confirming = asyncio.create_task(self._confirm_forever())
         counting = asyncio.create_task(self._count_runs_forever())
@@ -175,8 +212,7 @@ class BusListener:
     # --- one message ------------------------------------------------------------
 
     async def handle(self, delivery: Delivery) -> None:
-        decision = decide(delivery.body, delivery.headers, self.namespace,
-                          self.settings.brokers.results_queue, self.owned)
+        decision = decide(delivery.body, delivery.headers, self.inbox, self.owned)
         if delivery.message_id in self._retrying:
             self._retrying.discard(delivery.message_id)  # counted when it first came
         else:
@@ -219,7 +255,24 @@ class BusListener:
         known = self.owned.setdefault(message.run_id, flow_run_id) == flow_run_id
         log.info("msg_type=%s run_id=%s -> flow run %s%s", message.msg_type, message.run_id,
                  flow_run_id, "" if known and not delivery.redelivered else " (already started)")
+        # Before the ack: the run's results may come as soon as iDDS has its task.
+        await self._follow(message.run_id)
         self._ack(delivery, "flow_run")
+
+    async def _follow(self, run_id: str) -> None:
+        """Take the run's results from now on (see ``FollowedRuns``)."""
+        if self.followed.follow(run_id) and not self.settings.brokers.results_on_topic:
+            assert self.bus is not None
+            await asyncio.to_thread(self.bus.subscribe, self.results_of(run_id))
+
+    async def _forget_finished(self, active: dict[str, UUID]) -> None:
+        for run_id in self.followed.still_active(active, self._loop.time()):
+            self.owned.pop(run_id, None)
+            if not self.settings.brokers.results_on_topic:
+                assert self.bus is not None
+                await asyncio.to_thread(self.bus.unsubscribe, self.results_of(run_id).id)
+            log.info("run %s finished %.0fs ago: its results are no longer taken",
+                     run_id, self.followed.grace)
 
     async def record(self, decision: Record, delivery: Delivery) -> None:
         """Hand the message to its run's flow as a Prefect event."""
@@ -235,11 +288,12 @@ class BusListener:
                  event.id, " (redelivered)" if delivery.redelivered else "")
 
     async def look_up_run(self, decision: LookUpRun, delivery: Delivery) -> None:
-        """A result of a run this listener did not see start: record it if
-        another replica of the namespace started the run, else ignore it."""
+        """A result or an iDDS reply of a run this listener did not see start:
+        record it if another replica of the namespace started the run, else
+        ignore it."""
         run_id = decision.message.run_id
-        not_ours = Ignore(f"slice_result of run {run_id}, not a run of namespace "
-                          f"{self.namespace}")
+        not_ours = Ignore(f"{decision.message.msg_type} of run {run_id}, not a run of "
+                          f"namespace {self.namespace}")
         now = self._loop.time()
         if self._foreign.get(run_id, 0.0) > now:
             await self.ignore(not_ours, delivery)
@@ -250,6 +304,7 @@ class BusListener:
             await self.ignore(not_ours, delivery)
             return
         self.owned.setdefault(run_id, flow_run_id)
+        await self._follow(run_id)
         log.info("run %s: flow run %s, started by another listener of namespace %s",
                  run_id, flow_run_id, self.namespace)
         await self.record(Record(decision.message, decision.data, run_id), delivery)
@@ -336,11 +391,17 @@ class BusListener:
         what the health check, the metrics and the monitor report."""
         while True:
             try:
-                self._runs_active = len(await self.runs.active_runs(self.namespace))
+                active = await self.runs.active_runs(self.namespace)
+                self._runs_active = len(active)
                 self._prefect_reachable = True
             except HANDOFF_ERRORS as exc:
                 self._prefect_reachable = False
                 log.warning("cannot count runs in progress with Prefect: %s", exc)
+            else:
+                try:
+                    await self._forget_finished(active)
+                except BusUnavailable as exc:  # the next round tries again
+                    log.warning("cannot drop finished runs' subscriptions yet: %s", exc)
             await asyncio.sleep(RUNS_EVERY)
 
     async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:

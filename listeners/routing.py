@@ -7,17 +7,24 @@ queue's name and the runs the namespace owns, and returns exactly one
 - ``StartRun``: a run announcement; start (or find) the run's flow run;
 - ``Record``: a message about a run (or a namespace-wide heartbeat); hand it
   to the run's flow as a Prefect event;
-- ``LookUpRun``: a slice result of a run this listener has not seen start;
-  record it if Prefect holds the run's flow run (another listener replica of
-  the namespace started it), else ignore it;
+- ``LookUpRun``: a slice result or an iDDS reply of a run this listener has
+  not seen start; record it if Prefect holds the run's flow run (another
+  listener replica of the namespace started it), else ignore it;
 - ``Ignore``: nothing to do, the message is not ours to act on (another
-  namespace's, our own requests echoed by the topic); ack it;
+  namespace's, our own requests echoed by the topic, a transformer's result
+  naming no run); ack it;
 - ``SetAside``: bad input; copy it to the dead-letter queue with ``reason``
   and ack it. ``kind`` classes the reason in a word (for the metrics).
 
 Ignore and SetAside carry the message too when it was parsed: the metrics
 count messages by type, and read the size of each run's workers from our own
 adjust_worker echoed by the topic.
+
+Namespaces: from the workers topic everything in our namespace is taken,
+and from outside it (iDDS's own namespace, or none) only iDDS's replies,
+which carry iDDS's namespace and not the requester's. From the results
+destination (a queue or a topic) only what transformers send, with no
+namespace (as iDDS starts them) or ours.
 
 It never raises: whatever the bytes, the answer is one of the five, and what
 is set aside carries a one-line, printable, bounded reason. Which rule
@@ -32,8 +39,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from swf_panda_workers.messages import (
+    AdjustedWorker,
     AdjustWorker,
+    ClosedWorkflowTask,
     CloseWorkflowTask,
+    CreatedWorkflowTask,
     CreateWorkflowTask,
     Heartbeat,
     InvalidMessage,
@@ -70,9 +80,15 @@ class Record:
     run_id: str | None  # None: a heartbeat naming no run, kept with the namespace
 
 
+# Replies of iDDS: taken from its namespace (or none) too, for our runs only.
+IddsReply = CreatedWorkflowTask | AdjustedWorker | ClosedWorkflowTask
+IDDS_REPLIES: frozenset[type] = frozenset({CreatedWorkflowTask, AdjustedWorker,
+                                           ClosedWorkflowTask})
+
+
 @dataclass(frozen=True)
 class LookUpRun:
-    message: SliceResult
+    message: SliceResult | IddsReply
     data: dict[str, Any]  # the body as received: the event's payload if the run is found
 
 
@@ -98,11 +114,19 @@ Decision = StartRun | Record | LookUpRun | Ignore | SetAside
 
 
 @dataclass(frozen=True)
+class Inbox:
+    """Where the listener takes messages from, and for whom."""
+
+    namespace: str
+    results_destination: str  # a queue or a topic
+    idds_namespace: str | None = None  # iDDS's, when not ours
+
+
+@dataclass(frozen=True)
 class Where:
     """What the rules need to know besides the message."""
 
     namespace: str
-    results_queue: str
     owned: Container[str]
     destination: str
 
@@ -118,10 +142,11 @@ def _record(message: Message, data: dict[str, Any], where: Where) -> Decision:
     return Record(message, data, getattr(message, "run_id", None))
 
 
-def _record_if_owned(message: SliceResult, data: dict[str, Any], where: Where) -> Decision:
-    # The results queue carries no namespace: a result of a run this listener
-    # did not see start belongs to another namespace (or to none), unless
-    # another replica of this namespace started the run; only Prefect knows.
+def _record_if_owned(message: SliceResult | IddsReply, data: dict[str, Any],
+                     where: Where) -> Decision:
+    # Results and iDDS's replies carry no namespace of ours: one for a run this
+    # listener did not see start belongs to another namespace (or to none),
+    # unless another replica of this namespace started the run; only Prefect knows.
     if message.run_id not in where.owned:
         return LookUpRun(message, data)
     return Record(message, data, message.run_id)
@@ -138,30 +163,39 @@ def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
     return Ignore(f"{message.msg_type} is a request to a peer, echoed by the topic", message)
 
 
+OUR_REQUESTS: frozenset[type] = frozenset(
+    {CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer})
+
 RULES: Mapping[type, Rule] = {
     RunImminent: _start_run,
     SliceResult: _record_if_owned,
+    CreatedWorkflowTask: _record_if_owned,
+    AdjustedWorker: _record_if_owned,
+    ClosedWorkflowTask: _record_if_owned,
     UnroutedSliceResult: _unrouted,
     CreateWorkflowTask: _own_echo,
     AdjustWorker: _own_echo,
     CloseWorkflowTask: _own_echo,
     StopTransformer: _own_echo,
 }
-# The results queue has no namespace selector (iDDS's transformers send no
-# namespace), so only what transformers send is taken from it: a run
-# announcement or an iDDS reply there could be any namespace's.
-FROM_RESULTS_QUEUE: frozenset[type] = frozenset(
+# The results destination carries no namespace (iDDS's transformers send
+# none), so only what transformers send is taken from it: a run announcement
+# or an iDDS reply there could be any namespace's.
+FROM_RESULTS: frozenset[type] = frozenset(
     {SliceResult, UnroutedSliceResult, Heartbeat, TransformerHeartbeat})
 
 
-def decide(body: bytes, headers: Mapping[str, str], namespace: str, results_queue: str,
+def decide(body: bytes, headers: Mapping[str, str], inbox: Inbox,
            owned: Container[str]) -> Decision:
     """The one thing to do with a delivery of ``body`` with ``headers``."""
-    where = Where(namespace, results_queue, owned, headers.get("destination", ""))
-    sender_namespace = headers.get("namespace")
-    if sender_namespace and sender_namespace != namespace:
-        # Only possible on the results queue: the topic's selector filters.
-        return Ignore(f"namespace {one_line(sender_namespace, 100)} is not {namespace}")
+    namespace = inbox.namespace
+    where = Where(namespace, owned, headers.get("destination", ""))
+    from_results = where.destination == inbox.results_destination
+    # An empty header is no namespace (swf-transform's heartbeats send one).
+    sender = headers.get("namespace") or None
+    outside = (None, namespace) if from_results else (None, namespace, inbox.idds_namespace)
+    if sender not in outside:
+        return Ignore(f"namespace {one_line(sender or '', 100)} is not {namespace}")
     if len(body) > MAX_BODY_BYTES:
         return SetAside(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit",
                         "too_large")
@@ -173,10 +207,22 @@ def decide(body: bytes, headers: Mapping[str, str], namespace: str, results_queu
         message = parse_message(data)
     except InvalidMessage as exc:
         return SetAside(one_line(str(exc)) or "invalid message", "invalid_message")
-    if where.destination == results_queue and type(message) not in FROM_RESULTS_QUEUE:
-        return SetAside(f"{message.msg_type} does not belong on {results_queue}, which "
+    if from_results and type(message) not in FROM_RESULTS:
+        return SetAside(f"{message.msg_type} does not belong on {where.destination}, which "
                         f"carries no namespace", "wrong_queue", message)
+    if not from_results and sender != namespace and not _taken_from_outside(message, data,
+                                                                            namespace):
+        # Another namespace's business: no message, so no metric reads it as ours.
+        return Ignore(f"{message.msg_type} from namespace {sender or '(none)'}: only iDDS's "
+                      f"replies are taken from outside {namespace}")
     return RULES.get(type(message), _record)(message, data, where)
+
+
+def _taken_from_outside(message: Message, data: dict[str, Any], namespace: str) -> bool:
+    """iDDS's replies, and our own requests to an iDDS in another namespace
+    (they carry its namespace header, and ours in the body)."""
+    return type(message) in IDDS_REPLIES or (
+        type(message) in OUR_REQUESTS and data.get("namespace") == namespace)
 
 
 def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:

@@ -67,6 +67,18 @@ class Transceiver(_Section):
         description="this listener's name among the listeners of one namespace; stable "
         "across its restarts (it names its durable subscription); unset: the only one",
     )
+    idds_namespace: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="the namespace iDDS's prompt transceiver selects on (its [prompt] "
+        "namespace): our requests carry it as their namespace header, and its replies, which "
+        "carry it (or none), are taken when they name one of our runs; unset: ours",
+    )
+
+    @property
+    def requests_namespace(self) -> str:
+        """The namespace header of what we send to iDDS."""
+        return self.idds_namespace or self.namespace
 
     @property
     def listener_id(self) -> str:
@@ -94,13 +106,37 @@ class Brokers(_Section):
         default=None, description="its PEM private key, unencrypted (default: in ssl_cert_file)")
     workers_topic: str = "/topic/panda.workers"
     transformer_topic: str = "/topic/panda.transformer"
-    results_queue: str = "/queue/panda.results.worker"
+    results_destination: str = Field(
+        default="/queue/panda.results.worker",
+        pattern=r"^/(queue|topic)/[^\s,]+$",
+        description="where the transformers send slice results (iDDS's result_broker): a "
+        "queue, shared with other namespaces (each takes its own runs' results, by selector), "
+        "or a topic (swf-transform's default, /topic/panda.results), durably subscribed; "
+        "results_queue is the older name of this key")
+    results_grace: float = Field(
+        default=600.0, ge=0, description="seconds a run's results are still taken from a "
+        "results queue after its flow run has finished (late results of stopped transformers)")
     dead_letter_queue: str = "/queue/panda.workers.DLQ"
     prefetch_size: int = Field(
         default=1000, gt=0, description="unacked messages the broker may push at once"
     )
     heartbeat_ms: int = Field(
         default=10000, ge=0, description="period of the STOMP heart-beats we send (ms)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_key_names(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "results_queue" in values:
+            if "results_destination" in values:
+                raise ValueError("results_queue and results_destination are both set; "
+                                 "keep results_destination")
+            values = {**values}
+            values["results_destination"] = values.pop("results_queue")
+        return values
+
+    @property
+    def results_on_topic(self) -> bool:
+        return self.results_destination.startswith("/topic/")
 
     @model_validator(mode="after")
     def _key_needs_its_certificate(self) -> Brokers:

@@ -63,7 +63,7 @@ def slice_result(run_id: str, brokers: Brokers, now: datetime, seconds: float,
         content["slice_id"] = slice_id
     body = {"msg_type": "slice_result", "run_id": wire_run_id(run_id),
             "created_at": _naive(now, "microseconds"), "content": content}
-    return Sample(brokers.results_queue, body, _headers("slice_result", run_id, None))
+    return Sample(brokers.results_destination, body, _headers("slice_result", run_id, None))
 
 
 def _control(brokers: Brokers, msg_type: str, run_id: str, namespace: str, now: datetime,

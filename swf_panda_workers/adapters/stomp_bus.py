@@ -70,10 +70,11 @@ class Subscription:
     selector: str | None = None
     ack: Literal["auto", "client-individual"] = "client-individual"
     durable_name: str | None = None  # a durable topic subscription's name
+    name: str | None = None  # its id, where one destination has several (by selector)
 
     @property
     def id(self) -> str:
-        return self.durable_name or self.destination
+        return self.name or self.durable_name or self.destination
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,9 @@ class Delivery:
 
 
 class BusClient(stomp.ConnectionListener):
-    """A self-healing STOMP connection with fixed subscriptions."""
+    """A self-healing STOMP connection. Its subscriptions are those it was
+    made with plus those added since (``subscribe``), less those removed
+    (``unsubscribe``); all of them are made again on every new connection."""
 
     def __init__(
         self,
@@ -112,7 +115,7 @@ class BusClient(stomp.ConnectionListener):
         client_id: str | None = None,
     ) -> None:
         self._brokers = brokers
-        self._subscriptions = subscriptions
+        self._subscriptions = {sub.id: sub for sub in subscriptions}
         self._on_delivery = on_delivery
         self._name = name
         self._client_id = client_id
@@ -207,6 +210,56 @@ class BusClient(stomp.ConnectionListener):
             if self._conn is None:
                 raise BusUnavailable("bus client stopped")
             return self._conn
+
+    # --- subscriptions that come and go -------------------------------------
+
+    def subscribe(self, sub: Subscription, timeout: float = 10.0) -> None:
+        """Add a subscription, live once this returns (the broker confirmed
+        it) or, while disconnected, made with the next connection."""
+        # Under the lock that also guards a new connection's subscribing: either
+        # that connection's round includes this one, or it is ours to make.
+        with self._lock:
+            self._subscriptions[sub.id] = sub
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                pending = self._subscribe(conn, sub)
+            except StompException as exc:  # lost: the next connection makes it
+                log.info("subscription %s waits for the next connection: %s", sub.id, exc)
+                return
+        self._await_receipt(*pending, timeout, what=f"subscription {sub.id}")
+
+    def unsubscribe(self, sub_id: str, timeout: float = 10.0) -> None:
+        """Remove a subscription (made with ``subscribe``, or from the start)."""
+        with self._lock:
+            if self._subscriptions.pop(sub_id, None) is None:
+                return
+            conn = self._conn
+            if conn is None:
+                return
+            receipt, arrived = uuid.uuid4().hex, threading.Event()
+            self._receipts[receipt] = arrived
+            try:
+                conn.unsubscribe(sub_id, headers={"receipt": receipt})
+            except StompException as exc:  # the connection went: nothing to undo there
+                log.info("unsubscribe %s: %s", sub_id, exc)
+                self._receipts.pop(receipt, None)
+                return
+        self._await_receipt(receipt, arrived, timeout, what=f"unsubscribe {sub_id}")
+
+    @property
+    def subscription_ids(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._subscriptions)
+
+    def _await_receipt(self, receipt: str, arrived: threading.Event, timeout: float,
+                       what: str) -> None:
+        try:
+            if not arrived.wait(timeout):
+                raise BusUnavailable(f"the broker did not confirm {what} in {timeout:g}s")
+        finally:
+            self._receipts.pop(receipt, None)
 
     # --- stomp.py callbacks (receiver thread: hand off, never block) ---------
 
@@ -321,7 +374,7 @@ class BusClient(stomp.ConnectionListener):
             self._epoch += 1
             self._conn = conn
             self._lost.clear()
-            receipts = [self._subscribe(conn, sub) for sub in self._subscriptions]
+            receipts = [self._subscribe(conn, sub) for sub in self._subscriptions.values()]
         # A subscription is live once the broker confirms it; a message sent
         # to a topic before then would never reach us.
         for receipt, arrived in receipts:
@@ -352,8 +405,12 @@ class BusClient(stomp.ConnectionListener):
                    sub: Subscription) -> tuple[str, threading.Event]:
         receipt, arrived = uuid.uuid4().hex, threading.Event()
         self._receipts[receipt] = arrived
-        conn.subscribe(sub.destination, sub.id, ack=sub.ack,
-                       headers={**self._sub_headers(sub), "receipt": receipt})
+        try:
+            conn.subscribe(sub.destination, sub.id, ack=sub.ack,
+                           headers={**self._sub_headers(sub), "receipt": receipt})
+        except StompException:
+            self._receipts.pop(receipt, None)
+            raise
         return receipt, arrived
 
     def _sub_headers(self, sub: Subscription) -> dict[str, str]:
@@ -441,3 +498,20 @@ def namespace_selector(namespace: str) -> str:
     """The selector the peers use. The namespace is validated to a safe
     alphabet by the configuration, so it cannot break out of the quotes."""
     return f"namespace='{namespace}'"
+
+
+def workers_selector(namespace: str, idds_namespace: str | None = None) -> str:
+    """Our namespace, and what iDDS's prompt transceiver answers in: its own
+    namespace, or none when it has none (both from the configuration, in a
+    safe alphabet)."""
+    names = [namespace] + ([idds_namespace] if idds_namespace not in (None, namespace) else [])
+    return " OR ".join([*(namespace_selector(n) for n in names), "namespace IS NULL"])
+
+
+def run_selector(run_id: str) -> str:
+    """One run's messages by their run_id header (a string on the wire). Run
+    ids are validated to a safe alphabet by the message models."""
+    return f"run_id = '{run_id}'"
+
+
+NO_RUN_SELECTOR = "run_id IS NULL"  # heartbeats, and results naming no run

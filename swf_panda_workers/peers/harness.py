@@ -76,7 +76,7 @@ class PeerHarness:
             brokers.workers_topic, brokers.transformer_topic))
         self.farm = TransformerFarm(
             brokers,
-            results_queue=brokers.results_queue,
+            results_queue=brokers.results_destination,
             transformer_topic=brokers.transformer_topic,
             workers_topic=brokers.workers_topic,
             heartbeat_every=heartbeat_every,

@@ -54,9 +54,6 @@ REST_TOKEN = secrets.token_urlsafe(24)  # the runner's OIDC token; must never le
 REST_CONFIG = {
     **STACK_CONFIG,
     "transceiver": {"namespace": REST_NAMESPACE, "mode": "rest"},
-    # Its own results queue: the message-mode listener would drop results of
-    # runs it does not own (see the README's known gaps).
-    "brokers": {**STACK_CONFIG["brokers"], "results_queue": "/queue/panda.results.worker.rest"},
     "idds": {"timeout": 3, "retry_delays": [0.5, 1]},
     "prefect": {"deployment": "swf-run/panda-workers-rest", "runner_limit": 10},
 }
@@ -67,7 +64,6 @@ SCALING_NAMESPACE = "itestscale"
 SCALING_CONFIG = {
     **STACK_CONFIG,
     "transceiver": {"namespace": SCALING_NAMESPACE},
-    "brokers": {**STACK_CONFIG["brokers"], "results_queue": "/queue/panda.results.worker.scale"},
     "slice": {"cooldown": 2},
     "scaling": SHRUNK_SCALING,
     "prefect": {"deployment": "swf-run/panda-workers-scaling", "runner_limit": 10},

@@ -193,7 +193,7 @@ def send(stack: EmbeddedStack, bus: BusClient, where: str, body: bytes,
          headers: dict[str, str] | None = None, namespace: str | None = None) -> str:
     """Send as a peer does; returns the destination."""
     brokers = stack.brokers
-    destination = brokers.workers_topic if where == TOPIC else brokers.results_queue
+    destination = brokers.workers_topic if where == TOPIC else brokers.results_destination
     sent = {"persistent": "true", **(headers or {})}
     if where == TOPIC:  # the topic's selector: only our namespace reaches the listener
         sent["namespace"] = namespace or stack.settings.transceiver.namespace

@@ -62,9 +62,6 @@ def fault_stack(stack: EmbeddedStack,
     config = {
         **base,
         "transceiver": {**base["transceiver"], "namespace": FAULT_NAMESPACE},
-        # Its own results queue: the session's listener consumes (and drops)
-        # results of runs it does not own.
-        "brokers": {**base["brokers"], "results_queue": "/queue/panda.results.worker.fault"},
         "timeouts": {**base["timeouts"], "created_workflow_task": FAULT_CREATE_TIMEOUT},
         "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-fault"},
     }

@@ -70,9 +70,6 @@ def replica_stack(stack: EmbeddedStack,
     config = {
         **base,
         "transceiver": {**base["transceiver"], "namespace": NAMESPACE},
-        # Its own results queue: the session's listener would take (and drop)
-        # results of runs its namespace does not own.
-        "brokers": {**base["brokers"], "results_queue": "/queue/panda.results.worker.replica"},
         "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-replica"},
     }
     with EmbeddedStack(tmp_path_factory.mktemp("replica-stack"), config, own_broker=False,

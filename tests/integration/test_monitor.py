@@ -46,7 +46,6 @@ def monitor_stack(stack: EmbeddedStack, monitor: MonitorStandIn,
     config = {
         **base,
         "transceiver": {**base["transceiver"], "namespace": NAMESPACE},
-        "brokers": {**base["brokers"], "results_queue": "/queue/panda.results.worker.monitor"},
         "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-monitor"},
         "monitor": {"timeout": 2},
     }

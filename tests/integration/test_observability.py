@@ -100,9 +100,6 @@ def observed_stack(stack: EmbeddedStack, metrics_port: int,
     config = {
         **base,
         "transceiver": {**base["transceiver"], "namespace": NAMESPACE},
-        # Its own results queue: the session's listener would take (and drop)
-        # results of runs its namespace does not own.
-        "brokers": {**base["brokers"], "results_queue": "/queue/panda.results.worker.obs"},
         "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-obs"},
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
     }

@@ -55,7 +55,7 @@ def brokers(namespace: str, broker_port: int) -> Brokers:
         host="127.0.0.1", port=broker_port, heartbeat_ms=0,
         workers_topic=f"/topic/panda.workers.{namespace}",
         transformer_topic=f"/topic/panda.transformer.{namespace}",
-        results_queue=f"/queue/panda.results.worker.{namespace}",
+        results_destination=f"/queue/panda.results.worker.{namespace}",
     )
 
 
@@ -213,7 +213,7 @@ def test_stop_transformer_needs_the_integer_run_id(
     brokers: Brokers, settings: Settings, run_id: str
 ) -> None:
     slices = 400
-    with TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+    with TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
                          brokers.workers_topic, idle_timeout=1.0,
                          result_ttl_ms=60_000) as farm, \
             BusClient(brokers, name="test-stopper") as service:
@@ -237,11 +237,11 @@ def test_stop_transformer_needs_the_integer_run_id(
 
 
 def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
-    results = Listener(brokers, Subscription(brokers.results_queue,
+    results = Listener(brokers, Subscription(brokers.results_destination,
                                              selector=f"run_id='{run_id}'"))
     with results.client, \
             BusRecorder(brokers, (brokers.workers_topic,)) as recorder, \
-            TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+            TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
                             brokers.workers_topic, heartbeat_every=0.2, idle_timeout=0.5,
                             result_ttl_ms=60_000) as farm:
         farm.start_run(run_id, workers=2, slices=5, processing_time=lambda _: 0.3,
@@ -280,10 +280,10 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
     idle = 0.5
     # The last gap (2 s) is much longer than the idle timeout.
     offsets = [0.0, 0.3, 0.6, 2.6]
-    results = Listener(brokers, Subscription(brokers.results_queue,
+    results = Listener(brokers, Subscription(brokers.results_destination,
                                              selector=f"run_id='{run_id}'"))
     with results.client, \
-            TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+            TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
                             brokers.workers_topic, idle_timeout=idle,
                             result_ttl_ms=60_000) as farm:
         began = time.monotonic()
@@ -328,10 +328,10 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
 
 def test_lowering_the_target_finishes_every_slice(brokers: Brokers, run_id: str) -> None:
     slices = 30
-    results = Listener(brokers, Subscription(brokers.results_queue,
+    results = Listener(brokers, Subscription(brokers.results_destination,
                                              selector=f"run_id='{run_id}'"))
     with results.client, \
-            TransformerFarm(brokers, brokers.results_queue, brokers.transformer_topic,
+            TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
                             brokers.workers_topic, idle_timeout=1.0,
                             result_ttl_ms=60_000) as farm:
         run = farm.start_run(run_id, workers=4, slices=slices, processing_time=lambda _: 0.2)
@@ -425,7 +425,7 @@ def test_harness_in_rest_mode_serves_idds_over_http(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
     token = f"tok-{uuid.uuid4().hex}"
-    results = Listener(brokers, Subscription(brokers.results_queue,
+    results = Listener(brokers, Subscription(brokers.results_destination,
                                              selector=f"run_id='{run_id}'"))
     with results.client, PeerHarness(
         brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,

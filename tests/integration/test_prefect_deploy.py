@@ -42,9 +42,6 @@ SLICES = 30
 CONFIG = {
     **STACK_CONFIG,
     "transceiver": {"namespace": NAMESPACE},
-    # Its own results queue: the other stacks' listeners drop results of runs
-    # they do not own.
-    "brokers": {**STACK_CONFIG["brokers"], "results_queue": "/queue/panda.results.worker.deploy"},
 }
 OUTBOUND = ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task")
 
@@ -126,8 +123,7 @@ def test_deploy_all_declares_both_deployments(deployed: Deployed) -> None:
 def test_a_worker_runs_the_run_and_a_deployment_run_replays_it(
         deployed: Deployed, stack: EmbeddedStack, new_run_id) -> None:
     run_id = new_run_id()
-    brokers = stack.brokers.model_copy(update={"results_queue": CONFIG["brokers"]["results_queue"]})
-    with PeerHarness(brokers, NAMESPACE, slices_per_run=SLICES,
+    with PeerHarness(stack.brokers, NAMESPACE, slices_per_run=SLICES,
                      processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
                      idle_timeout=3, heartbeat_every=2) as peers:
         # A worker starts a flow-run process per run: give it the time.

@@ -58,7 +58,6 @@ def subprocess_stack(stack: EmbeddedStack,
     config = {
         **base,
         "transceiver": {**base["transceiver"], "namespace": SUBPROCESS_NAMESPACE},
-        "brokers": {**base["brokers"], "results_queue": "/queue/panda.results.worker.subproc"},
         "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-subprocess",
                     "flow_runs": "subprocess"},
     }

@@ -114,7 +114,7 @@ def test_a_sent_slice_result_is_a_transformers() -> None:
     assert sample.body["run_id"] == 100200  # the transformer's integer
     assert "namespace" not in sample.headers  # results from iDDS jobs carry none
     assert "processing_time" not in sample.body["content"]
-    assert sample.destination == brokers.results_queue
+    assert sample.destination == brokers.results_destination
     failed = sample_messages.slice_result("100200", brokers, NOW, seconds=1, failed=True)
     assert parse_message(json.dumps(failed.body).encode()).content.state == "failed"  # type: ignore[union-attr]
 

@@ -49,7 +49,7 @@ def test_default_file_loads_with_the_documented_values() -> None:
     assert settings.brokers.password is None
     assert settings.brokers.workers_topic == "/topic/panda.workers"
     assert settings.brokers.transformer_topic == "/topic/panda.transformer"
-    assert settings.brokers.results_queue == "/queue/panda.results.worker"
+    assert settings.brokers.results_destination == "/queue/panda.results.worker"
     assert settings.panda.site == "BNL-OSG"
     assert settings.panda.transform_tag == "fastproc"
     assert settings.slice.processing_time == 30.0

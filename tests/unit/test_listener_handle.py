@@ -22,7 +22,7 @@ from pydantic import TypeAdapter
 from listeners.bus_listener import BusListener
 from listeners.routing import Decision
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing
-from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery
+from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
 from swf_panda_workers.config import Settings
 from swf_panda_workers.messages import RunImminent
 
@@ -44,6 +44,16 @@ class FakeBus:
 
     def ack(self, delivery: Delivery) -> None:
         self.log.append(("ack", delivery.message_id))
+
+    def subscribe(self, sub: Subscription) -> None:
+        self.log.append(("subscribe", sub))
+
+    def unsubscribe(self, sub_id: str) -> None:
+        self.log.append(("unsubscribe", sub_id))
+
+    @property
+    def subscribed(self) -> list[Subscription]:
+        return [what for kind, what in self.log if kind == "subscribe"]
 
     @property
     def acked(self) -> list[str]:
@@ -219,7 +229,12 @@ def test_an_announcement_starts_the_run_and_is_acked() -> None:
     body = json.dumps({"msg_type": "run_imminent", "run_id": "5"}).encode()
     item, bus = asyncio.run(handled(body, runs=runs))
     assert runs.started == ["5"]
-    assert bus.log == [("ack", item.message_id)]
+    # The run's results are taken from the shared queue before the ack: they
+    # may come as soon as iDDS has the task.
+    (results,) = bus.subscribed
+    assert (results.destination, results.selector) == ("/queue/panda.results.worker",
+                                                       "run_id = '5'")
+    assert bus.log[-1] == ("ack", item.message_id)
 
 
 JSON_ISH = st.lists(st.sampled_from([

@@ -18,11 +18,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from listeners.routing import (
-    FROM_RESULTS_QUEUE,
+    FROM_RESULTS,
+    IDDS_REPLIES,
     MAX_BODY_BYTES,
     MAX_REASON_CHARS,
     Decision,
+    IddsReply,
     Ignore,
+    Inbox,
     LookUpRun,
     Record,
     RejectKind,
@@ -48,16 +51,18 @@ NS = "itest"
 TOPIC = "/topic/panda.workers"
 RESULTS = "/queue/panda.results.worker"
 ECHOES = (CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer)
+IDDS_NS = "idds"
+INBOX = Inbox(NS, RESULTS, IDDS_NS)
 
 
 def on_topic(body: bytes, owned: frozenset[str] = frozenset()) -> Decision:
-    return decide(body, {"destination": TOPIC, "namespace": NS}, NS, RESULTS, owned)
+    return decide(body, {"destination": TOPIC, "namespace": NS}, INBOX, owned)
 
 
 def on_results(body: bytes, owned: frozenset[str] = frozenset(),
                namespace: str | None = None) -> Decision:
     headers = {"destination": RESULTS} | ({"namespace": namespace} if namespace else {})
-    return decide(body, headers, NS, RESULTS, owned)
+    return decide(body, headers, INBOX, owned)
 
 
 def wire(**fields: Any) -> bytes:
@@ -445,11 +450,13 @@ def test_any_mutated_message_parses_or_is_invalid(data: dict[str, Any]) -> None:
 def test_decide_gives_every_delivery_exactly_one_outcome(
     body: bytes, headers: dict[str, str], owned: frozenset[str],
 ) -> None:
-    decision = decide(body, headers, NS, RESULTS, owned)
+    decision = decide(body, headers, INBOX, owned)
 
     assert sum(isinstance(decision, kind) for kind in OUTCOMES) == 1
-    assert decide(body, headers, NS, RESULTS, owned) == decision  # a function of its input
-    foreign = headers.get("namespace") not in (None, "", NS)
+    assert decide(body, headers, INBOX, owned) == decision  # a function of its input
+    sender = headers.get("namespace") or None
+    foreign = sender not in (None, NS, IDDS_NS) or (
+        sender == IDDS_NS and headers["destination"] == RESULTS)
     if foreign:
         assert isinstance(decision, Ignore)
     try:
@@ -467,9 +474,12 @@ def test_decide_gives_every_delivery_exactly_one_outcome(
             assert why
             assert decision.message in (None, message)
         case StartRun() | Record() | LookUpRun():
-            # Only what parses is acted on, from our namespace, and the
-            # hand-off cannot fail on what it carries.
+            # Only what parses is acted on, from our namespace (iDDS's
+            # replies from outside it too), and the hand-off cannot fail on
+            # what it carries.
             assert not foreign and message is not None and len(body) <= MAX_BODY_BYTES
+            if sender != NS and headers["destination"] != RESULTS:
+                assert type(message) in IDDS_REPLIES
             assert decision.message == message
             assert decision.data == json.loads(body)
             strictly_json({"announcement": decision.data})
@@ -487,15 +497,15 @@ def test_valid_messages_from_our_namespace_go_where_their_type_says(
 ) -> None:
     message = parse_message(data)
     headers = {"destination": destination} | ({"namespace": NS} if destination == TOPIC else {})
-    decision = decide(json.dumps(data).encode(), headers, NS, RESULTS, owned)
+    decision = decide(json.dumps(data).encode(), headers, INBOX, owned)
 
-    if destination == RESULTS and type(message) not in FROM_RESULTS_QUEUE:
+    if destination == RESULTS and type(message) not in FROM_RESULTS:
         assert isinstance(decision, SetAside)
     elif isinstance(message, RunImminent):
         assert decision == StartRun(message, data)
     elif isinstance(message, ECHOES):
         assert isinstance(decision, Ignore)
-    elif isinstance(message, SliceResult) and message.run_id not in owned:
+    elif isinstance(message, SliceResult | IddsReply) and message.run_id not in owned:
         assert decision == LookUpRun(message, data)
     else:
         assert decision == Record(message, data, getattr(message, "run_id", None))

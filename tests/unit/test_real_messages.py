@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from listeners.routing import Ignore, Record, SetAside, StartRun, decide
+from listeners.routing import Ignore, Inbox, LookUpRun, Record, SetAside, StartRun, decide
 from swf_panda_workers.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
@@ -34,10 +34,12 @@ def real(name: str) -> dict[str, Any]:
     return json.loads((REAL / name).read_text())
 
 
-def routed(name: str, results: str = RESULTS, owned: frozenset[str] = frozenset({RUN})) -> Any:
+def routed(name: str, results: str = RESULTS, owned: frozenset[str] = frozenset({RUN}),
+           namespace: str = NAMESPACE, idds_namespace: str | None = None) -> Any:
     message = real(name)
     headers = {**message["headers"], "destination": message["destination"]}
-    return decide(json.dumps(message["body"]).encode(), headers, NAMESPACE, results, owned)
+    return decide(json.dumps(message["body"]).encode(), headers,
+                  Inbox(namespace, results, idds_namespace), owned)
 
 
 # file -> (model, what the listener does with it)
@@ -52,8 +54,10 @@ EXPECTED: dict[str, tuple[type | None, type]] = {
     "end_run.testbed.json": (RunEnd, Record),
     "heartbeat_on_results.swf-transform-HEAD.json": (Heartbeat, Record),
     "heartbeat_on_results_with_namespace.swf-transform-HEAD.json": (Heartbeat, Record),
-    "heartbeat_on_slice_queue.swf-transform-HEAD.json": (Heartbeat, Record),
-    "heartbeat_on_transformer_topic.swf-transform-HEAD.json": (Heartbeat, Record),
+    # Destinations the service does not take from: were they delivered to it,
+    # they would name no namespace of its own.
+    "heartbeat_on_slice_queue.swf-transform-HEAD.json": (Heartbeat, Ignore),
+    "heartbeat_on_transformer_topic.swf-transform-HEAD.json": (Heartbeat, Ignore),
     "run_imminent_worker.testbed.json": (RunImminent, StartRun),
     # For the transformers, not for us: never subscribed to, set aside if it came.
     "slice.testbed.json": (None, SetAside),
@@ -149,3 +153,27 @@ def test_heartbeats_name_no_run() -> None:
         assert outcome.run_id is None
         assert isinstance(outcome.message, Heartbeat)
         assert outcome.message.worker == real(name)["body"]["internal_id"]
+
+
+IDDS_REPLY_FILES = [name for name in EXPECTED if name.split(".")[0].endswith(
+    ("created_workflow_task", "adjusted_worker", "closed_workflow_task",
+     "closed_workflow_task_notfound", "created_workflow_task_no_namespace",
+     "created_workflow_task_workload_null", "created_workflow_task_workload_pair"))]
+
+
+@pytest.mark.parametrize("name", IDDS_REPLY_FILES)
+def test_idds_replies_in_its_own_namespace_are_taken_for_our_runs(name: str) -> None:
+    # iDDS answers in its own namespace ("dev" here), or none: not the
+    # requester's. A service in namespace "alice" talking to it takes the
+    # replies that name its runs, and looks up the others in Prefect.
+    assert len(IDDS_REPLY_FILES) == 7
+    mine = routed(name, namespace="alice", idds_namespace="dev")
+    assert isinstance(mine, Record) and mine.run_id == RUN
+    theirs = routed(name, namespace="alice", idds_namespace="dev", owned=frozenset())
+    assert isinstance(theirs, LookUpRun)
+
+
+def test_only_replies_are_taken_from_idds_namespace() -> None:
+    # The control system's messages in iDDS's namespace are another service's runs.
+    for name in ("run_imminent_worker.testbed.json", "end_run.testbed.json"):
+        assert isinstance(routed(name, namespace="alice", idds_namespace="dev"), Ignore)
