@@ -2,18 +2,23 @@
 bounded retries of what a retry can fix, in either mode."""
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
-from prefect import State, Task, task
+from prefect import State, Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.run_view import RunView
 from swf_panda_workers.adapters.idds_bus import BusGateway
 from swf_panda_workers.adapters.idds_rest import rest_gateway
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import Answer, IddsGateway, IddsRequestFailed
+from swf_panda_workers.messages import WorkflowIds
 from swf_panda_workers.outbound import Sender
+from swf_panda_workers.run_state import Effect
+from swf_panda_workers.timestamps import utc_now
 
 
 def gateway_for(settings: Settings, bus: Sender, dry_run: bool = False) -> IddsGateway:
@@ -45,3 +50,34 @@ def ask_idds(settings: Settings) -> Task[..., Answer | None]:
     iDDS's answer in its message."""
     delays = list(settings.idds.retry_delays)
     return _ask.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
+
+
+async def close_extra_tasks(view: RunView, idds: IddsGateway, settings: Settings,
+                            workflow_name: str) -> None:
+    """Close, at once, the tasks iDDS made for the run besides its first."""
+    await _close(view, idds, settings, workflow_name, view.state.open_extra_tasks)
+
+
+async def close_open_tasks(view: RunView, idds: IddsGateway, settings: Settings,
+                           workflow_name: str) -> None:
+    """Close every task of the run not yet asked to close; when iDDS reported
+    none and nothing was closed yet, the run's task by its run id (on the bus
+    iDDS looks it up so; over REST it is looked up by its workflow name)."""
+    state = view.state
+    targets: list[WorkflowIds | None] = list(state.open_tasks)
+    if state.ids is None and not state.closes_sent:
+        targets.append(None)
+    await _close(view, idds, settings, workflow_name, targets)
+
+
+async def _close(view: RunView, idds: IddsGateway, settings: Settings, workflow_name: str,
+                 targets: Sequence[WorkflowIds | None]) -> None:
+    run_id = view.state.run_id
+    for ids in targets:
+        answer = await ask_idds(settings)("close_workflow_task", partial(
+            idds.close_workflow_task, run_id, ids, workflow_name, utc_now()))
+        await view.record(Effect(kind="close_sent", ids=ids), answer)
+        get_run_logger().info(
+            "close_workflow_task sent for run %s: %s", run_id,
+            "by run id" if ids is None else f"request {ids.request_id}, transform "
+            f"{ids.transform_id}{'' if ids == view.state.ids else ' (an extra task)'}")

@@ -4,6 +4,12 @@
     -> scaling sub-flow (slice results -> adjust_worker) until the run ends
     -> stop the transformers -> close the task -> iDDS's close status
 
+A run always ends cleanly: an end_run that comes before iDDS's ids ends it at
+once (the stop, and a close by run id), and a failure after the ids (the
+scaling sub-flow, iDDS errors) still sends the stop and the close before the
+flow run fails. Every task iDDS made for the run is closed, the extra ones
+(iDDS handling one request more than once) as soon as they are known.
+
 The flow's inputs are its run's Prefect events (bus messages the listener
 handed over, and the effects this flow journaled), so a retried flow run
 rebuilds its state and skips what was already done.
@@ -15,6 +21,7 @@ decisions are artifacts of their own, beside the live run's.
 """
 
 
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -27,7 +34,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.connections import run_bus, run_events
-from flows.idds_requests import ask_idds, gateway_for
+from flows.idds_requests import ask_idds, close_open_tasks, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
 from flows.scaling import ScalingReport, publish_decisions, scale_workers
@@ -41,7 +48,7 @@ from swf_panda_workers.adapters.prefect_events import (
 )
 from swf_panda_workers.adapters.prefect_runs import claim_run
 from swf_panda_workers.config import Settings
-from swf_panda_workers.idds_gateway import IddsGateway
+from swf_panda_workers.idds_gateway import IddsGateway, IddsRequestFailed
 from swf_panda_workers.messages import RunImminent, WorkflowIds
 from swf_panda_workers.outbound import Sender
 from swf_panda_workers.run_report import artifact_key
@@ -64,11 +71,13 @@ class RunOutcome(BaseModel):
     run_id: str
     namespace: str
     status: str  # iDDS's close answer: ToCancel or NotFound on the bus; its REST message
-    ids: WorkflowIds
+    ids: WorkflowIds | None  # None: the run ended before iDDS reported its task
+    extra_tasks: list[WorkflowIds] = []  # more tasks iDDS made for the run, all closed
     slices_done: int
     slices_failed: int
     adjustments: int
-    workers_confirmed: int | None  # the worker count iDDS last confirmed (adjusted_worker)
+    workers_requested: int | None  # the worker count last asked of iDDS
+    workers_confirmed: int | None  # a worker count in iDDS's last adjusted_worker, if any
     end: str
     dry_run: bool = False
 
@@ -104,6 +113,8 @@ async def run_lifecycle(
     since = history_start(received_at or utc_now())
     resource = run_resource_id(namespace, run_id)
 
+    announced_at = received_at or utc_now()
+    workflow_name = outbound.workflow_name(run, settings, announced_at)
     # One subscription for the whole run, so nothing falls between two. The
     # stream of slice results and heartbeats is the scaling sub-flow's.
     async with (
@@ -113,20 +124,38 @@ async def run_lifecycle(
         view = RunView(feed, initial_state(run, settings), namespace, dry_run)
         await view.catch_up()
         idds = gateway_for(settings, bus, dry_run)
-        ids = await create_task(view, idds, run, settings)
-        report = await scale_workers(
-            run_id=run_id, namespace=namespace, announcement=announcement,
-            received_at=received_at, ids=ids, dry_run=dry_run,
-        )
-        state = await stop_and_close(view, bus, idds, ids, settings)
+        ending = Ending(view, bus, idds, workflow_name, settings)
+        try:
+            ids = await create_task(view, idds, run, announced_at, settings)
+        except (CreateNotAnswered, IddsRequestFailed):
+            # iDDS may have made the task all the same: close it by run.
+            await ending.stop_and_close(confirm=False)
+            raise
+        if ids is None:
+            report = ScalingReport.without_scaling("end_run came before iDDS's ids")
+        elif view.state.stop_sent:
+            report = ScalingReport.without_scaling("stopped by an earlier attempt, which failed")
+        else:
+            try:
+                report = await scale_workers(
+                    run_id=run_id, namespace=namespace, announcement=announcement,
+                    received_at=received_at, ids=ids, dry_run=dry_run,
+                )
+            except Exception:
+                # Not swallowed: the stop and the close first, then the failure.
+                await ending.stop_and_close(confirm=False)
+                raise
+        state = await ending.stop_and_close(confirm=True)
 
     # Counted from the stored history after the stop and the close, which
     # must not wait for a read of a long run's every result.
     slices = await fold_history(initial_state(run, settings), resource, since)
     outcome = RunOutcome(
-        run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=ids,
+        run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=state.ids,
+        extra_tasks=list(state.extra_tasks),
         slices_done=slices.slices_done, slices_failed=slices.slices_failed,
         adjustments=len(report.adjustments),
+        workers_requested=state.plan.current.target_worker_count,
         # From this flow's state: a reply to the sub-flow's last adjust may
         # arrive after the sub-flow has returned, but before the close.
         workers_confirmed=state.applied.target_worker_count if state.applied else None,
@@ -147,18 +176,21 @@ async def claim_attempt() -> None:
 
 
 async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
-                      settings: Settings) -> WorkflowIds:
+                      announced_at: datetime, settings: Settings) -> WorkflowIds | None:
+    """The run's task, once iDDS reports it; None if the run ended first."""
     logger = get_run_logger()
     if view.state.create_sent:
         logger.info("create_workflow_task already sent by an earlier attempt; waiting for ids")
     else:
+        now = utc_now()
+        workflow = outbound.workflow_for(run, settings, now, announced_at)
         answer = await ask_idds(settings)(
-            "create_workflow_task", partial(idds.create_workflow_task, run, utc_now()))
+            "create_workflow_task", partial(idds.create_workflow_task, run, workflow, now))
         await view.record(Effect(kind="create_sent"), answer)
-        logger.info("create_workflow_task sent for run %s", run.run_id)
+        logger.info("create_workflow_task sent for run %s (%s)", run.run_id, workflow["name"])
 
     timeout = settings.timeouts.created_workflow_task
-    if not await view.until(lambda s: s.ids is not None, timeout):
+    if not await view.until(lambda s: s.ids is not None or s.ended, timeout):
         if view.dry_run:
             raise CreateNotAnswered(f"the recorded run {run.run_id} holds no answer of iDDS "
                                     "to create_workflow_task: nothing to replay")
@@ -167,7 +199,10 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
             "nothing was closed, since there are no ids to close"
         )
     ids = view.state.ids
-    assert ids is not None
+    if ids is None:
+        logger.warning("end_run came before iDDS reported the task of run %s: ending the run "
+                       "now, closing the task by the run id", run.run_id)
+        return None
     logger.info("iDDS created the task: request %s, transform %s, workload %s",
                 ids.request_id, ids.transform_id, ids.workload_id)
     if ids.workload_id is None:
@@ -175,32 +210,53 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
     return ids
 
 
-async def stop_and_close(view: RunView, bus: Sender, idds: IddsGateway, ids: WorkflowIds,
-                         settings: Settings) -> RunState:
-    logger = get_run_logger()
-    run_id = view.state.run_id
-    if not view.state.stop_sent:
-        await publish(bus, outbound.stop_transformer(run_id, settings, utc_now()))
-        await view.record(Effect(kind="stop_sent"))
-        logger.info("stop_transformer broadcast for run %s", run_id)
-    if not view.state.close_sent:
-        answer = await ask_idds(settings)(
-            "close_workflow_task", partial(idds.close_workflow_task, run_id, ids, utc_now()))
-        await view.record(Effect(kind="close_sent"), answer)
-        logger.info("close_workflow_task sent for request %s", ids.request_id)
+@dataclass
+class Ending:
+    """How a run ends, whatever ended it: its transformers stopped, every
+    task iDDS made for it closed."""
 
-    timeout = settings.timeouts.closed_workflow_task
-    if not await view.until(lambda s: s.closed, timeout):
-        if view.dry_run:
-            # The replay's decisions are still worth showing.
-            logger.warning("the recorded run %s holds no close confirmation of iDDS", run_id)
+    view: RunView
+    bus: Sender
+    idds: IddsGateway
+    workflow_name: str
+    settings: Settings
+
+    async def stop_and_close(self, confirm: bool) -> RunState:
+        """Stop and close what is not yet; with ``confirm``, wait for iDDS to
+        confirm the close of the run's task, closing any task of the run that
+        it reports meanwhile."""
+        view, settings = self.view, self.settings
+        await view.drain()  # what came meanwhile: a task reported late, say
+        if not view.state.stop_sent:
+            await self.stop()
+        await close_open_tasks(view, self.idds, settings, self.workflow_name)
+        if not confirm:
             return view.state
-        raise CloseNotConfirmed(
-            f"iDDS did not confirm close_workflow_task of request {ids.request_id} "
-            f"(run {run_id}) within {timeout:g}s"
-        )
-    logger.info("iDDS closed the task of run %s: %s", run_id, view.state.closed_status)
-    return view.state
+        timeout = settings.timeouts.closed_workflow_task
+        if not await view.until(lambda s: s.closed, timeout, self._close_new_tasks):
+            if view.dry_run:
+                # The replay's decisions are still worth showing.
+                get_run_logger().warning("the recorded run %s holds no close confirmation of "
+                                         "iDDS", view.state.run_id)
+                return view.state
+            raise CloseNotConfirmed(
+                f"iDDS did not confirm close_workflow_task of run {view.state.run_id} "
+                f"({self.workflow_name}) within {timeout:g}s")
+        get_run_logger().info("iDDS closed the task of run %s: %s", view.state.run_id,
+                              view.state.closed_status)
+        return view.state
+
+    async def stop(self) -> None:
+        run_id = self.view.state.run_id
+        for message in outbound.stop_transformers(run_id, self.settings, utc_now()):
+            await publish(self.bus, message)
+        await self.view.record(Effect(kind="stop_sent"))
+        get_run_logger().info("stop_transformer broadcast for run %s (run_id as %s)", run_id,
+                              " and as ".join(type(form).__name__ for form in
+                                              outbound.stop_run_ids(run_id)))
+
+    async def _close_new_tasks(self) -> None:
+        await close_open_tasks(self.view, self.idds, self.settings, self.workflow_name)
 
 
 async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
@@ -211,6 +267,11 @@ async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
         for a in report.adjustments
     ) or "| - | - | no adjustment |"
     ids = outcome.ids
+    extras = "".join(f"- extra iDDS task, closed: {task_line(extra)}\n"
+                     for extra in outcome.extra_tasks)
+    # iDDS 2.6.21 applies no worker count: its adjusted_worker carries none.
+    confirmed = (outcome.workers_confirmed if outcome.workers_confirmed is not None
+                 else "none (this iDDS does not act on a worker count)")
     title = f"Dry run of run {outcome.run_id}" if outcome.dry_run else f"Run {outcome.run_id}"
     note = "Replayed from the recorded run; nothing was sent.\n\n" if outcome.dry_run else ""
     await create_markdown_artifact(
@@ -218,13 +279,20 @@ async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
         description=f"{title}: iDDS status {outcome.status or 'not confirmed'}",
         markdown=(
             f"# {title} ({outcome.namespace})\n\n{note}"
-            f"- iDDS request {ids.request_id}, transform {ids.transform_id}, "
-            f"workload {ids.workload_id}\n"
+            f"- iDDS task: {task_line(ids)}\n"
+            f"{extras}"
             f"- close status: **{outcome.status or 'not confirmed'}**\n"
             f"- slices: {outcome.slices_done} done, {outcome.slices_failed} failed\n"
-            f"- workers confirmed by iDDS: {outcome.workers_confirmed or 'initial size'}\n"
+            f"- workers requested: {outcome.workers_requested}; confirmed by iDDS: "
+            f"{confirmed}\n"
             f"- end: {outcome.end}\n\n"
             "| time (UTC) | workers requested | reason |\n|---|---|---|\n"
             f"{rows}\n"
         ),
     )
+
+
+def task_line(ids: WorkflowIds | None) -> str:
+    if ids is None:
+        return "none reported (the run ended first)"
+    return f"request {ids.request_id}, transform {ids.transform_id}, workload {ids.workload_id}"

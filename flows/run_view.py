@@ -7,7 +7,7 @@ out, and what the dry run does is applied here only, never journaled."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -55,18 +55,20 @@ class RunView:
         return self._feed.exhausted
 
     async def next_input(self, timeout: float) -> Message | Effect | None:
-        """Apply the next event to the state and return what it carried."""
+        """Apply the next event to the state and return what it carried;
+        None when none came within ``timeout``."""
         while True:
             event = await self._feed.next(timeout)
             if event is None:
                 return None
             item = decode(event)
+            if item is None:
+                continue  # unreadable (decode logged why): not an input
             if self.dry_run and isinstance(item, Effect):
                 continue  # what the recorded run's flow did: the dry run decides afresh
-            if item is not None:
-                self._clock = plain_utc(event.occurred)
-                self.state = apply(item, self.state, self._clock)
-                get_run_logger().info(input_line(item, self.state.run_id))
+            self._clock = plain_utc(event.occurred)
+            self.state = apply(item, self.state, self._clock)
+            get_run_logger().info(input_line(item, self.state.run_id))
             return item
 
     async def catch_up(self) -> RunState:
@@ -75,14 +77,23 @@ class RunView:
             await self.next_input(timeout=0)
         return self.state
 
-    async def until(self, done: Callable[[RunState], bool], timeout: float) -> bool:
-        """Follow the feed until ``done(state)``; False if ``timeout`` passes first."""
+    async def drain(self) -> RunState:
+        """Apply everything stored or already arrived, waiting for nothing."""
+        while await self.next_input(timeout=0) is not None:
+            pass
+        return self.state
+
+    async def until(self, done: Callable[[RunState], bool], timeout: float,
+                    after_each: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Follow the feed until ``done(state)``; False if ``timeout`` passes
+        first. ``after_each``: what to do after each input applied."""
         loop_deadline = utc_now() + timedelta(seconds=timeout)
         while not done(self.state):
             left = (loop_deadline - utc_now()).total_seconds()
             if left <= 0 or self.exhausted:
                 return False
-            await self.next_input(timeout=left)
+            if await self.next_input(timeout=left) is not None and after_each is not None:
+                await after_each()
         return True
 
     async def record(self, effect: Effect, answer: Answer | None = None) -> None:

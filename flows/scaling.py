@@ -1,6 +1,9 @@
 """The scaling sub-flow: slice results in, adjust_worker out, until the run ends
 (and, with ``scaling.end: drain``, until its queue has drained).
 
+Tasks iDDS made for the run besides its first (its transceiver may handle one
+request on several threads) are closed here as soon as they are known.
+
 Slice results that arrived before iDDS's ids are held and decided once the
 ids are known (the parent starts this sub-flow with the ids, and the run's
 stored history replays the early results first). On a retried flow run the
@@ -9,7 +12,6 @@ for a size already requested is not sent twice. Every adjustment is journaled
 with the figures it was decided on; at the end they are shown in the Prefect
 UI as a table and a plot of the run's workers and processing time.
 """
-
 
 import asyncio
 from collections.abc import Iterable
@@ -23,14 +25,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from flows.connections import run_bus, run_events
-from flows.idds_requests import ask_idds, gateway_for
+from flows.idds_requests import ask_idds, close_extra_tasks, gateway_for
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
+from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import history_start, run_resource_id
 from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
-from swf_panda_workers.messages import SliceResult, WorkerSize, WorkflowIds
+from swf_panda_workers.messages import CreatedWorkflowTask, SliceResult, WorkerSize, WorkflowIds
 from swf_panda_workers.plots import Trace, markdown_image, timeline_png
 from swf_panda_workers.run_report import artifact_key
 from swf_panda_workers.run_state import Adjustment, Effect, apply, initial_state
@@ -46,6 +49,11 @@ class ScalingReport(BaseModel):
     adjustments: list[Adjustment]
     end: str  # why the sub-flow returned
     timeline: list[TimelinePoint]  # the run at each look of its policy, for the plot
+
+    @classmethod
+    def without_scaling(cls, why: str) -> "ScalingReport":
+        """A run that ended without a scaling sub-flow."""
+        return cls(adjustments=[], end=why, timeline=[])
 
 
 @flow(name="swf-scaling", flow_run_name="scaling-{run_id}")
@@ -73,7 +81,8 @@ async def scale_workers(
         run_events(run_resource_id(namespace, run_id), history_start(started), dry_run) as feed,
     ):
         view = RunView(feed, state, namespace, dry_run)
-        scaler = Scaler(view, autoscaler, gateway_for(settings, bus, dry_run), settings)
+        scaler = Scaler(view, autoscaler, gateway_for(settings, bus, dry_run), settings,
+                        outbound.workflow_name(run, settings, started))
         end = await scaler.follow_until_end(deadline)
         if settings.scaling.end == "drain" and view.state.ended:
             end = f"{end}; {await scaler.drain()}"
@@ -92,6 +101,7 @@ class Scaler:
     autoscaler: Autoscaler
     idds: IddsGateway
     settings: Settings
+    workflow_name: str
 
     async def follow_until_end(self, deadline: datetime) -> str:
         logger = get_run_logger()
@@ -134,6 +144,8 @@ class Scaler:
         wait = self.autoscaler.seconds_to_next_look(now)
         item = await self.view.next_input(
             timeout=IDLE_CHECK_SECONDS if wait is None else min(wait, IDLE_CHECK_SECONDS))
+        if isinstance(item, CreatedWorkflowTask) and self.view.state.open_extra_tasks:
+            await close_extra_tasks(self.view, self.idds, self.settings, self.workflow_name)
         if isinstance(item, SliceResult):
             seen = self.observe(item)
             if self.autoscaler.due(seen.at, after_result=True):

@@ -171,8 +171,10 @@ class Panda(_Section):
     scope: str | None = Field(default=None, description="default EIC_<YYYY>")
 
     def task_attributes(self) -> dict[str, Any]:
-        """The PanDA task parameters iDDS expects in panda_attributes."""
-        return self.model_dump(
+        """The PanDA task parameters iDDS expects in panda_attributes: the
+        seed's names, and the names iDDS 2.6.21 reads for two of them
+        (``walltime`` for max_walltime, ``memory_per_core`` for ram_count)."""
+        seed_names = self.model_dump(
             include={
                 "vo", "queue", "site", "cloud", "working_group", "priority",
                 "core_count", "ram_count", "num_workers", "max_walltime",
@@ -180,6 +182,7 @@ class Panda(_Section):
                 "processing_type",
             }
         )
+        return {**seed_names, "walltime": self.max_walltime, "memory_per_core": self.ram_count}
 
 
 class Slice(_Section):

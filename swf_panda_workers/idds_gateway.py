@@ -14,7 +14,7 @@ carries iDDS's own words.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -42,17 +42,24 @@ class IddsRequestFailed(RuntimeError):
 class IddsGateway(Protocol):
     """A run's requests to iDDS. Each method returns iDDS's answer when the
     way of asking gives one at once (REST), or None when it comes later on
-    the bus (message mode). Raises IddsRequestFailed, or BusUnavailable."""
+    the bus (message mode). Raises IddsRequestFailed, or BusUnavailable.
 
-    def create_workflow_task(self, run: RunImminent, now: datetime) -> CreatedWorkflowTask | None:
+    ``workflow`` is the run's (``outbound.workflow_for``); its name is unique
+    per run, which is how iDDS (and REST mode, after a failed answer) finds
+    the run's task."""
+
+    def create_workflow_task(self, run: RunImminent, workflow: dict[str, Any],
+                             now: datetime) -> CreatedWorkflowTask | None:
         ...
 
     def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
                       now: datetime) -> AdjustedWorker | None:
         ...
 
-    def close_workflow_task(self, run_id: str, ids: WorkflowIds,
+    def close_workflow_task(self, run_id: str, ids: WorkflowIds | None, workflow_name: str,
                             now: datetime) -> ClosedWorkflowTask | None:
+        """``ids`` None: the run's task, whose ids never came, found by the
+        run (message mode: iDDS looks it up by run id) or by its workflow name."""
         ...
 
 
@@ -129,6 +136,38 @@ def closed_answer(run_id: str, ids: WorkflowIds, result: object,
     status = str(message) if message else f"closed ({_text(result)})"
     content = {"run_id": run_id, **ids.model_dump(), "status": status}
     return ClosedWorkflowTask.model_validate(_reply("closed_workflow_task", run_id, now, content))
+
+
+def not_found_answer(run_id: str, now: datetime) -> ClosedWorkflowTask:
+    """What iDDS's transceiver answers a close by run id when the run has no
+    task: REST mode says the same when it found none to close."""
+    content = {"run_id": run_id, "request_id": None, "transform_id": None,
+               "workload_id": None, "status": "NotFound"}
+    return ClosedWorkflowTask.model_validate(_reply("closed_workflow_task", run_id, now, content))
+
+
+def task_of_run(requests: object, transforms_of: Callable[[int], object], name: str,
+                run_id: str) -> dict[str, Any] | None:
+    """The run's task among iDDS's answers: ``requests`` is its answer to
+    get_request_id_by_name (``{name: request_id}``; the lookup is a SQL LIKE,
+    where ``_`` matches any character, so only the exact name counts), and
+    ``transforms_of(request_id)`` its transforms. None: iDDS has no task of
+    that name. The transform named so (one per request and name) is the task."""
+    if not isinstance(requests, Mapping):
+        raise IddsRequestFailed(f"iDDS answered the lookup of {name} with {_text(requests)}")
+    request_id = requests.get(name)
+    if request_id is None:
+        return None
+    transforms = transforms_of(int(request_id))
+    if not isinstance(transforms, list | tuple):
+        raise IddsRequestFailed(
+            f"iDDS answered the transforms of request {request_id} with {_text(transforms)}")
+    for transform in transforms:
+        if isinstance(transform, Mapping) and transform.get("name") == name and (
+                transform.get("run_id") in (None, run_id)):
+            return {"request_id": int(request_id), **{
+                key: transform.get(key) for key in ("transform_id", "workload_id")}}
+    return None
 
 
 def _reply(msg_type: str, run_id: str, now: datetime, content: dict[str, Any]) -> dict[str, Any]:

@@ -105,11 +105,17 @@ class RunSpec(_Model):
         validation_alias=AliasChoices("target_worker_count", "num_workers"),
         description="workers (PanDA jobs, one transformer each) wanted at the start",
     )
+    cores_per_worker: int | None = Field(
+        default=None,
+        ge=0,
+        validation_alias="num_cores_per_worker",
+        description="cores per worker (the seed's num_cores_per_worker)",
+    )
     core_count: int | None = Field(
         default=None,
         ge=0,
-        validation_alias=AliasChoices("core_count", "num_cores_per_worker"),
-        description="cores per worker",
+        description="the testbed's core_count: its fast-processing agent sets it to "
+        "target_worker_count, so it is no cores-per-worker figure and is not used as one",
     )
     memory_per_core: int | None = Field(
         default=None,

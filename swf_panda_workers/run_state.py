@@ -30,6 +30,7 @@ from swf_panda_workers.messages import (
     WorkerSize,
     WorkflowIds,
 )
+from swf_panda_workers.outbound import cores_per_worker
 from swf_panda_workers.scaling import SliceObservation, WorkerPlan
 from swf_panda_workers.slice_window import Demand
 
@@ -41,6 +42,8 @@ class Effect(BaseModel):
 
     kind: Literal["create_sent", "adjust_sent", "stop_sent", "close_sent"]
     size: WorkerSize | None = None
+    # The task a close was for; None: the run's, by its run id (no ids known).
+    ids: WorkflowIds | None = None
     reason: str | None = None
     inputs: Demand | None = None  # what the policy saw, for an adjust
     # When the policy decided, on the clock of the results it looked at. The
@@ -64,13 +67,16 @@ class Adjustment(BaseModel):
 class RunState:
     run_id: str
     plan: WorkerPlan
-    ids: WorkflowIds | None = None
+    ids: WorkflowIds | None = None  # the run's task: the first iDDS reported
+    # Further tasks iDDS made for this one run (its transceiver may handle one
+    # request on several threads): each is closed as soon as it is known.
+    extra_tasks: tuple[WorkflowIds, ...] = ()
     ended_at: datetime | None = None
-    closed_status: str | None = None
+    closed_status: str | None = None  # iDDS's answer to the close of the run's task
     applied: WorkerSize | None = None  # the size iDDS last confirmed
     create_sent: bool = False
     stop_sent: bool = False
-    close_sent: bool = False
+    closes_sent: tuple[WorkflowIds | None, ...] = ()  # None: by run id
     adjustments: tuple[Adjustment, ...] = ()
     slices_done: int = 0
     slices_failed: int = 0
@@ -86,12 +92,33 @@ class RunState:
     def closed(self) -> bool:
         return self.closed_status is not None
 
+    @property
+    def close_sent(self) -> bool:
+        """The run's task has been asked to close (by its ids, or by run id)."""
+        return None in self.closes_sent or (
+            self.ids is not None and self.ids in self.closes_sent)
+
+    @property
+    def open_tasks(self) -> tuple[WorkflowIds, ...]:
+        """Tasks of the run known by their ids and not yet asked to close."""
+        known = (self.ids, *self.extra_tasks) if self.ids is not None else ()
+        return tuple(task for task in known if task not in self.closes_sent)
+
+    @property
+    def open_extra_tasks(self) -> tuple[WorkflowIds, ...]:
+        return tuple(task for task in self.open_tasks if task != self.ids)
+
+    def is_run_task(self, reply: ClosedWorkflowTask) -> bool:
+        """Whether a close confirmation is for the run's task (not an extra)."""
+        transform_id = reply.content.transform_id
+        return self.ids is None or transform_id is None or transform_id == self.ids.transform_id
+
 
 def initial_state(run: RunImminent, settings: Settings) -> RunState:
     """A new run, sized from run_imminent, with configured defaults for gaps."""
     spec, panda = run.content, settings.panda
     size = WorkerSize(
-        core_count=spec.core_count or panda.core_count,
+        core_count=cores_per_worker(run, settings),
         memory_per_core=spec.memory_per_core or panda.ram_count,
         site=spec.site or panda.site,
         target_worker_count=spec.target_worker_count or panda.num_workers,
@@ -107,9 +134,15 @@ def apply(item: object, state: RunState, at: datetime) -> RunState:
 
 @apply.register
 def _created(item: CreatedWorkflowTask, state: RunState, at: datetime) -> RunState:
-    # iDDS hears its own replies and a retried create may be answered twice:
-    # the first ids are the run's.
-    return state if state.ids is not None else replace(state, ids=item.ids)
+    # The first task iDDS reports is the run's. A reply heard twice names it
+    # again; another task for the same run (iDDS handled the request on
+    # several threads) is an extra, to be closed.
+    ids = item.ids
+    if state.ids is None:
+        return replace(state, ids=ids)
+    if ids == state.ids or ids in state.extra_tasks:
+        return state
+    return replace(state, extra_tasks=(*state.extra_tasks, ids))
 
 
 @apply.register
@@ -120,7 +153,9 @@ def _adjusted(item: AdjustedWorker, state: RunState, at: datetime) -> RunState:
 
 @apply.register
 def _closed(item: ClosedWorkflowTask, state: RunState, at: datetime) -> RunState:
-    return state if state.closed else replace(state, closed_status=item.content.status)
+    if state.closed or not state.is_run_task(item):
+        return state  # an extra task's confirmation, or a repeat
+    return replace(state, closed_status=item.content.status)
 
 
 @apply.register
@@ -165,7 +200,7 @@ def _effect(item: Effect, state: RunState, at: datetime) -> RunState:
         case "stop_sent":
             return replace(state, stop_sent=True)
         case "close_sent":
-            return replace(state, close_sent=True)
+            return replace(state, closes_sent=(*state.closes_sent, item.ids))
         case "adjust_sent":
             assert item.size is not None, "adjust_sent carries the size requested"
             plan = replace(state.plan, current=item.size, requested_at=at,

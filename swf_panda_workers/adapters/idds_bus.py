@@ -4,6 +4,7 @@ bus too, and the listener hands the answers to the run's event feed."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from swf_panda_workers import outbound
 from swf_panda_workers.config import Settings
@@ -26,8 +27,9 @@ class BusGateway:
         self._bus = bus
         self._settings = settings
 
-    def create_workflow_task(self, run: RunImminent, now: datetime) -> CreatedWorkflowTask | None:
-        self._bus.send(outbound.create_workflow_task(run, self._settings, now))
+    def create_workflow_task(self, run: RunImminent, workflow: dict[str, Any],
+                             now: datetime) -> CreatedWorkflowTask | None:
+        self._bus.send(outbound.create_workflow_task(run, self._settings, now, workflow))
         return None
 
     def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
@@ -35,7 +37,8 @@ class BusGateway:
         self._bus.send(outbound.adjust_worker(run_id, ids, size, self._settings, now))
         return None
 
-    def close_workflow_task(self, run_id: str, ids: WorkflowIds,
+    def close_workflow_task(self, run_id: str, ids: WorkflowIds | None, workflow_name: str,
                             now: datetime) -> ClosedWorkflowTask | None:
+        # Without ids, by run id: iDDS's transceiver looks the task up by it.
         self._bus.send(outbound.close_workflow_task(run_id, ids, self._settings, now))
         return None

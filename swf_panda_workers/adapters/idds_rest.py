@@ -5,11 +5,21 @@ Two routes to the same iDDS workflow-task API, chosen by ``idds.route``:
 PanDA server with panda-client. Both clients read their credentials from
 their own environment variables, so no secret passes through this service's
 configuration, logs or Prefect parameters.
+
+iDDS 2.6.21 answers every create with HTTP 500 *after* it made the task and
+its PanDA task (its REST handler fails unpacking its own result), and a
+retried create would make another. So a create first looks for the run's
+task by its workflow name (unique per run), and after a failed answer looks
+again: the task found is the answer; only when iDDS has none is the failure
+raised (and the create retried). A close without the task's ids is never
+sent: iDDS's REST close ignores the run id and, given no ids, would cancel
+every processing it has; the task is looked up by name instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -18,11 +28,14 @@ from typing import Any, Protocol
 from swf_panda_workers import outbound
 from swf_panda_workers.config import Idds, Settings
 from swf_panda_workers.idds_gateway import (
+    IddsRequestFailed,
     adjusted_answer,
     client_result,
     closed_answer,
     created_answer,
+    not_found_answer,
     relay_result,
+    task_of_run,
 )
 from swf_panda_workers.messages import (
     AdjustedWorker,
@@ -33,6 +46,8 @@ from swf_panda_workers.messages import (
     WorkflowIds,
 )
 
+log = logging.getLogger(__name__)
+
 
 class IddsNotConfigured(RuntimeError):
     """REST mode cannot start: no iDDS host, or the client's credentials are
@@ -40,7 +55,8 @@ class IddsNotConfigured(RuntimeError):
 
 
 class WorkflowTaskApi(Protocol):
-    """The three calls both iDDS clients offer for workflow tasks."""
+    """The calls both iDDS clients offer for workflow tasks, and the two
+    lookups that find a run's task by its workflow name."""
 
     def create_workflow_task(self, workflow: dict[str, Any]) -> object: ...
 
@@ -48,6 +64,10 @@ class WorkflowTaskApi(Protocol):
                       parameters: dict[str, Any]) -> object: ...
 
     def close_workflow_task(self, request_id: int, parameters: dict[str, Any]) -> object: ...
+
+    def get_request_id_by_name(self, name: str) -> object: ...
+
+    def get_transforms(self, request_id: int) -> object: ...
 
 
 Unwrap = Callable[[object, str], object]
@@ -64,9 +84,23 @@ class RestGateway:
         self._unwrap = unwrap
         self._settings = settings
 
-    def create_workflow_task(self, run: RunImminent, now: datetime) -> CreatedWorkflowTask:
-        workflow = outbound.workflow_for(run, self._settings, now)
-        result = self._call("create_workflow_task", lambda api: api.create_workflow_task(workflow))
+    def create_workflow_task(self, run: RunImminent, workflow: dict[str, Any],
+                             now: datetime) -> CreatedWorkflowTask:
+        name = str(workflow["name"])
+        earlier = self._task_named(name, run.run_id)  # an earlier attempt's, answered in error
+        if earlier is not None:
+            log.info("run %s: iDDS already has its task %s (%s)", run.run_id, name, earlier)
+            return created_answer(run.run_id, earlier, now)
+        try:
+            result = self._call("create_workflow_task",
+                                lambda api: api.create_workflow_task(workflow))
+        except IddsRequestFailed as failure:
+            made = self._task_named(name, run.run_id)
+            if made is None:
+                raise
+            log.warning("run %s: iDDS answered the create with an error (%s), but made the "
+                        "task: %s", run.run_id, failure, made)
+            return created_answer(run.run_id, made, now)
         return created_answer(run.run_id, result, now)
 
     def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
@@ -80,12 +114,26 @@ class RestGateway:
             ids.request_id, ids.transform_id, ids.workload_id, parameters))
         return adjusted_answer(run_id, ids, size, now)
 
-    def close_workflow_task(self, run_id: str, ids: WorkflowIds,
+    def close_workflow_task(self, run_id: str, ids: WorkflowIds | None, workflow_name: str,
                             now: datetime) -> ClosedWorkflowTask:
+        if ids is None:
+            found = self._task_named(workflow_name, run_id)
+            if found is None:
+                return not_found_answer(run_id, now)
+            ids = WorkflowIds.model_validate(found)
         parameters = outbound.close_content(run_id, ids, now)
         result = self._call("close_workflow_task",
                             lambda api: api.close_workflow_task(ids.request_id, parameters))
         return closed_answer(run_id, ids, result, now)
+
+    def _task_named(self, name: str, run_id: str) -> dict[str, Any] | None:
+        """The ids of the run's task, looked up by its workflow name; None if
+        iDDS has none. Raises IddsRequestFailed when iDDS cannot say."""
+        requests = self._call("get_request_id_by_name",
+                              lambda api: api.get_request_id_by_name(name))
+        return task_of_run(requests, lambda request_id: self._call(
+            "get_transforms", lambda api: api.get_transforms(request_id=request_id)),
+            name, run_id)
 
     def _call(self, request: str, call: Callable[[WorkflowTaskApi], object]) -> object:
         if self._api is None:
@@ -167,6 +215,12 @@ class _Relay:
 
     def close_workflow_task(self, request_id: int, parameters: dict[str, Any]) -> object:
         return self._guarded(lambda: self._api.close_workflow_task(request_id, parameters))
+
+    def get_request_id_by_name(self, name: str) -> object:
+        return self._guarded(lambda: self._api.get_request_id_by_name(name))
+
+    def get_transforms(self, request_id: int) -> object:
+        return self._guarded(lambda: self._api.get_transforms(request_id=request_id))
 
     @staticmethod
     def _guarded(call: Callable[[], object]) -> object:

@@ -94,7 +94,11 @@ def test_sent_announcements_and_ends_are_what_the_listener_takes(shape: str) -> 
 
     announced = parse_message(json.dumps(imminent.body).encode())
     assert isinstance(announced, RunImminent) and announced.run_id == "100200"
-    assert announced.content.target_worker_count == 4 and announced.content.core_count == 2
+    assert announced.content.target_worker_count == 4
+    # cores per worker: only the seed's shape says; the testbed copies its
+    # worker count into core_count.
+    assert (announced.content.cores_per_worker, announced.content.core_count) == (
+        (None, 4) if shape == "testbed" else (2, None))
     assert isinstance(parse_message(json.dumps(end.body).encode()), RunEnd)
     for sample in (imminent, end):
         assert sample.destination == brokers.workers_topic
@@ -111,7 +115,8 @@ def test_a_sent_slice_result_is_a_transformers() -> None:
 
     assert isinstance(result, SliceResult)
     assert result.processing_seconds == pytest.approx(42.5)
-    assert sample.body["run_id"] == 100200  # the transformer's integer
+    assert sample.body["run_id"] == "100200"  # the slice's run id, as the testbed sends it
+    assert sample.body["content"]["result"]["state"] is True  # a JSON boolean
     assert "namespace" not in sample.headers  # results from iDDS jobs carry none
     assert "processing_time" not in sample.body["content"]
     assert sample.destination == brokers.results_destination

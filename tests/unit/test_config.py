@@ -399,9 +399,32 @@ def test_config_error_is_a_value_error() -> None:
 def test_panda_task_attributes_are_the_protocol_keys() -> None:
     attributes = Settings().panda.task_attributes()
 
-    assert set(attributes) == PANDA_ATTRIBUTE_KEYS
+    # The seed's names, and those iDDS 2.6.21 reads for two of them.
+    assert set(attributes) == PANDA_ATTRIBUTE_KEYS | {"walltime", "memory_per_core"}
     assert attributes["queue"] == "BNL_PanDA_1"
-    assert attributes["ram_count"] == 4000
+    assert attributes["ram_count"] == attributes["memory_per_core"] == 4000
+    assert attributes["max_walltime"] == attributes["walltime"] == 3600
+
+
+def test_results_destination_and_its_older_name() -> None:
+    assert Settings().brokers.results_destination == "/queue/panda.results.worker"
+    older = settings_from({"brokers": {"results_queue": "/queue/mine"}}, {})
+    assert older.brokers.results_destination == "/queue/mine"
+    topic = settings_from({"brokers": {"results_destination": "/topic/panda.results"}}, {})
+    assert topic.brokers.results_on_topic and not older.brokers.results_on_topic
+    with pytest.raises(ConfigError, match="both set"):
+        settings_from({"brokers": {"results_queue": "/queue/a",
+                                   "results_destination": "/queue/b"}}, {})
+    with pytest.raises(ConfigError, match="results_destination"):
+        settings_from({"brokers": {"results_destination": "panda.results"}}, {})
+
+
+def test_idds_namespace() -> None:
+    assert Settings().transceiver.requests_namespace == "dev"
+    other = settings_from({"transceiver": {"namespace": "alice", "idds_namespace": "dev"}}, {})
+    assert other.transceiver.requests_namespace == "dev"
+    with pytest.raises(ConfigError, match="idds_namespace"):
+        settings_from({"transceiver": {"idds_namespace": "dev' OR '1'='1"}}, {})
 
 
 def test_settings_are_frozen() -> None:

@@ -4,6 +4,7 @@ REST gateway sends iDDS exactly what its handlers read."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from swf_panda_workers import outbound
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, RestGateway, check_rest_client
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import (
@@ -151,15 +153,35 @@ def test_closed_answer_without_a_message_still_closes() -> None:
 
 
 class RecordingApi:
-    """Stands in for an iDDS client object: records the calls, answers as told."""
+    """Stands in for an iDDS client object: records the calls, answers as told.
+    ``tasks``: what iDDS holds, by workflow name (``make`` on a create adds
+    one, as iDDS 2.6.21 does even when it answers the create with an error)."""
 
-    def __init__(self, answers: dict[str, object]) -> None:
+    def __init__(self, answers: dict[str, object], make: bool = False,
+                 tasks: dict[str, dict[str, Any]] | None = None) -> None:
         self.answers = answers
+        self.make = make
+        self.tasks = dict(tasks or {})
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
     def create_workflow_task(self, workflow: dict[str, Any]) -> object:
         self.calls.append(("create", (workflow,)))
+        if self.make:
+            self.tasks[workflow["name"]] = {**CREATED, "name": workflow["name"],
+                                            "run_id": workflow["content"]["run_id"]}
         return self.answers["create"]
+
+    def get_request_id_by_name(self, name: str) -> object:
+        self.calls.append(("lookup", (name,)))
+        # As iDDS: a SQL LIKE, where "_" stands for any character.
+        pattern = re.compile(re.escape(name).replace("_", ".") + r"\Z")
+        return {n: t["request_id"] for n, t in self.tasks.items() if pattern.match(n)}
+
+    def get_transforms(self, request_id: int) -> object:
+        self.calls.append(("transforms", (request_id,)))
+        return [{"transform_id": t["transform_id"], "workload_id": t["workload_id"],
+                 "name": n, "run_id": t["run_id"]}
+                for n, t in self.tasks.items() if t["request_id"] == request_id]
 
     def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,
                       parameters: dict[str, Any]) -> object:
@@ -175,17 +197,76 @@ def gateway(api: RecordingApi) -> RestGateway:
     return RestGateway(lambda: api, client_result, Settings())
 
 
+def workflow(run: RunImminent | None = None) -> dict[str, Any]:
+    return outbound.workflow_for(run or announced(), Settings(), NOW)
+
+
+NAME = "EIC_2026_fastproc_BNL-OSG_20260305_100123"
+
+
 def test_rest_create_sends_the_workflow_and_returns_the_ids() -> None:
     api = RecordingApi({"create": CREATED})
 
-    answer = gateway(api).create_workflow_task(announced(), NOW)
+    answer = gateway(api).create_workflow_task(announced(), workflow(), NOW)
 
     assert answer.ids == IDS
-    ((kind, (workflow,)),) = api.calls
-    assert kind == "create"
-    assert workflow["content"]["run_id"] == "100123"
-    assert workflow["content"]["target_worker_count"] == 30
-    assert workflow["name"].startswith("EIC_2026_fastproc_")
+    # The run's task looked for first: an earlier attempt may have made it.
+    assert [kind for kind, _ in api.calls] == ["lookup", "create"]
+    ((_, (sent,)),) = [call for call in api.calls if call[0] == "create"]
+    assert sent["content"]["run_id"] == "100123"
+    assert sent["content"]["target_worker_count"] == 30
+    assert sent["name"] == NAME
+
+
+def test_idds_2_6_21_answers_a_create_with_500_after_making_the_task() -> None:
+    # Its REST handler fails unpacking its own result: the task exists.
+    api = RecordingApi({"create": (False, "Core exception.: {}\nDetails: too many values "
+                                          "to unpack (expected 6)")}, make=True)
+
+    answer = gateway(api).create_workflow_task(announced(), workflow(), NOW)
+
+    assert answer.ids == IDS
+    assert [kind for kind, _ in api.calls] == ["lookup", "create", "lookup", "transforms"]
+
+
+def test_a_retried_create_finds_the_task_and_makes_no_second() -> None:
+    api = RecordingApi({"create": CREATED}, tasks={
+        NAME: {**CREATED, "run_id": "100123"}})
+
+    answer = gateway(api).create_workflow_task(announced(), workflow(), NOW)
+
+    assert answer.ids == IDS
+    assert "create" not in [kind for kind, _ in api.calls]
+
+
+def test_a_similar_name_is_not_the_runs_task() -> None:
+    # iDDS's name lookup is a LIKE: "_" matches any character.
+    similar = NAME.replace("BNL-OSG_", "BNL-OSGx")
+    api = RecordingApi({"create": CREATED}, tasks={similar: {**CREATED, "run_id": "100123"}})
+
+    gateway(api).create_workflow_task(announced(), workflow(), NOW)
+
+    assert "create" in [kind for kind, _ in api.calls]
+
+
+def test_a_failed_create_that_made_no_task_fails() -> None:
+    api = RecordingApi({"create": (False, "Core exception.: {}\nDetails: PanDA is down")})
+
+    with pytest.raises(IddsRequestFailed, match="PanDA is down"):
+        gateway(api).create_workflow_task(announced(), workflow(), NOW)
+    assert [kind for kind, _ in api.calls] == ["lookup", "create", "lookup"]
+
+
+def test_a_create_whose_lookup_fails_is_not_sent() -> None:
+    # Not knowing whether the run has a task, a create could make a second.
+    class Unreachable(RecordingApi):
+        def get_request_id_by_name(self, name: str) -> object:
+            return (False, "Connection refused")
+
+    api = Unreachable({"create": CREATED})
+    with pytest.raises(IddsRequestFailed, match="Connection refused"):
+        gateway(api).create_workflow_task(announced(), workflow(), NOW)
+    assert api.calls == []
 
 
 def test_rest_adjust_sends_what_the_idds_handler_reads() -> None:
@@ -207,7 +288,7 @@ def test_rest_adjust_sends_what_the_idds_handler_reads() -> None:
 def test_rest_close_filters_on_the_run_ids() -> None:
     api = RecordingApi({"close": {"status": 0, "message": "closed successfully"}})
 
-    answer = gateway(api).close_workflow_task("100123", IDS, NOW)
+    answer = gateway(api).close_workflow_task("100123", IDS, NAME, NOW)
 
     ((_, (request_id, parameters)),) = api.calls
     assert request_id == 1001
@@ -216,19 +297,27 @@ def test_rest_close_filters_on_the_run_ids() -> None:
     assert answer.content.status == "closed successfully"
 
 
-def test_rest_failure_carries_the_servers_message() -> None:
-    api = RecordingApi({"create": (False, "Core exception.: {}\nDetails: PanDA is down")})
+def test_rest_close_without_ids_closes_the_task_found_by_name() -> None:
+    # iDDS's REST close ignores the run id: given no ids it would cancel
+    # every processing it has. The task is looked up by its name instead.
+    api = RecordingApi({"close": {"status": 0, "message": "closed successfully"}},
+                       tasks={NAME: {**CREATED, "run_id": "100123"}})
 
-    with pytest.raises(IddsRequestFailed, match="PanDA is down"):
-        gateway(api).create_workflow_task(announced(), NOW)
+    answer = gateway(api).close_workflow_task("100123", None, NAME, NOW)
+
+    assert [kind for kind, _ in api.calls] == ["lookup", "transforms", "close"]
+    (_, (request_id, parameters)) = api.calls[-1]
+    assert request_id == 1001 and parameters["transform_id"] == 2001
+    assert answer.content.status == "closed successfully"
 
 
-def test_rest_close_with_nothing_to_filter_on_is_never_sent() -> None:
+def test_rest_close_without_ids_of_a_run_without_task_sends_nothing() -> None:
     api = RecordingApi({"close": {"status": 0}})
 
-    with pytest.raises(UnsafeMessage):
-        gateway(api).close_workflow_task("", None, NOW)  # type: ignore[arg-type]
-    assert api.calls == []
+    answer = gateway(api).close_workflow_task("100123", None, NAME, NOW)
+
+    assert [kind for kind, _ in api.calls] == ["lookup"]
+    assert answer.content.status == "NotFound"
 
 
 def test_rest_adjust_without_ids_is_never_sent() -> None:
@@ -250,7 +339,7 @@ def test_the_client_is_made_once_on_first_use() -> None:
     rest = RestGateway(connect, client_result, Settings())
     assert made == []
     rest.adjust_worker("1", IDS, SIZE, NOW)
-    rest.close_workflow_task("1", IDS, NOW)
+    rest.close_workflow_task("1", IDS, NAME, NOW)
     assert len(made) == 1
 
 

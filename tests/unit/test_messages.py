@@ -81,7 +81,7 @@ def test_run_imminent_with_seed_content(msg_type: str) -> None:
     assert isinstance(msg, RunImminent)
     spec = msg.content
     assert spec.target_worker_count == 4
-    assert spec.core_count == 8
+    assert spec.cores_per_worker == 8 and spec.core_count is None
     assert spec.memory_per_core == 2000
     assert spec.site == "CERN"
 

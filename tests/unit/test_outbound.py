@@ -27,8 +27,10 @@ from swf_panda_workers.outbound import (
     close_workflow_task,
     create_workflow_task,
     headers_for,
-    stop_transformer,
+    stop_run_ids,
+    stop_transformers,
     wire_run_id,
+    workflow_name,
 )
 
 NOW = datetime(2026, 3, 5, 12, 0, 0, 250000, tzinfo=UTC)
@@ -47,6 +49,8 @@ PANDA_ATTRIBUTE_KEYS = {
     "vo", "queue", "site", "cloud", "working_group", "priority", "core_count", "ram_count",
     "num_workers", "max_walltime", "max_attempt", "idle_timeout", "username", "task_type",
     "processing_type",
+    # the names iDDS 2.6.21 reads for max_walltime and ram_count
+    "walltime", "memory_per_core",
 }
 TESTBED_CONTENT = {
     "execution_id": "exec-42", "run_id": "100123", "state": "run", "substate": "physics",
@@ -89,7 +93,7 @@ def test_workflow_names_and_campaign() -> None:
 
     assert set(workflow) == WORKFLOW_KEYS
     assert workflow["scope"] == "EIC_2026"
-    assert workflow["name"] == "EIC_2026_fastproc_BNL-OSG_20260305"
+    assert workflow["name"] == "EIC_2026_fastproc_BNL-OSG_20260305_100123"
     assert workflow["campaign"] == "testbed"
     assert workflow["campaign_scope"] == "testbed_2026"
     assert workflow["campaign_group"] == "testbed_2026_03"
@@ -108,7 +112,7 @@ def test_workflow_uses_the_run_site_and_a_configured_scope() -> None:
     workflow = create_workflow_task(run, settings, NOW).body["content"]["workflow"]
 
     assert workflow["scope"] == "EIC_TEST"
-    assert workflow["name"] == "EIC_TEST_tag_CERN_20260305"
+    assert workflow["name"] == "EIC_TEST_tag_CERN_20260305_100123"
     assert workflow["campaign_scope"] == "camp_2026"
     assert workflow["campaign_group"] == "camp_2026_03"
     assert workflow["content"]["site"] == "CERN"
@@ -127,12 +131,34 @@ def test_workflow_content_is_the_run_content_plus_the_task_fields() -> None:
     # plus what iDDS and PanDA need
     assert content["run_id"] == "100123"
     assert content["created_at"] == NOW_ISO
-    assert content["core_count"] == 2
+    # Not the announced core_count (the testbed copies its worker count there):
+    # the configured cores per worker.
+    assert content["core_count"] == SETTINGS.panda.core_count == 1
     assert content["memory_per_core"] == 4000  # configured ram_count: the run named none
     assert content["site"] == "BNL-OSG"
     assert content["target_worker_count"] == 30
     assert set(content["panda_attributes"]) == PANDA_ATTRIBUTE_KEYS
     assert content["panda_attributes"] == SETTINGS.panda.task_attributes()
+    assert content["panda_attributes"]["walltime"] == SETTINGS.panda.max_walltime
+    assert content["panda_attributes"]["memory_per_core"] == SETTINGS.panda.ram_count
+
+
+def test_two_runs_of_a_day_and_site_have_two_names() -> None:
+    # iDDS looks its request up by the exact name and keeps one task per
+    # name: the second run of the day would get no task without its run id.
+    first = create_workflow_task(run_imminent(TESTBED_CONTENT, "100123"), SETTINGS, NOW)
+    second = create_workflow_task(run_imminent(TESTBED_CONTENT, "100124"), SETTINGS, NOW)
+    assert first.body["content"]["workflow"]["name"] != second.body["content"]["workflow"]["name"]
+
+
+def test_the_name_is_dated_by_the_announcement() -> None:
+    # A retry after midnight names the same task as the first attempt.
+    announced = datetime(2026, 3, 4, 23, 59, 59, tzinfo=UTC)
+    run = run_imminent(TESTBED_CONTENT)
+    workflow = create_workflow_task(run, SETTINGS, NOW, workflow=None).body["content"][
+        "workflow"]
+    assert workflow["name"].endswith("_20260305_100123")
+    assert workflow_name(run, SETTINGS, announced) == "EIC_2026_fastproc_BNL-OSG_20260304_100123"
 
 
 def test_workflow_content_from_the_seed_shape() -> None:
@@ -191,6 +217,15 @@ def test_adjust_worker_without_ids_is_unsafe() -> None:
         adjust_worker("100123", None, WorkerSize(target_worker_count=36), SETTINGS, NOW)
 
 
+def test_close_workflow_task_by_run_id() -> None:
+    # Before iDDS's ids came: iDDS's transceiver finds the task by the run id
+    # (or answers NotFound).
+    out = close_workflow_task("100123", None, SETTINGS, NOW)
+    assert out.body["content"] == {"run_id": "100123", "created_at": NOW_ISO,
+                                   "request_id": None, "transform_id": None,
+                                   "workload_id": None}
+
+
 def test_close_workflow_task_with_ids() -> None:
     out = close_workflow_task("100123", IDS, SETTINGS, NOW)
 
@@ -201,12 +236,10 @@ def test_close_workflow_task_with_ids() -> None:
                                    "request_id": 11, "transform_id": 22, "workload_id": 33}
 
 
-@pytest.mark.parametrize("run_id", ["100123", ""])
-def test_close_without_the_tasks_ids_is_unsafe(run_id: str) -> None:
-    # iDDS's close filters on the ids it is given and, in some versions,
-    # ignores run_id: without ids it would cancel every processing it has.
-    with pytest.raises(UnsafeMessage, match="without its iDDS ids"):
-        close_workflow_task(run_id, None, SETTINGS, NOW)
+def test_close_without_ids_nor_run_id_is_unsafe() -> None:
+    # Given nothing to filter on, iDDS would cancel every processing it has.
+    with pytest.raises(UnsafeMessage, match="without ids and without run id"):
+        close_workflow_task("", None, SETTINGS, NOW)
 
 
 def test_unsafe_message_is_a_value_error() -> None:
@@ -226,22 +259,32 @@ def test_wire_run_id(run_id: str, on_wire: int | str) -> None:
     assert type(wire_run_id(run_id)) is type(on_wire)
 
 
-def test_stop_transformer_body() -> None:
-    out = stop_transformer("100123", SETTINGS, NOW)
+def test_stop_transformer_in_both_forms() -> None:
+    # idds-prompt compares with == against the integer of --run_id;
+    # swf-transform against the string of its first slice.
+    as_int, as_text = stop_transformers("100123", SETTINGS, NOW)
 
-    assert out.destination == "/topic/panda.transformer"
-    assert out.body == {"msg_type": "stop_transformer", "run_id": 100123, "created_at": NOW_ISO,
-                        "content": {"requested_at": NOW_ISO}}
-    # a JSON integer, which the transformer compares with == against its int
-    assert '"run_id": 100123' in json.dumps(out.body)
-    assert out.headers["run_id"] == "100123"
+    for out in (as_int, as_text):
+        assert out.destination == "/topic/panda.transformer"
+        assert out.headers["run_id"] == "100123"
+        assert out.body["content"] == {"requested_at": NOW_ISO}
+    assert as_int.body == {"msg_type": "stop_transformer", "run_id": 100123,
+                           "created_at": NOW_ISO, "content": {"requested_at": NOW_ISO}}
+    assert '"run_id": 100123' in json.dumps(as_int.body)
+    assert '"run_id": "100123"' in json.dumps(as_text.body)
 
 
-def test_stop_transformer_with_a_text_run_id() -> None:
-    out = stop_transformer("run-7", SETTINGS, NOW)
+def test_stop_transformer_with_a_text_run_id_goes_once() -> None:
+    (out,) = stop_transformers("run-7", SETTINGS, NOW)
 
     assert out.body["run_id"] == "run-7"
     assert '"run_id": "run-7"' in json.dumps(out.body)
+
+
+@pytest.mark.parametrize(("run_id", "forms"), [
+    ("100123", (100123, "100123")), ("007", (7, "007")), ("run-7", ("run-7",))])
+def test_stop_run_ids(run_id: str, forms: tuple[int | str, ...]) -> None:
+    assert stop_run_ids(run_id) == forms
 
 
 # --- headers -------------------------------------------------------------------
@@ -252,7 +295,7 @@ BUILDERS: list[tuple[str, Callable[[Settings], Outgoing]]] = [
     ("adjust_worker",
      lambda s: adjust_worker("100123", IDS, WorkerSize(target_worker_count=36), s, NOW)),
     ("close_workflow_task", lambda s: close_workflow_task("100123", IDS, s, NOW)),
-    ("stop_transformer", lambda s: stop_transformer("100123", s, NOW)),
+    ("stop_transformer", lambda s: stop_transformers("100123", s, NOW)[0]),
 ]
 
 
@@ -281,6 +324,12 @@ def test_headers_follow_the_configured_namespace_and_ttl(
     out = build(settings)
 
     assert out.headers["namespace"] == "prod"
+    if msg_type != "stop_transformer":
+        # iDDS's prompt transceiver selects on its own namespace.
+        to_idds = settings_from({"transceiver": {"idds_namespace": "idds-dev"}},
+                                {"SWF_NAMESPACE": "prod"})
+        assert build(to_idds).headers["namespace"] == "idds-dev"
+        assert build(to_idds).body["namespace"] == "prod"
     assert out.headers["ttl"] == "5000"
     assert out.headers["expires"] == str(NOW_MS + 5000)
     if msg_type != "stop_transformer":

@@ -33,7 +33,8 @@ RUN = parse_message({
     "msg_type": "run_imminent_worker", "run_id": "100123",
     "content": {"core_count": 2, "target_worker_count": 30, "slice_processing_time": 30},
 })
-SIZE = WorkerSize(core_count=2, memory_per_core=4000, site="BNL-OSG", target_worker_count=30)
+# Cores per worker as configured: the testbed's core_count is its worker count.
+SIZE = WorkerSize(core_count=1, memory_per_core=4000, site="BNL-OSG", target_worker_count=30)
 BIGGER = SIZE.model_copy(update={"target_worker_count": 36})
 BIGGEST = SIZE.model_copy(update={"target_worker_count": 45})
 
@@ -51,13 +52,18 @@ def msg(msg_type: str, **fields: Any) -> object:
     return parse_message({"msg_type": msg_type, "run_id": "100123", **fields})
 
 
-def created(request_id: int, workload_id: int | None = 3) -> object:
+def created(request_id: int, workload_id: int | None = 3, transform_id: int = 2) -> object:
     return msg("created_workflow_task", content={
-        "request_id": request_id, "transform_id": 2, "workload_id": workload_id})
+        "request_id": request_id, "transform_id": transform_id, "workload_id": workload_id})
 
 
-def closed(status: str) -> object:
-    return msg("closed_workflow_task", content={"status": status})
+def closed(status: str, transform_id: int | None = None) -> object:
+    return msg("closed_workflow_task", content={"status": status,
+                                                "transform_id": transform_id})
+
+
+IDS = WorkflowIds(request_id=1, transform_id=2, workload_id=3)
+EXTRA = WorkflowIds(request_id=9, transform_id=12, workload_id=13)
 
 
 def done(seconds: float | None, hostname: str | None = "wn-1") -> object:
@@ -126,9 +132,23 @@ FOLDS = [
         id="created with a null workload_id",
     ),
     pytest.param(
-        [(created(1), 5), (created(9), 6)],
-        {"ids": WorkflowIds(request_id=1, transform_id=2, workload_id=3)},
-        id="ids kept from the first created reply",
+        [(created(1), 5), (created(1), 6)], {"ids": IDS},
+        id="a created reply heard twice",
+    ),
+    pytest.param(
+        [(created(1), 5), (created(9, 13, 12), 6), (created(9, 13, 12), 7)],
+        {"ids": IDS, "extra_tasks": (EXTRA,)},
+        id="another task for the run: the first is the run's, the other an extra",
+    ),
+    pytest.param(
+        [(created(1), 5), (created(9, 13, 12), 6), (closed("ToCancel", 12), 7)],
+        {"ids": IDS, "extra_tasks": (EXTRA,)},
+        id="an extra task's close confirmation is not the run's",
+    ),
+    pytest.param(
+        [(created(1), 5), (closed("ToCancel", 2), 7)],
+        {"ids": IDS, "closed_status": "ToCancel"},
+        id="the run's task's close confirmation",
     ),
     pytest.param([(msg("end_run"), 100)], {"ended_at": at(100)}, id="end_run ends the run"),
     pytest.param(
@@ -141,7 +161,7 @@ FOLDS = [
         id="first close reply wins",
     ),
     pytest.param(
-        [(msg("adjusted_worker", content={"request_id": 1, "core_count": 2,
+        [(msg("adjusted_worker", content={"request_id": 1, "core_count": 1,
                                           "memory_per_core": 4000, "site": "BNL-OSG",
                                           "target_worker_count": 36}), 9)],
         {"applied": BIGGER}, id="adjusted_worker is what iDDS applied",
@@ -151,7 +171,10 @@ FOLDS = [
                                                           requested_at=at(1))},
                  id="create_sent: the initial size is requested"),
     pytest.param([(Effect(kind="stop_sent"), 1)], {"stop_sent": True}, id="stop_sent"),
-    pytest.param([(Effect(kind="close_sent"), 1)], {"close_sent": True}, id="close_sent"),
+    pytest.param([(Effect(kind="close_sent"), 1)], {"closes_sent": (None,)},
+                 id="close_sent by run id"),
+    pytest.param([(created(1), 1), (Effect(kind="close_sent", ids=IDS), 2)],
+                 {"ids": IDS, "closes_sent": (IDS,)}, id="close_sent of the run's task"),
     pytest.param(
         [(Effect(kind="create_sent"), 1), (Effect(kind="create_sent"), 2)],
         {"create_sent": True, "plan": WorkerPlan(initial=SIZE, current=SIZE,
@@ -291,3 +314,23 @@ def test_fold_feeds_the_policy() -> None:
 def test_a_heartbeat_that_names_no_worker_counts_no_worker(anonymous: dict[str, Any]) -> None:
     state = fold([(heartbeat("wn-1"), 1), (parse_message(anonymous), 2)])
     assert state.workers_seen == frozenset({"wn-1"})
+
+
+def test_the_tasks_still_open() -> None:
+    state = fold([(created(1), 1), (created(9, 13, 12), 2)])
+    assert state.open_tasks == (IDS, EXTRA) and state.open_extra_tasks == (EXTRA,)
+    assert not state.close_sent
+    state = fold([(Effect(kind="close_sent", ids=EXTRA), 3)], state)
+    assert state.open_tasks == (IDS,) and state.open_extra_tasks == ()
+    assert not state.close_sent
+    state = fold([(Effect(kind="close_sent", ids=IDS), 4)], state)
+    assert state.open_tasks == () and state.close_sent
+
+
+def test_a_task_reported_after_a_close_by_run_id_is_still_open() -> None:
+    # end_run came first: closed by run id; iDDS's late reply names a task,
+    # which is closed by its ids too (iDDS may have made it after the close).
+    state = fold([(Effect(kind="close_sent"), 1)])
+    assert state.close_sent and state.open_tasks == ()
+    state = fold([(created(1), 2)], state)
+    assert state.close_sent and state.open_tasks == (IDS,)
