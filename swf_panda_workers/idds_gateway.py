@@ -146,27 +146,31 @@ def not_found_answer(run_id: str, now: datetime) -> ClosedWorkflowTask:
     return ClosedWorkflowTask.model_validate(_reply("closed_workflow_task", run_id, now, content))
 
 
-def task_of_run(requests: object, transforms_of: Callable[[int], object], name: str,
+def task_of_run(requests: object, details_of: Callable[[int], object], name: str,
                 run_id: str) -> dict[str, Any] | None:
     """The run's task among iDDS's answers: ``requests`` is its answer to
     get_request_id_by_name (``{name: request_id}``; the lookup is a SQL LIKE,
     where ``_`` matches any character, so only the exact name counts), and
-    ``transforms_of(request_id)`` its transforms. None: iDDS has no task of
-    that name. The transform named so (one per request and name) is the task."""
+    ``details_of(request_id)`` its answer to get_requests(with_detail=True): a
+    row per transform of the request (``transform_id``, ``transform_name``,
+    ``transform_workload_id``, ...). None: iDDS has no task of that name. The
+    transform of that name (one per request and name) is the task.
+    (ClientManager.get_transforms would be the plain way, but idds-client
+    2.6.21's passes its client an argument it does not take, and always fails.)"""
     if not isinstance(requests, Mapping):
         raise IddsRequestFailed(f"iDDS answered the lookup of {name} with {_text(requests)}")
     request_id = requests.get(name)
     if request_id is None:
         return None
-    transforms = transforms_of(int(request_id))
-    if not isinstance(transforms, list | tuple):
+    rows = details_of(int(request_id))
+    if not isinstance(rows, list | tuple):
         raise IddsRequestFailed(
-            f"iDDS answered the transforms of request {request_id} with {_text(transforms)}")
-    for transform in transforms:
-        if isinstance(transform, Mapping) and transform.get("name") == name and (
-                transform.get("run_id") in (None, run_id)):
-            return {"request_id": int(request_id), **{
-                key: transform.get(key) for key in ("transform_id", "workload_id")}}
+            f"iDDS answered the details of request {request_id} with {_text(rows)}")
+    for row in rows:
+        if isinstance(row, Mapping) and row.get("transform_name") == name \
+                and row.get("transform_id") is not None:
+            return {"request_id": int(request_id), "transform_id": row["transform_id"],
+                    "workload_id": row.get("transform_workload_id")}
     return None
 
 

@@ -67,7 +67,7 @@ class WorkflowTaskApi(Protocol):
 
     def get_request_id_by_name(self, name: str) -> object: ...
 
-    def get_transforms(self, request_id: int) -> object: ...
+    def get_requests(self, request_id: int, with_detail: bool = False) -> object: ...
 
 
 Unwrap = Callable[[object, str], object]
@@ -132,7 +132,8 @@ class RestGateway:
         requests = self._call("get_request_id_by_name",
                               lambda api: api.get_request_id_by_name(name))
         return task_of_run(requests, lambda request_id: self._call(
-            "get_transforms", lambda api: api.get_transforms(request_id=request_id)),
+            "get_requests", lambda api: api.get_requests(request_id=request_id,
+                                                         with_detail=True)),
             name, run_id)
 
     def _call(self, request: str, call: Callable[[WorkflowTaskApi], object]) -> object:
@@ -219,8 +220,9 @@ class _Relay:
     def get_request_id_by_name(self, name: str) -> object:
         return self._guarded(lambda: self._api.get_request_id_by_name(name))
 
-    def get_transforms(self, request_id: int) -> object:
-        return self._guarded(lambda: self._api.get_transforms(request_id=request_id))
+    def get_requests(self, request_id: int, with_detail: bool = False) -> object:
+        return self._guarded(lambda: self._api.get_requests(request_id=request_id,
+                                                            with_detail=with_detail))
 
     @staticmethod
     def _guarded(call: Callable[[], object]) -> object:

@@ -1,8 +1,10 @@
 """All simulated peers wired together, as in the testbed: iDDS starts one
-transformer per requested worker when it creates a task; an adjust sets the
-run's target, so more transformers start when it rises (``worker_rampup``
-seconds later, the time a PanDA pilot takes to start) and the surplus end,
-each after its current slice, when it falls. Slices arrive all at once or
+transformer per requested worker when it creates a task. iDDS 2.6.21 does not
+act on adjust_worker's worker count, and by default neither does this one;
+with ``applies_worker_count`` (a what-if, for the scaling tests and the demo)
+an adjust sets the run's target, so more transformers start when it rises
+(``worker_rampup`` seconds later, the time a PanDA pilot takes to start) and
+the surplus end, each after its current slice, when it falls. Slices arrive all at once or
 over time (``arrival``, see ``transformers``). The control system drives
 runs; the recorder watches the topics. With ``idds_mode="rest"`` iDDS is also served over REST
 (``idds_rest``), wired to the transformers the same way; the bus iDDS keeps
@@ -35,7 +37,9 @@ class PeerHarness:
     ``workload_pending``: iDDS answers creates with workload_id null;
     ``worker_rampup``: seconds before transformers added by an adjust start;
     ``arrival``: slice i of a run arrives ``arrival(i)`` seconds after its
-    task is created (None: all at once)."""
+    task is created (None: all at once). ``idds_namespace``: iDDS's own
+    (default: ``namespace``, as in the testbed); ``idds_copies``: iDDS
+    handles each create that many times at once (several tasks for a run)."""
 
     def __init__(
         self,
@@ -58,6 +62,9 @@ class PeerHarness:
         workload_pending: bool = False,
         worker_rampup: float = 0.0,
         arrival: Callable[[int], float] | None = None,
+        idds_namespace: str | None = None,
+        idds_copies: int = 1,
+        applies_worker_count: bool = False,
     ) -> None:
         if idds_mode not in ("message", "rest"):
             raise ValueError(f"idds_mode must be 'message' or 'rest', not {idds_mode!r}")
@@ -68,6 +75,7 @@ class PeerHarness:
         self.fail_every = fail_every
         self.worker_rampup = worker_rampup
         self.arrival = arrival
+        self.applies_worker_count = applies_worker_count
         # Adjusts waiting for their ramp-up, one per run: a later adjust
         # replaces the pending one. Guarded by _rampup_lock.
         self._rampup_lock = threading.Lock()
@@ -85,6 +93,7 @@ class PeerHarness:
         )
         self.idds = SimulatedIDDS(
             brokers,
+            namespace if idds_namespace is None else idds_namespace,
             on_task_created=self._task_created,
             on_adjust=self._adjusted,
             reply_delay=reply_delay,
@@ -92,6 +101,8 @@ class PeerHarness:
             workers_before_reply=workers_before_reply,
             workers_topic=brokers.workers_topic,
             workload_pending=workload_pending,
+            copies=idds_copies,
+            applies_worker_count=applies_worker_count,
         )
         self.idds_rest: SimulatedIDDSRest | None = None
         if idds_mode == "rest":
@@ -172,10 +183,10 @@ class PeerHarness:
         )
 
     def _adjusted(self, run_id: str, size: WorkerSize) -> None:
-        # iDDS/PanDA: more jobs when the target rises, jobs that end are not
-        # replaced when it falls.
+        # iDDS/PanDA (what-if): more jobs when the target rises, jobs that end
+        # are not replaced when it falls.
         target = size.target_worker_count
-        if target is None or run_id not in self.farm.runs:
+        if not self.applies_worker_count or target is None or run_id not in self.farm.runs:
             return
         with self._rampup_lock:
             pending = self._rampups.pop(run_id, None)

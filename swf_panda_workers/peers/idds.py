@@ -1,21 +1,32 @@
-"""The iDDS prompt transceiver, message mode: answers create_workflow_task,
-adjust_worker and close_workflow_task on /topic/panda.workers.
+"""A simulated iDDS prompt transceiver, message mode: answers
+create_workflow_task, adjust_worker and close_workflow_task on
+/topic/panda.workers as iDDS 2.6.21 does (``peers.idds_tasks``).
 
-Like the real one it subscribes without a selector, hears its own replies
-(and everything else on the topic) and ignores them; it copies the request's
-namespace header onto the reply so the requester's selector matches. A close
-whose ids and run_id are all null is recorded in ``violations`` (the real iDDS
-would cancel every processing it has) and gets no reply. The tasks live in
-a ``TaskBook``, shared with the REST simulator (``peers.idds_rest``).
+The integration tests run the real transceiver (``peers.idds_agent``); this
+simulator is for what the real one cannot be made to do on cue: stay silent,
+answer late, handle one request twice (``copies``), and the benchmark's
+hundreds of workers. It speaks as the real one:
+
+- it subscribes with a selector on its own namespace (none: it hears all)
+  and answers with its own namespace header (none when it has none), not the
+  requester's; its replies are ``{msg_type, run_id, created_at, content}``
+  with ``created_at`` in milliseconds and ``Z``, and the real publisher's
+  headers (persistent, ttl, vo, msg_type, run_id, client-id, namespace);
+- adjusted_worker carries no worker count (2.6.21 does not read one);
+- a create of a name it has (a second create of a run) gets no reply.
+
+A close whose ids and run_id are all null is recorded in ``violations`` (the
+real iDDS would cancel every processing it has) and gets no reply.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
-from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
+from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription, namespace_selector
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.messages import (
     AdjustWorker,
@@ -26,10 +37,12 @@ from swf_panda_workers.messages import (
     Message,
     parse_message,
 )
-from swf_panda_workers.peers._bus import Notifier, PeerBus, peer_headers, zulu_iso
+from swf_panda_workers.peers._bus import Notifier, PeerBus, zulu_iso
 from swf_panda_workers.peers.idds_tasks import TaskBook, TaskInfo, TaskRecords
 
 __all__ = ["SimulatedIDDS", "TaskInfo"]
+
+TTL_MS = 12 * 3600 * 1000  # the real publisher's timetolive
 
 
 class SimulatedIDDS(TaskRecords):
@@ -38,6 +51,7 @@ class SimulatedIDDS(TaskRecords):
     def __init__(
         self,
         brokers: Brokers,
+        namespace: str | None,
         on_task_created: Callable[[str, TaskInfo], None] | None = None,
         reply_delay: float = 0.0,
         answer_create: bool = True,
@@ -45,31 +59,42 @@ class SimulatedIDDS(TaskRecords):
         workers_topic: str = "/topic/panda.workers",
         workers_before_reply: bool = False,
         workload_pending: bool = False,
+        copies: int = 1,
+        applies_worker_count: bool = False,
     ) -> None:
-        """``workload_pending``: creates are answered with workload_id null,
-        as while iDDS's PanDA submission is pending."""
+        """``namespace``: iDDS's own ([prompt] namespace). ``workload_pending``:
+        creates are answered with workload_id null, as when iDDS's PanDA
+        submission failed. ``copies``: each create is handled that many times
+        at once (several tasks, several replies), as the real transceiver's
+        worker threads may. ``applies_worker_count``: an adjust changes the
+        task's worker count (2.6.21 does not; a what-if for scaling tests)."""
+        self.namespace = namespace
         self.workers_topic = workers_topic
         self.reply_delay = reply_delay
         self.answer_create = answer_create
+        self.copies = copies
         # With a reply_delay: the task's transformers run (and send results)
         # before its creator hears the ids, as when iDDS's reply is slow.
         self.workers_before_reply = workers_before_reply
         self._on_task_created = on_task_created
         self._on_adjust = on_adjust
         self._state = Notifier()
-        self._book = TaskBook(self._state, workload_pending=workload_pending)
+        self._book = TaskBook(self._state, workload_pending=workload_pending,
+                              applies_worker_count=applies_worker_count)
+        self._client_id = f"{namespace}.WorkerPublisher.sim.{uuid.uuid4().hex[:8]}"
         # Records for tests; guarded by self._state.lock. The book's records
-        # (tasks, duplicate_creates, closed, violations) are properties below.
+        # (tasks, duplicate_creates, closed, violations) are properties.
         self.requests: list[Message] = []
         self.invalid: list[str] = []
-        self._handlers: dict[type, Callable[[Any, str | None], None]] = {
+        self._handlers: dict[type, Callable[[Any], None]] = {
             CreateWorkflowTask: self._create,
             AdjustWorker: self._adjust,
             CloseWorkflowTask: self._close,
         }
+        selector = namespace_selector(namespace) if namespace else None
         self._bus = PeerBus(
             brokers, name="sim-idds",
-            subscriptions=(Subscription(workers_topic, ack="auto"),),
+            subscriptions=(Subscription(workers_topic, selector=selector, ack="auto"),),
             handle=self._on_delivery,
         )
 
@@ -103,7 +128,6 @@ class SimulatedIDDS(TaskRecords):
     # --- handling (inbox worker thread) -------------------------------------
 
     def _on_delivery(self, delivery: Delivery) -> None:
-        namespace = delivery.headers.get("namespace")
         try:
             message = parse_message(delivery.body)
         except InvalidMessage as exc:
@@ -111,11 +135,11 @@ class SimulatedIDDS(TaskRecords):
             return
         handler = self._handlers.get(type(message))
         if handler is None:
-            return  # our own replies, announcements, heartbeats: not for iDDS
+            return  # its own replies, announcements, heartbeats: not for iDDS
         with self._state.lock:
             self.requests.append(message)
             self._state.notify()
-        handler(message, namespace)
+        handler(message)
 
     def _invalid(self, body: bytes, reason: str) -> None:
         # Real iDDS does not validate: a close with no ids at all (even one our
@@ -127,55 +151,51 @@ class SimulatedIDDS(TaskRecords):
             self.invalid.append(reason)
             self._state.notify()
 
-    def _create(self, message: CreateWorkflowTask, namespace: str | None) -> None:
+    def _create(self, message: CreateWorkflowTask) -> None:
         run_id = message.run_id
-        task, first = self._book.create(run_id, message.content.workflow, namespace)
-        if first and self.workers_before_reply and self._on_task_created is not None:
-            self._on_task_created(run_id, task)
+        made = self._book.create(message.content.workflow, self.namespace, self.copies)
+        if made and self.workers_before_reply and self._on_task_created is not None:
+            self._on_task_created(run_id, made[0])
         if not self.answer_create:
             return
-        self._reply("created_workflow_task", run_id, namespace,
-                    {"run_id": run_id, **task.created_ids()})
-        if first and not self.workers_before_reply and self._on_task_created is not None:
-            self._on_task_created(run_id, task)
+        for task in made:  # none: the name existed, iDDS failed without a reply
+            self._reply("created_workflow_task", run_id,
+                        {"run_id": task.run_id, **task.created_ids()})
+        if made and not self.workers_before_reply and self._on_task_created is not None:
+            self._on_task_created(run_id, made[0])
 
-    def _adjust(self, message: AdjustWorker, namespace: str | None) -> None:
+    def _adjust(self, message: AdjustWorker) -> None:
         c = message.content
-        self._book.resize(message.run_id, c.target_worker_count)
-        reply = {
-            "run_id": message.run_id,
-            "request_id": c.request_id,
-            "transform_id": c.transform_id,
-            "workload_id": c.workload_id,
-            "core_count": c.core_count,
-            "memory_per_core": c.memory_per_core,
-            "site": c.site,
-        }
-        if c.target_worker_count is not None:
-            reply["target_worker_count"] = c.target_worker_count
-        self._reply("adjusted_worker", message.run_id, namespace, reply)
-        if self._on_adjust is not None:
-            self._on_adjust(message.run_id, c)
+        task = self._book.adjust(c.transform_id, c.target_worker_count)
+        # What 2.6.21's handler answers: the ids as given, and the size it
+        # stored; never a worker count.
+        self._reply("adjusted_worker", message.run_id, {
+            "run_id": c.run_id, "request_id": c.request_id, "transform_id": c.transform_id,
+            "workload_id": c.workload_id, "core_count": c.core_count,
+            "memory_per_core": c.memory_per_core, "site": c.site})
+        if task is not None and self._on_adjust is not None:
+            self._on_adjust(task.run_id, c)
 
-    def _close(self, message: CloseWorkflowTask, namespace: str | None) -> None:
+    def _close(self, message: CloseWorkflowTask) -> None:
         c = message.content
-        status, task = self._book.close(c.request_id, c.transform_id, c.workload_id, c.run_id,
-                                        key=message.run_id, request=repr(message))
-        if status is None:
+        closed = self._book.close(c.request_id, c.transform_id, c.workload_id, c.run_id,
+                                  request=repr(message))
+        if closed is None:
             return  # the close that would cancel everything: recorded, unanswered
-        ids = task.reply_ids() if task is not None else {
-            "request_id": c.request_id, "transform_id": c.transform_id,
-            "workload_id": c.workload_id}
-        self._reply("closed_workflow_task", message.run_id, namespace,
-                    {"run_id": c.run_id or message.run_id, **ids, "status": status})
+        self._reply("closed_workflow_task", message.run_id, closed.reply(c.run_id))
 
-    def _reply(self, msg_type: str, run_id: str, namespace: str | None,
-               content: dict[str, Any]) -> None:
+    def _reply(self, msg_type: str, run_id: str, content: dict[str, Any]) -> None:
         if self.reply_delay > 0 and not self._bus.pause(self.reply_delay):
             return
         body = {"msg_type": msg_type, "run_id": run_id, "created_at": zulu_iso(),
                 "content": content}
-        self._bus.send(self.workers_topic, body, peer_headers(msg_type, run_id, namespace))
+        headers = {"persistent": "true", "ttl": str(TTL_MS), "vo": "eic",
+                   "msg_type": msg_type, "run_id": run_id, "client-id": self._client_id}
+        if self.namespace:
+            headers["namespace"] = self.namespace
+        # stomp.py sends the publisher's id= and ack= arguments as headers too.
+        headers |= {"id": self._client_id, "ack": "auto"}
+        self._bus.send(self.workers_topic, body, headers)
 
 
 def _is_unfiltered_close(body: bytes) -> bool:

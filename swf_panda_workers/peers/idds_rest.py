@@ -78,7 +78,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -102,8 +102,11 @@ PREFIX = "/idds"
 CONTROL_PREFIX = "/_sim"
 RELAY_PREFIX = "/server/panda"  # what PANDA_URL_SSL ends with
 RELAY_METHOD = "relay_idds_command"
-Endpoint = Literal["create", "adjust", "close"]
+Endpoint = Literal["create", "adjust", "close", "lookup", "requests"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
+# What iDDS 2.6.21's REST create answers after it made the task and its
+# PanDA task: its handler unpacks the seven-key result into six names.
+CREATE_UNPACK_ERROR = "too many values to unpack (expected 6)"
 Route = Literal["direct", "panda_relay"]
 REDACTED = "<redacted>"
 # Header names whose values are credentials (X-IDDS-Auth-Token,
@@ -118,6 +121,10 @@ _ROUTES: tuple[tuple[re.Pattern[str], Endpoint, str], ...] = (
     (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/close$"), "close", "PUT"),
     (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('workload_id')}/close$"),
      "close", "PUT"),
+    # The lookups of idds-client's get_request_id_by_name and get_requests.
+    (re.compile(r"^/request/name/(?P<name>[^/]+)$"), "lookup", "GET"),
+    (re.compile(rf"^/request/{_ID.format('request_id')}/{_ID.format('workload_id')}/"
+                r"(?P<with_detail>[^/]+)(/[^/]+){0,3}$"), "requests", "GET"),
 )
 
 # What the real app answers for a path or method it has no API for (werkzeug's
@@ -208,7 +215,9 @@ class SimulatedIDDSRest(TaskRecords):
     else 401 (403 at the relay). ``workload_pending``: creates answer ``workload_id: null``, as
     while iDDS's PanDA submission is pending. ``on_task_created(run_id, task)``
     runs after a run's first create is answered; ``on_adjust(run_id, size)``
-    after an adjust that matched a task.
+    after an adjust that matched a task. ``create_fails_after``: answer a
+    create that made the task with HTTP 500, as iDDS 2.6.21 does (the default);
+    False answers the ids, as a fixed iDDS would.
     """
 
     def __init__(
@@ -221,14 +230,18 @@ class SimulatedIDDSRest(TaskRecords):
         workload_pending: bool = False,
         on_task_created: Callable[[str, TaskInfo], None] | None = None,
         on_adjust: Callable[[str, WorkerSize], None] | None = None,
+        create_fails_after: bool = True,
+        applies_worker_count: bool = False,
     ) -> None:
         self._address = (host, port)
+        self.create_fails_after = create_fails_after
         self._token = token
         self._vo = vo
         self._on_task_created = on_task_created
         self._on_adjust = on_adjust
         self._state = Notifier()
-        self._book = TaskBook(self._state, workload_pending=workload_pending)
+        self._book = TaskBook(self._state, workload_pending=workload_pending,
+                              applies_worker_count=applies_worker_count)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -410,6 +423,10 @@ class SimulatedIDDSRest(TaskRecords):
                 return self._create(body)
             if endpoint == "adjust":
                 return self._adjust(ids, body)
+            if endpoint == "lookup":
+                return self._lookup(ids["name"])
+            if endpoint == "requests":
+                return self._requests(ids["request_id"], ids["with_detail"])
             return self._close(ids, body, path)
         except _Rejected as rejected:
             return rejected.answer
@@ -467,15 +484,38 @@ class SimulatedIDDSRest(TaskRecords):
         except (ValueError, AttributeError):
             return _undecodable()
         workflow = _mapping(workflow)
-        content = _mapping(workflow.get("content", {}))
-        run_id = content.get("run_id")
-        if run_id is None or not str(run_id).strip():
-            task = self._book.create_without_run(workflow, json.dumps(workflow)[:300])
-            return _ok(task.created_ids())
-        task, first = self._book.create(str(run_id).strip(), workflow)
+        _mapping(workflow.get("content", {}))
+        made = self._book.create(workflow)
+        if not made:  # a task of that name exists: iDDS fails adding the transform
+            return _error(500, "DuplicatedObject", "Transform already exists!", "error")
+        (task,) = made
         created = self._on_task_created
-        then = partial(created, task.run_id, task) if first and created else None
+        then = partial(created, task.run_id, task) if created and task.run_id else None
+        if self.create_fails_after:
+            # The task and its PanDA task exist; the answer is an error.
+            return replace(_error(500, "CoreException", CREATE_UNPACK_ERROR, "error",
+                                  wrap=False), then=then)
         return _ok(task.created_ids(), then)
+
+    def _lookup(self, name: str) -> _Answer:
+        # iDDS's get_request_ids_by_name: a SQL LIKE ("_" any character, "*" any run).
+        pattern = re.compile(".*".join(re.escape(part).replace("_", ".")
+                                       for part in name.split("*")) + r"\Z")
+        return _ok({task.name: task.request_id for task in self.all_tasks
+                    if pattern.match(task.name)})
+
+    def _requests(self, request_id: str, with_detail: str) -> _Answer:
+        """A request's row, or with details a row per transform of it (the
+        transform's columns as iDDS labels them); every request without an id."""
+        wanted = _task_id(request_id)
+        rows = [{"request_id": t.request_id, "scope": t.name.split("_")[0], "name": t.name,
+                 "workload_id": None, "status": "Transforming"}
+                | ({"transform_id": t.transform_id, "transform_name": t.name,
+                    "transform_workload_id": t.workload_id, "transform_status": "New",
+                    "processing_id": t.processing_id, "processing_status": t.status}
+                   if with_detail.lower() == "true" else {})
+                for t in self.all_tasks if wanted is None or str(t.request_id) == str(wanted)]
+        return _Answer(200, "ok", json.dumps(rows).encode())
 
     def _adjust(self, ids: dict[str, str], body: bytes) -> _Answer:
         parameters = _mapping(_parameters(body))
@@ -493,9 +533,7 @@ class SimulatedIDDSRest(TaskRecords):
         request_id, transform_id, workload_id = (
             _task_id(ids.get(k)) for k in ("request_id", "transform_id", "workload_id"))
         # iDDS updates the transform named in the path; without one, nothing.
-        task = self._book.find(transform_id=transform_id) if transform_id is not None else None
-        if task is not None and size is not None:
-            task = self._book.resize(task.run_id, size.target_worker_count)
+        task = self._book.adjust(transform_id, size.target_worker_count if size else None)
         run_id = task.run_id if task is not None else None
         with self._state.lock:
             self.adjustments.append(Adjustment(run_id, request_id, transform_id, workload_id,
@@ -512,11 +550,10 @@ class SimulatedIDDSRest(TaskRecords):
         legacy_workload_id = _task_id(ids.get("workload_id"))
         if legacy_workload_id is not None and not parameters.get("workload_id"):
             parameters["workload_id"] = legacy_workload_id
-        run_id = parameters.get("run_id")
-        run = str(run_id).strip() if run_id is not None and str(run_id).strip() else None
+        # iDDS's REST close passes no run id on: given no ids, it filters on nothing.
         self._book.close(
             _task_id(ids.get("request_id")), _task_id(parameters.get("transform_id")),
-            _task_id(parameters.get("workload_id")), run, key=None,
+            _task_id(parameters.get("workload_id")), None,
             request=f"PUT {path} {json.dumps(parameters, default=str)}")
         # The real iDDS says the same whether it cancelled one, none or all.
         return _ok({"status": 0, "message": "closed successfully"})
@@ -730,7 +767,9 @@ _NOT_SECURE = "SSL secure connection is required"
 _RELAY_PARAMS = {"command_name", "args", "kwargs", "manager", "json_outputs"}
 _RELAYED: dict[str, Endpoint] = {"create_workflow_task": "create",
                                  "adjust_worker": "adjust",
-                                 "close_workflow_task": "close"}
+                                 "close_workflow_task": "close",
+                                 "get_request_id_by_name": "lookup",
+                                 "get_requests": "requests"}
 # The three methods' parameters (the same in ClientManager and Client), to
 # bind relayed args and kwargs as the call would.
 _SIGNATURES: dict[Endpoint, inspect.Signature] = {
@@ -738,6 +777,9 @@ _SIGNATURES: dict[Endpoint, inspect.Signature] = {
     "adjust": inspect.signature(
         lambda request_id, transform_id, workload_id, parameters: None),
     "close": inspect.signature(lambda request_id, parameters: None),
+    "lookup": inspect.signature(lambda name: None),
+    "requests": inspect.signature(
+        lambda request_id=None, workload_id=None, with_detail=False, with_metadata=False: None),
 }
 
 
@@ -822,6 +864,15 @@ def _idds_request(endpoint: Endpoint,
     WorkflowTaskClient makes of a call (a None id as "null")."""
     if endpoint == "create":
         return {}, "/workflow_task", {"workflow": arguments["workflow"]}
+    if endpoint == "lookup":
+        return {"name": str(arguments["name"])}, f"/request/name/{arguments['name']}", {}
+    if endpoint == "requests":
+        ids = {key: "null" if arguments.get(key) is None else str(arguments[key])
+               for key in ("request_id", "workload_id")}
+        detail = str(bool(arguments.get("with_detail")))
+        return ({**ids, "with_detail": detail},
+                f"/request/{ids['request_id']}/{ids['workload_id']}/{detail}/"
+                f"{bool(arguments.get('with_metadata'))}/False/False", {})
     ids = {key: "null" if arguments[key] is None else str(arguments[key])
            for key in ("request_id", "transform_id", "workload_id") if key in arguments}
     if endpoint == "adjust":
@@ -1015,6 +1066,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-env", metavar="VAR",
                         help="require oidc with the token in this environment variable")
     parser.add_argument("--vo", help="require this VO (X-IDDS-Auth-VO)")
+    parser.add_argument("--create-answers-ids", action="store_true",
+                        help="answer a create with the task's ids, as a fixed iDDS would "
+                        "(iDDS 2.6.21 answers 500 after making the task)")
     parser.add_argument("--workload-pending", action="store_true",
                         help="answer creates with workload_id null")
     args = parser.parse_args(argv)
@@ -1033,7 +1087,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with SimulatedIDDSRest(args.host, args.port, token=token, vo=args.vo,
-                           workload_pending=args.workload_pending) as server:
+                           workload_pending=args.workload_pending,
+                           create_fails_after=not args.create_answers_ids) as server:
         print(server.url, flush=True)
         print(f"# PanDA relay (PANDA_URL_SSL): {server.relay_url}", file=sys.stderr, flush=True)
         print(f"# faults and records: {server.control_url} (GET /state; POST /fail, "

@@ -177,10 +177,10 @@ class RecordingApi:
         pattern = re.compile(re.escape(name).replace("_", ".") + r"\Z")
         return {n: t["request_id"] for n, t in self.tasks.items() if pattern.match(n)}
 
-    def get_transforms(self, request_id: int) -> object:
-        self.calls.append(("transforms", (request_id,)))
-        return [{"transform_id": t["transform_id"], "workload_id": t["workload_id"],
-                 "name": n, "run_id": t["run_id"]}
+    def get_requests(self, request_id: int, with_detail: bool = False) -> object:
+        self.calls.append(("transforms", (request_id, with_detail)))
+        return [{"request_id": request_id, "name": n, "transform_id": t["transform_id"],
+                 "transform_workload_id": t["workload_id"], "transform_name": n}
                 for n, t in self.tasks.items() if t["request_id"] == request_id]
 
     def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,

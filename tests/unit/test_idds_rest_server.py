@@ -131,12 +131,14 @@ def test_create_answers_the_ids_and_starts_the_run(
     assert call.headers["X-IDDS-Auth-Token"] == REDACTED
 
 
-def test_a_repeated_create_gets_the_same_task_and_starts_nothing(
+def test_a_repeated_create_fails_and_starts_nothing(
     server: SimulatedIDDSRest, manager: ClientManager, created: Seen
 ) -> None:
+    # iDDS keeps one transform per request and name: the second fails adding it.
     first = manager.create_workflow_task(workflow("100"))
-    again = manager.create_workflow_task(workflow("100", target=7))
-    assert again == first == FIRST_IDS
+    assert first == FIRST_IDS
+    ok, text = manager.create_workflow_task(workflow("100", target=7))
+    assert ok is False and "Transform already exists" in text
     assert server.duplicate_creates == {"100": 1}
     assert server.tasks["100"].target_worker_count == 3
 
@@ -150,7 +152,7 @@ def test_a_repeated_create_gets_the_same_task_and_starts_nothing(
 def test_workload_pending_answers_a_null_workload_id(
     client_env: Callable[..., None], created: Seen
 ) -> None:
-    with SimulatedIDDSRest(token=TOKEN, workload_pending=True,
+    with SimulatedIDDSRest(token=TOKEN, workload_pending=True, create_fails_after=False,
                            on_task_created=created.add) as sim:
         client_env(sim.url)
         answer = connect().create_workflow_task(workflow("100"))
@@ -159,7 +161,7 @@ def test_workload_pending_answers_a_null_workload_id(
         assert sim.tasks["100"].workload_id is None
 
 
-def test_adjust_with_a_null_workload_id_resizes_the_run(
+def test_adjust_with_a_null_workload_id_reaches_the_run(
     server: SimulatedIDDSRest, manager: ClientManager, adjusted: Seen
 ) -> None:
     manager.create_workflow_task(workflow("100"))
@@ -171,7 +173,8 @@ def test_adjust_with_a_null_workload_id_resizes_the_run(
     assert adjusted.wait_len(1)
     assert adjusted.items == [("100", WorkerSize(core_count=2, memory_per_core=3000, site="BNL",
                                                   target_worker_count=5))]
-    assert server.tasks["100"].target_worker_count == 5
+    # iDDS 2.6.21 stores core_count, memory_per_core and site, no worker count.
+    assert server.tasks["100"].target_worker_count == 3
     (call,) = server.calls_to("adjust")
     assert (call.method, call.path, call.status) == (
         "PUT", "/idds/workflow_task/1001/2001/null/adjust", 200)
@@ -218,7 +221,8 @@ def test_close_of_an_unknown_task_is_answered_ok_and_recorded_not_found(
     # Every id given must match, as iDDS filters: this transform is not run 100's.
     assert manager.close_workflow_task(1001, {"run_id": "100", "transform_id": 9999}) \
         == OK_CLOSED
-    assert server.closed == {"999": "NotFound", "100": "NotFound"}
+    # iDDS's REST close passes no run id on: the records name the request.
+    assert server.closed == {"request_id=4242": "NotFound", "request_id=1001": "NotFound"}
 
 
 def test_the_legacy_close_path_reads_the_workload_id_from_the_path(
@@ -441,7 +445,7 @@ def test_the_command_line_server_is_driven_over_http(
     env = {**os.environ, "SIM_IDDS_TOKEN": TOKEN}
     process = subprocess.Popen(
         [sys.executable, "-m", "swf_panda_workers.peers.idds_rest", "--port", "0",
-         "--token-env", "SIM_IDDS_TOKEN", "--vo", VO],
+         "--token-env", "SIM_IDDS_TOKEN", "--vo", VO, "--create-answers-ids"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
@@ -491,3 +495,30 @@ def test_a_recorded_call_names_its_run(endpoint: str, body: object,
                     body, {}, 200, "ok")
 
     assert call.run_id == run_id
+
+
+def test_as_idds_2_6_21_a_create_answers_500_after_making_the_task(
+    client_env: Callable[..., None], created: Seen
+) -> None:
+    # Its REST handler unpacks its seven-key result into six names: the task
+    # and its PanDA task exist, and the answer is an error. The run's task is
+    # found by the workflow's name, as the service looks for it.
+    with SimulatedIDDSRest(token=TOKEN, on_task_created=created.add) as sim:
+        client_env(sim.url)
+        manager = connect()
+        wf = workflow("100")
+        ok, text = manager.create_workflow_task(wf)
+        assert ok is False and "too many values to unpack" in text
+        assert created.wait_len(1) and sim.tasks["100"].request_id == 1001
+
+        assert manager.get_request_id_by_name(wf["name"]) == {wf["name"]: 1001}
+        (row,) = manager.get_requests(request_id=1001, with_detail=True)
+        assert (row["transform_id"], row["transform_workload_id"], row["transform_name"]) == (
+            2001, 60001, wf["name"])
+        # idds-client 2.6.21's ClientManager.get_transforms cannot work: it
+        # passes its client a workload_id its get_transforms does not take.
+        ok, text = manager.get_transforms(request_id=1001)
+        assert ok is False and "workload_id" in text
+        # iDDS's lookup is a LIKE: "_" stands for any character.
+        assert manager.get_request_id_by_name(wf["name"][:-1] + "_") == {wf["name"]: 1001}
+        assert manager.get_request_id_by_name("nothing_like_it") == {}

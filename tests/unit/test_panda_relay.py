@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
+from swf_panda_workers import outbound
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, RestGateway, rest_gateway
 from swf_panda_workers.config import Idds, Settings
 from swf_panda_workers.idds_gateway import IddsRequestFailed
@@ -111,6 +112,17 @@ def announced(run_id: str = "100123", target: int = 30) -> RunImminent:
     return message
 
 
+def creating(run_id: str = "100123", target: int = 30) -> tuple[RunImminent, dict[str, Any],
+                                                              datetime]:
+    """The arguments of a run's create_workflow_task, as the run flow makes them."""
+    run = announced(run_id, target)
+    return run, outbound.workflow_for(run, Settings(), NOW), NOW
+
+
+def name_of(run_id: str) -> str:
+    return outbound.workflow_name(announced(run_id), Settings(), NOW)
+
+
 def panda_api(**options: Any) -> Any:
     """panda-client's relay API as the service makes it (or with ``options``)."""
     from pandaclient import idds_api
@@ -154,7 +166,7 @@ def relay_post(server: SimulatedIDDSRest, params: dict[str, Any],
 def test_create_returns_the_servers_ids_and_starts_the_run(
     server: SimulatedIDDSRest, gateway: RestGateway, created: Seen
 ) -> None:
-    answer = gateway.create_workflow_task(announced("100123"), NOW)
+    answer = gateway.create_workflow_task(*creating("100123"))
 
     assert isinstance(answer, CreatedWorkflowTask)
     assert answer.run_id == "100123"
@@ -164,7 +176,10 @@ def test_create_returns_the_servers_ids_and_starts_the_run(
     assert created.wait_len(1)
     assert created.items[0][0] == "100123"
     assert server.tasks["100123"].target_worker_count == 30
-    (call,) = server.calls
+    # The run's task looked for first (a retry must not make a second).
+    lookup, call = server.calls
+    assert (lookup.endpoint, lookup.status, lookup.body["command_name"]) == (
+        "lookup", 200, "get_request_id_by_name")
     assert (call.route, call.method, call.path, call.endpoint, call.status, call.outcome) == (
         "panda_relay", "POST", RELAY_PATH, "create", 200, "ok")
     assert call.body["command_name"] == "create_workflow_task"
@@ -180,19 +195,20 @@ def test_create_returns_the_servers_ids_and_starts_the_run(
 def test_adjust_and_close_reach_the_server_with_the_runs_ids(
     server: SimulatedIDDSRest, gateway: RestGateway, adjusted: Seen
 ) -> None:
-    gateway.create_workflow_task(announced("100123"), NOW)
+    gateway.create_workflow_task(*creating("100123"))
 
     answer = gateway.adjust_worker("100123", IDS, SIZE, NOW)
     assert answer.content.target_worker_count == 7
     assert adjusted.wait_len(1)
     assert adjusted.items == [("100123", SIZE)]
-    assert server.tasks["100123"].target_worker_count == 7
+    # iDDS 2.6.21 stores no worker count.
+    assert server.tasks["100123"].target_worker_count == 30
     (adjustment,) = server.adjustments
     assert (adjustment.run_id, adjustment.request_id, adjustment.transform_id,
             adjustment.workload_id, adjustment.size) == ("100123", 1001, 2001, 60001, SIZE)
     assert adjustment.parameters["content"]["run_id"] == "100123"
 
-    closed = gateway.close_workflow_task("100123", IDS, NOW)
+    closed = gateway.close_workflow_task("100123", IDS, name_of("100123"), NOW)
     assert closed.content.status == "closed successfully"
     assert server.closed == {"100123": "ToCancel"}
     assert server.violations == []
@@ -206,7 +222,8 @@ def test_adjust_and_close_reach_the_server_with_the_runs_ids(
     assert {k: parameters[k] for k in ("run_id", "request_id", "transform_id", "workload_id")} \
         == {"run_id": "100123", "request_id": 1001, "transform_id": 2001, "workload_id": 60001}
     assert {c.route for c in server.calls} == {"panda_relay"}
-    assert [c.status for c in server.calls] == [200, 200, 200]
+    assert [(c.endpoint, c.status) for c in server.calls] == [
+        ("lookup", 200), ("create", 200), ("adjust", 200), ("close", 200)]
 
 
 def test_idds_host_goes_with_the_command_name(
@@ -215,29 +232,29 @@ def test_idds_host_goes_with_the_command_name(
     panda(server.relay_url)
     gateway = relay_gateway(host="https://idds.example:443/idds")
 
-    assert gateway.create_workflow_task(announced(), NOW).ids == IDS
-    assert server.calls[0].body["command_name"] \
-        == "create_workflow_task+https://idds.example:443/idds"
+    assert gateway.create_workflow_task(*creating()).ids == IDS
+    assert [c.body["command_name"] for c in server.calls] == [
+        "get_request_id_by_name+https://idds.example:443/idds",
+        "create_workflow_task+https://idds.example:443/idds"]
 
 
 def test_the_relay_and_the_direct_endpoints_share_the_tasks(
     server: SimulatedIDDSRest, gateway: RestGateway, panda: PointPanda,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gateway.create_workflow_task(announced("100"), NOW)
+    gateway.create_workflow_task(*creating("100"))
     manager = direct_manager(server, monkeypatch)
 
-    # The same run's create, directly, gets the relayed create's task...
-    again = manager.create_workflow_task({"scope": "eic", "name": "x",
-                                          "content": {"run_id": "100"}})
-    assert again == {**IDS.model_dump(), "processing_id": 3001, "input_coll_id": 40002,
-                     "output_coll_id": 40003}
+    # The same run's create, directly, fails on the relayed create's task...
+    _, workflow, _ = creating("100")
+    ok, text = manager.create_workflow_task(workflow)
+    assert ok is False and "Transform already exists" in text
     assert server.duplicate_creates == {"100": 1}
     # ...and a direct close closes it.
     assert manager.close_workflow_task(1001, {"run_id": "100"})["message"] \
         == "closed successfully"
     assert server.closed == {"100": "ToCancel"}
-    assert [c.route for c in server.calls] == ["panda_relay", "direct", "direct"]
+    assert [c.route for c in server.calls] == ["panda_relay"] * 2 + ["direct"] * 2
     assert [c.route for c in server.calls_to("create", "direct")] == ["direct"]
 
 
@@ -247,8 +264,12 @@ def test_the_client_follows_each_servers_port(panda: PointPanda) -> None:
             SimulatedIDDSRest(token=TOKEN, vo=VO) as second:
         for sim in (first, second):
             panda(sim.relay_url)
-            assert relay_gateway().create_workflow_task(announced(), NOW).ids == IDS
-        assert [len(first.calls), len(second.calls)] == [1, 1]
+            assert relay_gateway().create_workflow_task(*creating()).ids == IDS
+        # As iDDS 2.6.21: a lookup, the create (500 after making the task),
+        # and the lookup that finds it.
+        for sim in (first, second):
+            assert [(c.endpoint, c.status) for c in sim.calls] == [
+                ("lookup", 200), ("create", 200), ("lookup", 200), ("requests", 200)]
 
 
 # --- failures ----------------------------------------------------------------------------
@@ -257,16 +278,17 @@ def test_the_client_follows_each_servers_port(panda: PointPanda) -> None:
 def test_an_injected_idds_failure_on_create_is_a_failed_request_with_its_message(
     server: SimulatedIDDSRest, gateway: RestGateway, created: Seen
 ) -> None:
-    server.fail_next(message="database is down")
+    server.fail_next(message="database is down", endpoint="create")
 
     with pytest.raises(IddsRequestFailed, match="database is down") as caught:
-        gateway.create_workflow_task(announced("100"), NOW)
+        gateway.create_workflow_task(*creating("100"))
     assert "create_workflow_task" in str(caught.value)
     assert server.tasks == {}
-    assert [(c.route, c.status, c.outcome) for c in server.calls] == [
-        ("panda_relay", 200, "injected")]
+    # The failed create made no task: a second look finds none, so it fails.
+    assert [(c.endpoint, c.status, c.outcome) for c in server.calls] == [
+        ("lookup", 200, "ok"), ("create", 200, "injected"), ("lookup", 200, "ok")]
     # Only the next request failed.
-    assert gateway.create_workflow_task(announced("100"), NOW).ids == IDS
+    assert gateway.create_workflow_task(*creating("100")).ids == IDS
     assert created.wait_len(1)
 
 
@@ -292,14 +314,14 @@ def test_the_relay_answers_idds_failures_as_panda_client_returns_them(
 def test_an_injected_idds_failure_on_adjust_or_close_is_a_failed_request(
     server: SimulatedIDDSRest, gateway: RestGateway, request_name: str
 ) -> None:
-    gateway.create_workflow_task(announced("100123"), NOW)
+    gateway.create_workflow_task(*creating("100123"))
     server.fail_next(message="table locked")
 
     with pytest.raises(IddsRequestFailed, match="table locked"):
         if request_name == "adjust_worker":
             gateway.adjust_worker("100123", IDS, SIZE, NOW)
         else:
-            gateway.close_workflow_task("100123", IDS, NOW)
+            gateway.close_workflow_task("100123", IDS, name_of("100123"), NOW)
 
 
 @pytest.mark.parametrize("fault", [
@@ -345,7 +367,7 @@ def test_a_delay_holds_the_relayed_answer_too(
 ) -> None:
     server.delay(0.5, endpoint="create")
     started = time.monotonic()
-    assert gateway.create_workflow_task(announced(), NOW).ids == IDS
+    assert gateway.create_workflow_task(*creating()).ids == IDS
     assert time.monotonic() - started >= 0.5
 
 
@@ -360,7 +382,7 @@ def test_a_refused_token_is_a_failed_request_naming_the_refusal(
     panda(server.relay_url, token=token, vo=vo)
 
     with pytest.raises(IddsRequestFailed) as caught:
-        relay_gateway().create_workflow_task(announced(), NOW)
+        relay_gateway().create_workflow_task(*creating())
     text = str(caught.value)
     # PanDA's entry answers 403, which panda-client returns as status 255.
     assert "status 255" in text
@@ -377,7 +399,7 @@ def test_without_a_token_the_relay_wants_a_certificate(
     panda(server.relay_url, token=None, vo=None)  # x509: nothing in the headers over http
 
     with pytest.raises(IddsRequestFailed, match="via PanDA failed: SSL secure connection"):
-        relay_gateway().create_workflow_task(announced(), NOW)
+        relay_gateway().create_workflow_task(*creating())
     assert server.tasks == {}
     (call,) = server.calls
     assert (call.status, call.outcome) == (200, "unauthorized")
@@ -390,7 +412,7 @@ def test_a_server_that_is_down_is_a_failed_request_with_status_255(
     panda(f"http://127.0.0.1:{free_port()}/server/panda")
 
     with pytest.raises(IddsRequestFailed) as caught:
-        relay_gateway().create_workflow_task(announced(), NOW)
+        relay_gateway().create_workflow_task(*creating())
     assert "status 255" in str(caught.value)
     assert "Connection refused" in str(caught.value)
 
@@ -402,7 +424,7 @@ def test_oidc_without_a_vo_is_not_configured_rather_than_an_exit(
 
     # panda-client calls sys.exit here; the gateway must not let it through.
     with pytest.raises(IddsNotConfigured, match="PANDA_AUTH_VO"):
-        relay_gateway().create_workflow_task(announced(), NOW)
+        relay_gateway().create_workflow_task(*creating())
     assert server.calls == []
 
 
@@ -412,7 +434,7 @@ def test_oidc_without_a_vo_is_not_configured_rather_than_an_exit(
 def test_form_bodies_kwargs_and_client_are_served(
     server: SimulatedIDDSRest, gateway: RestGateway
 ) -> None:
-    gateway.create_workflow_task(announced("100"), NOW)
+    gateway.create_workflow_task(*creating("100"))
     # compress=False: a form; kwargs; manager=False: iDDS's Client, whose
     # failures fail the relay itself.
     api = panda_api(compress=False, manager=False, idds_host="https://idds.example/idds")
@@ -440,9 +462,9 @@ def test_unknown_and_unserved_commands_fail_the_relay(
     api = panda_api()
     assert api.no_such_command(1) == (
         0, [False, "no_such_command is not a command of iDDS ClientManager"])
-    status, (ok, text) = api.get_requests(request_id=1)
+    status, (ok, text) = api.get_status(request_id=1)
     assert (status, ok) == (0, False)
-    assert "simulated iDDS serves only" in text and "get_requests" in text
+    assert "simulated iDDS serves only" in text and "get_status" in text
     assert [(c.endpoint, c.outcome) for c in server.calls] == [
         (None, "not_a_command"), (None, "relay_failed")]
 
@@ -488,14 +510,15 @@ def test_the_token_is_never_recorded_or_logged(
     wrong = f"wrong-{uuid.uuid4().hex}"
     panda(server.relay_url)
     gateway = relay_gateway()
-    gateway.create_workflow_task(announced("100"), NOW)
+    gateway.create_workflow_task(*creating("100"))
     gateway.adjust_worker("100", IDS, SIZE, NOW)
-    gateway.close_workflow_task("100", IDS, NOW)
+    gateway.close_workflow_task("100", IDS, name_of("100"), NOW)
     panda(server.relay_url, token=wrong)
     with pytest.raises(IddsRequestFailed):
-        relay_gateway().create_workflow_task(announced("101"), NOW)
+        relay_gateway().create_workflow_task(*creating("101"))
 
-    assert len(server.calls) == 4
+    # A lookup, the create, the adjust and the close; the refused lookup.
+    assert len(server.calls) == 5
     assert all(c.headers["Authorization"] == REDACTED for c in server.calls)
     records = repr(server.calls) + json.dumps(server.state())
     assert RELAY_PATH in caplog.text  # the server did log the requests
