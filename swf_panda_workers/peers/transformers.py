@@ -1,11 +1,18 @@
 """The transformers (swf-transform) that PanDA jobs run: each takes slices of
-its run, "processes" them, and sends slice_result to the results queue.
+its run, "processes" them, and sends slice_result to the results destination.
 
-Faithful to the real transformer (PROTOCOL.md): results carry no namespace
-header (transformers started by iDDS have none) and, in the testbed shape, no
-processing_time field; the heartbeat is the bare ``heartbeat`` with no run_id;
-``stop_transformer`` is obeyed only when its run_id ``==`` the integer the
-transformer was started with, so a string "100123" does not stop run 100123.
+The integration tests and the demo run the real idds-prompt transformer
+(``peers.pilots``); this simulator is for the benchmark's hundreds of workers
+and the fault tests. It sends what swf-transform sends
+(tests/real_messages/slice_result_*.swf-transform-HEAD.json): the slice's run
+id (a string), ``result.state`` a JSON boolean, panda ids as strings from the
+pilot's environment, naive ISO times with microseconds, no namespace header
+(transformers started by iDDS have none) and, in the testbed shape, no
+processing_time field; its heartbeat is the bare ``heartbeat`` with no
+run_id, sent to its results destination and to the transformer topic, never
+to the workers topic. ``stop_transformer`` is obeyed only when its run_id
+``==`` the integer the transformer was started with, so a string "100123"
+does not stop run 100123.
 A stopped transformer finishes its current slice and exits; the slices left
 in the run's queue stay unprocessed. An unstopped one exits after
 ``idle_timeout`` seconds without work.
@@ -27,6 +34,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,11 +44,13 @@ from typing import Any
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.messages import InvalidMessage, StopTransformer, parse_message
-from swf_panda_workers.peers._bus import Notifier, PeerBus, naive_iso, peer_headers
+from swf_panda_workers.peers._bus import Notifier, PeerBus, naive_iso
 
 log = logging.getLogger(__name__)
 
-HARVESTER_ID = "sim-harvester"
+HARVESTER_ID = "48211"  # HARVESTER_WORKER_ID, text as the pilot's environment has it
+PANDA_SERVER_URL = "https://pandaserver.example:25443/server/panda"
+RESULT_TTL_MS = 12 * 3600 * 1000  # the real publisher's timetolive
 
 
 @dataclass
@@ -103,6 +113,7 @@ class TransformerFarm:
         result_ttl_ms: int | None = None,
     ) -> None:
         self.results_queue = results_queue
+        self.transformer_topic = transformer_topic
         self.workers_topic = workers_topic
         self.heartbeat_every = heartbeat_every
         self.idle_timeout = idle_timeout
@@ -112,6 +123,7 @@ class TransformerFarm:
         self._state = Notifier()
         self._closing = threading.Event()
         self._panda_ids = itertools.count(7_000_001)
+        self._client_id = f"None.ResultPublisher.sim.{uuid.uuid4().hex[:8]}"
         # Guarded by self._state.lock.
         self.runs: dict[str, RunSlices] = {}
         self.stop_messages: list[StopTransformer] = []
@@ -297,14 +309,14 @@ class TransformerFarm:
         for _ in range(n):
             run.started += 1
             run.live += 1
-            hostname = f"sim-{run.run_id}-{run.started}"
+            hostname = f"sim-{run.run_id}-{run.started}"  # its socket.getfqdn()
             thread = threading.Thread(target=self._transform, args=(run, hostname),
                                       name=hostname, daemon=True)
             self._threads.append(thread)
             thread.start()
 
     def _transform(self, run: RunSlices, hostname: str) -> None:
-        internal_id = f"{hostname}-{threading.get_ident():x}"
+        internal_id = f"{hostname}.{uuid.uuid4().hex[:8]}"  # as swf-transform names them
         panda_id = next(self._panda_ids)
         with self._state.lock:
             self._heartbeats[internal_id] = run.namespace
@@ -348,32 +360,40 @@ class TransformerFarm:
             return  # the farm is shutting down: the slice is abandoned
         seconds = round(time.monotonic() - began, 6)
         failed = run.fail_every is not None and (index + 1) % run.fail_every == 0
+        slice_content = {"run_id": run.run_id, "slice_id": index, "state": "queued",
+                         "substate": "new"}
         content: dict[str, Any] = {
             "requested_at": run.queued_at[index],
             "processing_start_at": naive_iso(started_at, timespec="microseconds"),
             "processed_at": naive_iso(timespec="microseconds"),
             "state": "failed" if failed else "done",
             "hostname": hostname,
-            "panda_task_id": run.panda_task_id,
-            "panda_id": panda_id,
+            "panda_server_url": PANDA_SERVER_URL,
+            # From the pilot's environment: text, or null.
+            "panda_task_id": None if run.panda_task_id is None else str(run.panda_task_id),
+            "panda_id": str(panda_id),
             "harvester_id": HARVESTER_ID,
             "result": (
-                {"state": "failed", "result": None, "error": f"simulated failure of slice {index}"}
+                # A failed slice carries no slice identity.
+                {"state": False, "result": None, "error": f"simulated failure of slice {index}"}
                 if failed else
-                {"state": "done", "result": {"actual_processing_time": seconds}, "error": None}
+                {"state": True, "result": {**slice_content, "processed": True,
+                                           "actual_processing_time": seconds},
+                 "error": None}
             ),
         }
-        if not failed:
-            content["slice_id"] = index  # a failed slice carries no slice identity
         if run.seed_shape:
             content["processing_time"] = seconds
         body = {
             "msg_type": "slice_result",
-            "run_id": run.started_with,
+            "run_id": run.run_id,  # the slice's, a string as the testbed sends it
             "created_at": naive_iso(timespec="microseconds"),
             "content": content,
         }
-        headers = peer_headers("slice_result", run.run_id)  # no namespace, as from iDDS jobs
+        # No namespace, as from iDDS jobs; a ttl, which ActiveMQ Classic ignores.
+        headers = {"persistent": "true", "ttl": str(RESULT_TTL_MS), "vo": "eic",
+                   "msg_type": "slice_result", "run_id": run.run_id,
+                   "client-id": self._client_id, "id": self._client_id, "ack": "auto"}
         if self.result_ttl_ms is not None:
             headers["expires"] = str(int(time.time() * 1000) + self.result_ttl_ms)
         with self._state.lock:
@@ -394,17 +414,26 @@ class TransformerFarm:
             self._state.notify()
 
     def _beat(self) -> None:
+        # swf-transform: each of a transformer's broker objects beats to its
+        # own destination (results, broadcast topic, slice queue, the last
+        # internal here), never to the workers topic; not persistent, and the
+        # namespace header empty when the transformer has none.
         while not self._closing.wait(self.heartbeat_every):
             with self._state.lock:
                 live = list(self._heartbeats.items())
-            for internal_id, namespace in live:
-                body = {"msg_type": "heartbeat", "internal_id": internal_id,
-                        "namespace": namespace, "timestamp": time.time()}
-                try:
-                    self._bus.send(self.workers_topic, body,
-                                   peer_headers("heartbeat", None, namespace))
-                except BusUnavailable as exc:  # a missed beat is what a real one would do
-                    log.warning("heartbeat of %s not sent: %s", internal_id, exc)
+            for transformer, namespace in live:
+                for name, destination in (("ResultPublisher", self.results_queue),
+                                          ("TFBroadcastSubscriber", self.transformer_topic)):
+                    internal_id = f"{namespace}.{name}.{transformer}"
+                    body = {"msg_type": "heartbeat", "internal_id": internal_id,
+                            "namespace": namespace, "timestamp": time.time()}
+                    headers = {"persistent": "false", "vo": "eic", "msg_type": "heartbeat",
+                               "namespace": namespace or "", "client-id": internal_id,
+                               "id": internal_id, "ack": "auto"}
+                    try:
+                        self._bus.send(destination, body, headers)
+                    except BusUnavailable as exc:  # a missed beat is what a real one would do
+                        log.warning("heartbeat of %s not sent: %s", internal_id, exc)
 
     # --- stop_transformer (inbox worker thread) ------------------------------
 
