@@ -20,6 +20,13 @@ WAIT = 10.0
 RUN = "100123"
 
 
+
+
+def slice_of(content: dict[str, Any]) -> int:
+    """The slice a result is for: in the payload's result, as swf-transform sends it."""
+    slice_id: int = content["result"]["result"]["slice_id"]
+    return slice_id
+
 class RecordingBus:
     """What the farm needs of PeerBus: sends are recorded, nothing connects."""
 
@@ -41,7 +48,7 @@ class RecordingBus:
     def contents(self) -> list[dict[str, Any]]:
         """The results' contents, by slice."""
         with self._lock:
-            return sorted((b["content"] for b in self.sent), key=lambda c: c["slice_id"])
+            return sorted((b["content"] for b in self.sent), key=slice_of)
 
 
 @pytest.fixture
@@ -105,7 +112,7 @@ def test_arrival_order_follows_the_arrival_times(
     run = farm.start_run(RUN, workers=1, slices=3, processing_time=lambda _: 0.0,
                          arrival=lambda i: 0.2 * (2 - i))
     assert farm.wait_for(lambda: run.slices_sent == 3, WAIT)
-    by_slice = {c["slice_id"]: moment(c["requested_at"]) for c in bus.contents()}
+    by_slice = {slice_of(c): moment(c["requested_at"]) for c in bus.contents()}
     assert by_slice[2] < by_slice[1] < by_slice[0]
 
 
@@ -161,7 +168,7 @@ def test_lowering_the_target_lets_the_surplus_finish_their_slice(
     farm.set_target(RUN, 5)
     assert (run.started, run.live) == (10, 5)
     assert farm.wait_idle(WAIT, RUN)
-    assert [c["slice_id"] for c in bus.contents()] == list(range(slices))
+    assert [slice_of(c) for c in bus.contents()] == list(range(slices))
     assert run.unprocessed == []
 
 
