@@ -5,10 +5,12 @@
     -> stop the transformers -> close the task -> iDDS's close status
 
 A run always ends cleanly: an end_run that comes before iDDS's ids ends it at
-once (the stop, and a close by run id), and a failure after the ids (the
-scaling sub-flow, iDDS errors) still sends the stop and the close before the
-flow run fails. Every task iDDS made for the run is closed, the extra ones
-(iDDS handling one request more than once) as soon as they are known.
+once (the stop, and a close by run id), and a failure (the scaling sub-flow,
+iDDS errors, no answer to the create) still sends the stop and the close
+before the flow run fails: on its last attempt, for an attempt that Prefect
+will retry goes on with the run where it left off. Every task iDDS made for
+the run is closed, the extra ones (iDDS handling one request more than once)
+as soon as they are known.
 
 The flow's inputs are its run's Prefect events (bus messages the listener
 handed over, and the effects this flow journaled), so a retried flow run
@@ -129,12 +131,12 @@ async def run_lifecycle(
             ids = await create_task(view, idds, run, announced_at, settings)
         except (CreateNotAnswered, IddsRequestFailed):
             # iDDS may have made the task all the same: close it by run.
-            await ending.stop_and_close(confirm=False)
+            await ending.after_failure()
             raise
         if ids is None:
             report = ScalingReport.without_scaling("end_run came before iDDS's ids")
         elif view.state.stop_sent:
-            report = ScalingReport.without_scaling("stopped by an earlier attempt, which failed")
+            report = ScalingReport.without_scaling("stopped by an earlier attempt")
         else:
             try:
                 report = await scale_workers(
@@ -143,7 +145,7 @@ async def run_lifecycle(
                 )
             except Exception:
                 # Not swallowed: the stop and the close first, then the failure.
-                await ending.stop_and_close(confirm=False)
+                await ending.after_failure()
                 raise
         state = await ending.stop_and_close(confirm=True)
 
@@ -245,6 +247,16 @@ class Ending:
         get_run_logger().info("iDDS closed the task of run %s: %s", view.state.run_id,
                               view.state.closed_status)
         return view.state
+
+    async def after_failure(self) -> None:
+        """On the flow run's last attempt, end the run; an attempt Prefect
+        retries leaves it running for the retry to take up."""
+        if flow_run.run_count <= (run_lifecycle.retries or 0):
+            get_run_logger().warning("this attempt failed; the run goes on with the next")
+            return
+        get_run_logger().warning("the last attempt failed: stopping the run's transformers "
+                                 "and closing its tasks before the flow run fails")
+        await self.stop_and_close(confirm=False)
 
     async def stop(self) -> None:
         run_id = self.view.state.run_id

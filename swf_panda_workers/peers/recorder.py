@@ -16,6 +16,7 @@ from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
 from swf_panda_workers.config import Brokers
+from swf_panda_workers.outbound import stop_run_ids
 from swf_panda_workers.peers._bus import Notifier, PeerBus
 
 # message type -> its column in summary_table
@@ -93,6 +94,23 @@ class BusRecorder:
                 and (run_id is None or str(r.body.get("run_id")) == str(run_id))
             ]
 
+    def stop_forms(self, run_id: str) -> list[int | str]:
+        """The run_id of each stop_transformer of the run, as sent. One stop
+        is one message per form a real transformer obeys (``[N, "N"]`` for a
+        numeric run id: outbound.stop_run_ids)."""
+        return [body["run_id"] for body in self.of_type("stop_transformer", run_id)]
+
+    def count(self, msg_type: str, run_id: str) -> int:
+        """How many of that type went by for the run; stops counted whole."""
+        if msg_type == "stop_transformer":
+            return self.stops(run_id)
+        return len(self.of_type(msg_type, run_id))
+
+    def stops(self, run_id: str) -> int:
+        """How many whole stops of the run went by (each in every form)."""
+        forms = self.stop_forms(run_id)
+        return min(forms.count(form) for form in stop_run_ids(run_id))
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait (woken by each new record) until ``predicate`` holds."""
         return self._state.wait_for(predicate, timeout)
@@ -120,10 +138,12 @@ class BusRecorder:
             return dict(Counter(r.msg_type for r in self._records))
 
     def summary_table(self, run_ids: Iterable[str]) -> str:
-        """Per run, how many of each iDDS/transformer message went by."""
+        """Per run, how many of each iDDS/transformer message went by (stops
+        counted whole: a stop goes in each form a transformer obeys)."""
         headings = ("run_id", *SUMMARY_COLUMNS.values())
         rows = [headings] + [
-            (str(run_id), *(str(len(self.of_type(t, run_id))) for t in SUMMARY_COLUMNS))
+            (str(run_id), *(str(self.stops(str(run_id)) if t == "stop_transformer"
+                                else len(self.of_type(t, run_id))) for t in SUMMARY_COLUMNS))
             for run_id in run_ids
         ]
         return text_table(rows)

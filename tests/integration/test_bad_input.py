@@ -250,7 +250,7 @@ def test_a_run_completes_while_every_kind_of_bad_input_arrives(
         assert not failures and not pouring.is_alive()
         assert session.ok, f"the run did not complete: {session}"
         for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
-            assert len(peers.recorder.of_type(msg_type, run_id)) == 1, msg_type
+            assert peers.recorder.count(msg_type, run_id) == 1, msg_type
     for case, body in bodies:
         assert dead_letters.wait_for(body).headers["swf_reject_reason"] == case.reason
     states = asyncio.run(flow_run_states(stack.api_url, [run_id], namespace))

@@ -26,7 +26,6 @@ from swf_panda_workers.adapters.prefect_events import (
 )
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.messages import CreateWorkflowTask
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.timestamps import utc_now
 
@@ -172,11 +171,11 @@ class Run:
         """Each message type went out exactly once for the run, counted on the
         bus once everything sent so far has reached the recorder."""
         assert self.peers.recorder.settle(30), "the recorder's marker never came back"
-        counts = {t: len(self.peers.recorder.of_type(t, self.run_id)) for t in msg_types}
+        counts = {t: self.peers.recorder.count(t, self.run_id) for t in msg_types}
         assert counts == dict.fromkeys(msg_types, 1), counts
 
     def count(self, msg_type: str) -> int:
-        return len(self.peers.recorder.of_type(msg_type, self.run_id))
+        return self.peers.recorder.count(msg_type, self.run_id)
 
 
 # --- the tests ---------------------------------------------------------------
@@ -238,7 +237,7 @@ def test_broker_restarted_mid_run_loses_and_doubles_nothing(
         assert stack.listener.alive
 
 
-def test_idds_never_answers_create_the_run_fails_and_nothing_is_closed(
+def test_idds_never_answers_create_the_run_fails_and_is_closed_by_run_id(
     fault_stack: EmbeddedStack, new_run_id: Callable[[], str]
 ) -> None:
     with harness(fault_stack, FAULT_NAMESPACE, answer_create=False) as peers:
@@ -250,18 +249,20 @@ def test_idds_never_answers_create_the_run_fails_and_nothing_is_closed(
         message = flow_run.state.message or ""
         assert f"did not answer create_workflow_task for run {run.run_id}" in message, message
         assert f"within {FAULT_CREATE_TIMEOUT:g}s" in message, message
-        # One create, across the flow's attempts; nothing else: no ids, so
-        # nothing to adjust, stop or close.
-        run.assert_once("create_workflow_task")
-        for msg_type in ("created_workflow_task", "adjust_worker", "stop_transformer",
-                         "close_workflow_task"):
+        # One create, across the flow's attempts; no ids, so nothing to
+        # adjust. But iDDS may have made the task without answering (this one
+        # did): the last attempt stopped the run and closed it by its run id.
+        run.assert_once("create_workflow_task", "stop_transformer", "close_workflow_task")
+        for msg_type in ("created_workflow_task", "adjust_worker"):
             assert run.count(msg_type) == 0, f"{msg_type} sent for run {run.run_id}"
-        creates = [m for m in peers.idds.requests_of(CreateWorkflowTask)
-                   if m.run_id == run.run_id]
-        assert len(creates) == 1
-        # iDDS heard nothing else about the run.
-        assert [m for m in peers.idds.requests if m.run_id == run.run_id] == creates
-        assert run.run_id not in peers.farm.runs  # no task, so no transformers
+        (close,) = peers.recorder.of_type("close_workflow_task", run.run_id)
+        assert close["content"]["run_id"] == run.run_id
+        assert [close["content"][k] for k in ("request_id", "transform_id", "workload_id")] \
+            == [None, None, None]
+        assert peers.idds.wait_for(lambda: peers.idds.closed.get(run.run_id) == "ToCancel", 30)
+        assert [task.status for task in peers.idds.tasks_of(run.run_id)] == ["ToCancel"]
+        assert peers.idds.violations == []
+        assert run.run_id not in peers.farm.runs  # its creator never heard of the task
 
 
 @pytest.mark.parametrize("late", ["within_the_wait", "after_the_first_attempt_gave_up"])

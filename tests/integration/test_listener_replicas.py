@@ -172,7 +172,7 @@ class Run:
         recorder = self.peers.recorder
         for msg_type in ("created_workflow_task", "adjusted_worker", "end_run",
                          "closed_workflow_task"):
-            on_the_bus = len(recorder.of_type(msg_type, self.run_id))
+            on_the_bus = recorder.count(msg_type, self.run_id)
             assert on_the_bus >= 1, f"run {self.run_id}: no {msg_type} on the bus"
             # The flow may have seen the last ones streamed, before the
             # server's persister wrote them.
@@ -189,7 +189,7 @@ class Run:
         larger sizes only (the policy never asks a size twice), at least once."""
         recorder = self.peers.recorder
         assert recorder.settle(30), "the recorder's marker never came back"
-        counts = {t: len(recorder.of_type(t, self.run_id))
+        counts = {t: recorder.count(t, self.run_id)
                   for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")}
         assert counts == dict.fromkeys(counts, 1), f"run {self.run_id}: {counts}"
         sizes = [a["content"]["target_worker_count"]

@@ -138,7 +138,7 @@ class Run:
         recorder = self.peers.recorder
         assert recorder.settle(30), "the recorder's marker never came back"
         for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
-            assert len(recorder.of_type(msg_type, self.run_id)) == 1, msg_type
+            assert recorder.count(msg_type, self.run_id) == 1, msg_type
 
 
 def peers_for(stack: EmbeddedStack) -> PeerHarness:

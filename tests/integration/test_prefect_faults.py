@@ -135,8 +135,8 @@ def completed_once_and_accounted(stack: EmbeddedStack, peers: PeerHarness, names
     flow_run = asyncio.run(final_flow_run(stack.api_url, namespace, run_id))
     assert flow_run.state_name == "Completed", flow_run.state
     for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
-        sent = peers.recorder.of_type(msg_type, run_id)
-        assert len(sent) == 1, f"{msg_type} for run {run_id}: {len(sent)} messages, not one"
+        sent = peers.recorder.count(msg_type, run_id)
+        assert sent == 1, f"{msg_type} for run {run_id}: {sent} messages, not one"
     # The policy only ever asks for a larger size: a size asked twice is a repeat.
     sizes = [a["content"]["target_worker_count"]
              for a in peers.recorder.of_type("adjust_worker", run_id)]

@@ -28,7 +28,7 @@ def test_listener_reconnects_and_resubscribes_after_a_broker_restart(
         session = play_session(peers, [run_id], "testbed", 10)
         assert session.ok
         for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
-            assert len(peers.recorder.of_type(msg_type, run_id)) == 1
+            assert peers.recorder.count(msg_type, run_id) == 1
 
     assert stack.listener.alive
     since_restart = log.read_text(errors="replace")[before:]

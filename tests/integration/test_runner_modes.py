@@ -96,7 +96,7 @@ def end_and_account(stack: EmbeddedStack, peers: PeerHarness, namespace: str,
         dict.fromkeys(runs, "Completed")
     assert peers.recorder.settle(30), "the recorder's marker never came back"
     for run_id in runs:
-        counts = {t: len(peers.recorder.of_type(t, run_id))
+        counts = {t: peers.recorder.count(t, run_id)
                   for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")}
         assert set(counts.values()) == {1}, f"run {run_id}: {counts}"
         farm_run = peers.farm.runs[run_id]

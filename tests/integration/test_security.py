@@ -373,7 +373,7 @@ def test_a_run_end_to_end_over_tls_with_secrets_from_the_environment_and_files(
     run_id = str(int(time.time() * 1000) % 10**12)
     with PeerHarness(tls_brokers, NAMESPACE, slices_per_run=10, idle_timeout=3) as peers:
         session = play_session(peers, [run_id], "testbed", 10, wait=120)
-        counts = {t: len(peers.recorder.of_type(t, run_id))
+        counts = {t: peers.recorder.count(t, run_id)
                   for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")}
 
     assert session.ok, f"session did not complete: {session}"
