@@ -12,6 +12,7 @@ a run in progress (a flow run of the namespace not finished)."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -54,11 +55,20 @@ class AgentState:
     mq_connected: bool
 
 
+# The monitor's column: a longer instance_name is a server error there (500).
+INSTANCE_NAME_MAX = 100
+
+
 def default_instance_name(namespace: str, replica: str | None, hostname: str) -> str:
     """Stable across restarts on one host and distinct per listener:
-    ``panda-workers-<namespace>[-<replica>]-<hostname>``."""
+    ``panda-workers-<namespace>[-<replica>]-<hostname>``; over 100 characters,
+    its first 91 and a digest of the whole, so that it stays distinct."""
     parts = ["panda-workers", namespace, *([replica] if replica else []), hostname]
-    return "-".join(parts)
+    name = "-".join(parts)
+    if len(name) <= INSTANCE_NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:INSTANCE_NAME_MAX - 9]}-{digest}"
 
 
 def agent_state(health: HealthSnapshot) -> AgentState:

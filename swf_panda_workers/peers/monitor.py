@@ -5,10 +5,12 @@ server in a thread.
 As the monitor (its SystemAgentViewSet.heartbeat): the agent's record is
 created (201) or updated (200) by ``instance_name`` and answered as JSON;
 with a ``token``, requests without ``Authorization: Token <token>``, or with
-another token, are refused (401); a body the monitor's serializer would
-refuse is a 400 naming the field (``status``, ``operational_state`` outside
-the monitor's choices; ``agent_type`` outside ``agent_types`` when given, as
-monitor versions with a fixed list answer).
+another token, are refused (403, as the monitor's token authentication with
+its permission check answers); a body the monitor's serializer would refuse
+is a 400 naming the field (``status``, ``operational_state`` outside the
+monitor's choices; ``agent_type`` outside ``agent_types`` when given, as
+monitor versions with a fixed list answer); an ``instance_name`` longer than
+its column (100) gets past the serializer and fails in the database: a 500.
 
 Faults, for the reporter's tests (``behave``): ``fail`` answers 503, as a
 gateway in front of a monitor that is down; ``hang`` holds each request
@@ -35,7 +37,7 @@ from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any, Literal
 
-from swf_panda_workers.monitor_heartbeat import HEARTBEAT_PATH
+from swf_panda_workers.monitor_heartbeat import HEARTBEAT_PATH, INSTANCE_NAME_MAX
 from swf_panda_workers.peers._bus import Notifier
 from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 
@@ -188,7 +190,10 @@ class MonitorStandIn:
         if auth in ("missing", "wrong"):
             detail = ("Authentication credentials were not provided." if auth == "missing"
                       else "Invalid token.")
-            return _json(401, {"detail": detail})
+            return _json(403, {"detail": detail})
+        if isinstance(body, dict) and isinstance(body.get("instance_name"), str) \
+                and len(body["instance_name"]) > INSTANCE_NAME_MAX:
+            return _Answer(500, b"<h1>Server Error (500)</h1>", (("Content-Type", "text/html"),))
         problems = self._problems(body)
         if problems:
             return _json(400, problems)
@@ -209,8 +214,8 @@ class MonitorStandIn:
             return {"non_field_errors": ["Invalid data. Expected a dictionary."]}
         problems: dict[str, list[str]] = {}
         name = body.get("instance_name")
-        if not isinstance(name, str) or not 0 < len(name) <= 100:
-            problems["instance_name"] = ["A string of 1 to 100 characters is required."]
+        if not isinstance(name, str) or not name:
+            problems["instance_name"] = ["This field is required."]
         agent_type = body.get("agent_type")
         if not isinstance(agent_type, str) or not 0 < len(agent_type) <= 20 or (
                 self._agent_types is not None and agent_type not in self._agent_types):

@@ -65,6 +65,15 @@ def test_default_instance_name(namespace: str, replica: str | None, hostname: st
     assert default_instance_name(namespace, replica, hostname) == expected
 
 
+def test_a_long_default_instance_name_fits_the_monitors_column() -> None:
+    # Over 100 characters swf-monitor fails with a server error; two long
+    # names that differ only at their end must stay two names.
+    long_a = default_instance_name("n" * 64, "r" * 64, "host-a.example.org")
+    long_b = default_instance_name("n" * 64, "r" * 64, "host-b.example.org")
+    assert len(long_a) == len(long_b) == 100 and long_a != long_b
+    assert long_a.startswith("panda-workers-nnnn")
+
+
 @pytest.mark.parametrize(("snapshot", "exit_reason", "parts"), [
     (health(runs=2), None, ["listener swf-panda-workers-dev", "MQ: connected",
                             "Prefect: reachable", "runs in progress: 2"]),

@@ -292,7 +292,7 @@ def test_a_refused_token(stand_in: MonitorStandIn, logs: pytest.LogCaptureFixtur
          lambda reporter, stopping: failing(reporter, at_least=3)(reporter, stopping))
 
     calls = stand_in.records()
-    assert calls and all(c.status == 401 and c.auth == auth for c in calls)
+    assert calls and all(c.status == 403 and c.auth == auth for c in calls)
     warnings = monitor_warnings(logs)
     assert len(warnings) == 2 and "SWF_API_TOKEN" in warnings[0], warnings
     assert TOKEN not in logs.text and "not-the-t0ken" not in logs.text
