@@ -4,6 +4,7 @@ a run's flow run once final, and its summary artifact."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from uuid import UUID
 
@@ -67,3 +68,12 @@ async def artifact_markdown(api_url: str, key: str, auth_string: str | None = No
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     assert artifacts, f"no artifact {key}"
     return str(artifacts[0].data)
+
+
+def slices_reported(api_url: str, namespace: str, run_id: str) -> tuple[int, int]:
+    """(done, failed) as the run's summary artifact reports them."""
+    key = f"run-{namespace}-{run_id}".lower().replace("_", "-")
+    summary = asyncio.run(artifact_markdown(api_url, key))
+    found = re.search(r"slices: (\d+) done, (\d+) failed", summary)
+    assert found, f"no slice counts in the summary of run {run_id}:\n{summary}"
+    return int(found[1]), int(found[2])

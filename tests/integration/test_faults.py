@@ -8,7 +8,6 @@ counted once in the run's summary): nothing lost, nothing doubled."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from datetime import timedelta
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_reads import artifact_markdown, final_flow_run
+from prefect_reads import final_flow_run, slices_reported
 
 from swf_panda_workers.adapters.prefect_events import (
     message_event_name,
@@ -89,15 +88,6 @@ async def _stored_slice_results(api_url: str, namespace: str, run_id: str) -> in
         events = await run_history(run_resource_id(namespace, run_id),
                                    since=utc_now() - timedelta(hours=1))
     return len({e.id for e in events if e.event == message_event_name("slice_result")})
-
-
-def slices_reported(api_url: str, namespace: str, run_id: str) -> tuple[int, int]:
-    """(done, failed) as the run's summary artifact reports them."""
-    key = f"run-{namespace}-{run_id}".lower().replace("_", "-")
-    summary = asyncio.run(artifact_markdown(api_url, key))
-    found = re.search(r"slices: (\d+) done, (\d+) failed", summary)
-    assert found, f"no slice counts in the summary of run {run_id}:\n{summary}"
-    return int(found[1]), int(found[2])
 
 
 # --- one run, from the announcement to the accounting --------------------------
