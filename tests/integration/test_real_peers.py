@@ -220,6 +220,7 @@ def test_one_idds_worker_two_runs_from_create_to_close(
         figures["pilot_start_to_first_result_s"] = first
         figures["transformer_rss_mb"] = [round((p.rss_kb() or 0) / 1024, 1)
                                          for p in peers.pilots.pilots]
+        figures["idds_rss_mb"] = round((peers.idds.rss_kb() or 0) / 1024, 1)
 
         # --- adjust: answered, but 2.6.21 starts no more jobs
         settings = service.settings
