@@ -272,6 +272,23 @@ def test_one_idds_worker_two_runs_from_create_to_close(
     print(f"\nreal peers, one iDDS worker: {figures}")
 
 
+class HandlerEnds:
+    """Counts how iDDS's workers ended with one kind of request, from its
+    log: a success line, or the handler's exception line."""
+
+    def __init__(self, peers: RealPeers, msg_type: str, success: str) -> None:
+        self.idds = peers.idds
+        self.success = success
+        self.failure = f"worker_message_handler exception for msg_type={msg_type}"
+        self.before = (self.idds.count_in_log(success), self.idds.count_in_log(self.failure))
+
+    def wait(self, ends: int) -> int:
+        """Wait for ``ends`` more ends; the successes among them."""
+        assert self.idds.wait_for_log((self.success, self.failure), sum(self.before) + ends,
+                                      WAIT), f"iDDS's workers did not all end: {self.success}"
+        return self.idds.count_in_log(self.success) - self.before[0]
+
+
 def test_four_idds_workers_each_handle_every_request(
         brokers: Brokers, namespace: str, service: Service, new_run_id: Callable[[], str],
         idds_database_url: str | None, tmp_path: Path) -> None:
@@ -290,16 +307,17 @@ def test_four_idds_workers_each_handle_every_request(
                    schedule=PayloadSchedule(0.1), collect_results=True) as peers:
         observed["idds_started_in_s"] = round(peers.idds.started_in or 0, 2)
         created: dict[str, list[CreatedWorkflowTask]] = {}
-        handled = 0
         for run_id in runs:
+            handled = HandlerEnds(peers, "create_workflow_task",
+                                  success="create_workflow_task: request_id=")
             service.create(run_id, workers=1)
-            # Every worker has finished with the create once each logged its end.
-            handled += 4
-            assert peers.idds.wait_for_log(
-                ("create_workflow_task: request_id=",
-                 "worker_message_handler exception for msg_type=create_workflow_task"),
-                handled, WAIT)
-            assert service.recorder.settle(WAIT)
+            # Each worker logs its end (success or failure) before its reply:
+            # wait for all four, then for a reply per success.
+            successes = handled.wait(4)
+            assert successes >= 1, f"every iDDS worker failed the create of run {run_id}"
+            assert service.recorder.wait_for(
+                lambda run_id=run_id, successes=successes: len(
+                    service.replies("created_workflow_task", run_id)) >= successes, WAIT)
             created[run_id] = [m for m in (parse_message(body) for _, body in
                                            service.replies("created_workflow_task", run_id))
                                if isinstance(m, CreatedWorkflowTask)]
@@ -307,7 +325,7 @@ def test_four_idds_workers_each_handle_every_request(
             tasks = peers.panda.submissions_for(run_id)
             observed[f"run {run_id}"] = {"created_replies": len(created[run_id]),
                                          "transforms": len(transforms), "panda_tasks": len(tasks)}
-            assert created[run_id], f"no created_workflow_task for run {run_id}"
+            assert len(created[run_id]) == successes
             assert {m.content.transform_id for m in created[run_id]} == {
                 t["transform_id"] for t in transforms}
             assert {m.content.workload_id for m in created[run_id]} == {s.task_id for s in tasks}
@@ -327,18 +345,20 @@ def test_four_idds_workers_each_handle_every_request(
             service.send(outbound.stop_transformer(run_id, settings, now()))
         assert peers.pilots.wait_for(lambda: peers.pilots.live() == 0, STOP_IDLE + WAIT)
 
+        handled = HandlerEnds(peers, "close_workflow_task", success="close_workflow_task: run_id=")
         closes = 0
         for run_id in runs:
             for message in created[run_id]:
                 service.send(outbound.close_workflow_task(run_id, message.ids, settings, now()))
                 closes += 1
-        assert peers.idds.wait_for_log("close_workflow_task: run_id=", 4 * closes, WAIT)
-        assert service.recorder.settle(WAIT)
+        successes = handled.wait(4 * closes)
+        assert service.recorder.wait_for(lambda: sum(
+            len(service.replies("closed_workflow_task", r)) for r in runs) >= successes, WAIT)
         for run_id in runs:
             assert set(peers.idds.database.records(run_id).processing_statuses()) == {
                 "ToCancel"}
-        observed["closed_replies_per_close"] = sum(
-            len(service.replies("closed_workflow_task", r)) for r in runs) / closes
+        observed["closes"] = closes
+        observed["closed_replies"] = successes
     observed["idds_stop_s"] = round(peers.idds.stopped_in or 0, 2)
     assert not peers.idds.alive and peers.pilots.live() == 0
     print(f"\nreal peers, four iDDS workers: {observed}")
