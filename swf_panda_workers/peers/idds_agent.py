@@ -197,6 +197,12 @@ class IddsRecords:
     def processing_statuses(self) -> list[str]:
         return [str(p["status"]) for p in self.processings]
 
+    def of_run(self, run_id: str | int) -> IddsRecords:
+        """Those of one run (one read of all runs, then each run's part)."""
+        run = str(run_id)
+        return IddsRecords([t for t in self.transforms if t["run_id"] == run],
+                           [p for p in self.processings if p["run_id"] == run])
+
 
 class IddsDatabase:
     """Reads iDDS's database with iDDS's own code (``idds.core``), in the

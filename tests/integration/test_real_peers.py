@@ -43,7 +43,7 @@ from swf_panda_workers.peers.recorder import BusRecorder
 pytestmark = pytest.mark.integration
 
 WAIT = 30.0  # seconds: generous; every wait returns as soon as its condition holds
-IDLE_TIMEOUT = 12  # the transformers' --idle_timeout (panda.idle_timeout)
+IDLE_TIMEOUT = 10  # the transformers' --idle_timeout (panda.idle_timeout)
 STOP_IDLE = 5  # a stopped transformer exits once its slice queue was idle this long
 
 
@@ -263,7 +263,9 @@ def test_one_idds_worker_two_runs_from_create_to_close(
             closed = service.wait_replies("closed_workflow_task", run.run_id)
             assert isinstance(closed[0], ClosedWorkflowTask)
             assert closed[0].content.status == "ToCancel"
-            records = peers.idds.database.records(run.run_id)
+        everything = peers.idds.database.records()
+        for run in runs.values():
+            records = everything.of_run(run.run_id)
             assert records.processing_statuses() == ["ToCancel"]
             assert [t["transform_id"] for t in records.transforms] == [
                 run.created.content.transform_id]
@@ -321,11 +323,13 @@ def test_four_idds_workers_each_handle_every_request(
             created[run_id] = [m for m in (parse_message(body) for _, body in
                                            service.replies("created_workflow_task", run_id))
                                if isinstance(m, CreatedWorkflowTask)]
-            transforms = peers.idds.database.records(run_id).transforms
+            assert len(created[run_id]) == successes
+        everything = peers.idds.database.records()
+        for run_id in runs:
+            transforms = everything.of_run(run_id).transforms
             tasks = peers.panda.submissions_for(run_id)
             observed[f"run {run_id}"] = {"created_replies": len(created[run_id]),
                                          "transforms": len(transforms), "panda_tasks": len(tasks)}
-            assert len(created[run_id]) == successes
             assert {m.content.transform_id for m in created[run_id]} == {
                 t["transform_id"] for t in transforms}
             assert {m.content.workload_id for m in created[run_id]} == {s.task_id for s in tasks}
@@ -354,9 +358,9 @@ def test_four_idds_workers_each_handle_every_request(
         successes = handled.wait(4 * closes)
         assert service.recorder.wait_for(lambda: sum(
             len(service.replies("closed_workflow_task", r)) for r in runs) >= successes, WAIT)
+        everything = peers.idds.database.records()
         for run_id in runs:
-            assert set(peers.idds.database.records(run_id).processing_statuses()) == {
-                "ToCancel"}
+            assert set(everything.of_run(run_id).processing_statuses()) == {"ToCancel"}
         observed["closes"] = closes
         observed["closed_replies"] = successes
     observed["idds_stop_s"] = round(peers.idds.stopped_in or 0, 2)
