@@ -234,7 +234,7 @@ class PandaServerStandIn:
         path = urlsplit(target).path
         lowered = {k.lower(): v for k, v in headers.items()}
         if path == SUBMIT_PATH:
-            answer = self._submit(method, body) if method == "POST" else _envelope(
+            answer = self._submit(body) if method == "POST" else _envelope(
                 405, False, f"{method} is not allowed on {path}")
         elif path.startswith(RELAY_PREFIX + "/"):
             answer = self._relay(method, path, lowered.get("content-type"), body)
@@ -246,7 +246,7 @@ class PandaServerStandIn:
         log.info("%s %s -> %s", method, path, answer.status)
         return answer
 
-    def _submit(self, method: str, body: bytes) -> _Answer:
+    def _submit(self, body: bytes) -> _Answer:
         try:
             data = json.loads(body)
             if not isinstance(data, dict) or not isinstance(data.get("task_parameters"), dict):
