@@ -267,6 +267,7 @@ class IddsTransceiver:
         self.prompt = prompt
         self.namespace = namespace
         self.num_threads = num_threads
+        self.log_level = log_level  # INFO at least: start() reads the agent's INFO lines
         self.database_url = database_url or f"sqlite:///{workdir / 'idds.db'}"
         self._python = python or peers_python()
         self._own_launcher = launcher is None
@@ -287,7 +288,8 @@ class IddsTransceiver:
     def start(self, timeout: float = 90.0) -> IddsTransceiver:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(idds_config(
-            self.database_url, self.namespace, self.num_threads, self.prompt, self.workdir))
+            self.database_url, self.namespace, self.num_threads, self.prompt, self.workdir,
+            self.log_level))
         self.alembic_path.write_text(alembic_config(self._alembic_template().read_text(),
                                                     self.database_url))
         self._build(timeout)
