@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what is missing on a fresh Debian machine (root, apt and pip
-# reachable): Java + ActiveMQ Classic from Debian, and a virtualenv .venv
-# with the pinned packages. Safe to run again: it only does what is missing.
+# reachable): Java + ActiveMQ Classic from Debian, a virtualenv .venv with the
+# pinned packages, and a virtualenv .venv-peers with the real peers (iDDS's
+# transceiver, idds-prompt's transformer) the tests and the demo run. Safe to
+# run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,4 +35,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing Python packages into .venv" >&2
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
   echo "$want" > "$stamp"
+fi
+
+# The real peers, apart: idds-server pins its own SQLAlchemy/Flask stack.
+if [ ! -x .venv-peers/bin/python ]; then
+  echo "bootstrap: creating .venv-peers" >&2
+  "$PYTHON" -m venv .venv-peers
+fi
+peers_stamp=.venv-peers/.swf-installed
+peers_want=$(sha256sum scripts/real-peers-requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$peers_stamp" 2>/dev/null)" != "$peers_want" ]; then
+  echo "bootstrap: installing the real peers into .venv-peers" >&2
+  .venv-peers/bin/pip install -q --disable-pip-version-check -r scripts/real-peers-requirements.txt
+  echo "$peers_want" > "$peers_stamp"
 fi

@@ -84,8 +84,22 @@ class PostgresCluster:
 
     @property
     def url(self) -> str:
-        return (f"postgresql+asyncpg://{quote(self.user)}:{quote(self.password, safe='')}"
-                f"@127.0.0.1:{self.port}/{quote(self.database)}")
+        return self.database_url()
+
+    def database_url(self, database: str | None = None, scheme: str = "postgresql+asyncpg") -> str:
+        """The URL of ``database`` (default the cluster's first) with the
+        cluster's login: ``postgresql+asyncpg`` for Prefect's server, a bare
+        ``postgresql`` for iDDS (which picks psycopg2 itself)."""
+        return (f"{scheme}://{quote(self.user)}:{quote(self.password, safe='')}"
+                f"@127.0.0.1:{self.port}/{quote(database or self.database)}")
+
+    def create_database(self, name: str) -> str:
+        """Another database in the cluster, owned by the cluster's login (for
+        another server: iDDS beside Prefect); returns its name."""
+        if self.root is None:
+            raise PostgresError("the cluster has not been started")
+        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", self.user, name)
+        return name
 
     @property
     def data_dir(self) -> Path:

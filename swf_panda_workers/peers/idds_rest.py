@@ -63,8 +63,6 @@ with its own credentials, so relayed calls skip the iDDS-side check.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
 import hmac
 import inspect
 import json
@@ -76,7 +74,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -84,7 +81,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, get_args
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from idds.common import exceptions as idds_exceptions
 from idds.common.utils import json_loads as idds_json_loads
@@ -93,6 +90,19 @@ from pydantic import ValidationError
 from swf_panda_workers.messages import WorkerSize
 from swf_panda_workers.peers._bus import Notifier
 from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
+from swf_panda_workers.peers._panda_relay import (
+    NOT_SECURE,
+    RELAY_METHOD,
+    RELAY_PREFIX,
+    TEXT_PLAIN,
+    entry_failure,
+    panda_error_text,
+    relay_command,
+    relay_json,
+    relay_params,
+    relay_record,
+    relay_text,
+)
 from swf_panda_workers.peers.idds_tasks import TaskBook, TaskId, TaskInfo, TaskRecords
 from swf_panda_workers.peers.recorder import text_table
 
@@ -100,8 +110,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/idds"
 CONTROL_PREFIX = "/_sim"
-RELAY_PREFIX = "/server/panda"  # what PANDA_URL_SSL ends with
-RELAY_METHOD = "relay_idds_command"
 Endpoint = Literal["create", "adjust", "close", "lookup", "requests"]
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 # What iDDS 2.6.21's REST create answers after it made the task and its
@@ -575,26 +583,22 @@ class SimulatedIDDSRest(TaskRecords):
         params: dict[str, Any] | None = None
         unreadable = ""
         try:
-            params = _relay_params(lowered.get("content-type"), body)
+            params = relay_params(lowered.get("content-type"), body)
         except ValueError as exc:
             unreadable = str(exc)
-        recorded: Any = _relay_record(params) if params is not None else (
+        recorded: Any = relay_record(params) if params is not None else (
             f"<unreadable body: {unreadable}>")
-        command, manager = _relay_command(params or {})
+        command, manager = relay_command(params or {})
         endpoint = _RELAYED.get(command)
         # PanDA checks the token before it reads the body.
         refusal = self._authenticate_relay(lowered)
         if refusal is not None:
             return endpoint, recorded, refusal
-        if params is None or "command_name" not in params:
+        failure = entry_failure(params, unreadable)
+        if params is None or failure is not None:
             # The entry's answer to a call it cannot make: 500, the error's text.
-            reason = unreadable if params is None else (
-                f"{RELAY_METHOD}() missing 1 required positional argument: 'command_name'")
-            return endpoint, recorded, _Answer(500, "bad_request", reason.encode(), _TEXT)
-        unknown = sorted(set(params) - _RELAY_PARAMS)
-        if unknown:
-            reason = f"{RELAY_METHOD}() got an unexpected keyword argument '{unknown[0]}'"
-            return endpoint, recorded, _Answer(500, "bad_request", reason.encode(), _TEXT)
+            return endpoint, recorded, _Answer(500, "bad_request", (failure or "").encode(),
+                                               TEXT_PLAIN)
         api = "ClientManager" if manager else "Client"
         if endpoint is None:
             if _is_idds_command(command, manager):
@@ -604,8 +608,8 @@ class SimulatedIDDSRest(TaskRecords):
             return None, recorded, _relay_answer(
                 [False, f"{command} is not a command of iDDS {api}"], "not_a_command")
         try:
-            args = _relay_json(params.get("args"), list)
-            kwargs = _relay_json(params.get("kwargs"), dict)
+            args = relay_json(params.get("args"), list)
+            kwargs = relay_json(params.get("kwargs"), dict)
         except ValueError as exc:
             return endpoint, recorded, _relay_answer(
                 [False, f"failed to execute command with {exc}"], "relay_failed")
@@ -634,7 +638,7 @@ class SimulatedIDDSRest(TaskRecords):
         authorization = headers.get("authorization")
         if not authorization:
             # No token means x509, and plain HTTP brings no certificate.
-            return _relay_answer([False, _NOT_SECURE], "unauthorized")
+            return _relay_answer([False, NOT_SECURE], "unauthorized")
         parts = authorization.split()
         token = parts[1] if len(parts) == 2 and parts[0].lower() == "bearer" else ""
         origin = headers.get("origin")
@@ -761,10 +765,6 @@ class _Handler(PeerRequestHandler):
 
 # --- PanDA's relay: helpers ----------------------------------------------------
 
-_TEXT: tuple[tuple[str, str], ...] = (("Content-Type", "text/plain"),)
-# relay_idds_command's answer to a caller without a client certificate (isSecure).
-_NOT_SECURE = "SSL secure connection is required"
-_RELAY_PARAMS = {"command_name", "args", "kwargs", "manager", "json_outputs"}
 _RELAYED: dict[str, Endpoint] = {"create_workflow_task": "create",
                                  "adjust_worker": "adjust",
                                  "close_workflow_task": "close",
@@ -783,55 +783,12 @@ _SIGNATURES: dict[Endpoint, inspect.Signature] = {
 }
 
 
-def _relay_params(content_type: str | None, body: bytes) -> dict[str, Any]:
-    """The parameters as PanDA's entry reads them: gzip-compressed JSON when
-    the Content-Type is exactly application/json (true/false becoming
-    "True"/"False"), else a form. ValueError when unreadable."""
-    if content_type == "application/json":
-        try:
-            data = json.loads(gzip.decompress(body))
-        except (OSError, EOFError, ValueError, zlib.error) as exc:
-            raise ValueError(f"not gzip-compressed JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ValueError("the JSON body is not an object")
-        return {k: str(v) if isinstance(v, bool) else v for k, v in data.items()}
-    try:
-        text = body.decode()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not a form: {exc}") from None
-    return {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
 
 
-def _relay_record(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The relayed request as recorded: args and kwargs decoded when JSON."""
-    record = dict(params)
-    for key in ("args", "kwargs"):
-        value = record.get(key)
-        if isinstance(value, str) and value:
-            with contextlib.suppress(ValueError):  # else recorded as sent
-                record[key] = json.loads(value)
-    return record
 
 
-def _relay_command(params: Mapping[str, Any]) -> tuple[str, bool]:
-    """The command (without PanDA's "+<idds host>") and whether ClientManager
-    (else Client) runs it, as relay_idds_command's resolve_bool reads it."""
-    command = str(params.get("command_name") or "").partition("+")[0]
-    return command, str(params.get("manager")) in ("True", "true")
 
 
-def _relay_json(text: Any, kind: type) -> Any:
-    """args (a list) or kwargs (a dict) as the relay decodes them; empty when
-    not sent. ValueError when unreadable."""
-    if not text:
-        return kind()
-    try:
-        value = idds_json_loads(text)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(str(exc)) from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{text!r} is not a JSON {'list' if kind is list else 'object'}")
-    return value
 
 
 def _is_idds_command(command: str, manager: bool) -> bool:
@@ -919,12 +876,12 @@ def _relayed_failure(manager: bool, text: str, outcome: str) -> _Answer:
 def _relay_answer(payload: list[Any], outcome: str,
                   then: Callable[[], None] | None = None) -> _Answer:
     # relay_idds_command's json.dumps((ok, ...)), which PanDA sends as text.
-    return _Answer(200, outcome, json.dumps(payload, default=str).encode(), _TEXT, then)
+    return _Answer(200, outcome, relay_text(payload), TEXT_PLAIN, then)
 
 
 def _panda_error(status: int, message: str, outcome: str) -> _Answer:
     # How PanDA's WSGI entry refuses a request.
-    return _Answer(status, outcome, f"ERROR : {message}".encode(), _TEXT)
+    return _Answer(status, outcome, panda_error_text(message), TEXT_PLAIN)
 
 
 # --- helpers ------------------------------------------------------------------

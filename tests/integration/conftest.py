@@ -4,7 +4,10 @@ deployment, and the listener, all as separate processes.
 
 The Prefect server's database is SQLite, or with
 SWF_TEST_PREFECT_DATABASE=postgresql a private PostgreSQL cluster (Debian's
-postgresql) started for the session on SWF_TEST_POSTGRES_PORT."""
+postgresql) started for the session on SWF_TEST_POSTGRES_PORT. The real
+iDDS's database (tests with the real peers) follows it, unless
+SWF_TEST_IDDS_DATABASE says otherwise; on PostgreSQL it is a database of its
+own in the same cluster."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ STOMP_PORT = int(os.environ.get("SWF_TEST_STOMP_PORT", "61633"))
 PREFECT_PORT = int(os.environ.get("SWF_TEST_PREFECT_PORT", "4310"))
 PREFECT_DATABASE = os.environ.get("SWF_TEST_PREFECT_DATABASE", "sqlite")
 POSTGRES_PORT = int(os.environ.get("SWF_TEST_POSTGRES_PORT", "55432"))
+IDDS_DATABASE = os.environ.get("SWF_TEST_IDDS_DATABASE", PREFECT_DATABASE)
 NAMESPACE = "itest"
 
 STACK_CONFIG = {
@@ -70,6 +74,7 @@ SCALING_CONFIG = {
 }
 
 _run_numbers = itertools.count(int(time.time()) % 100_000 * 100)
+_idds_databases = itertools.count(1)
 
 
 @pytest.fixture
@@ -98,17 +103,37 @@ def broker_port(broker: ActiveMQ) -> int:
 
 
 @pytest.fixture(scope="session")
-def prefect_database_url() -> Iterator[str | None]:
-    """The session's Prefect database: None for SQLite (in the server's home),
-    else the URL of a PostgreSQL cluster made for the session."""
-    if PREFECT_DATABASE == "sqlite":
-        yield None
-        return
-    if PREFECT_DATABASE != "postgresql":
-        raise pytest.UsageError(f"SWF_TEST_PREFECT_DATABASE={PREFECT_DATABASE!r}: "
-                                "use sqlite (the default) or postgresql")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """The session's private PostgreSQL cluster, made on first use."""
     with PostgresCluster(port=POSTGRES_PORT) as cluster:
-        yield cluster.url
+        yield cluster
+
+
+def _database_kind(variable: str, value: str) -> str:
+    if value not in ("sqlite", "postgresql"):
+        raise pytest.UsageError(f"{variable}={value!r}: use sqlite or postgresql")
+    return value
+
+
+@pytest.fixture(scope="session")
+def prefect_database_url(request: pytest.FixtureRequest) -> str | None:
+    """The session's Prefect database: None for SQLite (in the server's home),
+    else the URL of the session's PostgreSQL cluster."""
+    if _database_kind("SWF_TEST_PREFECT_DATABASE", PREFECT_DATABASE) == "sqlite":
+        return None
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.url
+
+
+@pytest.fixture
+def idds_database_url(request: pytest.FixtureRequest) -> str | None:
+    """A fresh database for one real iDDS: None for SQLite (iDDS's file in
+    its work directory), else a new database in the session's cluster."""
+    if _database_kind("SWF_TEST_IDDS_DATABASE", IDDS_DATABASE) == "sqlite":
+        return None
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    name = cluster.create_database(f"idds_{next(_idds_databases)}")
+    return cluster.database_url(name, scheme="postgresql")  # iDDS picks psycopg2 itself
 
 
 @pytest.fixture(scope="session")

@@ -124,12 +124,17 @@ def test_announce_and_end_reach_the_topics(brokers: Brokers, namespace: str, run
                    and r.body["run_id"] == run_id)
     assert testbed.headers["namespace"] == namespace
     assert testbed.headers["run_id"] == run_id
-    assert testbed.headers["persistent"] == "true"
+    # Sent persistent: false as the agent sends it; ActiveMQ delivers a
+    # non-persistent message without the header. And no ttl.
+    assert testbed.headers.get("persistent", "false") == "false"
+    assert "ttl" not in testbed.headers
+    assert testbed.headers["expires"] == "0"  # ActiveMQ's "never" (none sent)
     assert testbed.body["run_id"] == run_id  # a string, as the testbed sends it
     assert "Z" not in testbed.body["created_at"] and "+" not in testbed.body["created_at"]
     parsed = parse_message(testbed.body)
     assert isinstance(parsed, RunImminent)
     assert parsed.content.target_worker_count == 30
+    assert parsed.content.core_count == 30  # the agent copies target_worker_count there
     assert parsed.content.worker_rampup_time == 300
 
     seed = parse_message(recorder.of_type("run_imminent", run_id + "1")[0])

@@ -122,7 +122,8 @@ def test_everything_the_image_copies_is_in_the_build_context(
 
 
 @pytest.mark.parametrize(("path", "left_out"), [
-    (".venv/bin/python", True), (".git/HEAD", True), (".swf-local/demo/x", True),
+    (".venv/bin/python", True), (".venv-peers/bin/python", True), (".git/HEAD", True),
+    (".swf-local/demo/x", True),
     ("bench-results/a.json", True), ("listeners/__pycache__/x.pyc", True),
     ("__pycache__/x.pyc", True), ("swf_panda_workers.egg-info/PKG-INFO", True),
     ("listeners/bus_listener.py", False), ("config/swf_panda_workers.yaml", False),
