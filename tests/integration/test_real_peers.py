@@ -59,7 +59,7 @@ def brokers(namespace: str, broker_port: int) -> Brokers:
         host="127.0.0.1", port=broker_port, heartbeat_ms=0,
         workers_topic=f"/topic/panda.workers.{namespace}",
         transformer_topic=f"/topic/panda.transformer.{namespace}",
-        results_queue=f"/queue/panda.results.worker.{namespace}",
+        results_destination=f"/queue/panda.results.worker.{namespace}",
     )
 
 
@@ -97,11 +97,7 @@ class Service:
         run = parse_message({"msg_type": "run_imminent_worker", "run_id": run_id,
                              "content": {"target_worker_count": workers, "core_count": 1}})
         assert isinstance(run, RunImminent)
-        message = outbound.create_workflow_task(run, self.settings, now())
-        # The service's workflow name has no run id yet, and iDDS refuses a
-        # second transform of one name (being fixed in outbound.py).
-        message.body["content"]["workflow"]["name"] += f"_{run_id}"
-        self.send(message)
+        self.send(outbound.create_workflow_task(run, self.settings, now()))
 
     def replies(self, msg_type: str, run_id: str) -> list[tuple[float, dict]]:
         return [(r.at, r.body) for r in self.recorder.records
@@ -159,7 +155,7 @@ def test_one_idds_worker_two_runs_from_create_to_close(
     with RealPeers(brokers, tmp_path, namespace=namespace, num_threads=1,
                    database_url=idds_database_url,
                    slices_destination=f"/queue/panda.transformer.slices.{namespace}",
-                   results_destination=brokers.results_queue, schedule=schedule,
+                   results_destination=brokers.results_destination, schedule=schedule,
                    collect_results=True) as peers:
         figures["idds_started_in_s"] = round(peers.idds.started_in or 0, 2)
 
@@ -237,10 +233,11 @@ def test_one_idds_worker_two_runs_from_create_to_close(
 
         # --- stop: a (integer) ends within seconds; b (string) is ignored
         last_b = max(r.at for r in peers.results.of_run(b))
-        service.send(outbound.stop_transformer(a, settings, now()))
-        as_string = outbound.stop_transformer(b, settings, now())
-        as_string.body["run_id"] = b  # what the transformers compare with ==: no match
-        service.send(as_string)
+        as_int, _ = outbound.stop_transformers(a, settings, now())
+        _, as_string = outbound.stop_transformers(b, settings, now())
+        assert (as_int.body["run_id"], as_string.body["run_id"]) == (int(a), b)
+        service.send(as_int)
+        service.send(as_string)  # idds-prompt compares == with its integer: no match
         stop_sent = time.time()
         assert peers.pilots.wait_for(lambda: peers.pilots.live(a) == 0, STOP_IDLE + WAIT)
         figures["stop_to_exit_s"] = [round((p.exited_at or 0) - stop_sent, 1)
@@ -346,7 +343,8 @@ def test_four_idds_workers_each_handle_every_request(
             lambda: all(len(peers.results.of_run(r)) >= 6 for r in runs), WAIT)
         for run_id in runs:
             assert slice_ids(results_of(peers, run_id)) == list(range(6))
-            service.send(outbound.stop_transformer(run_id, settings, now()))
+            for stop in outbound.stop_transformers(run_id, settings, now()):
+                service.send(stop)
         assert peers.pilots.wait_for(lambda: peers.pilots.live() == 0, STOP_IDLE + WAIT)
 
         handled = HandlerEnds(peers, "close_workflow_task", success="close_workflow_task: run_id=")
