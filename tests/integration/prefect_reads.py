@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from datetime import timedelta
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -19,7 +20,13 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from swf_panda_workers.adapters.prefect_events import (
+    message_event_name,
+    run_history,
+    run_resource_id,
+)
 from swf_panda_workers.adapters.prefect_runs import run_tags
+from swf_panda_workers.timestamps import utc_now
 
 
 def _settings(api_url: str, auth_string: str | None) -> dict[object, object]:
@@ -77,3 +84,23 @@ def slices_reported(api_url: str, namespace: str, run_id: str) -> tuple[int, int
     found = re.search(r"slices: (\d+) done, (\d+) failed", summary)
     assert found, f"no slice counts in the summary of run {run_id}:\n{summary}"
     return int(found[1]), int(found[2])
+
+
+async def stored_slice_results(api_url: str, namespace: str, run_id: str) -> int:
+    """Distinct slice_result events the server stored for the run (the
+    listener acks a result only once its event is stored)."""
+    with temporary_settings({PREFECT_API_URL: api_url}):  # type: ignore[dict-item]
+        events = await run_history(run_resource_id(namespace, run_id),
+                                   since=utc_now() - timedelta(hours=1))
+    return len({e.id for e in events if e.event == message_event_name("slice_result")})
+
+
+def wait_stored(api_url: str, namespace: str, run_id: str, count: int,
+                timeout: float = 120.0) -> int:
+    """Wait until the server holds ``count`` results of the run; what it holds then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = asyncio.run(stored_slice_results(api_url, namespace, run_id))
+        if stored >= count or time.monotonic() > deadline:
+            return stored
+        time.sleep(0.5)

@@ -11,22 +11,14 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 
 import pytest
 from prefect.client.schemas.objects import FlowRun
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_reads import final_flow_run, slices_reported
+from prefect_reads import final_flow_run, slices_reported, stored_slice_results
 
-from swf_panda_workers.adapters.prefect_events import (
-    message_event_name,
-    run_history,
-    run_resource_id,
-)
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.timestamps import utc_now
 
 pytestmark = pytest.mark.integration
 
@@ -79,15 +71,6 @@ def harness(stack: EmbeddedStack, namespace: str, slices: int = SLICES,
 
 
 # --- what Prefect holds ------------------------------------------------------
-
-
-async def _stored_slice_results(api_url: str, namespace: str, run_id: str) -> int:
-    """Distinct slice_result events the server stored for the run (the
-    listener acks a result only once its event is stored)."""
-    with temporary_settings({PREFECT_API_URL: api_url}):
-        events = await run_history(run_resource_id(namespace, run_id),
-                                   since=utc_now() - timedelta(hours=1))
-    return len({e.id for e in events if e.event == message_event_name("slice_result")})
 
 
 # --- one run, from the announcement to the accounting --------------------------
@@ -149,7 +132,7 @@ class Run:
 
     def _wait_stored(self, expected: int) -> int:
         deadline = time.monotonic() + WAIT
-        while (stored := asyncio.run(_stored_slice_results(
+        while (stored := asyncio.run(stored_slice_results(
                 self.stack.api_url, self.namespace, self.run_id))) < expected:
             assert time.monotonic() < deadline, (
                 f"only {stored} of {expected} slice results stored for run {self.run_id} "
