@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=int, default=2, help="concurrent runs (default 2)")
     demo.add_argument("--shape", choices=["testbed", "seed"], default="testbed",
                       help="message shapes the control system uses")
-    demo.add_argument("--slices", type=int, default=240,
+    demo.add_argument("--slices", type=int, default=120,
                       help="slices per run (they arrive at 4/s)")
     demo.add_argument("--prefect-port", type=int, default=4200)
     demo.add_argument("--workdir", type=Path, default=Path(".swf-local/demo"),

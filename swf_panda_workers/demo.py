@@ -1,11 +1,20 @@
 """The demo: a whole data-taking session on this machine.
 
-Broker, Prefect server, runner and listener start as real processes; the
-control system, iDDS and the transformers are simulated over the real broker.
-Runs are announced, their slices stream in, they scale up during a slow
-stretch and back down after it, end, drain and are closed; the bus traffic
-and the Prefect flow runs are summarised at the end, and the first run is
-replayed offline through both scaling policies for comparison.
+Broker, Prefect server, runner and listener start as real processes, and so
+do the real peers: iDDS's prompt transceiver (idds-server 2.6.21, on its own
+database) and, for each PanDA job iDDS submits, a real transformer
+(idds-prompt 2.6.21's run_prompt). Only the control system (announcements,
+slices, ends), PanDA (one HTTP stand-in that starts the jobs) and the
+payload (a reconstruction that takes the time the scenario says) are
+simulated. In REST mode the service reaches iDDS over its REST API (the
+simulated REST server, which answers a create with HTTP 500 after making
+the task, as iDDS 2.6.21 does); the transformers are real there too.
+
+Runs are announced, their slices stream in, a slow stretch makes them ask
+for more workers (iDDS 2.6.21 does not act on the count: the summary shows
+what was asked), they end, drain, stop and are closed; the bus traffic, the
+transformers and the Prefect flow runs are summarised at the end, and the
+first run is replayed offline through both scaling policies.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,9 +35,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import Shape
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.idds_rest import client_env
-from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest, client_env
+from swf_panda_workers.peers.idds_tasks import TaskInfo
+from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
+    PayloadSchedule,
+    SliceRule,
+)
+from swf_panda_workers.peers.real_peers import RealPeers
+from swf_panda_workers.peers.recorder import BusRecorder
 
 NAMESPACE = "demo"
 
@@ -39,20 +54,23 @@ SHRUNK_SCALING: dict[str, Any] = {
     "up_window": 2, "down_window": 6, "max_step_up": 1.0, "max_step_down": 0.5, "rampup": 4,
     "min_results": 5, "tick": 1, "end": "drain", "drain_timeout": 60, "drain_quiet": 3,
 }
-SLICE_RATE = 4.0  # slices/s arriving per run
+SLICE_RATE = 4.0  # slices/s sent per run
+WORKERS = 3  # announced per run: iDDS submits a PanDA task of that many jobs
+IDLE_TIMEOUT = 60  # s the transformers wait for a slice (panda.idle_timeout)
 DEMO_CONFIG: dict[str, Any] = {
     "transceiver": {"namespace": NAMESPACE},
     "slice": {"processing_time": 0.5, "cooldown": 2},
     "scaling": SHRUNK_SCALING,
     "timeouts": {"created_workflow_task": 60, "closed_workflow_task": 60, "run_end": 3600},
     "prefect": {"runner_limit": 10},
+    "panda": {"idle_timeout": IDLE_TIMEOUT},
 }
 
 
 Mode = Literal["message", "rest"]
 
 
-def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int = 240,
+def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int = 120,
              prefect_port: int = 4200, keep: bool = False, mode: Mode = "message") -> int:
     config = {**DEMO_CONFIG, "transceiver": {"namespace": NAMESPACE, "mode": mode}}
     # REST mode: a simulated iDDS REST server on a free port, reached with a
@@ -61,48 +79,137 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
     runner_env = (client_env(idds_port, token, workdir / "idds-client") if mode == "rest"
                   else {})
     stack = EmbeddedStack(workdir, config, prefect_port=prefect_port, runner_env=runner_env)
-    print(f"starting broker, Prefect server, runner and listener (logs in {stack.logs}) ...")
+    print(f"starting the broker, Prefect server, runner and listener (logs in {stack.logs}) ...")
     with stack:
+        if stack.broker is None:
+            print(f"  using the broker already answering on {stack.brokers.host}:"
+                  f"{stack.brokers.port} (not started by the demo)")
         print(f"Prefect UI: {stack.ui_url}")
         # Numeric run ids, as the testbed sends; distinct for every demo.
         base = int(time.time()) % 1_000_000 * 10
         run_ids = [str(base + i) for i in range(runs)]
-        # Slices stream in at SLICE_RATE; the middle third takes 2 s, not 0.5 s.
-        with PeerHarness(stack.brokers, NAMESPACE, slices_per_run=slices,
-                         processing_time=slowdown_in_the_middle(0.5, 2.0, slices // 3,
-                                                                2 * slices // 3),
-                         arrival=lambda index: index / SLICE_RATE, worker_rampup=1.0,
-                         idle_timeout=5, heartbeat_every=5, idds_mode=mode,
-                         rest_port=idds_port, rest_token=token, rest_vo="eic") as peers:
-            where = (f"iDDS REST API at {peers.idds_rest.url}" if peers.idds_rest
-                     else "iDDS on the bus")
-            print(f"runs {', '.join(run_ids)}: {shape}-shaped messages, {slices} slices each; "
-                  f"{where}")
-            result = play_session(peers, run_ids, shape, slices, wait=slices / SLICE_RATE + 90)
-            print("\nOn the bus (messages per run):")
-            print(peers.recorder.summary_table(run_ids))
+        brokers = stack.brokers
+        print("starting the real peers: iDDS's prompt transceiver"
+              f"{'' if mode == 'message' else ' (idle: REST mode)'}, the PanDA stand-in ...")
+        with BusRecorder(brokers, topics=(brokers.workers_topic, brokers.transformer_topic)) \
+                as recorder, RealPeers(brokers, workdir / "peers", namespace=NAMESPACE,
+                                       results_destination=brokers.results_destination,
+                                       schedule=slow_middle_third(run_ids, slices),
+                                       transceiver=mode == "message") as peers, \
+                rest_idds(mode, idds_port, token, peers) as rest:
+            where = f"iDDS REST API at {rest.url}" if rest else "iDDS on the bus"
+            print(f"runs {', '.join(run_ids)}: {shape}-shaped messages, {slices} slices each, "
+                  f"{WORKERS} workers announced; {where}")
+            timings = play(peers, recorder, rest, run_ids, shape, slices)
+            print("\nOn the bus (messages per run; a stop goes as an integer and a string):")
+            print(recorder.summary_table(run_ids))
             for run_id in run_ids:
                 sizes = [str(a["content"]["target_worker_count"])
-                         for a in peers.recorder.of_type("adjust_worker", run_id)]
-                print(f"  run {run_id} workers: 3 -> {' -> '.join(sizes) or 'unchanged'}")
-            if peers.idds_rest is not None:
+                         for a in recorder.of_type("adjust_worker", run_id)]
+                print(f"  run {run_id} workers asked: {WORKERS} -> "
+                      f"{' -> '.join(sizes) or 'unchanged'} (iDDS 2.6.21 applies no count)")
+            print("\nThe transformers (real run_prompt processes, one per PanDA job):")
+            for run_id in run_ids:
+                pilots = peers.pilots.of_run(run_id)
+                stopped_at = timings.get(f"stop {run_id}")
+                exits = [f"{(p.exited_at or 0) - stopped_at:.1f}" for p in pilots
+                         if stopped_at and p.exited_at]
+                print(f"  run {run_id}: {len(pilots)} started, exit codes "
+                      f"{sorted({p.exit_code for p in pilots}, key=str)}, exited "
+                      f"{', '.join(exits) or '-'} s after the stop")
+            if rest is not None:
                 print("\nAt the iDDS REST API (HTTP status of each request, per run):")
-                print(peers.idds_rest.summary_table(run_ids))
+                print(rest.summary_table(run_ids))
         states = asyncio.run(flow_run_states(stack.api_url, run_ids))
         print("\nIn Prefect:")
         for run_id in run_ids:
             print(f"  run {run_id}: {states.get(run_id, 'no flow run')}")
-        print(f"\ncreated after {result.timings['created']:.1f}s, "
-              f"closed after {result.timings['closed']:.1f}s")
+        print(f"\ncreated after {timings['created']:.1f}s, closed after {timings['closed']:.1f}s")
         print(f"Prefect UI: {stack.ui_url}  (flow runs 'run-<id>', events 'swf.run.{NAMESPACE}.*',"
-              " artifacts 'scaling-<ns>-<id>' and '...-plot')")
+              " artifacts 'run-<ns>-<id>', 'scaling-<ns>-<id>' and '...-plot')")
         replayed = replay_first_run(stack, run_ids[0], workdir)
         if keep:
             print("the stack stays up for the UI; Ctrl-C (or SIGTERM) stops it")
             wait_for_stop_signal()
-    ok = result.ok and replayed and all(states.get(r) == "Completed" for r in run_ids)
+    ok = bool(timings.get("all closed")) and replayed and all(
+        states.get(r) == "Completed" for r in run_ids)
     print("demo finished: " + ("every run completed" if ok else "SOME RUNS DID NOT COMPLETE"))
     return 0 if ok else 1
+
+
+def slow_middle_third(run_ids: list[str], slices: int) -> PayloadSchedule:
+    """0.5 s a slice; the middle third 2 s: the runs ask for more workers."""
+    return PayloadSchedule(0.5, tuple(SliceRule(run_id=run_id, first=slices // 3,
+                                                last=2 * slices // 3 - 1, seconds=2.0)
+                                      for run_id in run_ids))
+
+
+class _NoRestIdds:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+
+def rest_idds(mode: Mode, port: int, token: str,
+              peers: RealPeers) -> SimulatedIDDSRest | _NoRestIdds:
+    """REST mode's iDDS: the simulated REST server, whose tasks' jobs the
+    pilots run (as PanDA would, for the task iDDS submitted)."""
+    if mode != "rest":
+        return _NoRestIdds()
+
+    def start_jobs(run_id: str, task: TaskInfo) -> None:
+        arguments = ["--run_id", run_id, "--idle_timeout", str(IDLE_TIMEOUT)]
+        for _ in range(task.target_worker_count or 1):
+            peers.pilots.start_job(task.workload_id or task.transform_id, arguments)
+
+    return SimulatedIDDSRest(port=port, token=token, vo="eic", on_task_created=start_jobs)
+
+
+def play(peers: RealPeers, recorder: BusRecorder, rest: SimulatedIDDSRest | None,
+         run_ids: list[str], shape: Shape, slices: int) -> dict[str, float]:
+    """Announce every run, stream their slices, end each once they are sent;
+    returns the session's timings (seconds from its start; epoch for stops)."""
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    control = peers.control
+    for run_id in run_ids:
+        control.announce(run_id, shape, target_workers=WORKERS, slice_processing_time=0.5)
+
+    def created(run_id: str) -> bool:
+        if rest is not None:
+            return run_id in rest.tasks
+        return bool(recorder.of_type("created_workflow_task", run_id))
+
+    if not wait_until(lambda: all(map(created, run_ids)), 60):
+        return timings
+    timings["created"] = time.monotonic() - started
+    senders = [control.send_slices_in_background(run_id, slices, rate=SLICE_RATE)
+               for run_id in run_ids]
+    for sender in senders:
+        sender.join()
+    for run_id in run_ids:
+        control.end(run_id, shape)
+
+    def closed(run_id: str) -> bool:
+        if rest is not None:
+            return run_id in rest.closed
+        return bool(recorder.of_type("closed_workflow_task", run_id))
+
+    # The service drains the runs' queues (scaling.end: drain) before it
+    # stops their transformers and closes their tasks.
+    timings["all closed"] = float(wait_until(
+        lambda: all(closed(r) and recorder.stops(r) for r in run_ids), 180))
+    timings["closed"] = time.monotonic() - started
+    for run_id in run_ids:
+        stops = [r.at for r in recorder.records
+                 if r.msg_type == "stop_transformer" and str(r.body.get("run_id")) == run_id]
+        if stops:
+            timings[f"stop {run_id}"] = min(stops)
+    # The transformers leave once their slice queue was idle for 5 s.
+    peers.pilots.wait_for(lambda: all(peers.pilots.live(r) == 0 for r in run_ids), 30)
+    return timings
 
 
 def replay_first_run(stack: EmbeddedStack, run_id: str, workdir: Path) -> bool:
@@ -121,6 +228,16 @@ def replay_first_run(stack: EmbeddedStack, run_id: str, workdir: Path) -> bool:
                     "--save", str(workdir / f"run-{run_id}.json"),
                     "--plot", str(workdir / f"replay-{run_id}.png")])
     return code == 0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` (it reads several peers' records)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _free_port() -> int:

@@ -31,7 +31,7 @@ def _detail(item: object) -> str:
 def _slice(item: SliceResult) -> str:
     c, seconds = item.content, item.processing_seconds
     took = "-" if seconds is None else f"{seconds:.2f}s"
-    return f"state={c.state} took={took} worker={c.hostname or '-'}"
+    return f"state={c.state} took={took} worker={item.worker or '-'}"
 
 
 @_detail.register

@@ -300,6 +300,16 @@ class SliceResult(RunMessage):
     content: SliceResultContent
 
     @property
+    def worker(self) -> str | None:
+        """The transformer that sent it: its PanDA job (``panda_id``, the
+        pilot's PANDAID), else its host. Not the host first: several pilots
+        may run on one node (and a transformer reports socket.getfqdn())."""
+        c = self.content
+        if c.panda_id is not None and str(c.panda_id):
+            return f"panda-{c.panda_id}"
+        return c.hostname
+
+    @property
     def processing_seconds(self) -> float | None:
         """Seconds the slice took: the seed's processing_time when present,
         else processed_at - processing_start_at, else the transformer's own

@@ -33,7 +33,7 @@ class RecordedSlice(BaseModel):
         return cls(at=at, requested_at=content.requested_at,
                    started_at=content.processing_start_at,
                    processing_seconds=result.processing_seconds,
-                   failed=content.state == "failed", worker=content.hostname)
+                   failed=content.state == "failed", worker=result.worker)
 
 
 class RunRecording(BaseModel):

@@ -176,7 +176,7 @@ def _slice(item: SliceResult, state: RunState, at: datetime) -> RunState:
         slices_done=state.slices_done + (0 if failed else 1),
         slices_failed=state.slices_failed + (1 if failed else 0),
         slowest_slice=slowest,
-        workers_seen=_with_worker(state.workers_seen, item.content.hostname),
+        workers_seen=_with_worker(state.workers_seen, item.worker),
         last_slice=SliceObservation(at=at, processing_seconds=seconds, failed=failed),
     )
 

@@ -45,7 +45,7 @@ class SliceSample:
             waited = max(0.0, (content.processing_start_at - content.requested_at)
                          .total_seconds())
         return cls(at=at, processing_seconds=result.processing_seconds, waited_seconds=waited,
-                   worker=content.hostname, failed=content.state == "failed")
+                   worker=result.worker, failed=content.state == "failed")
 
 
 class Demand(BaseModel):

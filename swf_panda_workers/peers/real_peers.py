@@ -115,7 +115,9 @@ class RealPeers:
     ``results_destination``: what iDDS tells the transformers (a queue or a
     topic each). ``schedule``: the payload's times and failures.
     ``collect_results``: record what arrives on the results destination
-    (``results``; on a queue this takes the results from the service)."""
+    (``results``; on a queue this takes the results from the service).
+    ``transceiver``: False runs no iDDS transceiver (REST mode: iDDS is
+    reached over HTTP, and the pilots are started for its tasks by hand)."""
 
     def __init__(
         self,
@@ -130,6 +132,7 @@ class RealPeers:
         results_destination: str = RESULTS_QUEUE,
         schedule: PayloadSchedule | None = None,
         collect_results: bool = False,
+        transceiver: bool = True,
     ) -> None:
         self.brokers = brokers
         self.workdir = workdir
@@ -146,6 +149,7 @@ class RealPeers:
         self._num_threads = num_threads
         self._database_url = database_url
         self._schedule = schedule
+        self._with_transceiver = transceiver
         self._idds: IddsTransceiver | None = None
         self._pilots: Pilots | None = None
         self._started: list[Callable[[], None]] = []  # how to stop what started, in order
@@ -178,6 +182,8 @@ class RealPeers:
                 self._started.append(self.results.stop)
             self.control.start()
             self._started.append(self.control.stop)
+            if not self._with_transceiver:
+                return self
             self._idds = IddsTransceiver(
                 self.workdir / "idds", self.brokers, self.prompt, self.panda.client_env(),
                 namespace=self._namespace, num_threads=self._num_threads,

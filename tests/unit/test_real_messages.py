@@ -177,3 +177,14 @@ def test_only_replies_are_taken_from_idds_namespace() -> None:
     # The control system's messages in iDDS's namespace are another service's runs.
     for name in ("run_imminent_worker.testbed.json", "end_run.testbed.json"):
         assert isinstance(routed(name, namespace="alice", idds_namespace="dev"), Ignore)
+
+
+def test_the_worker_is_the_pilots_panda_job_not_its_host() -> None:
+    # Every pilot on a node reports the same host name: the PanDA job tells
+    # the transformers apart; a result without one falls back to the host.
+    body = real("slice_result_done.idds-prompt-2.6.21.json")["body"]
+    result = parse_message(json.dumps(body).encode())
+    assert isinstance(result, SliceResult) and result.worker == "panda-7000123"
+    body["content"]["panda_id"] = None
+    no_job = parse_message(json.dumps(body).encode())
+    assert isinstance(no_job, SliceResult) and no_job.worker == "localhost"
