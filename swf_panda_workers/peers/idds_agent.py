@@ -49,6 +49,7 @@ RESULTS_QUEUE = "/queue/panda.results.worker"  # the seed's; /topic/panda.result
 SUBSCRIBED = "Subscribed to {destination} with selector"  # the agent's log line, per worker
 UNKNOWN_TYPE = "Unknown msg_type from worker: {msg_type}, run_id={run_id}"
 PROBE_TYPE = "stop_transformer"
+PROBE_EVERY = 2.0  # s before another probe, when the last was not logged by every worker
 SCHEMA = "doma_idds"  # iDDS's production schema's name, in the case its SQL folds it to
 
 
@@ -282,6 +283,7 @@ class IddsTransceiver:
         self._process: subprocess.Popen[bytes] | None = None
         self.started_in: float | None = None  # seconds from the spawn to all subscribed
         self.stopped_in: float | None = None  # seconds from SIGTERM to its end
+        self._log_start = 0  # where this start's part of the (appended) log begins
 
     # --- life ---------------------------------------------------------------------
 
@@ -294,6 +296,8 @@ class IddsTransceiver:
                                                     self.database_url))
         self._build(timeout)
         begun = time.monotonic()
+        # The log is appended to: what this start writes begins here.
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._process = self._launcher.spawn(
             [str(self._python), str(IDDS_SCRIPT), "run"], self.env, self.log_path, self.workdir)
         try:
@@ -339,8 +343,11 @@ class IddsTransceiver:
         return rss_kb(self.pid) if self.alive and self.pid is not None else None
 
     def log_text(self) -> str:
+        """What the agent logged since this start (the file may hold earlier ones)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(self._log_start)
+                return log_file.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -397,18 +404,32 @@ class IddsTransceiver:
                          f"{self.num_threads} subscription(s)")
 
     def _probe(self, deadline: float) -> None:
-        """A message only a subscribed worker can log, once per worker."""
+        """A message only a subscribed worker can log, once per worker. A
+        worker logs "Subscribed" before the broker has its subscription, so a
+        probe may pass it by: a new one goes every PROBE_EVERY seconds until
+        one is logged by every worker."""
+        bus = PeerBus(self.brokers, name="idds-probe")
+        bus.start()
+        try:
+            while True:
+                line = self._send_probe(bus)
+                try:
+                    self._wait_until(lambda seen=line: self.count_in_log(seen) >= self.num_threads,
+                                     min(deadline, time.monotonic() + PROBE_EVERY),
+                                     f"a probe handled by {self.num_threads} worker(s)")
+                    return
+                except IddsFailed:
+                    if time.monotonic() > deadline or not self.alive:
+                        raise
+        finally:
+            bus.stop()
+
+    def _send_probe(self, bus: PeerBus) -> str:
+        """Send a probe; the log line its handling writes."""
         run_id = f"idds-probe-{secrets.token_hex(6)}"
         headers = {"persistent": "false", "vo": "eic", "msg_type": PROBE_TYPE, "run_id": run_id}
         if self.namespace:
             headers["namespace"] = self.namespace
-        body = {"msg_type": PROBE_TYPE, "run_id": run_id, "content": {}}
-        bus = PeerBus(self.brokers, name="idds-probe")
-        bus.start()
-        try:
-            bus.send(self.prompt.workers.destination, body, headers)
-        finally:
-            bus.stop()
-        line = UNKNOWN_TYPE.format(msg_type=PROBE_TYPE, run_id=run_id)
-        self._wait_until(lambda: self.count_in_log(line) >= self.num_threads, deadline,
-                         f"probe {run_id} handled by {self.num_threads} worker(s)")
+        bus.send(self.prompt.workers.destination,
+                 {"msg_type": PROBE_TYPE, "run_id": run_id, "content": {}}, headers)
+        return UNKNOWN_TYPE.format(msg_type=PROBE_TYPE, run_id=run_id)
