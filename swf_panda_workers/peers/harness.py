@@ -108,7 +108,8 @@ class PeerHarness:
         if idds_mode == "rest":
             self.idds_rest = SimulatedIDDSRest(
                 port=rest_port, token=rest_token, vo=rest_vo, workload_pending=workload_pending,
-                on_task_created=self._task_created, on_adjust=self._adjusted)
+                on_task_created=self._task_created, on_adjust=self._adjusted,
+                applies_worker_count=applies_worker_count)
         self.control = ControlSystem(brokers, namespace, workers_topic=brokers.workers_topic)
 
     def start(self) -> PeerHarness:

@@ -147,11 +147,13 @@ def test_announce_and_end_reach_the_topics(brokers: Brokers, namespace: str, run
     assert sorted(ends) == sorted([brokers.workers_topic] * 2 + [epic])
 
 
-def test_idds_answers_with_the_requester_namespace(
+def test_idds_answers_in_its_own_namespace(
     brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
 ) -> None:
+    # iDDS in the requester's namespace here (the requester's selector takes
+    # only it); its replies carry iDDS's own namespace header.
     created: queue.Queue[tuple[str, TaskInfo]] = queue.Queue()
-    with SimulatedIDDS(brokers, on_task_created=lambda r, t: created.put((r, t)),
+    with SimulatedIDDS(brokers, namespace, on_task_created=lambda r, t: created.put((r, t)),
                        workers_topic=brokers.workers_topic) as idds:
         create = outbound.create_workflow_task(imminent(run_id, 3), settings, now())
         requester.client.send(create)
@@ -165,12 +167,11 @@ def test_idds_answers_with_the_requester_namespace(
         started_run, task = created.get(timeout=WAIT)
         assert (started_run, task.target_worker_count, task.namespace) == (run_id, 3, namespace)
 
-        # A repeated create gets the same ids and starts nothing new.
+        # A repeated create fails inside iDDS (a task of that name exists):
+        # no new task, and no reply.
         requester.client.send(create)
-        again = parse_message(requester.next_of("created_workflow_task").body)
-        assert isinstance(again, CreatedWorkflowTask)
-        assert again.ids == answer.ids
-        assert idds.duplicate_creates == {run_id: 1}
+        assert idds.wait_for(lambda: idds.duplicate_creates == {run_id: 1}, WAIT)
+        assert len(idds.tasks_of(run_id)) == 1
         assert created.empty()
 
         size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL-OSG",
@@ -178,7 +179,7 @@ def test_idds_answers_with_the_requester_namespace(
         requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings, now()))
         adjusted = parse_message(requester.next_of("adjusted_worker").body)
         assert isinstance(adjusted, AdjustedWorker)
-        assert adjusted.content.target_worker_count == 5
+        assert adjusted.content.target_worker_count is None  # 2.6.21 reads no count
         assert adjusted.content.request_id == answer.content.request_id
 
         requester.client.send(outbound.close_workflow_task(run_id, answer.ids, settings, now()))
@@ -186,8 +187,8 @@ def test_idds_answers_with_the_requester_namespace(
         assert isinstance(closed, ClosedWorkflowTask)
         assert closed.content.status == "ToCancel"
 
-        # A close naming only the run (the service never sends one; another
-        # agent might): iDDS looks the task up by run_id.
+        # A close naming only the run (the service's, before iDDS's ids came):
+        # iDDS looks the task up by run_id.
         def close_by_run_id(run: str) -> None:
             body = {"msg_type": "close_workflow_task", "run_id": run, "content": {
                 "run_id": run, "request_id": None, "transform_id": None, "workload_id": None}}
@@ -233,7 +234,7 @@ def test_stop_transformer_needs_the_integer_run_id(
         assert not run.stopped
         assert farm.live_workers(run_id) == 2
 
-        service.send(outbound.stop_transformer(run_id, settings, now()))
+        service.send(outbound.stop_transformers(run_id, settings, now())[0])  # the integer
         assert farm.wait_idle(WAIT, run_id)
         assert run.stopped
         assert run.stop_messages_seen == 2
@@ -245,7 +246,7 @@ def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
     results = Listener(brokers, Subscription(brokers.results_destination,
                                              selector=f"run_id='{run_id}'"))
     with results.client, \
-            BusRecorder(brokers, (brokers.workers_topic,)) as recorder, \
+            BusRecorder(brokers, (brokers.transformer_topic,)) as recorder, \
             TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
                             brokers.workers_topic, heartbeat_every=0.2, idle_timeout=0.5,
                             result_ttl_ms=60_000) as farm:
@@ -260,12 +261,15 @@ def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
     assert all(isinstance(p, SliceResult) and p.run_id == run_id for p in parsed)
     bodies = [json.loads(d.body) for d in got]
     assert all("processing_time" not in b["content"] for b in bodies)
-    assert all(isinstance(b["run_id"], int) for b in bodies)
+    assert all(b["run_id"] == run_id for b in bodies)  # the slice's, a string
+    assert all(isinstance(b["content"]["result"]["state"], bool) for b in bodies)
     seconds = [p.processing_seconds for p in parsed if isinstance(p, SliceResult)]
     assert all(s is not None and s >= 0.29 for s in seconds)
     failed = [b["content"] for b in bodies if b["content"]["state"] == "failed"]
-    assert len(failed) == 1 and "slice_id" not in failed[0]
+    # A failed slice carries no slice identity.
+    assert len(failed) == 1 and failed[0]["result"]["result"] is None
 
+    # To the transformer topic (and the results destination), never the workers topic.
     beat = recorder.of_type("heartbeat")[0]
     assert "run_id" not in beat and isinstance(beat["timestamp"], float)
     assert beat["namespace"] == "ns1"
@@ -273,8 +277,13 @@ def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
 
 def slice_contents(deliveries: list[Delivery]) -> list[dict[str, Any]]:
     """The results' contents, by slice (failed slices carry none: not here)."""
-    return sorted((json.loads(d.body)["content"] for d in deliveries),
-                  key=lambda content: content["slice_id"])
+    return sorted((json.loads(d.body)["content"] for d in deliveries), key=slice_of)
+
+
+def slice_of(content: dict[str, Any]) -> int:
+    """The slice a result is for: in the payload's result, as swf-transform sends it."""
+    slice_id: int = content["result"]["result"]["slice_id"]
+    return slice_id
 
 
 def seconds_between(earlier: str, later: str) -> float:
@@ -311,7 +320,7 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
         late = farm.start_run(stopped, workers=1, slices=5, processing_time=lambda _: 0.0,
                               arrival=lambda i: 0.0 if i < 2 else 600.0)
         assert farm.wait_for(lambda: late.slices_sent == 2, WAIT)
-        results.client.send(outbound.stop_transformer(stopped, settings, now()))
+        results.client.send(outbound.stop_transformers(stopped, settings, now())[0])
         assert farm.wait_idle(WAIT, stopped)
         pending = run_id + "2"
         farm.start_run(pending, workers=1, slices=2, processing_time=lambda _: 0.0,
@@ -321,7 +330,7 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
     assert (late.queued, late.unprocessed, late.feeding) == (2, [], False)
 
     contents = slice_contents(got)
-    assert [c["slice_id"] for c in contents] == list(range(len(offsets)))
+    assert [slice_of(c) for c in contents] == list(range(len(offsets)))
     assert len({c["requested_at"] for c in contents}) == len(offsets)
     first = contents[0]["requested_at"]
     for content, offset in zip(contents, offsets, strict=True):
@@ -353,15 +362,17 @@ def test_lowering_the_target_finishes_every_slice(brokers: Brokers, run_id: str)
         assert farm.wait_idle(WAIT, run_id)
 
     assert run.slices_sent == slices and run.unprocessed == []
-    assert [c["slice_id"] for c in slice_contents(got)] == list(range(slices))
+    assert [slice_of(c) for c in slice_contents(got)] == list(range(slices))
 
 
 def test_harness_adjusts_start_transformers_after_the_rampup(
     brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
 ) -> None:
     rampup = 1.5
+    # The what-if of an iDDS that applies adjust_worker's count (2.6.21 does not).
     with PeerHarness(brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=1000,
-                     idle_timeout=1.0, result_ttl_ms=60_000, worker_rampup=rampup) as peers:
+                     idle_timeout=1.0, result_ttl_ms=60_000, worker_rampup=rampup,
+                     applies_worker_count=True) as peers:
         farm = peers.farm
         requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
         answer = parse_message(requester.next_of("created_workflow_task").body)
@@ -397,7 +408,7 @@ def test_harness_adjusts_start_transformers_after_the_rampup(
         time.sleep(rampup)
         assert (run.started, farm.live_workers(run_id)) == (6, 3)
 
-        requester.client.send(outbound.stop_transformer(run_id, settings, now()))
+        requester.client.send(outbound.stop_transformers(run_id, settings, now())[0])
         assert farm.wait_idle(WAIT, run_id)
 
 
@@ -405,7 +416,8 @@ def test_harness_starts_and_adds_transformers(
     brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
 ) -> None:
     with PeerHarness(brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,
-                     idle_timeout=1.0, result_ttl_ms=60_000) as peers:
+                     idle_timeout=1.0, result_ttl_ms=60_000,
+                     applies_worker_count=True) as peers:  # the what-if, as above
         requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
         answer = parse_message(requester.next_of("created_workflow_task").body)
         assert isinstance(answer, CreatedWorkflowTask)
@@ -417,7 +429,7 @@ def test_harness_starts_and_adds_transformers(
         requester.next_of("adjusted_worker")
         assert peers.farm.wait_for(lambda: peers.farm.runs[run_id].started == 4, WAIT)
 
-        requester.client.send(outbound.stop_transformer(run_id, settings, now()))
+        requester.client.send(outbound.stop_transformers(run_id, settings, now())[0])
         assert peers.farm.wait_idle(WAIT, run_id)
         assert peers.recorder.wait_for(
             lambda: len(peers.recorder.of_type("adjusted_worker", run_id)) == 1, WAIT)
@@ -435,6 +447,7 @@ def test_harness_in_rest_mode_serves_idds_over_http(
     with results.client, PeerHarness(
         brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,
         idle_timeout=1.0, result_ttl_ms=60_000, idds_mode="rest", rest_token=token, rest_vo="eic",
+        applies_worker_count=True,
     ) as peers:
         assert peers.idds_rest is not None
         # The real idds-client, configured as an operator would.
@@ -453,14 +466,19 @@ def test_harness_in_rest_mode_serves_idds_over_http(
         manager.setup_client()
         manager.client.retries = 1
 
-        ids = manager.create_workflow_task(
-            outbound.workflow_for(imminent(run_id, 2), settings, now()))
-        assert isinstance(ids, dict), ids
+        # As iDDS 2.6.21: a 500 after making the task, found then by its name.
+        workflow = outbound.workflow_for(imminent(run_id, 2), settings, now())
+        failed, text = manager.create_workflow_task(workflow)
+        assert failed is False and "too many values to unpack" in text
+        request_id = manager.get_request_id_by_name(workflow["name"])[workflow["name"]]
+        (row,) = manager.get_requests(request_id=request_id, with_detail=True)
+        ids = {"request_id": request_id, "transform_id": row["transform_id"],
+               "workload_id": row["transform_workload_id"]}
         assert peers.farm.wait_for(lambda: run_id in peers.farm.runs, WAIT)
         assert peers.farm.runs[run_id].started == 2
         first = parse_message(results.next_of("slice_result").body)
         assert isinstance(first, SliceResult) and first.run_id == run_id
-        assert first.content.panda_task_id == ids["workload_id"]
+        assert first.content.panda_task_id == str(ids["workload_id"])  # from the environment
 
         grow = {"content": {"run_id": run_id, "target_worker_count": 4}}
         adjusted = manager.adjust_worker(ids["request_id"], ids["transform_id"],
@@ -468,7 +486,7 @@ def test_harness_in_rest_mode_serves_idds_over_http(
         assert adjusted == {"status": 0, "message": "adjusted successfully"}
         assert peers.farm.wait_for(lambda: peers.farm.runs[run_id].started == 4, WAIT)
 
-        results.client.send(outbound.stop_transformer(run_id, settings, now()))
+        results.client.send(outbound.stop_transformers(run_id, settings, now())[0])
         assert peers.farm.wait_idle(WAIT, run_id)
         closed = manager.close_workflow_task(ids["request_id"], {"run_id": run_id, **{
             k: ids[k] for k in ("transform_id", "workload_id")}})

@@ -1,6 +1,7 @@
 """The service survives the broker going away: stomp.py neither reconnects
 nor resubscribes by itself, so this proves our BusClient does."""
 
+import re
 from collections.abc import Callable
 
 import pytest
@@ -33,4 +34,7 @@ def test_listener_reconnects_and_resubscribes_after_a_broker_restart(
     assert stack.listener.alive
     since_restart = log.read_text(errors="replace")[before:]
     assert "lost the broker" in since_restart  # it really was cut off ...
-    assert "(2 subscriptions)" in since_restart  # ... and subscribed again
+    # ... and subscribed again: the workers topic, results naming no run, and
+    # one per run it still follows.
+    counts = [int(n) for n in re.findall(r"\((\d+) subscriptions\)", since_restart)]
+    assert counts and min(counts) >= 2

@@ -38,10 +38,12 @@ BOUNDS = (SCALING_CONFIG["scaling"]["min_workers"], SCALING_CONFIG["scaling"]["m
 
 @pytest.fixture
 def peers(scaling_stack: EmbeddedStack) -> Iterator[PeerHarness]:
+    # An iDDS that applies adjust_worker's count (2.6.21 does not): the
+    # policy's loop closed, as it will be once iDDS acts on the count.
     with PeerHarness(scaling_stack.brokers, SCALING_NAMESPACE, slices_per_run=SLICES,
                      processing_time=slowdown_in_the_middle(0.5, 2.0, *SLOW),
                      arrival=lambda index: index / RATE, worker_rampup=1.0,
-                     idle_timeout=5, heartbeat_every=2) as started:
+                     idle_timeout=5, heartbeat_every=2, applies_worker_count=True) as started:
         yield started
 
 
