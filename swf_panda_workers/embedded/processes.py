@@ -239,6 +239,8 @@ class PrefectServer:
     port: int = 4200
     database_url: str | None = field(default=None, repr=False)  # it holds a password
     logs: Path | None = None
+    # How the caller's operator gives it another port, for the refusal.
+    another_port: str = "give this server another port"
 
     def __post_init__(self) -> None:
         env = {
@@ -312,7 +314,7 @@ class PrefectServer:
         return (f"port {self.port} is already taken by {describe_holders(self.port)}, "
                 f"which answers as {what}, and was not started here. Stop it; or, to use "
                 f"it on purpose, set PREFECT_API_URL={self.api_url} (then no server is "
-                "started); or give this server another port")
+                f"started); or {self.another_port}")
 
     def stop(self) -> None:
         self.process.stop()
