@@ -84,14 +84,15 @@ def service_children(settings: Settings, config: Path, state: StateDir,
     env = service_env(api_url, config)
     runner = runner_process(env, state.logs, PROJECT_ROOT)
     listener = listener_process(env, state.logs, PROJECT_ROOT)
-    first = tuple(child.name for child in children)  # the server, if it is ours
     deployment = settings.prefect.deployment
-    # The listener need not wait for the runner: an announcement that comes
-    # before the deployment exists waits, unacked, until it does.
+    # All start at once: the runner and the listener wait for the server (its
+    # start is mostly Python's imports, as theirs are: two cores do both
+    # together), and an announcement that comes before the runner serves the
+    # deployment waits, unacked, until it does.
     children.append(Child("runner", runner, runner.start,
-                          lambda: deployment_registered(api_url, deployment), after=first))
+                          lambda: deployment_registered(api_url, deployment)))
     children.append(Child("listener", listener, listener.start,
-                          lambda: listener.logged_since_start(LISTENING), after=first))
+                          lambda: listener.logged_since_start(LISTENING)))
     return children
 
 

@@ -1,6 +1,6 @@
-"""Children kept running: each is started in order, a child that exits is
-started again after a backoff with a log line saying how it ended, and all
-stop together within a deadline.
+"""Children kept running: all are started, a child that exits is started
+again after a backoff with a log line saying how it ended, and all stop
+together within a deadline.
 
 The loop never blocks on a child: starting (a Prefect server takes seconds
 to answer) is launched, then polled, so a stop request is seen within one
@@ -41,15 +41,13 @@ class Backoff:
 class Child:
     """``launch`` starts the process (raising StartupError when it must not:
     then the whole service stops); ``ready`` is polled after each launch
-    until it says True, and may raise StartupError too. ``after``: children
-    whose first start must be ready before this one's first launch. Children
-    of a lower ``stop_phase`` are stopped first."""
+    until it says True, and may raise StartupError too. Children of a lower
+    ``stop_phase`` are stopped first."""
 
     name: str
     process: ManagedProcess
     launch: Callable[[], None]
     ready: Callable[[], bool] = lambda: True
-    after: tuple[str, ...] = ()
     stop_phase: int = 0
     ready_within: float = 180.0  # s after a launch; then it is killed and started again
     # what the supervisor knows of it
@@ -87,7 +85,7 @@ class Supervisor:
     def _tend(self, child: Child) -> None:
         now = self.clock()
         if child.due is not None:
-            if now >= child.due and self._first_start_allowed(child):
+            if now >= child.due:
                 self._launch(child, now)
             return
         if not child.process.alive:
@@ -95,12 +93,6 @@ class Supervisor:
             return
         if not child.is_ready:
             self._poll_ready(child, now)
-
-    def _first_start_allowed(self, child: Child) -> bool:
-        if child.ever_ready or child.launched_at is not None:
-            return True
-        by_name = {c.name: c for c in self.children}
-        return all(by_name[name].ever_ready for name in child.after)
 
     def _launch(self, child: Child, now: float) -> None:
         try:

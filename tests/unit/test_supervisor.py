@@ -28,7 +28,6 @@ FAILS_ONCE = (
     "    sys.exit(3)\n"
     "print('up', flush=True)\n"
     "time.sleep(600)\n")
-RUNS = "import time\nprint('up', flush=True)\ntime.sleep(600)\n"
 IGNORES_SIGTERM = ("import signal, time\n"
                    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                    "print('up', flush=True)\n"
@@ -92,24 +91,6 @@ def test_a_child_that_exits_is_started_again_and_the_log_says_how_it_ended(
     assert "exited with status 3 after" in ended
     assert "starting it again in 0.1s (exit 1 in a row)" in ended
     assert ended.endswith("ends: cannot start: no marker yet")
-
-
-def test_a_later_child_waits_for_the_first_start_of_those_it_comes_after(
-        tmp_path: Path, running: Callable[[Supervisor], threading.Event]) -> None:
-    first = child(tmp_path, "server", FAILS_ONCE, str(tmp_path / "marker"))
-    second = child(tmp_path, "runner", RUNS)
-    second.after = ("server",)
-    launched_before_server_ready: list[bool] = []
-    start_second = second.launch
-
-    def launch_second() -> None:
-        launched_before_server_ready.append(not first.ever_ready)
-        start_second()
-
-    second.launch = launch_second
-    running(Supervisor([first, second], Backoff(first=0.1)))
-    assert wait_until(lambda: second.ever_ready)
-    assert launched_before_server_ready == [False]
 
 
 def test_a_child_that_ignores_sigterm_is_killed_at_the_stop_deadline(
