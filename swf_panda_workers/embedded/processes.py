@@ -116,6 +116,17 @@ def launch(argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
     return _launcher.popen(argv, **options)
 
 
+def adopt_group(group: int) -> None:
+    """Have process group ``group`` killed when this process ends, however it
+    ends: for a server that detaches itself (pg_ctl's postmaster), which the
+    parent-death signal cannot reach. ``release_group`` when stopped."""
+    _launcher.reaper.register(group)
+
+
+def release_group(group: int) -> None:
+    _launcher.reaper.forget(group)
+
+
 def end_group(leader: subprocess.Popen[bytes], signum: int = signal.SIGKILL) -> None:
     """Signal what is left of a child's process group (its own children, once
     it exited) and forget the group: the child itself must have been waited

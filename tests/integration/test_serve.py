@@ -54,7 +54,12 @@ RESULTS_QUEUE = "/queue/panda.results.worker.serve"
 SERVE_PORT = int(os.environ.get("SWF_TEST_SERVE_PREFECT_PORT", str(PREFECT_PORT + 7)))
 CYCLES = 20
 SLICES = 8
-SLOW_SLICE = 2  # 0.8 s where 0.5 s is expected: one adjust_worker per run (reference policy)
+# The last slice takes 0.8 s where 0.5 s is expected: one adjust_worker per
+# run (reference policy). Slices arrive 0.2 s apart, so that one comes once
+# the run's scaling sub-flow follows the run's events: a result emitted while
+# it subscribes reaches it only when it reads the history again, 6 s later.
+SLOW_SLICE = 7
+ARRIVAL_GAP = 0.2
 MID_RUN = frozenset({2, 7, 12, 17})  # cycles stopped after the run's adjust, before its end
 WAIT = 120.0  # generous: the machine is shared; every wait ends when its condition holds
 SERVE = str(Path(sys.executable).with_name("swf-panda-workers"))
@@ -208,7 +213,7 @@ def serve(serve_config: Path) -> Iterator[Serve]:
 def peers(broker_port: int) -> Iterator[PeerHarness]:
     brokers = Brokers(host="127.0.0.1", port=broker_port, results_queue=RESULTS_QUEUE)
     with PeerHarness(brokers, NAMESPACE, slices_per_run=SLICES, processing_time=processing_time,
-                     idle_timeout=3) as harness:
+                     arrival=lambda index: index * ARRIVAL_GAP, idle_timeout=3) as harness:
         yield harness
 
 
@@ -237,9 +242,7 @@ def journaled_adjusts(api_url: str, run_id: str) -> int:
 
 def end_when_processed(peers: PeerHarness, run_ids: list[str]) -> None:
     """Once every slice of the runs went out and each run asked for its
-    workers, end them and wait for the closes. (Ended earlier, a run's end
-    may come while its scaling sub-flow subscribes to the run's events, and
-    reach it only with the history read again 6 s later.)"""
+    workers, end them and wait for the closes."""
     assert peers.farm.wait_for(lambda: all(sent(peers, r) >= SLICES for r in run_ids), WAIT), \
         {r: sent(peers, r) for r in run_ids}
     assert peers.recorder.wait_for(lambda: all(
