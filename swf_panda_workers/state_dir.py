@@ -41,6 +41,16 @@ class StateDir:
         return self.path.resolve().is_relative_to(root)
 
 
+def earlier_databases(environ: Mapping[str, str], temp_root: Path | None = None) -> list[Path]:
+    """Databases where earlier versions kept serve's: under
+    ``$SWF_STATE_DIR`` (then a parent of the state) or the temporary directory,
+    in ``swf-panda-workers/prefect/prefect.db``."""
+    roots = [Path(environ["SWF_STATE_DIR"])] if environ.get("SWF_STATE_DIR") else []
+    roots.append(temp_root or Path(tempfile.gettempdir()))
+    return [database for root in roots
+            if (database := root / APP_DIR / "prefect" / "prefect.db").is_file()]
+
+
 def state_dir(settings: Settings, environ: Mapping[str, str],
               home: Path | None = None) -> StateDir:
     """``home``: the user's home directory (default: Path.home())."""

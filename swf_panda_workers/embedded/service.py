@@ -27,7 +27,7 @@ from swf_panda_workers.embedded.processes import (
     service_env,
 )
 from swf_panda_workers.embedded.supervisor import Child, Fatal, Supervisor
-from swf_panda_workers.state_dir import StateDir, state_dir
+from swf_panda_workers.state_dir import StateDir, earlier_databases, state_dir
 
 log = logging.getLogger("swf.serve")
 
@@ -41,10 +41,7 @@ def serve(settings: Settings, config: Path, environ: Mapping[str, str] = os.envi
     """Run until SIGTERM or SIGINT (0), or until something makes going on
     wrong (1, with the reason logged)."""
     state = state_dir(settings, environ)
-    if state.temporary():
-        log.warning("the state directory %s (%s) is under the temporary directory: a reboot "
-                    "or a cleaner may take the runs' history with it", state.path,
-                    state.chosen_by)
+    warn_of_lost_history(state, environ)
     supervisor = Supervisor(service_children(settings, config, state, environ))
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -68,6 +65,21 @@ def serve(settings: Settings, config: Path, environ: Mapping[str, str] = os.envi
         supervisor.stop(STOP_WITHIN)
     log.info("stopped")
     return code
+
+
+def warn_of_lost_history(state: StateDir, environ: Mapping[str, str]) -> None:
+    """Say when the runs' history may be lost, or left behind."""
+    if state.temporary():
+        log.warning("the state directory %s (%s) is under the temporary directory: a reboot "
+                    "or a cleaner may take the runs' history with it", state.path,
+                    state.chosen_by)
+    if environ.get("PREFECT_API_URL") or (state.prefect_home / "prefect.db").exists():
+        return
+    for earlier in earlier_databases(environ):
+        log.warning("an earlier version of serve kept its database in %s; this one starts a "
+                    "new one in %s. To keep the runs' history, stop serve and move %s (with "
+                    "its -wal and -shm files, if any) into %s", earlier, state.prefect_home,
+                    earlier.name, state.prefect_home)
 
 
 def service_children(settings: Settings, config: Path, state: StateDir,

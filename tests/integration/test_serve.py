@@ -354,8 +354,11 @@ def test_a_listener_killed_under_serve_is_started_again_and_its_run_completes(
     assert peers.farm.wait_for(lambda: sent(peers, run_id) >= 3, WAIT)
     killed = serve.child_pid("listeners")
     os.kill(killed, signal.SIGKILL)
+    began = time.monotonic()
     assert wait_until(lambda: serve.process.logged_since_start(b"listener ready again"), WAIT), \
         serve.process.tail(20)
+    print(f"\nlistener SIGKILLed -> started again and subscribed: "
+          f"{time.monotonic() - began:.2f}s", flush=True)
     assert f"listener (pid {killed}) killed by SIGKILL after".encode() in \
         serve.state.joinpath("serve.out").read_bytes()
     assert serve.child_pid("listeners") != killed

@@ -10,7 +10,7 @@ import pytest
 
 from swf_panda_workers.cli import main
 from swf_panda_workers.config import settings_from
-from swf_panda_workers.state_dir import state_dir
+from swf_panda_workers.state_dir import earlier_databases, state_dir
 
 HOME = Path("/home/operator")
 
@@ -54,3 +54,16 @@ def test_config_prints_the_state_directory(monkeypatch: pytest.MonkeyPatch, tmp_
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == (f"# serve's state directory (Prefect database, logs): "
                         f"{tmp_path / 'state'} (from SWF_STATE_DIR)")
+
+
+def test_the_databases_earlier_versions_kept_are_found(tmp_path: Path) -> None:
+    temp, configured = tmp_path / "tmp", tmp_path / "var"
+    assert earlier_databases({"SWF_STATE_DIR": str(configured)}, temp_root=temp) == []
+    in_temp = temp / "swf-panda-workers" / "prefect" / "prefect.db"
+    in_configured = configured / "swf-panda-workers" / "prefect" / "prefect.db"
+    for database in (in_temp, in_configured):
+        database.parent.mkdir(parents=True)
+        database.write_bytes(b"SQLite format 3\0")
+    assert earlier_databases({"SWF_STATE_DIR": str(configured)}, temp_root=temp) == [
+        in_configured, in_temp]
+    assert earlier_databases({}, temp_root=temp) == [in_temp]
