@@ -61,11 +61,16 @@ class _Launcher:
     that thread. So whoever starts a child hands the fork to this thread."""
 
     def __init__(self) -> None:
+        self._prctl = _prctl()
+        self._lock = threading.Lock()
+        self._start_afresh()
+        # A forked child (multiprocessing) has neither the thread nor the reaper.
+        os.register_at_fork(after_in_child=self._start_afresh)
+
+    def _start_afresh(self) -> None:
         self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._prctl = _prctl()
         self.reaper = GroupReaper()
 
     def popen(self, argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
@@ -285,6 +290,12 @@ class PrefectServer:
         self.launch()
         deadline = time.monotonic() + wait
         while not self.ready():
+            if not self.process.alive:
+                self.process.reap()
+                if port_answers(self.port):  # it could not bind: another one took the port
+                    raise PortTaken(self._taken())
+                raise StartupError(f"Prefect server {self.process.exit_reason()}:\n"
+                                   f"{self.process.tail()}")
             if time.monotonic() > deadline:
                 self.process.stop()
                 raise StartupError(f"Prefect server not healthy after {wait}s")
@@ -299,18 +310,11 @@ class PrefectServer:
         self.process.start()
 
     def ready(self) -> bool:
-        """Whether the server started here answers; StartupError if it exited,
-        PortTaken if what answers is another process."""
+        """Whether the server started here answers; PortTaken (the process
+        stopped) if what answers is another one, which took the port between
+        the check and the start."""
         if not healthy(self.api_url):
-            if self.process.alive:
-                return False
-            self.process.reap()
-            if port_answers(self.port):  # it failed to bind: another one took the port
-                raise PortTaken(self._taken())
-            raise StartupError(f"Prefect server {self.process.exit_reason()}:\n"
-                               f"{self.process.tail()}")
-        # What answers must be the process started here, not one that took
-        # the port between the check and the start.
+            return False
         holders = listening_pids(self.port)
         if self.process.alive and (holders is None or self.process.pid in holders):
             return True

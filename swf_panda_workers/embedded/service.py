@@ -35,6 +35,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Under docker's and supervisord's default grace (10 s) before their SIGKILL.
 STOP_WITHIN = 9.0
 LISTENING = b"listening for namespace"  # the listener's line once subscribed
+SERVER_READY_WITHIN = 180.0  # s; a server not answering by then is killed and started again
 
 
 def serve(settings: Settings, config: Path, environ: Mapping[str, str] = os.environ) -> int:
@@ -91,7 +92,7 @@ def service_children(settings: Settings, config: Path, state: StateDir,
                                logs=state.logs,
                                another_port="set prefect.server_port to another port")
         children.append(Child("prefect-server", server.process, server.launch, server.ready,
-                              stop_phase=1))
+                              stop_phase=1, ready_within=SERVER_READY_WITHIN))
         api_url = server.api_url
     env = service_env(api_url, config)
     runner = runner_process(env, state.logs, PROJECT_ROOT)

@@ -49,7 +49,9 @@ class Child:
     launch: Callable[[], None]
     ready: Callable[[], bool] = lambda: True
     stop_phase: int = 0
-    ready_within: float = 180.0  # s after a launch; then it is killed and started again
+    # s after a launch to be ready, else it is killed and started again; None:
+    # it may take its time (the listener waits out a broker that is down)
+    ready_within: float | None = None
     # what the supervisor knows of it
     launched_at: float | None = field(default=None, init=False)
     is_ready: bool = field(default=False, init=False)
@@ -114,8 +116,8 @@ class Supervisor:
             child.ever_ready = True
             return
         assert child.launched_at is not None
-        if now - child.launched_at > child.ready_within:
-            log.error("%s not ready %.0fs after its start: killing it", child.name,
+        if child.ready_within is not None and now - child.launched_at > child.ready_within:
+            log.error("%s not ready %gs after its start: killing it", child.name,
                       child.ready_within)
             child.process.kill()
 

@@ -93,6 +93,20 @@ def test_a_child_that_exits_is_started_again_and_the_log_says_how_it_ended(
     assert ended.endswith("ends: cannot start: no marker yet")
 
 
+def test_a_child_not_ready_in_time_is_killed_and_started_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        running: Callable[[Supervisor], threading.Event]) -> None:
+    hung = child(tmp_path, "server", "import time\ntime.sleep(600)\n")  # never says "up"
+    hung.ready_within = 0.3
+    with caplog.at_level(logging.INFO, logger="swf.serve"):
+        running(Supervisor([hung], Backoff(first=0.1)))
+        assert wait_until(lambda: sum("server started" in r.message
+                                      for r in caplog.records) >= 2)
+    messages = [r.message for r in caplog.records]
+    assert "server not ready 0.3s after its start: killing it" in messages
+    assert any("killed by SIGKILL after" in m for m in messages)
+
+
 def test_a_child_that_ignores_sigterm_is_killed_at_the_stop_deadline(
         tmp_path: Path, running: Callable[[Supervisor], threading.Event]) -> None:
     stubborn = child(tmp_path, "stubborn", IGNORES_SIGTERM)
