@@ -60,7 +60,7 @@ SLICES = 8
 # it subscribes reaches it only when it reads the history again, 6 s later.
 SLOW_SLICE = 7
 ARRIVAL_GAP = 0.2
-MID_RUN = frozenset({2, 7, 12, 17})  # cycles stopped after the run's adjust, before its end
+MID_RUN = frozenset({2, 7, 12, 17})  # stopped once the run's adjust is journaled, before its end
 WAIT = 120.0  # generous: the machine is shared; every wait ends when its condition holds
 SERVE = str(Path(sys.executable).with_name("swf-panda-workers"))
 
@@ -97,14 +97,12 @@ class Serve:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{SERVE_PORT}/api"
 
-    def start(self) -> float:
-        """Start serve; return the seconds until it said it serves."""
-        began = time.monotonic()
+    def start(self) -> None:
+        """Start serve; return once it says it serves."""
         self.process.start()
         ready = wait_until(lambda: self.process.logged_since_start(b"serving namespace")
                            or not self.process.alive, WAIT)
         assert ready and self.process.alive, f"serve not serving:\n{self.process.tail(60)}"
-        return time.monotonic() - began
 
     def tree(self) -> set[tuple[int, int]]:
         """serve and every process below it, as (pid, start time) pairs: a pid
