@@ -17,13 +17,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 from datetime import timedelta
+
+from prefect.settings import PREFECT_API_URL
 
 from deployments.in_process import InProcessRunner, serve_in_process
 from deployments.recovery import RunRecovery
 from flows.run_lifecycle import run_lifecycle
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, check_rest_client
 from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
+from swf_panda_workers.embedded.processes import healthy
+
+log = logging.getLogger("swf.runner")
 
 TAGS = ["swf-panda-workers"]
 DESCRIPTION = "One flow run per data-taking run, started by the STOMP listener."
@@ -47,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"REST mode cannot reach iDDS: {exc}") from None
     # Prefect's logging setup shows warnings only; the recovery says what it does.
     logging.getLogger("swf").setLevel(logging.INFO)
+    wait_for_server()
     RunRecovery(settings.prefect.deployment,
                 horizon=timedelta(seconds=settings.timeouts.run_end)).start()
     if settings.prefect.flow_runs == "in_process":
@@ -55,6 +62,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         run_lifecycle.serve(name=deployment_name, limit=settings.prefect.runner_limit,
                             tags=TAGS, description=DESCRIPTION)
+
+
+def wait_for_server(every: float = 0.2, say_every: float = 30.0) -> None:
+    """Started beside its Prefect server (`serve` starts them together), the
+    runner waits for the server to answer rather than fail at its first call."""
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        return  # no server named: Prefect runs an ephemeral one in this process
+    waited = 0.0
+    while not healthy(api_url):
+        if waited % say_every < every:
+            log.info("waiting for the Prefect server at %s", api_url)
+        time.sleep(every)
+        waited += every
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from swf_panda_workers.adapters.prefect_events import (
     emit,
     until_stored,
 )
+from swf_panda_workers.adjustment_journal import AdjustmentJournal
 from swf_panda_workers.idds_gateway import Answer
 from swf_panda_workers.log_lines import input_line
-from swf_panda_workers.messages import Message, WorkerSize
+from swf_panda_workers.messages import Message
 from swf_panda_workers.run_state import Effect, RunState, apply
 from swf_panda_workers.timestamps import plain_utc, utc_now
 
@@ -38,11 +39,10 @@ class RunView:
         self.dry_run = dry_run
         self.state = state
         self._clock: datetime | None = None  # when the last input applied arrived
-        # Sizes an earlier attempt already asked for, known before replaying.
-        self.journaled_sizes: list[WorkerSize] = [] if dry_run else [
-            item.size for item in map(decode, feed.backlog())
-            if isinstance(item, Effect) and item.kind == "adjust_sent" and item.size is not None
-        ]
+        # The adjustments an earlier attempt journaled, not replayed yet (a
+        # dry run leaves the recorded flow's journal out).
+        self.journal = AdjustmentJournal() if dry_run else AdjustmentJournal.of(
+            map(decode, feed.backlog()))
 
     @property
     def replaying(self) -> bool:
@@ -66,6 +66,7 @@ class RunView:
                 continue  # unreadable (decode logged why): not an input
             if self.dry_run and isinstance(item, Effect):
                 continue  # what the recorded run's flow did: the dry run decides afresh
+            self.journal = self.journal.read(item)
             self._clock = plain_utc(event.occurred)
             self.state = apply(item, self.state, self._clock)
             get_run_logger().info(input_line(item, self.state.run_id))

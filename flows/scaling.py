@@ -7,10 +7,11 @@ request on several threads) are closed here as soon as they are known.
 Slice results that arrived before iDDS's ids are held and decided once the
 ids are known (the parent starts this sub-flow with the ids, and the run's
 stored history replays the early results first). On a retried flow run the
-history also holds the adjustments already sent; a decision that asks again
-for a size already requested is not sent twice. Every adjustment is journaled
-with the figures it was decided on; at the end they are shown in the Prefect
-UI as a table and a plot of the run's workers and processing time.
+history also holds the adjustments already sent; a decision replaying one of
+them is not sent twice (swf_panda_workers/adjustment_journal.py), and any size
+may be asked for again later. Every adjustment is journaled with the figures
+it was decided on; at the end they are shown in the Prefect UI as a table and
+a plot of the run's workers and processing time.
 """
 
 import asyncio
@@ -33,7 +34,7 @@ from swf_panda_workers.adapters.prefect_events import history_start, run_resourc
 from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway
-from swf_panda_workers.messages import CreatedWorkflowTask, SliceResult, WorkerSize, WorkflowIds
+from swf_panda_workers.messages import CreatedWorkflowTask, SliceResult, WorkflowIds
 from swf_panda_workers.plots import Trace, markdown_image, timeline_png
 from swf_panda_workers.run_report import artifact_key
 from swf_panda_workers.run_state import Adjustment, Effect, apply, initial_state
@@ -167,8 +168,8 @@ class Scaler:
         decision = self.autoscaler.look(state.plan, at, seen)
         if decision is None:
             return
-        if self.already_requested(decision.size):
-            return  # replaying history: this request went out in an earlier attempt
+        if self.view.journal.replays(decision.size):
+            return  # replaying history: an earlier attempt sent it, the journal applies it
         answer = await ask_idds(self.settings)("adjust_worker", partial(
             self.idds.adjust_worker, state.run_id, state.ids, decision.size, utc_now()))
         await self.view.record(Effect(kind="adjust_sent", size=decision.size,
@@ -176,9 +177,6 @@ class Scaler:
                                       decided_at=at), answer)
         get_run_logger().info("adjust_worker for run %s: %s workers (%s)", state.run_id,
                               decision.size.target_worker_count, decision.reason)
-
-    def already_requested(self, size: WorkerSize) -> bool:
-        return size in self.view.journaled_sizes
 
     def slice_seconds(self) -> float | None:
         return self.autoscaler.window.demand(utc_now()).processing_seconds

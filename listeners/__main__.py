@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
+
+from prefect.settings import PREFECT_API_URL
 
 from listeners.bus_listener import HealthSource, serve_listener
 from listeners.status_server import status_endpoint
 from swf_panda_workers.adapters.swf_monitor import monitor_heartbeats
 from swf_panda_workers.config import Settings, load_settings
+from swf_panda_workers.embedded.processes import healthy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +37,18 @@ async def _run(settings: Settings) -> None:
     health = HealthSource()  # read by the health check, the metrics and the monitor
     with status_endpoint(settings, health) as metrics:
         async with monitor_heartbeats(settings, health, stopping):
+            await _server_answering(stopping)
             await serve_listener(settings, stopping, health, metrics)
+
+
+async def _server_answering(stopping: asyncio.Event, every: float = 0.2) -> None:
+    """Started beside its Prefect server (`serve` starts them together), the
+    listener waits for it quietly at first; serve_listener retries, loudly,
+    if it goes away later."""
+    api_url = PREFECT_API_URL.value()
+    while api_url and not stopping.is_set() and not await asyncio.to_thread(healthy, api_url):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), every)
 
 
 if __name__ == "__main__":

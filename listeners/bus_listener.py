@@ -87,6 +87,7 @@ REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
 FOREIGN_FOR = 30.0  # s a run found to be none of ours is not looked up again
 FOREIGN_RUNS_KEPT = 10_000
 RUNS_EVERY = 15.0  # s between counts of the namespace's runs in progress
+RETRY_AFTER = 2.0  # s before a message whose hand-off failed is tried again
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class BusListener:
     _pending: dict[UUID, Pending] = field(default_factory=dict)
     _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
     _retrying: set[str] = field(default_factory=set)  # message ids back in the inbox
+    # message id -> the timer putting a message that waits back in the inbox
+    _waiting: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop = field(init=False)
     _listening: bool = False
     _prefect_reachable: bool = False
@@ -207,6 +210,8 @@ class BusListener:
             self._listening = False
             confirming.cancel()
             counting.cancel()
+            for waiting in self._waiting.values():  # unacked: the broker redelivers them
+                waiting.cancel()
             await asyncio.to_thread(self.bus.stop)
 
     # --- one message ------------------------------------------------------------
@@ -232,11 +237,27 @@ class BusListener:
 
     async def _retry_later(self, delivery: Delivery, decision: Decision,
                            exc: BaseException) -> None:
-        """Prefect is unreachable: keep the message unacked and try again."""
+        """Keep the message unacked and try it again in RETRY_AFTER seconds."""
         message = getattr(decision, "message", None)
-        log.warning("hand-off of %s for run %s failed (%s); retrying in 2 s",
-                    getattr(message, "msg_type", None), getattr(message, "run_id", None), exc)
-        await asyncio.sleep(2)
+        if isinstance(exc, DeploymentMissing):
+            # Only this message must wait (the runner is not serving yet):
+            # the loop goes on with the others meanwhile.
+            log.warning("msg_type=%s run_id=%s waits: %s; trying again in %g s",
+                        getattr(message, "msg_type", None), getattr(message, "run_id", None),
+                        exc, RETRY_AFTER)
+            self._waiting[delivery.message_id] = self._loop.call_later(
+                RETRY_AFTER, self._try_again, delivery)
+            return
+        log.warning("hand-off of %s for run %s failed (%s); retrying in %g s",
+                    getattr(message, "msg_type", None), getattr(message, "run_id", None), exc,
+                    RETRY_AFTER)
+        # Prefect unreachable or failing: every other hand-off would fail
+        # alike, so the loop pauses with this one rather than spin through them.
+        await asyncio.sleep(RETRY_AFTER)
+        self._try_again(delivery)
+
+    def _try_again(self, delivery: Delivery) -> None:
+        self._waiting.pop(delivery.message_id, None)
         self._retrying.add(delivery.message_id)
         self._inbox.put_nowait(delivery)
 

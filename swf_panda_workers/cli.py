@@ -22,10 +22,7 @@ import argparse
 import logging
 import os
 import re
-import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -192,7 +189,12 @@ def _operate(args: argparse.Namespace) -> int:
     path = config_path(args.config)
     settings = load_settings(path)
     if args.command == "config":
+        from swf_panda_workers.state_dir import state_dir
+
+        state = state_dir(settings, os.environ)
         print(f"# {path.resolve()}")
+        print(f"# serve's state directory (Prefect database, logs): {state.path} "
+              f"(from {state.chosen_by})")
         print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="")
         return 0
     namespace = getattr(args, "namespace", None) or settings.transceiver.namespace
@@ -221,52 +223,10 @@ def _operate(args: argparse.Namespace) -> int:
 
 def _serve() -> int:
     """Run until SIGTERM/SIGINT, then stop everything started here."""
-    from swf_panda_workers.embedded.processes import (
-        ManagedProcess,
-        PrefectServer,
-        listener_process,
-        runner_process,
-        service_env,
-        wait_for_deployment,
-    )
-    from swf_panda_workers.embedded.stack import PROJECT_ROOT
+    from swf_panda_workers.embedded.service import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = load_settings()
-    state = Path(os.environ.get("SWF_STATE_DIR", tempfile.gettempdir())) / "swf-panda-workers"
-    started: list[PrefectServer | ManagedProcess] = []
-    server = None
-    api_url = os.environ.get("PREFECT_API_URL")
-    stop_now = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stop_now
-        stop_now = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        if not api_url:
-            server = PrefectServer(state / "prefect").start()
-            started.append(server)
-            api_url = server.api_url
-            logging.info("Prefect server and UI at %s", server.ui_url)
-        env = service_env(api_url, Path(os.environ[CONFIG_ENV]))
-        runner = runner_process(env, state / "logs", PROJECT_ROOT).start()
-        started.append(runner)
-        wait_for_deployment(api_url, settings.prefect.deployment)
-        listener = listener_process(env, state / "logs", PROJECT_ROOT).start()
-        started.append(listener)
-        logging.info("serving namespace %s; logs in %s", settings.transceiver.namespace,
-                     state / "logs")
-        while not stop_now and runner.alive and listener.alive:
-            time.sleep(0.5)
-        if not stop_now:
-            logging.error("a service process exited; stopping the rest")
-        return 0 if stop_now else 1
-    finally:
-        for part in reversed(started):
-            part.stop()
+    return serve(load_settings(), Path(os.environ[CONFIG_ENV]))
 
 
 def _healthcheck(url: str | None, config: str | None) -> int:

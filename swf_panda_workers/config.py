@@ -290,6 +290,17 @@ class Prefect(_Section):
         "runner's own process, deployments/in_process.py) or subprocess (Prefect's runner: "
         "a process each, about 100 MB)",
     )
+    # `serve` only (swf_panda_workers/state_dir.py, embedded/service.py):
+    server_port: int = Field(
+        default=4200, gt=0, lt=65536,
+        description="port of the Prefect server `serve` starts (none when PREFECT_API_URL "
+        "is set); a server it did not start answering there is an error")
+    state_dir: Path | None = Field(
+        default=None,
+        description="`serve`'s state: the home of its Prefect server (the database: every "
+        "run's flow runs, events, journal, artifacts) and its logs; SWF_STATE_DIR; unset: "
+        "PREFECT_HOME, else $XDG_STATE_HOME/swf-panda-workers "
+        "(~/.local/state/swf-panda-workers)")
 
 
 class Monitor(_Section):
@@ -377,6 +388,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWF_MONITOR_INTERVAL": ("monitor", "interval"),
     "SWF_METRICS_HOST": ("metrics", "host"),
     "SWF_METRICS_PORT": ("metrics", "port"),
+    "SWF_STATE_DIR": ("prefect", "state_dir"),
 }
 
 # <VARIABLE>_FILE names a file holding the value of <VARIABLE> (one trailing

@@ -33,6 +33,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
 from swf_panda_workers.adapters.prefect_runs import run_tags
+from swf_panda_workers.embedded.activemq import stomp_answers
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import Shape
 from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest, client_env
@@ -79,11 +80,14 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
     runner_env = (client_env(idds_port, token, workdir / "idds-client") if mode == "rest"
                   else {})
     stack = EmbeddedStack(workdir, config, prefect_port=prefect_port, runner_env=runner_env)
-    print(f"starting the broker, Prefect server, runner and listener (logs in {stack.logs}) ...")
+    borrowed = borrowed_broker(stack)
+    if borrowed is not None:
+        print(f"using the broker already answering STOMP on {borrowed}: the demo did not start "
+              "it (it may hold another session's messages); stop it to have the demo start "
+              "its own")
+    print(f"starting {'' if borrowed else 'the broker, '}Prefect server, runner and listener "
+          f"(logs in {stack.logs}) ...")
     with stack:
-        if stack.broker is None:
-            print(f"  using the broker already answering on {stack.brokers.host}:"
-                  f"{stack.brokers.port} (not started by the demo)")
         print(f"Prefect UI: {stack.ui_url}")
         # Numeric run ids, as the testbed sends; distinct for every demo.
         base = int(time.time()) % 1_000_000 * 10
@@ -210,6 +214,15 @@ def play(peers: RealPeers, recorder: BusRecorder, rest: SimulatedIDDSRest | None
     # The transformers leave once their slice queue was idle for 5 s.
     peers.pilots.wait_for(lambda: all(peers.pilots.live(r) == 0 for r in run_ids), 30)
     return timings
+
+
+def borrowed_broker(stack: EmbeddedStack) -> str | None:
+    """``host:port`` of a broker already answering where the stack would
+    start its own (it then uses that one, whoever started it); else None."""
+    brokers = stack.brokers
+    if stomp_answers(brokers.host, brokers.port):
+        return f"{brokers.host}:{brokers.port}"
+    return None
 
 
 def replay_first_run(stack: EmbeddedStack, run_id: str, workdir: Path) -> bool:

@@ -53,10 +53,16 @@ class BusRefused(RuntimeError):
     it as if the broker were merely down)."""
 
 
+class ClientIdTaken(StompException):
+    """The broker holds our client-id for another connection: our own
+    previous one for a moment (a restart), else another listener with the
+    same id. Retried until the start's deadline, then BusRefused."""
+
+
 # ERROR answers to CONNECT that a retry will not cure: ActiveMQ Classic's
 # "User name [x] or password is invalid.", "User x is not authorized ...",
 # Artemis's "Unable to validate user ...". Narrow on purpose: anything else
-# (e.g. "Client: <id> already connected") passes, and is retried.
+# passes, and is retried ("Client: <id> already connected" as ClientIdTaken).
 _LOGIN_REFUSED = re.compile(
     r"password is invalid|is not authori[sz]ed|unable to validate user|authentication failed",
     re.IGNORECASE)
@@ -307,6 +313,13 @@ class BusClient(stomp.ConnectionListener):
             try:
                 self._connect_once()
                 return
+            except ClientIdTaken as exc:
+                if deadline is not None and waited >= deadline:
+                    raise BusRefused(str(exc)) from exc
+                log.warning("%s; trying again in %.1fs", exc, delay)
+                self._stopping.wait(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0 if deadline is not None else REFUSED_RETRY_MAX)
             except BusRefused as exc:
                 if deadline is not None:  # starting: say so now, the caller must fix it
                     raise
@@ -395,6 +408,13 @@ class BusClient(stomp.ConnectionListener):
             reason = self._refusal
             if _LOGIN_REFUSED.search(reason):
                 raise BusRefused(f"the broker {b.host}:{b.port} refused the login: {reason}")
+            if self._client_id and "already connected" in reason:
+                raise ClientIdTaken(
+                    f"the broker {b.host}:{b.port} refuses client-id {self._client_id}: another "
+                    f"connection holds it ({reason}). Another listener with this id is running "
+                    "(a second `serve` or `listen` of this namespace, or one left over): stop "
+                    "it, or give each listener its own name with SWF_LISTENER_REPLICA "
+                    "(transceiver.replica)")
             raise StompException(f"the broker answered CONNECT with an error: {reason}")
         if b.use_ssl:
             problem = tls_problem(b)

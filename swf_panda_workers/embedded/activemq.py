@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from swf_panda_workers.embedded.processes import end_group, launch
+
 JAR = Path("/usr/share/activemq/bin/activemq.jar")
 
 
@@ -116,11 +118,10 @@ class ActiveMQ:
         if fresh:
             shutil.rmtree(self.home / "data" / "kahadb", ignore_errors=True)
         self._write_config()
-        log = (self.home / "console.log").open("ab")
-        self.process = subprocess.Popen(
-            self._command(), cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+        with (self.home / "console.log").open("ab") as log:
+            # Ends with this process, however it ends (processes.launch).
+            self.process = launch(self._command(), cwd=self.home, stdout=log,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + wait
         while not self.answers():
@@ -143,6 +144,7 @@ class ActiveMQ:
             os.kill(pid, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=5)
+            end_group(self.process)
         self.pid_file.unlink(missing_ok=True)
 
     def _alive_pid(self) -> int | None:

@@ -13,6 +13,7 @@ Durability is traded for speed (``fsync``, ``synchronous_commit`` and
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import secrets
@@ -24,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from swf_panda_workers.embedded.processes import adopt_group, release_group
+
 DEBIAN_BINARIES = Path("/usr/lib/postgresql")
+log = logging.getLogger(__name__)
+
 BINDIR_ENV = "SWF_POSTGRES_BINDIR"  # another installation's bin directory
 SERVER_SETTINGS = {
     "listen_addresses": "127.0.0.1",
@@ -81,6 +86,7 @@ class PostgresCluster:
     root: Path | None = field(default=None, init=False)  # the cluster's temporary directory
     _bindir: Path | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
+    _postmaster: int | None = field(default=None, init=False)  # its pid and process group
 
     @property
     def url(self) -> str:
@@ -121,6 +127,7 @@ class PostgresCluster:
             self._run("pg_ctl", "start", "--wait", "--timeout", "120", "-D", str(self.data_dir),
                       "-l", str(self.log_path), "-o", self._server_options())
             self._started = True
+            self._postmaster = self._adopt_postmaster()
             # Over the cluster's own socket directory, which only its owner
             # reaches: local logins are trusted, TCP ones need the password.
             self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", self.user,
@@ -138,9 +145,29 @@ class PostgresCluster:
             if self._started:
                 self._run("pg_ctl", "stop", "--wait", "-m", "fast", "-D", str(self.data_dir))
                 self._started = False
+            if self._postmaster is not None:
+                release_group(self._postmaster)
+                self._postmaster = None
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
+
+    def _adopt_postmaster(self) -> int | None:
+        """pg_ctl detaches the server in a session of its own: have it killed
+        if this process dies without stopping it (its backends follow)."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+            group = os.getpgid(pid)
+        except (OSError, ValueError, IndexError) as exc:
+            log.warning("PostgreSQL's postmaster not found (%s): it would outlive a crash "
+                        "of this process", exc)
+            return None
+        if group != pid:  # not a group of its own: killing the group could hit others
+            log.warning("PostgreSQL's postmaster %d leads no process group: it would outlive "
+                        "a crash of this process", pid)
+            return None
+        adopt_group(group)
+        return group
 
     def tail(self, lines: int = 30) -> str:
         try:

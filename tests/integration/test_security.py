@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 import os
 import secrets
 import threading
@@ -53,7 +54,6 @@ from pydantic import SecretStr
 from swf_panda_workers.adapters.stomp_bus import (
     BusClient,
     BusRefused,
-    BusUnavailable,
     Delivery,
     Subscription,
 )
@@ -273,16 +273,24 @@ def test_a_refusal_ends_start_at_once_with_its_reason(
     assert PASSWORD not in str(caught.value)
 
 
-def test_an_error_answer_that_is_not_about_the_login_is_retried(tls_brokers: Brokers) -> None:
+def test_a_client_id_still_connected_is_retried_then_named(
+    tls_brokers: Brokers, caplog: pytest.LogCaptureFixture
+) -> None:
     """ActiveMQ refuses a client-id still in use (a listener restarted before
-    the broker dropped its old connection): that passes, so it is retried,
-    not taken for a refusal."""
+    the broker dropped its old connection, or a second listener of the same
+    name): it is retried until the start's deadline, not taken for a refusal
+    at once, then refused with the id and what to do."""
     client_id = f"swf-security-{uuid.uuid4().hex}"
     with BusClient(tls_brokers, name="first", client_id=client_id):
         second = BusClient(tls_brokers, name="second", client_id=client_id)
-        with pytest.raises(BusUnavailable, match="already connected"):
+        with caplog.at_level(logging.WARNING, logger="swf_panda_workers.adapters.stomp_bus"), \
+                pytest.raises(BusRefused, match=f"refuses client-id {client_id}: another "
+                              "connection holds it .*already connected.*SWF_LISTENER_REPLICA"):
             second.start(timeout=3)
         second.stop()
+    retries = [r for r in caplog.records if f"refuses client-id {client_id}" in r.message
+               and "trying again" in r.message]
+    assert len(retries) >= 2, [r.message for r in caplog.records]
 
 
 # --- the Prefect API auth string ------------------------------------------------------

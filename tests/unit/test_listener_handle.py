@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from prefect.events import Event
 from pydantic import TypeAdapter
 
+from listeners import bus_listener
 from listeners.bus_listener import BusListener
 from listeners.routing import Decision
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing
@@ -288,24 +289,68 @@ def test_nan_is_set_aside_rather_than_reaching_prefect_as_null() -> None:
     assert bus.acked == [item.message_id]
 
 
-def test_a_run_announced_before_the_runner_serves_its_deployment_waits_unacked() -> None:
+class NoDeploymentYet(FakeRuns):
+    """Prefect answers, but the runner does not serve the run deployment yet."""
+
+    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
+                    received_at: datetime) -> uuid.UUID:
+        raise DeploymentMissing("deployment swf-run/panda-workers is not on the server")
+
+
+def announcement(run_id: str) -> Delivery:
+    return delivery(json.dumps({"msg_type": "run_imminent", "run_id": run_id,
+                                "namespace": NS, "content": {}}).encode())
+
+
+@pytest.fixture
+def quick_retry(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(bus_listener, "RETRY_AFTER", 0.05)
+    return 0.05
+
+
+def test_a_run_announced_before_the_runner_serves_its_deployment_waits_unacked(
+        quick_retry: float) -> None:
     """The deployment missing (the runner not up yet, or redeploying) is
     waited out: the announcement stays unacked and is tried again, never set
     aside, and the listener goes on."""
 
-    class NoDeploymentYet(FakeRuns):
-        async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
-                        received_at: datetime) -> uuid.UUID:
-            raise DeploymentMissing("deployment swf-run/panda-workers is not on the server")
-
-    async def go() -> tuple[BusListener, Delivery, FakeBus]:
+    async def go() -> tuple[Delivery, Delivery, FakeBus]:
         bus = FakeBus()
         shell = listener(bus, NoDeploymentYet())
-        item = delivery(json.dumps({"msg_type": "run_imminent", "run_id": "77",
-                                    "namespace": NS, "content": {}}).encode())
+        item = announcement("77")
         await shell.handle(item)
-        return shell, item, bus
+        again = await asyncio.wait_for(shell._inbox.get(), timeout=10)
+        return item, again, bus
 
-    shell, item, bus = asyncio.run(go())
+    item, again, bus = asyncio.run(go())
     assert bus.acked == [] and bus.sent == []  # neither acked nor dead-lettered
-    assert shell._inbox.get_nowait() is item  # queued to be tried again
+    assert again is item  # back in the inbox, to be tried again
+
+
+def test_an_announcement_that_waits_does_not_hold_up_other_runs_messages(
+        quick_retry: float) -> None:
+    """While one run's announcement waits for the deployment, the messages
+    behind it (another run's end, its results) are handed over at once: the
+    wait is the waiting message's alone."""
+    events = FakeEvents()
+    end_of_another_run = json.dumps({"msg_type": "end_run", "run_id": "5",
+                                     "namespace": NS}).encode()
+
+    async def go() -> tuple[list[str], Delivery, FakeBus]:
+        bus = FakeBus()
+        shell = listener(bus, NoDeploymentYet(), events)
+        order: list[str] = []
+        waiting = announcement("77")
+        await shell.handle(waiting)
+        # Not back yet: the retry is scheduled, not slept through in handle().
+        order.append("waiting" if not shell._inbox.empty() else "handed over first")
+        await shell.handle(delivery(end_of_another_run))
+        order.append(f"event of run {events.emitted[-1].resource['swf.run_id']}")
+        again = await asyncio.wait_for(shell._inbox.get(), timeout=10)
+        order.append("announcement tried again")
+        return order, again, bus
+
+    order, again, bus = asyncio.run(go())
+    assert order == ["handed over first", "event of run 5", "announcement tried again"]
+    assert again.body == announcement("77").body
+    assert bus.acked == []  # the end's ack waits for Prefect's read-back; the announcement's wait

@@ -1,0 +1,388 @@
+"""`swf-panda-workers serve` as an operator runs it, started and stopped again
+and again (SIGTERM, SIGKILL, sometimes mid-run), its listener killed under it,
+and a foreign Prefect server on its port. Real ActiveMQ (the session's), the
+real `serve` process with its own Prefect server, runner and listener, and
+the simulated peers.
+
+Each test checks what must hold after any stop: no process of the previous
+`serve` is left, every run completes with one create, one stop and one close,
+and the flow runs of every start are in the one database of the state
+directory. The figures (start, run, stop times) are printed, not asserted.
+
+Run once: `serve` starts its own Prefect server on SQLite in its state
+directory whatever the session's database is, so the PostgreSQL pass would
+repeat the same test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PREFECT_DATABASE, PREFECT_PORT, STOMP_PORT
+from prefect.events import Event
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_reads import final_flow_run
+
+from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
+from swf_panda_workers.config import Brokers
+from swf_panda_workers.embedded.processes import ManagedProcess
+from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.timestamps import utc_now
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(PREFECT_DATABASE != "sqlite", reason=(
+        "run once, in the SQLite pass: serve's own Prefect server is SQLite in its state "
+        "directory whatever the session's database is")),
+]
+
+NAMESPACE = "itestserve"
+RESULTS_QUEUE = "/queue/panda.results.worker.serve"
+# Apart from the session servers (+10 each) and test_prefect_deploy's (+50).
+SERVE_PORT = int(os.environ.get("SWF_TEST_SERVE_PREFECT_PORT", str(PREFECT_PORT + 7)))
+CYCLES = 20
+SLICES = 8
+# The last slice takes 0.8 s where 0.5 s is expected: one adjust_worker per
+# run (reference policy). Slices arrive 0.2 s apart, so that one comes once
+# the run's scaling sub-flow follows the run's events: a result emitted while
+# it subscribes reaches it only when it reads the history again, 6 s later.
+SLOW_SLICE = 7
+ARRIVAL_GAP = 0.2
+MID_RUN = frozenset({2, 7, 12, 17})  # stopped once the run's adjust is journaled, before its end
+WAIT = 120.0  # generous: the machine is shared; every wait ends when its condition holds
+SERVE = str(Path(sys.executable).with_name("swf-panda-workers"))
+
+SERVE_CONFIG = {
+    "transceiver": {"namespace": NAMESPACE},
+    "brokers": {"host": "127.0.0.1", "port": STOMP_PORT, "results_queue": RESULTS_QUEUE},
+    "slice": {"processing_time": 0.5, "cooldown": 2},
+    "scaling": {"policy": "reference", "end": "stop"},
+    "timeouts": {"created_workflow_task": 30, "closed_workflow_task": 30, "run_end": 600},
+    "prefect": {"runner_limit": 10, "server_port": SERVE_PORT},
+    "metrics": {"port": 0},
+}
+
+
+def processing_time(index: int) -> float:
+    return 0.8 if index == SLOW_SLICE else 0.1
+
+
+@dataclass
+class Serve:
+    """One `swf-panda-workers serve` process and its state directory."""
+
+    state: Path
+    config: Path
+    process: ManagedProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("PREFECT_API_")}  # serve starts its own server
+        self.process = ManagedProcess("serve", [SERVE, "serve", "--config", str(self.config)],
+                                      {**env, "PYTHONUNBUFFERED": "1"}, self.state / "serve.out")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{SERVE_PORT}/api"
+
+    def start(self) -> None:
+        """Start serve; return once it says it serves."""
+        self.process.start()
+        ready = wait_until(lambda: self.process.logged_since_start(b"serving namespace")
+                           or not self.process.alive, WAIT)
+        assert ready and self.process.alive, f"serve not serving:\n{self.process.tail(60)}"
+
+    def tree(self) -> set[tuple[int, int]]:
+        """serve and every process below it, as (pid, start time) pairs: a pid
+        reused later is another process."""
+        assert self.process.pid is not None
+        return {(pid, started) for pid in descendants(self.process.pid)
+                if (started := start_time(pid)) is not None}
+
+    def child_pid(self, module: str) -> int:
+        assert self.process.pid is not None
+        [pid] = [pid for pid in descendants(self.process.pid)
+                 if f"-m {module}" in command_line(pid)]
+        return pid
+
+    def sigterm(self) -> float:
+        """SIGTERM serve alone; return the seconds it took to exit."""
+        assert self.process.process is not None
+        began = time.monotonic()
+        self.process.process.send_signal(signal.SIGTERM)
+        code = self.process.process.wait(WAIT)
+        took = time.monotonic() - began
+        assert code == 0, f"serve exited {code} on SIGTERM:\n{self.process.tail(40)}"
+        self.process.reap()
+        return took
+
+    def sigkill(self) -> None:
+        """SIGKILL serve alone, as the OOM killer or a supervisor giving up does."""
+        assert self.process.process is not None
+        self.process.process.kill()
+        self.process.process.wait(WAIT)
+        self.process.reap()
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = stat_fields(stat)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def stat_fields(stat: Path) -> list[str] | None:
+    """The fields after the command name: state, ppid, ... (None: gone)."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot); None if it is gone
+    or a zombie (dead, its status not yet collected)."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    if fields is None or fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def still_alive(processes: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    return {(pid, started) for pid, started in processes if start_time(pid) == started}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.fixture(scope="module")
+def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state directory for the module: its database is the one every
+    start of serve must find again."""
+    home = tmp_path_factory.mktemp("serve")
+    config = home / "config.yaml"
+    config.write_text(yaml.safe_dump({**SERVE_CONFIG, "prefect": {
+        **SERVE_CONFIG["prefect"], "state_dir": str(home / "state")}}))
+    return config
+
+
+@pytest.fixture
+def serve(serve_config: Path) -> Iterator[Serve]:
+    state = Path(yaml.safe_load(serve_config.read_text())["prefect"]["state_dir"])
+    state.mkdir(exist_ok=True)
+    made = Serve(state, serve_config)
+    yield made
+    made.process.stop(grace=30)
+
+
+@pytest.fixture(scope="module")
+def peers(broker_port: int) -> Iterator[PeerHarness]:
+    brokers = Brokers(host="127.0.0.1", port=broker_port, results_queue=RESULTS_QUEUE)
+    with PeerHarness(brokers, NAMESPACE, slices_per_run=SLICES, processing_time=processing_time,
+                     arrival=lambda index: index * ARRIVAL_GAP, idle_timeout=3) as harness:
+        yield harness
+
+
+_run_numbers = iter(range(int(time.time()) % 100_000 * 100 + 50, 10**12))
+
+
+def announce(peers: PeerHarness) -> str:
+    run_id = str(next(_run_numbers))
+    peers.control.announce(run_id, "testbed", target_workers=3, slice_processing_time=0.5)
+    return run_id
+
+
+def sent(peers: PeerHarness, run_id: str) -> int:
+    run = peers.farm.runs.get(run_id)
+    return run.slices_sent if run is not None else 0
+
+
+def journaled_adjusts(api_url: str, run_id: str) -> int:
+    """The adjustments the run's flow journaled, as the server stored them."""
+    async def read() -> list[Event]:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            return await run_history(run_resource_id(NAMESPACE, run_id),
+                                     since=utc_now() - timedelta(hours=1))
+    return sum(event.event == "swf.effect.adjust_sent" for event in asyncio.run(read()))
+
+
+def end_when_processed(peers: PeerHarness, run_ids: list[str]) -> None:
+    """Once every slice of the runs went out and each run asked for its
+    workers, end them and wait for the closes."""
+    assert peers.farm.wait_for(lambda: all(sent(peers, r) >= SLICES for r in run_ids), WAIT), \
+        {r: sent(peers, r) for r in run_ids}
+    assert peers.recorder.wait_for(lambda: all(
+        peers.recorder.of_type("adjust_worker", r) for r in run_ids), WAIT)
+    for run_id in run_ids:
+        peers.control.end(run_id, "testbed")
+    assert peers.wait_until(lambda: all(map(peers.task_closed, run_ids)), WAIT), \
+        [r for r in run_ids if not peers.task_closed(r)]
+
+
+def once_each(peers: PeerHarness, run_id: str) -> dict[str, int]:
+    """How often the run's requests went out on the bus."""
+    return {msg_type: len(peers.recorder.of_type(msg_type, run_id)) for msg_type in
+            ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task")}
+
+
+def completed_in(api_url: str, run_ids: list[str]) -> dict[str, str]:
+    """Each run's one top-level flow run's final state, as the server reads
+    it from its database (final_flow_run fails on a second flow run)."""
+    return {run_id: asyncio.run(final_flow_run(api_url, NAMESPACE, run_id)).state_name or ""
+            for run_id in run_ids}
+
+
+@dataclass
+class Figures:
+    """One cycle's times (seconds), printed, never asserted."""
+
+    cycle: int
+    stop: str
+    marks: dict[str, float] = field(default_factory=dict)
+    _last: float = field(default_factory=time.monotonic)
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.marks[phase] = now - self._last
+        self._last = now
+
+    def line(self) -> str:
+        phases = " ".join(f"{phase} {seconds:5.2f}" for phase, seconds in self.marks.items())
+        return f"cycle {self.cycle:>2} {self.stop:<16} {phases}"
+
+
+def test_twenty_starts_and_stops_leave_nothing_behind_and_lose_no_run(
+        serve: Serve, peers: PeerHarness) -> None:
+    """Start serve, play a run with slices (one of them slow: one adjust),
+    stop it with SIGTERM or SIGKILL in turn, some cycles once the run's
+    adjust is journaled and before its end; the next start finishes that run."""
+    runs: list[str] = []
+    unfinished: list[str] = []
+    began = time.monotonic()
+    figures: list[Figures] = []
+    for cycle in range(CYCLES):
+        how = ("SIGTERM" if cycle % 2 == 0 else "SIGKILL") + (" mid-run" if cycle in MID_RUN
+                                                              else "")
+        figures.append(figure := Figures(cycle, how))
+        serve.start()
+        figure.mark("serving")
+        run_id = announce(peers)
+        runs.append(run_id)
+        assert peers.wait_until(lambda r=run_id: peers.task_created(r), WAIT), \
+            f"cycle {cycle}: run {run_id} never created:\n{serve.process.tail(40)}"
+        figure.mark("created")
+        if cycle in MID_RUN:
+            # Once its adjust is journaled (one sent but not yet journaled
+            # would be sent again: at least once), before its end.
+            assert wait_until(lambda r=run_id: journaled_adjusts(serve.api_url, r) > 0, WAIT)
+            todo, unfinished = unfinished, [run_id]
+        else:
+            todo, unfinished = [*unfinished, run_id], []
+        if todo:
+            end_when_processed(peers, todo)
+            figure.mark("closed")
+            # The last start's database holds every start's runs, each once.
+            done = runs if cycle == CYCLES - 1 else todo
+            assert completed_in(serve.api_url, done) == dict.fromkeys(done, "Completed")
+        figure.mark("completed")
+        before = serve.tree()
+        assert len(before) >= 5, f"serve, server, runner, listener, reaper: {before}"
+        if how.startswith("SIGTERM"):
+            figure.marks["SIGTERM->exit"] = serve.sigterm()
+        else:
+            serve.sigkill()
+        assert wait_until(lambda b=before: not still_alive(b), 30), \
+            f"cycle {cycle} ({how}): still alive: " + "; ".join(
+                f"{pid} {command_line(pid)}" for pid, _ in still_alive(before))
+        figure.mark("all gone")
+        print(figure.line(), flush=True)
+    assert not unfinished, "the last cycle must not stop mid-run"
+    print(f"{CYCLES} cycles in {time.monotonic() - began:.0f}s", flush=True)
+    assert peers.recorder.settle(30), "the recorder's marker never came back"
+    counts = {run_id: once_each(peers, run_id) for run_id in runs}
+    assert {r: c for r, c in counts.items() if set(c.values()) != {1}} == {}
+    assert peers.idds.violations == []
+    assert sorted(p.name for p in serve.state.glob("**/*.db")) == ["prefect.db"]
+    report(figures)
+
+
+def report(figures: list[Figures]) -> None:
+    for phase in ("serving", "created", "closed", "SIGTERM->exit"):
+        seen = [f.marks[phase] for f in figures if phase in f.marks]
+        print(f"{phase}: median {statistics.median(seen):.2f}s, max {max(seen):.2f}s")
+
+
+def test_a_listener_killed_under_serve_is_started_again_and_its_run_completes(
+        serve: Serve, peers: PeerHarness) -> None:
+    serve.start()
+    run_id = announce(peers)
+    assert peers.wait_until(lambda: peers.task_created(run_id), WAIT)
+    assert peers.farm.wait_for(lambda: sent(peers, run_id) >= 3, WAIT)
+    killed = serve.child_pid("listeners")
+    os.kill(killed, signal.SIGKILL)
+    began = time.monotonic()
+    assert wait_until(lambda: serve.process.logged_since_start(b"listener ready again"), WAIT), \
+        serve.process.tail(20)
+    print(f"\nlistener SIGKILLed -> started again and subscribed: "
+          f"{time.monotonic() - began:.2f}s", flush=True)
+    assert f"listener (pid {killed}) killed by SIGKILL after".encode() in \
+        serve.state.joinpath("serve.out").read_bytes()
+    assert serve.child_pid("listeners") != killed
+    end_when_processed(peers, [run_id])
+    assert completed_in(serve.api_url, [run_id]) == {run_id: "Completed"}
+    assert peers.recorder.settle(30)
+    assert once_each(peers, run_id) == dict.fromkeys(
+        ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task"), 1)
+
+
+def test_a_prefect_server_serve_did_not_start_is_refused_naming_port_and_holder(
+        stack: EmbeddedStack, tmp_path: Path) -> None:
+    """The session's Prefect server stands for an orphan of an earlier serve."""
+    assert stack.server is not None and stack.server.process.alive
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**SERVE_CONFIG, "prefect": {
+        **SERVE_CONFIG["prefect"], "server_port": PREFECT_PORT,
+        "state_dir": str(tmp_path / "state")}}))
+    served = Serve(tmp_path, config)
+    served.process.start()
+    assert served.process.process is not None
+    assert served.process.process.wait(WAIT) == 1
+    said = served.process.tail(10)
+    assert (f"port {PREFECT_PORT} is already taken by pid {stack.server.process.pid}: "
+            in said), said
+    assert "answers as a Prefect server 3." in said
+    assert f"PREFECT_API_URL=http://127.0.0.1:{PREFECT_PORT}/api" in said
+    assert "set prefect.server_port to another port" in said
+    assert not (tmp_path / "state" / "prefect.db").exists()  # nothing was started
