@@ -40,7 +40,7 @@ def problem(url: str, timeout: float = TIMEOUT) -> tuple[str | None, str]:
     asking.start()
     asking.join(timeout)
     if not outcome:
-        return f"no answer from {url} within {timeout:g} s", ""
+        return _no_answer(url, timeout), ""
     return outcome[0]
 
 
@@ -51,10 +51,18 @@ def _ask(url: str, timeout: float) -> tuple[str | None, str]:
     except urllib.error.HTTPError as exc:
         return f"{url} answered {exc.code}: {_line(exc.read())}", ""
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):  # its own deadline, before the caller's
+            return _no_answer(url, timeout), ""
         reason = getattr(exc.reason, "strerror", None) or exc.reason
         return f"nothing answers at {url}: {reason}", ""
-    except (OSError, ValueError) as exc:  # a timeout mid-answer; a malformed URL
+    except TimeoutError:  # connected, but no answer in time
+        return _no_answer(url, timeout), ""
+    except (OSError, ValueError) as exc:  # a connection cut mid-answer; a malformed URL
         return f"cannot ask {url}: {exc}", ""
+
+
+def _no_answer(url: str, timeout: float) -> str:
+    return f"no answer from {url} within {timeout:g} s"
 
 
 def _line(body: bytes) -> str:

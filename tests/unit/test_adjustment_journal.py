@@ -159,7 +159,7 @@ def test_a_retried_scaling_sub_flow_goes_6_4_6_sending_only_the_last(
         idds = FakeIdds()
         settings = Settings.model_validate({"transceiver": {"namespace": NS}})
         scaler = Scaler(view, Autoscaler(SizeFromSlice(), SliceWindow(60, 90)), idds,  # type: ignore[arg-type]
-                        settings)
+                        settings, f"EIC_2026_fastproc_BNL-OSG_20261203_{RUN}")
         while view.replaying:
             await scaler.step()
         assert idds.adjusted == []  # nothing journaled is sent again
