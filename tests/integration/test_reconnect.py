@@ -2,6 +2,7 @@
 nor resubscribes by itself, so this proves our BusClient does."""
 
 import re
+import time
 from collections.abc import Callable
 
 import pytest
@@ -23,6 +24,14 @@ def test_listener_reconnects_and_resubscribes_after_a_broker_restart(
 
     broker.stop()
     broker.start()
+    # The testbed's announcements are not persistent: a durable subscriber
+    # that is not back yet would never get one (the broker keeps only
+    # persistent messages for it). So the run starts once it is back.
+    deadline = time.monotonic() + 60
+    while "connected to" not in log.read_text(errors="replace")[before:].split(
+            "lost the broker", 1)[-1]:
+        assert time.monotonic() < deadline, "the listener did not reconnect"
+        time.sleep(0.2)
 
     with PeerHarness(stack.brokers, namespace, slices_per_run=10, idle_timeout=3) as peers:
         run_id = new_run_id()
