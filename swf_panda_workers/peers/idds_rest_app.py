@@ -27,6 +27,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from swf_panda_workers.peers._child_processes import ChildLauncher, rss_kb, stop_process
@@ -38,6 +39,18 @@ log = logging.getLogger(__name__)
 REST_SCRIPT = SCRIPTS / "idds_rest_app.py"
 MOUNT = "/idds"  # where iDDS's Apache mounts the app (WSGIScriptAlias)
 _SERVING = re.compile(r"^serving (https://\S+)$", re.MULTILINE)
+_REQUEST = re.compile(r"^request (\{.*\})$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class AppRequest:
+    """One request the app answered, as its server logged it."""
+
+    method: str
+    path: str  # with the /idds mount and any query
+    status: int
+    dn: str | None  # the client certificate's DN (None: no certificate)
+    at: float  # epoch seconds, when answered
 
 
 class IddsRestFailed(RuntimeError):
@@ -176,6 +189,10 @@ class IddsRestApp:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def requests(self) -> list[AppRequest]:
+        """Every request answered so far, in order."""
+        return [AppRequest(**json.loads(m.group(1))) for m in _REQUEST.finditer(self.log_text())]
 
     def client_env(self, config_root: Path) -> dict[str, str]:
         """idds-client's settings for the operator (see ``client_env``)."""

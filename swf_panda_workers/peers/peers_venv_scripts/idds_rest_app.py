@@ -19,17 +19,21 @@ names. Run by the real peers' interpreter, by path:
 
     python idds_rest_app.py --port 8443 --cert hostcert.pem --key hostkey.pem --ca ca.pem
 
-It prints ``serving <url>`` once it listens, and stops on SIGTERM or SIGINT.
+It prints ``serving <url>`` once it listens, then a line per request
+(``request {"method", "path", "status", "dn", "at"}``), and stops on
+SIGTERM or SIGINT.
 Standard library, werkzeug, cryptography and idds only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
@@ -40,6 +44,7 @@ from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 MOUNT = "/idds"
+REQUEST_LOG = "request "  # what each request's log line starts with
 # OpenSSL's short names, as its one-line (legacy) DN form writes them.
 _SHORT_NAMES = {"2.5.4.3": "CN", "0.9.2342.19200300.100.1.25": "DC", "2.5.4.10": "O",
                 "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
@@ -52,7 +57,11 @@ def legacy_dn(name: x509.Name) -> str:
 
 
 class ModSslRequestHandler(WSGIRequestHandler):
-    """werkzeug's handler, adding what mod_ssl exports about the client."""
+    """werkzeug's handler, adding what mod_ssl exports about the client, and
+    logging each request as one JSON line (``REQUEST_LOG`` + JSON: method,
+    path, status, the client's DN) for tests to read."""
+
+    client_dn: str | None = None
 
     def make_environ(self) -> dict[str, Any]:
         environ: dict[str, Any] = super().make_environ()
@@ -60,13 +69,20 @@ class ModSslRequestHandler(WSGIRequestHandler):
         der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
         if der:  # only a certificate that verified gets here (else no handshake)
             peer = x509.load_der_x509_certificate(der)
-            environ["SSL_CLIENT_S_DN"] = legacy_dn(peer.subject)
+            self.client_dn = legacy_dn(peer.subject)
+            environ["SSL_CLIENT_S_DN"] = self.client_dn
             environ["SSL_CLIENT_I_DN"] = legacy_dn(peer.issuer)
             environ["SSL_CLIENT_CERT"] = ssl.DER_cert_to_PEM_cert(der)
             environ["SSL_CLIENT_VERIFY"] = "SUCCESS"
         else:
             environ["SSL_CLIENT_VERIFY"] = "NONE"
         return environ
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        status = code if isinstance(code, int) else int(code) if str(code).isdigit() else 0
+        line = {"method": self.command, "path": self.path, "status": int(status),
+                "dn": self.client_dn, "at": time.time()}
+        print(REQUEST_LOG + json.dumps(line), flush=True)
 
 
 def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
