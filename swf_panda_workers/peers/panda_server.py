@@ -53,8 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from idds.common.utils import json_dumps as idds_json_dumps
-
+from swf_panda_workers.adapters.idds_rest import verify_server
 from swf_panda_workers.peers._bus import Notifier
 from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 from swf_panda_workers.peers._panda_relay import (
@@ -66,6 +65,7 @@ from swf_panda_workers.peers._panda_relay import (
     relay_command,
     relay_json,
     relay_params,
+    relay_text,
 )
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ class IddsRelayTarget:
     proxy: Path
     config_root: Path
     timeout: float = 30.0
+    # The CAs iDDS's certificate must chain to. PanDA's own idds-client does
+    # not verify it (verify=False); the stand-in does, when given them.
+    ca_certs: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -332,7 +335,7 @@ class PandaServerStandIn:
         with self._state.lock:
             self.relay_calls.append(RelayCall(command, manager, args, kwargs, result))
             self._state.notify()
-        return _Answer(200, _relay_body(result), TEXT_PLAIN)
+        return _Answer(200, relay_text(result), TEXT_PLAIN)
 
     def _idds_answer(self, command: str, manager: bool, args: list[Any],
                      kwargs: dict[str, Any]) -> list[Any]:
@@ -362,6 +365,8 @@ def _relayed(target: IddsRelayTarget, host: str, command: str, manager: bool,
                                      "client_proxy": str(target.proxy)},
                     timeout=target.timeout)
     client.retries = 1  # one try: the caller decides about retrying
+    if target.ca_certs is not None:
+        verify_server(client.session, target.ca_certs)
     runner: Any = client
     if manager:
         runner = ClientManager(host=host, timeout=target.timeout)
@@ -373,15 +378,6 @@ def _relayed(target: IddsRelayTarget, host: str, command: str, manager: bool,
         return [True, getattr(runner, command)(*args, **kwargs)]
     except Exception as exc:  # as PanDA: any failure of the call is the relay's answer
         return [False, f"failed to execute command with {exc}"]
-
-
-def _relay_body(result: list[Any]) -> bytes:
-    """As relay_idds_command: json.dumps, else iDDS's own json_dumps (iDDS's
-    answers decode into its enums, which only iDDS's encoder writes)."""
-    try:
-        return json.dumps(result).encode()
-    except TypeError:
-        return idds_json_dumps(result).encode()
 
 
 def _envelope(status: int, success: bool, message: str, data: Any = None,

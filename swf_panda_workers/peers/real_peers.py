@@ -216,7 +216,8 @@ class RealPeers:
                 self._started.append(self._rest.stop)
                 self._rest.start(timeout)
                 self.panda.relay_to(IddsRelayTarget(self._rest.url, self._pki.panda.path,
-                                                    self.workdir / "panda-idds-client"))
+                                                    self.workdir / "panda-idds-client",
+                                                    ca_certs=self._pki.ca))
         except BaseException:
             self.stop()
             raise

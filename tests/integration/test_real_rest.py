@@ -177,7 +177,9 @@ def test_the_rest_gateway_on_both_routes_survives_the_real_api(
         assert records.processing_statuses() == ["ToCancel"]
         (submission,) = peers.panda.submissions_for(run_id)
         assert submission.task_id == ids[2]
-        requests = peers.rest.requests()[seen_before:]
+        # Less the broker look-ups of the run's transformer, relayed by PanDA.
+        requests = [q for q in peers.rest.requests()[seen_before:]
+                    if not q.path.startswith("/idds/metainfo/")]
         assert {q.dn for q in requests} == {dn}
         posts = [q for q in requests if q.method == "POST"]
         assert [q.status for q in posts] == [500]
