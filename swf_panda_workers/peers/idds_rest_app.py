@@ -50,6 +50,7 @@ class AppRequest:
     path: str  # with the /idds mount and any query
     status: int
     dn: str | None  # the client certificate's DN (None: no certificate)
+    error: str | None  # iDDS's error headers: "<ExceptionClass>: <ExceptionMessage>"
     at: float  # epoch seconds, when answered
 
 

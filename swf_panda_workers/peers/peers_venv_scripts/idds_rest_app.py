@@ -20,7 +20,8 @@ names. Run by the real peers' interpreter, by path:
     python idds_rest_app.py --port 8443 --cert hostcert.pem --key hostkey.pem --ca ca.pem
 
 It prints ``serving <url>`` once it listens, then a line per request
-(``request {"method", "path", "status", "dn", "at"}``), and stops on
+(``request {"method", "path", "status", "dn", "error", "at"}``; ``error``:
+iDDS's ExceptionClass and ExceptionMessage), and stops on
 SIGTERM or SIGINT.
 Standard library, werkzeug, cryptography and idds only.
 """
@@ -45,6 +46,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 MOUNT = "/idds"
 REQUEST_LOG = "request "  # what each request's log line starts with
+ERROR_KEY = "swf.idds_error"  # iDDS's error headers of the answer, for the log line
 # OpenSSL's short names, as its one-line (legacy) DN form writes them.
 _SHORT_NAMES = {"2.5.4.3": "CN", "0.9.2342.19200300.100.1.25": "DC", "2.5.4.10": "O",
                 "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
@@ -80,9 +82,27 @@ class ModSslRequestHandler(WSGIRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         status = code if isinstance(code, int) else int(code) if str(code).isdigit() else 0
+        environ = getattr(self, "environ", {})
         line = {"method": self.command, "path": self.path, "status": int(status),
-                "dn": self.client_dn, "at": time.time()}
+                "dn": self.client_dn, "error": environ.get(ERROR_KEY), "at": time.time()}
         print(REQUEST_LOG + json.dumps(line), flush=True)
+
+
+def with_errors_noted(app: Callable[..., Any]) -> Callable[..., Any]:
+    """iDDS answers an error with empty body and the headers ExceptionClass
+    and ExceptionMessage: noted in the environ for the request's log line."""
+
+    def noting(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        def start(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+            named = dict(headers)
+            if "ExceptionClass" in named:
+                environ[ERROR_KEY] = (f"{named['ExceptionClass']}: "
+                                      f"{named.get('ExceptionMessage', '')}")[:500]
+            return start_response(status, headers, *args)
+
+        return app(environ, start)
+
+    return noting
 
 
 def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
@@ -111,7 +131,7 @@ def main(argv: list[str]) -> int:
 
     from idds.rest.v1.app import create_app
 
-    application = DispatcherMiddleware(_not_found, {MOUNT: create_app()})
+    application = with_errors_noted(DispatcherMiddleware(_not_found, {MOUNT: create_app()}))
     server = make_server(args.host, args.port, application, threaded=True,
                          request_handler=ModSslRequestHandler,
                          ssl_context=tls_context(args.cert, args.key, args.ca))
