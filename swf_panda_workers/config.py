@@ -273,6 +273,12 @@ class Idds(_Section):
         "IDDS_HOST overrides it, as in idds-client",
     )
     timeout: float = Field(default=30.0, gt=0, description="seconds per HTTP request")
+    ca_certs: Path | None = Field(
+        default=None, description="PEM CA bundle, or a directory of hashed CA certificates "
+        "(/etc/grid-security/certificates), iDDS's server certificate must chain to "
+        "(route direct); none: not verified, as idds-client 2.6.21 never verifies it; "
+        "IDDS_CA_CERTS",
+    )
     retry_delays: tuple[float, ...] = Field(
         default=(2.0, 5.0, 10.0),
         description="seconds before each retry of a failed request; one retry per entry",
@@ -389,6 +395,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWF_METRICS_HOST": ("metrics", "host"),
     "SWF_METRICS_PORT": ("metrics", "port"),
     "SWF_STATE_DIR": ("prefect", "state_dir"),
+    "IDDS_CA_CERTS": ("idds", "ca_certs"),
 }
 
 # <VARIABLE>_FILE names a file holding the value of <VARIABLE> (one trailing

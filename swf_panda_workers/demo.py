@@ -6,9 +6,11 @@ database) and, for each PanDA job iDDS submits, a real transformer
 (idds-prompt 2.6.21's run_prompt). Only the control system (announcements,
 slices, ends), PanDA (one HTTP stand-in that starts the jobs) and the
 payload (a reconstruction that takes the time the scenario says) are
-simulated. In REST mode the service reaches iDDS over its REST API (the
-simulated REST server, which answers a create with HTTP 500 after making
-the task, as iDDS 2.6.21 does); the transformers are real there too.
+simulated. In REST mode the service reaches iDDS over its real REST API
+(idds-server 2.6.21's own app, on the transceiver's database, served over
+TLS with x509 proxies made for the demo, as its Apache serves it): it
+answers a create with HTTP 500 after making the task, and the service finds
+the task by name.
 
 Runs are announced, their slices stream in, a slow stretch makes them ask
 for more workers (iDDS 2.6.21 does not act on the count: the summary shows
@@ -20,7 +22,6 @@ first run is replayed offline through both scaling policies.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 import socket
 import threading
@@ -36,8 +37,8 @@ from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.embedded.activemq import stomp_answers
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import Shape
-from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest, client_env
-from swf_panda_workers.peers.idds_tasks import TaskInfo
+from swf_panda_workers.peers.grid_pki import GridPki
+from swf_panda_workers.peers.idds_rest_app import AppRequest, client_env
 from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
     SliceRule,
@@ -74,11 +75,12 @@ Mode = Literal["message", "rest"]
 def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int = 120,
              prefect_port: int = 4200, keep: bool = False, mode: Mode = "message") -> int:
     config = {**DEMO_CONFIG, "transceiver": {"namespace": NAMESPACE, "mode": mode}}
-    # REST mode: a simulated iDDS REST server on a free port, reached with a
-    # one-off OIDC token that only the runner (and the server) know.
-    idds_port, token = _free_port(), secrets.token_urlsafe(24)
-    runner_env = (client_env(idds_port, token, workdir / "idds-client") if mode == "rest"
-                  else {})
+    # REST mode: iDDS's REST app on a free port, over TLS; the runner holds
+    # the operator's proxy, made with a CA of the demo's own.
+    pki = GridPki.make(workdir / "pki") if mode == "rest" else None
+    idds_port = _free_port()
+    runner_env = (client_env(f"https://127.0.0.1:{idds_port}/idds", pki.user, pki.ca,
+                             workdir / "idds-client") if pki is not None else {})
     stack = EmbeddedStack(workdir, config, prefect_port=prefect_port, runner_env=runner_env)
     borrowed = borrowed_broker(stack)
     if borrowed is not None:
@@ -94,17 +96,17 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
         run_ids = [str(base + i) for i in range(runs)]
         brokers = stack.brokers
         print("starting the real peers: iDDS's prompt transceiver"
-              f"{'' if mode == 'message' else ' (idle: REST mode)'}, the PanDA stand-in ...")
+              f"{' and its REST app' if pki else ''}, the PanDA stand-in ...")
         with BusRecorder(brokers, topics=(brokers.workers_topic, brokers.transformer_topic)) \
                 as recorder, RealPeers(brokers, workdir / "peers", namespace=NAMESPACE,
                                        results_destination=brokers.results_destination,
                                        schedule=slow_middle_third(run_ids, slices),
-                                       transceiver=mode == "message") as peers, \
-                rest_idds(mode, idds_port, token, peers) as rest:
-            where = f"iDDS REST API at {rest.url}" if rest else "iDDS on the bus"
+                                       pki=pki, rest_port=idds_port) as peers:
+            rest = peers.rest if pki is not None else None
+            where = f"iDDS's REST API at {rest.url}" if rest else "iDDS on the bus"
             print(f"runs {', '.join(run_ids)}: {shape}-shaped messages, {slices} slices each, "
                   f"{WORKERS} workers announced; {where}")
-            timings = play(peers, recorder, rest, run_ids, shape, slices)
+            timings = play(peers, recorder, rest is not None, run_ids, shape, slices)
             print("\nOn the bus (messages per run; a stop goes as an integer and a string):")
             print(recorder.summary_table(run_ids))
             for run_id in run_ids:
@@ -122,8 +124,9 @@ def run_demo(workdir: Path, runs: int = 2, shape: Shape = "testbed", slices: int
                       f"{sorted({p.exit_code for p in pilots}, key=str)}, exited "
                       f"{', '.join(exits) or '-'} s after the stop")
             if rest is not None:
-                print("\nAt the iDDS REST API (HTTP status of each request, per run):")
-                print(rest.summary_table(run_ids))
+                print("\nAt iDDS's REST API (each request, as its server logged it):")
+                for request in rest.requests():
+                    print(f"  {request_line(request)}")
         states = asyncio.run(flow_run_states(stack.api_url, run_ids))
         print("\nIn Prefect:")
         for run_id in run_ids:
@@ -148,31 +151,14 @@ def slow_middle_third(run_ids: list[str], slices: int) -> PayloadSchedule:
                                       for run_id in run_ids))
 
 
-class _NoRestIdds:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        pass
+def request_line(request: AppRequest) -> str:
+    """One request to iDDS's REST app, for the demo's summary."""
+    error = f"  ({request.error[:90]})" if request.error else ""
+    return f"{request.method:4} {request.path[:90]} -> {request.status}{error}"
 
 
-def rest_idds(mode: Mode, port: int, token: str,
-              peers: RealPeers) -> SimulatedIDDSRest | _NoRestIdds:
-    """REST mode's iDDS: the simulated REST server, whose tasks' jobs the
-    pilots run (as PanDA would, for the task iDDS submitted)."""
-    if mode != "rest":
-        return _NoRestIdds()
-
-    def start_jobs(run_id: str, task: TaskInfo) -> None:
-        arguments = ["--run_id", run_id, "--idle_timeout", str(IDLE_TIMEOUT)]
-        for _ in range(task.target_worker_count or 1):
-            peers.pilots.start_job(task.workload_id or task.transform_id, arguments)
-
-    return SimulatedIDDSRest(port=port, token=token, vo="eic", on_task_created=start_jobs)
-
-
-def play(peers: RealPeers, recorder: BusRecorder, rest: SimulatedIDDSRest | None,
-         run_ids: list[str], shape: Shape, slices: int) -> dict[str, float]:
+def play(peers: RealPeers, recorder: BusRecorder, rest: bool, run_ids: list[str],
+         shape: Shape, slices: int) -> dict[str, float]:
     """Announce every run, stream their slices, end each once they are sent;
     returns the session's timings (seconds from its start; epoch for stops)."""
     started = time.monotonic()
@@ -182,9 +168,8 @@ def play(peers: RealPeers, recorder: BusRecorder, rest: SimulatedIDDSRest | None
         control.announce(run_id, shape, target_workers=WORKERS, slice_processing_time=0.5)
 
     def created(run_id: str) -> bool:
-        if rest is not None:
-            return run_id in rest.tasks
-        return bool(recorder.of_type("created_workflow_task", run_id))
+        # iDDS submitted the run's PanDA task (either mode).
+        return bool(peers.panda.submissions_for(run_id))
 
     if not wait_until(lambda: all(map(created, run_ids)), 60):
         return timings
@@ -197,14 +182,15 @@ def play(peers: RealPeers, recorder: BusRecorder, rest: SimulatedIDDSRest | None
         control.end(run_id, shape)
 
     def closed(run_id: str) -> bool:
-        if rest is not None:
-            return run_id in rest.closed
+        if rest:  # iDDS marked the run's processing ToCancel
+            return set(peers.idds.database.records(run_id).processing_statuses()) == {
+                "ToCancel"}
         return bool(recorder.of_type("closed_workflow_task", run_id))
 
     # The service drains the runs' queues (scaling.end: drain) before it
     # stops their transformers and closes their tasks.
     timings["all closed"] = float(wait_until(
-        lambda: all(closed(r) and recorder.stops(r) for r in run_ids), 180))
+        lambda: all(recorder.stops(r) and closed(r) for r in run_ids), 180))
     timings["closed"] = time.monotonic() - started
     for run_id in run_ids:
         stops = [r.at for r in recorder.records

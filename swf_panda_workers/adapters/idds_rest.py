@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 from swf_panda_workers import outbound
@@ -151,8 +152,13 @@ def rest_gateway(settings: Settings) -> RestGateway:
 def check_rest_client(settings: Settings) -> None:
     """Make the configured client once, without calling iDDS, so a missing
     host or credential stops the runner at start-up instead of a run later.
-    Raises IddsNotConfigured."""
-    _ROUTES[settings.idds.route](settings.idds)
+    Raises IddsNotConfigured. Warns when iDDS's certificate goes unverified."""
+    api = _ROUTES[settings.idds.route](settings.idds)
+    host = str(getattr(api, "host", "") or "")
+    if settings.idds.ca_certs is None and host.startswith("https:"):
+        log.warning("iDDS's server certificate at %s is not verified (idds-client never "
+                    "verifies it): set idds.ca_certs or IDDS_CA_CERTS to the CAs it chains to",
+                    host)
 
 
 def direct_api(idds: Idds) -> WorkflowTaskApi:
@@ -172,7 +178,28 @@ def direct_api(idds: Idds) -> WorkflowTaskApi:
     # The client retries a refused connection three times after random sleeps
     # of up to 30 s each, unseen; the flow's task retries instead, visibly.
     manager.client.retries = 1
+    if idds.ca_certs is not None:
+        verify_server(manager.client.session, idds.ca_certs)
     return manager
+
+
+def verify_server(session: Any, ca_certs: Path) -> None:
+    """Make idds-client's requests session verify iDDS's server certificate
+    (chain and host name) against ``ca_certs``: idds-client 2.6.21 passes
+    ``verify=False`` with every request, so only a transport adapter that
+    puts the CAs back can. Raises IddsNotConfigured if they are missing."""
+    from requests.adapters import HTTPAdapter
+
+    if not ca_certs.exists():
+        raise IddsNotConfigured(f"idds.ca_certs (IDDS_CA_CERTS) {ca_certs} does not exist")
+    verify = str(ca_certs)
+
+    class VerifyingAdapter(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            kwargs["verify"] = verify
+            return super().send(request, **kwargs)
+
+    session.mount("https://", VerifyingAdapter())
 
 
 def relay_api(idds: Idds) -> WorkflowTaskApi:

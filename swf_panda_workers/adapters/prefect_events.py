@@ -181,10 +181,19 @@ def history_start(announced_at: datetime) -> datetime:
     return announced_at - HISTORY_MARGIN
 
 
-def _run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ()) -> EventFilter:
+# Every event a run's feed is made of: what the listener heard, what the
+# flow did, and iDDS's REST answers (without them a retried REST flow run
+# never learns the ids an earlier attempt got, and waits for a reply that
+# REST mode never sends).
+RUN_EVENT_PREFIXES = (MESSAGE_EVENT, EFFECT_EVENT, ANSWER_EVENT)
+
+
+def run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ()) -> EventFilter:
+    """The filter of a run's events (``RUN_EVENT_PREFIXES``) since ``since``,
+    less the names starting with one of ``exclude``."""
     return EventFilter(
         resource=EventResourceFilter(id=[resource_id]),
-        event=EventNameFilter(prefix=[MESSAGE_EVENT, EFFECT_EVENT],
+        event=EventNameFilter(prefix=list(RUN_EVENT_PREFIXES),
                               exclude_prefix=list(exclude) or None),
         occurred=EventOccurredFilter(since=since, until=utc_now() + timedelta(days=3650)),
         order=EventOrder.ASC,
@@ -197,7 +206,7 @@ async def stored_events(resource_id: str, since: datetime,
     has tens of thousands: never all in memory at once), less the event
     names starting with one of ``exclude``."""
     async with get_client() as client:
-        page = await client.read_events(filter=_run_filter(resource_id, since, exclude),
+        page = await client.read_events(filter=run_filter(resource_id, since, exclude),
                                         limit=PAGE_LIMIT)
         yield page.events
         while page.next_page is not None:
@@ -431,7 +440,7 @@ async def follow_run(resource_id: str, since: datetime,
     The feed fails only when the server stayed unreachable for
     OUTAGE_TOLERANCE."""
     opened_at = utc_now()
-    run_filter = _run_filter(resource_id, since, exclude)
+    events = run_filter(resource_id, since, exclude)
     live: asyncio.Queue[Event] = asyncio.Queue()
     subscribed = asyncio.Event()
     sweeps: set[asyncio.Task[None]] = set()
@@ -462,7 +471,7 @@ async def follow_run(resource_id: str, since: datetime,
             # would be dropped as seen anyway.
             start_sweep(max(since, utc_now() - SEEN_HORIZON), RECONNECT_HISTORY_SWEEPS)
 
-    source = asyncio.create_task(_keep_subscribed(run_filter, live.put_nowait, on_subscribed))
+    source = asyncio.create_task(_keep_subscribed(events, live.put_nowait, on_subscribed))
     try:
         await _first_subscription(subscribed, source)
         feed = RunFeed(await history_when_reachable(resource_id, since, exclude), live)

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
+from idds.common.utils import json_dumps as idds_json_dumps
 from idds.common.utils import json_loads as idds_json_loads
 
 RELAY_PREFIX = "/server/panda"  # what PANDA_URL_SSL ends with
@@ -96,8 +97,13 @@ def entry_failure(params: Mapping[str, Any] | None, unreadable: str) -> str | No
 
 
 def relay_text(payload: list[Any]) -> bytes:
-    """relay_idds_command's json.dumps((ok, ...)), which PanDA sends as text."""
-    return json.dumps(payload, default=str).encode()
+    """relay_idds_command's json.dumps((ok, ...)), which PanDA sends as text;
+    when that fails, iDDS's own json_dumps, as PanDA falls back to (iDDS's
+    answers decode into its enums, which only iDDS's encoder writes)."""
+    try:
+        return json.dumps(payload).encode()
+    except TypeError:
+        return idds_json_dumps(payload).encode()
 
 
 def panda_error_text(message: str) -> bytes:

@@ -10,8 +10,9 @@ the database with ``idds.orm.base.utils.build_database()``, starts the agent
 workers is subscribed to the workers topic: it waits for each worker's
 "Subscribed to" log line, then sends a probe (a ``stop_transformer`` naming
 a run of its own, a type iDDS does not handle, and which the service's
-listener ignores as a request to another peer) and waits until every
-worker has logged it as unknown. A worker subscribes about a second after
+listener ignores as a request to another peer), again each second under a
+new name (a probe before the broker registered the subscription is lost),
+until every worker has logged one as unknown. A worker subscribes about a second after
 the one before it (the agent's main loop submits one per second).
 
 Only PanDA's task submission is not real: panda-client goes to
@@ -49,7 +50,7 @@ RESULTS_QUEUE = "/queue/panda.results.worker"  # the seed's; /topic/panda.result
 SUBSCRIBED = "Subscribed to {destination} with selector"  # the agent's log line, per worker
 UNKNOWN_TYPE = "Unknown msg_type from worker: {msg_type}, run_id={run_id}"
 PROBE_TYPE = "stop_transformer"
-PROBE_EVERY = 2.0  # s before another probe, when the last was not logged by every worker
+PROBE_EVERY = 1.0  # s between probes, until one is handled by every worker
 SCHEMA = "doma_idds"  # iDDS's production schema's name, in the case its SQL folds it to
 
 
@@ -404,32 +405,36 @@ class IddsTransceiver:
                          f"{self.num_threads} subscription(s)")
 
     def _probe(self, deadline: float) -> None:
-        """A message only a subscribed worker can log, once per worker. A
-        worker logs "Subscribed" before the broker has its subscription, so a
-        probe may pass it by: a new one goes every PROBE_EVERY seconds until
-        one is logged by every worker."""
+        """A message only a subscribed worker can log, until one was logged
+        once per worker. Sent again, under a new run id, every PROBE_EVERY
+        seconds: a worker logs its subscription as it sends it, and a topic
+        drops what comes before the broker has registered it (seen on a
+        loaded machine: the only probe was lost)."""
         bus = PeerBus(self.brokers, name="idds-probe")
         bus.start()
+        sent: list[str] = []
+        next_at = time.monotonic()
+
+        def handled() -> bool:
+            nonlocal next_at
+            if time.monotonic() >= next_at:
+                sent.append(self._send_probe(bus))
+                next_at = time.monotonic() + PROBE_EVERY
+            text = self.log_text()
+            return any(text.count(UNKNOWN_TYPE.format(msg_type=PROBE_TYPE, run_id=run_id))
+                       >= self.num_threads for run_id in sent)
+
         try:
-            while True:
-                line = self._send_probe(bus)
-                try:
-                    self._wait_until(lambda seen=line: self.count_in_log(seen) >= self.num_threads,
-                                     min(deadline, time.monotonic() + PROBE_EVERY),
-                                     f"a probe handled by {self.num_threads} worker(s)")
-                    return
-                except IddsFailed:
-                    if time.monotonic() > deadline or not self.alive:
-                        raise
+            self._wait_until(handled, deadline,
+                             f"a probe handled by {self.num_threads} worker(s)")
         finally:
             bus.stop()
 
     def _send_probe(self, bus: PeerBus) -> str:
-        """Send a probe; the log line its handling writes."""
         run_id = f"idds-probe-{secrets.token_hex(6)}"
         headers = {"persistent": "false", "vo": "eic", "msg_type": PROBE_TYPE, "run_id": run_id}
         if self.namespace:
             headers["namespace"] = self.namespace
         bus.send(self.prompt.workers.destination,
                  {"msg_type": PROBE_TYPE, "run_id": run_id, "content": {}}, headers)
-        return UNKNOWN_TYPE.format(msg_type=PROBE_TYPE, run_id=run_id)
+        return run_id

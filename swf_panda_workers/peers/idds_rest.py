@@ -84,6 +84,8 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from idds.common import exceptions as idds_exceptions
+from idds.common.constants import ProcessingStatus, RequestStatus, TransformStatus
+from idds.common.utils import json_dumps as idds_json_dumps
 from idds.common.utils import json_loads as idds_json_loads
 from pydantic import ValidationError
 
@@ -514,16 +516,22 @@ class SimulatedIDDSRest(TaskRecords):
 
     def _requests(self, request_id: str, with_detail: str) -> _Answer:
         """A request's row, or with details a row per transform of it (the
-        transform's columns as iDDS labels them); every request without an id."""
+        transform's and processing's columns as iDDS labels them); every
+        request without an id. A subset of iDDS's columns, statuses encoded
+        as iDDS's JSON encoder writes its enums (idds-client decodes them
+        back into enums): as the real app answers."""
         wanted = _task_id(request_id)
-        rows = [{"request_id": t.request_id, "scope": t.name.split("_")[0], "name": t.name,
-                 "workload_id": None, "status": "Transforming"}
+        rows = [{"request_id": t.request_id, "scope": t.scope, "name": t.name,
+                 "workload_id": None, "status": RequestStatus.Transforming}
                 | ({"transform_id": t.transform_id, "transform_name": t.name,
-                    "transform_workload_id": t.workload_id, "transform_status": "New",
-                    "processing_id": t.processing_id, "processing_status": t.status}
+                    "transform_workload_id": t.workload_id,
+                    "transform_status": TransformStatus.New,
+                    "processing_id": t.processing_id,
+                    "processing_workload_id": t.workload_id,
+                    "processing_status": ProcessingStatus[t.status]}
                    if with_detail.lower() == "true" else {})
                 for t in self.all_tasks if wanted is None or str(t.request_id) == str(wanted)]
-        return _Answer(200, "ok", json.dumps(rows).encode())
+        return _Answer(200, "ok", idds_json_dumps(rows).encode())
 
     def _adjust(self, ids: dict[str, str], body: bytes) -> _Answer:
         parameters = _mapping(_parameters(body))

@@ -9,9 +9,11 @@ run for real by the integration tests through ``peers.idds_agent``):
   iDDS ("Transform already exists"): no task, and no reply at all. iDDS's
   transceiver may handle one request on several threads at once, each making
   its own request and task: ``copies`` > 1 does that;
-- an adjust stores core_count, memory_per_core and site and ignores a worker
-  count (``applies_worker_count`` makes it apply one, as an iDDS that acted on
-  it would: a what-if for the scaling tests, off by default);
+- an adjust is answered and changes nothing: iDDS means to store core_count,
+  memory_per_core and site, but its update_transform drops
+  transform_metadata (bus and REST alike, checked on the real ones), and it
+  ignores a worker count (``applies_worker_count`` makes it apply one, as an
+  iDDS that acted on it would: a what-if for the scaling tests, off by default);
 - a close filters processings by request_id, transform_id and workload_id;
   given no request_id it takes the first task of the run_id (the transceiver;
   iDDS's REST close passes no run_id), answering NotFound when there is none;
@@ -46,6 +48,7 @@ class TaskInfo:
     target_worker_count: int | None
     namespace: str | None
     status: str = "New"  # the processing's: ToCancel once closed
+    scope: str = ""  # the workflow's (the request's scope in iDDS)
 
     def reply_ids(self) -> dict[str, int | None]:
         return {"request_id": self.request_id, "transform_id": self.transform_id,
@@ -152,6 +155,7 @@ class TaskBook:
             workload_id=None if self.workload_pending else 60000 + n,
             target_worker_count=_int_or_none(target),
             namespace=namespace,
+            scope=str(workflow.get("scope") or ""),
         )
 
     def adjust(self, transform_id: TaskId, target_worker_count: int | None) -> TaskInfo | None:

@@ -20,12 +20,21 @@ reach it through panda-client 2.2.0 (``PANDA_URL``/``PANDA_URL_SSL`` at
   that answer is ``prompt_broker``, given by whoever wrote iDDS's
   configuration. ClientManager returns ``(True, <meta info>)``, which the
   relay wraps: ``[true, [true, {...}]]``. A name iDDS does not know gets
-  ``{}``, as its REST API answers. Other iDDS commands are not relayed here
-  (no iDDS REST server runs): ``[false, "failed to execute command with ..."]``.
+  ``{}``, as its REST API answers. Other iDDS commands are not relayed:
+  ``[false, "failed to execute command with ..."]``.
 
-No authentication: the relay answers as if TLS had brought a client
-certificate. Every request is recorded (``requests``), submissions and relay
-calls in detail, for tests.
+  With ``relay_to(IddsRelayTarget(...))`` (the real iDDS REST app runs) every
+  command goes to iDDS, as PanDA's ``relay_idds_command`` sends it: idds-client's
+  ``ClientManager`` (``manager`` true) or ``Client`` on iDDS's host (the one
+  ``command_name`` names after ``+``, else the target's), authenticated with
+  the PanDA server's own proxy; the answer ``[true, <what it returned>]``, or
+  ``[false, "failed to execute command with <error>"]`` when it raised.
+
+No authentication of the caller: the stand-in serves plain HTTP and answers
+as if TLS had brought a client certificate (PanDA's ``isSecure``); so it
+has no caller DN to pass on as iDDS's original user, which real PanDA does.
+Every request is recorded (``requests``), submissions and relay calls in
+detail, for tests.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from swf_panda_workers.adapters.idds_rest import verify_server
 from swf_panda_workers.peers._bus import Notifier
 from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 from swf_panda_workers.peers._panda_relay import (
@@ -118,6 +129,22 @@ class TaskSubmission:
 
 
 @dataclass(frozen=True)
+class IddsRelayTarget:
+    """Where PanDA's relay sends iDDS commands, and as whom: ``host`` is
+    iDDS's REST base URL (``https://host:port/idds``), ``proxy`` the PanDA
+    server's own X.509 proxy, ``config_root`` idds-client's local
+    configuration directory (not ~/.idds)."""
+
+    host: str
+    proxy: Path
+    config_root: Path
+    timeout: float = 30.0
+    # The CAs iDDS's certificate must chain to. PanDA's own idds-client does
+    # not verify it (verify=False); the stand-in does, when given them.
+    ca_certs: Path | None = None
+
+
+@dataclass(frozen=True)
 class RelayCall:
     """One call through relay_idds_command, and the relay's answer."""
 
@@ -165,6 +192,7 @@ class PandaServerStandIn:
             "transformer_broker": None, "transformer_broadcast_broker": None,
             "result_broker": None, "ejfat": {}}
         self._on_task_submitted = on_task_submitted
+        self._relay_target: IddsRelayTarget | None = None
         self._task_ids = itertools.count(first_task_id)
         self._state = Notifier()
         self._server: _Server | None = None
@@ -212,6 +240,12 @@ class PandaServerStandIn:
         """panda-client's settings for this server: plain http, and no DNS
         lookup of the cache server at import (PANDA_BEHIND_REAL_LB)."""
         return {"PANDA_URL": self.url, "PANDA_URL_SSL": self.url, "PANDA_BEHIND_REAL_LB": "1"}
+
+    def relay_to(self, target: IddsRelayTarget | None) -> None:
+        """Relay every iDDS command to a real iDDS from now on (None: answer
+        get_metainfo here, as without one)."""
+        with self._state.lock:
+            self._relay_target = target
 
     # --- records, for tests ----------------------------------------------------
 
@@ -283,12 +317,19 @@ class PandaServerStandIn:
         if params is None or failure is not None:
             return _Answer(500, (failure or "").encode(), TEXT_PLAIN)
         command, manager = relay_command(params)
+        named_host = str(params.get("command_name") or "").partition("+")[2]
+        with self._state.lock:
+            target = self._relay_target
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         try:
             args = relay_json(params.get("args"), list)
             kwargs = relay_json(params.get("kwargs"), dict)
-            result = self._idds_answer(command, manager, args, kwargs)
+            if target is not None:
+                result = _relayed(target, named_host or target.host, command, manager, args,
+                                  kwargs)
+            else:
+                result = self._idds_answer(command, manager, args, kwargs)
         except (ValueError, TypeError) as exc:
             result = [False, f"failed to execute command with {exc}"]
         with self._state.lock:
@@ -308,6 +349,35 @@ class PandaServerStandIn:
         meta = dict(self._prompt_broker) if name == PROMPT_BROKER else {}
         # ClientManager.get_metainfo returns (True, meta); Client.get_metainfo the meta.
         return [True, [True, meta]] if manager else [True, meta]
+
+
+def _relayed(target: IddsRelayTarget, host: str, command: str, manager: bool,
+             args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """What PanDA's relay_idds_command returns for a command run by the real
+    iDDS: a ClientManager or Client on ``host`` (PanDA's own credential)
+    runs it."""
+    # Imported here: importing idds-client makes its local configuration
+    # directory, which only relaying needs.
+    from idds.client.client import Client
+    from idds.client.clientmanager import ClientManager
+
+    client = Client(host=host, auth={"auth_type": "x509_proxy",
+                                     "client_proxy": str(target.proxy)},
+                    timeout=target.timeout)
+    client.retries = 1  # one try: the caller decides about retrying
+    if target.ca_certs is not None:
+        verify_server(client.session, target.ca_certs)
+    runner: Any = client
+    if manager:
+        runner = ClientManager(host=host, timeout=target.timeout)
+        runner.local_config_root = str(target.config_root)
+        runner.client = client  # its own set-up would read this process's environment
+    if not hasattr(runner, command):
+        return [False, f"{command} is not a command of iDDS {type(runner).__name__}"]
+    try:
+        return [True, getattr(runner, command)(*args, **kwargs)]
+    except Exception as exc:  # as PanDA: any failure of the call is the relay's answer
+        return [False, f"failed to execute command with {exc}"]
 
 
 def _envelope(status: int, success: bool, message: str, data: Any = None,

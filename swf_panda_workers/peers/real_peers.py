@@ -1,5 +1,7 @@
 """The real peers wired together, as in the testbed, for the integration tests
-and the demo: the real iDDS prompt transceiver (``idds_agent``), a PanDA
+and the demo: the real iDDS prompt transceiver (``idds_agent``), with a
+``pki``, iDDS's real REST API too (``idds_rest_app``, on the same database,
+PanDA's relay going to it), a PanDA
 server stand-in (``panda_server``) that starts, for each task iDDS submits,
 its jobs as real transformers (``pilots``: idds-prompt's ``run_prompt``,
 only the payload simulated), and the simulated control system, which
@@ -31,13 +33,19 @@ from swf_panda_workers.messages import InvalidMessage, Message, parse_message
 from swf_panda_workers.peers._bus import Notifier, PeerBus
 from swf_panda_workers.peers._child_processes import ChildLauncher
 from swf_panda_workers.peers.control_system import ControlSystem
+from swf_panda_workers.peers.grid_pki import GridPki
 from swf_panda_workers.peers.idds_agent import (
     RESULTS_QUEUE,
     SLICES_QUEUE,
     IddsTransceiver,
     PromptBrokers,
 )
-from swf_panda_workers.peers.panda_server import PandaServerStandIn, TaskSubmission
+from swf_panda_workers.peers.idds_rest_app import IddsRestApp
+from swf_panda_workers.peers.panda_server import (
+    IddsRelayTarget,
+    PandaServerStandIn,
+    TaskSubmission,
+)
 from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import PayloadSchedule
 from swf_panda_workers.peers.pilots import Pilots
 
@@ -116,8 +124,9 @@ class RealPeers:
     topic each). ``schedule``: the payload's times and failures.
     ``collect_results``: record what arrives on the results destination
     (``results``; on a queue this takes the results from the service).
-    ``transceiver``: False runs no iDDS transceiver (REST mode: iDDS is
-    reached over HTTP, and the pilots are started for its tasks by hand)."""
+    ``pki``: serve iDDS's REST API too (``rest``), on ``rest_port`` (0: a
+    free one), trusting that PKI's CA; PanDA's relay then sends every iDDS
+    command to it with the PKI's PanDA proxy."""
 
     def __init__(
         self,
@@ -132,7 +141,8 @@ class RealPeers:
         results_destination: str = RESULTS_QUEUE,
         schedule: PayloadSchedule | None = None,
         collect_results: bool = False,
-        transceiver: bool = True,
+        pki: GridPki | None = None,
+        rest_port: int = 0,
     ) -> None:
         self.brokers = brokers
         self.workdir = workdir
@@ -149,7 +159,9 @@ class RealPeers:
         self._num_threads = num_threads
         self._database_url = database_url
         self._schedule = schedule
-        self._with_transceiver = transceiver
+        self._pki = pki
+        self._rest_port = rest_port
+        self._rest: IddsRestApp | None = None
         self._idds: IddsTransceiver | None = None
         self._pilots: Pilots | None = None
         self._started: list[Callable[[], None]] = []  # how to stop what started, in order
@@ -159,6 +171,13 @@ class RealPeers:
         if self._idds is None:
             raise RuntimeError("RealPeers is not started")
         return self._idds
+
+    @property
+    def rest(self) -> IddsRestApp:
+        """iDDS's REST app (with a ``pki`` only)."""
+        if self._rest is None:
+            raise RuntimeError("RealPeers runs no iDDS REST app (no pki), or is not started")
+        return self._rest
 
     @property
     def pilots(self) -> Pilots:
@@ -182,14 +201,23 @@ class RealPeers:
                 self._started.append(self.results.stop)
             self.control.start()
             self._started.append(self.control.stop)
-            if not self._with_transceiver:
-                return self
             self._idds = IddsTransceiver(
                 self.workdir / "idds", self.brokers, self.prompt, self.panda.client_env(),
                 namespace=self._namespace, num_threads=self._num_threads,
                 database_url=self._database_url, launcher=launcher)
             self._started.append(self._idds.stop)
             self._idds.start(timeout)
+            if self._pki is not None:
+                # After the transceiver: its start writes iDDS's configuration
+                # and builds the database the app serves.
+                self._rest = IddsRestApp(
+                    self.workdir / "idds", self._idds.config_path, self.panda.client_env(),
+                    self._pki, port=self._rest_port, launcher=launcher)
+                self._started.append(self._rest.stop)
+                self._rest.start(timeout)
+                self.panda.relay_to(IddsRelayTarget(self._rest.url, self._pki.panda.path,
+                                                    self.workdir / "panda-idds-client",
+                                                    ca_certs=self._pki.ca))
         except BaseException:
             self.stop()
             raise

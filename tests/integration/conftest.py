@@ -23,7 +23,9 @@ from swf_panda_workers.demo import SHRUNK_SCALING
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.postgres import PostgresCluster
 from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers.grid_pki import GridPki
 from swf_panda_workers.peers.idds_rest import client_env
+from swf_panda_workers.peers.idds_rest_app import client_env as real_client_env
 
 # Not the defaults (a demo or a testbed broker may hold 61613); overridable
 # so that two test sessions can run side by side on one machine.
@@ -60,6 +62,23 @@ REST_CONFIG = {
     "transceiver": {"namespace": REST_NAMESPACE, "mode": "rest"},
     "idds": {"timeout": 3, "retry_delays": [0.5, 1]},
     "prefect": {"deployment": "swf-run/panda-workers-rest", "runner_limit": 10},
+}
+
+# REST mode against the real iDDS REST app (idds-server's, served by the real
+# peers over TLS with x509 proxies): a third runner and listener, whose
+# idds-client holds the test PKI's operator proxy and trusts its CA. The app
+# is started by each test (RealPeers with a pki), on this port.
+REAL_REST_NAMESPACE = "itestrealrest"
+REAL_REST_IDDS_PORT = int(os.environ.get("SWF_TEST_REAL_IDDS_PORT", str(REST_IDDS_PORT + 1)))
+REAL_REST_IDLE_TIMEOUT = 30  # the real transformers' --idle_timeout: bounded if a stop is missed
+REAL_REST_CONFIG = {
+    **STACK_CONFIG,
+    "transceiver": {"namespace": REAL_REST_NAMESPACE, "mode": "rest"},
+    # The real create makes the PanDA task before it answers: more than the
+    # simulator's 3 s may be needed on a busy machine.
+    "idds": {"timeout": 15, "retry_delays": [0.5, 1]},
+    "panda": {"idle_timeout": REAL_REST_IDLE_TIMEOUT},
+    "prefect": {"deployment": "swf-run/panda-workers-real-rest", "runner_limit": 10},
 }
 
 # The proportional policy on the demo's time scale (seconds where the testbed
@@ -129,6 +148,11 @@ def prefect_database_url(request: pytest.FixtureRequest) -> str | None:
 def idds_database_url(request: pytest.FixtureRequest) -> str | None:
     """A fresh database for one real iDDS: None for SQLite (iDDS's file in
     its work directory), else a new database in the session's cluster."""
+    return new_idds_database_url(request)
+
+
+def new_idds_database_url(request: pytest.FixtureRequest) -> str | None:
+    """idds_database_url, for fixtures of any scope."""
     if _database_kind("SWF_TEST_IDDS_DATABASE", IDDS_DATABASE) == "sqlite":
         return None
     cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
@@ -170,6 +194,26 @@ def rest_stack(stack: EmbeddedStack,
 
 
 @pytest.fixture(scope="session")
+def idds_pki(tmp_path_factory: pytest.TempPathFactory) -> GridPki:
+    """The session's grid PKI: the real iDDS REST app's host certificate, the
+    operator's proxy (the REST runner's) and the PanDA server's."""
+    return GridPki.make(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def real_rest_stack(stack: EmbeddedStack, idds_pki: GridPki,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    """The service in REST mode for the real iDDS REST app on REAL_REST_IDDS_PORT."""
+    workdir = tmp_path_factory.mktemp("real-rest-stack")
+    idds_client_env = real_client_env(f"https://127.0.0.1:{REAL_REST_IDDS_PORT}/idds",
+                                      idds_pki.user, idds_pki.ca, workdir / "idds-client")
+    embedded = EmbeddedStack(workdir, REAL_REST_CONFIG, own_broker=False,
+                             shared_server=stack.server, runner_env=idds_client_env)
+    with embedded:
+        yield embedded
+
+
+@pytest.fixture(scope="session")
 def scaling_stack(stack: EmbeddedStack,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     """A runner and listener with the proportional policy, beside the others."""
@@ -187,7 +231,8 @@ def pytest_runtest_makereport(
     report = yield
     if not report.failed:
         return report
-    for fixture in ("stack", "rest_stack", "scaling_stack", "replica_stack", "monitor_stack"):
+    for fixture in ("stack", "rest_stack", "real_rest_stack", "scaling_stack", "replica_stack",
+                    "monitor_stack"):
         stack = getattr(item, "funcargs", {}).get(fixture)
         if isinstance(stack, EmbeddedStack):
             for log in sorted(stack.logs.glob("*.log")):

@@ -43,7 +43,7 @@ def test_two_tasks_for_one_run_the_extra_is_closed_at_once(
                      processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
                      idle_timeout=3) as peers:
         recorder = peers.recorder
-        peers.control.announce(run_id, "testbed", target_workers=3, slice_processing_time=0.5)
+        peers.control.announce(run_id, "testbed", target_workers=3)
         assert recorder.wait_for(
             lambda: len(recorder.of_type("created_workflow_task", run_id)) == 2, WAIT)
         first, extra = (ids_of(b) for b in recorder.of_type("created_workflow_task", run_id))
@@ -120,7 +120,8 @@ def test_a_failing_scaling_sub_flow_still_stops_and_closes(
         assert server is not None
         server.fail_next(1000, endpoint="adjust", message="adjustments are switched off")
         started = time.monotonic()
-        peers.control.announce(run_id, "testbed", target_workers=2, slice_processing_time=0.5)
+        # 1.0 s slices against the 0.2 s announced: the reference policy asks.
+        peers.control.announce(run_id, "testbed", target_workers=2, slice_processing_time=0.2)
         flow_run = asyncio.run(final_flow_run(rest_stack.api_url, namespace, run_id,
                                               wait=180))
         assert flow_run.state_name == "Failed", flow_run.state

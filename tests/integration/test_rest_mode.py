@@ -34,7 +34,8 @@ SLICES = 30
 NAMESPACE = "itestrest"  # the rest_stack's (conftest)
 # Two flow-run attempts (the flow retries once), each trying a request once
 # plus once per idds.retry_delays entry (two in REST_CONFIG).
-ATTEMPTS = 2 * (1 + 2)
+TRIES = 1 + 2  # one request's tries within a flow-run attempt
+ATTEMPTS = 2 * TRIES
 
 
 def harness(stack: EmbeddedStack, port: int, token: str) -> PeerHarness:
@@ -69,10 +70,9 @@ def test_two_concurrent_runs_go_through_their_whole_life_over_rest(
 
     for run_id in runs:
         task = server.tasks[run_id]
-        # As iDDS 2.6.21: the create answered 500 after making the task,
-        # which the run then found by its workflow name.
         (create,) = server.calls_for("create", run_id)
-        assert create.status == 500
+        # iDDS 2.6.21's answer after making the task: the run found it by name.
+        assert (create.status, create.outcome) == (500, "error")
         assert create.body["workflow"]["content"]["target_worker_count"] == 3
         assert create.headers["X-IDDS-Auth-Type"] == "oidc"
         name = create.body["workflow"]["name"]
@@ -120,10 +120,11 @@ def test_a_transient_idds_failure_is_retried_and_the_run_goes_on(
     session = play_session(peers, [run_id], "testbed", SLICES)
 
     assert session.closed, session
-    # Two failures that made nothing, then iDDS 2.6.21's 500 after making the task.
-    assert [c.outcome for c in server.calls_for("create", run_id)] == [
-        "injected", "injected", "error"]
-    assert list(server.tasks) == [run_id] and len(server.tasks_of(run_id)) == 1
+    # Two failures that made nothing, then the create that made the task,
+    # answered 500 as iDDS 2.6.21 does: found by name, not created again.
+    assert [(c.status, c.outcome) for c in server.calls_for("create", run_id)] == [
+        (500, "injected"), (500, "injected"), (500, "error")]
+    assert list(server.tasks) == [run_id]
     assert len(server.calls_for("close", run_id)) == 1
     flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id))
     assert flow_run.state_name == "Completed"
@@ -149,22 +150,29 @@ def test_idds_errors_end_in_a_failed_run_that_says_what_idds_answered(
     assert server.tasks == {}
 
 
-def test_a_create_that_times_out_is_found_not_made_twice(
+def test_a_create_that_timed_out_but_was_carried_out_is_found_not_made_again(
     rest_stack: EmbeddedStack, peers: PeerHarness, new_run_id: Callable[[], str],
 ) -> None:
     server = rest_server(peers)
     server.delay(5, endpoint="create")  # the client gives up after idds.timeout = 3 s
     run_id = new_run_id()
 
-    # The slow server carries out the create the client gave up on: the
-    # run's next look finds that task, and uses it.
-    session = play_session(peers, [run_id], "testbed", SLICES)
-
-    assert session.ok, session
+    peers.control.announce(run_id, "testbed", target_workers=3, slice_processing_time=0.5)
+    # The slow server carries out the first create after the client gave up;
+    # a later attempt's lookup finds that task, and the run goes on with it.
+    # The creates still in flight then fail inside iDDS (the name exists).
+    assert peers.wait_until(lambda: peers.task_created(run_id), 60)
+    assert server.wait_for(lambda: len(server.calls_for("create", run_id)) >= 2, 60)
+    peers.control.end(run_id, "testbed")
     flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id, wait=120))
-    assert flow_run.state_name == "Completed", flow_run.state
-    assert len(server.tasks_of(run_id)) == 1  # a second create, if any, was refused
-    assert server.closed[run_id] == "ToCancel"
+
+    assert flow_run.state_name == "Completed"
+    creates = len(server.calls_for("create", run_id))
+    assert creates < ATTEMPTS  # bounded: it stopped creating once it found the task
+    assert server.wait_for(lambda: server.duplicate_creates.get(run_id) == creates - 1, 10)
+    assert [t.status for t in server.tasks_of(run_id)] == ["ToCancel"]
+    (close,) = server.calls_for("close", run_id)
+    assert close.status == 200
 
 
 def test_a_refused_credential_fails_the_run_with_idds_reason(
@@ -179,12 +187,15 @@ def test_a_refused_credential_fails_the_run_with_idds_reason(
 
         assert flow_run.state_name == "Failed"
         assert flow_run.state is not None
-        # iDDS's own reason, from the look for the run's task that comes first.
+        # Each attempt first looks the run's task up, and iDDS refuses that:
+        # no create is sent blind after a lookup that failed.
+        assert "get_request_id_by_name failed" in (flow_run.state.message or "")
         assert "Failed to verify oidc token" in (flow_run.state.message or "")
-        lookups = server.calls_to("lookup")
-        assert len(lookups) >= ATTEMPTS and {c.status for c in lookups} == {401}
-        assert server.calls_to("create") == []  # never sent blind
-        assert all(rest_token not in repr(c) for c in lookups)
+        # And the last attempt's close, which looks the task up by name too.
+        calls = server.calls_to("lookup")
+        assert [c.status for c in calls] == [401] * (ATTEMPTS + TRIES)
+        assert server.calls_to("create") == []
+        assert all(rest_token not in repr(c) for c in calls)
         assert server.tasks == {}
     assert_no_token_in(rest_stack, flow_run, rest_token)
 

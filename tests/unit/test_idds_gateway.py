@@ -4,17 +4,26 @@ REST gateway sends iDDS exactly what its handlers read."""
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+import ssl
+import threading
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from swf_panda_workers import outbound
-from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, RestGateway, check_rest_client
-from swf_panda_workers.config import Settings
+from swf_panda_workers.adapters.idds_rest import (
+    IddsNotConfigured,
+    RestGateway,
+    check_rest_client,
+    direct_api,
+)
+from swf_panda_workers.config import Idds, Settings, settings_from
 from swf_panda_workers.idds_gateway import (
     IddsRequestFailed,
     adjusted_answer,
@@ -33,6 +42,7 @@ from swf_panda_workers.messages import (
     parse_message,
 )
 from swf_panda_workers.outbound import UnsafeMessage
+from swf_panda_workers.peers.grid_pki import GridPki
 from swf_panda_workers.run_state import apply, initial_state
 
 NOW = datetime(2026, 3, 5, 12, 0, tzinfo=UTC)
@@ -387,3 +397,87 @@ def test_the_runner_accepts_a_complete_oidc_setup_without_calling_idds(
         idds_env.setenv(name, value)
 
     check_rest_client(Settings())
+
+
+# --- iDDS's server certificate ----------------------------------------------------
+# idds-client 2.6.21 sends every request with verify=False; idds.ca_certs
+# (IDDS_CA_CERTS) makes the direct route verify it anyway.
+
+
+@pytest.fixture(scope="module")
+def tls_idds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, GridPki]]:
+    """An HTTPS server with the test PKI's host certificate, answering every
+    GET as iDDS answers a lookup of an unknown name (``{}``)."""
+    pki = GridPki.make(tmp_path_factory.mktemp("pki"))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: Any) -> None:  # http.server's naming
+            pass  # the test reads answers, not the log
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/idds", pki
+    server.shutdown()
+    server.server_close()
+
+
+def _lookup_through(idds_env: pytest.MonkeyPatch, url: str, pki: GridPki,
+                    ca_certs: Path | None) -> object:
+    idds_env.setenv("IDDS_HOST", url)
+    idds_env.setenv("X509_USER_PROXY", str(pki.user.path))
+    api = direct_api(Idds(ca_certs=ca_certs))
+    return api.get_request_id_by_name("EIC_2026_fastproc_BNL_20260305_100123")
+
+
+def test_the_direct_route_verifies_idds_certificate_against_the_configured_cas(
+    idds_env: pytest.MonkeyPatch, tls_idds: tuple[str, GridPki],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    url, pki = tls_idds
+    other = GridPki.make(tmp_path_factory.mktemp("other-pki"))
+
+    assert _lookup_through(idds_env, url, pki, pki.ca) == {}
+    refused = _lookup_through(idds_env, url, pki, other.ca)
+    assert isinstance(refused, tuple) and refused[0] is False
+    assert "CERTIFICATE_VERIFY_FAILED" in refused[1]
+
+
+def test_without_cas_the_certificate_goes_unverified_and_the_runner_says_so(
+    idds_env: pytest.MonkeyPatch, tls_idds: tuple[str, GridPki],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url, pki = tls_idds
+    # idds-client's own behaviour: any certificate is accepted.
+    assert _lookup_through(idds_env, url, pki, None) == {}
+
+    with caplog.at_level(logging.WARNING):
+        check_rest_client(Settings())
+    assert f"iDDS's server certificate at {url} is not verified" in caplog.text
+
+    caplog.clear()
+    settings = settings_from({}, {"IDDS_CA_CERTS": str(pki.ca)})
+    assert settings.idds.ca_certs == pki.ca
+    check_rest_client(settings)
+    assert "not verified" not in caplog.text
+
+
+def test_missing_cas_stop_the_runner(idds_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    idds_env.setenv("IDDS_HOST", "https://127.0.0.1:9/idds")
+    proxy = tmp_path / "x509up"
+    proxy.write_text("a proxy\n")
+    idds_env.setenv("X509_USER_PROXY", str(proxy))
+
+    with pytest.raises(IddsNotConfigured, match="does not exist"):
+        check_rest_client(Settings(idds=Idds(ca_certs=tmp_path / "no-such-ca.pem")))

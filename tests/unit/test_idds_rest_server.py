@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
+from idds.common.constants import ProcessingStatus, RequestStatus, TransformStatus
 
 from swf_panda_workers.messages import WorkerSize
 from swf_panda_workers.peers.idds_rest import REDACTED, RestCall, SimControl, SimulatedIDDSRest
@@ -515,6 +516,10 @@ def test_as_idds_2_6_21_a_create_answers_500_after_making_the_task(
         (row,) = manager.get_requests(request_id=1001, with_detail=True)
         assert (row["transform_id"], row["transform_workload_id"], row["transform_name"]) == (
             2001, 60001, wf["name"])
+        # Statuses as the real app encodes iDDS's enums, decoded back by the client.
+        assert (row["status"], row["transform_status"], row["processing_status"]) == (
+            RequestStatus.Transforming, TransformStatus.New, ProcessingStatus.New)
+        assert row["scope"] == wf["scope"]
         # idds-client 2.6.21's ClientManager.get_transforms cannot work: it
         # passes its client a workload_id its get_transforms does not take.
         ok, text = manager.get_transforms(request_id=1001)

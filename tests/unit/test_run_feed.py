@@ -9,7 +9,19 @@ from datetime import UTC, datetime, timedelta
 
 from prefect.events import Event
 
-from swf_panda_workers.adapters.prefect_events import SEEN_HORIZON, RunFeed, SeenEvents
+from swf_panda_workers.adapters.prefect_events import (
+    SEEN_HORIZON,
+    RunFeed,
+    SeenEvents,
+    answer_event,
+    decode,
+    effect_event,
+    message_event,
+    run_filter,
+    run_resource_id,
+)
+from swf_panda_workers.messages import CreatedWorkflowTask
+from swf_panda_workers.run_state import Effect
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -65,3 +77,24 @@ def test_an_event_older_than_what_is_remembered_counts_as_seen() -> None:
     live.put_nowait(unseen := event(SEEN_HORIZON.total_seconds() + 61))
     assert [e.id for e in drain(feed)] == [unseen.id]
     assert feed.remembered == 2
+
+
+def test_a_runs_feed_reads_back_every_kind_of_event_the_run_journals() -> None:
+    # A retried REST flow run learns its task's ids only from the answer an
+    # earlier attempt journaled: the run's filter must take answer events too.
+    created = CreatedWorkflowTask.model_validate({
+        "msg_type": "created_workflow_task", "run_id": "100123",
+        "created_at": "2026-11-23T12:00:00",
+        "content": {"run_id": "100123", "request_id": 1001, "transform_id": 2001,
+                    "processing_id": 3001, "workload_id": 60001}})
+    journaled = [
+        answer_event(created, "t", None),
+        effect_event(Effect(kind="create_sent"), "t", "100123", None),
+        message_event({"msg_type": "slice_result", "run_id": "100123"}, "slice_result", "t",
+                      "100123", "delivery-1"),
+    ]
+    wanted = run_filter(run_resource_id("t", "100123"), T0)
+    assert wanted.event is not None and wanted.event.prefix is not None
+    for item in journaled:
+        assert item.event.startswith(tuple(wanted.event.prefix)), item.event
+    assert decode(journaled[0]) == created

@@ -9,40 +9,22 @@ imports only the standard library and the peers' packages (idds, sqlalchemy):
     python idds_transceiver.py records [RUN_ID] # its transforms and processings, as JSON
 
 All read IDDS_CONFIG, as iDDS does; build reads ALEMBIC_CONFIG too; run reads
-IDDS_AGENTS. On SQLite an index of iDDS's schema is an expression on md5(),
-a function SQLite lacks: it is registered on every new SQLite connection of
-every engine (iDDS's own and alembic's) before any of iDDS's code runs.
+IDDS_AGENTS. On SQLite the ``md5()`` function iDDS's schema needs is
+registered (``sqlite_md5``) before any of iDDS's code runs.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import runpy
-import sqlite3
 import sys
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-
-
-def _md5(text: Any) -> str | None:
-    if text is None:
-        return None
-    data = text if isinstance(text, bytes) else str(text).encode()
-    return hashlib.md5(data).hexdigest()
-
-
-@event.listens_for(Engine, "connect")
-def _sqlite_md5(dbapi_connection: Any, _record: Any) -> None:
-    if isinstance(dbapi_connection, sqlite3.Connection):
-        # deterministic: SQLite refuses other functions in an index expression.
-        dbapi_connection.create_function("md5", 1, _md5, deterministic=True)
+import sqlite_md5  # noqa: F401  (registers md5() on SQLite before iDDS's code runs)
 
 
 def build(_args: list[str]) -> int:
