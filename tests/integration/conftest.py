@@ -92,6 +92,14 @@ SCALING_CONFIG = {
     "prefect": {"deployment": "swf-run/panda-workers-scaling", "runner_limit": 10},
 }
 
+def once(reason: str) -> pytest.MarkDecorator:
+    """Skipped in CI's second pass (the Prefect server on PostgreSQL): for a
+    test whose outcome the Prefect server's database has no part in, run
+    once, in the first pass; ``reason`` says why."""
+    return pytest.mark.skipif(PREFECT_DATABASE != "sqlite",
+                              reason=f"run once, in the SQLite pass: {reason}")
+
+
 _run_numbers = itertools.count(int(time.time()) % 100_000 * 100)
 _idds_databases = itertools.count(1)
 

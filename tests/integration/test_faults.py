@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from conftest import once
 from prefect.client.schemas.objects import FlowRun
 from prefect_reads import final_flow_run, slices_reported, stored_slice_results
 
@@ -181,6 +182,7 @@ def test_listener_killed_mid_run_loses_and_doubles_nothing(
         run.finish_and_account()
 
 
+@once("the broker restarting; the listener's dedupe on the database is the listener-killed test's")
 def test_broker_restarted_mid_run_loses_and_doubles_nothing(
     broker: ActiveMQ, stack: EmbeddedStack, namespace: str, new_run_id: Callable[[], str]
 ) -> None:
@@ -210,6 +212,7 @@ def test_broker_restarted_mid_run_loses_and_doubles_nothing(
         assert stack.listener.alive
 
 
+@once("the run flow's waits on iDDS")
 def test_idds_never_answers_create_the_run_fails_and_is_closed_by_run_id(
     fault_stack: EmbeddedStack, new_run_id: Callable[[], str]
 ) -> None:
@@ -238,6 +241,7 @@ def test_idds_never_answers_create_the_run_fails_and_is_closed_by_run_id(
         assert run.run_id not in peers.farm.runs  # its creator never heard of the task
 
 
+@once("the run flow's waits on iDDS")
 @pytest.mark.parametrize("late", ["within_the_wait", "after_the_first_attempt_gave_up"])
 def test_idds_answers_create_late_the_reply_is_used_once(
     late: str, request: pytest.FixtureRequest, namespace: str, new_run_id: Callable[[], str]

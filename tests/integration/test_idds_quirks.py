@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from conftest import once
 from prefect_reads import final_flow_run, slices_reported
 
 from swf_panda_workers.embedded.stack import EmbeddedStack
@@ -18,7 +19,8 @@ from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.recorder import BusRecorder
 from swf_panda_workers.peers.scenario import slowdown_in_the_middle
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the run flow's logic about iDDS; the lifecycle tests run on both databases")]
 
 SLICES = 20
 WAIT = 60.0
@@ -43,7 +45,7 @@ def test_two_tasks_for_one_run_the_extra_is_closed_at_once(
                      processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
                      idle_timeout=3) as peers:
         recorder = peers.recorder
-        peers.control.announce(run_id, "testbed", target_workers=3)
+        peers.control.announce(run_id, "testbed", target_workers=3, slice_processing_time=0.5)
         assert recorder.wait_for(
             lambda: len(recorder.of_type("created_workflow_task", run_id)) == 2, WAIT)
         first, extra = (ids_of(b) for b in recorder.of_type("created_workflow_task", run_id))
@@ -84,7 +86,7 @@ def test_an_end_before_idds_answers_stops_and_closes_by_run_id(
     run_id = new_run_id()
     with PeerHarness(stack.brokers, namespace, answer_create=False, idle_timeout=3) as peers:
         recorder = peers.recorder
-        peers.control.announce(run_id, "testbed", target_workers=2)
+        peers.control.announce(run_id, "testbed", target_workers=2, slice_processing_time=0.5)
         assert peers.idds.wait_for(lambda: bool(peers.idds.tasks_of(run_id)), WAIT)
         peers.control.end(run_id, "testbed")
         assert recorder.wait_for(lambda: recorder.stops(run_id) == 1 and bool(

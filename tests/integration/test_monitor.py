@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import once
 from prefect_reads import final_flow_run
 
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.monitor import HUNG, HeartbeatCall, MonitorStandIn
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "heartbeats to swf-monitor; the Prefect database has no part in them")]
 
 NAMESPACE = "itestmonitor"
 TOKEN = secrets.token_urlsafe(24)  # the listener's API token; must never leak

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import pytest
-from conftest import STACK_CONFIG
+from conftest import STACK_CONFIG, once
 from prefect_reads import final_flow_run, slices_reported
 
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the broker's selectors and subscriptions between namespaces")]
 
 SLICES = 60
 WAIT = 120.0

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import once
 from dockerfile_parse import DockerfileParser
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,7 +47,8 @@ from swf_panda_workers.peers._bus import PeerBus, peer_headers
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import slowdown_in_the_middle
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the listener's metrics and health check")]
 
 NAMESPACE = "itestobs"
 IMAGE_NAMESPACE = "itestimage"

@@ -16,6 +16,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from conftest import once
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run, final_state_name
 
@@ -31,7 +32,8 @@ from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
 from swf_panda_workers.run_state import Effect
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "show and dry-run read through Prefect's API, as the lifecycle tests do on both databases")]
 
 SLICES = 30
 BIN = Path(sys.executable).parent

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import once
 
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.stomp_bus import (
@@ -36,7 +37,8 @@ from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
 from swf_panda_workers.peers.recorder import BusRecorder
 from swf_panda_workers.peers.transformers import TransformerFarm
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the simulated peers alone, no Prefect at all")]
 
 WAIT = 10.0  # seconds: generous, every wait returns as soon as its condition holds
 

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import pytest
 import yaml
-from conftest import PREFECT_PORT, STACK_CONFIG
+from conftest import PREFECT_PORT, STACK_CONFIG, once
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run, final_state_name
@@ -33,7 +33,8 @@ from swf_panda_workers.embedded.stack import PROJECT_ROOT, EmbeddedStack, start_
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "its Prefect server is its own, on SQLite")]
 
 NAMESPACE = "itestdeploy"
 PORT = PREFECT_PORT + 50  # apart from the ports of other test sessions (+10 each)

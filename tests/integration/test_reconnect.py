@@ -6,13 +6,15 @@ import time
 from collections.abc import Callable
 
 import pytest
+from conftest import once
 
 from swf_panda_workers.embedded.activemq import ActiveMQ
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import play_session
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the broker restarting under the listener")]
 
 
 def test_listener_reconnects_and_resubscribes_after_a_broker_restart(

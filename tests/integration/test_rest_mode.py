@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import once
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -28,7 +29,8 @@ from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest
 from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the REST gateway against the simulated iDDS")]
 
 SLICES = 30
 NAMESPACE = "itestrest"  # the rest_stack's (conftest)

@@ -17,6 +17,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from conftest import once
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -146,6 +147,7 @@ def test_several_runs_at_once_in_the_runner_process_each_once(
     assert runner.alive
 
 
+@once("the runner's handling of one run's end; the same through Prefect's API on both databases")
 def test_a_failing_run_and_a_cancelled_run_leave_the_others_alone(
     stack: EmbeddedStack, namespace: str, new_run_id: Callable[[], str]
 ) -> None:
@@ -183,6 +185,7 @@ def test_a_failing_run_and_a_cancelled_run_leave_the_others_alone(
     assert runner.alive and runner.process.pid == pid
 
 
+@once("the runner's recovery of its runs; the same through Prefect's API on both databases")
 @pytest.mark.parametrize("how", ["killed", "stopped"])
 def test_a_runner_gone_with_several_runs_in_flight_has_them_all_run_again(
     how: str, stack: EmbeddedStack, namespace: str, new_run_id: Callable[[], str]
@@ -214,6 +217,7 @@ def test_a_runner_gone_with_several_runs_in_flight_has_them_all_run_again(
             [f"{s.name}: {s.message}" for s in states]
 
 
+@once("the runner's processes; the same through Prefect's API on both databases")
 def test_the_subprocess_mode_runs_each_flow_run_in_a_process_of_its_own(
     subprocess_stack: EmbeddedStack, new_run_id: Callable[[], str]
 ) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SCALING_CONFIG, SCALING_NAMESPACE
+from conftest import SCALING_CONFIG, SCALING_NAMESPACE, once
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -27,7 +27,8 @@ from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import slowdown_in_the_middle
 from swf_panda_workers.recording import RunRecording
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "the scaling policy's decisions")]
 
 RATE = 4.0  # slices/s
 SLICES = 400  # 100 s of arrivals

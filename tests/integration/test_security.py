@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from conftest import once
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -72,7 +73,8 @@ from swf_panda_workers.embedded.stack import PROJECT_ROOT
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import play_session
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, once(
+    "TLS, logins and secrets; its Prefect server is its own, on SQLite")]
 
 # Plain STOMP (login required) on PORT, STOMP over TLS on PORT + 1, OpenWire on
 # PORT + 2; the Prefect server that requires an auth string on its own port.

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PREFECT_DATABASE, PREFECT_PORT, STOMP_PORT
+from conftest import PREFECT_PORT, STOMP_PORT, once
 from prefect.events import Event
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run
@@ -41,12 +41,8 @@ from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.timestamps import utc_now
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(PREFECT_DATABASE != "sqlite", reason=(
-        "run once, in the SQLite pass: serve's own Prefect server is SQLite in its state "
-        "directory whatever the session's database is")),
-]
+pytestmark = [pytest.mark.integration, once(
+    "serve's own Prefect server is SQLite in its state directory, whatever the session's")]
 
 NAMESPACE = "itestserve"
 RESULTS_QUEUE = "/queue/panda.results.worker.serve"
@@ -253,7 +249,7 @@ def end_when_processed(peers: PeerHarness, run_ids: list[str]) -> None:
 
 def once_each(peers: PeerHarness, run_id: str) -> dict[str, int]:
     """How often the run's requests went out on the bus."""
-    return {msg_type: len(peers.recorder.of_type(msg_type, run_id)) for msg_type in
+    return {msg_type: peers.recorder.count(msg_type, run_id) for msg_type in
             ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task")}
 
 

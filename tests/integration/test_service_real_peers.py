@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import once
 from prefect_reads import final_flow_run, slices_reported, wait_stored
 
 from swf_panda_workers.embedded.stack import EmbeddedStack
@@ -120,6 +121,7 @@ def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_i
     return [round((p.exited_at or 0) - stop_sent, 1) for p in pilots.of_run(run_id)]
 
 
+@once("the service's path on PostgreSQL is the lifecycle tests'; iDDS's, test_real_peers'")
 def test_two_runs_with_the_real_idds_and_transformers(
     stack: EmbeddedStack, recorder: BusRecorder, new_run_id: Callable[[], str],
     idds_database_url: str | None, tmp_path: Path,
