@@ -26,7 +26,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.embedded.activemq import stomp_answers
 from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers._bus import poll_until
 from swf_panda_workers.peers.control_system import Shape
 from swf_panda_workers.peers.grid_pki import GridPki
 from swf_panda_workers.peers.idds_rest_app import AppRequest, client_env
@@ -171,7 +171,7 @@ def play(peers: RealPeers, recorder: BusRecorder, rest: bool, run_ids: list[str]
         # iDDS submitted the run's PanDA task (either mode).
         return bool(peers.panda.submissions_for(run_id))
 
-    if not wait_until(lambda: all(map(created, run_ids)), 60):
+    if not poll_until(lambda: all(map(created, run_ids)), 60):
         return timings
     timings["created"] = time.monotonic() - started
     senders = [control.send_slices_in_background(run_id, slices, rate=SLICE_RATE)
@@ -189,7 +189,7 @@ def play(peers: RealPeers, recorder: BusRecorder, rest: bool, run_ids: list[str]
 
     # The service drains the runs' queues (scaling.end: drain) before it
     # stops their transformers and closes their tasks.
-    timings["all closed"] = float(wait_until(
+    timings["all closed"] = float(poll_until(
         lambda: all(recorder.stops(r) and closed(r) for r in run_ids), 180))
     timings["closed"] = time.monotonic() - started
     for run_id in run_ids:
@@ -227,16 +227,6 @@ def replay_first_run(stack: EmbeddedStack, run_id: str, workdir: Path) -> bool:
                     "--save", str(workdir / f"run-{run_id}.json"),
                     "--plot", str(workdir / f"replay-{run_id}.png")])
     return code == 0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``condition`` (it reads several peers' records)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def _free_port() -> int:

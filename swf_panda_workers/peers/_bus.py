@@ -117,6 +117,17 @@ class Notifier:
             return self._changed.wait_for(predicate, timeout)
 
 
+def poll_until(condition: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    """Poll ``condition`` (for conditions no single Notifier covers: several
+    peers' records, a file, a database) until it holds; False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
 def peer_headers(msg_type: str, run_id: str | int | None,
                  namespace: str | None = None) -> dict[str, str]:
     """The headers the real peers put on what they publish."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import logging
 import os
 import queue
 import signal
@@ -28,6 +29,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls it
@@ -130,3 +133,60 @@ def rss_kb(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+class PeerProcess:
+    """One real peer's long-running process (iDDS's agent, its REST app):
+    forked by a launcher (its own when none is given), logging to
+    ``log_path``, stopped with SIGTERM, then SIGKILL. The log is appended to
+    across starts in one work directory: ``log_text`` is this start's part."""
+
+    def __init__(self, name: str, log_path: Path, launcher: ChildLauncher | None) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._own_launcher = launcher is None
+        self._launcher = launcher or ChildLauncher(f"{name}-launcher")
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0  # where this start's part of the log begins
+        self.stopped_in: float | None = None  # seconds from SIGTERM to its end
+
+    def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path) -> None:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._process = self._launcher.spawn(argv, env, self.log_path, cwd)
+
+    def stop(self, grace: float = 15.0) -> float:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; the seconds it took."""
+        if self._process is not None:
+            self.stopped_in = stop_process(self._process, grace)
+            log.info("%s stopped in %.1fs (exit %s)", self.name, self.stopped_in,
+                     self._process.returncode)
+        if self._own_launcher:
+            self._launcher.close()
+        return self.stopped_in or 0.0
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.poll() if self._process is not None else None
+
+    def rss_kb(self) -> int | None:
+        return rss_kb(self.pid) if self.alive and self.pid is not None else None
+
+    def log_text(self) -> str:
+        """What the process logged since this start."""
+        try:
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(self._log_start)
+                return log_file.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""

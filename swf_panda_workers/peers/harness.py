@@ -19,6 +19,7 @@ from typing import Literal
 
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.messages import WorkerSize
+from swf_panda_workers.peers._bus import poll_until
 from swf_panda_workers.peers.control_system import ControlSystem
 from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
 from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest
@@ -162,12 +163,7 @@ class PeerHarness:
     @staticmethod
     def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
         """Poll ``condition`` (it may read several peers' records)."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
+        return poll_until(condition, timeout)
 
     def _task_created(self, run_id: str, task: TaskInfo) -> None:
         # iDDS submits target_worker_count PanDA jobs, one transformer each;

@@ -40,7 +40,7 @@ from typing import Any
 
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.peers._bus import PeerBus
-from swf_panda_workers.peers._child_processes import ChildLauncher, rss_kb, stop_process
+from swf_panda_workers.peers._child_processes import ChildLauncher, PeerProcess, stop_process
 from swf_panda_workers.peers.peers_venv import IDDS_SCRIPT, peer_env, peers_python
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class IddsDatabase:
                 return None
 
 
-class IddsTransceiver:
+class IddsTransceiver(PeerProcess):
     """iDDS's prompt transceiver as a process; see the module docstring.
 
     ``brokers``: the broker for the probe (and the login it uses);
@@ -272,19 +272,14 @@ class IddsTransceiver:
         self.log_level = log_level  # INFO at least: start() reads the agent's INFO lines
         self.database_url = database_url or f"sqlite:///{workdir / 'idds.db'}"
         self._python = python or peers_python()
-        self._own_launcher = launcher is None
-        self._launcher = launcher or ChildLauncher("idds-launcher")
+        super().__init__("iDDS transceiver", workdir / "idds-transceiver.log", launcher)
         self.config_path = workdir / "idds.cfg"
         self.alembic_path = workdir / "alembic.ini"
-        self.log_path = workdir / "idds-transceiver.log"
         self.env = peer_env({**panda_env, "IDDS_CONFIG": str(self.config_path),
                              "ALEMBIC_CONFIG": str(self.alembic_path),
                              "IDDS_AGENTS": "transceiver"})
         self.database = IddsDatabase(self._python, self.env, workdir)
-        self._process: subprocess.Popen[bytes] | None = None
         self.started_in: float | None = None  # seconds from the spawn to all subscribed
-        self.stopped_in: float | None = None  # seconds from SIGTERM to its end
-        self._log_start = 0  # where this start's part of the (appended) log begins
 
     # --- life ---------------------------------------------------------------------
 
@@ -297,10 +292,7 @@ class IddsTransceiver:
                                                     self.database_url))
         self._build(timeout)
         begun = time.monotonic()
-        # The log is appended to: what this start writes begins here.
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._process = self._launcher.spawn(
-            [str(self._python), str(IDDS_SCRIPT), "run"], self.env, self.log_path, self.workdir)
+        self._spawn([str(self._python), str(IDDS_SCRIPT), "run"], self.env, self.workdir)
         try:
             self._wait_subscribed(begun + timeout)
             self._probe(begun + timeout)
@@ -312,45 +304,8 @@ class IddsTransceiver:
                  self.pid, self.num_threads, self.namespace, self.started_in)
         return self
 
-    def stop(self, grace: float = 15.0) -> float:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; the seconds it took."""
-        if self._process is not None:
-            self.stopped_in = stop_process(self._process, grace)
-            log.info("iDDS transceiver stopped in %.1fs (exit %s)", self.stopped_in,
-                     self._process.returncode)
-        if self._own_launcher:
-            self._launcher.close()
-        return self.stopped_in or 0.0
-
     def __enter__(self) -> IddsTransceiver:
         return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def exit_code(self) -> int | None:
-        return self._process.poll() if self._process is not None else None
-
-    def rss_kb(self) -> int | None:
-        return rss_kb(self.pid) if self.alive and self.pid is not None else None
-
-    def log_text(self) -> str:
-        """What the agent logged since this start (the file may hold earlier ones)."""
-        try:
-            with self.log_path.open("rb") as log_file:
-                log_file.seek(self._log_start)
-                return log_file.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def count_in_log(self, text: str) -> int:
         return self.log_text().count(text)

@@ -24,13 +24,12 @@ import json
 import logging
 import re
 import ssl
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from swf_panda_workers.peers._child_processes import ChildLauncher, rss_kb, stop_process
+from swf_panda_workers.peers._child_processes import ChildLauncher, PeerProcess
 from swf_panda_workers.peers.grid_pki import GridPki, ProxyCredential
 from swf_panda_workers.peers.peers_venv import SCRIPTS, peer_env, peers_python
 
@@ -86,7 +85,7 @@ def client_env(url: str, proxy: ProxyCredential, ca: Path, config_root: Path) ->
     }
 
 
-class IddsRestApp:
+class IddsRestApp(PeerProcess):
     """``config_path``: iDDS's configuration (the transceiver's); ``panda_env``:
     panda-client's settings for the PanDA server; ``pki``: the certificates;
     ``port``: 0 takes a free one (``url`` says which)."""
@@ -108,16 +107,12 @@ class IddsRestApp:
         self.host = host
         self.port = port
         self._python = python or peers_python()
-        self._own_launcher = launcher is None
-        self._launcher = launcher or ChildLauncher("idds-rest-launcher")
+        super().__init__("iDDS REST app", workdir / "idds-rest-app.log", launcher)
         self.auth_path = workdir / "idds-auth.cfg"
-        self.log_path = workdir / "idds-rest-app.log"
         self.env = peer_env({**panda_env, "IDDS_CONFIG": str(config_path),
                              "IDDS_AUTH_CONFIG": str(self.auth_path)})
-        self._process: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
         self.started_in: float | None = None  # seconds from the spawn to the first answer
-        self.stopped_in: float | None = None
 
     # --- life ---------------------------------------------------------------------
 
@@ -127,10 +122,10 @@ class IddsRestApp:
             [self.pki.user.user_dn, self.pki.panda.user_dn], [self.pki.panda.user_dn]))
         begun = time.monotonic()
         deadline = begun + timeout
-        self._process = self._launcher.spawn(
+        self._spawn(
             [str(self._python), str(REST_SCRIPT), "--host", self.host, "--port", str(self.port),
              "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key),
-             "--ca", str(self.pki.ca)], self.env, self.log_path, self.workdir)
+             "--ca", str(self.pki.ca)], self.env, self.workdir)
         try:
             self._wait_until(lambda: _SERVING.search(self.log_text()) is not None, deadline,
                              "its 'serving' line")
@@ -149,21 +144,8 @@ class IddsRestApp:
                  self.started_in)
         return self
 
-    def stop(self, grace: float = 10.0) -> float:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; the seconds it took."""
-        if self._process is not None:
-            self.stopped_in = stop_process(self._process, grace)
-            log.info("iDDS REST app stopped in %.1fs (exit %s)", self.stopped_in,
-                     self._process.returncode)
-        if self._own_launcher:
-            self._launcher.close()
-        return self.stopped_in or 0.0
-
     def __enter__(self) -> IddsRestApp:
         return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     # --- what it is -----------------------------------------------------------------
 
@@ -173,23 +155,6 @@ class IddsRestApp:
         if self._url is None:
             raise RuntimeError("iDDS's REST app is not started")
         return self._url
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    def rss_kb(self) -> int | None:
-        return rss_kb(self.pid) if self.alive and self.pid is not None else None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def requests(self) -> list[AppRequest]:
         """Every request answered so far, in order."""

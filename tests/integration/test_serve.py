@@ -22,7 +22,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +38,7 @@ from swf_panda_workers.adapters.prefect_events import run_history, run_resource_
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.embedded.processes import ManagedProcess
 from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_panda_workers.peers._bus import poll_until
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.timestamps import utc_now
 
@@ -96,7 +97,7 @@ class Serve:
     def start(self) -> None:
         """Start serve; return once it says it serves."""
         self.process.start()
-        ready = wait_until(lambda: self.process.logged_since_start(b"serving namespace")
+        ready = poll_until(lambda: self.process.logged_since_start(b"serving namespace")
                            or not self.process.alive, WAIT)
         assert ready and self.process.alive, f"serve not serving:\n{self.process.tail(60)}"
 
@@ -172,15 +173,6 @@ def command_line(pid: int) -> str:
 
 def still_alive(processes: set[tuple[int, int]]) -> set[tuple[int, int]]:
     return {(pid, started) for pid, started in processes if start_time(pid) == started}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +294,7 @@ def test_twenty_starts_and_stops_leave_nothing_behind_and_lose_no_run(
         if cycle in MID_RUN:
             # Once its adjust is journaled (one sent but not yet journaled
             # would be sent again: at least once), before its end.
-            assert wait_until(lambda r=run_id: journaled_adjusts(serve.api_url, r) > 0, WAIT)
+            assert poll_until(lambda r=run_id: journaled_adjusts(serve.api_url, r) > 0, WAIT)
             todo, unfinished = unfinished, [run_id]
         else:
             todo, unfinished = [*unfinished, run_id], []
@@ -319,7 +311,7 @@ def test_twenty_starts_and_stops_leave_nothing_behind_and_lose_no_run(
             figure.marks["SIGTERM->exit"] = serve.sigterm()
         else:
             serve.sigkill()
-        assert wait_until(lambda b=before: not still_alive(b), 30), \
+        assert poll_until(lambda b=before: not still_alive(b), 30), \
             f"cycle {cycle} ({how}): still alive: " + "; ".join(
                 f"{pid} {command_line(pid)}" for pid, _ in still_alive(before))
         figure.mark("all gone")
@@ -349,7 +341,7 @@ def test_a_listener_killed_under_serve_is_started_again_and_its_run_completes(
     killed = serve.child_pid("listeners")
     os.kill(killed, signal.SIGKILL)
     began = time.monotonic()
-    assert wait_until(lambda: serve.process.logged_since_start(b"listener ready again"), WAIT), \
+    assert poll_until(lambda: serve.process.logged_since_start(b"listener ready again"), WAIT), \
         serve.process.tail(20)
     print(f"\nlistener SIGKILLed -> started again and subscribed: "
           f"{time.monotonic() - began:.2f}s", flush=True)
