@@ -23,12 +23,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from broker_reads import queued
 from conftest import REAL_REST_IDDS_PORT, REAL_REST_NAMESPACE, new_idds_database_url
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run, slices_reported
 
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
+from swf_panda_workers.adapters.stomp_bus import run_selector
 from swf_panda_workers.config import Settings, Transceiver
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers._bus import PeerBus
@@ -145,6 +147,10 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
         (submission,) = peers.panda.submissions_for(run_id)
         assert transform["workload_id"] == submission.task_id
         assert records.of_run(run_id).processing_statuses() == ["ToCancel"]
+        # Nothing of the run left waiting: no slice, no result.
+        for queue in (peers.prompt.slices.destination,
+                      real_rest_stack.brokers.results_destination):
+            assert queued(real_rest_stack.brokers, queue, run_selector(run_id)) == 0, queue
         ids = (transform["request_id"], transform["transform_id"], submission.task_id)
         mine = of_task(requests, transform["name"], ids)
         # Before each create, and after each failed answer (the 500).

@@ -19,9 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from broker_reads import queued
 from conftest import once
 from prefect_reads import final_flow_run, slices_reported, wait_stored
 
+from swf_panda_workers.adapters.stomp_bus import run_selector
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
@@ -118,6 +120,9 @@ def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_i
     records = peers.idds.database.records(run_id)
     statuses = records.processing_statuses()
     assert statuses and set(statuses) == {"ToCancel"}, statuses
+    # Nothing of the run left waiting: no slice, no result.
+    for queue in (peers.prompt.slices.destination, stack.brokers.results_destination):
+        assert queued(stack.brokers, queue, run_selector(run_id)) == 0, queue
     return [round((p.exited_at or 0) - stop_sent, 1) for p in pilots.of_run(run_id)]
 
 
