@@ -100,6 +100,12 @@ def runs_started(stack: EmbeddedStack, replica: str) -> dict[str, set[str]]:
     return started
 
 
+def results_taken(stack: EmbeddedStack, replica: str, run_id: str) -> int:
+    """Slice results of a run a replica's log says it handed over."""
+    log = (stack.logs / f"listener-{replica}.log").read_text(errors="replace")
+    return log.count(f"msg_type=slice_result run_id={run_id} -> event")
+
+
 REDELIVERED_RESULT = re.compile(r"msg_type=slice_result run_id=\S+ -> event \S+ \(redelivered\)")
 
 
@@ -272,6 +278,11 @@ def test_a_replica_killed_mid_run_leaves_the_run_to_the_other(
         first = Run(replica_stack, peers, new_run_id(), slices)
         first.announce()
         first.wait_sent(slices // 4)
+        # The victim takes results of a run once it follows it (its own
+        # subscription to the run's results): only then can it hold some.
+        assert peers.wait_until(
+            lambda: results_taken(replica_stack, victim, first.run_id) > 0, WAIT), \
+            f"the {victim} replica never took a result of run {first.run_id}"
         # Frozen, the victim still takes its share of results from the broker
         # and acks none of them; then it dies with them.
         process = replica_stack.replicas[victim]
