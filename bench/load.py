@@ -1,8 +1,9 @@
 """The simulated transformers' slice results at a steady total rate, sent
 over several connections (one sender thread each), as the testbed's many
-transformers would. A result has the transformer's shape (PROTOCOL.md): no
-namespace header, the run id as the integer the job was started with, no
-processing_time field (the service reads processed_at - processing_start_at)."""
+transformers would. A result has swf-transform's shape (PROTOCOL.md,
+tests/real_messages): no namespace header, the slice's run id (a string), a
+boolean ``result.state``, PanDA ids as strings, and no processing_time field
+(the service reads processed_at - processing_start_at)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def slice_result(run_id: str, send: SliceSend, workload_id: int | None) -> dict[
     started = done - timedelta(seconds=send.seconds)
     return {
         "msg_type": "slice_result",
-        "run_id": int(run_id),
+        "run_id": run_id,
         "created_at": naive_iso(done, timespec="microseconds"),
         "content": {
             "requested_at": naive_iso(started, timespec="microseconds"),
@@ -32,12 +33,12 @@ def slice_result(run_id: str, send: SliceSend, workload_id: int | None) -> dict[
             "processed_at": naive_iso(done, timespec="microseconds"),
             "state": "done",
             "hostname": f"bench-{run_id}-{send.index % WORKERS_PER_RUN}",
-            "panda_task_id": workload_id,
-            "panda_id": send.index,
+            "panda_task_id": None if workload_id is None else str(workload_id),
+            "panda_id": str(7_000_000 + send.index),
             "harvester_id": "bench-harvester",
-            "slice_id": send.index,
-            "result": {"state": "done", "result": {"actual_processing_time": send.seconds},
-                       "error": None},
+            "result": {"state": True, "error": None, "result": {
+                "run_id": run_id, "slice_id": send.index, "processed": True,
+                "actual_processing_time": send.seconds}},
         },
     }
 

@@ -49,7 +49,10 @@ IDLE_SECONDS = 5.0  # the system at rest before the first run, for its idle memo
 EXPECTED = {  # effects each run must cause exactly this often
     "create_workflow_task": 1,
     "adjust_worker": 2,  # one per slow slice (plan.SLOW)
-    "stop_transformer": 1,
+    # Sent twice, the run id as an integer and as a string: idds-prompt's
+    # transformer compares it with == to the int it was started with,
+    # swf-transform to the string of its first slice (outbound.stop_run_ids).
+    "stop_transformer": 2,
     "close_workflow_task": 1,
 }
 
@@ -117,7 +120,7 @@ class Benchmark:
             idle = {name: tree.last_rss_mb for name, tree in sampler.trees.items()}
             recorder = BusRecorder(brokers, topics=(brokers.workers_topic,
                                                     brokers.transformer_topic)).start()
-            idds = SimulatedIDDS(brokers, on_task_created=self._task_created,
+            idds = SimulatedIDDS(brokers, NAMESPACE, on_task_created=self._task_created,
                                  workers_topic=brokers.workers_topic).start()
             control = ControlSystem(brokers, NAMESPACE, workers_topic=brokers.workers_topic)
             control.start()

@@ -72,6 +72,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
+from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import run_flow
@@ -142,6 +143,8 @@ class InProcessRunner:
         self.tags = tags
         self.description = description
         self._executing: dict[UUID, asyncio.Task[None]] = {}
+        # The same runs, readable from other threads (the recovery's).
+        self._executing_ids: frozenset[UUID] = frozenset()
         self._cancelling: set[UUID] = set()  # cancelled from Prefect: end them Cancelled
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,6 +167,16 @@ class InProcessRunner:
         self._loop = asyncio.get_running_loop()
         self._loop.set_default_executor(ThreadPoolExecutor(
             max_workers=THREADS_PER_RUN * self.limit, thread_name_prefix="swf-flow-io"))
+        # One API client of each kind for the whole process, inherited by each
+        # run's task: Prefect's engine and get_client() reuse a client found in
+        # the context. Without it each run start built its own (an SSL context
+        # each), and the sync one on the event loop, stalling every run: 19 %
+        # of the runner's time when twenty runs start together.
+        with SyncClientContext():
+            async with AsyncClientContext():
+                await self._serve()
+
+    async def _serve(self) -> None:
         async with get_client() as client:
             deployment_id = await self.register()
             log.info("serving %s/%s: flow runs in this process (pid %d), at most %d at once",
@@ -220,13 +233,19 @@ class InProcessRunner:
     def start(self, flow_run: FlowRun) -> None:
         task = asyncio.create_task(self.execute(flow_run.id), name=f"flow-run-{flow_run.name}")
         self._executing[flow_run.id] = task
+        self._executing_ids = frozenset(self._executing)
         task.add_done_callback(lambda _: self._forget(flow_run.id))
         log.info("flow run %s (%s) started; %d running", flow_run.name, flow_run.id,
                  len(self._executing))
 
     def _forget(self, flow_run_id: UUID) -> None:
         self._executing.pop(flow_run_id, None)
+        self._executing_ids = frozenset(self._executing)
         self._cancelling.discard(flow_run_id)
+
+    def executing_ids(self) -> frozenset[UUID]:
+        """The flow runs this process executes now; safe from any thread."""
+        return self._executing_ids
 
     # --- one flow run ----------------------------------------------------------
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from uuid import UUID
 
@@ -107,9 +108,11 @@ def crash_ends_a_cancel(states: list[State]) -> bool:
             and states[-2].type == StateType.CANCELLING)
 
 
-async def recover_orphans(client: PrefectClient, deployment_id: UUID,
-                          horizon: timedelta) -> list[FlowRun]:
-    """One look at the deployment's runs: reschedule the orphans; returns them."""
+async def recover_orphans(client: PrefectClient, deployment_id: UUID, horizon: timedelta,
+                          executing_here: Collection[UUID] = ()) -> list[FlowRun]:
+    """One look at the deployment's runs: reschedule the orphans; returns them.
+    ``executing_here``: runs this very process executes (in-process runner),
+    never orphans, whatever their labels say (a claim still on its way, say)."""
     now = utc_now()
     runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
         deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
@@ -119,6 +122,8 @@ async def recover_orphans(client: PrefectClient, deployment_id: UUID,
     ))
     rescheduled = []
     for run in runs:
+        if run.id in executing_here:
+            continue
         reason = orphaned(run, now)
         if reason is not None and await reschedule(client, run, reason):
             rescheduled.append(run)
@@ -158,9 +163,11 @@ class RunRecovery:
     """Looks for orphans of one deployment from a thread of the runner
     process, at start-up and then every RECOVERY_EVERY seconds."""
 
-    def __init__(self, deployment_name: str, horizon: timedelta) -> None:
+    def __init__(self, deployment_name: str, horizon: timedelta,
+                 executing_here: Callable[[], Collection[UUID]] = frozenset) -> None:
         self.deployment_name = deployment_name
         self.horizon = horizon
+        self.executing_here = executing_here
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._run, name="swf-run-recovery", daemon=True)
@@ -183,7 +190,8 @@ class RunRecovery:
                      RECOVERY_EVERY)
             while True:
                 try:
-                    await recover_orphans(client, deployment_id, self.horizon)
+                    await recover_orphans(client, deployment_id, self.horizon,
+                                          self.executing_here())
                 except httpx.TransportError as exc:  # Prefect down: look again later
                     log.warning("cannot look for orphaned runs now: %s", exc)
                 except httpx.HTTPStatusError as exc:

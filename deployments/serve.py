@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> None:
     # Prefect's logging setup shows warnings only; the recovery says what it does.
     logging.getLogger("swf").setLevel(logging.INFO)
     wait_for_server()
-    RunRecovery(settings.prefect.deployment,
-                horizon=timedelta(seconds=settings.timeouts.run_end)).start()
+    horizon = timedelta(seconds=settings.timeouts.run_end)
     if settings.prefect.flow_runs == "in_process":
-        serve_in_process(InProcessRunner(run_lifecycle, deployment_name,
-                                         settings.prefect.runner_limit, TAGS, DESCRIPTION))
+        runner = InProcessRunner(run_lifecycle, deployment_name, settings.prefect.runner_limit,
+                                 TAGS, DESCRIPTION)
+        # A run this process executes is alive, whatever the server says of it.
+        RunRecovery(settings.prefect.deployment, horizon, runner.executing_ids).start()
+        serve_in_process(runner)
     else:
+        RunRecovery(settings.prefect.deployment, horizon).start()
         run_lifecycle.serve(name=deployment_name, limit=settings.prefect.runner_limit,
                             tags=TAGS, description=DESCRIPTION)
 

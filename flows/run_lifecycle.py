@@ -23,12 +23,14 @@ decisions are artifacts of their own, beside the live run's.
 """
 
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
@@ -37,16 +39,19 @@ from pydantic import BaseModel
 
 from flows.connections import run_bus, run_events
 from flows.idds_requests import ask_idds, close_open_tasks, gateway_for
+from flows.progress_watch import watched_run
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
 from flows.scaling import ScalingReport, publish_decisions, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
+    SERVER_TROUBLE,
     fold_history,
     history_start,
     message_event_name,
     run_resource_id,
+    server_trouble,
 )
 from swf_panda_workers.adapters.prefect_runs import claim_run
 from swf_panda_workers.config import Settings
@@ -57,6 +62,7 @@ from swf_panda_workers.run_report import artifact_key
 from swf_panda_workers.run_state import Effect, RunState, initial_state
 from swf_panda_workers.timestamps import utc_now
 
+CLAIM_RETRY_EVERY = 2.0  # s between attempts to record the attempt's process
 SUB_FLOW_ONLY = tuple(
     message_event_name(t) for t in ("slice_result", "heartbeat", "transformer_heartbeat"))
 
@@ -107,9 +113,23 @@ async def run_lifecycle(
     """``announcement`` is the run_imminent message as received (either shape);
     ``received_at`` when the listener got it (events are read from then on);
     ``dry_run``: replay the recorded run, sending nothing."""
-    # First of all, which process runs this attempt: a runner that finds that
-    # process gone runs the flow run again (deployments/recovery.py).
-    await claim_attempt()
+    # Which process runs this attempt: a runner that finds that process gone
+    # runs the flow run again (deployments/recovery.py). Recorded beside the
+    # run's start, not before it: on SQLite this write may wait seconds for
+    # the database when many runs start together, and the create must not.
+    claiming = asyncio.create_task(claim_attempt(), name=f"claim-run-{run_id}")
+    try:
+        outcome = await follow_run_to_end(run_id, namespace, announcement, received_at,
+                                          dry_run)
+    except BaseException:
+        claiming.cancel()
+        raise
+    await claiming
+    return outcome
+
+
+async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str, Any],
+                            received_at: datetime | None, dry_run: bool) -> RunOutcome:
     settings = settings_for(namespace)
     run = announced_run(announcement, run_id)
     since = history_start(received_at or utc_now())
@@ -120,10 +140,12 @@ async def run_lifecycle(
     # One subscription for the whole run, so nothing falls between two. The
     # stream of slice results and heartbeats is the scaling sub-flow's.
     async with (
+        watched_run(namespace, run_id, settings.timeouts.stall) as progress,
         run_bus(settings, f"run-{run_id}", dry_run) as bus,
         run_events(resource, since, dry_run, exclude=SUB_FLOW_ONLY) as feed,
     ):
         view = RunView(feed, initial_state(run, settings), namespace, dry_run)
+        view.progress = progress
         await view.catch_up()
         idds = gateway_for(settings, bus, dry_run)
         ending = Ending(view, bus, idds, workflow_name, settings)
@@ -138,6 +160,7 @@ async def run_lifecycle(
         elif view.state.stop_sent:
             report = ScalingReport.without_scaling("stopped by an earlier attempt")
         else:
+            view.waits_for("Prefect to start the scaling sub-flow")
             try:
                 report = await scale_workers(
                     run_id=run_id, namespace=namespace, announcement=announcement,
@@ -147,6 +170,7 @@ async def run_lifecycle(
                 # Not swallowed: the stop and the close first, then the failure.
                 await ending.after_failure()
                 raise
+        view.waits_for("the stop and the close to be sent")
         state = await ending.stop_and_close(confirm=True)
 
     # Counted from the stored history after the stop and the close, which
@@ -170,11 +194,21 @@ async def run_lifecycle(
 
 
 async def claim_attempt() -> None:
+    """Record this process as the attempt's, however long the server takes."""
     flow_run_id = flow_run.id
     if flow_run_id is None:
         raise RuntimeError("the run flow runs only as a flow run")
-    async with get_client() as client:
-        await claim_run(client, UUID(flow_run_id), flow_run.run_count)
+    while True:
+        try:
+            async with get_client() as client:
+                await claim_run(client, UUID(flow_run_id), flow_run.run_count)
+            return
+        except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+            if not server_trouble(exc):
+                raise
+            get_run_logger().warning("cannot record this process as the run's yet (%s); "
+                                     "trying again in %g s", exc, CLAIM_RETRY_EVERY)
+            await asyncio.sleep(CLAIM_RETRY_EVERY)
 
 
 async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
@@ -192,6 +226,7 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
         logger.info("create_workflow_task sent for run %s (%s)", run.run_id, workflow["name"])
 
     timeout = settings.timeouts.created_workflow_task
+    view.waits_for("iDDS's created_workflow_task (the run's task ids)")
     if not await view.until(lambda s: s.ids is not None or s.ended, timeout):
         if view.dry_run:
             raise CreateNotAnswered(f"the recorded run {run.run_id} holds no answer of iDDS "
@@ -235,6 +270,7 @@ class Ending:
         if not confirm:
             return view.state
         timeout = settings.timeouts.closed_workflow_task
+        view.waits_for("iDDS's closed_workflow_task (the close confirmation)")
         if not await view.until(lambda s: s.closed, timeout, self._close_new_tasks):
             if view.dry_run:
                 # The replay's decisions are still worth showing.

@@ -7,6 +7,7 @@ out, and what the dry run does is applied here only, never journaled."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -25,8 +26,14 @@ from swf_panda_workers.adapters.prefect_events import (
 )
 from swf_panda_workers.adjustment_journal import AdjustmentJournal
 from swf_panda_workers.idds_gateway import Answer
-from swf_panda_workers.log_lines import input_line
+from swf_panda_workers.log_lines import (
+    STREAM_INPUTS,
+    STREAM_SUMMARY_EVERY,
+    StreamSummary,
+    input_line,
+)
 from swf_panda_workers.messages import Message
+from swf_panda_workers.run_progress import RunProgress
 from swf_panda_workers.run_state import Effect, RunState, apply
 from swf_panda_workers.timestamps import plain_utc, utc_now
 
@@ -39,6 +46,9 @@ class RunView:
         self.dry_run = dry_run
         self.state = state
         self._clock: datetime | None = None  # when the last input applied arrived
+        self._stream = StreamSummary()
+        self._stream_since = time.monotonic()
+        self.progress: RunProgress | None = None  # reported stalls (flows/progress_watch.py)
         # The adjustments an earlier attempt journaled, not replayed yet (a
         # dry run leaves the recorded flow's journal out).
         self.journal = AdjustmentJournal() if dry_run else AdjustmentJournal.of(
@@ -69,8 +79,35 @@ class RunView:
             self.journal = self.journal.read(item)
             self._clock = plain_utc(event.occurred)
             self.state = apply(item, self.state, self._clock)
-            get_run_logger().info(input_line(item, self.state.run_id))
+            self._log(item)
+            self._moved()
             return item
+
+    def waits_for(self, what: str, expected: bool = True) -> None:
+        """What the flow waits for from now on (see RunProgress)."""
+        if self.progress is not None:
+            self._say_moving(self.progress.waits_for(what, time.monotonic(), expected))
+
+    def _moved(self) -> None:
+        if self.progress is not None:
+            self._say_moving(self.progress.moved(time.monotonic()))
+
+    def _say_moving(self, stalled: float | None) -> None:
+        if stalled is not None:
+            get_run_logger().info("run_id=%s moves again after %.0fs without progress",
+                                  self.state.run_id, stalled)
+
+    def _log(self, item: Message | Effect) -> None:
+        logger = get_run_logger()
+        if not isinstance(item, STREAM_INPUTS):
+            logger.info(input_line(item, self.state.run_id))
+            return
+        logger.debug(input_line(item, self.state.run_id))
+        self._stream.add(item)
+        now = time.monotonic()
+        if now - self._stream_since >= STREAM_SUMMARY_EVERY:
+            logger.info(self._stream.line(self.state.run_id, now - self._stream_since))
+            self._stream, self._stream_since = StreamSummary(), now
 
     async def catch_up(self) -> RunState:
         """Apply everything already stored."""
@@ -115,7 +152,12 @@ class RunView:
         if answer is not None:
             events.append(self._journal(answer, answer_event(answer, self._namespace,
                                                              _flow_run_id())))
+        progress = self.progress
+        waited = (progress.waiting_for, progress.expected) if progress else None
+        self.waits_for(f"Prefect to store the journal entry of {effect.kind}")
         await until_stored(events)
+        if waited is not None:
+            self.waits_for(*waited)
 
     def _journal(self, item: Effect | Answer, event: Event) -> Event:
         self._feed.mark_seen(event)

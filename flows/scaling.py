@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from flows.connections import run_bus, run_events
 from flows.idds_requests import ask_idds, close_extra_tasks, gateway_for
+from flows.progress_watch import progress_of
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
 from swf_panda_workers import outbound
@@ -82,6 +83,9 @@ async def scale_workers(
         run_events(run_resource_id(namespace, run_id), history_start(started), dry_run) as feed,
     ):
         view = RunView(feed, state, namespace, dry_run)
+        # The parent's record: a stall of this sub-flow is the run's.
+        view.progress = progress_of(namespace, run_id)
+        view.waits_for("slice results and end_run", expected=False)
         scaler = Scaler(view, autoscaler, gateway_for(settings, bus, dry_run), settings,
                         outbound.workflow_name(run, settings, started))
         end = await scaler.follow_until_end(deadline)

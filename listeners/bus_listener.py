@@ -122,6 +122,7 @@ class BusListener:
     owned: dict[str, UUID] = field(default_factory=dict)
     followed: FollowedRuns = field(init=False)
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    _starts: asyncio.Queue[tuple[StartRun, Delivery]] = field(default_factory=asyncio.Queue)
     _pending: dict[UUID, Pending] = field(default_factory=dict)
     _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
     _retrying: set[str] = field(default_factory=set)  # message ids back in the inbox
@@ -197,6 +198,7 @@ class BusListener:
         await asyncio.to_thread(self.bus.start)
         confirming = asyncio.create_task(self._confirm_forever())
         counting = asyncio.create_task(self._count_runs_forever())
+        starting = asyncio.create_task(self._start_forever())
         log.info("listening for namespace %s as %s", self.namespace, self.listener_id)
         self._listening = True
         try:
@@ -205,23 +207,50 @@ class BusListener:
                     delivery = await asyncio.wait_for(self._inbox.get(), timeout=0.5)
                 except TimeoutError:
                     continue
-                await self.handle(delivery)
+                await self.dispatch(delivery)
         finally:
             self._listening = False
-            confirming.cancel()
-            counting.cancel()
+            # Starts not made stay unacked: the broker redelivers them.
+            for background in (confirming, counting, starting):
+                background.cancel()
             for waiting in self._waiting.values():  # unacked: the broker redelivers them
                 waiting.cancel()
             await asyncio.to_thread(self.bus.stop)
 
     # --- one message ------------------------------------------------------------
 
+    async def dispatch(self, delivery: Delivery) -> None:
+        """What the consumer loop does with a delivery: ``handle`` it, except a
+        run start, which is queued for the starter (``_start_forever``). A
+        start waits for Prefect to store a flow run, seconds on SQLite when
+        runs are announced together, and the messages behind it (iDDS's reply
+        to an earlier run's create, a run's end) must not wait with it."""
+        decision = self._decided(delivery)
+        if isinstance(decision, StartRun):
+            self._starts.put_nowait((decision, delivery))
+        else:
+            await self._carry_out(decision, delivery)
+
     async def handle(self, delivery: Delivery) -> None:
+        """Carry out what ``delivery`` calls for, whatever it is."""
+        await self._carry_out(self._decided(delivery), delivery)
+
+    def _decided(self, delivery: Delivery) -> Decision:
         decision = decide(delivery.body, delivery.headers, self.inbox, self.owned)
         if delivery.message_id in self._retrying:
             self._retrying.discard(delivery.message_id)  # counted when it first came
         else:
             self.metrics.received(delivery, decision)
+        return decision
+
+    async def _start_forever(self) -> None:
+        """Start the announced runs, one at a time (concurrent creates on
+        SQLite lock each other out), in the order they came."""
+        while True:
+            decision, delivery = await self._starts.get()
+            await self._carry_out(decision, delivery)
+
+    async def _carry_out(self, decision: Decision, delivery: Delivery) -> None:
         act = self._actions()[type(decision)]
         try:
             await act(decision, delivery)

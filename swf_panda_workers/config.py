@@ -256,6 +256,12 @@ class Timeouts(_Section):
         default=48 * 3600.0, gt=0,
         description="seconds after run_imminent to end a run whose end_run never came",
     )
+    stall: float = Field(
+        default=60.0, gt=0,
+        description="seconds a run may wait for something it needs (iDDS's ids, its "
+        "scaling sub-flow to start, a close confirmation, Prefect storing its journal) "
+        "before it is reported stalled, with what it waits for",
+    )
 
 
 class Idds(_Section):

@@ -4,12 +4,14 @@ a run whose process died from one still running (deployments/recovery.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -23,11 +25,35 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
 from swf_panda_workers.messages import RunImminent
 from swf_panda_workers.timestamps import to_iso
 
+T = TypeVar("T")
 _ACTIVE = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+
+
+# Prefect's client waits 2, 4, 8, 16 then 32 s between retries of a 503, the
+# answer of a server on SQLite whose database was locked by another write for
+# a few milliseconds: twenty runs announced together waited up to a minute
+# behind such waits. For the writes a run start needs, the client's own
+# retries are off, and they are retried here at the pace of such a lock.
+QUICK_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # s before each next attempt
+
+
+async def quickly_retried(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()`` (a request to Prefect), retried soon after a 503; what
+    the last attempt raises is raised."""
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+        for delay in QUICK_RETRIES:
+            try:
+                return await call()
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 503:
+                    raise
+            await asyncio.sleep(delay)
+        return await call()
 
 
 def idempotency_key(namespace: str, run_id: str) -> str:
@@ -60,8 +86,9 @@ class RunStarter:
             if self._deployment_id is None:
                 deployment = await self._client.read_deployment_by_name(self._deployment_name)
                 self._deployment_id = deployment.id
-            flow_run = await self._client.create_flow_run_from_deployment(
-                self._deployment_id,
+            deployment_id = self._deployment_id
+            flow_run = await quickly_retried(lambda: self._client.create_flow_run_from_deployment(
+                deployment_id,
                 parameters={
                     "run_id": run.run_id,
                     "namespace": namespace,
@@ -71,7 +98,7 @@ class RunStarter:
                 name=f"run-{run.run_id}",
                 tags=run_tags(namespace, run.run_id),
                 idempotency_key=idempotency_key(namespace, run.run_id),
-            )
+            ))
         except (ObjectNotFound, httpx.HTTPStatusError) as exc:
             if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code != 404:
                 raise
@@ -193,5 +220,6 @@ def _proc_stat(pid: int) -> tuple[str, str]:
 async def claim_run(client: PrefectClient, flow_run_id: UUID, attempt: int) -> RunProcess:
     """Record that this process executes the flow run's attempt ``attempt``."""
     process = RunProcess.current(attempt)
-    await client.update_flow_run_labels(flow_run_id, {PROCESS_LABEL: process.label})
+    await quickly_retried(lambda: client.update_flow_run_labels(
+        flow_run_id, {PROCESS_LABEL: process.label}))
     return process

@@ -354,3 +354,47 @@ def test_an_announcement_that_waits_does_not_hold_up_other_runs_messages(
     assert order == ["handed over first", "event of run 5", "announcement tried again"]
     assert again.body == announcement("77").body
     assert bus.acked == []  # the end's ack waits for Prefect's read-back; the announcement's wait
+
+
+class SlowToStore(FakeRuns):
+    """Prefect takes its time to store a flow run (SQLite, runs announced
+    together): each start waits until ``stored`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored = asyncio.Event()
+
+    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
+                    received_at: datetime) -> uuid.UUID:
+        await self.stored.wait()
+        return await super().start(run, namespace, announcement, received_at)
+
+
+def test_a_slow_run_start_does_not_hold_up_the_messages_behind_it() -> None:
+    """The consumer loop queues run starts for the starter, which makes them
+    one at a time, in order; meanwhile another run's end is handed over."""
+    events = FakeEvents()
+    end_of_another_run = json.dumps({"msg_type": "end_run", "run_id": "5",
+                                     "namespace": NS}).encode()
+
+    async def go() -> tuple[list[str], FakeRuns, FakeBus, list[Delivery]]:
+        bus, runs = FakeBus(), SlowToStore()
+        shell = listener(bus, runs, events)
+        starter = asyncio.create_task(shell._start_forever())
+        seen: list[str] = []
+        announced = [announcement("77"), announcement("78")]
+        for item in announced:
+            await shell.dispatch(item)
+        await shell.dispatch(delivery(end_of_another_run))
+        seen.append(f"event of run {events.emitted[-1].resource['swf.run_id']}")
+        seen.append(f"started {runs.started}")
+        runs.stored.set()
+        while len(runs.started) < 2:
+            await asyncio.sleep(0.01)
+        seen.append(f"started {runs.started}")
+        starter.cancel()
+        return seen, runs, bus, announced
+
+    seen, runs, bus, announced = asyncio.run(go())
+    assert seen == ["event of run 5", "started []", "started ['77', '78']"]
+    assert [item.message_id for item in announced] == bus.acked  # acked once started

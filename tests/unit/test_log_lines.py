@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swf_panda_workers.log_lines import input_line
+from swf_panda_workers.log_lines import StreamSummary, input_line
 from swf_panda_workers.messages import WorkerSize, parse_message
 from swf_panda_workers.run_state import Effect
 
@@ -31,3 +31,16 @@ def test_effect_lines() -> None:
     assert input_line(Effect(kind="adjust_sent", size=size), "7") == \
         "effect=adjust_sent run_id=7 workers=6"
     assert input_line(Effect(kind="stop_sent"), "7") == "effect=stop_sent run_id=7"
+
+
+def test_a_run_s_stream_is_summed_up_in_one_line() -> None:
+    summary = StreamSummary()
+    assert not summary
+    for took, state in ((2.0, "done"), (3.0, "done"), (9.0, "failed")):
+        summary.add(parse_message({"msg_type": "slice_result", "run_id": 7, "content": {
+            "processing_start_at": "2026-11-24T10:00:00",
+            "processed_at": f"2026-11-24T10:00:0{took:.0f}", "state": state}}))
+    summary.add(parse_message({"msg_type": "transformer_heartbeat", "content": {}}))
+    assert summary
+    assert summary.line("7", 30.2) == ("stream run_id=7 last=30s slice_results=2 failed=1 "
+                                       "took_median=3.00s took_max=9.00s heartbeats=1")

@@ -11,6 +11,8 @@ from prefect.events import Event
 
 from swf_panda_workers.adapters.prefect_events import (
     SEEN_HORIZON,
+    Route,
+    RunEventsHub,
     RunFeed,
     SeenEvents,
     answer_event,
@@ -98,3 +100,43 @@ def test_a_runs_feed_reads_back_every_kind_of_event_the_run_journals() -> None:
     for item in journaled:
         assert item.event.startswith(tuple(wanted.event.prefix)), item.event
     assert decode(journaled[0]) == created
+
+
+def run_event(resource_id: str, name: str = "swf.bus.slice_result") -> Event:
+    return Event(occurred=T0, event=name, resource={"prefect.resource.id": resource_id},
+                 payload={})
+
+
+def test_the_hub_hands_each_event_to_the_feeds_of_its_run_only() -> None:
+    hub = RunEventsHub()
+    taken: dict[str, list[str]] = {"parent": [], "sub": [], "other": []}
+    parent = Route("swf.run.t.1", ("swf.bus.slice_result",), lambda e: taken["parent"].append(
+        e.event), lambda: None)
+    sub = Route("swf.run.t.1", (), lambda e: taken["sub"].append(e.event), lambda: None)
+    other = Route("swf.run.t.2", (), lambda e: taken["other"].append(e.event), lambda: None)
+    for route in (parent, sub, other):
+        hub._routes.setdefault(route.resource_id, []).append(route)
+
+    hub._dispatch(run_event("swf.run.t.1"))
+    hub._dispatch(run_event("swf.run.t.1", "swf.bus.end_run"))
+    hub._dispatch(run_event("swf.run.t.3"))  # followed by no feed here: dropped
+
+    assert taken == {"parent": ["swf.bus.end_run"],
+                     "sub": ["swf.bus.slice_result", "swf.bus.end_run"], "other": []}
+    hub.remove(sub)
+    hub._dispatch(run_event("swf.run.t.1"))
+    assert taken["sub"] == ["swf.bus.slice_result", "swf.bus.end_run"]
+    assert hub.followed == 2
+
+
+def test_every_feed_reads_its_history_again_when_the_hub_subscribes_again() -> None:
+    hub = RunEventsHub()
+    swept: list[str] = []
+    for resource_id in ("swf.run.t.1", "swf.run.t.2"):
+        route = Route(resource_id, (), lambda e: None,
+                      lambda r=resource_id: swept.append(r))  # type: ignore[misc]
+        hub._routes.setdefault(resource_id, []).append(route)
+    hub._on_subscribed(True)
+    assert swept == []  # the first subscription: each feed reads its history itself
+    hub._on_subscribed(False)
+    assert sorted(swept) == ["swf.run.t.1", "swf.run.t.2"]

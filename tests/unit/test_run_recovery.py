@@ -4,17 +4,25 @@ processes of this machine, no Prefect server needed."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from uuid import uuid4
 
 import pytest
 from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.responses import SetStateStatus
 
-from deployments.recovery import UNCLAIMED_GRACE, crash_ends_a_cancel, orphaned
+from deployments.recovery import (
+    UNCLAIMED_GRACE,
+    crash_ends_a_cancel,
+    orphaned,
+    recover_orphans,
+)
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess
 from swf_panda_workers.timestamps import utc_now
 
@@ -130,3 +138,37 @@ def test_a_crash_that_ends_a_cancel_is_not_recovered() -> None:
 ])
 def test_other_crashes_are_recovered(history: tuple[StateType, ...]) -> None:
     assert not crash_ends_a_cancel(states(*history))
+
+
+class RecordingClient:
+    """Answers the recovery's reads with ``runs``; records what it reschedules."""
+
+    def __init__(self, runs: list[FlowRun]) -> None:
+        self.runs = runs
+        self.rescheduled: list[object] = []
+
+    async def read_flow_runs(self, **_: object) -> list[FlowRun]:
+        return self.runs
+
+    async def read_flow_run_states(self, _: object) -> list[State]:
+        return []
+
+    async def update_flow_run_labels(self, *_: object) -> None:
+        return None
+
+    async def set_flow_run_state(self, run_id: object, state: State,
+                                 force: bool = False) -> SimpleNamespace:
+        self.rescheduled.append(run_id)
+        return SimpleNamespace(status=SetStateStatus.ACCEPT, details=None)
+
+
+def test_a_run_this_process_executes_is_never_rescheduled() -> None:
+    # Running for long without a claim: an orphan by the labels, unless its
+    # task runs in this very process (its claim may still be on its way).
+    mine = flow_run(StateType.RUNNING, LONG_AGO)
+    lost = flow_run(StateType.RUNNING, LONG_AGO)
+    client = RecordingClient([mine, lost])
+    rescheduled = asyncio.run(recover_orphans(client, uuid4(),  # type: ignore[arg-type]
+                                              timedelta(hours=1), executing_here={mine.id}))
+    assert [run.id for run in rescheduled] == [lost.id]
+    assert client.rescheduled == [lost.id]

@@ -12,8 +12,14 @@ from typing import Any
 import httpx
 import pytest
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-from swf_panda_workers.adapters.prefect_runs import DeploymentMissing, RunStarter
+from swf_panda_workers.adapters.prefect_runs import (
+    QUICK_RETRIES,
+    DeploymentMissing,
+    RunStarter,
+    quickly_retried,
+)
 from swf_panda_workers.messages import RunImminent, parse_message
 
 RUN = parse_message({"msg_type": "run_imminent", "run_id": "5", "content": {}})
@@ -73,3 +79,41 @@ def test_a_deleted_deployment_is_deployment_missing_and_looked_up_again() -> Non
 def test_other_refusals_stay_what_they_are() -> None:
     with pytest.raises(httpx.HTTPStatusError):
         start(Client(create_status=422))
+
+
+def refusal(status: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://prefect/api/flow_runs/")
+    return httpx.HTTPStatusError("no", request=request, response=httpx.Response(
+        status, request=request))
+
+
+def test_a_locked_database_is_retried_at_once_without_the_client_s_own_retries() -> None:
+    # SQLite's "database is locked" comes back as a 503: tried again within
+    # tenths of a second, not after Prefect's client's 2, 4, 8... seconds.
+    answers: list[int | None] = [503, 503, None]
+    retries_seen: list[int] = []
+
+    async def call() -> str:
+        retries_seen.append(PREFECT_CLIENT_MAX_RETRIES.value())
+        status = answers.pop(0)
+        if status is not None:
+            raise refusal(status)
+        return "stored"
+
+    assert asyncio.run(quickly_retried(call)) == "stored"
+    assert retries_seen == [0, 0, 0]
+    assert QUICK_RETRIES[0] < 1.0  # the first retry well before the client's first (2 s)
+
+
+@pytest.mark.parametrize("status", [500, 409, 422])
+def test_other_failures_are_not_retried_here(status: int) -> None:
+    calls = 0
+
+    async def call() -> None:
+        nonlocal calls
+        calls += 1
+        raise refusal(status)
+
+    with pytest.raises(httpx.HTTPStatusError):
+        asyncio.run(quickly_retried(call))
+    assert calls == 1
