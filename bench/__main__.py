@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.plan import LoadPlan
+from bench.scenarios import SCENARIOS
 from bench.system import Benchmark, Options
+from bench.timeline import timeline_png
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
         "simulated peers) with concurrent runs and print latencies, throughput, lost or "
         "duplicated effects, memory and CPU. Defaults: the issue's target, 20 runs, "
         "500 slice results/s, 5 minutes.")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS),
+                        help="a named scenario: its load replaces --runs, --slices, --rate and "
+                        "--announce-every, and its targets are judged pass or fail")
     parser.add_argument("--runs", type=int, default=20, help="concurrent runs")
     parser.add_argument("--slices", type=int, default=7500, help="slice results per run")
     parser.add_argument("--rate", type=float, default=500, help="slice results/s in total")
@@ -41,19 +47,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="directory the JSON result is written to")
     args = parser.parse_args(argv)
 
+    scenario = SCENARIOS[args.scenario] if args.scenario else None
+    if scenario is not None:
+        args.runs, args.slices, args.rate = scenario.runs, scenario.slices, scenario.rate
+        args.announce_every = scenario.announce_every
     plan = LoadPlan(runs=args.runs, slices=args.slices, rate=args.rate,
                     expected_seconds=args.expected)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="swf-bench-"))
-    result = Benchmark(Options(plan=plan, workdir=workdir, stomp_port=args.stomp_port,
-                               prefect_port=args.prefect_port,
-                               connections=args.connections, profile=args.profile,
-                               announce_every=args.announce_every,
-                               postgres_port=args.postgres_port)).run()
+    load_before = os.getloadavg()
+    bench = Benchmark(Options(plan=plan, workdir=workdir, stomp_port=args.stomp_port,
+                              prefect_port=args.prefect_port,
+                              connections=args.connections, profile=args.profile,
+                              announce_every=args.announce_every,
+                              postgres_port=args.postgres_port))
+    result = bench.run()
+    result.notes.append("machine load average before the run (1, 5, 15 min): "
+                        + ", ".join(f"{x:.2f}" for x in load_before))
     print(result.table())
+    if scenario is not None:
+        print("\n" + scenario.verdict(result))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    stem = f"bench-{args.scenario or 'custom'}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(result.model_dump(mode="json"), indent=2))
     print(f"\nresult written to {path}; the system's logs are in {workdir / 'logs'}")
+    if bench.timeline is not None:
+        plot = args.out / f"{stem}.png"
+        plot.write_bytes(timeline_png(bench.timeline))
+        print(f"timeline drawn in {plot}")
 
 
 if __name__ == "__main__":

@@ -57,14 +57,20 @@ def delays(causes: Mapping[str, Sequence[float]],
     """Per run, each cause paired with the first effect at or after it that
     no earlier cause took: seconds from one to the other. A cause without an
     effect gives no delay (the tally counts it as lost)."""
-    found: list[float] = []
+    return [delay for _, delay in timed_delays(causes, effects)]
+
+
+def timed_delays(causes: Mapping[str, Sequence[float]],
+                 effects: Mapping[str, Sequence[float]]) -> list[tuple[float, float]]:
+    """As ``delays``, each with the time of its cause: (cause, seconds)."""
+    found: list[tuple[float, float]] = []
     for run, times in causes.items():
         pending = sorted(effects.get(run, ()))
         for cause in sorted(times):
             while pending and pending[0] < cause:
                 pending.pop(0)  # an effect before its cause answers something else
             if pending:
-                found.append(pending.pop(0) - cause)
+                found.append((cause, pending.pop(0) - cause))
     return found
 
 

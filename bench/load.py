@@ -59,6 +59,7 @@ class SliceLoad:
         self.slow_sent: dict[str, list[float]] = {run_id: [] for run_id in run_ids}
         self.first_at: float | None = None
         self.last_at: float | None = None
+        self.sent_at: list[float] = []  # when each result went out (for the plot)
 
     def run(self) -> None:
         """Send everything (returns when the last result is sent)."""
@@ -93,6 +94,7 @@ class SliceLoad:
             bus.send(self._queue, body, peer_headers("slice_result", run_id))
             with self._lock:
                 self.sent += 1
+                self.sent_at.append(at)
                 self.first_at = at if self.first_at is None else min(self.first_at, at)
                 self.last_at = at if self.last_at is None else max(self.last_at, at)
                 if send.slow:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class TreeUse:
     peak_rss_mb: float = 0.0
     last_rss_mb: float = 0.0
     history: list[tuple[float, float]] = field(default_factory=list)  # (time, RSS MB)
+    cpu_history: list[tuple[float, float]] = field(default_factory=list)  # (time, CPU s so far)
     _cpu_start: dict[int, float] = field(default_factory=dict)
     _cpu_last: dict[int, float] = field(default_factory=dict)
 
@@ -74,6 +76,7 @@ class TreeUse:
             # (a flow run's subprocess); one there at the start, from then.
             self._cpu_start.setdefault(pid, used if first else 0.0)
             self._cpu_last[pid] = used
+        self.cpu_history.append((time.time(), self.cpu_seconds))
 
     def rss_at(self, moment: float) -> float | None:
         """The RSS sampled last before ``moment``."""
@@ -110,3 +113,37 @@ class Sampler:
         while not self._stop.wait(self._every):
             for tree in self.trees.values():
                 tree.sample()
+
+
+class MetricSampler:
+    """Samples one Prometheus counter (e.g. the listener's acked messages)
+    from ``url`` every ``every`` seconds on a thread; a sample that fails is
+    skipped."""
+
+    def __init__(self, url: str, metric: str, every: float = 1.0) -> None:
+        self.url = url
+        self.metric = metric
+        self.samples: list[tuple[float, float]] = []
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bench-metric", daemon=True)
+
+    def start(self) -> MetricSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name == self.metric:
+                    self.samples.append((time.time(), float(value)))

@@ -31,11 +31,13 @@ from prefect.events.filters import (
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays
+from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays, timed_delays
 from bench.load import SliceLoad
 from bench.plan import LoadPlan
-from bench.processes import Sampler
+from bench.processes import MetricSampler, Sampler
 from bench.profiles import Profiles
+from bench.timeline import Timeline
+from listeners.metrics import PREFIX as METRICS_PREFIX
 from swf_panda_workers.adapters.prefect_events import message_event_name, run_resource_id
 from swf_panda_workers.embedded.postgres import PostgresCluster
 from swf_panda_workers.embedded.stack import EmbeddedStack
@@ -68,6 +70,7 @@ class Options:
     announce_every: float = 0.5  # s between two runs' announcements
     profile: Path | None = None  # where py-spy profiles of the load go, if anywhere
     postgres_port: int | None = None  # the Prefect server on a private PostgreSQL there
+    metrics_port: int = 9651  # the listener's /metrics, sampled for the hand-off plot
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
@@ -82,6 +85,7 @@ class Options:
             "timeouts": {"created_workflow_task": 120, "closed_workflow_task": 300,
                          "run_end": 4 * 3600},
             "prefect": {"runner_limit": self.runner_limit or plan.runs + 5},
+            "metrics": {"port": self.metrics_port},
         }
         for section, values in self.extra_config.items():
             base[section] = {**base.get(section, {}), **values}
@@ -101,6 +105,7 @@ class Benchmark:
         self.ended: dict[str, float] = {}
         self.notes: list[str] = []
         self.postgres_pid: int | None = None
+        self.timeline: Timeline | None = None  # filled in by run()
 
     def run(self) -> BenchResult:
         if self.options.postgres_port is None:
@@ -116,6 +121,8 @@ class Benchmark:
             print(f"Prefect UI: {self.stack.ui_url}", flush=True)
             brokers = self.stack.brokers
             sampler = Sampler(self._roots()).start()
+            acked = MetricSampler(f"http://127.0.0.1:{self.options.metrics_port}/metrics",
+                                  f"{METRICS_PREFIX}_messages_acked_total").start()
             time.sleep(IDLE_SECONDS)
             idle = {name: tree.last_rss_mb for name, tree in sampler.trees.items()}
             recorder = BusRecorder(brokers, topics=(brokers.workers_topic,
@@ -132,9 +139,30 @@ class Benchmark:
                 stored = self.stored_results()
             finally:
                 sampler.stop()
+                acked.stop()
                 for part in (control, idds, recorder):
                     part.stop()
+        self.timeline = self._timeline(recorder, load, sampler, acked)
         return self._result(started_at, recorder, load, drain, stored, states, idle, sampler)
+
+    def _timeline(self, recorder: BusRecorder, load: SliceLoad, sampler: Sampler,
+                  acked: MetricSampler) -> Timeline:
+        seen = _times_by_run(recorder)
+        plan = self.plan
+        return Timeline(
+            title=f"{plan.runs} runs, {plan.rate:g} slice results/s, "
+                  f"{plan.runs * plan.slices} results",
+            sent_at=load.sent_at, acked=acked.samples,
+            latencies={
+                "create": timed_delays({r: [t] for r, t in self.announced.items()},
+                                       seen["create_workflow_task"]),
+                "slow result -> adjust": timed_delays(load.slow_sent, seen["adjust_worker"]),
+                "stop": timed_delays({r: [t] for r, t in self.ended.items()},
+                                     seen["stop_transformer"]),
+            },
+            rss_mb={name: tree.history for name, tree in sampler.trees.items()},
+            cpu_seconds={name: tree.cpu_history for name, tree in sampler.trees.items()},
+        )
 
     def _roots(self) -> dict[str, int]:
         parts = {"listener": self.stack.listener, "runner": self.stack.runner,

@@ -13,6 +13,8 @@ from bench.compare import comparison
 from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays
 from bench.plan import FAST, SLOW, LoadPlan
 from bench.processes import TreeUse, descendants
+from bench.scenarios import SCENARIOS, cpu_per_1000_results
+from bench.timeline import Timeline, lag, per_second, rates, timeline_png
 
 
 def test_the_plan_interleaves_runs_at_the_total_rate() -> None:
@@ -100,3 +102,39 @@ def test_results_compare_side_by_side() -> None:
     lost = next(line for line in lines if "stop_transformer: lost" in line)
     assert lost.split()[-2:] == ["1", "0"]
     assert "RSS at 1/4" in result(1.0, 0).table()
+
+
+def test_a_scenario_judges_each_target_pass_or_fail() -> None:
+    burst = SCENARIOS["burst-20"]
+    good = burst.verdict(result(p99_stop=200.0, lost=0)).splitlines()
+    bad = burst.verdict(result(p99_stop=900.0, lost=1)).splitlines()
+    stop_good = next(line for line in good if "stop_transformer p99" in line)
+    stop_bad = next(line for line in bad if "stop_transformer p99" in line)
+    assert stop_good.split()[-3:] == ["200.0", "ms", "pass"]
+    assert stop_bad.split()[-3:] == ["900.0", "ms", "FAIL"]
+    assert next(line for line in bad if "lost or doubled" in line).split()[-1] == "FAIL"
+    # Not measured (no create latency in this result) is no pass.
+    assert next(line for line in good if "create_workflow_task" in line).split()[-1] == "FAIL"
+
+
+def test_cpu_per_thousand_results_counts_every_process() -> None:
+    # 3 CPU s for 2 runs x 10 results.
+    assert cpu_per_1000_results(result(1.0, 0)) == 150.0
+
+
+def test_the_hand_off_lag_is_what_was_sent_and_not_yet_acked() -> None:
+    sent = [100.0, 100.5, 101.0, 101.5, 102.0]
+    acked = [(99.0, 40.0), (100.6, 40.0), (101.6, 42.0), (103.0, 45.0)]  # 40 acked before
+    xs, lagging = lag(sent, acked, origin=99.0)
+    assert xs == pytest.approx([0.0, 1.6, 2.6, 4.0]) and lagging == [0, 2, 2, 0]
+    assert per_second(sent, origin=100.0) == ([0.0, 1.0, 2.0], [2, 2, 1])
+    assert rates([(0.0, 0.0), (2.0, 10.0)], origin=0.0) == ([2.0], [5.0])
+
+
+def test_the_timeline_is_drawn_as_a_png() -> None:
+    png = timeline_png(Timeline(
+        title="t", sent_at=[1.0, 1.5, 2.2], acked=[(1.0, 0.0), (2.0, 2.0), (3.0, 3.0)],
+        latencies={"stop": [(2.0, 0.3)], "create": []},
+        rss_mb={"runner": [(1.0, 100.0), (2.0, 101.0)]},
+        cpu_seconds={"runner": [(1.0, 0.0), (2.0, 0.5)]}))
+    assert png.startswith(b"\x89PNG")

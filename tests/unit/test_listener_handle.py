@@ -377,7 +377,7 @@ def test_a_slow_run_start_does_not_hold_up_the_messages_behind_it() -> None:
     end_of_another_run = json.dumps({"msg_type": "end_run", "run_id": "5",
                                      "namespace": NS}).encode()
 
-    async def go() -> tuple[list[str], FakeRuns, FakeBus, list[Delivery]]:
+    async def go() -> tuple[list[str], FakeBus, list[Delivery]]:
         bus, runs = FakeBus(), SlowToStore()
         shell = listener(bus, runs, events)
         starter = asyncio.create_task(shell._start_forever())
@@ -393,8 +393,8 @@ def test_a_slow_run_start_does_not_hold_up_the_messages_behind_it() -> None:
             await asyncio.sleep(0.01)
         seen.append(f"started {runs.started}")
         starter.cancel()
-        return seen, runs, bus, announced
+        return seen, bus, announced
 
-    seen, runs, bus, announced = asyncio.run(go())
+    seen, bus, announced = asyncio.run(go())
     assert seen == ["event of run 5", "started []", "started ['77', '78']"]
     assert [item.message_id for item in announced] == bus.acked  # acked once started
