@@ -72,13 +72,13 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.responses import SetStateStatus
-from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
 from prefect.states import Cancelled, Crashed, Pending, State
 
+from swf_panda_workers.adapters.prefect_runs import claim_run
 from swf_panda_workers.timestamps import utc_now
 
 log = logging.getLogger("swf.runner")
@@ -167,16 +167,6 @@ class InProcessRunner:
         self._loop = asyncio.get_running_loop()
         self._loop.set_default_executor(ThreadPoolExecutor(
             max_workers=THREADS_PER_RUN * self.limit, thread_name_prefix="swf-flow-io"))
-        # One API client of each kind for the whole process, inherited by each
-        # run's task: Prefect's engine and get_client() reuse a client found in
-        # the context. Without it each run start built its own (an SSL context
-        # each), and the sync one on the event loop, stalling every run: 19 %
-        # of the runner's time when twenty runs start together.
-        with SyncClientContext():
-            async with AsyncClientContext():
-                await self._serve()
-
-    async def _serve(self) -> None:
         async with get_client() as client:
             deployment_id = await self.register()
             log.info("serving %s/%s: flow runs in this process (pid %d), at most %d at once",
@@ -222,12 +212,25 @@ class InProcessRunner:
                 self.start(flow_run)
 
     async def claim(self, client: PrefectClient, flow_run: FlowRun) -> bool:
-        """Scheduled -> Pending, refused by the server if another runner took it."""
+        """Scheduled -> Pending, refused by the server if another runner took
+        it; then this process is recorded as the one that runs the attempt
+        about to start (the recovery's proof of life), before it starts: a
+        runner killed a moment later leaves a run whose process is provably
+        gone, rescheduled at once rather than after UNCLAIMED_GRACE."""
         result = await client.set_flow_run_state(flow_run.id, Pending())
         if result.status != SetStateStatus.ACCEPT:
             log.info("flow run %s (%s) not taken: %s %s", flow_run.name, flow_run.id,
                      result.status.value, result.details)
             return False
+        try:
+            # The attempt Running will begin: run_count counts it from then on.
+            await claim_run(client, flow_run.id, flow_run.run_count + 1)
+        except httpx.HTTPError as exc:
+            if not server_away(exc):
+                raise
+            # The flow records its process itself too, as soon as it starts.
+            log.warning("flow run %s: this process not recorded as its own yet: %s",
+                        flow_run.name, exc)
         return True
 
     def start(self, flow_run: FlowRun) -> None:

@@ -24,6 +24,8 @@ decisions are artifacts of their own, beside the live run's.
 
 
 import asyncio
+from collections.abc import Coroutine
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -34,6 +36,7 @@ import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -53,7 +56,7 @@ from swf_panda_workers.adapters.prefect_events import (
     run_resource_id,
     server_trouble,
 )
-from swf_panda_workers.adapters.prefect_runs import claim_run
+from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess, claim_run
 from swf_panda_workers.config import Settings
 from swf_panda_workers.idds_gateway import IddsGateway, IddsRequestFailed
 from swf_panda_workers.messages import RunImminent, WorkflowIds
@@ -162,10 +165,10 @@ async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str,
         else:
             view.waits_for("Prefect to start the scaling sub-flow")
             try:
-                report = await scale_workers(
+                report = await ending.scaled(scale_workers(
                     run_id=run_id, namespace=namespace, announcement=announcement,
                     received_at=received_at, ids=ids, dry_run=dry_run,
-                )
+                ))
             except Exception:
                 # Not swallowed: the stop and the close first, then the failure.
                 await ending.after_failure()
@@ -194,10 +197,16 @@ async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str,
 
 
 async def claim_attempt() -> None:
-    """Record this process as the attempt's, however long the server takes."""
+    """Record this process as the attempt's, however long the server takes;
+    nothing to do when the runner that took the run recorded it already
+    (deployments/in_process.py)."""
     flow_run_id = flow_run.id
     if flow_run_id is None:
         raise RuntimeError("the run flow runs only as a flow run")
+    context = FlowRunContext.get()
+    recorded = context.flow_run.labels.get(PROCESS_LABEL) if context and context.flow_run else None
+    if RunProcess.from_label(recorded) == RunProcess.current(flow_run.run_count):
+        return
     while True:
         try:
             async with get_client() as client:
@@ -283,6 +292,33 @@ class Ending:
         get_run_logger().info("iDDS closed the task of run %s: %s", view.state.run_id,
                               view.state.closed_status)
         return view.state
+
+    async def scaled(self, scaling: Coroutine[Any, Any, ScalingReport]) -> ScalingReport:
+        """Await the scaling sub-flow. With ``scaling.end: stop``, the
+        transformers are stopped as soon as end_run reaches this flow
+        meanwhile: the sub-flow reads the run's results in order and may be
+        far behind in them, and a run's end must not wait for its results."""
+        if self.settings.scaling.end != "stop":
+            return await scaling
+        stopping = asyncio.Event()
+        stopper = asyncio.create_task(self._stop_at_end_run(stopping))
+        try:
+            report = await scaling
+        finally:
+            if stopping.is_set():
+                await stopper  # the stop is on its way: let it be sent and journaled
+            else:
+                stopper.cancel()
+                with suppress(asyncio.CancelledError):
+                    await stopper
+        return report
+
+    async def _stop_at_end_run(self, stopping: asyncio.Event) -> None:
+        view = self.view
+        await view.until(lambda s: s.ended, self.settings.timeouts.run_end)
+        if view.state.ended and not view.state.stop_sent:
+            stopping.set()
+            await self.stop()
 
     async def after_failure(self) -> None:
         """On the flow run's last attempt, end the run; an attempt Prefect

@@ -462,18 +462,26 @@ async def follow_run(resource_id: str, since: datetime,
     sweeps: set[asyncio.Task[None]] = set()
 
     async def sweep(start: datetime, delays: tuple[float, ...]) -> None:
+        loop = asyncio.get_running_loop()
         for delay in delays:
             await asyncio.sleep(delay)
-            try:
-                async for page in stored_events(resource_id, start, exclude):
-                    for event in page:
-                        live.put_nowait(event)  # the feed drops what it has seen
-            except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
-                if not server_trouble(exc):
-                    raise
-                # Cut off again: the next subscription reads it all again.
-                log.info("history of %s not readable now: %s", resource_id, exc)
-                return
+            give_up = loop.time() + OUTAGE_TOLERANCE
+            while True:
+                try:
+                    async for page in stored_events(resource_id, start, exclude):
+                        for event in page:
+                            live.put_nowait(event)  # the feed drops what it has seen
+                    break
+                except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+                    # A server just back may not answer yet: this read is what
+                    # brings the events it stored meanwhile, so it is tried
+                    # again, not skipped (the feed fails once the outage has
+                    # lasted OUTAGE_TOLERANCE).
+                    if not server_trouble(exc) or loop.time() > give_up:
+                        raise
+                    log.warning("history of %s not readable yet (%s); trying again in %gs",
+                                resource_id, exc, RESUBSCRIBE_EVERY)
+                    await asyncio.sleep(RESUBSCRIBE_EVERY)
 
     def start_sweep(start: datetime, delays: tuple[float, ...]) -> None:
         task = asyncio.create_task(sweep(start, delays))

@@ -264,16 +264,12 @@ class PrefectServer:
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
-            # Store events within a second, so read-back acks come promptly,
-            # in one transaction a second rather than one per 20 events (the
-            # default): on SQLite every commit may fail another writer's
-            # transaction ("database is locked", a 503 that Prefect's client
-            # retries after 2, 4, 8... s), and run starts stalled behind them.
+            # Store events within a second, so read-back acks come promptly.
+            # Not in bigger batches than the default 20: Prefect 3.8.8's
+            # persister drops a whole batch after five failed flushes, and a
+            # batch of 2000 held after a server restart was lost so (one row
+            # failing NOT NULL on events.occurred), a second's events at once.
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
-            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "2000",
-            # Task-run states likewise, batched instead of one commit each.
-            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-            "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
             # No automations are used: their service reads every event (a run's
             # every slice result) for nothing. A server of one's own keeps them.
             "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",

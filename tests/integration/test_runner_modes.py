@@ -227,9 +227,16 @@ def test_the_subprocess_mode_runs_each_flow_run_in_a_process_of_its_own(
     runs = [new_run_id(), new_run_id()]
     with peers_for(subprocess_stack, SUBPROCESS_NAMESPACE, slices) as peers:
         announce(peers, runs)
-        flow_runs = asyncio.run(top_level_runs(subprocess_stack.api_url, SUBPROCESS_NAMESPACE,
-                                               runs))
-        claims = [RunProcess.from_label(f.labels.get(PROCESS_LABEL)) for f in flow_runs]
+        # Each flow-run process records itself beside its run's start, not
+        # before it: the records may trail the creates by a moment.
+        deadline = time.monotonic() + 30
+        while True:
+            flow_runs = asyncio.run(top_level_runs(subprocess_stack.api_url,
+                                                   SUBPROCESS_NAMESPACE, runs))
+            claims = [RunProcess.from_label(f.labels.get(PROCESS_LABEL)) for f in flow_runs]
+            if all(claims) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         pids = {c.pid for c in claims if c is not None and c.alive()}
         assert len(pids) == len(runs) and runner.process.pid not in pids, claims
         assert pids <= set(children_of(runner.process.pid))
