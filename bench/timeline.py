@@ -60,6 +60,8 @@ def lag(sent_at: Sequence[float], acked: Series, origin: float) -> tuple[list[fl
     before = max((v for t, v in acked if t <= ordered[0]), default=acked[0][1])
     xs, ys, i = [], [], 0
     for t, value in acked:
+        if t < ordered[0]:
+            continue  # before the load: the counter counts other messages then
         while i < len(ordered) and ordered[i] <= t:
             i += 1
         xs.append(t - origin)

@@ -206,35 +206,44 @@ class InProcessRunner:
         now = utc_now()
         scheduled = await client.get_scheduled_flow_runs_for_deployments(
             deployment_ids=[deployment_id], scheduled_before=now)
-        for flow_run in runs_to_take(scheduled, self._executing.keys(),
-                                     self.limit - len(self._executing), now):
-            if await self.claim(client, flow_run):
+        due = runs_to_take(scheduled, self._executing.keys(),
+                           self.limit - len(self._executing), now)
+        # Claimed together: on SQLite each claim may wait for the database a
+        # second or more when runs start together, and one after the other
+        # twenty runs took half a minute to start.
+        claimed = await asyncio.gather(*(self.claim(client, flow_run) for flow_run in due))
+        for flow_run, taken in zip(due, claimed, strict=True):
+            if taken:
                 self.start(flow_run)
 
     async def claim(self, client: PrefectClient, flow_run: FlowRun) -> bool:
-        """Scheduled -> Pending, refused by the server if another runner took
-        it; then this process is recorded as the one that runs the attempt
-        about to start (the recovery's proof of life), before it starts: a
-        runner killed a moment later leaves a run whose process is provably
-        gone, rescheduled at once rather than after UNCLAIMED_GRACE."""
+        """Scheduled -> Pending, refused by the server if another runner took it."""
         result = await client.set_flow_run_state(flow_run.id, Pending())
         if result.status != SetStateStatus.ACCEPT:
             log.info("flow run %s (%s) not taken: %s %s", flow_run.name, flow_run.id,
                      result.status.value, result.details)
             return False
+        return True
+
+    async def record_process(self, flow_run_id: UUID, attempt: int) -> None:
+        """This process as the one that runs the attempt about to start (the
+        recovery's proof of life), before the engine starts it: a runner
+        killed a moment later leaves a run whose process is provably gone,
+        rescheduled at once rather than after UNCLAIMED_GRACE."""
         try:
-            # The attempt Running will begin: run_count counts it from then on.
-            await claim_run(client, flow_run.id, flow_run.run_count + 1)
+            async with get_client() as client:
+                await claim_run(client, flow_run_id, attempt)
         except httpx.HTTPError as exc:
             if not server_away(exc):
                 raise
             # The flow records its process itself too, as soon as it starts.
             log.warning("flow run %s: this process not recorded as its own yet: %s",
-                        flow_run.name, exc)
-        return True
+                        flow_run_id, exc)
 
     def start(self, flow_run: FlowRun) -> None:
-        task = asyncio.create_task(self.execute(flow_run.id), name=f"flow-run-{flow_run.name}")
+        # The attempt Running will begin: run_count counts it from then on.
+        task = asyncio.create_task(self.execute(flow_run.id, flow_run.run_count + 1),
+                                   name=f"flow-run-{flow_run.name}")
         self._executing[flow_run.id] = task
         self._executing_ids = frozenset(self._executing)
         task.add_done_callback(lambda _: self._forget(flow_run.id))
@@ -252,9 +261,10 @@ class InProcessRunner:
 
     # --- one flow run ----------------------------------------------------------
 
-    async def execute(self, flow_run_id: UUID) -> None:
+    async def execute(self, flow_run_id: UUID, attempt: int) -> None:
         """Run the flow run to its end; whatever happens stays with this run."""
         try:
+            await self.record_process(flow_run_id, attempt)
             await self.run_engine(flow_run_id)
         except asyncio.CancelledError:
             if flow_run_id not in self._cancelling:

@@ -126,7 +126,7 @@ def test_the_hand_off_lag_is_what_was_sent_and_not_yet_acked() -> None:
     sent = [100.0, 100.5, 101.0, 101.5, 102.0]
     acked = [(99.0, 40.0), (100.6, 40.0), (101.6, 42.0), (103.0, 45.0)]  # 40 acked before
     xs, lagging = lag(sent, acked, origin=99.0)
-    assert xs == pytest.approx([0.0, 1.6, 2.6, 4.0]) and lagging == [0, 2, 2, 0]
+    assert xs == pytest.approx([1.6, 2.6, 4.0]) and lagging == [2, 2, 0]
     assert per_second(sent, origin=100.0) == ([0.0, 1.0, 2.0], [2, 2, 1])
     assert rates([(0.0, 0.0), (2.0, 10.0)], origin=0.0) == ([2.0], [5.0])
 
