@@ -10,6 +10,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -90,18 +91,20 @@ class TreeUse:
         return sum(self._cpu_last[pid] - self._cpu_start[pid] for pid in self._cpu_last)
 
 
-class Sampler:
-    """Samples named process trees every ``every`` seconds on a thread."""
+class Periodic:
+    """Calls ``sample`` every ``every`` seconds on a thread of its own, once
+    at the start too, until stopped."""
 
-    def __init__(self, roots: dict[str, int], every: float = 0.5) -> None:
-        self.trees = {name: TreeUse(pid) for name, pid in roots.items()}
+    def __init__(self, every: float, name: str) -> None:
         self._every = every
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bench-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def start(self) -> Sampler:
-        for tree in self.trees.values():
-            tree.sample()
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self.sample()
         self._thread.start()
         return self
 
@@ -111,39 +114,39 @@ class Sampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._every):
-            for tree in self.trees.values():
-                tree.sample()
+            self.sample()
 
 
-class MetricSampler:
+class Sampler(Periodic):
+    """Samples named process trees every ``every`` seconds on a thread."""
+
+    def __init__(self, roots: dict[str, int], every: float = 0.5) -> None:
+        super().__init__(every, "bench-sampler")
+        self.trees = {name: TreeUse(pid) for name, pid in roots.items()}
+
+    def sample(self) -> None:
+        for tree in self.trees.values():
+            tree.sample()
+
+
+class MetricSampler(Periodic):
     """Samples one Prometheus counter (e.g. the listener's acked messages)
     from ``url`` every ``every`` seconds on a thread; a sample that fails is
     skipped."""
 
     def __init__(self, url: str, metric: str, every: float = 1.0) -> None:
+        super().__init__(every, "bench-metric")
         self.url = url
         self.metric = metric
         self.samples: list[tuple[float, float]] = []
-        self._every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="bench-metric", daemon=True)
 
-    def start(self) -> MetricSampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._every):
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    text = response.read().decode()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                name, _, value = line.partition(" ")
-                if name == self.metric:
-                    self.samples.append((time.time(), float(value)))
+    def sample(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as response:
+                text = response.read().decode()
+        except OSError:
+            return
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name == self.metric:
+                self.samples.append((time.time(), float(value)))
