@@ -14,6 +14,7 @@ import pytest
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
+from swf_panda_workers.adapters import prefect_runs
 from swf_panda_workers.adapters.prefect_runs import (
     QUICK_RETRIES,
     DeploymentMissing,
@@ -87,7 +88,8 @@ def refusal(status: int) -> httpx.HTTPStatusError:
         status, request=request))
 
 
-def test_a_locked_database_is_retried_at_once_without_the_client_s_own_retries() -> None:
+def test_a_locked_database_is_retried_at_once_without_the_client_s_own_retries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # SQLite's "database is locked" comes back as a 503: tried again within
     # tenths of a second, not after Prefect's client's 2, 4, 8... seconds.
     answers: list[int | None] = [503, 503, None]
@@ -100,9 +102,15 @@ def test_a_locked_database_is_retried_at_once_without_the_client_s_own_retries()
             raise refusal(status)
         return "stored"
 
+    waits: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(prefect_runs.asyncio, "sleep", no_sleep)
     assert asyncio.run(quickly_retried(call)) == "stored"
     assert retries_seen == [0, 0, 0]
-    assert QUICK_RETRIES[0] < 1.0  # the first retry well before the client's first (2 s)
+    assert waits == list(QUICK_RETRIES[:2])  # not the client's 2 s, then 4 s
 
 
 @pytest.mark.parametrize("status", [500, 409, 422])
