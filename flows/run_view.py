@@ -7,6 +7,7 @@ out, and what the dry run does is applied here only, never journaled."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -102,7 +103,8 @@ class RunView:
         if not isinstance(item, STREAM_INPUTS):
             logger.info(input_line(item, self.state.run_id))
             return
-        logger.debug(input_line(item, self.state.run_id))
+        if logger.isEnabledFor(logging.DEBUG):  # hundreds a second: built only when shown
+            logger.debug(input_line(item, self.state.run_id))
         self._stream.add(item)
         now = time.monotonic()
         if now - self._stream_since >= STREAM_SUMMARY_EVERY:
