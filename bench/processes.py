@@ -140,6 +140,10 @@ class MetricSampler(Periodic):
         self.metric = metric
         self.samples: list[tuple[float, float]] = []
 
+    def latest(self) -> float | None:
+        """The counter's last value sampled (None: none yet)."""
+        return self.samples[-1][1] if self.samples else None
+
     def sample(self) -> None:
         try:
             with urllib.request.urlopen(self.url, timeout=2) as response:

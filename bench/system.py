@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -22,12 +21,6 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterName,
-)
-from prefect.events.filters import (
-    EventFilter,
-    EventNameFilter,
-    EventOccurredFilter,
-    EventResourceFilter,
 )
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -38,7 +31,11 @@ from bench.processes import MetricSampler, Sampler
 from bench.profiles import Profiles
 from bench.timeline import Timeline
 from listeners.metrics import PREFIX as METRICS_PREFIX
-from swf_panda_workers.adapters.prefect_events import message_event_name, run_resource_id
+from swf_panda_workers.adapters.prefect_events import (
+    message_event_name,
+    run_history,
+    run_resource_id,
+)
 from swf_panda_workers.embedded.postgres import PostgresCluster
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.control_system import ControlSystem
@@ -104,6 +101,7 @@ class Benchmark:
         self.announced: dict[str, float] = {}
         self.ended: dict[str, float] = {}
         self.notes: list[str] = []
+        self.acked_before_load = 0.0  # the listener's acked counter when the load began
         self.postgres_pid: int | None = None
         self.timeline: Timeline | None = None  # filled in by run()
 
@@ -132,8 +130,8 @@ class Benchmark:
             control = ControlSystem(brokers, NAMESPACE, workers_topic=brokers.workers_topic)
             control.start()
             try:
-                load = self._drive(recorder, control)
-                drain = self._wait_stored(time.time())
+                load = self._drive(recorder, control, acked)
+                drain = self._wait_stored(time.time(), acked)
                 self._end_runs(recorder, control)
                 states = self._final_states()
                 stored = self.stored_results()
@@ -176,7 +174,8 @@ class Benchmark:
     def _task_created(self, run_id: str, task: TaskInfo) -> None:
         self.tasks[run_id] = task
 
-    def _drive(self, recorder: BusRecorder, control: ControlSystem) -> SliceLoad:
+    def _drive(self, recorder: BusRecorder, control: ControlSystem,
+               acked: MetricSampler) -> SliceLoad:
         """Announce every run, wait for their tasks, then send the load."""
         for run_id in self.run_ids:
             self.announced[run_id] = time.time()
@@ -188,6 +187,7 @@ class Benchmark:
             raise RuntimeError("not every run's task was created within 180 s")
         print(f"{self.plan.runs} runs created; sending {self.plan.runs * self.plan.slices} "
               f"slice results at {self.plan.rate:g}/s for {self.plan.duration:.0f} s", flush=True)
+        self.acked_before_load = acked.latest() or 0.0
         load = SliceLoad(self.stack.brokers, self.stack.brokers.results_destination, self.plan,
                          self.run_ids, lambda r: self.tasks[r].workload_id,
                          connections=self.options.connections)
@@ -200,32 +200,33 @@ class Benchmark:
             profiles.wait()
         return load
 
-    def _wait_stored(self, since: float, timeout: float = 600.0) -> float | None:
-        """Seconds until every result is stored as its run's event (None: not
-        within ``timeout``): how far the listener's hand-off lags the load."""
+    def _wait_stored(self, since: float, acked: MetricSampler,
+                     timeout: float = 600.0) -> float | None:
+        """Seconds until every result is stored (None: not within ``timeout``):
+        how far the listener's hand-off lags the load. Watched on the
+        listener's acked counter (each result is acked once stored), then
+        counted in Prefect, which is too costly to do every second."""
+        wanted = self.acked_before_load + self.plan.runs * self.plan.slices
         while time.time() - since < timeout:
-            counts = self.stored_results()
-            if all(counts.get(r, 0) >= self.plan.slices for r in self.run_ids):
-                return time.time() - since
+            if (acked.latest() or 0) >= wanted:
+                counts = self.stored_results()
+                if all(counts.get(r, 0) >= self.plan.slices for r in self.run_ids):
+                    return time.time() - since
             time.sleep(1.0)
         self.notes.append(f"not every slice result was stored within {timeout:g} s")
         return None
 
     def stored_results(self) -> dict[str, int]:
-        """Per run, the slice-result events the Prefect server stored."""
-        now = datetime.now(UTC)
-        event_filter = EventFilter(
-            occurred=EventOccurredFilter(since=now - timedelta(days=1), until=now),
-            event=EventNameFilter(name=[message_event_name("slice_result")]),
-            resource=EventResourceFilter(id=[run_resource_id(NAMESPACE, r)
-                                             for r in self.run_ids]),
-        )
-        response = httpx.post(f"{self.stack.api_url}/events/count-by/resource", json={
-            "filter": event_filter.model_dump(mode="json"), "time_unit": "day",
-            "time_interval": 1.0}, timeout=60)
-        response.raise_for_status()
-        prefix = run_resource_id(NAMESPACE, "")
-        return {row["value"].removeprefix(prefix): row["count"] for row in response.json()}
+        """Per run, the distinct slice results the Prefect server stored."""
+        return asyncio.run(self._count_stored())
+
+    async def _count_stored(self) -> dict[str, int]:
+        since = datetime.now(UTC) - timedelta(days=1)
+        name = message_event_name("slice_result")
+        with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
+            return {run_id: sum(e.event == name for e in await run_history(
+                        run_resource_id(NAMESPACE, run_id), since))
+                    for run_id in self.run_ids}
 
     def _end_runs(self, recorder: BusRecorder, control: ControlSystem) -> None:
         for run_id in self.run_ids:

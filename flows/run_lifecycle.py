@@ -50,9 +50,9 @@ from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
     SERVER_TROUBLE,
+    STREAM_EVENTS,
     fold_history,
     history_start,
-    message_event_name,
     run_resource_id,
     server_trouble,
 )
@@ -66,8 +66,7 @@ from swf_panda_workers.run_state import Effect, RunState, initial_state
 from swf_panda_workers.timestamps import utc_now
 
 CLAIM_RETRY_EVERY = 2.0  # s between attempts to record the attempt's process
-SUB_FLOW_ONLY = tuple(
-    message_event_name(t) for t in ("slice_result", "heartbeat", "transformer_heartbeat"))
+SUB_FLOW_ONLY = STREAM_EVENTS  # slice results and heartbeats, alone or batched
 
 
 class CreateNotAnswered(RuntimeError):

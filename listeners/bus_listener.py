@@ -26,7 +26,11 @@ seen start is recorded if Prefect holds the run's flow run.
 
 A message is acked only once what it caused is stored by Prefect: the run's
 flow run exists (run_imminent), or the message's event is readable back from
-the events API (everything else). Until then it stays unacked, so a crash
+the events API (everything else). The stream of slice results and heartbeats
+goes in batches, several messages of the namespace per event
+(``listeners.stream_batch``), each acked once its batch is stored; any other
+message sends the batch waiting before it, so the events of one listener are
+sent in the order their messages came. Until then it stays unacked, so a crash
 means redelivery, never loss; redelivered messages map to the same event id.
 Bad input is logged with its reason, copied to the dead-letter queue with the
 reason in a header, and acked: it never stops the listener or another run.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +66,14 @@ from listeners.routing import (
     decide,
     one_line,
 )
-from swf_panda_workers.adapters.prefect_events import message_event, stored_ids
+from listeners.stream_batch import StreamBatch
+from swf_panda_workers.adapters.prefect_events import (
+    STREAM_TYPES,
+    StreamMessage,
+    message_event,
+    stored_ids,
+    stream_event,
+)
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing, RunStarter
 from swf_panda_workers.adapters.stomp_bus import (
     NO_RUN_SELECTOR,
@@ -84,6 +96,7 @@ HANDOFF_ERRORS: tuple[type[BaseException], ...] = (
 )
 CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
 REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
+REEMIT_AT_MOST_EVERY = 240.0  # s: each re-send of one event waits twice the one before
 FOREIGN_FOR = 30.0  # s a run found to be none of ours is not looked up again
 FOREIGN_RUNS_KEPT = 10_000
 RUNS_EVERY = 15.0  # s between counts of the namespace's runs in progress
@@ -104,9 +117,10 @@ class ListenerHealth:
 
 @dataclass
 class Pending:
-    delivery: Delivery
+    deliveries: tuple[Delivery, ...]  # acked once the event is stored
     event: Event  # kept to emit it again if the server loses it
-    since: float
+    since: float  # when it was last emitted
+    wait: float = REEMIT_AFTER  # how long it may stay unconfirmed from ``since``
 
 
 Action = Callable[[Any, Delivery], Awaitable[None]]  # carries out one kind of Decision
@@ -125,6 +139,7 @@ class BusListener:
     _inbox: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
     _starts: asyncio.Queue[tuple[StartRun, Delivery]] = field(default_factory=asyncio.Queue)
     _pending: dict[UUID, Pending] = field(default_factory=dict)
+    _stream: StreamBatch = field(default_factory=StreamBatch)
     _foreign: dict[str, float] = field(default_factory=dict)  # run id -> ignored until
     _retrying: set[str] = field(default_factory=set)  # message ids back in the inbox
     # message id -> the timer putting a message that waits back in the inbox
@@ -204,11 +219,16 @@ class BusListener:
         self._listening = True
         try:
             while not stopping.is_set():
+                due_in = self._stream.due_in(self._loop.time())
                 try:
-                    delivery = await asyncio.wait_for(self._inbox.get(), timeout=0.5)
+                    delivery = await asyncio.wait_for(
+                        self._inbox.get(), timeout=0.5 if due_in is None else due_in)
                 except TimeoutError:
-                    continue
-                await self.dispatch(delivery)
+                    pass
+                else:
+                    await self.dispatch(delivery)
+                if self._stream.due_in(self._loop.time()) == 0.0:
+                    await self.send_stream()
         finally:
             self._listening = False
             # Starts not made stay unacked: the broker redelivers them.
@@ -233,8 +253,10 @@ class BusListener:
             await self._carry_out(decision, delivery)
 
     async def handle(self, delivery: Delivery) -> None:
-        """Carry out what ``delivery`` calls for, whatever it is."""
+        """Carry out what ``delivery`` calls for, whatever it is, at once: a
+        stream message is sent without waiting for others to join it."""
         await self._carry_out(self._decided(delivery), delivery)
+        await self.send_stream()
 
     def _decided(self, delivery: Delivery) -> Decision:
         decision = decide(delivery.body, delivery.headers, self.inbox, self.owned)
@@ -328,17 +350,54 @@ class BusListener:
                      run_id, self.followed.grace)
 
     async def record(self, decision: Record, delivery: Delivery) -> None:
-        """Hand the message to its run's flow as a Prefect event."""
+        """Hand the message to its run's flow as a Prefect event: a stream
+        message in the next batch, any other alone, after the batch waiting."""
         run_id = decision.run_id
-        event = message_event(decision.data, decision.message.msg_type, self.namespace, run_id,
+        msg_type = decision.message.msg_type
+        if run_id is not None and msg_type in STREAM_TYPES:
+            if not self._stream.takes(run_id):
+                await self.send_stream()
+            message = StreamMessage(msg_type, run_id, delivery.message_id, decision.data,
+                                    utc_now(), self.owned.get(run_id))
+            self._stream.add(message, delivery, self._loop.time())
+            return
+        await self.send_stream()
+        event = message_event(decision.data, msg_type, self.namespace, run_id,
                               delivery.message_id, self.owned.get(run_id or ""),
                               listener=self.listener_id)
         await self.events.emit(event)
-        self._pending[event.id] = Pending(delivery, event, self._loop.time())
+        self._pending[event.id] = Pending((delivery,), event, self._loop.time())
         # Redelivered: an earlier connection, of this listener or of another
         # replica, had it unacked; the same event id, so it is applied once.
         log.info("msg_type=%s run_id=%s -> event %s%s", decision.message.msg_type, run_id,
                  event.id, " (redelivered)" if delivery.redelivered else "")
+
+    async def send_stream(self) -> None:
+        """Send the batch of stream messages waiting, if any. If Prefect cannot
+        take it, its messages stay unacked and go back to the inbox after
+        RETRY_AFTER seconds, the consumer loop pausing meanwhile (every other
+        hand-off would fail alike)."""
+        if not self._stream:
+            return
+        messages, deliveries = self._stream.take()
+        event = stream_event(messages, self.namespace, listener=self.listener_id)
+        try:
+            await self.events.emit(event)
+        except HANDOFF_ERRORS as exc:
+            log.warning("hand-off of %d stream messages failed (%s); retrying in %g s",
+                        len(messages), exc, RETRY_AFTER)
+            await asyncio.sleep(RETRY_AFTER)
+            for delivery in deliveries:
+                self._try_again(delivery)
+            return
+        self._pending[event.id] = Pending(tuple(deliveries), event, self._loop.time())
+        per_run = Counter(m.run_id for m in messages)
+        redelivered = sum(d.redelivered for d in deliveries)
+        # Redelivered: an earlier connection had them unacked; their ids are
+        # those of the first time, so each is applied once.
+        log.info("%d stream messages -> event %s: %s%s", len(messages), event.id,
+                 ", ".join(f"run_id={run_id} x{n}" for run_id, n in per_run.items()),
+                 f" ({redelivered} redelivered)" if redelivered else "")
 
     async def look_up_run(self, decision: LookUpRun, delivery: Delivery) -> None:
         """A result or an iDDS reply of a run this listener did not see start:
@@ -422,7 +481,8 @@ class BusListener:
                 log.warning("cannot confirm events with Prefect yet: %s", exc)
                 continue
             for event_id in stored:
-                self._ack(self._pending.pop(event_id).delivery, "event")
+                for delivery in self._pending.pop(event_id).deliveries:
+                    self._ack(delivery, "event")
             try:
                 await self._reemit_stale()
             except HANDOFF_ERRORS as exc:
@@ -431,12 +491,16 @@ class BusListener:
                 log.warning("cannot re-send unstored events to Prefect yet: %s", exc)
 
     async def _reemit_stale(self) -> None:
+        """Emit again what the server has not stored in time: it may have lost
+        it (a restart before its persister flushed). A server merely behind
+        has it queued, and each re-send adds to its work: the waits double."""
         now = self._loop.time()
         for pending in self._pending.values():
-            if now - pending.since > REEMIT_AFTER:
+            if now - pending.since > pending.wait:
                 log.info("event %s not stored after %.0fs; emitting it again",
-                         pending.event.id, REEMIT_AFTER)
+                         pending.event.id, pending.wait)
                 pending.since = now
+                pending.wait = min(2 * pending.wait, REEMIT_AT_MOST_EVERY)
                 await self.events.emit(pending.event)
 
     async def _count_runs_forever(self) -> None:

@@ -11,6 +11,15 @@ Event ids derive from the STOMP message id: a message the broker redelivers
 (say, after a listener crash before its ack) maps to the same event, which the
 server stores once and the feed yields once.
 
+A run's stream (slice results, heartbeats: hundreds a second) comes in
+batches: the listener puts the stream messages of its namespace that arrive
+within a few tens of milliseconds, of any runs, in one event (``stream_event``)
+related to each of those runs. The server's work is per event, whatever its
+size, and it was most of the system's cost. Each message in a batch keeps the
+id its own event would have had; readers unpack a batch into those per-message
+events (``unpacked``) and drop repeats by id, so a message redelivered into
+another batch, or received by two replicas, still counts once.
+
 A Prefect server restart under a running flow (measured with Prefect 3.8.8):
 the events websocket drops, and Prefect's subscriber gives up after its few
 reconnection attempts (or ends quietly on a clean close), which used to fail
@@ -30,7 +39,7 @@ import logging
 import uuid
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,13 +50,14 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.events import Event, emit_event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import (
+    EventAnyResourceFilter,
     EventFilter,
     EventIDFilter,
     EventNameFilter,
     EventOccurredFilter,
     EventOrder,
-    EventResourceFilter,
 )
+from prefect.events.schemas.events import Resource
 from websockets.exceptions import WebSocketException
 
 from swf_panda_workers.idds_gateway import Answer
@@ -60,6 +70,11 @@ log = logging.getLogger(__name__)
 MESSAGE_EVENT = "swf.bus."  # + msg_type
 ANSWER_EVENT = "swf.idds."  # + msg_type: iDDS's REST answers, shaped as its bus replies
 EFFECT_EVENT = "swf.effect."  # + effect kind
+STREAM_EVENT = "swf.stream.batch"  # several stream messages of a namespace
+STREAM_PREFIX = "swf.stream."
+# The messages that come by the hundred a second, batched (STREAM_EVENT).
+STREAM_TYPES = frozenset({"slice_result", "heartbeat", "transformer_heartbeat"})
+RUN_ROLE = "swf-run"  # a run's role among a stream batch's related resources
 LISTENER_LABEL = "swf.listener"  # resource label: the listener that received the message
 PAGE_LIMIT = 50  # the most the events API returns per request
 _IDS = uuid.UUID("5f0c6d8e-9a51-4a8e-9f65-2c1f3b8f2a10")  # namespace for uuid5 event ids
@@ -93,6 +108,11 @@ def _flow_run_related(flow_run_id: uuid.UUID | None) -> list[dict[str, str]]:
              "prefect.resource.role": "flow-run"}]
 
 
+def message_event_id(namespace: str, delivery_key: str) -> uuid.UUID:
+    """The event id of a received message: the same each time it is delivered."""
+    return uuid.uuid5(_IDS, f"{namespace}|{delivery_key}")
+
+
 def message_event(
     body: dict[str, Any],
     msg_type: str,
@@ -113,13 +133,87 @@ def message_event(
     if listener is not None:
         resource[LISTENER_LABEL] = listener
     return Event(
-        id=uuid.uuid5(_IDS, f"{namespace}|{delivery_key}"),
+        id=message_event_id(namespace, delivery_key),
         occurred=utc_now(),
         event=message_event_name(msg_type),
         resource=resource,
         related=_flow_run_related(flow_run_id),
         payload={"message": body},
     )
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """A stream message of a run as the listener received it, for a batch."""
+
+    msg_type: str
+    run_id: str
+    delivery_key: str  # the broker's message id
+    body: dict[str, Any]
+    received: datetime
+    flow_run_id: uuid.UUID | None = None  # the run's flow run, when the listener knows it
+
+
+# What the server accepts: at most 100 related resources (two per run: the
+# run and its flow run), 1.5 MB of JSON.
+STREAM_MAX_RUNS = 40
+STREAM_MAX_MESSAGES = 500
+
+
+def stream_event(messages: Sequence[StreamMessage], namespace: str,
+                 listener: str | None = None) -> Event:
+    """Stream messages of one or more runs (at most STREAM_MAX_RUNS) in one
+    event of the namespace, related to each of the runs and their flow runs
+    (the Prefect UI shows it on theirs). It occurred when its first message
+    was received: a run's history, read from its announcement on, never
+    misses it."""
+    flow_runs = {m.run_id: m.flow_run_id for m in messages}
+    runs = sorted(flow_runs)
+    if len(runs) > STREAM_MAX_RUNS:
+        raise ValueError(f"a stream batch holds at most {STREAM_MAX_RUNS} runs, not {len(runs)}")
+    resource = {"prefect.resource.id": namespace_resource_id(namespace),
+                "swf.namespace": namespace}
+    if listener is not None:
+        resource[LISTENER_LABEL] = listener
+    ids = [message_event_id(namespace, m.delivery_key) for m in messages]
+    return Event(
+        id=uuid.uuid5(_IDS, "|".join(map(str, ids))),
+        occurred=min(m.received for m in messages),
+        event=STREAM_EVENT,
+        resource=resource,
+        related=[related for run_id in runs for related in (
+            {"prefect.resource.id": run_resource_id(namespace, run_id),
+             "prefect.resource.role": RUN_ROLE}, *_flow_run_related(flow_runs[run_id]))],
+        payload={"messages": [
+            {"id": str(event_id), "msg_type": m.msg_type, "run_id": m.run_id,
+             "received": m.received.isoformat(), "message": m.body}
+            for event_id, m in zip(ids, messages, strict=True)]},
+    )
+
+
+def unpacked(event: Event, resource_id: str | None = None) -> list[Event]:
+    """``event`` as the per-message events a run reads: a stream batch's
+    messages (of the run ``resource_id`` only, if given), each as the event
+    the listener would have made of it alone; any other event as it is."""
+    if event.event != STREAM_EVENT:
+        return [event]
+    namespace = event.resource.get("swf.namespace") or ""
+    listener = event.resource.get(LISTENER_LABEL)
+    found = []
+    for item in event.payload.get("messages", ()):
+        resource = _run_resource(namespace, str(item["run_id"]))
+        if resource_id is not None and resource["prefect.resource.id"] != resource_id:
+            continue
+        if listener is not None:
+            resource[LISTENER_LABEL] = listener
+        # Built unchecked: the batch was checked as a whole, and a busy run
+        # unpacks hundreds a second.
+        found.append(Event.model_construct(
+            id=uuid.UUID(item["id"]), occurred=datetime.fromisoformat(item["received"]),
+            event=message_event_name(item["msg_type"]),
+            resource=Resource.model_construct(root=resource), related=[],
+            payload={"message": item["message"]}))
+    return found
 
 
 STALL_EVENT = "swf.run.stalled"  # not among a run's inputs: a report for operators
@@ -198,18 +292,21 @@ def history_start(announced_at: datetime) -> datetime:
     return announced_at - HISTORY_MARGIN
 
 
-# Every event a run's feed is made of: what the listener heard, what the
-# flow did, and iDDS's REST answers (without them a retried REST flow run
-# never learns the ids an earlier attempt got, and waits for a reply that
-# REST mode never sends).
-RUN_EVENT_PREFIXES = (MESSAGE_EVENT, EFFECT_EVENT, ANSWER_EVENT)
+# Every event a run's feed is made of: what the listener heard (alone, or in
+# stream batches), what the flow did, and iDDS's REST answers (without them a
+# retried REST flow run never learns the ids an earlier attempt got, and
+# waits for a reply that REST mode never sends).
+RUN_EVENT_PREFIXES = (MESSAGE_EVENT, STREAM_PREFIX, EFFECT_EVENT, ANSWER_EVENT)
+# A run's stream, alone or batched: what a reader that wants none of it excludes.
+STREAM_EVENTS = (*sorted(message_event_name(t) for t in STREAM_TYPES), STREAM_PREFIX)
 
 
 def run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ()) -> EventFilter:
-    """The filter of a run's events (``RUN_EVENT_PREFIXES``) since ``since``,
-    less the names starting with one of ``exclude``."""
+    """The filter of a run's events (``RUN_EVENT_PREFIXES``, its own or stream
+    batches related to it) since ``since``, less the names starting with one
+    of ``exclude``."""
     return EventFilter(
-        resource=EventResourceFilter(id=[resource_id]),
+        any_resource=EventAnyResourceFilter(id=[resource_id]),
         event=EventNameFilter(prefix=list(RUN_EVENT_PREFIXES),
                               exclude_prefix=list(exclude) or None),
         occurred=EventOccurredFilter(since=since, until=utc_now() + timedelta(days=3650)),
@@ -219,16 +316,37 @@ def run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ())
 
 async def stored_events(resource_id: str, since: datetime,
                         exclude: tuple[str, ...] = ()) -> AsyncIterator[list[Event]]:
-    """The run's stored events, oldest first, a page at a time (a long run
-    has tens of thousands: never all in memory at once), less the event
-    names starting with one of ``exclude``."""
+    """The run's stored events, stream batches unpacked, each message once,
+    oldest first, a page at a time (a long run has tens of thousands: never
+    all in memory at once), less the event names starting with one of
+    ``exclude``."""
+    read = _OnceEach(resource_id, exclude)
     async with get_client() as client:
         page = await client.read_events(filter=run_filter(resource_id, since, exclude),
                                         limit=PAGE_LIMIT)
-        yield page.events
+        yield read.new(page.events)
         while page.next_page is not None:
             page = await client.read_events_page(page.next_page)
-            yield page.events
+            yield read.new(page.events)
+
+
+class _OnceEach:
+    """A run's events from pages of stored events: batches unpacked, and each
+    message once (one redelivered into a second batch is stored twice)."""
+
+    def __init__(self, resource_id: str, exclude: tuple[str, ...]) -> None:
+        self.resource_id = resource_id
+        self.exclude = exclude
+        self.seen: set[uuid.UUID] = set()
+
+    def new(self, events: Iterable[Event]) -> list[Event]:
+        found = []
+        for stored in events:
+            for event in unpacked(stored, self.resource_id):
+                if event.id not in self.seen and not event.event.startswith(self.exclude):
+                    self.seen.add(event.id)
+                    found.append(event)
+        return found
 
 
 async def run_history(resource_id: str, since: datetime,
@@ -523,9 +641,10 @@ class Route:
         return not event.event.startswith(self.exclude)
 
 
-# Every run's events, whatever its namespace: the hub's one filter.
+# Every run's events, whatever its namespace, and the stream batches related
+# to runs: the hub's one filter.
 ALL_RUNS = EventFilter(
-    resource=EventResourceFilter(id_prefix=["swf.run."]),
+    any_resource=EventAnyResourceFilter(id_prefix=["swf.run."]),
     event=EventNameFilter(prefix=list(RUN_EVENT_PREFIXES)),
 )
 
@@ -582,10 +701,11 @@ class RunEventsHub:
         """How many feeds take events now."""
         return sum(map(len, self._routes.values()))
 
-    def _dispatch(self, event: Event) -> None:
-        for route in self._routes.get(event.resource.id, ()):
-            if route.takes(event):
-                route.deliver(event)
+    def _dispatch(self, received: Event) -> None:
+        for event in unpacked(received):
+            for route in self._routes.get(event.resource.id, ()):
+                if route.takes(event):
+                    route.deliver(event)
 
     def _on_subscribed(self, first: bool) -> None:
         self._subscribed.set()

@@ -101,18 +101,19 @@ def runs_started(stack: EmbeddedStack, replica: str) -> dict[str, set[str]]:
 
 
 def results_taken(stack: EmbeddedStack, replica: str, run_id: str) -> int:
-    """Slice results of a run a replica's log says it handed over."""
+    """Stream messages (results, heartbeats) of a run a replica's log says it
+    handed over, in its batches."""
     log = (stack.logs / f"listener-{replica}.log").read_text(errors="replace")
-    return log.count(f"msg_type=slice_result run_id={run_id} -> event")
+    return sum(map(int, re.findall(rf"\brun_id={run_id} x(\d+)", log)))
 
 
-REDELIVERED_RESULT = re.compile(r"msg_type=slice_result run_id=\S+ -> event \S+ \(redelivered\)")
+REDELIVERED_STREAM = re.compile(r"stream messages -> event \S+: .* \((\d+) redelivered\)")
 
 
 def redelivered_results(stack: EmbeddedStack, replica: str) -> int:
-    """Slice results the broker redelivered to a replica (which it logs)."""
+    """Stream messages the broker redelivered to a replica (which it logs)."""
     log = (stack.logs / f"listener-{replica}.log").read_text(errors="replace")
-    return len(REDELIVERED_RESULT.findall(log))
+    return sum(map(int, REDELIVERED_STREAM.findall(log)))
 
 
 async def _stored(api_url: str, run_id: str) -> list[Event]:

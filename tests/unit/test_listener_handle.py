@@ -22,6 +22,7 @@ from pydantic import TypeAdapter
 from listeners import bus_listener
 from listeners.bus_listener import BusListener
 from listeners.routing import Decision
+from swf_panda_workers.adapters.prefect_events import STREAM_EVENT, message_event_id, unpacked
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
 from swf_panda_workers.config import Settings
@@ -170,6 +171,11 @@ def test_a_message_prefect_refuses_is_set_aside_with_prefects_words() -> None:
     assert bus.acked == [item.message_id]
 
 
+def waiting_for_prefect(shell: BusListener) -> list[Delivery]:
+    """The deliveries whose events are sent and not yet confirmed stored."""
+    return [d for pending in shell._pending.values() for d in pending.deliveries]
+
+
 def test_a_result_of_another_namespace_is_acked_and_not_recorded() -> None:
     events = FakeEvents()
     body = json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode()
@@ -194,11 +200,16 @@ def test_a_result_of_a_run_another_replica_started_is_recorded_with_its_flow_run
     flow_run_id = uuid.uuid5(uuid.NAMESPACE_URL, "5")
     assert runs.looked_up == ["5"]
     assert shell.owned == {"5": flow_run_id}
-    assert [e.resource.id for e in events.emitted] == ["swf.run.itest.5"] * 2
-    assert events.emitted[0].related[0].id == f"prefect.flow-run.{flow_run_id}"
-    assert events.emitted[0].resource["swf.listener"] == f"swf-panda-workers-{NS}"
+    # Each in a stream batch (handle sends at once), related to the run and
+    # to its flow run.
+    assert [e.event for e in events.emitted] == [STREAM_EVENT] * 2
+    assert [r.id for r in events.emitted[0].related] == [
+        "swf.run.itest.5", f"prefect.flow-run.{flow_run_id}"]
+    (result,) = unpacked(events.emitted[0])
+    assert (result.event, result.resource.id) == ("swf.bus.slice_result", "swf.run.itest.5")
+    assert result.resource["swf.listener"] == f"swf-panda-workers-{NS}"
     # Acked once Prefect confirms the event, as any recorded message.
-    assert bus.acked == [] and item in [p.delivery for p in shell._pending.values()]
+    assert bus.acked == [] and item in waiting_for_prefect(shell)
 
 
 def test_a_result_of_a_run_no_replica_started_is_acked_and_not_recorded() -> None:
@@ -258,7 +269,7 @@ def test_handle_never_raises_and_settles_each_delivery_once(body: bytes, where: 
         return item, bus, shell
 
     item, bus, shell = asyncio.run(go())
-    pending = [p.delivery for p in shell._pending.values()]
+    pending = waiting_for_prefect(shell)
     # acked now, or waiting for Prefect to confirm its event: one or the other
     assert bus.acked.count(item.message_id) + pending.count(item) == 1
     assert len(bus.sent) <= 1
@@ -398,3 +409,131 @@ def test_a_slow_run_start_does_not_hold_up_the_messages_behind_it() -> None:
     seen, bus, announced = asyncio.run(go())
     assert seen == ["event of run 5", "started []", "started ['77', '78']"]
     assert [item.message_id for item in announced] == bus.acked  # acked once started
+
+
+# --- the stream in batches ---------------------------------------------------
+
+
+def result(run_id: str) -> Delivery:
+    return delivery(json.dumps({"msg_type": "slice_result", "run_id": run_id,
+                                "content": {}}).encode(), RESULTS)
+
+
+class FakePrefect:
+    """Reads events back: those in ``stored``."""
+
+    def __init__(self) -> None:
+        self.stored: set[uuid.UUID] = set()
+
+    async def read_events(self, filter: Any, limit: int) -> Any:
+        from types import SimpleNamespace
+        return SimpleNamespace(events=[SimpleNamespace(id=i) for i in filter.id.id
+                                       if i in self.stored])
+
+
+def test_results_of_several_runs_go_in_one_event_acked_once_it_is_stored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_listener, "CONFIRM_EVERY", 0.01)
+    events, bus, prefect = FakeEvents(), FakeBus(), FakePrefect()
+    items = [result(run_id) for run_id in ("5", "6", "5")]
+
+    async def go() -> list[str]:
+        shell = listener(bus, events=events)
+        shell.prefect = prefect  # type: ignore[assignment]
+        shell.owned.update({"5": uuid.uuid4(), "6": uuid.uuid4()})
+        for item in items:
+            await shell.dispatch(item)
+        seen = [f"{len(events.emitted)} sent before the window ends"]
+        await shell.send_stream()
+        confirming = asyncio.create_task(shell._confirm_forever())
+        await asyncio.sleep(0.1)
+        seen.append(f"{len(bus.acked)} acked before Prefect stores it")
+        prefect.stored.add(events.emitted[0].id)
+        while len(bus.acked) < len(items):
+            await asyncio.sleep(0.01)
+        confirming.cancel()
+        return seen
+
+    assert asyncio.run(go()) == ["0 sent before the window ends",
+                                 "0 acked before Prefect stores it"]
+    (batch,) = events.emitted
+    assert batch.event == STREAM_EVENT
+    assert [(e.resource.id, e.id) for e in unpacked(batch)] == [
+        (f"swf.run.{NS}.{r}", message_event_id(NS, i.message_id))
+        for r, i in zip(("5", "6", "5"), items, strict=True)]
+    assert bus.acked == [i.message_id for i in items]
+
+
+def test_a_runs_end_is_sent_after_the_results_received_before_it() -> None:
+    events = FakeEvents()
+
+    async def go() -> None:
+        shell = listener(FakeBus(), events=events)
+        shell.owned["5"] = uuid.uuid4()
+        await shell.dispatch(result("5"))
+        await shell.dispatch(delivery(json.dumps({"msg_type": "end_run", "run_id": "5",
+                                                  "namespace": NS}).encode()))
+
+    asyncio.run(go())
+    assert [e.event for e in events.emitted] == [STREAM_EVENT, "swf.bus.end_run"]
+
+
+class DownEvents(FakeEvents):
+    async def emit(self, event: Event) -> None:
+        raise OSError("connection refused")
+
+
+def test_a_batch_prefect_cannot_take_goes_back_to_the_inbox_unacked(
+        quick_retry: float) -> None:
+    bus = FakeBus()
+    items = [result("5"), result("5")]
+
+    async def go() -> list[Delivery]:
+        shell = listener(bus, events=DownEvents())
+        shell.owned["5"] = uuid.uuid4()
+        for item in items:
+            await shell.dispatch(item)
+        await shell.send_stream()
+        return [shell._inbox.get_nowait() for _ in items]
+
+    assert asyncio.run(go()) == items
+    assert bus.acked == []
+
+
+def test_a_batch_holds_at_most_its_number_of_runs() -> None:
+    events = FakeEvents()
+
+    async def go() -> None:
+        shell = listener(FakeBus(), events=events)
+        shell._stream.max_runs = 2
+        for run_id in ("1", "2", "1", "3"):
+            shell.owned[run_id] = uuid.uuid4()
+            await shell.dispatch(result(run_id))
+        await shell.send_stream()
+
+    asyncio.run(go())
+    assert [[e.resource["swf.run_id"] for e in unpacked(batch)] for batch in events.emitted] \
+        == [["1", "2", "1"], ["3"]]
+
+
+def test_an_event_left_unstored_is_sent_again_less_and_less_often() -> None:
+    """Lost by a restarting server, it must be sent again; queued by a server
+    merely behind, each re-send is more work for it."""
+    events = FakeEvents()
+
+    async def go() -> list[float]:
+        shell = listener(FakeBus(), events=events)
+        await shell.handle(delivery(json.dumps({"msg_type": "end_run", "run_id": "5",
+                                                "namespace": NS}).encode()))
+        (pending,) = shell._pending.values()
+        waits = []
+        for _ in range(4):
+            pending.since -= pending.wait - 1  # not yet
+            await shell._reemit_stale()
+            pending.since -= 2  # now past its wait
+            await shell._reemit_stale()
+            waits.append(pending.wait)
+        return waits
+
+    assert asyncio.run(go()) == [60.0, 120.0, 240.0, 240.0]
+    assert len(events.emitted) == 1 + 4 and len({e.id for e in events.emitted}) == 1

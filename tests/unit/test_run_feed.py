@@ -7,20 +7,28 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from prefect.events import Event
 
 from swf_panda_workers.adapters.prefect_events import (
     SEEN_HORIZON,
+    STREAM_EVENTS,
+    STREAM_MAX_RUNS,
     Route,
     RunEventsHub,
     RunFeed,
     SeenEvents,
+    StreamMessage,
+    _OnceEach,
     answer_event,
     decode,
     effect_event,
     message_event,
+    message_event_id,
     run_filter,
     run_resource_id,
+    stream_event,
+    unpacked,
 )
 from swf_panda_workers.messages import CreatedWorkflowTask
 from swf_panda_workers.run_state import Effect
@@ -94,6 +102,7 @@ def test_a_runs_feed_reads_back_every_kind_of_event_the_run_journals() -> None:
         effect_event(Effect(kind="create_sent"), "t", "100123", None),
         message_event({"msg_type": "slice_result", "run_id": "100123"}, "slice_result", "t",
                       "100123", "delivery-1"),
+        stream_event([stream_message("100123", "delivery-2")], "t"),
     ]
     wanted = run_filter(run_resource_id("t", "100123"), T0)
     assert wanted.event is not None and wanted.event.prefix is not None
@@ -140,3 +149,60 @@ def test_every_feed_reads_its_history_again_when_the_hub_subscribes_again() -> N
     assert swept == []  # the first subscription: each feed reads its history itself
     hub._on_subscribed(False)
     assert sorted(swept) == ["swf.run.t.1", "swf.run.t.2"]
+
+
+def stream_message(run_id: str, key: str, seconds: float = 0.0) -> StreamMessage:
+    return StreamMessage("slice_result", run_id, key, {"msg_type": "slice_result",
+                                                        "run_id": run_id, "content": {}},
+                         T0 + timedelta(seconds=seconds), uuid.uuid5(uuid.NAMESPACE_URL, run_id))
+
+
+def test_a_stream_batch_unpacks_into_the_events_its_messages_would_have_made() -> None:
+    messages = [stream_message("1", "m-1"), stream_message("2", "m-2", 0.5),
+                stream_message("1", "m-3", 1.0)]
+    batch = stream_event(messages, "t", listener="swf-panda-workers-t")
+    assert batch.occurred == T0  # its first message's: a history read from then has it
+    assert [r.id for r in batch.related] == [
+        "swf.run.t.1", f"prefect.flow-run.{messages[0].flow_run_id}",
+        "swf.run.t.2", f"prefect.flow-run.{messages[1].flow_run_id}"]
+    alone = [message_event(m.body, "slice_result", "t", m.run_id, m.delivery_key,
+                           listener="swf-panda-workers-t") for m in messages]
+    assert [(e.id, e.event, e.resource.root, e.payload) for e in unpacked(batch)] == [
+        (e.id, e.event, e.resource.root, e.payload) for e in alone]
+    assert [e.occurred for e in unpacked(batch, "swf.run.t.1")] == [
+        T0, T0 + timedelta(seconds=1)]
+    assert decode(unpacked(batch)[0]) is not None
+
+
+def test_a_stream_batch_relates_to_no_more_runs_than_the_server_takes() -> None:
+    too_many = [stream_message(str(n), f"m-{n}") for n in range(STREAM_MAX_RUNS + 1)]
+    with pytest.raises(ValueError, match="at most"):
+        stream_event(too_many, "t")
+
+
+def test_the_hub_hands_each_message_of_a_batch_to_its_runs_feeds() -> None:
+    hub = RunEventsHub()
+    taken: dict[str, list[uuid.UUID]] = {"1": [], "2": [], "parent-1": []}
+    routes = [Route("swf.run.t.1", (), lambda e: taken["1"].append(e.id), lambda: None),
+              Route("swf.run.t.2", (), lambda e: taken["2"].append(e.id), lambda: None),
+              Route("swf.run.t.1", STREAM_EVENTS, lambda e: taken["parent-1"].append(e.id),
+                    lambda: None)]
+    for route in routes:
+        hub._routes.setdefault(route.resource_id, []).append(route)
+    hub._dispatch(stream_event([stream_message("1", "a"), stream_message("2", "b"),
+                                stream_message("1", "c"), stream_message("3", "d")], "t"))
+    assert taken == {"1": [message_event_id("t", "a"), message_event_id("t", "c")],
+                     "2": [message_event_id("t", "b")], "parent-1": []}
+
+
+def test_a_message_stored_in_two_batches_is_read_once() -> None:
+    """Redelivered after the listener's crash, or received by two replicas
+    from a topic: the same message in two batches."""
+    first = stream_event([stream_message("1", "a"), stream_message("1", "b")], "t")
+    second = stream_event([stream_message("1", "b", 2), stream_message("2", "c", 2)], "t")
+    end = message_event({"msg_type": "end_run", "run_id": "1"}, "end_run", "t", "1", "e")
+    read = _OnceEach("swf.run.t.1", ())
+    assert [e.id for e in read.new([first])] == [message_event_id("t", k) for k in "ab"]
+    assert [e.id for e in read.new([second, end])] == [end.id]
+    parent = _OnceEach("swf.run.t.1", STREAM_EVENTS)
+    assert [e.id for e in parent.new([first, second, end])] == [end.id]
