@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the service's expected slice processing time (s)")
     parser.add_argument("--announce-every", type=float, default=0.5, metavar="SECONDS",
                         help="time between two runs' announcements (0: all at once)")
+    parser.add_argument("--waves", type=int,
+                        help="start, load and end the runs this many times in turn (default: "
+                        "the scenario's, else 1)")
     parser.add_argument("--connections", type=int, default=4,
                         help="connections the simulated transformers send on")
     parser.add_argument("--stomp-port", type=int, default=61663)
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if scenario is not None:
         args.runs, args.slices, args.rate = scenario.runs, scenario.slices, scenario.rate
         args.announce_every = scenario.announce_every
+        args.waves = args.waves or scenario.waves
     plan = LoadPlan(runs=args.runs, slices=args.slices, rate=args.rate,
                     expected_seconds=args.expected)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="swf-bench-"))
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                               prefect_port=args.prefect_port,
                               connections=args.connections, profile=args.profile,
                               announce_every=args.announce_every,
-                              postgres_port=args.postgres_port))
+                              postgres_port=args.postgres_port, waves=args.waves or 1))
     result = bench.run()
     result.notes.append("machine load average before the run (1, 5, 15 min): "
                         + ", ".join(f"{x:.2f}" for x in load_before))

@@ -85,6 +85,74 @@ class ProcessUse(BaseModel):
     load_rss_mb: list[float | None] = []
 
 
+Series = Sequence[tuple[float, float]]  # (unix time, value)
+Span = tuple[float, float]  # (unix time, unix time)
+
+
+class Drift(BaseModel):
+    """The system early in a long benchmark and at its end: the waves of runs
+    that began 10 to 20 minutes after the first, and those of the last ten
+    minutes. Whole waves, so that each side holds the same mix of run starts,
+    load and run ends."""
+
+    early: Span
+    late: Span
+    rss_mb: dict[str, tuple[float, float]]  # process -> mean RSS early, late
+    cpu_per_1000: tuple[float, float]  # CPU s of all processes per 1000 results, early, late
+
+    def rss_growth_pct(self) -> float:
+        """The largest change of a process's RSS, late against early, in %."""
+        return max((abs(late / early - 1) * 100 for early, late in self.rss_mb.values()
+                    if early > 0), default=0.0)
+
+    def cpu_growth_pct(self) -> float:
+        early, late = self.cpu_per_1000
+        return abs(late / early - 1) * 100 if early > 0 else 0.0
+
+
+EARLY = (600.0, 1200.0)  # s after the first wave began: its second ten minutes
+LATE = 600.0  # s: the last ten minutes
+
+
+def drift(waves: Sequence[Span], sent_at: Sequence[float], rss: Mapping[str, Series],
+          cpu: Mapping[str, Series]) -> Drift | None:
+    """``waves``: when each wave began and ended; ``rss`` and ``cpu``: each
+    process's samples (CPU used so far). None if the benchmark was too short
+    to hold a wave on each side."""
+    if not waves:
+        return None
+    origin, end = waves[0][0], waves[-1][1]
+    early = _whole(waves, origin + EARLY[0], origin + EARLY[1])
+    late = _whole(waves, max(end - LATE, origin + EARLY[1]), end)
+    if early is None or late is None:
+        return None
+
+    def mean_rss(series: Series, span: Span) -> float:
+        inside = [v for t, v in series if span[0] <= t <= span[1]]
+        return round(sum(inside) / len(inside), 1) if inside else 0.0
+
+    def cpu_per_1000(span: Span) -> float:
+        used = sum(_at(series, span[1]) - _at(series, span[0]) for series in cpu.values())
+        results = sum(1 for t in sent_at if span[0] <= t <= span[1])
+        return round(used / results * 1000, 2) if results else 0.0
+
+    return Drift(early=early, late=late,
+                 rss_mb={name: (mean_rss(s, early), mean_rss(s, late)) for name, s in rss.items()},
+                 cpu_per_1000=(cpu_per_1000(early), cpu_per_1000(late)))
+
+
+def _whole(waves: Sequence[Span], lo: float, hi: float) -> Span | None:
+    """From the start of the first wave within [lo, hi] to the end of the last."""
+    inside = [w for w in waves if lo <= w[0] and w[1] <= hi]
+    return (inside[0][0], inside[-1][1]) if inside else None
+
+
+def _at(series: Series, moment: float) -> float:
+    """The value sampled last at or before ``moment`` (the first, if none)."""
+    before = [v for t, v in series if t <= moment]
+    return before[-1] if before else (series[0][1] if series else 0.0)
+
+
 class BenchResult(BaseModel):
     started_at: str
     machine: dict[str, Any]
@@ -97,6 +165,7 @@ class BenchResult(BaseModel):
     processes: dict[str, ProcessUse]
     per_added_run_mb: float  # (peak - idle) of listener + runner, per run
     notes: list[str]
+    drift: Drift | None = None  # a benchmark of several waves, long enough
 
     def table(self) -> str:
         rows = [("latency (ms)", "samples", "p50", "p95", "p99", "max")]
@@ -121,8 +190,24 @@ class BenchResult(BaseModel):
             text_table(effects),
             text_table(use),
             f"memory per added run (listener + runner): {self.per_added_run_mb:.1f} MB",
+            *self._drift_lines(),
             *self.notes,
         ])
+
+
+    def _drift_lines(self) -> list[str]:
+        drift = self.drift
+        if drift is None:
+            return []
+        rows = [("early and late", "RSS MB early", "RSS MB late")]
+        rows += [(name, number(early), number(late))
+                 for name, (early, late) in drift.rss_mb.items()]
+        minutes = [round((b - a) / 60, 1) for a, b in (drift.early, drift.late)]
+        return [text_table(rows),
+                f"CPU per 1000 results: {drift.cpu_per_1000[0]} s early, "
+                f"{drift.cpu_per_1000[1]} s late (whole waves: {minutes[0]} min early, "
+                f"{minutes[1]} min late); largest RSS change {drift.rss_growth_pct():.1f} %, "
+                f"CPU change {drift.cpu_growth_pct():.1f} %"]
 
 
 def number(value: float | None) -> str:

@@ -44,25 +44,30 @@ def slice_result(run_id: str, send: SliceSend, workload_id: int | None) -> dict[
 
 
 class SliceLoad:
-    """Sends a plan's results for ``run_ids`` (the plan's run i is run_ids[i])
-    to ``queue``; ``workload(run_id)`` is the PanDA task iDDS created."""
+    """Sends a plan's results to ``queue``, for one set of runs after another
+    (``run``); ``workload(run_id)`` is the PanDA task iDDS created. What was
+    sent, and when, adds up over the sets."""
 
-    def __init__(self, brokers: Brokers, queue: str, plan: LoadPlan, run_ids: Sequence[str],
+    def __init__(self, brokers: Brokers, queue: str, plan: LoadPlan,
                  workload: Callable[[str], int | None], connections: int = 4) -> None:
         self.plan = plan
         self._queue = queue
-        self._run_ids = run_ids
+        self._run_ids: Sequence[str] = ()
         self._workload = workload
         self._buses = [PeerBus(brokers, name=f"bench-load-{k}") for k in range(connections)]
         self._lock = threading.Lock()
         self.sent = 0
-        self.slow_sent: dict[str, list[float]] = {run_id: [] for run_id in run_ids}
+        self.slow_sent: dict[str, list[float]] = {}
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.sent_at: list[float] = []  # when each result went out (for the plot)
 
-    def run(self) -> None:
-        """Send everything (returns when the last result is sent)."""
+    def run(self, run_ids: Sequence[str]) -> None:
+        """Send the plan's results for ``run_ids`` (the plan's run i is
+        run_ids[i]); returns when the last is sent."""
+        self._run_ids = run_ids
+        for run_id in run_ids:
+            self.slow_sent.setdefault(run_id, [])
         for bus in self._buses:
             bus.start()
         sends = list(self.plan.sends())

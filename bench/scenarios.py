@@ -39,7 +39,7 @@ def lost_or_doubled(result: BenchResult) -> float:
 
 
 def cpu_per_1000_results(result: BenchResult) -> float | None:
-    results = result.plan["runs"] * result.plan["slices"]
+    results = result.plan.get("waves", 1) * result.plan["runs"] * result.plan["slices"]
     used = sum(p.cpu_seconds for p in result.processes.values())
     return round(used / results * 1000, 2) if results else None
 
@@ -53,6 +53,7 @@ class Scenario:
     rate: float  # slice results per second, all runs together
     announce_every: float  # s between two announcements
     targets: tuple[Target, ...]
+    waves: int = 1  # the runs started, loaded and ended this many times in turn
 
     def verdict(self, result: BenchResult) -> str:
         rows = [("target", "limit", "measured", "")]
@@ -61,6 +62,14 @@ class Scenario:
             rows.append((target.what, f"{target.limit:g} {target.unit}",
                          f"{number(value)} {target.unit}", "pass" if passed else "FAIL"))
         return f"scenario {self.name}: {self.what}\n\n" + text_table(rows)
+
+
+def rss_growth(result: BenchResult) -> float | None:
+    return None if result.drift is None else round(result.drift.rss_growth_pct(), 1)
+
+
+def cpu_growth(result: BenchResult) -> float | None:
+    return None if result.drift is None else round(result.drift.cpu_growth_pct(), 1)
 
 
 NOTHING_LOST = Target("effects lost or doubled, results not stored or not counted", 0,
@@ -82,5 +91,14 @@ SCENARIOS = {s.name: s for s in (
              runs=20, slices=7500, rate=500, announce_every=0.05, targets=(
                  Target("slow slice_result -> adjust_worker p99", 250, "ms", p99(ADJUST)),
                  Target("end_run -> stop_transformer p99", 500, "ms", p99(STOP)),
+                 NOTHING_LOST)),
+    # Waves of 20 runs x 900 results at 100/s (3 minutes of load, and the
+    # starts and ends around it), one after the other for about an hour.
+    Scenario("soak-1h", "an hour at 100 slice results/s, runs starting and ending all the "
+             "time", runs=20, slices=900, rate=100, announce_every=0.05, waves=16, targets=(
+                 Target("largest change of a process's RSS, last 10 min against minutes 10-20",
+                        10, "%", rss_growth),
+                 Target("change of CPU per 1000 results, last 10 min against minutes 10-20",
+                        10, "%", cpu_growth),
                  NOTHING_LOST)),
 )}

@@ -10,9 +10,10 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import prefect
 from prefect.client.orchestration import get_client
@@ -22,9 +23,23 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterName,
 )
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays, timed_delays
+from bench.figures import (
+    BenchResult,
+    Latency,
+    ProcessUse,
+    Tally,
+    delays,
+    drift,
+    timed_delays,
+)
 from bench.load import SliceLoad
 from bench.plan import LoadPlan
 from bench.processes import MetricSampler, Sampler
@@ -32,9 +47,12 @@ from bench.profiles import Profiles
 from bench.timeline import Timeline
 from listeners.metrics import PREFIX as METRICS_PREFIX
 from swf_panda_workers.adapters.prefect_events import (
+    PAGE_LIMIT,
+    STREAM_EVENT,
     message_event_name,
-    run_history,
+    namespace_resource_id,
     run_resource_id,
+    unpacked,
 )
 from swf_panda_workers.embedded.postgres import PostgresCluster
 from swf_panda_workers.embedded.stack import EmbeddedStack
@@ -68,6 +86,7 @@ class Options:
     profile: Path | None = None  # where py-spy profiles of the load go, if anywhere
     postgres_port: int | None = None  # the Prefect server on a private PostgreSQL there
     metrics_port: int = 9651  # the listener's /metrics, sampled for the hand-off plot
+    waves: int = 1  # the plan's runs, started, loaded and ended this many times in turn
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
@@ -95,8 +114,10 @@ class Benchmark:
         self.plan = options.plan
         self.stack = EmbeddedStack(options.workdir, options.config(),
                                    prefect_port=options.prefect_port, fresh=True)
-        first = int(time.time()) % 100_000 * 100
-        self.run_ids = [str(first + i) for i in range(self.plan.runs)]
+        self._first = int(time.time()) % 100_000 * 1000
+        self.run_ids: list[str] = []  # this wave's
+        self.all_runs: list[str] = []  # every wave's
+        self.waves: list[tuple[float, float]] = []  # when each wave began and ended
         self.tasks: dict[str, TaskInfo] = {}
         self.announced: dict[str, float] = {}
         self.ended: dict[str, float] = {}
@@ -129,12 +150,22 @@ class Benchmark:
                                  workers_topic=brokers.workers_topic).start()
             control = ControlSystem(brokers, NAMESPACE, workers_topic=brokers.workers_topic)
             control.start()
+            load = SliceLoad(brokers, brokers.results_destination, self.plan,
+                             lambda r: self.tasks[r].workload_id,
+                             connections=self.options.connections)
+            states: dict[str, tuple[str, int | None]] = {}
+            stored: dict[str, int] = {}
+            drain: float | None = None
             try:
-                load = self._drive(recorder, control, acked)
-                drain = self._wait_stored(time.time(), acked)
-                self._end_runs(recorder, control)
-                states = self._final_states()
-                stored = self.stored_results()
+                for wave in range(self.options.waves):
+                    self._next_wave(wave)
+                    began = time.time()
+                    self._drive(recorder, control, acked, load)
+                    drain = self._wait_stored(time.time(), acked)
+                    self._end_runs(recorder, control)
+                    self.waves.append((began, time.time()))
+                    states.update(self._final_states())
+                    stored.update(self.stored_results())
             finally:
                 sampler.stop()
                 acked.stop()
@@ -174,9 +205,16 @@ class Benchmark:
     def _task_created(self, run_id: str, task: TaskInfo) -> None:
         self.tasks[run_id] = task
 
+    def _next_wave(self, wave: int) -> None:
+        first = self._first + wave * self.plan.runs
+        self.run_ids = [str(first + i) for i in range(self.plan.runs)]
+        self.all_runs += self.run_ids
+        if self.options.waves > 1:
+            print(f"wave {wave + 1} of {self.options.waves}", flush=True)
+
     def _drive(self, recorder: BusRecorder, control: ControlSystem,
-               acked: MetricSampler) -> SliceLoad:
-        """Announce every run, wait for their tasks, then send the load."""
+               acked: MetricSampler, load: SliceLoad) -> None:
+        """Announce every run of the wave, wait for their tasks, then send the load."""
         for run_id in self.run_ids:
             self.announced[run_id] = time.time()
             control.announce(run_id, "testbed", target_workers=INITIAL_WORKERS,
@@ -188,17 +226,13 @@ class Benchmark:
         print(f"{self.plan.runs} runs created; sending {self.plan.runs * self.plan.slices} "
               f"slice results at {self.plan.rate:g}/s for {self.plan.duration:.0f} s", flush=True)
         self.acked_before_load = acked.latest() or 0.0
-        load = SliceLoad(self.stack.brokers, self.stack.brokers.results_destination, self.plan,
-                         self.run_ids, lambda r: self.tasks[r].workload_id,
-                         connections=self.options.connections)
         profiles = (Profiles(self.options.profile, self._roots(), self.plan.duration)
                     if self.options.profile else None)
         if profiles:
             profiles.start()
-        load.run()
+        load.run(self.run_ids)
         if profiles:
             profiles.wait()
-        return load
 
     def _wait_stored(self, since: float, acked: MetricSampler,
                      timeout: float = 600.0) -> float | None:
@@ -221,12 +255,30 @@ class Benchmark:
         return asyncio.run(self._count_stored())
 
     async def _count_stored(self) -> dict[str, int]:
-        since = datetime.now(UTC) - timedelta(days=1)
+        """Read from the namespace's stream batches, each once (read run by
+        run, every run would read every batch it shares with the others)."""
+        now = datetime.now(UTC)
         name = message_event_name("slice_result")
+        wanted = {run_resource_id(NAMESPACE, r): r for r in self.run_ids}
+        seen: dict[str, set[UUID]] = {r: set() for r in self.run_ids}
+        batches = EventFilter(
+            # From the wave's first announcement: earlier waves' are counted.
+            occurred=EventOccurredFilter(since=datetime.fromtimestamp(
+                min(self.announced[r] for r in self.run_ids) - 60, UTC), until=now),
+            resource=EventResourceFilter(id=[namespace_resource_id(NAMESPACE)]),
+            event=EventNameFilter(name=[STREAM_EVENT]))
         with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
-            return {run_id: sum(e.event == name for e in await run_history(
-                        run_resource_id(NAMESPACE, run_id), since))
-                    for run_id in self.run_ids}
+            async with get_client() as client:
+                page = await client.read_events(filter=batches, limit=PAGE_LIMIT)
+                while True:
+                    for event in (e for batch in page.events for e in unpacked(batch)):
+                        run_id = wanted.get(event.resource.id)
+                        if run_id is not None and event.event == name:
+                            seen[run_id].add(event.id)
+                    if page.next_page is None:
+                        break
+                    page = await client.read_events_page(page.next_page)
+        return {run_id: len(ids) for run_id, ids in seen.items()}
 
     def _end_runs(self, recorder: BusRecorder, control: ControlSystem) -> None:
         for run_id in self.run_ids:
@@ -275,13 +327,13 @@ class Benchmark:
             "end_run -> close_workflow_task": _first_delays(
                 self.ended, seen["close_workflow_task"]),
         }
-        effects = {kind: Tally.of({r: n for r in self.run_ids},
+        effects = {kind: Tally.of({r: n for r in self.all_runs},
                                   {r: len(t) for r, t in seen[kind].items()})
                    for kind, n in EXPECTED.items()}
         effects["slice result stored as event"] = Tally.of(
-            {r: self.plan.slices for r in self.run_ids}, stored)
+            {r: self.plan.slices for r in self.all_runs}, stored)
         effects["slice result counted by flow"] = Tally.of(
-            {r: self.plan.slices for r in self.run_ids},
+            {r: self.plan.slices for r in self.all_runs},
             {r: n for r, (_, n) in states.items() if n is not None})
         state_names = sorted({s for s, _ in states.values()})
         self.notes.append("flow runs: " + ", ".join(
@@ -302,7 +354,8 @@ class Benchmark:
             machine={"cpus": os.cpu_count(), "python": platform.python_version(),
                      "prefect": prefect.__version__, "host": platform.node()},
             plan={"database": "postgresql" if self.postgres_pid else "sqlite",
-                  "runs": self.plan.runs, "slices": self.plan.slices, "rate": self.plan.rate,
+                  "waves": self.options.waves, "runs": self.plan.runs,
+                  "slices": self.plan.slices, "rate": self.plan.rate,
                   "expected_seconds": self.plan.expected_seconds,
                   "duration": self.plan.duration, "announce_every": self.options.announce_every,
                   "connections": self.options.connections, "config": self.options.config()},
@@ -313,6 +366,9 @@ class Benchmark:
             handoff_drain_seconds=None if drain is None else round(drain, 1),
             effects=effects, processes=processes, per_added_run_mb=round(added, 1),
             notes=self.notes,
+            drift=drift(self.waves, load.sent_at,
+                        {name: tree.history for name, tree in sampler.trees.items()},
+                        {name: tree.cpu_history for name, tree in sampler.trees.items()}),
         )
 
 

@@ -45,7 +45,7 @@ from flows.idds_requests import ask_idds, close_open_tasks, gateway_for
 from flows.progress_watch import watched_run
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
-from flows.scaling import ScalingReport, publish_decisions, scale_workers
+from flows.scaling import ScalingReport, SliceCount, publish_decisions, scale_workers
 from flows.tasks import publish
 from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
@@ -175,13 +175,12 @@ async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str,
         view.waits_for("the stop and the close to be sent")
         state = await ending.stop_and_close(confirm=True)
 
-    # Counted from the stored history after the stop and the close, which
-    # must not wait for a read of a long run's every result.
-    slices = await fold_history(initial_state(run, settings), resource, since)
+    slices = report.slices or await count_from_history(initial_state(run, settings),
+                                                       resource, since)
     outcome = RunOutcome(
         run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=state.ids,
         extra_tasks=list(state.extra_tasks),
-        slices_done=slices.slices_done, slices_failed=slices.slices_failed,
+        slices_done=slices.done, slices_failed=slices.failed,
         adjustments=len(report.adjustments),
         workers_requested=state.plan.current.target_worker_count,
         # From this flow's state: a reply to the sub-flow's last adjust may
@@ -193,6 +192,14 @@ async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str,
     await publish_summary(outcome, report)
     await publish_decisions(run_id, namespace, report, dry_run)
     return outcome
+
+
+async def count_from_history(state: RunState, resource: str, since: datetime) -> SliceCount:
+    """The slice results of a run that had no scaling sub-flow (it ended
+    before iDDS's ids), from its stored history, once the stop and the close
+    are out of the way."""
+    folded = await fold_history(state, resource, since)
+    return SliceCount(done=folded.slices_done, failed=folded.slices_failed)
 
 
 async def claim_attempt() -> None:

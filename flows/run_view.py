@@ -117,6 +117,13 @@ class RunView:
             await self.next_input(timeout=0)
         return self.state
 
+    async def settle(self) -> RunState:
+        """Apply everything stored before the feed opened, and all arrived
+        since: once done, the state holds every input the run had when its
+        feed opened, even one stored late (see ``RunFeed.settled``)."""
+        await self._feed.settled()
+        return await self.drain()
+
     async def drain(self) -> RunState:
         """Apply everything stored or already arrived, waiting for nothing."""
         while await self.next_input(timeout=0) is not None:

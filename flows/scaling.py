@@ -47,10 +47,18 @@ from swf_panda_workers.timestamps import utc_now
 IDLE_CHECK_SECONDS = 5.0
 
 
+class SliceCount(BaseModel):
+    done: int
+    failed: int
+
+
 class ScalingReport(BaseModel):
     adjustments: list[Adjustment]
     end: str  # why the sub-flow returned
     timeline: list[TimelinePoint]  # the run at each look of its policy, for the plot
+    # The run's slice results, each once, up to the sub-flow's return; None:
+    # no sub-flow ran, the parent counts them from the run's stored history.
+    slices: SliceCount | None = None
 
     @classmethod
     def without_scaling(cls, why: str) -> "ScalingReport":
@@ -91,12 +99,19 @@ async def scale_workers(
         end = await scaler.follow_until_end(deadline)
         if settings.scaling.end == "drain" and view.state.ended:
             end = f"{end}; {await scaler.drain()}"
+        # A sub-flow started late (after its run's end, even) may be given
+        # the end before results stored just as its feed opened: counted too.
+        await view.settle()
 
-    # Slice totals are the parent's, counted once the stop is out of the way.
+    # The sub-flow took every result of the run, in the order the listener
+    # sent them, up to its end: its count is the run's. Read again from the
+    # stored history, every result of a run of a busy namespace would be read
+    # with the whole namespace's (they share stream batches).
     return ScalingReport(
         adjustments=list(view.state.adjustments),
         end=end,
         timeline=autoscaler.timeline.points,
+        slices=SliceCount(done=view.state.slices_done, failed=view.state.slices_failed),
     )
 
 

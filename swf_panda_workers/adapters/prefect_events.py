@@ -491,6 +491,7 @@ class RunFeed:
             self._seen.add(event.id, event.occurred)
         self._live: asyncio.Queue[Event] = live if live is not None else asyncio.Queue()
         self._source: asyncio.Task[None] | None = None
+        self._late: asyncio.Task[None] | None = None  # the late history sweeps
 
     def backlog(self) -> tuple[Event, ...]:
         """The stored events not yielded yet."""
@@ -538,6 +539,14 @@ class RunFeed:
                 self._seen.add(event.id, event.occurred)
                 return event
         return None
+
+    async def settled(self) -> None:
+        """Return once every event stored before the feed opened is in it: an
+        event streamed just before the subscription and stored just after
+        the first history read comes with the late sweeps (LATE_HISTORY_SWEEPS
+        after the feed opened; at once, for a feed open longer than that)."""
+        if self._late is not None:
+            await self._late
 
     def _deliver(self, event: Event) -> None:
         self._live.put_nowait(event)
@@ -601,10 +610,11 @@ async def follow_run(resource_id: str, since: datetime,
                                 resource_id, exc, RESUBSCRIBE_EVERY)
                     await asyncio.sleep(RESUBSCRIBE_EVERY)
 
-    def start_sweep(start: datetime, delays: tuple[float, ...]) -> None:
+    def start_sweep(start: datetime, delays: tuple[float, ...]) -> asyncio.Task[None]:
         task = asyncio.create_task(sweep(start, delays))
         sweeps.add(task)
         task.add_done_callback(sweeps.discard)
+        return task
 
     def resubscribed() -> None:
         # What the feed still remembers, not the whole run: older events
@@ -617,7 +627,8 @@ async def follow_run(resource_id: str, since: datetime,
         source = await hub.add(route)
         feed = RunFeed(await history_when_reachable(resource_id, since, exclude), live)
         feed._source = source
-        start_sweep(max(since, opened_at - timedelta(minutes=1)), LATE_HISTORY_SWEEPS)
+        feed._late = start_sweep(max(since, opened_at - timedelta(minutes=1)),
+                                 LATE_HISTORY_SWEEPS)
         yield feed
     finally:
         hub.remove(route)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bench.compare import comparison
-from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays
+from bench.figures import BenchResult, Latency, ProcessUse, Tally, delays, drift
 from bench.plan import FAST, SLOW, LoadPlan
 from bench.processes import TreeUse, descendants
 from bench.scenarios import SCENARIOS, cpu_per_1000_results
@@ -138,3 +138,34 @@ def test_the_timeline_is_drawn_as_a_png() -> None:
         rss_mb={"runner": [(1.0, 100.0), (2.0, 101.0)]},
         cpu_seconds={"runner": [(1.0, 0.0), (2.0, 0.5)]}))
     assert png.startswith(b"\x89PNG")
+
+
+def test_drift_compares_whole_waves_of_the_second_ten_minutes_with_the_last() -> None:
+    # Waves of 200 s from t=0 to 3000 s; early: waves starting at 600, 800
+    # and 1000 s (1000-1200 ends at 1200: inside); late: the last ten minutes.
+    waves = [(200.0 * k, 200.0 * (k + 1)) for k in range(15)]
+    sent_at = [float(t) for t in range(0, 3000)]  # one result a second
+    rss = {"runner": [(float(t), 100.0 if t < 1500 else 110.0) for t in range(0, 3000, 10)]}
+    cpu = {"runner": [(float(t), t * 0.002) for t in range(0, 3000, 10)],  # 2 CPU-ms/result
+           "server": [(float(t), t * 0.001 if t < 2000 else 2.0 + (t - 2000) * 0.0015)
+                      for t in range(0, 3000, 10)]}
+    found = drift(waves, sent_at, rss, cpu)
+    assert found is not None
+    assert (found.early, found.late) == ((600.0, 1200.0), (2400.0, 3000.0))
+    assert found.rss_mb == {"runner": (100.0, 110.0)}
+    # The samples, every 10 s, end at 2990 s: the late side is a sample short.
+    assert found.cpu_per_1000 == pytest.approx((3.0, 3.44), abs=0.02)
+    assert found.rss_growth_pct() == pytest.approx(10.0)
+    assert found.cpu_growth_pct() == pytest.approx(14.7, abs=0.5)
+
+
+def test_a_benchmark_too_short_has_no_drift() -> None:
+    waves = [(0.0, 200.0), (200.0, 400.0)]
+    assert drift(waves, [1.0], {"runner": [(0.0, 1.0)]}, {"runner": [(0.0, 0.0)]}) is None
+    assert drift([], [], {}, {}) is None
+
+
+def test_the_soak_scenario_judges_the_drift() -> None:
+    soak = SCENARIOS["soak-1h"]
+    assert soak.waves > 1 and soak.rate == 100
+    assert soak.runs * soak.slices * soak.waves / soak.rate >= 45 * 60  # most of an hour of load

@@ -206,3 +206,25 @@ def test_a_message_stored_in_two_batches_is_read_once() -> None:
     assert [e.id for e in read.new([second, end])] == [end.id]
     parent = _OnceEach("swf.run.t.1", STREAM_EVENTS)
     assert [e.id for e in parent.new([first, second, end])] == [end.id]
+
+
+def test_a_settled_feed_holds_what_its_late_history_sweeps_brought() -> None:
+    """An event streamed before the subscription and stored after the first
+    history read comes only with a late sweep: a run that ends at once must
+    wait for it before its count is final."""
+    late = event(1)
+
+    async def go() -> list[Event]:
+        live: asyncio.Queue[Event] = asyncio.Queue()
+        feed = RunFeed([], live)
+
+        async def sweep() -> None:
+            await asyncio.sleep(0.05)
+            live.put_nowait(late)
+        feed._late = asyncio.create_task(sweep())
+        before = await feed.next(timeout=0)
+        assert before is None
+        await feed.settled()
+        return [e for e in [await feed.next(timeout=0)] if e is not None]
+
+    assert [e.id for e in asyncio.run(go())] == [late.id]
