@@ -492,6 +492,7 @@ class RunFeed:
         self._live: asyncio.Queue[Event] = live if live is not None else asyncio.Queue()
         self._source: asyncio.Task[None] | None = None
         self._late: asyncio.Task[None] | None = None  # the late history sweeps
+        self._late_read = asyncio.Event()  # set once the first of them is read
 
     def backlog(self) -> tuple[Event, ...]:
         """The stored events not yielded yet."""
@@ -543,10 +544,19 @@ class RunFeed:
     async def settled(self) -> None:
         """Return once every event stored before the feed opened is in it: an
         event streamed just before the subscription and stored just after
-        the first history read comes with the late sweeps (LATE_HISTORY_SWEEPS
-        after the feed opened; at once, for a feed open longer than that)."""
-        if self._late is not None:
-            await self._late
+        the first history read comes with the first late sweep (6 s after the
+        feed opened, past the server's persister flush; at once, for a feed
+        open longer than that)."""
+        late = self._late
+        if late is None:
+            return
+        read = asyncio.create_task(self._late_read.wait())
+        try:
+            await asyncio.wait({read, late}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            read.cancel()
+        if late.done() and not late.cancelled() and late.exception() is not None:
+            raise ConnectionError("the run's history could not be read") from late.exception()
 
     def _deliver(self, event: Event) -> None:
         self._live.put_nowait(event)
@@ -588,9 +598,12 @@ async def follow_run(resource_id: str, since: datetime,
     live: asyncio.Queue[Event] = asyncio.Queue()
     sweeps: set[asyncio.Task[None]] = set()
 
-    async def sweep(start: datetime, delays: tuple[float, ...]) -> None:
+    async def sweep(start: datetime, delays: tuple[float, ...],
+                    first_read: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
-        for delay in delays:
+        for number, delay in enumerate(delays):
+            if number == 1 and first_read is not None:
+                first_read.set()
             await asyncio.sleep(delay)
             give_up = loop.time() + OUTAGE_TOLERANCE
             while True:
@@ -610,8 +623,9 @@ async def follow_run(resource_id: str, since: datetime,
                                 resource_id, exc, RESUBSCRIBE_EVERY)
                     await asyncio.sleep(RESUBSCRIBE_EVERY)
 
-    def start_sweep(start: datetime, delays: tuple[float, ...]) -> asyncio.Task[None]:
-        task = asyncio.create_task(sweep(start, delays))
+    def start_sweep(start: datetime, delays: tuple[float, ...],
+                    first_read: asyncio.Event | None = None) -> asyncio.Task[None]:
+        task = asyncio.create_task(sweep(start, delays, first_read))
         sweeps.add(task)
         task.add_done_callback(sweeps.discard)
         return task
@@ -628,7 +642,7 @@ async def follow_run(resource_id: str, since: datetime,
         feed = RunFeed(await history_when_reachable(resource_id, since, exclude), live)
         feed._source = source
         feed._late = start_sweep(max(since, opened_at - timedelta(minutes=1)),
-                                 LATE_HISTORY_SWEEPS)
+                                 LATE_HISTORY_SWEEPS, feed._late_read)
         yield feed
     finally:
         hub.remove(route)

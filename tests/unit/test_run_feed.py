@@ -228,3 +228,25 @@ def test_a_settled_feed_holds_what_its_late_history_sweeps_brought() -> None:
         return [e for e in [await feed.next(timeout=0)] if e is not None]
 
     assert [e.id for e in asyncio.run(go())] == [late.id]
+
+
+def test_a_feed_is_settled_once_its_first_late_sweep_is_read() -> None:
+    """The later sweeps are for safety; a run's count waits for the first."""
+    late = event(2)
+
+    async def go() -> tuple[list[Event], bool]:
+        live: asyncio.Queue[Event] = asyncio.Queue()
+        feed = RunFeed([], live)
+
+        async def sweeps() -> None:
+            live.put_nowait(late)
+            feed._late_read.set()
+            await asyncio.sleep(3600)  # the second sweep, far off
+        feed._late = asyncio.create_task(sweeps())
+        await feed.settled()
+        still_sweeping = not feed._late.done()
+        feed._late.cancel()
+        return [e for e in [await feed.next(timeout=0)] if e is not None], still_sweeping
+
+    found, still_sweeping = asyncio.run(go())
+    assert [e.id for e in found] == [late.id] and still_sweeping
