@@ -54,7 +54,8 @@ class SliceLoad:
         self._queue = queue
         self._run_ids: Sequence[str] = ()
         self._workload = workload
-        self._buses = [PeerBus(brokers, name=f"bench-load-{k}") for k in range(connections)]
+        self._brokers = brokers
+        self._connections = connections
         self._lock = threading.Lock()
         self.sent = 0
         self.slow_sent: dict[str, list[float]] = {}
@@ -68,18 +69,21 @@ class SliceLoad:
         self._run_ids = run_ids
         for run_id in run_ids:
             self.slow_sent.setdefault(run_id, [])
-        for bus in self._buses:
+        # New connections for each set: a stopped one does not start again.
+        buses = [PeerBus(self._brokers, name=f"bench-load-{k}")
+                 for k in range(self._connections)]
+        for bus in buses:
             bus.start()
         sends = list(self.plan.sends())
         began = time.time()
-        threads = [threading.Thread(target=self._send_share, args=(bus, sends[k::len(self._buses)],
+        threads = [threading.Thread(target=self._send_share, args=(bus, sends[k::len(buses)],
                                                                    began), daemon=True)
-                   for k, bus in enumerate(self._buses)]
+                   for k, bus in enumerate(buses)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        for bus in self._buses:
+        for bus in buses:
             bus.stop()
 
     @property

@@ -126,6 +126,17 @@ def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_i
     return [round((p.exited_at or 0) - stop_sent, 1) for p in pilots.of_run(run_id)]
 
 
+def first_stop_at(recorder: BusRecorder, run_id: str) -> float:
+    """When the run's first stop_transformer came back to the recorder (it is
+    sent as end_run reaches the run's flow, and may still be on its way)."""
+    def stops() -> list[float]:
+        return [r.at for r in recorder.records
+                if r.msg_type == "stop_transformer" and str(r.body["run_id"]) == run_id]
+    assert recorder.wait_for(lambda: bool(stops()), STOP_WITHIN), \
+        f"run {run_id}: no stop_transformer within {STOP_WITHIN:g} s of its end"
+    return min(stops())
+
+
 @once("the service's path on PostgreSQL is the lifecycle tests'; iDDS's, test_real_peers'")
 def test_two_runs_with_the_real_idds_and_transformers(
     stack: EmbeddedStack, recorder: BusRecorder, new_run_id: Callable[[], str],
@@ -138,9 +149,7 @@ def test_two_runs_with_the_real_idds_and_transformers(
         exits = {}
         for run_id in runs:
             assert len(recorder.of_type("created_workflow_task", run_id)) == 1
-            stop_at = min(r.at for r in recorder.records
-                          if r.msg_type == "stop_transformer"
-                          and str(r.body["run_id"]) == run_id)
+            stop_at = first_stop_at(recorder, run_id)
             exits[run_id] = account(stack, peers, recorder, run_id, stop_at)
             print(f"run {run_id}: end_run -> stop {stop_at - ended[run_id]:.2f} s; "
                   f"transformers exited {exits[run_id]} s after it")
@@ -163,9 +172,7 @@ def test_idds_with_four_worker_threads_makes_several_tasks_all_closed(
         tasks = {r: len(recorder.of_type("created_workflow_task", r)) for r in runs}
         assert all(1 <= n <= 4 for n in tasks.values()), tasks
         for run_id in runs:
-            stop_at = min(r.at for r in recorder.records
-                          if r.msg_type == "stop_transformer"
-                          and str(r.body["run_id"]) == run_id)
+            stop_at = first_stop_at(recorder, run_id)
             account(stack, peers, recorder, run_id, stop_at)
             created = [c["content"] for c in recorder.of_type("created_workflow_task", run_id)]
             closed = {c["content"]["transform_id"]
