@@ -180,7 +180,8 @@ class Benchmark:
         plan = self.plan
         return Timeline(
             title=f"{plan.runs} runs, {plan.rate:g} slice results/s, "
-                  f"{plan.runs * plan.slices} results",
+                  f"{plan.runs * plan.slices * len(self.waves)} results"
+                  + (f" in {len(self.waves)} waves" if len(self.waves) > 1 else ""),
             sent_at=load.sent_at, acked=acked.samples,
             latencies={
                 "create": timed_delays({r: [t] for r, t in self.announced.items()},
