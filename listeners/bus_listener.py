@@ -42,7 +42,7 @@ import asyncio
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -305,10 +305,14 @@ class BusListener:
         log.warning("hand-off of %s for run %s failed (%s); retrying in %g s",
                     getattr(message, "msg_type", None), getattr(message, "run_id", None), exc,
                     RETRY_AFTER)
-        # Prefect unreachable or failing: every other hand-off would fail
-        # alike, so the loop pauses with this one rather than spin through them.
+        await self._pause_then_try_again((delivery,))
+
+    async def _pause_then_try_again(self, deliveries: Iterable[Delivery]) -> None:
+        """Prefect unreachable or failing: every other hand-off would fail
+        alike, so the loop pauses with these rather than spin through them."""
         await asyncio.sleep(RETRY_AFTER)
-        self._try_again(delivery)
+        for delivery in deliveries:
+            self._try_again(delivery)
 
     def _try_again(self, delivery: Delivery) -> None:
         self._waiting.pop(delivery.message_id, None)
@@ -386,9 +390,7 @@ class BusListener:
         except HANDOFF_ERRORS as exc:
             log.warning("hand-off of %d stream messages failed (%s); retrying in %g s",
                         len(messages), exc, RETRY_AFTER)
-            await asyncio.sleep(RETRY_AFTER)
-            for delivery in deliveries:
-                self._try_again(delivery)
+            await self._pause_then_try_again(deliveries)
             return
         self._pending[event.id] = Pending(tuple(deliveries), event, self._loop.time())
         per_run = Counter(m.run_id for m in messages)
