@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from swf_panda_workers.core.slice_window import percentile
 from swf_panda_workers.peers.recorder import text_table
-from swf_panda_workers.slice_window import percentile
 
 
 class Latency(BaseModel):

@@ -79,7 +79,7 @@ from prefect.logging.handlers import APILogWorker
 from prefect.states import Cancelled, Crashed, Pending, State
 
 from swf_panda_workers.adapters.prefect_runs import claim_run
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.timestamps import utc_now
 
 log = logging.getLogger("swf.runner")
 

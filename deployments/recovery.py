@@ -72,7 +72,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Crashed
 
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.timestamps import utc_now
 
 log = logging.getLogger("swf.recovery")
 

@@ -27,7 +27,7 @@ from deployments.recovery import RunRecovery
 from flows.run_lifecycle import run_lifecycle
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, check_rest_client
 from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
-from swf_panda_workers.embedded.processes import healthy
+from swf_panda_workers.service.processes import healthy
 
 log = logging.getLogger("swf.runner")
 

@@ -11,8 +11,8 @@ from prefect import get_run_logger
 from swf_panda_workers.adapters.prefect_events import RunFeed, follow_run, recorded_run
 from swf_panda_workers.adapters.stomp_bus import connected_bus
 from swf_panda_workers.config import Settings
-from swf_panda_workers.dry_run import WithheldMessages
-from swf_panda_workers.outbound import Sender
+from swf_panda_workers.core.dry_run import WithheldMessages
+from swf_panda_workers.core.outbound import Sender
 
 
 @asynccontextmanager

@@ -14,11 +14,11 @@ from swf_panda_workers.adapters.idds_bus import BusGateway
 from swf_panda_workers.adapters.idds_rest import rest_gateway
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable
 from swf_panda_workers.config import Settings
-from swf_panda_workers.idds_gateway import Answer, IddsGateway, IddsRequestFailed
-from swf_panda_workers.messages import WorkflowIds
-from swf_panda_workers.outbound import Sender
-from swf_panda_workers.run_state import Effect
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.idds_gateway import Answer, IddsGateway, IddsRequestFailed
+from swf_panda_workers.core.messages import WorkflowIds
+from swf_panda_workers.core.outbound import Sender
+from swf_panda_workers.core.run_state import Effect
+from swf_panda_workers.core.timestamps import utc_now
 
 
 def gateway_for(settings: Settings, bus: Sender, dry_run: bool = False) -> IddsGateway:

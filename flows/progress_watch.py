@@ -1,5 +1,5 @@
 """Reports a run flow that makes no progress while it waits for something it
-needs (swf_panda_workers/run_progress.py): a warning in the run's log, and a
+needs (swf_panda_workers/core/run_progress.py): a warning in the run's log, and a
 ``swf.run.stalled`` event on the run, with what it waits for and for how long.
 
 The run's progress is kept here, in the process running its flow, so that
@@ -19,7 +19,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from swf_panda_workers.adapters.prefect_events import emit, stall_event
-from swf_panda_workers.run_progress import RunProgress
+from swf_panda_workers.core.run_progress import RunProgress
 
 # The runs whose flows run in this process, by (namespace, run id).
 _FOLLOWED: dict[tuple[str, str], RunProgress] = {}

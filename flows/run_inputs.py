@@ -3,7 +3,7 @@
 from typing import Any
 
 from swf_panda_workers.config import Settings, load_settings
-from swf_panda_workers.messages import RunImminent, parse_message
+from swf_panda_workers.core.messages import RunImminent, parse_message
 
 
 def settings_for(namespace: str) -> Settings:

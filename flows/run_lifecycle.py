@@ -45,9 +45,8 @@ from flows.idds_requests import ask_idds, close_open_tasks, gateway_for
 from flows.progress_watch import watched_run
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
-from flows.scaling import ScalingReport, SliceCount, publish_decisions, scale_workers
+from flows.scaling_subflow import ScalingReport, SliceCount, publish_decisions, scale_workers
 from flows.tasks import publish
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import (
     SERVER_TROUBLE,
     STREAM_EVENTS,
@@ -58,12 +57,13 @@ from swf_panda_workers.adapters.prefect_events import (
 )
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess, claim_run
 from swf_panda_workers.config import Settings
-from swf_panda_workers.idds_gateway import IddsGateway, IddsRequestFailed
-from swf_panda_workers.messages import RunImminent, WorkflowIds
-from swf_panda_workers.outbound import Sender
-from swf_panda_workers.run_report import artifact_key
-from swf_panda_workers.run_state import Effect, RunState, initial_state
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.idds_gateway import IddsGateway, IddsRequestFailed
+from swf_panda_workers.core.messages import RunImminent, WorkflowIds
+from swf_panda_workers.core.outbound import Sender
+from swf_panda_workers.core.run_report import artifact_key
+from swf_panda_workers.core.run_state import Effect, RunState, initial_state
+from swf_panda_workers.core.timestamps import utc_now
 
 CLAIM_RETRY_EVERY = 2.0  # s between attempts to record the attempt's process
 SUB_FLOW_ONLY = STREAM_EVENTS  # slice results and heartbeats, alone or batched

@@ -25,18 +25,18 @@ from swf_panda_workers.adapters.prefect_events import (
     emit,
     until_stored,
 )
-from swf_panda_workers.adjustment_journal import AdjustmentJournal
-from swf_panda_workers.idds_gateway import Answer
-from swf_panda_workers.log_lines import (
+from swf_panda_workers.core.adjustment_journal import AdjustmentJournal
+from swf_panda_workers.core.idds_gateway import Answer
+from swf_panda_workers.core.log_lines import (
     STREAM_INPUTS,
     STREAM_SUMMARY_EVERY,
     StreamSummary,
     input_line,
 )
-from swf_panda_workers.messages import Message
-from swf_panda_workers.run_progress import RunProgress
-from swf_panda_workers.run_state import Effect, RunState, apply
-from swf_panda_workers.timestamps import plain_utc, utc_now
+from swf_panda_workers.core.messages import Message
+from swf_panda_workers.core.run_progress import RunProgress
+from swf_panda_workers.core.run_state import Effect, RunState, apply
+from swf_panda_workers.core.timestamps import plain_utc, utc_now
 
 
 class RunView:

@@ -10,7 +10,7 @@ from prefect import State, task
 from prefect.cache_policies import NO_CACHE
 
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable
-from swf_panda_workers.outbound import Outgoing, Sender
+from swf_panda_workers.core.outbound import Outgoing, Sender
 
 
 async def bus_trouble(task: object, task_run: object, state: State[Any]) -> bool:

@@ -15,7 +15,7 @@ from listeners.bus_listener import HealthSource, serve_listener
 from listeners.status_server import status_endpoint
 from swf_panda_workers.adapters.swf_monitor import monitor_heartbeats
 from swf_panda_workers.config import Settings, load_settings
-from swf_panda_workers.embedded.processes import healthy
+from swf_panda_workers.service.processes import healthy
 
 
 def main(argv: list[str] | None = None) -> None:

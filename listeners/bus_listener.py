@@ -85,7 +85,7 @@ from swf_panda_workers.adapters.stomp_bus import (
     workers_selector,
 )
 from swf_panda_workers.config import Settings
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.timestamps import utc_now
 
 log = logging.getLogger("swf.listener")
 

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from listeners.requested_workers import RequestedWorkers
 from listeners.routing import Decision, Ignore, Record, RejectKind, SetAside
 from swf_panda_workers.adapters.stomp_bus import Delivery
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustWorker,
     CreateWorkflowTask,
     RunEnd,

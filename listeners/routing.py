@@ -38,7 +38,7 @@ from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     AdjustWorker,
     ClosedWorkflowTask,

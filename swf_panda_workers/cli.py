@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from swf_panda_workers.config import CONFIG_ENV, ConfigError, config_path, load_settings
 
 if TYPE_CHECKING:
-    from swf_panda_workers.recording import RunRecording
+    from swf_panda_workers.core.recording import RunRecording
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,8 +183,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _operate(args: argparse.Namespace) -> int:
-    from swf_panda_workers import operator_commands, sample_messages
-    from swf_panda_workers.timestamps import utc_now
+    from swf_panda_workers import operator_commands
+    from swf_panda_workers.core import sample_messages
+    from swf_panda_workers.core.timestamps import utc_now
 
     path = config_path(args.config)
     settings = load_settings(path)
@@ -223,7 +224,7 @@ def _operate(args: argparse.Namespace) -> int:
 
 def _serve() -> int:
     """Run until SIGTERM/SIGINT, then stop everything started here."""
-    from swf_panda_workers.embedded.service import serve
+    from swf_panda_workers.service.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return serve(load_settings(), Path(os.environ[CONFIG_ENV]))
@@ -286,9 +287,9 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from swf_panda_workers.plots import timeline_png
-    from swf_panda_workers.recording import RunRecording
-    from swf_panda_workers.replay import comparison_table, replay, settings_with
+    from swf_panda_workers.adapters.plots import timeline_png
+    from swf_panda_workers.core.recording import RunRecording
+    from swf_panda_workers.core.replay import comparison_table, replay, settings_with
 
     def fail(text: str) -> int:
         print(f"replay: {text}", file=sys.stderr)

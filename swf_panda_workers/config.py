@@ -195,7 +195,7 @@ class Slice(_Section):
 
 
 class Scaling(_Section):
-    """How a run's workers are sized (swf_panda_workers.scaling) and how it ends."""
+    """How a run's workers are sized (swf_panda_workers.core.policies) and how it ends."""
 
     policy: Literal["proportional", "reference"] = Field(
         default="proportional",

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 from prefect.exceptions import PrefectException
 
-from swf_panda_workers import sample_messages
 from swf_panda_workers.adapters.prefect_recordings import (
     RunNotFound,
     artifact_text,
@@ -24,8 +23,9 @@ from swf_panda_workers.adapters.prefect_recordings import (
 )
 from swf_panda_workers.adapters.stomp_bus import BusClient, BusRefused, BusUnavailable
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import InvalidMessage, parse_message
-from swf_panda_workers.run_report import artifact_key
+from swf_panda_workers.core import sample_messages
+from swf_panda_workers.core.messages import InvalidMessage, parse_message
+from swf_panda_workers.core.run_report import artifact_key
 
 # Prefect unreachable, refusing or answering oddly: the operator's to fix, one line each.
 PREFECT_TROUBLE = (httpx.HTTPError, OSError, PrefectException)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from swf_panda_workers import outbound
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import (
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,
@@ -16,7 +16,7 @@ from swf_panda_workers.messages import (
     WorkerSize,
     WorkflowIds,
 )
-from swf_panda_workers.outbound import Sender
+from swf_panda_workers.core.outbound import Sender
 
 
 class BusGateway:

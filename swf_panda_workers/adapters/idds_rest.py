@@ -26,9 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from swf_panda_workers import outbound
 from swf_panda_workers.config import Idds, Settings
-from swf_panda_workers.idds_gateway import (
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.idds_gateway import (
     IddsRequestFailed,
     adjusted_answer,
     client_result,
@@ -38,7 +38,7 @@ from swf_panda_workers.idds_gateway import (
     relay_result,
     task_of_run,
 )
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,

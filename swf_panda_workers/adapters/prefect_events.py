@@ -60,10 +60,10 @@ from prefect.events.filters import (
 from prefect.events.schemas.events import Resource
 from websockets.exceptions import WebSocketException
 
-from swf_panda_workers.idds_gateway import Answer
-from swf_panda_workers.messages import InvalidMessage, Message, parse_message
-from swf_panda_workers.run_state import Effect, RunState, apply
-from swf_panda_workers.timestamps import plain_utc, utc_now
+from swf_panda_workers.core.idds_gateway import Answer
+from swf_panda_workers.core.messages import InvalidMessage, Message, parse_message
+from swf_panda_workers.core.run_state import Effect, RunState, apply
+from swf_panda_workers.core.timestamps import plain_utc, utc_now
 
 log = logging.getLogger(__name__)
 

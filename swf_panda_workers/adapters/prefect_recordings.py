@@ -35,10 +35,10 @@ from swf_panda_workers.adapters.prefect_events import (
 )
 from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import RunImminent, parse_message
-from swf_panda_workers.recording import RunRecording, recording_from
-from swf_panda_workers.run_report import FlowRunSummary, RunReport
-from swf_panda_workers.run_state import initial_state
+from swf_panda_workers.core.messages import RunImminent, parse_message
+from swf_panda_workers.core.recording import RunRecording, recording_from
+from swf_panda_workers.core.run_report import FlowRunSummary, RunReport
+from swf_panda_workers.core.run_state import initial_state
 
 DRY_RUN_TAG = "dry-run"
 

@@ -27,8 +27,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-from swf_panda_workers.messages import RunImminent
-from swf_panda_workers.timestamps import to_iso
+from swf_panda_workers.core.messages import RunImminent
+from swf_panda_workers.core.timestamps import to_iso
 
 T = TypeVar("T")
 _ACTIVE = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]

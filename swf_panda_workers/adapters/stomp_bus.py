@@ -38,7 +38,7 @@ import stomp
 from stomp.exception import ConnectFailedException, StompException
 
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.outbound import Outgoing
+from swf_panda_workers.core.outbound import Outgoing
 
 log = logging.getLogger(__name__)
 

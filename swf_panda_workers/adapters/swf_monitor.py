@@ -2,7 +2,7 @@
 start (it registers the listener), then every ``monitor.interval`` seconds,
 and at once when the state the monitor shows changes (STARTING -> READY,
 READY <-> PROCESSING, the bus lost or regained); the last, EXITED, at
-shutdown. What they say is ``swf_panda_workers.monitor_heartbeat`` (pure);
+shutdown. What they say is ``swf_panda_workers.core.monitor_heartbeat`` (pure);
 this module sends it.
 
 The monitor is a bystander: it never blocks nor stops the listener. Requests
@@ -32,7 +32,7 @@ import httpx
 from pydantic import SecretStr
 
 from swf_panda_workers.config import Settings
-from swf_panda_workers.monitor_heartbeat import (
+from swf_panda_workers.core.monitor_heartbeat import (
     HEARTBEAT_PATH,
     AgentIdentity,
     AgentState,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from swf_panda_workers.embedded.processes import end_group, launch
+from swf_panda_workers.service.processes import end_group, launch
 
 JAR = Path("/usr/share/activemq/bin/activemq.jar")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from swf_panda_workers.embedded.processes import adopt_group, release_group
+from swf_panda_workers.service.processes import adopt_group, release_group
 
 DEBIAN_BINARIES = Path("/usr/lib/postgresql")
 log = logging.getLogger(__name__)

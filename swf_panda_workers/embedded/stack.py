@@ -17,7 +17,7 @@ import yaml
 
 from swf_panda_workers.config import REPLICA_ENV, Brokers, Settings, settings_from
 from swf_panda_workers.embedded.activemq import ActiveMQ, stomp_answers
-from swf_panda_workers.embedded.processes import (
+from swf_panda_workers.service.processes import (
     ManagedProcess,
     PrefectServer,
     StartupError,

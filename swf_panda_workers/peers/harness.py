@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.messages import WorkerSize
+from swf_panda_workers.core.messages import WorkerSize
 from swf_panda_workers.peers._bus import poll_until
 from swf_panda_workers.peers.control_system import ControlSystem
 from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo

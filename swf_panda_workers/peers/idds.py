@@ -28,7 +28,7 @@ from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription, namespace_selector
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustWorker,
     AdjustWorkerContent,
     CloseWorkflowTask,

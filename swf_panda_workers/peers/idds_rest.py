@@ -89,7 +89,7 @@ from idds.common.utils import json_dumps as idds_json_dumps
 from idds.common.utils import json_loads as idds_json_loads
 from pydantic import ValidationError
 
-from swf_panda_workers.messages import WorkerSize
+from swf_panda_workers.core.messages import WorkerSize
 from swf_panda_workers.peers._bus import Notifier
 from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 from swf_panda_workers.peers._panda_relay import (

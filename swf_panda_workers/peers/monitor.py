@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler
 from types import FrameType
 from typing import Any, Literal
 
-from swf_panda_workers.monitor_heartbeat import HEARTBEAT_PATH, INSTANCE_NAME_MAX
+from swf_panda_workers.core.monitor_heartbeat import HEARTBEAT_PATH, INSTANCE_NAME_MAX
 from swf_panda_workers.peers._bus import Notifier
 from swf_panda_workers.peers._http import LocalHTTPServer, PeerRequestHandler
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.messages import InvalidMessage, Message, parse_message
+from swf_panda_workers.core.messages import InvalidMessage, Message, parse_message
 from swf_panda_workers.peers._bus import Notifier, PeerBus
 from swf_panda_workers.peers._child_processes import ChildLauncher
 from swf_panda_workers.peers.control_system import ControlSystem

@@ -16,7 +16,7 @@ from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import Delivery, Subscription
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.outbound import stop_run_ids
+from swf_panda_workers.core.outbound import stop_run_ids
 from swf_panda_workers.peers._bus import Notifier, PeerBus
 
 # message type -> its column in summary_table

@@ -43,7 +43,7 @@ from typing import Any
 
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.messages import InvalidMessage, StopTransformer, parse_message
+from swf_panda_workers.core.messages import InvalidMessage, StopTransformer, parse_message
 from swf_panda_workers.peers._bus import Notifier, PeerBus, naive_iso
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from swf_panda_workers.adapters.prefect_events import (
     run_resource_id,
 )
 from swf_panda_workers.adapters.prefect_runs import run_tags
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.timestamps import utc_now
 
 
 def _settings(api_url: str, auth_string: str | None) -> dict[object, object]:

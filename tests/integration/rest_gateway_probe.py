@@ -18,10 +18,10 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.idds_rest import rest_gateway
 from swf_panda_workers.config import Idds, Settings
-from swf_panda_workers.messages import RunImminent, parse_message
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.messages import RunImminent, parse_message
 
 
 def main(argv: list[str]) -> int:

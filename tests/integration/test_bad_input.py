@@ -28,11 +28,11 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
 from swf_panda_workers.adapters.stomp_bus import BusClient, Delivery, Subscription
 from swf_panda_workers.config import Brokers
+from swf_panda_workers.core.timestamps import utc_now
 from swf_panda_workers.demo import flow_run_states
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import play_session
-from swf_panda_workers.timestamps import utc_now
 
 pytestmark = [pytest.mark.integration, once(
     "what the listener does with bad input; no Prefect database in it")]

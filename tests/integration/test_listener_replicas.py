@@ -44,10 +44,10 @@ from swf_panda_workers.adapters.prefect_events import (
     run_resource_id,
     until_stored,
 )
+from swf_panda_workers.core.timestamps import utc_now
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import slowdown_in_the_middle
-from swf_panda_workers.timestamps import utc_now
 
 pytestmark = pytest.mark.integration
 

@@ -40,12 +40,12 @@ from dockerfile_parse import DockerfileParser
 from prometheus_client.parser import text_string_to_metric_families
 
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.embedded.processes import ManagedProcess
 from swf_panda_workers.embedded.stack import PROJECT_ROOT, EmbeddedStack
 from swf_panda_workers.healthcheck import problem
 from swf_panda_workers.peers._bus import PeerBus, peer_headers
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import slowdown_in_the_middle
+from swf_panda_workers.service.processes import ManagedProcess
 
 pytestmark = [pytest.mark.integration, once(
     "the listener's metrics and health check")]

@@ -26,11 +26,11 @@ from swf_panda_workers.adapters.prefect_events import (
     run_history,
     run_resource_id,
 )
-from swf_panda_workers.embedded.processes import service_env
+from swf_panda_workers.core.run_state import Effect
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers.harness import PeerHarness
 from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
-from swf_panda_workers.run_state import Effect
+from swf_panda_workers.service.processes import service_env
 
 pytestmark = [pytest.mark.integration, once(
     "show and dry-run read through Prefect's API, as the lifecycle tests do on both databases")]

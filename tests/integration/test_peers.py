@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from conftest import once
 
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.stomp_bus import (
     BusClient,
     Delivery,
@@ -22,7 +21,8 @@ from swf_panda_workers.adapters.stomp_bus import (
     namespace_selector,
 )
 from swf_panda_workers.config import Brokers, Settings, Transceiver
-from swf_panda_workers.messages import (
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,

@@ -23,15 +23,15 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run, final_state_name
 
-from swf_panda_workers.embedded.processes import (
+from swf_panda_workers.embedded.stack import PROJECT_ROOT, EmbeddedStack, start_subscribed
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+from swf_panda_workers.service.processes import (
     ManagedProcess,
     PrefectServer,
     listener_process,
     service_env,
 )
-from swf_panda_workers.embedded.stack import PROJECT_ROOT, EmbeddedStack, start_subscribed
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "its Prefect server is its own, on SQLite")]

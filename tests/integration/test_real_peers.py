@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers import outbound
 from swf_panda_workers.config import Brokers, Panda, Settings, Transceiver
-from swf_panda_workers.messages import (
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,

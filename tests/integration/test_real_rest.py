@@ -28,10 +28,10 @@ from conftest import REAL_REST_IDDS_PORT, REAL_REST_NAMESPACE, new_idds_database
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run, slices_reported
 
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
 from swf_panda_workers.adapters.stomp_bus import run_selector
 from swf_panda_workers.config import Settings, Transceiver
+from swf_panda_workers.core import outbound
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers._bus import PeerBus
 from swf_panda_workers.peers.grid_pki import GridPki

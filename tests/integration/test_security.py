@@ -60,7 +60,10 @@ from swf_panda_workers.adapters.stomp_bus import (
 )
 from swf_panda_workers.config import Brokers
 from swf_panda_workers.embedded.activemq import ActiveMQ, BrokerTls, stomp_answers
-from swf_panda_workers.embedded.processes import (
+from swf_panda_workers.embedded.stack import PROJECT_ROOT
+from swf_panda_workers.peers.harness import PeerHarness
+from swf_panda_workers.peers.scenario import play_session
+from swf_panda_workers.service.processes import (
     ManagedProcess,
     PrefectServer,
     StartupError,
@@ -69,9 +72,6 @@ from swf_panda_workers.embedded.processes import (
     service_env,
     wait_for_deployment,
 )
-from swf_panda_workers.embedded.stack import PROJECT_ROOT
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import play_session
 
 pytestmark = [pytest.mark.integration, once(
     "TLS, logins and secrets; its Prefect server is its own, on SQLite")]

@@ -36,11 +36,11 @@ from prefect_reads import final_flow_run
 
 from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.embedded.processes import ManagedProcess
+from swf_panda_workers.core.timestamps import utc_now
 from swf_panda_workers.embedded.stack import EmbeddedStack
 from swf_panda_workers.peers._bus import poll_until
 from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.service.processes import ManagedProcess
 
 pytestmark = [pytest.mark.integration, once(
     "serve's own Prefect server is SQLite in its state directory, whatever the session's")]

@@ -2,7 +2,7 @@
 send again the adjustments that attempt journaled, at the points it
 journaled them, and may ask for any size again later (6 -> 4 -> 6).
 
-The decision itself (swf_panda_workers/adjustment_journal.py) as a table,
+The decision itself (swf_panda_workers/core/adjustment_journal.py) as a table,
 then a retried sub-flow: the real RunFeed, RunView and Scaler replaying a
 stored history, with Prefect's run-time (logger, task, event emission) and
 iDDS replaced by fakes."""
@@ -18,23 +18,23 @@ import pytest
 from prefect.events import Event
 
 import flows.run_view
-import flows.scaling
+import flows.scaling_subflow
 from flows.run_view import RunView
-from flows.scaling import Scaler
+from flows.scaling_subflow import Scaler
 from swf_panda_workers.adapters.prefect_events import RunFeed, effect_event, message_event
-from swf_panda_workers.adjustment_journal import AdjustmentJournal
-from swf_panda_workers.autoscaler import Autoscaler
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import WorkerSize, WorkflowIds
-from swf_panda_workers.run_state import Effect, RunState
-from swf_panda_workers.scaling import (
+from swf_panda_workers.core.adjustment_journal import AdjustmentJournal
+from swf_panda_workers.core.messages import WorkerSize, WorkflowIds
+from swf_panda_workers.core.policies import (
     Observation,
     ScalingDecision,
     ScalingMemory,
     Verdict,
     WorkerPlan,
 )
-from swf_panda_workers.slice_window import SliceWindow
+from swf_panda_workers.core.run_state import Effect, RunState
+from swf_panda_workers.core.scaling_loop import Autoscaler
+from swf_panda_workers.core.slice_window import SliceWindow
 
 T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 NS, RUN = "unit", "4242"
@@ -130,9 +130,9 @@ def prefect_runtime_faked(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
         return None
 
     logger = logging.getLogger("test.scaling")
-    monkeypatch.setattr(flows.scaling, "get_run_logger", lambda: logger)
+    monkeypatch.setattr(flows.scaling_subflow, "get_run_logger", lambda: logger)
     monkeypatch.setattr(flows.run_view, "get_run_logger", lambda: logger)
-    monkeypatch.setattr(flows.scaling, "ask_idds", ask_idds)
+    monkeypatch.setattr(flows.scaling_subflow, "ask_idds", ask_idds)
     monkeypatch.setattr(flows.run_view, "emit", emitted.append)
     monkeypatch.setattr(flows.run_view, "until_stored", until_stored)
     return emitted

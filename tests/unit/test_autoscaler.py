@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from swf_panda_workers.autoscaler import Autoscaler, Timeline, TimelinePoint, policy_for
 from swf_panda_workers.config import settings_from
-from swf_panda_workers.messages import RunImminent, WorkerSize, parse_message
-from swf_panda_workers.scaling import (
+from swf_panda_workers.core.messages import RunImminent, WorkerSize, parse_message
+from swf_panda_workers.core.policies import (
     Bounds,
     ProportionalPolicy,
     ReferencePolicy,
     SliceObservation,
     WorkerPlan,
 )
-from swf_panda_workers.slice_window import SliceSample, SliceWindow
+from swf_panda_workers.core.scaling_loop import Autoscaler, policy_for
+from swf_panda_workers.core.slice_window import SliceSample, SliceWindow
+from swf_panda_workers.core.timeline import Timeline, TimelinePoint
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 SIZE = WorkerSize(core_count=1, memory_per_core=2000, site="BNL-OSG", target_worker_count=2)

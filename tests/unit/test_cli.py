@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from swf_panda_workers import sample_messages
 from swf_panda_workers.cli import build_parser, main
 from swf_panda_workers.config import CONFIG_ENV, Brokers, Settings
-from swf_panda_workers.messages import (
+from swf_panda_workers.core import sample_messages
+from swf_panda_workers.core.messages import (
     RunEnd,
     RunImminent,
     SliceResult,
@@ -20,10 +20,10 @@ from swf_panda_workers.messages import (
     WorkflowIds,
     parse_message,
 )
+from swf_panda_workers.core.policies import WorkerPlan
+from swf_panda_workers.core.run_report import FlowRunSummary, RunReport, artifact_key
+from swf_panda_workers.core.run_state import Adjustment, RunState
 from swf_panda_workers.operator_commands import send
-from swf_panda_workers.run_report import FlowRunSummary, RunReport, artifact_key
-from swf_panda_workers.run_state import Adjustment, RunState
-from swf_panda_workers.scaling import WorkerPlan
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
 

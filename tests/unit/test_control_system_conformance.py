@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from swf_panda_workers.config import Brokers
-from swf_panda_workers.messages import RunEnd, RunImminent, parse_message
+from swf_panda_workers.core.messages import RunEnd, RunImminent, parse_message
 from swf_panda_workers.peers.control_system import ControlMessage, ControlSystem
 
 REAL = Path(__file__).resolve().parents[1] / "real_messages"

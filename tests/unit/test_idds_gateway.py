@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.idds_rest import (
     IddsNotConfigured,
     RestGateway,
@@ -24,7 +23,8 @@ from swf_panda_workers.adapters.idds_rest import (
     direct_api,
 )
 from swf_panda_workers.config import Idds, Settings, settings_from
-from swf_panda_workers.idds_gateway import (
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.idds_gateway import (
     IddsRequestFailed,
     adjusted_answer,
     client_result,
@@ -32,7 +32,7 @@ from swf_panda_workers.idds_gateway import (
     created_answer,
     relay_result,
 )
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,
@@ -41,9 +41,9 @@ from swf_panda_workers.messages import (
     WorkflowIds,
     parse_message,
 )
-from swf_panda_workers.outbound import UnsafeMessage
+from swf_panda_workers.core.outbound import UnsafeMessage
+from swf_panda_workers.core.run_state import apply, initial_state
 from swf_panda_workers.peers.grid_pki import GridPki
-from swf_panda_workers.run_state import apply, initial_state
 
 NOW = datetime(2026, 3, 5, 12, 0, tzinfo=UTC)
 IDS = WorkflowIds(request_id=1001, transform_id=2001, workload_id=60001)

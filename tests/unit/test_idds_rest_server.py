@@ -18,7 +18,7 @@ import pytest
 import requests
 from idds.common.constants import ProcessingStatus, RequestStatus, TransformStatus
 
-from swf_panda_workers.messages import WorkerSize
+from swf_panda_workers.core.messages import WorkerSize
 from swf_panda_workers.peers.idds_rest import REDACTED, RestCall, SimControl, SimulatedIDDSRest
 from swf_panda_workers.peers.idds_tasks import TaskInfo
 

@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.client.schemas.objects import FlowRun, State, StateType
 
 from deployments.in_process import InProcessRunner, ends_with, runs_to_take
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.timestamps import utc_now
 
 NOW = utc_now()
 

@@ -26,7 +26,7 @@ from swf_panda_workers.adapters.prefect_events import STREAM_EVENT, message_even
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import RunImminent
+from swf_panda_workers.core.messages import RunImminent
 
 NS = "itest"
 TOPIC = "/topic/panda.workers"

@@ -35,7 +35,7 @@ from listeners.routing import (
     one_line,
 )
 from swf_panda_workers.adapters.prefect_events import message_event
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     MAX_DEPTH,
     AdjustWorker,
     CloseWorkflowTask,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from swf_panda_workers.log_lines import StreamSummary, input_line
-from swf_panda_workers.messages import WorkerSize, parse_message
-from swf_panda_workers.run_state import Effect
+from swf_panda_workers.core.log_lines import StreamSummary, input_line
+from swf_panda_workers.core.messages import WorkerSize, parse_message
+from swf_panda_workers.core.run_state import Effect
 
 
 @pytest.mark.parametrize(("body", "line"), [

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,

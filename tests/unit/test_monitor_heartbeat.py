@@ -8,7 +8,7 @@ import pytest
 
 from listeners.bus_listener import ListenerHealth
 from swf_panda_workers.adapters.swf_monitor import answer_outcome
-from swf_panda_workers.monitor_heartbeat import (
+from swf_panda_workers.core.monitor_heartbeat import (
     AgentIdentity,
     AgentState,
     agent_state,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from swf_panda_workers.config import Settings, settings_from
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustWorker,
     CloseWorkflowTask,
     CreateWorkflowTask,
@@ -20,7 +20,7 @@ from swf_panda_workers.messages import (
     WorkflowIds,
     parse_message,
 )
-from swf_panda_workers.outbound import (
+from swf_panda_workers.core.outbound import (
     Outgoing,
     UnsafeMessage,
     adjust_worker,

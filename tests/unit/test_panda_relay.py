@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from swf_panda_workers import outbound
 from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, RestGateway, rest_gateway
 from swf_panda_workers.config import Idds, Settings
-from swf_panda_workers.idds_gateway import IddsRequestFailed
-from swf_panda_workers.messages import (
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.idds_gateway import IddsRequestFailed
+from swf_panda_workers.core.messages import (
     CreatedWorkflowTask,
     RunImminent,
     WorkerSize,

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from swf_panda_workers.autoscaler import TimelinePoint
-from swf_panda_workers.plots import Trace, markdown_image, timeline_png
+from swf_panda_workers.adapters.plots import markdown_image, timeline_png
+from swf_panda_workers.core.timeline import TimelinePoint, Trace
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

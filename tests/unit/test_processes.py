@@ -1,4 +1,4 @@
-"""The shared process launcher (swf_panda_workers/embedded/processes.py): a
+"""The shared process launcher (swf_panda_workers/service/processes.py): a
 child, and what the child started, end with the process that started it,
 however that one ends; a port already answered by a server not started here
 is refused with the port and its holder named. Real processes, no broker."""
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers.embedded.group_reaper import reap_on_eof
-from swf_panda_workers.embedded.ports import listening_pids, port_answers
-from swf_panda_workers.embedded.processes import ManagedProcess, PortTaken, PrefectServer
+from swf_panda_workers.service.group_reaper import reap_on_eof
+from swf_panda_workers.service.ports import listening_pids, port_answers
+from swf_panda_workers.service.processes import ManagedProcess, PortTaken, PrefectServer
 
 WAIT = 20.0
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -37,7 +37,7 @@ PARENT_OF_ONE = (
 SUPERVISOR = (
     "import sys, threading, time\n"
     "from pathlib import Path\n"
-    "from swf_panda_workers.embedded.processes import ManagedProcess\n"
+    "from swf_panda_workers.service.processes import ManagedProcess\n"
     "log = Path(sys.argv[1])\n"
     "def start():\n"
     "    child = ManagedProcess('child', [sys.executable, '-c', sys.argv[2]], {}, log).start()\n"

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swf_panda_workers.messages import WorkerSize
-from swf_panda_workers.scaling import (
+from swf_panda_workers.core.messages import WorkerSize
+from swf_panda_workers.core.policies import (
     Bounds,
     Observation,
     ProportionalPolicy,
@@ -22,7 +22,7 @@ from swf_panda_workers.scaling import (
     ScalingMemory,
     WorkerPlan,
 )
-from swf_panda_workers.slice_window import Demand
+from swf_panda_workers.core.slice_window import Demand
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 # No damping unless a test asks for it.

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from listeners.routing import Ignore, Inbox, LookUpRun, Record, SetAside, StartRun, decide
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,

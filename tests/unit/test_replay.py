@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from swf_panda_workers.config import ConfigError, Settings
-from swf_panda_workers.recording import RecordedSlice, RunRecording
-from swf_panda_workers.replay import (
+from swf_panda_workers.core.recording import RecordedSlice, RunRecording
+from swf_panda_workers.core.replay import (
     ReplayResult,
     comparison_table,
     replay,

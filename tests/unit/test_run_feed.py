@@ -30,8 +30,8 @@ from swf_panda_workers.adapters.prefect_events import (
     stream_event,
     unpacked,
 )
-from swf_panda_workers.messages import CreatedWorkflowTask
-from swf_panda_workers.run_state import Effect
+from swf_panda_workers.core.messages import CreatedWorkflowTask
+from swf_panda_workers.core.run_state import Effect
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

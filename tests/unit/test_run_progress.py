@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swf_panda_workers.run_progress import RunProgress
+from swf_panda_workers.core.run_progress import RunProgress
 
 LIMIT = 60.0
 

@@ -24,7 +24,7 @@ from deployments.recovery import (
     recover_orphans,
 )
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core.timestamps import utc_now
 
 NOW = utc_now()
 LONG_AGO = NOW - timedelta(seconds=UNCLAIMED_GRACE + 1)

@@ -21,7 +21,7 @@ from swf_panda_workers.adapters.prefect_runs import (
     RunStarter,
     quickly_retried,
 )
-from swf_panda_workers.messages import RunImminent, parse_message
+from swf_panda_workers.core.messages import RunImminent, parse_message
 
 RUN = parse_message({"msg_type": "run_imminent", "run_id": "5", "content": {}})
 

@@ -10,21 +10,21 @@ from typing import Any
 import pytest
 
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import RunImminent, WorkerSize, WorkflowIds, parse_message
-from swf_panda_workers.run_state import (
-    Adjustment,
-    Effect,
-    RunState,
-    apply,
-    initial_state,
-)
-from swf_panda_workers.scaling import (
+from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds, parse_message
+from swf_panda_workers.core.policies import (
     Observation,
     ReferencePolicy,
     ScalingDecision,
     ScalingMemory,
     SliceObservation,
     WorkerPlan,
+)
+from swf_panda_workers.core.run_state import (
+    Adjustment,
+    Effect,
+    RunState,
+    apply,
+    initial_state,
 )
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)

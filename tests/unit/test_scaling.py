@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swf_panda_workers.messages import WorkerSize
-from swf_panda_workers.scaling import (
+from swf_panda_workers.core.messages import WorkerSize
+from swf_panda_workers.core.policies import (
     Observation,
     ReferencePolicy,
     ScalingDecision,

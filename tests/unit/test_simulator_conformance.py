@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers import outbound, sample_messages
 from swf_panda_workers.adapters.stomp_bus import Delivery
 from swf_panda_workers.config import Brokers, Settings
-from swf_panda_workers.messages import RunImminent, WorkerSize, WorkflowIds, parse_message
+from swf_panda_workers.core import outbound, sample_messages
+from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds, parse_message
 from swf_panda_workers.peers.idds import SimulatedIDDS
 from swf_panda_workers.peers.transformers import TransformerFarm
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swf_panda_workers.messages import SliceResult, parse_message
-from swf_panda_workers.slice_window import SliceSample, SliceWindow, percentile
+from swf_panda_workers.core.messages import SliceResult, parse_message
+from swf_panda_workers.core.slice_window import SliceSample, SliceWindow, percentile
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers.embedded.processes import ManagedProcess, StartupError
-from swf_panda_workers.embedded.supervisor import Backoff, Child, Fatal, Supervisor
+from swf_panda_workers.service.processes import ManagedProcess, StartupError
+from swf_panda_workers.service.supervisor import Backoff, Child, Fatal, Supervisor
 
 WAIT = 20.0
 # Exits with status 3 at its first start, runs at the next ones.

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prefect.events import Event
 
-from swf_panda_workers.timestamps import parse_timestamp, plain_utc, to_iso
+from swf_panda_workers.core.timestamps import parse_timestamp, plain_utc, to_iso
 
 NOON = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 NOON_EPOCH = 1768910400  # 2026-01-20T12:00:00Z

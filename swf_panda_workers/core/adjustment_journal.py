@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from swf_panda_workers.messages import WorkerSize
-from swf_panda_workers.run_state import Effect
+from swf_panda_workers.core.messages import WorkerSize
+from swf_panda_workers.core.run_state import Effect
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from swf_panda_workers.config import Settings
-from swf_panda_workers.embedded.processes import (
+from swf_panda_workers.service.processes import (
     PrefectServer,
     deployment_registered,
     listener_process,
     runner_process,
     service_env,
 )
-from swf_panda_workers.embedded.supervisor import Child, Fatal, Supervisor
+from swf_panda_workers.service.supervisor import Child, Fatal, Supervisor
 from swf_panda_workers.state_dir import StateDir, earlier_databases, state_dir
 
 log = logging.getLogger("swf.serve")

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from swf_panda_workers.outbound import Outgoing
+from swf_panda_workers.core.outbound import Outgoing
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pydantic import (
     ValidationError,
 )
 
-from swf_panda_workers.timestamps import Timestamp
+from swf_panda_workers.core.timestamps import Timestamp
 
 # Run ids travel as strings ("100123") from the testbed and as integers from
 # other peers; inside the service they are always text. They end up in STOMP

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
-from swf_panda_workers.messages import WorkerSize
-from swf_panda_workers.slice_window import Demand
+from swf_panda_workers.core.messages import WorkerSize
+from swf_panda_workers.core.slice_window import Demand
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from swf_panda_workers.autoscaler import TimelinePoint
+from swf_panda_workers.core.timeline import TimelinePoint, Trace
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -23,15 +22,6 @@ if TYPE_CHECKING:
 
 # 900 x 600 px: wide enough for an hours-long run, small enough to embed.
 WIDTH_IN, HEIGHT_IN, DPI = 9.0, 6.0, 100
-
-
-@dataclass(frozen=True)
-class Trace:
-    """One policy's timeline, and when it asked for a new size."""
-
-    label: str
-    points: Sequence[TimelinePoint]
-    adjustments: Sequence[datetime] = ()
 
 
 def timeline_png(title: str, traces: Sequence[Trace]) -> bytes:

@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import RunImminent, WorkerSize, WorkflowIds
-from swf_panda_workers.timestamps import parse_timestamp, to_iso
+from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds
+from swf_panda_workers.core.timestamps import parse_timestamp, to_iso
 
 
 class UnsafeMessage(ValueError):

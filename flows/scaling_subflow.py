@@ -8,7 +8,7 @@ Slice results that arrived before iDDS's ids are held and decided once the
 ids are known (the parent starts this sub-flow with the ids, and the run's
 stored history replays the early results first). On a retried flow run the
 history also holds the adjustments already sent; a decision replaying one of
-them is not sent twice (swf_panda_workers/adjustment_journal.py), and any size
+them is not sent twice (swf_panda_workers/core/adjustment_journal.py), and any size
 may be asked for again later. Every adjustment is journaled with the figures
 it was decided on; at the end they are shown in the Prefect UI as a table and
 a plot of the run's workers and processing time.
@@ -30,18 +30,19 @@ from flows.idds_requests import ask_idds, close_extra_tasks, gateway_for
 from flows.progress_watch import progress_of
 from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
-from swf_panda_workers import outbound
+from swf_panda_workers.adapters.plots import markdown_image, timeline_png
 from swf_panda_workers.adapters.prefect_events import history_start, run_resource_id
-from swf_panda_workers.autoscaler import Autoscaler, TimelinePoint, policy_for, window_for
 from swf_panda_workers.config import Settings
-from swf_panda_workers.idds_gateway import IddsGateway
-from swf_panda_workers.messages import CreatedWorkflowTask, SliceResult, WorkflowIds
-from swf_panda_workers.plots import Trace, markdown_image, timeline_png
-from swf_panda_workers.run_report import artifact_key
-from swf_panda_workers.run_state import Adjustment, Effect, apply, initial_state
-from swf_panda_workers.scaling import SliceObservation
-from swf_panda_workers.slice_window import SliceSample
-from swf_panda_workers.timestamps import utc_now
+from swf_panda_workers.core import outbound
+from swf_panda_workers.core.idds_gateway import IddsGateway
+from swf_panda_workers.core.messages import CreatedWorkflowTask, SliceResult, WorkflowIds
+from swf_panda_workers.core.policies import SliceObservation
+from swf_panda_workers.core.run_report import artifact_key
+from swf_panda_workers.core.run_state import Adjustment, Effect, apply, initial_state
+from swf_panda_workers.core.scaling_loop import Autoscaler, policy_for, window_for
+from swf_panda_workers.core.slice_window import SliceSample
+from swf_panda_workers.core.timeline import TimelinePoint, Trace
+from swf_panda_workers.core.timestamps import utc_now
 
 # How often the loop wakes when nothing arrives, to check the run's deadline.
 IDLE_CHECK_SECONDS = 5.0

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,
@@ -28,7 +28,7 @@ from swf_panda_workers.messages import (
     WorkerSize,
     WorkflowIds,
 )
-from swf_panda_workers.timestamps import to_iso
+from swf_panda_workers.core.timestamps import to_iso
 
 Answer = CreatedWorkflowTask | AdjustedWorker | ClosedWorkflowTask
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from swf_panda_workers.run_state import RunState
+from swf_panda_workers.core.run_state import RunState
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from swf_panda_workers.messages import RunEnd, RunImminent, SliceResult
-from swf_panda_workers.run_state import Adjustment, Effect
+from swf_panda_workers.core.messages import RunEnd, RunImminent, SliceResult
+from swf_panda_workers.core.run_state import Adjustment, Effect
 
 FORMAT = "swf-panda-workers/run-recording/1"
 

@@ -6,14 +6,11 @@ comes from the caller."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
-
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import RunImminent
-from swf_panda_workers.scaling import (
+from swf_panda_workers.core.messages import RunImminent
+from swf_panda_workers.core.policies import (
     Bounds,
     Observation,
     ProportionalPolicy,
@@ -24,11 +21,9 @@ from swf_panda_workers.scaling import (
     SliceObservation,
     WorkerPlan,
 )
-from swf_panda_workers.slice_window import Demand, SliceSample, SliceWindow
+from swf_panda_workers.core.slice_window import Demand, SliceSample, SliceWindow
+from swf_panda_workers.core.timeline import Timeline, TimelinePoint
 
-# A timeline keeps at most this many points: past it, every other point is
-# dropped, so an hours-long run's timeline costs what a short one's does.
-TIMELINE_POINTS = 2000
 DEMAND_REUSE = 1.0  # s a per-result policy reuses the window's reading
 
 
@@ -63,30 +58,6 @@ def policy_for(settings: Settings, run: RunImminent | None = None) -> ScalingPol
 def window_for(settings: Settings) -> SliceWindow:
     scaling = settings.scaling
     return SliceWindow(scaling.window, scaling.percentile, scaling.backlog_from_waits)
-
-
-class TimelinePoint(BaseModel):
-    """The run at one look: what was requested, and what the window showed."""
-
-    model_config = ConfigDict(frozen=True)
-
-    at: datetime
-    requested: int
-    workers_seen: int
-    processing_seconds: float | None
-    backlog: float
-    rate: float
-
-
-@dataclass
-class Timeline:
-    points: list[TimelinePoint] = field(default_factory=list)
-    limit: int = TIMELINE_POINTS
-
-    def add(self, point: TimelinePoint) -> None:
-        self.points.append(point)
-        if len(self.points) > self.limit:
-            self.points = self.points[::2]
 
 
 class Autoscaler:

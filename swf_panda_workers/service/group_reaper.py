@@ -8,7 +8,7 @@ group holding those, so this reaper, a small process of its own, keeps the
 groups' ids and a pipe from the parent. When the pipe closes, the parent has
 ended, and the reaper SIGKILLs every group still registered, then exits.
 
-    python -m swf_panda_workers.embedded.group_reaper    (stdin: +PGID / -PGID lines)
+    python -m swf_panda_workers.service.group_reaper    (stdin: +PGID / -PGID lines)
 
 Only the standard library is imported here: the reaper starts in a few tens
 of milliseconds.

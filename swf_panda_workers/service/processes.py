@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swf_panda_workers.embedded.group_reaper import GroupReaper, kill_group
-from swf_panda_workers.embedded.ports import describe_holders, listening_pids, port_answers
+from swf_panda_workers.service.group_reaper import GroupReaper, kill_group
+from swf_panda_workers.service.ports import describe_holders, listening_pids, port_answers
 
 log = logging.getLogger(__name__)
 

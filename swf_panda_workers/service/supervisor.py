@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from swf_panda_workers.embedded.processes import ManagedProcess, StartupError
+from swf_panda_workers.service.processes import ManagedProcess, StartupError
 
 log = logging.getLogger("swf.serve")
 

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from swf_panda_workers.config import Settings
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,
@@ -30,9 +30,9 @@ from swf_panda_workers.messages import (
     WorkerSize,
     WorkflowIds,
 )
-from swf_panda_workers.outbound import cores_per_worker
-from swf_panda_workers.scaling import SliceObservation, WorkerPlan
-from swf_panda_workers.slice_window import Demand
+from swf_panda_workers.core.outbound import cores_per_worker
+from swf_panda_workers.core.policies import SliceObservation, WorkerPlan
+from swf_panda_workers.core.slice_window import Demand
 
 
 class Effect(BaseModel):

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict
 
-from swf_panda_workers.messages import SliceResult
+from swf_panda_workers.core.messages import SliceResult
 
 # The shortest span a rate is measured over: the first results of a run
 # arrive together, and one second keeps their rate finite.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from functools import singledispatch
 
-from swf_panda_workers.messages import (
+from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
     CreatedWorkflowTask,
@@ -15,7 +15,7 @@ from swf_panda_workers.messages import (
     SliceResult,
     TransformerHeartbeat,
 )
-from swf_panda_workers.run_state import Effect
+from swf_panda_workers.core.run_state import Effect
 
 
 def input_line(item: Message | Effect, run_id: str) -> str:

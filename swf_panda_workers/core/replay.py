@@ -31,13 +31,13 @@ from typing import Any
 
 import yaml
 
-from swf_panda_workers.autoscaler import Autoscaler, Timeline, policy_for, window_for
 from swf_panda_workers.config import ConfigError, Settings, settings_from
-from swf_panda_workers.plots import Trace
-from swf_panda_workers.recording import RunRecording
-from swf_panda_workers.run_state import initial_state
-from swf_panda_workers.scaling import ScalingDecision, SliceObservation, WorkerPlan
-from swf_panda_workers.slice_window import SliceSample, percentile
+from swf_panda_workers.core.policies import ScalingDecision, SliceObservation, WorkerPlan
+from swf_panda_workers.core.recording import RunRecording
+from swf_panda_workers.core.run_state import initial_state
+from swf_panda_workers.core.scaling_loop import Autoscaler, policy_for, window_for
+from swf_panda_workers.core.slice_window import SliceSample, percentile
+from swf_panda_workers.core.timeline import Timeline, Trace
 
 DEFAULT_WORKER_STARTUP = 30.0
 # The shortest wait between two looks on the tick: a float tick that does not
