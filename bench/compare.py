@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.figures import BenchResult, number
-from swf_panda_workers.peers.recorder import text_table
+from swf_testbed.peers.recorder import text_table
 
 
 def comparison(results: Sequence[tuple[str, BenchResult]]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from swf_panda_workers.core.slice_window import percentile
-from swf_panda_workers.peers.recorder import text_table
+from swf_testbed.peers.recorder import text_table
 
 
 class Latency(BaseModel):
@@ -168,10 +168,10 @@ class BenchResult(BaseModel):
     drift: Drift | None = None  # a benchmark of several waves, long enough
 
     def table(self) -> str:
-        rows = [("latency (ms)", "samples", "p50", "p95", "p99", "max")]
+        rows: list[tuple[str, ...]] = [("latency (ms)", "samples", "p50", "p95", "p99", "max")]
         rows += [(name, str(v.samples), *(number(x) for x in (v.p50, v.p95, v.p99, v.max)))
                  for name, v in self.latency_ms.items()]
-        effects = [("effect", "expected", "seen", "lost", "duplicated")]
+        effects: list[tuple[str, ...]] = [("effect", "expected", "seen", "lost", "duplicated")]
         effects += [(name, *(str(x) for x in (t.expected, t.seen, t.lost, t.duplicated)))
                     for name, t in self.effects.items()]
         use = [("process", "idle RSS MB", "peak RSS MB", "RSS at 1/4, 1/2, 3/4, end of load",

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.plan import LoadPlan, SliceSend
-from swf_panda_workers.config import Brokers
-from swf_panda_workers.peers._bus import PeerBus, naive_iso, peer_headers
+from swf_panda_workers.config.schema import Brokers
+from swf_testbed.peers._bus import PeerBus, naive_iso, peer_headers
 
 WORKERS_PER_RUN = 10  # distinct transformer host names a run's results come from
 

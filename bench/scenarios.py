@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.figures import BenchResult, number
-from swf_panda_workers.peers.recorder import text_table
+from swf_testbed.peers.recorder import text_table
 
 CREATE = "run_imminent -> create_workflow_task"
 ADJUST = "slow slice_result -> adjust_worker"

@@ -46,19 +46,19 @@ from bench.processes import MetricSampler, Sampler
 from bench.profiles import Profiles
 from bench.timeline import Timeline
 from listeners.metrics import PREFIX as METRICS_PREFIX
-from swf_panda_workers.adapters.prefect_events import (
-    PAGE_LIMIT,
+from swf_panda_workers.adapters.prefect_events.history import PAGE_LIMIT
+from swf_panda_workers.adapters.prefect_events.schema import (
     STREAM_EVENT,
     message_event_name,
     namespace_resource_id,
     run_resource_id,
     unpacked,
 )
-from swf_panda_workers.embedded.postgres import PostgresCluster
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.control_system import ControlSystem
-from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
-from swf_panda_workers.peers.recorder import BusRecorder
+from swf_testbed.launchers.postgres import PostgresCluster
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.control_system import ControlSystem
+from swf_testbed.peers.idds import SimulatedIDDS, TaskInfo
+from swf_testbed.peers.recorder import BusRecorder
 
 NAMESPACE = "bench"
 INITIAL_WORKERS = 10
@@ -278,7 +278,7 @@ class Benchmark:
                             seen[run_id].add(event.id)
                     if page.next_page is None:
                         break
-                    page = await client.read_events_page(page.next_page)
+                    page = await client.read_events_page(str(page.next_page))
         return {run_id: len(ids) for run_id, ids in seen.items()}
 
     def _end_runs(self, recorder: BusRecorder, control: ControlSystem) -> None:
@@ -311,7 +311,7 @@ class Benchmark:
         states: dict[str, tuple[str, int | None]] = {}
         for flow_run in runs:
             run_id = flow_run.name.removeprefix("run-")
-            states[run_id] = (flow_run.state.name if flow_run.state else "?",
+            states[run_id] = ((flow_run.state.name or "?") if flow_run.state else "?",
                               counted.get(f"run-{NAMESPACE}-{run_id}"))
         return states
 

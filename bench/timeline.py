@@ -103,8 +103,8 @@ def timeline_png(timeline: Timeline) -> bytes:
     _per_process(memory, timeline.rss_mb, origin)
     memory.set_ylabel("RSS (MB)")
     cpu_rates = {name: rates(points, origin) for name, points in timeline.cpu_seconds.items()}
-    for name, (xs, ys) in cpu_rates.items():
-        cpu.plot(xs, [y * 100 for y in ys], label=name, linewidth=1)
+    for name, (at, per_second_used) in cpu_rates.items():
+        cpu.plot(at, [y * 100 for y in per_second_used], label=name, linewidth=1)
     cpu.set_ylabel("CPU (% of a core)")
     cpu.set_xlabel("seconds since the benchmark began")
     cpu.legend(loc="upper right", fontsize="small")

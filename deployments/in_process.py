@@ -71,7 +71,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.events.worker import EventsWorker
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_engine import run_flow
@@ -218,7 +218,8 @@ class InProcessRunner:
 
     async def claim(self, client: PrefectClient, flow_run: FlowRun) -> bool:
         """Scheduled -> Pending, refused by the server if another runner took it."""
-        result = await client.set_flow_run_state(flow_run.id, Pending())
+        result: OrchestrationResult[Any] = await client.set_flow_run_state(flow_run.id,
+                                                                           Pending())
         if result.status != SetStateStatus.ACCEPT:
             log.info("flow run %s (%s) not taken: %s %s", flow_run.name, flow_run.id,
                      result.status.value, result.details)

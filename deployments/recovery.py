@@ -54,6 +54,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -67,7 +68,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import FlowRun, State, StateType
-from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.states import AwaitingRetry, Crashed
 
@@ -147,7 +148,7 @@ async def reschedule(client: PrefectClient, run: FlowRun, reason: str) -> bool:
     await client.update_flow_run_labels(run.id, {RECOVERIES_LABEL: done + 1})
     # Forced: the runner that would have reported this run's end is gone,
     # and no rule of the server knows better.
-    result = await client.set_flow_run_state(run.id, AwaitingRetry(
+    result: OrchestrationResult[Any] = await client.set_flow_run_state(run.id, AwaitingRetry(
         scheduled_time=utc_now(),
         message=f"Rescheduled by the runner ({done + 1} of {MAX_RECOVERIES}): {reason}"),
         force=True)

@@ -25,8 +25,8 @@ from prefect.settings import PREFECT_API_URL
 from deployments.in_process import InProcessRunner, serve_in_process
 from deployments.recovery import RunRecovery
 from flows.run_lifecycle import run_lifecycle
-from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, check_rest_client
-from swf_panda_workers.config import CONFIG_ENV, config_path, load_settings
+from swf_panda_workers.adapters.idds_rest_client import IddsNotConfigured, check_rest_client
+from swf_panda_workers.config.loading import CONFIG_ENV, config_path, load_settings
 from swf_panda_workers.service.processes import healthy
 
 log = logging.getLogger("swf.runner")

@@ -8,9 +8,9 @@ from datetime import datetime
 
 from prefect import get_run_logger
 
-from swf_panda_workers.adapters.prefect_events import RunFeed, follow_run, recorded_run
+from swf_panda_workers.adapters.prefect_events.feed import RunFeed, follow_run, recorded_run
 from swf_panda_workers.adapters.stomp_bus import connected_bus
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.dry_run import WithheldMessages
 from swf_panda_workers.core.outbound import Sender
 

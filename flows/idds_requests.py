@@ -2,7 +2,7 @@
 bounded retries of what a retry can fix, in either mode."""
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any
 
@@ -11,13 +11,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.run_view import RunView
 from swf_panda_workers.adapters.idds_bus import BusGateway
-from swf_panda_workers.adapters.idds_rest import rest_gateway
+from swf_panda_workers.adapters.idds_rest_client import rest_gateway
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
+from swf_panda_workers.core.effects import CloseSent
 from swf_panda_workers.core.idds_gateway import Answer, IddsGateway, IddsRequestFailed
 from swf_panda_workers.core.messages import WorkflowIds
 from swf_panda_workers.core.outbound import Sender
-from swf_panda_workers.core.run_state import Effect
 from swf_panda_workers.core.timestamps import utc_now
 
 
@@ -44,7 +44,11 @@ async def _ask(request: str, call: Callable[[], Answer | None]) -> Answer | None
     return await asyncio.to_thread(call)
 
 
-def ask_idds(settings: Settings) -> Task[..., Answer | None]:
+# The task ``ask_idds`` gives: async, so calling it makes a coroutine.
+AskIdds = Task[[str, Callable[[], Answer | None]], Coroutine[Any, Any, Answer | None]]
+
+
+def ask_idds(settings: Settings) -> AskIdds:
     """``await ask_idds(settings)(request_name, call)``: one request, retried
     after each of ``idds.retry_delays``; the last failure fails the task with
     iDDS's answer in its message."""
@@ -76,7 +80,7 @@ async def _close(view: RunView, idds: IddsGateway, settings: Settings, workflow_
     for ids in targets:
         answer = await ask_idds(settings)("close_workflow_task", partial(
             idds.close_workflow_task, run_id, ids, workflow_name, utc_now()))
-        await view.record(Effect(kind="close_sent", ids=ids), answer)
+        await view.record(CloseSent(ids=ids), answer)
         get_run_logger().info(
             "close_workflow_task sent for run %s: %s", run_id,
             "by run id" if ids is None else f"request {ids.request_id}, transform "

@@ -18,7 +18,8 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from swf_panda_workers.adapters.prefect_events import emit, stall_event
+from swf_panda_workers.adapters.prefect_events.journal import emit
+from swf_panda_workers.adapters.prefect_events.schema import stall_event
 from swf_panda_workers.core.run_progress import RunProgress
 
 # The runs whose flows run in this process, by (namespace, run id).

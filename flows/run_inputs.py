@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from swf_panda_workers.config import Settings, load_settings
+from swf_panda_workers.config.loading import load_settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.messages import RunImminent, parse_message
 
 

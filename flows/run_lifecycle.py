@@ -32,9 +32,8 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
-import httpx
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
@@ -47,22 +46,18 @@ from flows.run_inputs import announced_run, settings_for
 from flows.run_view import RunView
 from flows.scaling_subflow import ScalingReport, SliceCount, publish_decisions, scale_workers
 from flows.tasks import publish
-from swf_panda_workers.adapters.prefect_events import (
-    SERVER_TROUBLE,
-    STREAM_EVENTS,
-    fold_history,
-    history_start,
-    run_resource_id,
-    server_trouble,
-)
+from swf_panda_workers.adapters.prefect_events.history import fold_history, history_start
+from swf_panda_workers.adapters.prefect_events.outage import SERVER_ERRORS, server_trouble
+from swf_panda_workers.adapters.prefect_events.schema import STREAM_EVENTS, run_resource_id
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess, claim_run
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core import outbound
+from swf_panda_workers.core.effects import CreateSent, StopSent
 from swf_panda_workers.core.idds_gateway import IddsGateway, IddsRequestFailed
 from swf_panda_workers.core.messages import RunImminent, WorkflowIds
 from swf_panda_workers.core.outbound import Sender
 from swf_panda_workers.core.run_report import artifact_key
-from swf_panda_workers.core.run_state import Effect, RunState, initial_state
+from swf_panda_workers.core.run_state import RunState, initial_state
 from swf_panda_workers.core.timestamps import utc_now
 
 CLAIM_RETRY_EVERY = 2.0  # s between attempts to record the attempt's process
@@ -218,7 +213,7 @@ async def claim_attempt() -> None:
             async with get_client() as client:
                 await claim_run(client, UUID(flow_run_id), flow_run.run_count)
             return
-        except (httpx.HTTPError, *SERVER_TROUBLE) as exc:
+        except SERVER_ERRORS as exc:
             if not server_trouble(exc):
                 raise
             get_run_logger().warning("cannot record this process as the run's yet (%s); "
@@ -237,7 +232,7 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
         workflow = outbound.workflow_for(run, settings, now, announced_at)
         answer = await ask_idds(settings)(
             "create_workflow_task", partial(idds.create_workflow_task, run, workflow, now))
-        await view.record(Effect(kind="create_sent"), answer)
+        await view.record(CreateSent(), answer)
         logger.info("create_workflow_task sent for run %s (%s)", run.run_id, workflow["name"])
 
     timeout = settings.timeouts.created_workflow_task
@@ -340,7 +335,7 @@ class Ending:
         run_id = self.view.state.run_id
         for message in outbound.stop_transformers(run_id, self.settings, utc_now()):
             await publish(self.bus, message)
-        await self.view.record(Effect(kind="stop_sent"))
+        await self.view.record(StopSent())
         get_run_logger().info("stop_transformer broadcast for run %s (run_id as %s)", run_id,
                               " and as ".join(type(form).__name__ for form in
                                               outbound.stop_run_ids(run_id)))
@@ -353,7 +348,7 @@ async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
     """A per-run summary in the Prefect UI, under a stable key (a dry run's
     beside the live run's)."""
     rows = "\n".join(
-        f"| {a.at:%H:%M:%S} | {a.size.target_worker_count} | {a.reason} |"
+        f"| {a.sent_at:%H:%M:%S} | {a.size.target_worker_count} | {a.reason} |"
         for a in report.adjustments
     ) or "| - | - | no adjustment |"
     ids = outcome.ids
@@ -364,7 +359,7 @@ async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
                  else "none (this iDDS does not act on a worker count)")
     title = f"Dry run of run {outcome.run_id}" if outcome.dry_run else f"Run {outcome.run_id}"
     note = "Replayed from the recorded run; nothing was sent.\n\n" if outcome.dry_run else ""
-    await create_markdown_artifact(
+    await acreate_markdown_artifact(
         key=artifact_key("run", outcome.namespace, outcome.run_id, outcome.dry_run),
         description=f"{title}: iDDS status {outcome.status or 'not confirmed'}",
         markdown=(

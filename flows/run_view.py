@@ -17,15 +17,11 @@ from prefect import get_run_logger
 from prefect.events import Event
 from prefect.runtime import flow_run
 
-from swf_panda_workers.adapters.prefect_events import (
-    RunFeed,
-    answer_event,
-    decode,
-    effect_event,
-    emit,
-    until_stored,
-)
+from swf_panda_workers.adapters.prefect_events.feed import RunFeed
+from swf_panda_workers.adapters.prefect_events.journal import emit, until_stored
+from swf_panda_workers.adapters.prefect_events.schema import answer_event, decode, effect_event
 from swf_panda_workers.core.adjustment_journal import AdjustmentJournal
+from swf_panda_workers.core.effects import EFFECT_TYPES, Effect
 from swf_panda_workers.core.idds_gateway import Answer
 from swf_panda_workers.core.log_lines import (
     STREAM_INPUTS,
@@ -35,7 +31,7 @@ from swf_panda_workers.core.log_lines import (
 )
 from swf_panda_workers.core.messages import Message
 from swf_panda_workers.core.run_progress import RunProgress
-from swf_panda_workers.core.run_state import Effect, RunState, apply
+from swf_panda_workers.core.run_state import RunState, apply
 from swf_panda_workers.core.timestamps import plain_utc, utc_now
 
 
@@ -50,10 +46,20 @@ class RunView:
         self._stream = StreamSummary()
         self._stream_since = time.monotonic()
         self.progress: RunProgress | None = None  # reported stalls (flows/progress_watch.py)
-        # The adjustments an earlier attempt journaled, not replayed yet (a
-        # dry run leaves the recorded flow's journal out).
-        self.journal = AdjustmentJournal() if dry_run else AdjustmentJournal.of(
-            map(decode, feed.backlog()))
+
+    def journaled_adjustments(self) -> AdjustmentJournal:
+        """The adjustments an earlier attempt journaled, as the stored
+        history holds them (a dry run leaves the recorded flow's journal out)."""
+        if self.dry_run:
+            return AdjustmentJournal()
+        return AdjustmentJournal.of(map(decode, self._feed.backlog()))
+
+    def clock(self) -> datetime:
+        """Now: in a dry run, on the recorded run's clock (when its last input
+        arrived), which the policy's cooldown and ramp-up run on."""
+        if self.dry_run and self._clock is not None:
+            return self._clock
+        return utc_now()
 
     @property
     def replaying(self) -> bool:
@@ -75,9 +81,8 @@ class RunView:
             item = decode(event)
             if item is None:
                 continue  # unreadable (decode logged why): not an input
-            if self.dry_run and isinstance(item, Effect):
+            if self.dry_run and isinstance(item, EFFECT_TYPES):
                 continue  # what the recorded run's flow did: the dry run decides afresh
-            self.journal = self.journal.read(item)
             self._clock = plain_utc(event.occurred)
             self.state = apply(item, self.state, self._clock)
             self._log(item)
@@ -151,10 +156,7 @@ class RunView:
         after that is never retried into doing the effect again. A dry run
         journals nothing: the recorded run's history stays as it was."""
         if self.dry_run:
-            # On the recorded run's clock, not today's: the policy's cooldown
-            # and ramp-up run on it.
-            self.state = apply(effect, self.state,
-                               effect.decided_at or self._clock or utc_now())
+            self.state = apply(effect, self.state, self.clock())
             return
         events = [self._journal(effect, effect_event(effect, self._namespace, self.state.run_id,
                                                      _flow_run_id()))]

@@ -14,7 +14,8 @@ from prefect.settings import PREFECT_API_URL
 from listeners.bus_listener import HealthSource, serve_listener
 from listeners.status_server import status_endpoint
 from swf_panda_workers.adapters.swf_monitor import monitor_heartbeats
-from swf_panda_workers.config import Settings, load_settings
+from swf_panda_workers.config.loading import load_settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.service.processes import healthy
 
 

@@ -48,13 +48,12 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import PrefectClient
 from prefect.events import Event
-from prefect.events.clients import EventsClient
 from websockets.exceptions import WebSocketException
 
 from listeners.followed_runs import FollowedRuns
 from listeners.metrics import Handoff, ListenerMetrics
+from listeners.ports import Bus, EventReader, EventSink, RunStarts
 from listeners.routing import (
     Decision,
     Ignore,
@@ -67,11 +66,11 @@ from listeners.routing import (
     one_line,
 )
 from listeners.stream_batch import StreamBatch
-from swf_panda_workers.adapters.prefect_events import (
+from swf_panda_workers.adapters.prefect_events.journal import stored_ids
+from swf_panda_workers.adapters.prefect_events.schema import (
     STREAM_TYPES,
     StreamMessage,
     message_event,
-    stored_ids,
     stream_event,
 )
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing, RunStarter
@@ -84,7 +83,7 @@ from swf_panda_workers.adapters.stomp_bus import (
     run_selector,
     workers_selector,
 )
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.timestamps import utc_now
 
 log = logging.getLogger("swf.listener")
@@ -128,11 +127,14 @@ Action = Callable[[Any, Delivery], Awaitable[None]]  # carries out one kind of D
 
 @dataclass
 class BusListener:
+    """Its collaborators are typed by what it needs of them (``listeners.ports``);
+    ``run`` makes the bus connection unless one is given (tests)."""
+
     settings: Settings
-    runs: RunStarter
-    events: EventsClient
-    prefect: PrefectClient | None = None  # reads emitted events back (the confirm loop)
-    bus: BusClient | None = None
+    runs: RunStarts
+    events: EventSink
+    prefect: EventReader | None = None  # reads emitted events back (the confirm loop)
+    bus: Bus | None = None
     metrics: ListenerMetrics = field(default_factory=ListenerMetrics)
     owned: dict[str, UUID] = field(default_factory=dict)
     followed: FollowedRuns = field(init=False)
@@ -208,10 +210,11 @@ class BusListener:
             self.followed.follow(run_id)
         per_run = () if self.settings.brokers.results_on_topic else tuple(
             self.results_of(run_id) for run_id in sorted(self.owned))
-        self.bus = BusClient(self.settings.brokers, (*self.subscriptions(), *per_run),
-                             self.receive, name=f"listener-{self.namespace}",
-                             client_id=self.listener_id)
-        await asyncio.to_thread(self.bus.start)
+        bus = BusClient(self.settings.brokers, (*self.subscriptions(), *per_run),
+                        self.receive, name=f"listener-{self.namespace}",
+                        client_id=self.listener_id)
+        self.bus = bus
+        await asyncio.to_thread(bus.start)
         confirming = asyncio.create_task(self._confirm_forever())
         counting = asyncio.create_task(self._count_runs_forever())
         starters = [asyncio.create_task(self._start_forever()) for _ in range(STARTERS)]
@@ -236,7 +239,7 @@ class BusListener:
                 background.cancel()
             for waiting in self._waiting.values():  # unacked: the broker redelivers them
                 waiting.cancel()
-            await asyncio.to_thread(self.bus.stop)
+            await asyncio.to_thread(bus.stop)
 
     # --- one message ------------------------------------------------------------
 

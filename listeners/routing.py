@@ -182,7 +182,7 @@ RULES: Mapping[type, Rule] = {
 # none), so only what transformers send is taken from it: a run announcement
 # or an iDDS reply there could be any namespace's.
 FROM_RESULTS: frozenset[type] = frozenset(
-    {SliceResult, UnroutedSliceResult, Heartbeat, TransformerHeartbeat})
+    (SliceResult, UnroutedSliceResult, Heartbeat, TransformerHeartbeat))
 
 
 def decide(body: bytes, headers: Mapping[str, str], inbox: Inbox,

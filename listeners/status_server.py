@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from listeners.metrics import ListenerMetrics
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 
 if TYPE_CHECKING:
     from listeners.bus_listener import ListenerHealth

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from swf_panda_workers.adapters.prefect_events import (
+from swf_panda_workers.adapters.prefect_events.schema import (
     STREAM_MAX_MESSAGES,
     STREAM_MAX_RUNS,
     StreamMessage,

@@ -28,12 +28,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv" >&2
   "$PYTHON" -m venv .venv
 fi
-# Reinstall only when the dependency list changed.
+# Reinstall only when a dependency list changed (the product's or the testbed's).
 stamp=.venv/.swf-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml testbed/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing Python packages into .venv" >&2
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+  # One pip call, so the `testbed` extra resolves to the checkout's testbed/
+  # (the simulators, launchers and demo; never in the image), not a registry.
+  .venv/bin/pip install -q --disable-pip-version-check -e ./testbed -e ".[test,testbed]"
   echo "$want" > "$stamp"
 fi
 

@@ -1,6 +1,5 @@
 """swf-panda-workers: the command line.
 
-    swf-panda-workers demo      a whole session on this machine (embedded everything)
     swf-panda-workers serve     the service against the configured broker
     swf-panda-workers listen    the STOMP listener alone (container entrypoint)
     swf-panda-workers runner    the Prefect runner serving the run flows alone
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import ValidationError
 
-from swf_panda_workers.config import CONFIG_ENV, ConfigError, config_path, load_settings
+from swf_panda_workers.config.loading import CONFIG_ENV, ConfigError, config_path, load_settings
 
 if TYPE_CHECKING:
     from swf_panda_workers.core.recording import RunRecording
@@ -48,20 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swf-panda-workers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = commands.add_parser("demo", help="run a whole session on this machine")
-    demo.add_argument("--runs", type=int, default=2, help="concurrent runs (default 2)")
-    demo.add_argument("--shape", choices=["testbed", "seed"], default="testbed",
-                      help="message shapes the control system uses")
-    demo.add_argument("--slices", type=int, default=120,
-                      help="slices per run (they arrive at 4/s)")
-    demo.add_argument("--prefect-port", type=int, default=4200)
-    demo.add_argument("--workdir", type=Path, default=Path(".swf-local/demo"),
-                      help="broker data, Prefect database and logs")
-    demo.add_argument("--keep", action="store_true", help="keep the stack up afterwards")
-    demo.add_argument("--mode", choices=["message", "rest"], default="message",
-                      help="how the service reaches iDDS: on the bus (default), or its REST "
-                           "API (a simulated iDDS REST server, via idds-client)")
 
     for name, text, aliases in (
             ("serve", "Prefect server (unless PREFECT_API_URL is set), runner and listener, "
@@ -162,11 +147,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _replay(args)
     if args.command in ("show", "dry-run", "send", "config"):
         return _operate(args)
-    if args.command == "demo":
-        from swf_panda_workers.demo import run_demo
-
-        return run_demo(args.workdir.resolve(), args.runs, args.shape, args.slices,
-                        args.prefect_port, args.keep, args.mode)
     os.environ[CONFIG_ENV] = str(config_path(args.config).resolve())
     load_settings()  # a bad file fails here, with its reason, before anything starts
     if args.command == "listen":
@@ -288,8 +268,9 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def _replay(args: argparse.Namespace) -> int:
     from swf_panda_workers.adapters.plots import timeline_png
+    from swf_panda_workers.config.policy_specs import settings_with
     from swf_panda_workers.core.recording import RunRecording
-    from swf_panda_workers.core.replay import comparison_table, replay, settings_with
+    from swf_panda_workers.core.replay import comparison_table, replay
 
     def fail(text: str) -> int:
         print(f"replay: {text}", file=sys.stderr)

@@ -12,7 +12,7 @@ import threading
 import urllib.error
 import urllib.request
 
-from swf_panda_workers.config import Metrics
+from swf_panda_workers.config.schema import Metrics
 
 TIMEOUT = 3.0  # s for the whole exchange
 # The listener's own answer: no proxy from the environment may stand between.

@@ -22,7 +22,7 @@ from swf_panda_workers.adapters.prefect_recordings import (
     start_dry_run,
 )
 from swf_panda_workers.adapters.stomp_bus import BusClient, BusRefused, BusUnavailable
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core import sample_messages
 from swf_panda_workers.core.messages import InvalidMessage, parse_message
 from swf_panda_workers.core.run_report import artifact_key

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 
 APP_DIR = "swf-panda-workers"
 

@@ -26,15 +26,14 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_UI_URL
 from pydantic import TypeAdapter
 
-from swf_panda_workers.adapters.prefect_events import (
-    decode,
+from swf_panda_workers.adapters.prefect_events.history import (
     fold_history,
     history_start,
     run_history,
-    run_resource_id,
 )
+from swf_panda_workers.adapters.prefect_events.schema import decode, run_resource_id
 from swf_panda_workers.adapters.prefect_runs import run_tags
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.messages import RunImminent, parse_message
 from swf_panda_workers.core.recording import RunRecording, recording_from
 from swf_panda_workers.core.run_report import FlowRunSummary, RunReport

@@ -37,7 +37,7 @@ from typing import Literal
 import stomp
 from stomp.exception import ConnectFailedException, StompException
 
-from swf_panda_workers.config import Brokers
+from swf_panda_workers.config.schema import Brokers
 from swf_panda_workers.core.outbound import Outgoing
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import SecretStr
 
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.monitor_heartbeat import (
     HEARTBEAT_PATH,
     AgentIdentity,

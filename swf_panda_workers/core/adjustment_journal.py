@@ -4,7 +4,7 @@ journaled, as a retried attempt meets them again in the run's history
 
 A retried sub-flow replays the run's stored events in order: the slice
 results, and among them the adjustments the earlier attempt journaled
-(``adjust_sent``, decided at ``decided_at`` on the results' clock, stored a
+(``AdjustSent``, decided at ``decided_at`` on the results' clock, stored a
 moment later). Its policy decides again on the same results. A decision that
 asks for the size of the next journaled adjustment the replay has not read
 yet is that adjustment decided again: it is not sent, and the journal entry,
@@ -26,19 +26,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from swf_panda_workers.core.effects import AdjustSent
 from swf_panda_workers.core.messages import WorkerSize
-from swf_panda_workers.core.run_state import Effect
 
 
 @dataclass(frozen=True)
 class AdjustmentJournal:
     # adjust_sent entries of the history not read yet, in the history's order
-    ahead: tuple[Effect, ...] = ()
+    ahead: tuple[AdjustSent, ...] = ()
 
     @classmethod
     def of(cls, history: Iterable[object]) -> AdjustmentJournal:
         """The journaled adjustments among a run's stored (decoded) events."""
-        return cls(tuple(item for item in history if _journaled_adjustment(item)))
+        return cls(tuple(item for item in history if isinstance(item, AdjustSent)))
 
     def replays(self, size: WorkerSize) -> bool:
         """Whether a decision for ``size`` is the next journaled adjustment,
@@ -47,11 +47,8 @@ class AdjustmentJournal:
 
     def read(self, item: object) -> AdjustmentJournal:
         """The replay has reached ``item``: a journaled adjustment is spent."""
-        if not _journaled_adjustment(item) or item not in self.ahead:
+        if not isinstance(item, AdjustSent) or item not in self.ahead:
             return self
         index = self.ahead.index(item)
         return AdjustmentJournal(self.ahead[:index] + self.ahead[index + 1:])
 
-
-def _journaled_adjustment(item: object) -> bool:
-    return isinstance(item, Effect) and item.kind == "adjust_sent" and item.size is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from functools import singledispatch
 
+from swf_panda_workers.core.effects import EFFECT_TYPES, AdjustSent, Effect
 from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
@@ -15,11 +16,10 @@ from swf_panda_workers.core.messages import (
     SliceResult,
     TransformerHeartbeat,
 )
-from swf_panda_workers.core.run_state import Effect
 
 
 def input_line(item: Message | Effect, run_id: str) -> str:
-    kind = f"effect={item.kind}" if isinstance(item, Effect) else f"msg_type={item.msg_type}"
+    kind = f"effect={item.kind}" if isinstance(item, EFFECT_TYPES) else f"msg_type={item.msg_type}"
     detail = _detail(item)
     return f"{kind} run_id={run_id}" + (f" {detail}" if detail else "")
 
@@ -54,8 +54,8 @@ def _closed(item: ClosedWorkflowTask) -> str:
 
 
 @_detail.register
-def _effect(item: Effect) -> str:
-    return "" if item.size is None else f"workers={item.size.target_worker_count}"
+def _adjust_sent(item: AdjustSent) -> str:
+    return f"workers={item.size.target_worker_count}"
 
 
 # The stream of a run (its slice results and heartbeats, hundreds a second in

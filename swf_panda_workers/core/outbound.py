@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds
 from swf_panda_workers.core.timestamps import parse_timestamp, to_iso
 

@@ -26,17 +26,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Protocol
 
+from swf_panda_workers.core.effects import Adjustment
 from swf_panda_workers.core.messages import WorkerSize
-from swf_panda_workers.core.slice_window import Demand
-
-
-@dataclass(frozen=True)
-class SliceObservation:
-    """What the policy sees of one slice result."""
-
-    at: datetime
-    processing_seconds: float | None
-    failed: bool = False
+from swf_panda_workers.core.slice_window import Demand, SliceObservation
 
 
 @dataclass(frozen=True)
@@ -65,6 +57,16 @@ class WorkerPlan:
                 return count
         return 0
 
+    def adjusted(self, adjustment: Adjustment, sent_at: datetime) -> WorkerPlan:
+        """The plan once ``adjustment`` was sent: its size, asked at ``sent_at``;
+        the cooldown runs from when it was decided."""
+        return replace(self, current=adjustment.size, requested_at=sent_at,
+                       last_adjusted_at=adjustment.decided_at)
+
+    def created(self, sent_at: datetime) -> WorkerPlan:
+        """The plan once the run's task was asked for: workers requested then."""
+        return replace(self, requested_at=self.requested_at or sent_at)
+
 
 @dataclass(frozen=True)
 class ScalingMemory:
@@ -76,21 +78,16 @@ class ScalingMemory:
 
 
 @dataclass(frozen=True)
-class ScalingDecision:
-    size: WorkerSize
-    reason: str
-    inputs: Demand | None = None
-
-
-@dataclass(frozen=True)
 class Verdict:
-    decision: ScalingDecision | None
+    decision: Adjustment | None
     memory: ScalingMemory = field(default_factory=ScalingMemory)
 
 
 class ScalingPolicy(Protocol):
-    # Seconds between looks when no slice result arrives; 0: look only on results.
-    tick_seconds: float
+    @property
+    def tick_seconds(self) -> float:
+        """Seconds between looks when no slice result arrives; 0: look only on results."""
+        ...
 
     def decide(self, plan: WorkerPlan, seen: Observation, memory: ScalingMemory) -> Verdict:
         """A new size for the run (or None), and what to remember."""
@@ -109,7 +106,7 @@ class ReferencePolicy:
     def decide(self, plan: WorkerPlan, seen: Observation, memory: ScalingMemory) -> Verdict:
         return Verdict(self._decide(plan, seen.slice) if seen.slice else None, memory)
 
-    def _decide(self, plan: WorkerPlan, seen: SliceObservation) -> ScalingDecision | None:
+    def _decide(self, plan: WorkerPlan, seen: SliceObservation) -> Adjustment | None:
         if seen.failed or seen.processing_seconds is None:
             return None
         factor = self._factor(seen.processing_seconds)
@@ -120,8 +117,9 @@ class ReferencePolicy:
             return None
         if _cooling(plan, seen.at, self.cooldown_seconds):
             return None
-        return ScalingDecision(
+        return Adjustment(
             size=size,
+            decided_at=seen.at,
             reason=(
                 f"slice took {seen.processing_seconds:.1f}s, over "
                 f"{factor:g}x the expected {self.expected_seconds:g}s: "
@@ -193,8 +191,9 @@ class ProportionalPolicy:
         target = self.bounds.clamp(self._stepped(current, target), plan.current)
         if not self._worth_asking(plan, demand, current, target):
             return Verdict(None, memory)
-        return Verdict(ScalingDecision(
+        return Verdict(Adjustment(
             size=plan.current.model_copy(update={"target_worker_count": target}),
+            decided_at=seen.at,
             reason=self._reason(demand, need, current, target),
             inputs=demand,
         ), memory)

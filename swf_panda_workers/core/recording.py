@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
+from swf_panda_workers.core.effects import AdjustSent
 from swf_panda_workers.core.messages import RunEnd, RunImminent, SliceResult
-from swf_panda_workers.core.run_state import Adjustment, Effect
 
 FORMAT = "swf-panda-workers/run-recording/1"
 
@@ -44,7 +44,18 @@ class RunRecording(BaseModel):
     announced_at: datetime
     ended_at: datetime | None = None
     slices: list[RecordedSlice] = []
-    adjustments: list[Adjustment] = []
+    adjustments: list[AdjustSent] = []
+
+    @field_validator("adjustments", mode="before")
+    @classmethod
+    def _earlier_format(cls, entries: Any) -> Any:
+        # Recordings written before adjustments kept when they were decided
+        # and sent hold one time, ``at``: it stands for both.
+        if not isinstance(entries, list):
+            return entries
+        return [{"decided_at": e["at"], "sent_at": e["at"],
+                 **{k: v for k, v in e.items() if k != "at"}}
+                if isinstance(e, dict) and "at" in e else e for e in entries]
 
     @property
     def run(self) -> RunImminent:
@@ -57,16 +68,15 @@ def recording_from(
 ) -> RunRecording:
     """A recording from the run's inputs (message or effect, and when), in order."""
     slices: list[RecordedSlice] = []
-    adjustments: list[Adjustment] = []
+    adjustments: list[AdjustSent] = []
     ended_at: datetime | None = None
     for at, item in inputs:
         if isinstance(item, SliceResult):
             slices.append(RecordedSlice.of(item, at))
         elif isinstance(item, RunEnd) and ended_at is None:
             ended_at = at
-        elif isinstance(item, Effect) and item.kind == "adjust_sent" and item.size is not None:
-            adjustments.append(Adjustment(at=at, size=item.size, reason=item.reason or "",
-                                          inputs=item.inputs))
+        elif isinstance(item, AdjustSent):
+            adjustments.append(item)
     return RunRecording(run_id=run_id, namespace=namespace, announcement=announcement,
                         announced_at=announced_at, ended_at=ended_at, slices=slices,
                         adjustments=adjustments)

@@ -4,7 +4,7 @@ to see what a policy change would have done before it is used.
 The replay is a discrete-event simulation, pure and deterministic (a heap of
 timed events; no wall clock, no threads). The recorded slices arrive when
 they were queued and each keeps the time it took; transformers take them
-first come, first served. The policy is driven through the same Autoscaler
+first come, first served. The policy is driven through the same ScalingLoop
 as the live scaling sub-flow (a look after each result when due, and on its
 tick), and its decisions act on the simulated workers: more workers come up
 ``worker_startup`` seconds after they are asked for, fewer means the surplus
@@ -14,8 +14,8 @@ worked off (``drain``, within ``scaling.drain_timeout``, the policy still
 deciding); a drain is over when the last slice is done, where the live
 service, which cannot see the queue, waits ``drain_quiet`` longer.
 
-``comparison_table`` puts several replays side by side; ``settings_with``
-reads a policy spec such as ``proportional:max_workers=20,slice.cooldown=30``.
+``comparison_table`` puts several replays side by side; each replay's
+settings come from a policy spec (config/policy_specs.py).
 """
 
 from __future__ import annotations
@@ -29,30 +29,19 @@ from datetime import datetime, timedelta
 from enum import IntEnum
 from typing import Any
 
-import yaml
-
-from swf_panda_workers.config import ConfigError, Settings, settings_from
-from swf_panda_workers.core.policies import ScalingDecision, SliceObservation, WorkerPlan
+from swf_panda_workers.config.schema import Settings
+from swf_panda_workers.core.effects import Adjustment, AdjustSent
+from swf_panda_workers.core.policies import WorkerPlan
 from swf_panda_workers.core.recording import RunRecording
 from swf_panda_workers.core.run_state import initial_state
-from swf_panda_workers.core.scaling_loop import Autoscaler, policy_for, window_for
-from swf_panda_workers.core.slice_window import SliceSample, percentile
+from swf_panda_workers.core.scaling_loop import ScalingLoop
+from swf_panda_workers.core.slice_window import SliceObservation, percentile
 from swf_panda_workers.core.timeline import Timeline, Trace
 
 DEFAULT_WORKER_STARTUP = 30.0
 # The shortest wait between two looks on the tick: a float tick that does not
 # land on a microsecond must still move the clock forward.
 MIN_TICK_STEP = timedelta(microseconds=1)
-
-
-@dataclass(frozen=True)
-class ReplayAdjustment:
-    """One decision of the policy in the replay."""
-
-    at: datetime
-    old: int
-    new: int
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -65,7 +54,7 @@ class ReplayResult:
     over_at: datetime  # the end (stop), or when the drain finished or timed out
     worker_hours: float  # live workers, idle ones included, from start to over
     backlog_over_deadline: float  # seconds some queued slice had waited past the deadline
-    adjustments: tuple[ReplayAdjustment, ...]
+    adjustments: tuple[AdjustSent, ...]
     peak_workers: int
     slices_processed: int
     slices_abandoned: int  # queued or in progress when the run was over, or never arrived
@@ -79,7 +68,7 @@ class ReplayResult:
 
     def trace(self) -> Trace:
         return Trace(label=self.label, points=list(self.timeline.points),
-                     adjustments=[a.at for a in self.adjustments])
+                     adjustments=[a.sent_at for a in self.adjustments])
 
 
 def replay(recording: RunRecording, settings: Settings, label: str,
@@ -114,44 +103,6 @@ def comparison_table(results: Sequence[ReplayResult]) -> str:
     lines = [line(*header), "-" * (first + sum(w + 2 for w in widths))]
     lines += [line(name, values) for name, values in rows]
     return "\n".join(lines)
-
-
-def settings_with(settings: Settings, spec: str) -> tuple[str, Settings]:
-    """A label and the settings a policy spec asks for: ``NAME[:KEY=VALUE,...]``.
-
-    NAME is ``reference`` or ``proportional``; a KEY without a dot is in the
-    ``scaling`` section (``max_workers=20``), one with a dot names its section
-    (``slice.cooldown=30``); VALUEs are YAML scalars. The result is validated
-    as a configuration file is, so errors read the same."""
-    label = spec.strip()
-    name, _, overrides = label.partition(":")
-    raw = settings.model_dump(mode="json", exclude={"brokers": {"password"}})
-    raw["scaling"]["policy"] = name.strip()
-    for item in (part.strip() for part in overrides.split(",")):
-        if not item:
-            continue
-        key, equals, text = item.partition("=")
-        key = key.strip()
-        if not equals or not key:
-            raise ConfigError(f"policy {label!r}: {item!r} is not KEY=VALUE")
-        section, _, option = key.rpartition(".")
-        section = section or "scaling"
-        if (section, option) == ("scaling", "policy"):
-            raise ConfigError(f"policy {label!r}: name the policy before the ':', not as a key")
-        try:
-            value: Any = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"policy {label!r}: {key}: {text!r} is not a YAML value") from None
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict) or "." in section:
-            raise ConfigError(f"policy {label!r}: {key}: no such setting")
-        target[option] = value
-    # No environment: its overrides are in `settings` already.
-    chosen = settings_from(raw, {}, f"policy {label!r}")
-    # The dump masks the password; the replay never uses it, but the settings
-    # handed back must not carry a false one.
-    brokers = chosen.brokers.model_copy(update={"password": settings.brokers.password})
-    return label, chosen.model_copy(update={"brokers": brokers})
 
 
 # --- the simulation ---------------------------------------------------------
@@ -216,7 +167,7 @@ class _Replay:
         last_seen = max((s.at for s in recording.slices), default=self.started)
         # No end_run recorded: the run lasted as long as its results came.
         self.ended = max(self.started, recording.ended_at or last_seen)
-        self.autoscaler = Autoscaler(policy_for(settings, run), window_for(settings))
+        self.loop = ScalingLoop.for_run(settings, run)
         self.plan: WorkerPlan = replace(initial_state(run, settings).plan,
                                         requested_at=self.started)
 
@@ -238,7 +189,7 @@ class _Replay:
         self.processed = 0
         self.abandoned = 0
         self.last_result: datetime | None = None
-        self.adjustments: list[ReplayAdjustment] = []
+        self.adjustments: list[AdjustSent] = []
 
     # -- running
 
@@ -247,7 +198,7 @@ class _Replay:
         for index, piece in enumerate(self.slices):
             self._schedule(piece.arrives, _Kind.ARRIVAL, index)
         self._schedule(self.ended, _Kind.END, None)
-        if self.autoscaler.policy.tick_seconds > 0:
+        if self.loop.policy.tick_seconds > 0:
             self._schedule(self.started, _Kind.TICK, None)
         while self.events and self.over is None:
             at, kind, _, payload = heapq.heappop(self.events)
@@ -277,9 +228,8 @@ class _Replay:
                     self._add_workers(self._size() - self._staying())
                     self._dispatch()
             case _Kind.TICK:
-                if self.autoscaler.due(self.clock, after_result=False):
-                    self._look(None)
-                wait = timedelta(seconds=self.autoscaler.seconds_to_next_look(self.clock) or 0)
+                self._act(self.loop.on_idle(self.plan, self.clock))
+                wait = timedelta(seconds=self.loop.seconds_to_next_look(self.clock))
                 self._schedule(self.clock + max(wait, MIN_TICK_STEP), _Kind.TICK, None)
             case _Kind.END:
                 if self.settings.scaling.end == "stop" or self._drained():
@@ -309,12 +259,10 @@ class _Replay:
         else:
             self.idle.append(worker)
         piece = job.slice
-        self.autoscaler.observe(SliceSample(
+        self._act(self.loop.after_result(self.plan, SliceObservation(
             at=self.clock, processing_seconds=piece.reported,
             waited_seconds=(job.started - piece.arrives).total_seconds(),
-            worker=worker.name, failed=piece.failed))
-        if self.autoscaler.due(self.clock, after_result=True):
-            self._look(SliceObservation(self.clock, piece.reported, piece.failed))
+            worker=worker.name, failed=piece.failed)))
         self._dispatch()
         if self.clock >= self.ended and self._drained():
             self._finish()
@@ -332,18 +280,13 @@ class _Replay:
 
     # -- the policy and the workers
 
-    def _look(self, last: SliceObservation | None) -> None:
-        decision = self.autoscaler.look(self.plan, self.clock, last)
-        if decision is not None:
-            self._apply(decision)
-
-    def _apply(self, decision: ScalingDecision) -> None:
-        old = self._size()
-        # As run_state folds an adjust_sent: the size, and when it was asked.
-        self.plan = replace(self.plan, current=decision.size, last_adjusted_at=self.clock,
-                            requested_at=self.clock)
+    def _act(self, adjustment: Adjustment | None) -> None:
+        """An adjustment is sent the moment it is decided."""
+        if adjustment is None:
+            return
+        self.plan = self.plan.adjusted(adjustment, self.clock)
         new = self._size()
-        self.adjustments.append(ReplayAdjustment(self.clock, old, new, decision.reason))
+        self.adjustments.append(AdjustSent.of(adjustment, sent_at=self.clock))
         self.generation += 1  # any start-up still pending is superseded
         staying = self._staying()
         if new > staying:
@@ -407,7 +350,7 @@ class _Replay:
             slices_abandoned=self.abandoned,
             p90_wait=percentile(self.waits, 90.0),
             last_result_at=self.last_result,
-            timeline=self.autoscaler.timeline,
+            timeline=self.loop.timeline,
         )
 
 

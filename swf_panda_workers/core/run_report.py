@@ -59,7 +59,7 @@ class RunReport:
             f"asked {s.plan.current.target_worker_count}, confirmed by iDDS "
             + (str(s.applied.target_worker_count) if s.applied else "-"),
         ]
-        lines += [f"  adjust     {a.at:%Y-%m-%d %H:%M:%S} -> {a.size.target_worker_count} "
+        lines += [f"  adjust     {a.sent_at:%Y-%m-%d %H:%M:%S} -> {a.size.target_worker_count} "
                   f"workers: {a.reason}" for a in s.adjustments]
         return "\n".join(lines)
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import singledispatch
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
+from swf_panda_workers.core.effects import AdjustSent, CloseSent, CreateSent, StopSent
 from swf_panda_workers.core.messages import (
     AdjustedWorker,
     ClosedWorkflowTask,
@@ -31,36 +29,8 @@ from swf_panda_workers.core.messages import (
     WorkflowIds,
 )
 from swf_panda_workers.core.outbound import cores_per_worker
-from swf_panda_workers.core.policies import SliceObservation, WorkerPlan
-from swf_panda_workers.core.slice_window import Demand
-
-
-class Effect(BaseModel):
-    """Something the run flow did, recorded so a retry does not do it again."""
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["create_sent", "adjust_sent", "stop_sent", "close_sent"]
-    size: WorkerSize | None = None
-    # The task a close was for; None: the run's, by its run id (no ids known).
-    ids: WorkflowIds | None = None
-    reason: str | None = None
-    inputs: Demand | None = None  # what the policy saw, for an adjust
-    # When the policy decided, on the clock of the results it looked at. The
-    # cooldown runs from it: a flow catching up on stored results decides
-    # at their times, not at the moment it happens to read them.
-    decided_at: datetime | None = None
-
-
-class Adjustment(BaseModel):
-    """A worker size the run asked for, when, and why."""
-
-    model_config = ConfigDict(frozen=True)
-
-    at: datetime
-    size: WorkerSize
-    reason: str
-    inputs: Demand | None = None
+from swf_panda_workers.core.policies import WorkerPlan
+from swf_panda_workers.core.slice_window import SliceObservation
 
 
 @dataclass(frozen=True)
@@ -77,7 +47,7 @@ class RunState:
     create_sent: bool = False
     stop_sent: bool = False
     closes_sent: tuple[WorkflowIds | None, ...] = ()  # None: by run id
-    adjustments: tuple[Adjustment, ...] = ()
+    adjustments: tuple[AdjustSent, ...] = ()
     slices_done: int = 0
     slices_failed: int = 0
     slowest_slice: float | None = None
@@ -177,7 +147,7 @@ def _slice(item: SliceResult, state: RunState, at: datetime) -> RunState:
         slices_failed=state.slices_failed + (1 if failed else 0),
         slowest_slice=slowest,
         workers_seen=_with_worker(state.workers_seen, item.worker),
-        last_slice=SliceObservation(at=at, processing_seconds=seconds, failed=failed),
+        last_slice=SliceObservation.of(item, at),
     )
 
 
@@ -192,22 +162,24 @@ def _heartbeat(item: Heartbeat, state: RunState, at: datetime) -> RunState:
 
 
 @apply.register
-def _effect(item: Effect, state: RunState, at: datetime) -> RunState:
-    match item.kind:
-        case "create_sent":
-            return replace(state, create_sent=True,
-                           plan=replace(state.plan, requested_at=state.plan.requested_at or at))
-        case "stop_sent":
-            return replace(state, stop_sent=True)
-        case "close_sent":
-            return replace(state, closes_sent=(*state.closes_sent, item.ids))
-        case "adjust_sent":
-            assert item.size is not None, "adjust_sent carries the size requested"
-            plan = replace(state.plan, current=item.size, requested_at=at,
-                           last_adjusted_at=item.decided_at or at)
-            record = Adjustment(at=at, size=item.size, reason=item.reason or "",
-                                inputs=item.inputs)
-            return replace(state, plan=plan, adjustments=(*state.adjustments, record))
+def _create_sent(item: CreateSent, state: RunState, at: datetime) -> RunState:
+    return replace(state, create_sent=True, plan=state.plan.created(at))
+
+
+@apply.register
+def _adjust_sent(item: AdjustSent, state: RunState, at: datetime) -> RunState:
+    return replace(state, plan=state.plan.adjusted(item, at),
+                   adjustments=(*state.adjustments, item))
+
+
+@apply.register
+def _stop_sent(item: StopSent, state: RunState, at: datetime) -> RunState:
+    return replace(state, stop_sent=True)
+
+
+@apply.register
+def _close_sent(item: CloseSent, state: RunState, at: datetime) -> RunState:
+    return replace(state, closes_sent=(*state.closes_sent, item.ids))
 
 
 def _with_worker(seen: frozenset[str], worker: str | None) -> frozenset[str]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from swf_panda_workers.config import Brokers
+from swf_panda_workers.config.schema import Brokers
 
 Shape = Literal["testbed", "seed"]
 SENDER = "swf-panda-workers-cli"

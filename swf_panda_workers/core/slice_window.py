@@ -27,17 +27,17 @@ MIN_RATE_SPAN = 1.0
 
 
 @dataclass(frozen=True)
-class SliceSample:
-    """One slice result as the window keeps it."""
+class SliceObservation:
+    """One slice result as the run's state, its window and its policy see it."""
 
     at: datetime  # when it was received
     processing_seconds: float | None
-    waited_seconds: float | None  # in the queue, before a transformer took it
-    worker: str | None
+    waited_seconds: float | None = None  # in the queue, before a transformer took it
+    worker: str | None = None
     failed: bool = False
 
     @classmethod
-    def of(cls, result: SliceResult, at: datetime) -> SliceSample:
+    def of(cls, result: SliceResult, at: datetime) -> SliceObservation:
         content = result.content
         waited = None
         if content.requested_at is not None and content.processing_start_at is not None:
@@ -76,11 +76,11 @@ class SliceWindow:
         self.span = span
         self.percentile = percentile
         self.backlog_from_waits = backlog_from_waits
-        self._samples: deque[SliceSample] = deque()
+        self._samples: deque[SliceObservation] = deque()
         self._workers: Counter[str] = Counter()
         self._began: datetime | None = None  # when the run's first slice began processing
 
-    def add(self, sample: SliceSample) -> None:
+    def add(self, sample: SliceObservation) -> None:
         if self._began is None:
             self._began = _began(sample)
         self._samples.append(sample)
@@ -131,5 +131,5 @@ def percentile(values: list[float], pct: float) -> float | None:
     return ordered[rank - 1]
 
 
-def _began(sample: SliceSample) -> datetime:
+def _began(sample: SliceObservation) -> datetime:
     return sample.at - timedelta(seconds=sample.processing_seconds or 0.0)

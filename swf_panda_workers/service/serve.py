@@ -18,7 +18,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.service.processes import (
     PrefectServer,
     deployment_registered,

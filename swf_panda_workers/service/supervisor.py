@@ -46,7 +46,7 @@ class Child:
 
     name: str
     process: ManagedProcess
-    launch: Callable[[], None]
+    launch: Callable[[], object]  # what it returns is not used
     ready: Callable[[], bool] = lambda: True
     stop_phase: int = 0
     # s after a launch to be ready, else it is killed and started again; None:

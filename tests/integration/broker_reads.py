@@ -10,7 +10,7 @@ import uuid
 
 import stomp
 
-from swf_panda_workers.config import Brokers
+from swf_panda_workers.config.schema import Brokers
 
 
 class _Browser(stomp.ConnectionListener):

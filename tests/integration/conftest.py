@@ -19,13 +19,13 @@ from collections.abc import Callable, Generator, Iterator
 
 import pytest
 
-from swf_panda_workers.demo import SHRUNK_SCALING
-from swf_panda_workers.embedded.activemq import ActiveMQ
-from swf_panda_workers.embedded.postgres import PostgresCluster
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.grid_pki import GridPki
-from swf_panda_workers.peers.idds_rest import client_env
-from swf_panda_workers.peers.idds_rest_app import client_env as real_client_env
+from swf_testbed.demo import SHRUNK_SCALING
+from swf_testbed.launchers.activemq import ActiveMQ
+from swf_testbed.launchers.postgres import PostgresCluster
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.grid_pki import GridPki
+from swf_testbed.peers.idds_rest.server import client_env
+from swf_testbed.peers.idds_rest_app import client_env as real_client_env
 
 # Not the defaults (a demo or a testbed broker may hold 61613); overridable
 # so that two test sessions can run side by side on one machine.
@@ -251,3 +251,21 @@ def pytest_runtest_makereport(
 
 def _interesting(lines: list[str]) -> list[str]:
     return [line for line in lines if "HTTP Request:" not in line]
+
+
+# The module-scoped stacks, here so that pytest finds them for every file;
+# imported last, as stacks.py reads this module's configuration.
+from stacks import (  # noqa: E402
+    deployed,
+    fault_stack,
+    metrics_port,
+    monitor,
+    monitor_stack,
+    observed_stack,
+    replica_stack,
+    subprocess_stack,
+    topic_stacks,
+)
+
+__all__ = ["deployed", "fault_stack", "metrics_port", "monitor", "monitor_stack",
+           "observed_stack", "replica_stack", "subprocess_stack", "topic_stacks"]

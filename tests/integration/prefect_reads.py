@@ -20,11 +20,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-from swf_panda_workers.adapters.prefect_events import (
-    message_event_name,
-    run_history,
-    run_resource_id,
-)
+from swf_panda_workers.adapters.prefect_events.history import run_history
+from swf_panda_workers.adapters.prefect_events.schema import message_event_name, run_resource_id
 from swf_panda_workers.adapters.prefect_runs import run_tags
 from swf_panda_workers.core.timestamps import utc_now
 

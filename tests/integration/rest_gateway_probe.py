@@ -18,8 +18,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from swf_panda_workers.adapters.idds_rest import rest_gateway
-from swf_panda_workers.config import Idds, Settings
+from swf_panda_workers.adapters.idds_rest_client import rest_gateway
+from swf_panda_workers.config.schema import Idds, Settings
 from swf_panda_workers.core import outbound
 from swf_panda_workers.core.messages import RunImminent, parse_message
 

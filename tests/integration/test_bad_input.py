@@ -1,8 +1,8 @@
-"""Bad input on the real bus, through the real listener: each kind is logged
-with its reason, copied whole to the dead-letter queue with the reason in the
-header ``swf_reject_reason``, and acked; the listener stays up, and a run in
-progress meanwhile completes. Messages of another namespace are not ours:
-not acted on, not set aside.
+"""Bad input on the real bus, through the real listener: each kind is copied
+whole to the dead-letter queue with the reason in the header
+``swf_reject_reason`` (and logged, on one line), and acked; the listener
+stays up, and a run in progress meanwhile completes. Messages of another
+namespace are not ours: not acted on, not set aside.
 
 Every bad body carries a fresh nonce, so its dead-letter copy is found by
 comparing bodies byte for byte (which also shows the copy is whole).
@@ -25,14 +25,15 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.events import Event
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
+from swf_panda_workers.adapters.prefect_events.history import run_history
+from swf_panda_workers.adapters.prefect_events.schema import run_resource_id
 from swf_panda_workers.adapters.stomp_bus import BusClient, Delivery, Subscription
-from swf_panda_workers.config import Brokers
+from swf_panda_workers.config.schema import Brokers
 from swf_panda_workers.core.timestamps import utc_now
-from swf_panda_workers.demo import flow_run_states
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import play_session
+from swf_testbed.demo import flow_run_states
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import play_session
 
 pytestmark = [pytest.mark.integration, once(
     "what the listener does with bad input; no Prefect database in it")]
@@ -223,9 +224,12 @@ def test_bad_input_is_set_aside_with_its_reason(
     assert copy.headers["persistent"] == "true"
     original_id = copy.headers["swf_original_message_id"]
     assert original_id.startswith("ID:")
-    # logged before the copy is sent, so already in the log
-    assert f"rejected message {original_id} from {destination}: {case.reason}\n" in \
-        listener_log(stack)
+    if case.name == "newline, colon and NUL in msg_type":
+        # Kept on the log: that input quoted in a reason cannot forge a log
+        # line shows nowhere else (the header above is the reason's outcome).
+        # Logged before the copy is sent, so already in the log.
+        assert f"rejected message {original_id} from {destination}: {case.reason}\n" in \
+            listener_log(stack)
     assert stack.listener is not None and stack.listener.alive
 
 

@@ -14,10 +14,10 @@ import pytest
 from conftest import once
 from prefect_reads import final_flow_run, slices_reported
 
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.recorder import BusRecorder
-from swf_panda_workers.peers.scenario import slowdown_in_the_middle
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.recorder import BusRecorder
+from swf_testbed.peers.scenario import slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "the run flow's logic about iDDS; the lifecycle tests run on both databases")]

@@ -9,46 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 
 import pytest
-from conftest import STACK_CONFIG, once
+from conftest import once
 from prefect_reads import final_flow_run, slices_reported
+from stacks import IDDS_ELSEWHERE, RESULTS_TOPIC
 
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
 
 pytestmark = [pytest.mark.integration, once(
     "the broker's selectors and subscriptions between namespaces")]
 
 SLICES = 60
 WAIT = 120.0
-RESULTS_TOPIC = "/topic/panda.results"
-IDDS_ELSEWHERE = "iddselse"
-
-
-def config(namespace: str, results: str, idds_namespace: str | None = None) -> dict[str, object]:
-    return {
-        **STACK_CONFIG,
-        "transceiver": {"namespace": namespace,
-                        **({"idds_namespace": idds_namespace} if idds_namespace else {})},
-        "brokers": {**STACK_CONFIG["brokers"], "results_destination": results},
-        "prefect": {"deployment": f"swf-run/panda-workers-{namespace}", "runner_limit": 5},
-    }
-
-
-@pytest.fixture(scope="module")
-def topic_stacks(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[tuple[EmbeddedStack, EmbeddedStack]]:
-    """Two namespaces whose transformers send results to a topic; the second
-    talks to an iDDS in another namespace."""
-    with ExitStack() as stacks:
-        pair = tuple(stacks.enter_context(EmbeddedStack(
-            tmp_path_factory.mktemp(namespace), config(namespace, RESULTS_TOPIC, idds),
-            own_broker=False, shared_server=stack.server))
-            for namespace, idds in (("itopica", None), ("itopicb", IDDS_ELSEWHERE)))
-        yield pair  # type: ignore[misc]
 
 
 def harness(stack: EmbeddedStack, idds_namespace: str | None = None) -> PeerHarness:

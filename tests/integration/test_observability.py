@@ -24,13 +24,12 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,29 +37,24 @@ import yaml
 from conftest import once
 from dockerfile_parse import DockerfileParser
 from prometheus_client.parser import text_string_to_metric_families
+from stacks import OBSERVED_NAMESPACE, free_port
 
-from swf_panda_workers.config import Brokers
-from swf_panda_workers.embedded.stack import PROJECT_ROOT, EmbeddedStack
+from swf_panda_workers.config.schema import Brokers
 from swf_panda_workers.healthcheck import problem
-from swf_panda_workers.peers._bus import PeerBus, peer_headers
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import slowdown_in_the_middle
 from swf_panda_workers.service.processes import ManagedProcess
+from swf_testbed.launchers.stack import PROJECT_ROOT, EmbeddedStack
+from swf_testbed.peers._bus import PeerBus, peer_headers
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "the listener's metrics and health check")]
 
-NAMESPACE = "itestobs"
+NAMESPACE = OBSERVED_NAMESPACE  # observed_stack's (stacks.py)
 IMAGE_NAMESPACE = "itestimage"
 SLICES = 30
 WAIT = 180.0  # generous: the machine is shared; waits end as soon as met
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:
@@ -86,28 +80,6 @@ def scrape_until(port: int, condition: Callable[[Samples], bool], timeout: float
 
 
 # --- a whole run -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def observed_stack(stack: EmbeddedStack, metrics_port: int,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    """A runner and a listener with its endpoint on, in a namespace of their
-    own, beside the session's, sharing its broker and Prefect server."""
-    base = stack.config
-    config = {
-        **base,
-        "transceiver": {**base["transceiver"], "namespace": NAMESPACE},
-        "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-obs"},
-        "metrics": {"host": "127.0.0.1", "port": metrics_port},
-    }
-    with EmbeddedStack(tmp_path_factory.mktemp("observed-stack"), config, own_broker=False,
-                       shared_server=stack.server) as embedded:
-        yield embedded
 
 
 def test_the_metrics_count_a_whole_run(

@@ -20,17 +20,13 @@ from conftest import once
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run, final_state_name
 
-from swf_panda_workers.adapters.prefect_events import (
-    decode,
-    history_start,
-    run_history,
-    run_resource_id,
-)
-from swf_panda_workers.core.run_state import Effect
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+from swf_panda_workers.adapters.prefect_events.history import history_start, run_history
+from swf_panda_workers.adapters.prefect_events.schema import decode, run_resource_id
+from swf_panda_workers.core.effects import EFFECT_TYPES, Effect
 from swf_panda_workers.service.processes import service_env
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import play_session, slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "show and dry-run read through Prefect's API, as the lifecycle tests do on both databases")]
@@ -62,7 +58,7 @@ def effects_of(stack: EmbeddedStack, namespace: str, run_id: str) -> list[Effect
             flow_run = await final_flow_run(stack.api_url, namespace, run_id)
             since = history_start(flow_run.created)  # type: ignore[arg-type]
             events = await run_history(run_resource_id(namespace, run_id), since)
-        return [item for event in events if isinstance(item := decode(event), Effect)]
+        return [item for event in events if isinstance(item := decode(event), EFFECT_TYPES)]
     return asyncio.run(read())
 
 

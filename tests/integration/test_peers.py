@@ -20,7 +20,7 @@ from swf_panda_workers.adapters.stomp_bus import (
     Subscription,
     namespace_selector,
 )
-from swf_panda_workers.config import Brokers, Settings, Transceiver
+from swf_panda_workers.config.schema import Brokers, Settings, Transceiver
 from swf_panda_workers.core import outbound
 from swf_panda_workers.core.messages import (
     AdjustedWorker,
@@ -31,11 +31,11 @@ from swf_panda_workers.core.messages import (
     WorkerSize,
     parse_message,
 )
-from swf_panda_workers.peers.control_system import ControlSystem
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.idds import SimulatedIDDS, TaskInfo
-from swf_panda_workers.peers.recorder import BusRecorder
-from swf_panda_workers.peers.transformers import TransformerFarm
+from swf_testbed.peers.control_system import ControlSystem
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.idds import SimulatedIDDS, TaskInfo
+from swf_testbed.peers.recorder import BusRecorder
+from swf_testbed.peers.transformers import TransformerFarm
 
 pytestmark = [pytest.mark.integration, once(
     "the simulated peers alone, no Prefect at all")]

@@ -10,87 +10,25 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from uuid import UUID
 
 import pytest
-import yaml
-from conftest import PREFECT_PORT, STACK_CONFIG, once
+from conftest import once
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run, final_state_name
+from stacks import BIN, DEPLOY_NAMESPACE, Deployed, prefect
 
-from swf_panda_workers.embedded.stack import PROJECT_ROOT, EmbeddedStack, start_subscribed
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
-from swf_panda_workers.service.processes import (
-    ManagedProcess,
-    PrefectServer,
-    listener_process,
-    service_env,
-)
+from swf_testbed.launchers.stack import PROJECT_ROOT, EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import play_session, slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "its Prefect server is its own, on SQLite")]
 
-NAMESPACE = "itestdeploy"
-PORT = PREFECT_PORT + 50  # apart from the ports of other test sessions (+10 each)
-BIN = Path(sys.executable).parent
+NAMESPACE = DEPLOY_NAMESPACE  # deployed's (stacks.py)
 SLICES = 30
-CONFIG = {
-    **STACK_CONFIG,
-    "transceiver": {"namespace": NAMESPACE},
-}
 OUTBOUND = ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task")
-
-
-@dataclass
-class Deployed:
-    api_url: str
-    env: dict[str, str]
-    deploy_output: str
-
-
-def prefect(env: dict[str, str], *words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "prefect"), *words], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=PROJECT_ROOT)
-
-
-@pytest.fixture(scope="module")
-def deployed(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[Deployed]:
-    """A Prefect server, `prefect deploy --all` as the README says, a process
-    worker on the pool and a listener; the broker is the session's."""
-    workdir = tmp_path_factory.mktemp("deploy")
-    config = workdir / "config.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    server = PrefectServer(workdir / "prefect", PORT).start()
-    env = service_env(server.api_url, config, {
-        "SWF_PANDA_WORKERS_HOME": str(PROJECT_ROOT),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",  # a run starts within a second, not ten
-    })
-    started: list[ManagedProcess] = []
-    try:
-        for words in (("work-pool", "create", "swf-panda-workers", "--type", "process"),
-                      ("work-pool", "set-concurrency-limit", "swf-panda-workers", "20")):
-            done = prefect(env, *words)
-            assert done.returncode == 0, done.stdout + done.stderr
-        deploy = prefect(env, "--no-prompt", "deploy", "--all")
-        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        (workdir / "logs").mkdir(exist_ok=True)
-        worker = ManagedProcess(
-            "worker", [str(BIN / "prefect"), "worker", "start", "--pool", "swf-panda-workers"],
-            env, workdir / "logs" / "worker.log", PROJECT_ROOT)
-        started.append(worker.start())
-        started.append(start_subscribed(listener_process(env, workdir / "logs", PROJECT_ROOT)))
-        yield Deployed(server.api_url, env, deploy.stdout)
-    finally:
-        for process in reversed(started):
-            process.stop()
-        server.stop()
 
 
 def read_deployment(api_url: str, name: str) -> dict[str, object]:

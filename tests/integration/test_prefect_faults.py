@@ -25,9 +25,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown, final_flow_run
 
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess, run_tags
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import slowdown_in_the_middle
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import slowdown_in_the_middle
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers.config import Brokers, Panda, Settings, Transceiver
+from swf_panda_workers.config.schema import Brokers, Panda, Settings, Transceiver
 from swf_panda_workers.core import outbound
 from swf_panda_workers.core.messages import (
     AdjustedWorker,
@@ -32,13 +32,13 @@ from swf_panda_workers.core.messages import (
     WorkerSize,
     parse_message,
 )
-from swf_panda_workers.peers._bus import PeerBus
-from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
+from swf_testbed.peers._bus import PeerBus
+from swf_testbed.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
     SliceRule,
 )
-from swf_panda_workers.peers.real_peers import RealPeers
-from swf_panda_workers.peers.recorder import BusRecorder
+from swf_testbed.peers.real_peers import RealPeers
+from swf_testbed.peers.recorder import BusRecorder
 
 pytestmark = pytest.mark.integration
 
@@ -244,6 +244,9 @@ def test_one_idds_worker_two_runs_from_create_to_close(
                                      for p in peers.pilots.of_run(a)]
         assert all(p.exit_code == 0 for p in peers.pilots.of_run(a))
         assert peers.pilots.live(b) == 2, "a stop whose run_id is a string stopped run b"
+        # Kept on the log: that b's transformers received the stop and ignored
+        # it (rather than never received it) shows only in the real
+        # idds-prompt transformer's own log.
         for pilot in peers.pilots.of_run(b):
             assert f"Ignoring stop_transformer broadcast for run_id={b}" in pilot.log_text()
         assert peers.pilots.wait_for(lambda: peers.pilots.live(b) == 0, IDLE_TIMEOUT + WAIT)
@@ -273,7 +276,9 @@ def test_one_idds_worker_two_runs_from_create_to_close(
 
 class HandlerEnds:
     """Counts how iDDS's workers ended with one kind of request, from its
-    log: a success line, or the handler's exception line."""
+    log: a success line, or the handler's exception line. Kept on the log: a
+    real iDDS worker that fails sends no reply and writes nothing, so its
+    log is the only count of the ends to wait for."""
 
     def __init__(self, peers: RealPeers, msg_type: str, success: str) -> None:
         self.idds = peers.idds

@@ -7,7 +7,7 @@ app with PanDA's own proxy. The service is the REST stack
 (``real_rest_stack``) with nothing but its environment changed: idds-client
 holding the operator's proxy and the CA to verify iDDS with.
 
-The simulator (``peers/idds_rest.py``) stays for what needs fault injection
+The simulator (``peers/idds_rest/``) stays for what needs fault injection
 (test_rest_mode.py, test_idds_quirks.py). Figures are printed (``pytest -s``).
 """
 
@@ -28,21 +28,22 @@ from conftest import REAL_REST_IDDS_PORT, REAL_REST_NAMESPACE, new_idds_database
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run, slices_reported
 
-from swf_panda_workers.adapters.prefect_events import run_history, run_resource_id
+from swf_panda_workers.adapters.prefect_events.history import run_history
+from swf_panda_workers.adapters.prefect_events.schema import run_resource_id
 from swf_panda_workers.adapters.stomp_bus import run_selector
-from swf_panda_workers.config import Settings, Transceiver
+from swf_panda_workers.config.schema import Settings, Transceiver
 from swf_panda_workers.core import outbound
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers._bus import PeerBus
-from swf_panda_workers.peers.grid_pki import GridPki
-from swf_panda_workers.peers.idds_rest_app import AppRequest
-from swf_panda_workers.peers.peers_venv import peer_env
-from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers._bus import PeerBus
+from swf_testbed.peers.grid_pki import GridPki
+from swf_testbed.peers.idds_rest_app import AppRequest
+from swf_testbed.peers.peers_venv import peer_env
+from swf_testbed.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
     SliceRule,
 )
-from swf_panda_workers.peers.real_peers import RealPeers
-from swf_panda_workers.peers.recorder import BusRecorder
+from swf_testbed.peers.real_peers import RealPeers
+from swf_testbed.peers.recorder import BusRecorder
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +118,8 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
     for run_id in runs:
         for pilot in peers.pilots.of_run(run_id):
             assert pilot.exit_code == 0
+            # Kept on the log: exit 0 is the same for the stop and for the idle
+            # timeout; only the real transformer's log tells which ended it.
             assert f"Received stop_transformer broadcast for current run_id={run_id}" \
                 in pilot.log_text()
     figures["end_to_transformer_exit_s"] = sorted(

@@ -24,10 +24,10 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run
 
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest
-from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.idds_rest.server import SimulatedIDDSRest
+from swf_testbed.peers.scenario import play_session, slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "the REST gateway against the simulated iDDS")]

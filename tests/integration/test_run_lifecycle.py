@@ -18,12 +18,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import artifact_markdown
 
 from swf_panda_workers.adapters.prefect_runs import run_tags
-from swf_panda_workers.demo import flow_run_states
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.control_system import Shape
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.recorder import BusRecorder
-from swf_panda_workers.peers.scenario import play_session, slowdown_in_the_middle
+from swf_testbed.demo import flow_run_states
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.control_system import Shape
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.recorder import BusRecorder
+from swf_testbed.peers.scenario import play_session, slowdown_in_the_middle
 
 pytestmark = pytest.mark.integration
 

@@ -28,18 +28,16 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 from prefect_reads import artifact_markdown, final_flow_run
+from stacks import SUBPROCESS_NAMESPACE
 
 from deployments.recovery import RECOVERY_EVERY
 from swf_panda_workers.adapters.prefect_runs import PROCESS_LABEL, RunProcess, run_tags
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
 
 pytestmark = pytest.mark.integration
 
 SHAPE = "testbed"
-# A runner and listener in subprocess mode beside the session's, sharing its
-# broker and Prefect server, with their own namespace, results queue and deployment.
-SUBPROCESS_NAMESPACE = "itestsubproc"
 FAIL_EVERY = 7  # some failed slices, so both counts of each summary are checked
 WAIT = 120.0  # generous: the machine is shared and busy; waits end when met
 
@@ -50,21 +48,6 @@ def runner_restored(stack: EmbeddedStack) -> Iterator[None]:
     yield
     if stack.runner is not None and not stack.runner.alive:
         stack.start_runner()
-
-
-@pytest.fixture(scope="module")
-def subprocess_stack(stack: EmbeddedStack,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    base = stack.config
-    config = {
-        **base,
-        "transceiver": {**base["transceiver"], "namespace": SUBPROCESS_NAMESPACE},
-        "prefect": {**base["prefect"], "deployment": "swf-run/panda-workers-subprocess",
-                    "flow_runs": "subprocess"},
-    }
-    with EmbeddedStack(tmp_path_factory.mktemp("subprocess-stack"), config, own_broker=False,
-                       shared_server=stack.server) as embedded:
-        yield embedded
 
 
 def peers_for(stack: EmbeddedStack, namespace: str, slices: int) -> PeerHarness:

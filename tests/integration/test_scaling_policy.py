@@ -23,9 +23,9 @@ from prefect_reads import final_flow_run
 
 from swf_panda_workers.cli import main as cli
 from swf_panda_workers.core.recording import RunRecording
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import slowdown_in_the_middle
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import slowdown_in_the_middle
 
 pytestmark = [pytest.mark.integration, once(
     "the scaling policy's decisions")]

@@ -50,6 +50,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run
+from process_reads import connected_ports
 from pydantic import SecretStr
 
 from swf_panda_workers.adapters.stomp_bus import (
@@ -58,11 +59,7 @@ from swf_panda_workers.adapters.stomp_bus import (
     Delivery,
     Subscription,
 )
-from swf_panda_workers.config import Brokers
-from swf_panda_workers.embedded.activemq import ActiveMQ, BrokerTls, stomp_answers
-from swf_panda_workers.embedded.stack import PROJECT_ROOT
-from swf_panda_workers.peers.harness import PeerHarness
-from swf_panda_workers.peers.scenario import play_session
+from swf_panda_workers.config.schema import Brokers
 from swf_panda_workers.service.processes import (
     ManagedProcess,
     PrefectServer,
@@ -72,6 +69,10 @@ from swf_panda_workers.service.processes import (
     service_env,
     wait_for_deployment,
 )
+from swf_testbed.launchers.activemq import ActiveMQ, BrokerTls, stomp_answers
+from swf_testbed.launchers.stack import PROJECT_ROOT
+from swf_testbed.peers.harness import PeerHarness
+from swf_testbed.peers.scenario import play_session
 
 pytestmark = [pytest.mark.integration, once(
     "TLS, logins and secrets; its Prefect server is its own, on SQLite")]
@@ -290,9 +291,41 @@ def test_a_client_id_still_connected_is_retried_then_named(
                               "connection holds it .*already connected.*SWF_LISTENER_REPLICA"):
             second.start(timeout=3)
         second.stop()
-    retries = [r for r in caplog.records if f"refuses client-id {client_id}" in r.message
-               and "trying again" in r.message]
-    assert len(retries) >= 2, [r.message for r in caplog.records]
+
+    # Retried, not refused at once: a start begun while the id is held
+    # connects once the holder lets go. The log says only when its first
+    # attempt was refused, so that the holder lets go after it.
+    def refused_once() -> bool:
+        return any(f"refuses client-id {client_id}" in r.message for r in caplog.records)
+
+    caplog.clear()
+    first = BusClient(tls_brokers, name="first", client_id=client_id)
+    first.start(timeout=30)
+    third = BusClient(tls_brokers, name="third", client_id=client_id)
+    failures: list[BaseException] = []
+
+    def start_third() -> None:
+        try:
+            third.start(timeout=120)
+        except BaseException as exc:  # re-raised as a failure by the test, below
+            failures.append(exc)
+
+    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.adapters.stomp_bus"):
+        starting = threading.Thread(target=start_third, name="third-start")
+        starting.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not refused_once() and starting.is_alive():
+                assert time.monotonic() < deadline, "the held client-id was never refused"
+                time.sleep(0.1)
+        finally:
+            first.stop()
+        starting.join(150)
+    try:
+        assert not failures, failures
+        assert third.connected.is_set()
+    finally:
+        third.stop()
 
 
 # --- the Prefect API auth string ------------------------------------------------------
@@ -392,9 +425,11 @@ def test_a_run_end_to_end_over_tls_with_secrets_from_the_environment_and_files(
     flow_run = asyncio.run(final_flow_run(auth_server.api_url, NAMESPACE, run_id, wait=120,
                                          auth_string=AUTH_STRING))
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
-    # The listener and the runner reached the broker where the environment said.
-    listener_log = (secure_service.logs / "listener.log").read_text(errors="replace")
-    assert f"connected to 127.0.0.1:{TLS_PORT}" in listener_log
+    # The listener reached the broker where the environment said: on the TLS
+    # port, not on the configuration's plain one (which takes the same login).
+    assert secure_service.listener.pid is not None
+    ports = connected_ports(secure_service.listener.pid)
+    assert TLS_PORT in ports and SECURE_STOMP_PORT not in ports, ports
 
     parameters, logs = asyncio.run(parameters_and_logs(auth_server.api_url, flow_run))
     # The run's flow run gets the announcement and where it came from; its
@@ -429,6 +464,8 @@ def test_the_listener_stops_with_the_reason_when_the_broker_refuses_its_login(
 
     log = (workdir / "logs" / "listener.log").read_text(errors="replace")
     assert listener.process.returncode != 0
+    # Kept on the log: the reason for the operator is written there and
+    # nowhere else (the exit status says only that it failed).
     assert (f"BusRefused: the broker 127.0.0.1:{TLS_PORT} refused the login: "
             f"User name [{USER}] or password is invalid") in log, log[-3000:]
     assert wrong not in log and PASSWORD not in log and AUTH_STRING not in log

@@ -24,13 +24,13 @@ from conftest import once
 from prefect_reads import final_flow_run, slices_reported, wait_stored
 
 from swf_panda_workers.adapters.stomp_bus import run_selector
-from swf_panda_workers.embedded.stack import EmbeddedStack
-from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
+from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
     SliceRule,
 )
-from swf_panda_workers.peers.real_peers import RealPeers
-from swf_panda_workers.peers.recorder import BusRecorder
+from swf_testbed.peers.real_peers import RealPeers
+from swf_testbed.peers.recorder import BusRecorder
 
 pytestmark = pytest.mark.integration
 
@@ -114,6 +114,8 @@ def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_i
         f"run {run_id}: {pilots.live(run_id)} transformers still running"
     for pilot in pilots.of_run(run_id):
         assert pilot.exit_code == 0
+        # Kept on the log: exit 0 is the same for the stop and for the idle
+        # timeout; only the real transformer's log tells which ended it.
         assert f"Received stop_transformer broadcast for current run_id={run_id}" \
             in pilot.log_text()
     # Every task iDDS made for the run ToCancel in its own database.

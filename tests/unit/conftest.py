@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers.peers.idds_rest import SimulatedIDDSRest
+from swf_testbed.peers.idds_rest.server import SimulatedIDDSRest
 
 WAIT = 10.0
 

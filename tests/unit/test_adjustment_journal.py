@@ -21,19 +21,20 @@ import flows.run_view
 import flows.scaling_subflow
 from flows.run_view import RunView
 from flows.scaling_subflow import Scaler
-from swf_panda_workers.adapters.prefect_events import RunFeed, effect_event, message_event
-from swf_panda_workers.config import Settings
+from swf_panda_workers.adapters.prefect_events.feed import RunFeed
+from swf_panda_workers.adapters.prefect_events.schema import effect_event, message_event
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.adjustment_journal import AdjustmentJournal
+from swf_panda_workers.core.effects import Adjustment, AdjustSent, CreateSent, StopSent
 from swf_panda_workers.core.messages import WorkerSize, WorkflowIds
 from swf_panda_workers.core.policies import (
     Observation,
-    ScalingDecision,
     ScalingMemory,
     Verdict,
     WorkerPlan,
 )
-from swf_panda_workers.core.run_state import Effect, RunState
-from swf_panda_workers.core.scaling_loop import Autoscaler
+from swf_panda_workers.core.run_state import RunState
+from swf_panda_workers.core.scaling_loop import ScalingLoop
 from swf_panda_workers.core.slice_window import SliceWindow
 
 T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
@@ -45,15 +46,16 @@ def size(workers: int) -> WorkerSize:
     return WorkerSize(core_count=1, memory_per_core=4000, site="BNL", target_worker_count=workers)
 
 
-def adjusted(workers: int, second: float) -> Effect:
-    return Effect(kind="adjust_sent", size=size(workers), reason=f"to {workers}",
-                  decided_at=T0 + timedelta(seconds=second))
+def adjusted(workers: int, second: float) -> AdjustSent:
+    return AdjustSent(size=size(workers), reason=f"to {workers}",
+                      decided_at=T0 + timedelta(seconds=second),
+                      sent_at=T0 + timedelta(seconds=second + 0.01))
 
 
 # --- the decision ----------------------------------------------------------------
 
 def test_a_decision_for_the_next_journaled_size_replays_it() -> None:
-    journal = AdjustmentJournal.of([adjusted(6, 1), Effect(kind="stop_sent"), adjusted(4, 2)])
+    journal = AdjustmentJournal.of([adjusted(6, 1), StopSent(), adjusted(4, 2)])
     assert journal.replays(size(6))
     assert not journal.replays(size(4))  # not the next one: 6 comes first
     assert not journal.replays(size(5))  # never journaled
@@ -70,7 +72,7 @@ def test_a_journaled_adjustment_once_read_is_spent() -> None:
 
 def test_reading_what_is_not_a_journaled_adjustment_changes_nothing() -> None:
     journal = AdjustmentJournal.of([adjusted(6, 1)])
-    for item in (Effect(kind="create_sent"), adjusted(6, 9), None, "slice_result"):
+    for item in (CreateSent(), adjusted(6, 9), None, "slice_result"):
         assert journal.read(item) == journal
 
 
@@ -91,7 +93,8 @@ class SizeFromSlice:
         wanted = round(seen.slice.processing_seconds)
         if wanted == plan.workers:
             return Verdict(None, memory)
-        return Verdict(ScalingDecision(size=size(wanted), reason=f"slice says {wanted}"), memory)
+        return Verdict(Adjustment(size=size(wanted), reason=f"slice says {wanted}",
+                                  decided_at=seen.at), memory)
 
 
 class FakeIdds:
@@ -110,7 +113,7 @@ def result(second: float, workers: int, number: int) -> Event:
     return event.model_copy(update={"occurred": T0 + timedelta(seconds=second)})
 
 
-def journaled(effect: Effect, second: float) -> Event:
+def journaled(effect: AdjustSent, second: float) -> Event:
     event = effect_event(effect, NS, RUN, None)
     return event.model_copy(update={"occurred": T0 + timedelta(seconds=second)})
 
@@ -158,8 +161,9 @@ def test_a_retried_scaling_sub_flow_goes_6_4_6_sending_only_the_last(
         view = RunView(feed, state, NS)
         idds = FakeIdds()
         settings = Settings.model_validate({"transceiver": {"namespace": NS}})
-        scaler = Scaler(view, Autoscaler(SizeFromSlice(), SliceWindow(60, 90)), idds,  # type: ignore[arg-type]
-                        settings, f"EIC_2026_fastproc_BNL-OSG_20261203_{RUN}")
+        loop = ScalingLoop(SizeFromSlice(), SliceWindow(60, 90), view.journaled_adjustments())
+        scaler = Scaler(view, loop, idds, settings,  # type: ignore[arg-type]
+                        f"EIC_2026_fastproc_BNL-OSG_20261203_{RUN}")
         while view.replaying:
             await scaler.step()
         assert idds.adjusted == []  # nothing journaled is sent again

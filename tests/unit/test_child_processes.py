@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers.peers._child_processes import (
+from swf_testbed.peers._child_processes import (
     ChildLauncher,
     _popen,
     _Spawn,
@@ -44,7 +44,7 @@ def test_a_sigkilled_parent_takes_its_children_along(tmp_path: Path) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, pathlib\n"
-         "from swf_panda_workers.peers._child_processes import ChildLauncher\n"
+         "from swf_testbed.peers._child_processes import ChildLauncher\n"
          "child = ChildLauncher().spawn(['sleep', '60'], {}, pathlib.Path(sys.argv[1]))\n"
          "print(child.pid, flush=True)\n"
          "sys.stdin.read()\n",  # until killed

@@ -10,8 +10,10 @@ from datetime import UTC, datetime
 import pytest
 
 from swf_panda_workers.cli import build_parser, main
-from swf_panda_workers.config import CONFIG_ENV, Brokers, Settings
+from swf_panda_workers.config.loading import CONFIG_ENV
+from swf_panda_workers.config.schema import Brokers, Settings
 from swf_panda_workers.core import sample_messages
+from swf_panda_workers.core.effects import AdjustSent
 from swf_panda_workers.core.messages import (
     RunEnd,
     RunImminent,
@@ -22,7 +24,7 @@ from swf_panda_workers.core.messages import (
 )
 from swf_panda_workers.core.policies import WorkerPlan
 from swf_panda_workers.core.run_report import FlowRunSummary, RunReport, artifact_key
-from swf_panda_workers.core.run_state import Adjustment, RunState
+from swf_panda_workers.core.run_state import RunState
 from swf_panda_workers.operator_commands import send
 
 NOW = datetime(2026, 11, 24, 10, 0, 0, tzinfo=UTC)
@@ -50,10 +52,21 @@ COMMANDS = command_paths(build_parser())
 
 def test_the_commands_the_issue_asks_for_exist() -> None:
     top = {path[0] for path in COMMANDS if path}
-    assert {"listen", "runner", "serve-flows", "serve", "demo", "replay", "dry-run", "send",
+    assert {"listen", "runner", "serve-flows", "serve", "replay", "dry-run", "send",
             "show", "config"} <= top
     assert {("send", kind) for kind in ("run_imminent", "end_run", "slice_result", "file")} \
         <= set(COMMANDS)
+
+
+def test_the_demo_is_the_testbeds_command_not_the_products(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # swf-panda-workers-demo (tests/unit/test_demo_command.py): the product
+    # ships no simulator, so its command line has no demo.
+    assert "demo" not in {path[0] for path in COMMANDS if path}
+    with pytest.raises(SystemExit) as exited:
+        main(["demo"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'demo'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda words: " ".join(words) or "top")
@@ -148,7 +161,8 @@ def test_the_run_report_says_where_the_run_is() -> None:
         ids=WorkflowIds(request_id=11, transform_id=12, workload_id=13), create_sent=True,
         ended_at=NOW, stop_sent=True, slices_done=40, slices_failed=2,
         workers_seen=frozenset({"a", "b"}), slowest_slice=61.0,
-        adjustments=(Adjustment(at=NOW, size=bigger, reason="slices 2x too slow"),),
+        adjustments=(AdjustSent(decided_at=NOW, sent_at=NOW, size=bigger,
+                                reason="slices 2x too slow"),),
     )
     flow_run = FlowRunSummary(id="f-1", name="run-100200", state="Running", started=NOW,
                               ended=None)
@@ -173,8 +187,8 @@ def test_recorded_parameters_leave_the_dry_run_choice_to_the_replay() -> None:
     size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL", target_worker_count=3)
     state = RunState(run_id="7", plan=WorkerPlan(initial=size, current=size))
     flow_run = FlowRunSummary(id="f", name="run-7", state="Completed", started=None, ended=None)
-    recorded = {"run_id": "7", "namespace": "ops", "announcement": {}, "received_at": None,
-                "dry_run": False}
+    recorded: dict[str, object] = {"run_id": "7", "namespace": "ops", "announcement": {},
+                                   "received_at": None, "dry_run": False}
     report = RunReport("7", "ops", flow_run, (), state, recorded)
 
     assert report.recorded_parameters == {"run_id": "7", "namespace": "ops", "announcement": {},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from swf_panda_workers.cli import main
-from swf_panda_workers.config import CONFIG_ENV
+from swf_panda_workers.config.loading import CONFIG_ENV
 from swf_panda_workers.core.recording import RecordedSlice, RunRecording
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)

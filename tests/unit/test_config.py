@@ -10,15 +10,22 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from swf_panda_workers.config import (
+from swf_panda_workers.config.loading import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
     ConfigError,
-    Settings,
     config_path,
     load_settings,
     settings_from,
 )
+from swf_panda_workers.config.schema import Settings
+
+
+def revealed(secret: SecretStr | None) -> str:
+    """A secret the test set: it must be there."""
+    assert secret is not None
+    return secret.get_secret_value()
+
 
 PANDA_ATTRIBUTE_KEYS = {
     "vo", "queue", "site", "cloud", "working_group", "priority", "core_count", "ram_count",
@@ -159,7 +166,7 @@ def test_password_from_the_file_is_secret_too(tmp_path: Path) -> None:
 
     settings = load_settings(path, environ={})
 
-    assert settings.brokers.password.get_secret_value() == "s3cret"
+    assert revealed(settings.brokers.password) == "s3cret"
     assert "s3cret" not in repr(settings)
 
 
@@ -172,7 +179,7 @@ def test_a_secret_in_the_file_works_but_is_warned_about(
 ) -> None:
     path = write(tmp_path, f"{section}:\n  {key}: s3cret\n")
 
-    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config"):
+    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config.loading"):
         settings = load_settings(path, environ={})
 
     assert getattr(getattr(settings, section), key).get_secret_value() == "s3cret"
@@ -189,7 +196,7 @@ def test_no_warning_when_the_environment_supplies_the_secret(
 ) -> None:
     path = write(tmp_path, f"{section}:\n  {key}: s3cret\n")
 
-    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config"):
+    with caplog.at_level(logging.WARNING, logger="swf_panda_workers.config.loading"):
         settings = load_settings(path, environ={variable: "from-env"})
         load_settings(environ={variable: "from-env"})
 
@@ -215,7 +222,7 @@ def test_password_file(tmp_path: Path, written: bytes, read: str) -> None:
 
     settings = load_settings(environ={"ACTIVEMQ_PASSWORD_FILE": str(secret)})
 
-    assert settings.brokers.password.get_secret_value() == read
+    assert revealed(settings.brokers.password) == read
 
 
 def test_user_file_and_password_file_beat_the_configuration_file(tmp_path: Path) -> None:
@@ -229,7 +236,7 @@ def test_user_file_and_password_file_beat_the_configuration_file(tmp_path: Path)
     })
 
     assert settings.brokers.username == "agent"
-    assert settings.brokers.password.get_secret_value() == "from-file"
+    assert revealed(settings.brokers.password) == "from-file"
 
 
 @pytest.mark.parametrize("name", ["ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD", "SWF_API_TOKEN"])
@@ -488,7 +495,7 @@ def test_monitor_token_from_its_file_is_secret(tmp_path: Path) -> None:
 
     settings = load_settings(environ={"SWF_API_TOKEN_FILE": str(tmp_path / "token")})
 
-    assert settings.monitor.token.get_secret_value() == "t0ken-from-file"
+    assert revealed(settings.monitor.token) == "t0ken-from-file"
     assert "t0ken" not in repr(settings) and "t0ken" not in str(settings.model_dump())
 
 

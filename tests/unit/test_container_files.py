@@ -1,8 +1,10 @@
 """The container image's files, read as Docker and Compose would (Docker does
 not run on this machine): deployments/Containerfile parsed by
 dockerfile-parse, deployments/compose.listener.yaml by PyYAML, and the
-.dockerignore patterns applied to what the image copies. Running the image's
-entrypoint as a plain process is tests/integration/test_observability.py."""
+.dockerignore patterns applied to what the image copies, and the image's
+install step reproduced (what it puts in site-packages: the product, no
+simulator). Running the image's entrypoint as a plain process is
+tests/integration/test_observability.py."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import fnmatch
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from swf_panda_workers.config import ENV_OVERRIDES
+from swf_panda_workers.config.loading import ENV_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERFILE = REPO / "deployments" / "Containerfile"
@@ -26,6 +31,10 @@ SERVICE = "panda-workers-listener"
 # What the listener needs from the testbed's environment.
 LISTENER_ENV = {"ACTIVEMQ_HOST", "ACTIVEMQ_PORT", "ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD",
                 "ACTIVEMQ_USE_SSL", "SWF_MONITOR_URL", "SWF_API_TOKEN", "PREFECT_API_URL"}
+# What production runs, and what must never ship: the testbed's package and
+# the names its parts had when they lived in the product.
+PRODUCT_PACKAGES = {"swf_panda_workers", "flows", "listeners", "deployments"}
+NEVER_SHIPPED = {"swf_testbed", "peers", "embedded", "launchers", "peers_venv_scripts"}
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +128,59 @@ def test_everything_the_image_copies_is_in_the_build_context(
     assert any(config.startswith(f"{target}/") or config == target for target in copied)
     assert {"pyproject.toml", "README.md", "swf_panda_workers", "listeners", "flows",
             "deployments", "config"} <= set(copied.values())
+
+
+def build_context_copy(instructions: list[tuple[str, str]], context: Path, app: Path) -> None:
+    """Into ``app`` (the image's WORKDIR), what the image's COPY instructions
+    take from ``context``, as Docker copies them: a folder's contents into the
+    target, a file into a target ending in ``/``, .dockerignore applied."""
+    patterns = [line.strip() for line in (context / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for value in values(instructions, "COPY"):
+        *sources, target = shlex.split(value)
+        for source in sources:
+            origin = context / source
+            if origin.is_dir():
+                destination = app / target
+                for path in sorted(origin.rglob("*")):
+                    relative = path.relative_to(context).as_posix()
+                    if path.is_file() and not ignored(relative, patterns):
+                        copied = destination / path.relative_to(origin)
+                        copied.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(path, copied)
+            else:
+                destination = app / target / origin.name if target.endswith("/") \
+                    else app / target
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(origin, destination)
+
+
+def image_install(instructions: list[tuple[str, str]], context: Path, tmp: Path) -> set[str]:
+    """The image's install step, reproduced: its COPYs into a folder, then its
+    ``pip install .`` there (no dependencies, offline) into a target folder;
+    every path that lands there, relative to it."""
+    [install] = [value for value in values(instructions, "RUN") if "pip install" in value]
+    assert re.search(r"pip install \.(\s|$)", install), install  # the WORKDIR's project
+    app, target = tmp / "app", tmp / "site-packages"
+    build_context_copy(instructions, context, app)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--disable-pip-version-check", "--no-compile",
+                    "--target", str(target), str(app)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    return {path.relative_to(target).as_posix() for path in target.rglob("*")}
+
+
+def test_the_image_installs_the_product_and_no_simulator(
+    instructions: list[tuple[str, str]], tmp_path: Path,
+) -> None:
+    installed = image_install(instructions, REPO, tmp_path)
+    top = {path.split("/")[0] for path in installed}
+    assert top >= PRODUCT_PACKAGES
+    assert "bin/swf-panda-workers" in installed
+    shipped = sorted(path for path in installed
+                     if NEVER_SHIPPED & set(path.split("/")) or "demo" in path.lower())
+    assert shipped == [], f"the image would install the testbed's {shipped[:5]}"
+    assert "swf_panda_workers/cli.py" in installed  # the product's code, not just its folders
 
 
 @pytest.mark.parametrize(("path", "left_out"), [

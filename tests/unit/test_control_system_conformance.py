@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers.config import Brokers
+from swf_panda_workers.config.schema import Brokers
 from swf_panda_workers.core.messages import RunEnd, RunImminent, parse_message
-from swf_panda_workers.peers.control_system import ControlMessage, ControlSystem
+from swf_testbed.peers.control_system import ControlMessage, ControlSystem
 
 REAL = Path(__file__).resolve().parents[1] / "real_messages"
 NAIVE_MICROSECONDS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")

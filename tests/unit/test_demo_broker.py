@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers.demo import borrowed_broker
-from swf_panda_workers.embedded.stack import EmbeddedStack
+from swf_testbed.demo import borrowed_broker
+from swf_testbed.launchers.stack import EmbeddedStack
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import threading
 import pytest
 from cryptography import x509
 
-from swf_panda_workers.peers.grid_pki import GridPki
-from swf_panda_workers.peers.idds_rest_app import auth_config
+from swf_testbed.peers.grid_pki import GridPki
+from swf_testbed.peers.idds_rest_app import auth_config
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from swf_panda_workers.config import Brokers
-from swf_panda_workers.peers.idds_agent import (
+from swf_panda_workers.config.schema import Brokers
+from swf_testbed.peers.idds_agent import (
     RESULTS_QUEUE,
     SLICES_QUEUE,
     PromptBrokers,

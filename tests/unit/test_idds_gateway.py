@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers.adapters.idds_rest import (
+from swf_panda_workers.adapters.idds_rest_client import (
     IddsNotConfigured,
     RestGateway,
     check_rest_client,
     direct_api,
 )
-from swf_panda_workers.config import Idds, Settings, settings_from
+from swf_panda_workers.config.loading import settings_from
+from swf_panda_workers.config.schema import Idds, Settings
 from swf_panda_workers.core import outbound
 from swf_panda_workers.core.idds_gateway import (
     IddsRequestFailed,
@@ -43,7 +44,7 @@ from swf_panda_workers.core.messages import (
 )
 from swf_panda_workers.core.outbound import UnsafeMessage
 from swf_panda_workers.core.run_state import apply, initial_state
-from swf_panda_workers.peers.grid_pki import GridPki
+from swf_testbed.peers.grid_pki import GridPki
 
 NOW = datetime(2026, 3, 5, 12, 0, tzinfo=UTC)
 IDS = WorkflowIds(request_id=1001, transform_id=2001, workload_id=60001)

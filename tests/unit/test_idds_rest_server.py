@@ -19,8 +19,9 @@ import requests
 from idds.common.constants import ProcessingStatus, RequestStatus, TransformStatus
 
 from swf_panda_workers.core.messages import WorkerSize
-from swf_panda_workers.peers.idds_rest import REDACTED, RestCall, SimControl, SimulatedIDDSRest
-from swf_panda_workers.peers.idds_tasks import TaskInfo
+from swf_testbed.peers.idds_rest.control_client import SimControl
+from swf_testbed.peers.idds_rest.server import REDACTED, RestCall, SimulatedIDDSRest
+from swf_testbed.peers.idds_tasks import TaskInfo
 
 if TYPE_CHECKING:
     from conftest import Seen  # the shared fixtures' type (tests/unit/conftest.py)
@@ -445,7 +446,7 @@ def test_the_command_line_server_is_driven_over_http(
 ) -> None:
     env = {**os.environ, "SIM_IDDS_TOKEN": TOKEN}
     process = subprocess.Popen(
-        [sys.executable, "-m", "swf_panda_workers.peers.idds_rest", "--port", "0",
+        [sys.executable, "-m", "swf_testbed.peers.idds_rest", "--port", "0",
          "--token-env", "SIM_IDDS_TOKEN", "--vo", VO, "--create-answers-ids"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from datetime import datetime
 from typing import Any, get_args
@@ -22,10 +23,14 @@ from pydantic import TypeAdapter
 from listeners import bus_listener
 from listeners.bus_listener import BusListener
 from listeners.routing import Decision
-from swf_panda_workers.adapters.prefect_events import STREAM_EVENT, message_event_id, unpacked
+from swf_panda_workers.adapters.prefect_events.schema import (
+    STREAM_EVENT,
+    message_event_id,
+    unpacked,
+)
 from swf_panda_workers.adapters.prefect_runs import DeploymentMissing
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable, Delivery, Subscription
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.messages import RunImminent
 
 NS = "itest"
@@ -37,6 +42,7 @@ DLQ = "/queue/panda.workers.DLQ.test"
 class FakeBus:
     def __init__(self, fail_sends: bool = False) -> None:
         self.fail_sends = fail_sends
+        self.connected = threading.Event()
         self.log: list[tuple[str, Any]] = []  # ("send", (dest, body, headers)) / ("ack", id)
 
     def send_raw(self, destination: str, body: bytes, headers: dict[str, str]) -> None:
@@ -98,6 +104,9 @@ class FakeRuns:
         self.started.append(run.run_id)
         return uuid.uuid5(uuid.NAMESPACE_URL, run.run_id)
 
+    async def active_runs(self, namespace: str) -> dict[str, uuid.UUID]:
+        return {run_id: uuid.uuid5(uuid.NAMESPACE_URL, run_id) for run_id in self.started}
+
 
 class FakeEvents:
     def __init__(self) -> None:
@@ -112,8 +121,7 @@ def listener(bus: FakeBus, runs: FakeRuns | None = None,
              events: FakeEvents | None = None) -> BusListener:
     settings = Settings.model_validate({
         "transceiver": {"namespace": NS}, "brokers": {"dead_letter_queue": DLQ}})
-    made = BusListener(settings, runs or FakeRuns(), events or FakeEvents(),  # type: ignore[arg-type]
-                       bus=bus)  # type: ignore[arg-type]
+    made = BusListener(settings, runs or FakeRuns(), events or FakeEvents(), bus=bus)
     made._loop = asyncio.get_running_loop()
     return made
 
@@ -439,7 +447,7 @@ def test_results_of_several_runs_go_in_one_event_acked_once_it_is_stored(
 
     async def go() -> list[str]:
         shell = listener(bus, events=events)
-        shell.prefect = prefect  # type: ignore[assignment]
+        shell.prefect = prefect
         shell.owned.update({"5": uuid.uuid4(), "6": uuid.uuid4()})
         for item in items:
             await shell.dispatch(item)

@@ -66,7 +66,7 @@ def shell(clock: Clock, runs: FakeRuns | None = None, events: FakeEvents | None 
 
 
 RUN = {"msg_type": "run_imminent", "run_id": "7", "content": {"target_worker_count": 3}}
-ADJUST = {"msg_type": "adjust_worker", "run_id": "7", "content": {
+ADJUST: dict[str, Any] = {"msg_type": "adjust_worker", "run_id": "7", "content": {
     "run_id": "7", "request_id": 1, "transform_id": 2, "target_worker_count": 5}}
 END = {"msg_type": "end_run", "run_id": "7"}
 
@@ -94,7 +94,7 @@ def test_a_recorded_message_is_timed_to_the_ack_after_its_event_is_read_back() -
 
     async def go() -> tuple[ListenerMetrics, FakeBus]:
         made, metrics, bus = shell(clock, FakeRuns(), events)
-        made.prefect = FakePrefect(events)  # type: ignore[assignment]
+        made.prefect = FakePrefect(events)
         await made.handle(message(END, received_at=1000.0))
         assert sample(metrics, "messages_acked_total") == 0  # not stored yet
         confirming = asyncio.create_task(made._confirm_forever())
@@ -126,7 +126,7 @@ def test_what_is_not_handed_off_is_counted_by_type_and_reason_and_acked_untimed(
 ) -> None:
     async def go() -> ListenerMetrics:
         made, metrics, _ = shell(Clock())
-        await made.handle(message(body, destination, **headers))
+        await made.handle(message(body, destination, 1000.0, **headers))
         return metrics
 
     metrics = asyncio.run(go())

@@ -34,13 +34,14 @@ from listeners.routing import (
     decide,
     one_line,
 )
-from swf_panda_workers.adapters.prefect_events import message_event
+from swf_panda_workers.adapters.prefect_events.schema import message_event
 from swf_panda_workers.core.messages import (
     MAX_DEPTH,
     AdjustWorker,
     CloseWorkflowTask,
     CreateWorkflowTask,
     InvalidMessage,
+    RunEnd,
     RunImminent,
     SliceResult,
     StopTransformer,
@@ -243,7 +244,9 @@ def test_nesting_is_bounded_at_max_depth(levels: int) -> None:
     inner = nested(levels - 2)  # the body and its content are two levels
     body = wire(msg_type="end_run", run_id="1", content={"deep": inner})
     if levels <= MAX_DEPTH:
-        assert parse_message(body).content == {"deep": inner}
+        parsed = parse_message(body)
+        assert isinstance(parsed, RunEnd)
+        assert parsed.content == {"deep": inner}
     else:
         with pytest.raises(InvalidMessage, match=f"deeper than {MAX_DEPTH} levels"):
             parse_message(body)
@@ -298,9 +301,10 @@ def test_paired_surrogate_escapes_are_text() -> None:
     pytest.param(b"x" * (MAX_BODY_BYTES + 1), f"body of {MAX_BODY_BYTES + 1} bytes is over the "
                  f"{MAX_BODY_BYTES} byte limit", "too_large", id="over the size limit"),
 ])
-def test_bad_input_is_set_aside_with_its_reason(body: bytes, reason: str, kind: str) -> None:
-    assert on_topic(body) == SetAside(reason, kind)  # type: ignore[arg-type]
-    assert on_results(body) == SetAside(reason, kind)  # type: ignore[arg-type]
+def test_bad_input_is_set_aside_with_its_reason(body: bytes, reason: str,
+                                                kind: RejectKind) -> None:
+    assert on_topic(body) == SetAside(reason, kind)
+    assert on_results(body) == SetAside(reason, kind)
 
 
 @pytest.mark.parametrize("run_id", [
@@ -373,8 +377,9 @@ def test_results_of_runs_this_listener_owns_are_recorded_others_looked_up() -> N
     body = wire(msg_type="slice_result", run_id="5", content={"state": "done"})
     assert isinstance(on_results(body, owned=frozenset({"5"})), Record)
     # Another replica of the namespace may have started run 5: Prefect knows.
-    assert on_results(body, owned=frozenset({"6"})) == LookUpRun(
-        parse_message(body), json.loads(body))
+    result = parse_message(body)
+    assert isinstance(result, SliceResult)
+    assert on_results(body, owned=frozenset({"6"})) == LookUpRun(result, json.loads(body))
 
 
 def test_whatever_names_another_namespace_is_ignored_even_for_an_owned_run() -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
+from swf_panda_workers.core.effects import AdjustSent, StopSent
 from swf_panda_workers.core.log_lines import StreamSummary, input_line
 from swf_panda_workers.core.messages import WorkerSize, parse_message
-from swf_panda_workers.core.run_state import Effect
+
+NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(("body", "line"), [
@@ -28,9 +32,9 @@ def test_message_lines(body: dict[str, object], line: str) -> None:
 
 def test_effect_lines() -> None:
     size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL", target_worker_count=6)
-    assert input_line(Effect(kind="adjust_sent", size=size), "7") == \
+    assert input_line(AdjustSent(size=size, reason="r", decided_at=NOW, sent_at=NOW), "7") == \
         "effect=adjust_sent run_id=7 workers=6"
-    assert input_line(Effect(kind="stop_sent"), "7") == "effect=stop_sent run_id=7"
+    assert input_line(StopSent(), "7") == "effect=stop_sent run_id=7"
 
 
 def test_a_run_s_stream_is_summed_up_in_one_line() -> None:

@@ -70,6 +70,7 @@ def test_run_imminent_with_testbed_content(msg_type: str) -> None:
     assert spec.slice_processing_time == 30.0
     assert (spec.worker_rampup_time, spec.worker_rampdown_time) == (300.0, 60.0)
     # the upstream run_imminent fields are kept, not dropped
+    assert spec.model_extra is not None
     assert spec.model_extra["execution_id"] == "exec-42"
     assert spec.model_extra["simulation_tick"] == 17
 
@@ -303,6 +304,7 @@ def test_unknown_envelope_fields_are_kept_and_messages_are_frozen() -> None:
     msg = parse_message(wire(msg_type="end_run", run_id="1", namespace="dev", instance="i",
                              sender="agent", brand_new="x"))
 
+    assert isinstance(msg, RunEnd)
     assert (msg.namespace, msg.instance, msg.sender) == ("dev", "i", "agent")
     assert msg.model_extra == {"brand_new": "x"}
     with pytest.raises(ValueError):
@@ -517,6 +519,7 @@ def parses_or_is_invalid(body: object) -> None:
     except InvalidMessage as exc:
         assert str(exc).strip(), "a rejection must give its reason"
         return
+    assert isinstance(body, bytes | str | dict)  # parse_message took it
     named = body.get("msg_type") if isinstance(body, dict) else json.loads(body)["msg_type"]
     assert message.msg_type == named
 

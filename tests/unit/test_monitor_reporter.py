@@ -23,8 +23,9 @@ from swf_panda_workers.adapters.swf_monitor import (
     MonitorClient,
     monitor_heartbeats,
 )
-from swf_panda_workers.config import Settings, settings_from
-from swf_panda_workers.peers.monitor import HUNG, LOGIN_PATH, HeartbeatCall, MonitorStandIn
+from swf_panda_workers.config.loading import settings_from
+from swf_panda_workers.config.schema import Settings
+from swf_testbed.peers.monitor import HUNG, LOGIN_PATH, HeartbeatCall, MonitorStandIn
 
 TOKEN = "unit-t0ken-9f8e7d"
 WAIT = 10.0

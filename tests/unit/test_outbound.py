@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from swf_panda_workers.config import Settings, settings_from
+from swf_panda_workers.config.loading import settings_from
+from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.messages import (
     AdjustWorker,
     CloseWorkflowTask,

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from swf_panda_workers.adapters.idds_rest import IddsNotConfigured, RestGateway, rest_gateway
-from swf_panda_workers.config import Idds, Settings
+from swf_panda_workers.adapters.idds_rest_client import IddsNotConfigured, RestGateway, rest_gateway
+from swf_panda_workers.config.schema import Idds, Settings
 from swf_panda_workers.core import outbound
 from swf_panda_workers.core.idds_gateway import IddsRequestFailed
 from swf_panda_workers.core.messages import (
@@ -38,7 +38,7 @@ from swf_panda_workers.core.messages import (
     WorkflowIds,
     parse_message,
 )
-from swf_panda_workers.peers.idds_rest import REDACTED, SimulatedIDDSRest
+from swf_testbed.peers.idds_rest.server import REDACTED, SimulatedIDDSRest
 
 if TYPE_CHECKING:
     from conftest import Seen  # the shared fixtures' type (tests/unit/conftest.py)

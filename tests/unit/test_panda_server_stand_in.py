@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers.peers.panda_server import (
+from swf_testbed.peers.panda_server import (
     PandaServerStandIn,
     TaskSubmission,
     job_arguments,

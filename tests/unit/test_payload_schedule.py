@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swf_panda_workers.peers.peers_venv_scripts.payload_schedule import (
+from swf_testbed.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
     SliceOutcome,
     SliceRule,

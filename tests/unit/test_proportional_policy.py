@@ -13,12 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swf_panda_workers.core.effects import Adjustment
 from swf_panda_workers.core.messages import WorkerSize
 from swf_panda_workers.core.policies import (
     Bounds,
     Observation,
     ProportionalPolicy,
-    ScalingDecision,
     ScalingMemory,
     WorkerPlan,
 )
@@ -54,11 +54,11 @@ def plan(workers: int, adjusted_ago: float | None = None, requested_ago: float |
 
 
 def decide(policy: ProportionalPolicy, plan: WorkerPlan, seen: Demand,
-           memory: ScalingMemory | None = None) -> ScalingDecision | None:
+           memory: ScalingMemory | None = None) -> Adjustment | None:
     return policy.decide(plan, Observation(seen.at, None, seen), memory or ScalingMemory()).decision
 
 
-def target(decision: ScalingDecision | None) -> int | None:
+def target(decision: Adjustment | None) -> int | None:
     return None if decision is None else decision.size.target_worker_count
 
 

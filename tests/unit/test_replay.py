@@ -14,13 +14,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from swf_panda_workers.config import ConfigError, Settings
+from swf_panda_workers.config.loading import ConfigError
+from swf_panda_workers.config.policy_specs import settings_with
+from swf_panda_workers.config.schema import Settings
+from swf_panda_workers.core.effects import AdjustSent
 from swf_panda_workers.core.recording import RecordedSlice, RunRecording
 from swf_panda_workers.core.replay import (
     ReplayResult,
     comparison_table,
     replay,
-    settings_with,
 )
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
@@ -64,7 +66,18 @@ def configured(spec: str) -> Settings:
 
 
 def sizes(result: ReplayResult, initial: int) -> list[int]:
-    return [initial, *(a.new for a in result.adjustments)]
+    return [initial, *(new_size(a) for a in result.adjustments)]
+
+
+def new_size(adjustment: AdjustSent) -> int:
+    count = adjustment.size.target_worker_count
+    assert count is not None
+    return count
+
+
+def steps(result: ReplayResult, initial: int = 3) -> list[tuple[int, int]]:
+    """Each adjustment as (workers before, workers after)."""
+    return list(pairwise(sizes(result, initial)))
 
 
 def directions(values: list[int]) -> list[int]:
@@ -103,17 +116,19 @@ def test_proportional_grows_in_the_slowdown_and_shrinks_after_it() -> None:
 
     result = replay(SLOWDOWN, configured(spec), spec)
 
-    ups = [a for a in result.adjustments if a.new > a.old]
-    downs = [a for a in result.adjustments if a.new < a.old]
+    ups = [a for a, (old, new) in zip(result.adjustments, steps(result), strict=True)
+           if new > old]
+    downs = [a for a, (old, new) in zip(result.adjustments, steps(result), strict=True)
+             if new < old]
     slow_from, slow_to = T0 + timedelta(seconds=600), T0 + timedelta(seconds=1200)
-    assert ups and all(slow_from < a.at for a in ups)
-    assert any(a.at < slow_to for a in ups), "it reacts during the slowdown"
-    assert downs and all(a.at > slow_to for a in downs), "it sheds workers only after it"
-    assert max(a.at for a in ups) < min(a.at for a in downs), "up, then down: no flapping"
-    assert all(2 <= a.new <= 12 for a in result.adjustments)
+    assert ups and all(slow_from < a.sent_at for a in ups)
+    assert any(a.sent_at < slow_to for a in ups), "it reacts during the slowdown"
+    assert downs and all(a.sent_at > slow_to for a in downs), "it sheds workers only after it"
+    assert max(a.sent_at for a in ups) < min(a.sent_at for a in downs), "up, then down"
+    assert all(2 <= new_size(a) <= 12 for a in result.adjustments)
     assert result.peak_workers == 12
     # 1 s slices at 2/s need 2/0.8 -> 3 workers again.
-    assert result.adjustments[-1].new == 3
+    assert new_size(result.adjustments[-1]) == 3
     assert all(a.reason for a in result.adjustments)
 
 
@@ -133,8 +148,8 @@ def test_reference_grows_from_the_initial_size_and_never_shrinks() -> None:
 
     result = replay(SLOWDOWN, configured(spec), spec)
 
-    assert [(a.old, a.new) for a in result.adjustments] == [(3, 5)]
-    assert all(a.new > a.old for a in result.adjustments)
+    assert steps(result) == [(3, 5)]
+    assert all(new > old for old, new in steps(result))
     assert result.peak_workers == 5
 
 
@@ -228,9 +243,9 @@ def test_workers_come_up_after_the_startup() -> None:
     prompt = replay(SLOWDOWN, configured(spec), spec, worker_startup=30)
     never = replay(SLOWDOWN, configured(spec), spec, worker_startup=10_000)
 
-    assert [(a.old, a.new) for a in prompt.adjustments] == [(3, 5)]
+    assert steps(prompt) == [(3, 5)]
     assert prompt.peak_workers == 5
-    asked_at = prompt.adjustments[0].at
+    asked_at = prompt.adjustments[0].sent_at
     up_for = (T0 + timedelta(seconds=2400) - asked_at).total_seconds() - 30
     assert prompt.worker_hours == pytest.approx(three_workers + 2 * up_for / 3600)
     assert never.peak_workers == 3
@@ -304,7 +319,7 @@ def steady_replay(rate: float, took: float, initial: int) -> ReplayResult:
 def test_proportional_stays_within_bounds(rate: float, took: float, initial: int) -> None:
     result = steady_replay(rate, took, initial)
 
-    assert all(BOUNDS[0] <= a.new <= BOUNDS[1] for a in result.adjustments)
+    assert all(BOUNDS[0] <= new_size(a) <= BOUNDS[1] for a in result.adjustments)
     assert result.peak_workers <= max(initial, BOUNDS[1])
     assert result.slices_processed + result.slices_abandoned == round(rate * 1200)
 
@@ -319,4 +334,4 @@ def test_proportional_turns_at_most_once_on_a_steady_stream(
 
     moves = directions(sizes(result, initial))
     turns = sum(1 for a, b in pairwise(moves) if a != b)
-    assert turns <= 1, f"oscillates: {[(a.old, a.new) for a in result.adjustments]}"
+    assert turns <= 1, f"oscillates: {steps(result, initial)}"

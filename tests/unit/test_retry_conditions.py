@@ -11,7 +11,7 @@ from prefect.states import Failed
 
 from flows.idds_requests import worth_retrying
 from flows.tasks import bus_trouble
-from swf_panda_workers.adapters.idds_rest import IddsNotConfigured
+from swf_panda_workers.adapters.idds_rest_client import IddsNotConfigured
 from swf_panda_workers.adapters.stomp_bus import BusUnavailable
 from swf_panda_workers.core.idds_gateway import IddsRequestFailed
 from swf_panda_workers.core.outbound import UnsafeMessage

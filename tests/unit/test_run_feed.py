@@ -10,28 +10,29 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prefect.events import Event
 
-from swf_panda_workers.adapters.prefect_events import (
+from swf_panda_workers.adapters.prefect_events.feed import (
     SEEN_HORIZON,
-    STREAM_EVENTS,
-    STREAM_MAX_RUNS,
     Route,
     RunEventsHub,
     RunFeed,
     SeenEvents,
+)
+from swf_panda_workers.adapters.prefect_events.history import _OnceEach, run_filter
+from swf_panda_workers.adapters.prefect_events.schema import (
+    STREAM_EVENTS,
+    STREAM_MAX_RUNS,
     StreamMessage,
-    _OnceEach,
     answer_event,
     decode,
     effect_event,
     message_event,
     message_event_id,
-    run_filter,
     run_resource_id,
     stream_event,
     unpacked,
 )
+from swf_panda_workers.core.effects import CreateSent
 from swf_panda_workers.core.messages import CreatedWorkflowTask
-from swf_panda_workers.core.run_state import Effect
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -99,7 +100,7 @@ def test_a_runs_feed_reads_back_every_kind_of_event_the_run_journals() -> None:
                     "processing_id": 3001, "workload_id": 60001}})
     journaled = [
         answer_event(created, "t", None),
-        effect_event(Effect(kind="create_sent"), "t", "100123", None),
+        effect_event(CreateSent(), "t", "100123", None),
         message_event({"msg_type": "slice_result", "run_id": "100123"}, "slice_result", "t",
                       "100123", "delivery-1"),
         stream_event([stream_message("100123", "delivery-2")], "t"),

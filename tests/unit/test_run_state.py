@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import reduce
@@ -9,27 +10,31 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers.config import Settings
+from swf_panda_workers.config.schema import Settings
+from swf_panda_workers.core.effects import (
+    Adjustment,
+    AdjustSent,
+    CloseSent,
+    CreateSent,
+    StopSent,
+)
 from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds, parse_message
 from swf_panda_workers.core.policies import (
     Observation,
     ReferencePolicy,
-    ScalingDecision,
     ScalingMemory,
-    SliceObservation,
     WorkerPlan,
 )
 from swf_panda_workers.core.run_state import (
-    Adjustment,
-    Effect,
     RunState,
     apply,
     initial_state,
 )
+from swf_panda_workers.core.slice_window import SliceObservation
 
 T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 SETTINGS = Settings()
-RUN = parse_message({
+RUN = RunImminent.model_validate({
     "msg_type": "run_imminent_worker", "run_id": "100123",
     "content": {"core_count": 2, "target_worker_count": 30, "slice_processing_time": 30},
 })
@@ -43,7 +48,11 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def fold(inputs: list[tuple[object, float]], start: RunState | None = None) -> RunState:
+def adjust(size: WorkerSize, decided: float, sent: float, reason: str = "") -> AdjustSent:
+    return AdjustSent(size=size, reason=reason, decided_at=at(decided), sent_at=at(sent))
+
+
+def fold(inputs: Sequence[tuple[object, float]], start: RunState | None = None) -> RunState:
     state = start or initial_state(RUN, SETTINGS)
     return reduce(lambda s, step: apply(step[0], s, at(step[1])), inputs, state)
 
@@ -166,54 +175,52 @@ FOLDS = [
                                           "target_worker_count": 36}), 9)],
         {"applied": BIGGER}, id="adjusted_worker is what iDDS applied",
     ),
-    pytest.param([(Effect(kind="create_sent"), 1)],
+    pytest.param([(CreateSent(), 1)],
                  {"create_sent": True, "plan": WorkerPlan(initial=SIZE, current=SIZE,
                                                           requested_at=at(1))},
                  id="create_sent: the initial size is requested"),
-    pytest.param([(Effect(kind="stop_sent"), 1)], {"stop_sent": True}, id="stop_sent"),
-    pytest.param([(Effect(kind="close_sent"), 1)], {"closes_sent": (None,)},
+    pytest.param([(StopSent(), 1)], {"stop_sent": True}, id="stop_sent"),
+    pytest.param([(CloseSent(), 1)], {"closes_sent": (None,)},
                  id="close_sent by run id"),
-    pytest.param([(created(1), 1), (Effect(kind="close_sent", ids=IDS), 2)],
+    pytest.param([(created(1), 1), (CloseSent(ids=IDS), 2)],
                  {"ids": IDS, "closes_sent": (IDS,)}, id="close_sent of the run's task"),
     pytest.param(
-        [(Effect(kind="create_sent"), 1), (Effect(kind="create_sent"), 2)],
+        [(CreateSent(), 1), (CreateSent(), 2)],
         {"create_sent": True, "plan": WorkerPlan(initial=SIZE, current=SIZE,
                                                  requested_at=at(1))},
         id="effects are idempotent",
     ),
     pytest.param(
-        [(Effect(kind="adjust_sent", size=BIGGER, reason="slow"), 50)],
+        [(adjust(BIGGER, 50, 50, "slow"), 50)],
         {"plan": WorkerPlan(initial=SIZE, current=BIGGER, last_adjusted_at=at(50),
                             requested_at=at(50)),
-         "adjustments": (Adjustment(at=at(50), size=BIGGER, reason="slow"),)},
+         "adjustments": (adjust(BIGGER, 50, 50, "slow"),)},
         id="adjust_sent moves the plan",
     ),
     pytest.param(
-        [(Effect(kind="adjust_sent", size=BIGGER, reason="slow"), 50),
-         (Effect(kind="adjust_sent", size=BIGGEST), 200)],
+        [(adjust(BIGGER, 50, 50, "slow"), 50), (adjust(BIGGEST, 200, 200), 200)],
         {"plan": WorkerPlan(initial=SIZE, current=BIGGEST, last_adjusted_at=at(200),
                             requested_at=at(200)),
-         "adjustments": (Adjustment(at=at(50), size=BIGGER, reason="slow"),
-                         Adjustment(at=at(200), size=BIGGEST, reason=""))},
+         "adjustments": (adjust(BIGGER, 50, 50, "slow"), adjust(BIGGEST, 200, 200))},
         id="adjustments accumulate",
     ),
     pytest.param(
-        [(Effect(kind="adjust_sent", size=BIGGER, reason="slow", decided_at=at(20)), 90)],
+        [(adjust(BIGGER, 20, 89, "slow"), 90)],
         {"plan": WorkerPlan(initial=SIZE, current=BIGGER, last_adjusted_at=at(20),
                             requested_at=at(90)),
-         "adjustments": (Adjustment(at=at(90), size=BIGGER, reason="slow"),)},
+         "adjustments": (adjust(BIGGER, 20, 89, "slow"),)},
         id="a decision taken on stored results cools down from their time",
     ),
     pytest.param(
         [(done(40), 10)],
         {"slices_done": 1, "slowest_slice": 40.0, "workers_seen": frozenset({"wn-1"}),
-         "last_slice": SliceObservation(at=at(10), processing_seconds=40.0)},
+         "last_slice": SliceObservation(at=at(10), processing_seconds=40.0, worker="wn-1")},
         id="one done slice",
     ),
     pytest.param(
         [(done(40, "wn-1"), 10), (done(20, "wn-2"), 11), (done(55, "wn-1"), 12)],
         {"slices_done": 3, "slowest_slice": 55.0, "workers_seen": frozenset({"wn-1", "wn-2"}),
-         "last_slice": SliceObservation(at=at(12), processing_seconds=55.0)},
+         "last_slice": SliceObservation(at=at(12), processing_seconds=55.0, worker="wn-1")},
         id="slowest of several",
     ),
     pytest.param(
@@ -238,7 +245,8 @@ FOLDS = [
         [(msg("slice_result", content={"state": "failed", "processing_time": 99,
                                        "hostname": "wn-9"}), 10)],
         {"slices_failed": 1, "workers_seen": frozenset({"wn-9"}),
-         "last_slice": SliceObservation(at=at(10), processing_seconds=99.0, failed=True)},
+         "last_slice": SliceObservation(at=at(10), processing_seconds=99.0, worker="wn-9",
+                                       failed=True)},
         id="a failed slice's time is not the slowest",
     ),
     pytest.param(
@@ -246,7 +254,7 @@ FOLDS = [
          (done(10, "wn-3"), 4)],
         {"slices_done": 1, "slowest_slice": 10.0,
          "workers_seen": frozenset({"tf-1", "tf-2", "wn-3"}),
-         "last_slice": SliceObservation(at=at(4), processing_seconds=10.0)},
+         "last_slice": SliceObservation(at=at(4), processing_seconds=10.0, worker="wn-3")},
         id="workers seen from heartbeats and results",
     ),
     pytest.param(
@@ -263,7 +271,7 @@ def test_fold(inputs: list[tuple[object, float]], changes: dict[str, Any]) -> No
 
 
 def test_fold_is_deterministic_and_does_not_touch_its_input() -> None:
-    inputs = [(created(1), 1), (done(40), 2), (Effect(kind="adjust_sent", size=BIGGER), 3),
+    inputs = [(created(1), 1), (done(40), 2), (adjust(BIGGER, 3, 3), 3),
               (failed(), 4), (msg("end_run"), 5), (closed("ToCancel"), 6)]
     start = initial_state(RUN, SETTINGS)
 
@@ -279,7 +287,7 @@ def test_anything_else_is_ignored() -> None:
 
 
 def decide(policy: ReferencePolicy, plan: WorkerPlan, seen: SliceObservation | None
-           ) -> ScalingDecision | None:
+           ) -> Adjustment | None:
     assert seen is not None
     return policy.decide(plan, Observation(seen.at, seen), ScalingMemory()).decision
 
@@ -291,7 +299,7 @@ def test_fold_feeds_the_policy() -> None:
     decision = decide(policy, slow.plan, slow.last_slice)
     assert decision is not None and decision.size == BIGGER
 
-    adjusted = fold([(Effect(kind="adjust_sent", size=decision.size), 11), (done(40), 12)],
+    adjusted = fold([(AdjustSent.of(decision, sent_at=at(11)), 11), (done(40), 12)],
                     start=slow)
     assert decide(policy, adjusted.plan, adjusted.last_slice) is None  # same size again
 
@@ -320,17 +328,17 @@ def test_the_tasks_still_open() -> None:
     state = fold([(created(1), 1), (created(9, 13, 12), 2)])
     assert state.open_tasks == (IDS, EXTRA) and state.open_extra_tasks == (EXTRA,)
     assert not state.close_sent
-    state = fold([(Effect(kind="close_sent", ids=EXTRA), 3)], state)
+    state = fold([(CloseSent(ids=EXTRA), 3)], state)
     assert state.open_tasks == (IDS,) and state.open_extra_tasks == ()
     assert not state.close_sent
-    state = fold([(Effect(kind="close_sent", ids=IDS), 4)], state)
+    state = fold([(CloseSent(ids=IDS), 4)], state)
     assert state.open_tasks == () and state.close_sent
 
 
 def test_a_task_reported_after_a_close_by_run_id_is_still_open() -> None:
     # end_run came first: closed by run id; iDDS's late reply names a task,
     # which is closed by its ids too (iDDS may have made it after the close).
-    state = fold([(Effect(kind="close_sent"), 1)])
+    state = fold([(CloseSent(), 1)])
     assert state.close_sent and state.open_tasks == ()
     state = fold([(created(1), 2)], state)
     assert state.close_sent and state.open_tasks == (IDS,)

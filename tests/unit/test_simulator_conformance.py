@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from swf_panda_workers.adapters.stomp_bus import Delivery
-from swf_panda_workers.config import Brokers, Settings
+from swf_panda_workers.config.schema import Brokers, Settings
 from swf_panda_workers.core import outbound, sample_messages
 from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds, parse_message
-from swf_panda_workers.peers.idds import SimulatedIDDS
-from swf_panda_workers.peers.transformers import TransformerFarm
+from swf_testbed.peers.idds import SimulatedIDDS
+from swf_testbed.peers.transformers import TransformerFarm
 
 REAL = Path(__file__).resolve().parents[1] / "real_messages"
 NOW = datetime(2026, 12, 3, 13, 10, 41, 935000, tzinfo=UTC)
@@ -97,9 +97,15 @@ def capture(bus: Any) -> list[Sent]:
 
 # --- iDDS's replies ---------------------------------------------------------------
 
-RUN = parse_message({"msg_type": "run_imminent_worker", "run_id": "100123", "content": {
-    "target_worker_count": 3}})
-assert isinstance(RUN, RunImminent)
+
+def _announced() -> RunImminent:
+    run = parse_message({"msg_type": "run_imminent_worker", "run_id": "100123", "content": {
+        "target_worker_count": 3}})
+    assert isinstance(run, RunImminent)
+    return run
+
+
+RUN = _announced()
 SETTINGS = Settings()
 
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swf_panda_workers.core.messages import SliceResult, parse_message
-from swf_panda_workers.core.slice_window import SliceSample, SliceWindow, percentile
+from swf_panda_workers.core.slice_window import SliceObservation, SliceWindow, percentile
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 
@@ -19,8 +19,8 @@ def at(seconds: float) -> datetime:
 
 
 def sample(when: float, took: float | None = 2.0, waited: float | None = 0.0,
-           worker: str | None = "wn-1", failed: bool = False) -> SliceSample:
-    return SliceSample(at=at(when), processing_seconds=took, waited_seconds=waited,
+           worker: str | None = "wn-1", failed: bool = False) -> SliceObservation:
+    return SliceObservation(at=at(when), processing_seconds=took, waited_seconds=waited,
                        worker=worker, failed=failed)
 
 
@@ -84,8 +84,8 @@ def test_a_sample_from_the_real_transformers_result() -> None:
                     "processed_at": "2026-03-01T08:00:40.000000",
                     "state": "done", "hostname": "wn-7", "result": {"state": "done"}}})
     assert isinstance(result, SliceResult)
-    seen = SliceSample.of(result, at(41))
-    assert seen == SliceSample(at=at(41), processing_seconds=27.5, waited_seconds=12.5,
+    seen = SliceObservation.of(result, at(41))
+    assert seen == SliceObservation(at=at(41), processing_seconds=27.5, waited_seconds=12.5,
                                worker="wn-7", failed=False)
 
 
@@ -95,7 +95,7 @@ def test_clock_skew_never_makes_a_negative_wait() -> None:
         "content": {"requested_at": "2026-03-01T08:00:10", "processing_start_at":
                     "2026-03-01T08:00:05", "processed_at": "2026-03-01T08:00:06"}})
     assert isinstance(result, SliceResult)
-    assert SliceSample.of(result, at(6)).waited_seconds == 0
+    assert SliceObservation.of(result, at(6)).waited_seconds == 0
 
 
 @pytest.mark.parametrize(("values", "pct", "expected"), [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from swf_panda_workers.cli import main
-from swf_panda_workers.config import settings_from
+from swf_panda_workers.config.loading import settings_from
 from swf_panda_workers.state_dir import earlier_databases, state_dir
 
 HOME = Path("/home/operator")

@@ -18,7 +18,8 @@ from listeners.bus_listener import ListenerHealth
 from listeners.metrics import ListenerMetrics
 from listeners.status_server import StatusServer, health_answer, status_endpoint
 from swf_panda_workers.cli import main
-from swf_panda_workers.config import Metrics, Settings, settings_from
+from swf_panda_workers.config.loading import settings_from
+from swf_panda_workers.config.schema import Metrics, Settings
 from swf_panda_workers.healthcheck import default_url, problem
 
 HEALTHY = ListenerHealth(listening=True, bus_connected=True, prefect_reachable=True,

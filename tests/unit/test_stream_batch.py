@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from listeners.stream_batch import StreamBatch
-from swf_panda_workers.adapters.prefect_events import StreamMessage
+from swf_panda_workers.adapters.prefect_events.schema import StreamMessage
 from swf_panda_workers.adapters.stomp_bus import Delivery
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)

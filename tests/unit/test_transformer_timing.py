@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from swf_panda_workers.config import Brokers
-from swf_panda_workers.peers.transformers import TransformerFarm
+from swf_panda_workers.config.schema import Brokers
+from swf_testbed.peers.transformers import TransformerFarm
 
 WAIT = 10.0
 RUN = "100123"
