@@ -30,8 +30,13 @@ class Latency(BaseModel):
             value = percentile(values, pct)
             return None if value is None else round(value, 1)
 
-        return cls(samples=len(values), p50=at(50), p95=at(95), p99=at(99),
-                   max=round(max(values), 1) if values else None)
+        return cls(
+            samples=len(values),
+            p50=at(50),
+            p95=at(95),
+            p99=at(99),
+            max=round(max(values), 1) if values else None,
+        )
 
 
 class Tally(BaseModel):
@@ -46,22 +51,25 @@ class Tally(BaseModel):
     def of(cls, expected: Mapping[str, int], seen: Mapping[str, int]) -> Tally:
         runs = set(expected) | set(seen)
         return cls(
-            expected=sum(expected.values()), seen=sum(seen.values()),
+            expected=sum(expected.values()),
+            seen=sum(seen.values()),
             lost=sum(max(0, expected.get(r, 0) - seen.get(r, 0)) for r in runs),
             duplicated=sum(max(0, seen.get(r, 0) - expected.get(r, 0)) for r in runs),
         )
 
 
-def delays(causes: Mapping[str, Sequence[float]],
-           effects: Mapping[str, Sequence[float]]) -> list[float]:
+def delays(
+    causes: Mapping[str, Sequence[float]], effects: Mapping[str, Sequence[float]]
+) -> list[float]:
     """Per run, each cause paired with the first effect at or after it that
     no earlier cause took: seconds from one to the other. A cause without an
     effect gives no delay (the tally counts it as lost)."""
     return [delay for _, delay in timed_delays(causes, effects)]
 
 
-def timed_delays(causes: Mapping[str, Sequence[float]],
-                 effects: Mapping[str, Sequence[float]]) -> list[tuple[float, float]]:
+def timed_delays(
+    causes: Mapping[str, Sequence[float]], effects: Mapping[str, Sequence[float]]
+) -> list[tuple[float, float]]:
     """As ``delays``, each with the time of its cause: (cause, seconds)."""
     found: list[tuple[float, float]] = []
     for run, times in causes.items():
@@ -102,8 +110,10 @@ class Drift(BaseModel):
 
     def rss_growth_pct(self) -> float:
         """The largest change of a process's RSS, late against early, in %."""
-        return max((abs(late / early - 1) * 100 for early, late in self.rss_mb.values()
-                    if early > 0), default=0.0)
+        return max(
+            (abs(late / early - 1) * 100 for early, late in self.rss_mb.values() if early > 0),
+            default=0.0,
+        )
 
     def cpu_growth_pct(self) -> float:
         early, late = self.cpu_per_1000
@@ -114,8 +124,12 @@ EARLY = (600.0, 1200.0)  # s after the first wave began: its second ten minutes
 LATE = 600.0  # s: the last ten minutes
 
 
-def drift(waves: Sequence[Span], sent_at: Sequence[float], rss: Mapping[str, Series],
-          cpu: Mapping[str, Series]) -> Drift | None:
+def drift(
+    waves: Sequence[Span],
+    sent_at: Sequence[float],
+    rss: Mapping[str, Series],
+    cpu: Mapping[str, Series],
+) -> Drift | None:
     """``waves``: when each wave began and ended; ``rss`` and ``cpu``: each
     process's samples (CPU used so far). None if the benchmark was too short
     to hold a wave on each side."""
@@ -136,9 +150,12 @@ def drift(waves: Sequence[Span], sent_at: Sequence[float], rss: Mapping[str, Ser
         results = sum(1 for t in sent_at if span[0] <= t <= span[1])
         return round(used / results * 1000, 2) if results else 0.0
 
-    return Drift(early=early, late=late,
-                 rss_mb={name: (mean_rss(s, early), mean_rss(s, late)) for name, s in rss.items()},
-                 cpu_per_1000=(cpu_per_1000(early), cpu_per_1000(late)))
+    return Drift(
+        early=early,
+        late=late,
+        rss_mb={name: (mean_rss(s, early), mean_rss(s, late)) for name, s in rss.items()},
+        cpu_per_1000=(cpu_per_1000(early), cpu_per_1000(late)),
+    )
 
 
 def _whole(waves: Sequence[Span], lo: float, hi: float) -> Span | None:
@@ -169,45 +186,61 @@ class BenchResult(BaseModel):
 
     def table(self) -> str:
         rows: list[tuple[str, ...]] = [("latency (ms)", "samples", "p50", "p95", "p99", "max")]
-        rows += [(name, str(v.samples), *(number(x) for x in (v.p50, v.p95, v.p99, v.max)))
-                 for name, v in self.latency_ms.items()]
+        rows += [
+            (name, str(v.samples), *(number(x) for x in (v.p50, v.p95, v.p99, v.max)))
+            for name, v in self.latency_ms.items()
+        ]
         effects: list[tuple[str, ...]] = [("effect", "expected", "seen", "lost", "duplicated")]
-        effects += [(name, *(str(x) for x in (t.expected, t.seen, t.lost, t.duplicated)))
-                    for name, t in self.effects.items()]
-        use = [("process", "idle RSS MB", "peak RSS MB", "RSS at 1/4, 1/2, 3/4, end of load",
-                "CPU s")]
-        use += [(name, number(p.idle_rss_mb), number(p.peak_rss_mb),
-                 " ".join(number(x) for x in p.load_rss_mb), number(p.cpu_seconds))
-                for name, p in self.processes.items()]
+        effects += [
+            (name, *(str(x) for x in (t.expected, t.seen, t.lost, t.duplicated)))
+            for name, t in self.effects.items()
+        ]
+        use = [
+            ("process", "idle RSS MB", "peak RSS MB", "RSS at 1/4, 1/2, 3/4, end of load", "CPU s")
+        ]
+        use += [
+            (
+                name,
+                number(p.idle_rss_mb),
+                number(p.peak_rss_mb),
+                " ".join(number(x) for x in p.load_rss_mb),
+                number(p.cpu_seconds),
+            )
+            for name, p in self.processes.items()
+        ]
         plan = self.plan
-        return "\n\n".join([
-            f"{plan['runs']} runs x {plan['slices']} slice results at {plan['rate']:g}/s "
-            f"({plan['duration']:.0f} s of load), Prefect on {plan.get('database', 'sqlite')}",
-            text_table(rows),
-            f"slice results sent {self.sent_per_second:.1f}/s, stored as run events "
-            f"{self.handled_per_second:.1f}/s; all stored "
-            f"{number(self.handoff_drain_seconds)} s after the last was sent",
-            text_table(effects),
-            text_table(use),
-            f"memory per added run (listener + runner): {self.per_added_run_mb:.1f} MB",
-            *self._drift_lines(),
-            *self.notes,
-        ])
-
+        return "\n\n".join(
+            [
+                f"{plan['runs']} runs x {plan['slices']} slice results at {plan['rate']:g}/s "
+                f"({plan['duration']:.0f} s of load), Prefect on {plan.get('database', 'sqlite')}",
+                text_table(rows),
+                f"slice results sent {self.sent_per_second:.1f}/s, stored as run events "
+                f"{self.handled_per_second:.1f}/s; all stored "
+                f"{number(self.handoff_drain_seconds)} s after the last was sent",
+                text_table(effects),
+                text_table(use),
+                f"memory per added run (listener + runner): {self.per_added_run_mb:.1f} MB",
+                *self._drift_lines(),
+                *self.notes,
+            ]
+        )
 
     def _drift_lines(self) -> list[str]:
         drift = self.drift
         if drift is None:
             return []
         rows = [("early and late", "RSS MB early", "RSS MB late")]
-        rows += [(name, number(early), number(late))
-                 for name, (early, late) in drift.rss_mb.items()]
+        rows += [
+            (name, number(early), number(late)) for name, (early, late) in drift.rss_mb.items()
+        ]
         minutes = [round((b - a) / 60, 1) for a, b in (drift.early, drift.late)]
-        return [text_table(rows),
-                f"CPU per 1000 results: {drift.cpu_per_1000[0]} s early, "
-                f"{drift.cpu_per_1000[1]} s late (whole waves: {minutes[0]} min early, "
-                f"{minutes[1]} min late); largest RSS change {drift.rss_growth_pct():.1f} %, "
-                f"CPU change {drift.cpu_growth_pct():.1f} %"]
+        return [
+            text_table(rows),
+            f"CPU per 1000 results: {drift.cpu_per_1000[0]} s early, "
+            f"{drift.cpu_per_1000[1]} s late (whole waves: {minutes[0]} min early, "
+            f"{minutes[1]} min late); largest RSS change {drift.rss_growth_pct():.1f} %, "
+            f"CPU change {drift.cpu_growth_pct():.1f} %",
+        ]
 
 
 def number(value: float | None) -> str:

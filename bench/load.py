@@ -36,9 +36,16 @@ def slice_result(run_id: str, send: SliceSend, workload_id: int | None) -> dict[
             "panda_task_id": None if workload_id is None else str(workload_id),
             "panda_id": str(7_000_000 + send.index),
             "harvester_id": "bench-harvester",
-            "result": {"state": True, "error": None, "result": {
-                "run_id": run_id, "slice_id": send.index, "processed": True,
-                "actual_processing_time": send.seconds}},
+            "result": {
+                "state": True,
+                "error": None,
+                "result": {
+                    "run_id": run_id,
+                    "slice_id": send.index,
+                    "processed": True,
+                    "actual_processing_time": send.seconds,
+                },
+            },
         },
     }
 
@@ -48,8 +55,14 @@ class SliceLoad:
     (``run``); ``workload(run_id)`` is the PanDA task iDDS created. What was
     sent, and when, adds up over the sets."""
 
-    def __init__(self, brokers: Brokers, queue: str, plan: LoadPlan,
-                 workload: Callable[[str], int | None], connections: int = 4) -> None:
+    def __init__(
+        self,
+        brokers: Brokers,
+        queue: str,
+        plan: LoadPlan,
+        workload: Callable[[str], int | None],
+        connections: int = 4,
+    ) -> None:
         self.plan = plan
         self._queue = queue
         self._run_ids: Sequence[str] = ()
@@ -70,15 +83,17 @@ class SliceLoad:
         for run_id in run_ids:
             self.slow_sent.setdefault(run_id, [])
         # New connections for each set: a stopped one does not start again.
-        buses = [PeerBus(self._brokers, name=f"bench-load-{k}")
-                 for k in range(self._connections)]
+        buses = [PeerBus(self._brokers, name=f"bench-load-{k}") for k in range(self._connections)]
         for bus in buses:
             bus.start()
         sends = list(self.plan.sends())
         began = time.time()
-        threads = [threading.Thread(target=self._send_share, args=(bus, sends[k::len(buses)],
-                                                                   began), daemon=True)
-                   for k, bus in enumerate(buses)]
+        threads = [
+            threading.Thread(
+                target=self._send_share, args=(bus, sends[k :: len(buses)], began), daemon=True
+            )
+            for k, bus in enumerate(buses)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -35,8 +35,10 @@ class LoadPlan:
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.slices < 3 or self.rate <= 0 or self.expected_seconds <= 0:
-            raise ValueError("a plan needs at least 1 run, 3 slices per run and a positive "
-                             "rate and expected processing time")
+            raise ValueError(
+                "a plan needs at least 1 run, 3 slices per run and a positive "
+                "rate and expected processing time"
+            )
 
     @property
     def duration(self) -> float:
@@ -52,5 +54,10 @@ class LoadPlan:
         for j in range(self.slices):
             factor = slow.get(j, FAST)
             for i in range(self.runs):
-                yield SliceSend(at=(j * self.runs + i) / self.rate, run=i, index=j,
-                                seconds=factor * self.expected_seconds, slow=j in slow)
+                yield SliceSend(
+                    at=(j * self.runs + i) / self.rate,
+                    run=i,
+                    index=j,
+                    seconds=factor * self.expected_seconds,
+                    slow=j in slow,
+                )

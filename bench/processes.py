@@ -22,7 +22,7 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None  # gone
     # The command name (field 2) may hold spaces: split after its parenthesis.
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def descendants(root: int) -> list[int]:

@@ -17,16 +17,29 @@ class Profiles:
             raise SystemExit("--profile needs py-spy on the PATH (pip install py-spy)")
         directory.mkdir(parents=True, exist_ok=True)
         self._argvs = [
-            [self._py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
-             "--duration", str(max(1, round(seconds))), "--format", "raw",
-             "--output", str(directory / f"{name.replace(' ', '-')}.folded.txt")]
+            [
+                self._py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--subprocesses",
+                "--nonblocking",
+                "--duration",
+                str(max(1, round(seconds))),
+                "--format",
+                "raw",
+                "--output",
+                str(directory / f"{name.replace(' ', '-')}.folded.txt"),
+            ]
             for name, pid in pids.items()
         ]
         self._running: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
-        self._running = [subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL) for argv in self._argvs]
+        self._running = [
+            subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for argv in self._argvs
+        ]
 
     def wait(self) -> None:
         for process in self._running:

@@ -59,8 +59,14 @@ class Scenario:
         rows = [("target", "limit", "measured", "")]
         for target in self.targets:
             value, passed = target.judge(result)
-            rows.append((target.what, f"{target.limit:g} {target.unit}",
-                         f"{number(value)} {target.unit}", "pass" if passed else "FAIL"))
+            rows.append(
+                (
+                    target.what,
+                    f"{target.limit:g} {target.unit}",
+                    f"{number(value)} {target.unit}",
+                    "pass" if passed else "FAIL",
+                )
+            )
         return f"scenario {self.name}: {self.what}\n\n" + text_table(rows)
 
 
@@ -72,33 +78,77 @@ def cpu_growth(result: BenchResult) -> float | None:
     return None if result.drift is None else round(result.drift.cpu_growth_pct(), 1)
 
 
-NOTHING_LOST = Target("effects lost or doubled, results not stored or not counted", 0,
-                      "", lost_or_doubled)
+NOTHING_LOST = Target(
+    "effects lost or doubled, results not stored or not counted", 0, "", lost_or_doubled
+)
 
-SCENARIOS = {s.name: s for s in (
-    Scenario("burst-20", "20 runs announced within one second, ending in the same second",
-             runs=20, slices=30, rate=100, announce_every=0.05, targets=(
-                 Target("run_imminent -> create_workflow_task p99", 2000, "ms", p99(CREATE)),
-                 Target("end_run -> stop_transformer p99", 500, "ms", p99(STOP)),
-                 NOTHING_LOST)),
-    Scenario("sustained-200", "20 runs, 200 slice results/s in all for 5 minutes",
-             runs=20, slices=3000, rate=200, announce_every=0.05, targets=(
-                 Target("slow slice_result -> adjust_worker p99", 150, "ms", p99(ADJUST)),
-                 Target("CPU of all processes per 1000 results", 2.5, "s",
-                        cpu_per_1000_results),
-                 NOTHING_LOST)),
-    Scenario("sustained-500", "20 runs, 500 slice results/s in all for 5 minutes",
-             runs=20, slices=7500, rate=500, announce_every=0.05, targets=(
-                 Target("slow slice_result -> adjust_worker p99", 250, "ms", p99(ADJUST)),
-                 Target("end_run -> stop_transformer p99", 500, "ms", p99(STOP)),
-                 NOTHING_LOST)),
-    # Waves of 20 runs x 900 results at 100/s (3 minutes of load, and the
-    # starts and ends around it), one after the other for about an hour.
-    Scenario("soak-1h", "an hour at 100 slice results/s, runs starting and ending all the "
-             "time", runs=20, slices=900, rate=100, announce_every=0.05, waves=16, targets=(
-                 Target("largest change of a process's RSS, last 10 min against minutes 10-20",
-                        10, "%", rss_growth),
-                 Target("change of CPU per 1000 results, last 10 min against minutes 10-20",
-                        10, "%", cpu_growth),
-                 NOTHING_LOST)),
-)}
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(
+            "burst-20",
+            "20 runs announced within one second, ending in the same second",
+            runs=20,
+            slices=30,
+            rate=100,
+            announce_every=0.05,
+            targets=(
+                Target("run_imminent -> create_workflow_task p99", 2000, "ms", p99(CREATE)),
+                Target("end_run -> stop_transformer p99", 500, "ms", p99(STOP)),
+                NOTHING_LOST,
+            ),
+        ),
+        Scenario(
+            "sustained-200",
+            "20 runs, 200 slice results/s in all for 5 minutes",
+            runs=20,
+            slices=3000,
+            rate=200,
+            announce_every=0.05,
+            targets=(
+                Target("slow slice_result -> adjust_worker p99", 150, "ms", p99(ADJUST)),
+                Target("CPU of all processes per 1000 results", 2.5, "s", cpu_per_1000_results),
+                NOTHING_LOST,
+            ),
+        ),
+        Scenario(
+            "sustained-500",
+            "20 runs, 500 slice results/s in all for 5 minutes",
+            runs=20,
+            slices=7500,
+            rate=500,
+            announce_every=0.05,
+            targets=(
+                Target("slow slice_result -> adjust_worker p99", 250, "ms", p99(ADJUST)),
+                Target("end_run -> stop_transformer p99", 500, "ms", p99(STOP)),
+                NOTHING_LOST,
+            ),
+        ),
+        # Waves of 20 runs x 900 results at 100/s (3 minutes of load, and the
+        # starts and ends around it), one after the other for about an hour.
+        Scenario(
+            "soak-1h",
+            "an hour at 100 slice results/s, runs starting and ending all the time",
+            runs=20,
+            slices=900,
+            rate=100,
+            announce_every=0.05,
+            waves=16,
+            targets=(
+                Target(
+                    "largest change of a process's RSS, last 10 min against minutes 10-20",
+                    10,
+                    "%",
+                    rss_growth,
+                ),
+                Target(
+                    "change of CPU per 1000 results, last 10 min against minutes 10-20",
+                    10,
+                    "%",
+                    cpu_growth,
+                ),
+                NOTHING_LOST,
+            ),
+        ),
+    )
+}

@@ -98,8 +98,11 @@ class Options:
             # adjust_worker measures the path through the system, not a tick.
             "slice": {"processing_time": plan.expected_seconds, "cooldown": 1},
             "scaling": {"policy": "reference", "end": "stop"},
-            "timeouts": {"created_workflow_task": 120, "closed_workflow_task": 300,
-                         "run_end": 4 * 3600},
+            "timeouts": {
+                "created_workflow_task": 120,
+                "closed_workflow_task": 300,
+                "run_end": 4 * 3600,
+            },
             "prefect": {"runner_limit": self.runner_limit or plan.runs + 5},
             "metrics": {"port": self.metrics_port},
         }
@@ -112,8 +115,9 @@ class Benchmark:
     def __init__(self, options: Options) -> None:
         self.options = options
         self.plan = options.plan
-        self.stack = EmbeddedStack(options.workdir, options.config(),
-                                   prefect_port=options.prefect_port, fresh=True)
+        self.stack = EmbeddedStack(
+            options.workdir, options.config(), prefect_port=options.prefect_port, fresh=True
+        )
         self._first = int(time.time()) % 100_000 * 1000
         self.run_ids: list[str] = []  # this wave's
         self.all_runs: list[str] = []  # every wave's
@@ -140,19 +144,30 @@ class Benchmark:
             print(f"Prefect UI: {self.stack.ui_url}", flush=True)
             brokers = self.stack.brokers
             sampler = Sampler(self._roots()).start()
-            acked = MetricSampler(f"http://127.0.0.1:{self.options.metrics_port}/metrics",
-                                  f"{METRICS_PREFIX}_messages_acked_total").start()
+            acked = MetricSampler(
+                f"http://127.0.0.1:{self.options.metrics_port}/metrics",
+                f"{METRICS_PREFIX}_messages_acked_total",
+            ).start()
             time.sleep(IDLE_SECONDS)
             idle = {name: tree.last_rss_mb for name, tree in sampler.trees.items()}
-            recorder = BusRecorder(brokers, topics=(brokers.workers_topic,
-                                                    brokers.transformer_topic)).start()
-            idds = SimulatedIDDS(brokers, NAMESPACE, on_task_created=self._task_created,
-                                 workers_topic=brokers.workers_topic).start()
+            recorder = BusRecorder(
+                brokers, topics=(brokers.workers_topic, brokers.transformer_topic)
+            ).start()
+            idds = SimulatedIDDS(
+                brokers,
+                NAMESPACE,
+                on_task_created=self._task_created,
+                workers_topic=brokers.workers_topic,
+            ).start()
             control = ControlSystem(brokers, NAMESPACE, workers_topic=brokers.workers_topic)
             control.start()
-            load = SliceLoad(brokers, brokers.results_destination, self.plan,
-                             lambda r: self.tasks[r].workload_id,
-                             connections=self.options.connections)
+            load = SliceLoad(
+                brokers,
+                brokers.results_destination,
+                self.plan,
+                lambda r: self.tasks[r].workload_id,
+                connections=self.options.connections,
+            )
             states: dict[str, tuple[str, int | None]] = {}
             stored: dict[str, int] = {}
             drain: float | None = None
@@ -174,31 +189,41 @@ class Benchmark:
         self.timeline = self._timeline(recorder, load, sampler, acked)
         return self._result(started_at, recorder, load, drain, stored, states, idle, sampler)
 
-    def _timeline(self, recorder: BusRecorder, load: SliceLoad, sampler: Sampler,
-                  acked: MetricSampler) -> Timeline:
+    def _timeline(
+        self, recorder: BusRecorder, load: SliceLoad, sampler: Sampler, acked: MetricSampler
+    ) -> Timeline:
         seen = _times_by_run(recorder)
         plan = self.plan
         return Timeline(
             title=f"{plan.runs} runs, {plan.rate:g} slice results/s, "
-                  f"{plan.runs * plan.slices * len(self.waves)} results"
-                  + (f" in {len(self.waves)} waves" if len(self.waves) > 1 else ""),
-            sent_at=load.sent_at, acked=acked.samples,
+            f"{plan.runs * plan.slices * len(self.waves)} results"
+            + (f" in {len(self.waves)} waves" if len(self.waves) > 1 else ""),
+            sent_at=load.sent_at,
+            acked=acked.samples,
             latencies={
-                "create": timed_delays({r: [t] for r, t in self.announced.items()},
-                                       seen["create_workflow_task"]),
+                "create": timed_delays(
+                    {r: [t] for r, t in self.announced.items()}, seen["create_workflow_task"]
+                ),
                 "slow result -> adjust": timed_delays(load.slow_sent, seen["adjust_worker"]),
-                "stop": timed_delays({r: [t] for r, t in self.ended.items()},
-                                     seen["stop_transformer"]),
+                "stop": timed_delays(
+                    {r: [t] for r, t in self.ended.items()}, seen["stop_transformer"]
+                ),
             },
             rss_mb={name: tree.history for name, tree in sampler.trees.items()},
             cpu_seconds={name: tree.cpu_history for name, tree in sampler.trees.items()},
         )
 
     def _roots(self) -> dict[str, int]:
-        parts = {"listener": self.stack.listener, "runner": self.stack.runner,
-                 "prefect server": self.stack.server.process if self.stack.server else None}
-        roots = {name: part.process.pid for name, part in parts.items()
-                 if part is not None and part.process is not None}
+        parts = {
+            "listener": self.stack.listener,
+            "runner": self.stack.runner,
+            "prefect server": self.stack.server.process if self.stack.server else None,
+        }
+        roots = {
+            name: part.process.pid
+            for name, part in parts.items()
+            if part is not None and part.process is not None
+        }
         if self.postgres_pid is not None:
             roots["postgresql"] = self.postgres_pid
         return roots
@@ -213,30 +238,44 @@ class Benchmark:
         if self.options.waves > 1:
             print(f"wave {wave + 1} of {self.options.waves}", flush=True)
 
-    def _drive(self, recorder: BusRecorder, control: ControlSystem,
-               acked: MetricSampler, load: SliceLoad) -> None:
+    def _drive(
+        self, recorder: BusRecorder, control: ControlSystem, acked: MetricSampler, load: SliceLoad
+    ) -> None:
         """Announce every run of the wave, wait for their tasks, then send the load."""
         for run_id in self.run_ids:
             self.announced[run_id] = time.time()
-            control.announce(run_id, "testbed", target_workers=INITIAL_WORKERS,
-                             slice_processing_time=self.plan.expected_seconds)
+            control.announce(
+                run_id,
+                "testbed",
+                target_workers=INITIAL_WORKERS,
+                slice_processing_time=self.plan.expected_seconds,
+            )
             time.sleep(self.options.announce_every)
-        if not recorder.wait_for(lambda: all(recorder.of_type("created_workflow_task", r)
-                                             for r in self.run_ids), timeout=180):
+        if not recorder.wait_for(
+            lambda: all(recorder.of_type("created_workflow_task", r) for r in self.run_ids),
+            timeout=180,
+        ):
             raise RuntimeError("not every run's task was created within 180 s")
-        print(f"{self.plan.runs} runs created; sending {self.plan.runs * self.plan.slices} "
-              f"slice results at {self.plan.rate:g}/s for {self.plan.duration:.0f} s", flush=True)
+        print(
+            f"{self.plan.runs} runs created; sending {self.plan.runs * self.plan.slices} "
+            f"slice results at {self.plan.rate:g}/s for {self.plan.duration:.0f} s",
+            flush=True,
+        )
         self.acked_before_load = acked.latest() or 0.0
-        profiles = (Profiles(self.options.profile, self._roots(), self.plan.duration)
-                    if self.options.profile else None)
+        profiles = (
+            Profiles(self.options.profile, self._roots(), self.plan.duration)
+            if self.options.profile
+            else None
+        )
         if profiles:
             profiles.start()
         load.run(self.run_ids)
         if profiles:
             profiles.wait()
 
-    def _wait_stored(self, since: float, acked: MetricSampler,
-                     timeout: float = 600.0) -> float | None:
+    def _wait_stored(
+        self, since: float, acked: MetricSampler, timeout: float = 600.0
+    ) -> float | None:
         """Seconds until every result is stored (None: not within ``timeout``):
         how far the listener's hand-off lags the load. Watched on the
         listener's acked counter (each result is acked once stored), then
@@ -264,10 +303,15 @@ class Benchmark:
         seen: dict[str, set[UUID]] = {r: set() for r in self.run_ids}
         batches = EventFilter(
             # From the wave's first announcement: earlier waves' are counted.
-            occurred=EventOccurredFilter(since=datetime.fromtimestamp(
-                min(self.announced[r] for r in self.run_ids) - 60, UTC), until=now),
+            occurred=EventOccurredFilter(
+                since=datetime.fromtimestamp(
+                    min(self.announced[r] for r in self.run_ids) - 60, UTC
+                ),
+                until=now,
+            ),
             resource=EventResourceFilter(id=[namespace_resource_id(NAMESPACE)]),
-            event=EventNameFilter(name=[STREAM_EVENT]))
+            event=EventNameFilter(name=[STREAM_EVENT]),
+        )
         with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
             async with get_client() as client:
                 page = await client.read_events(filter=batches, limit=PAGE_LIMIT)
@@ -285,8 +329,10 @@ class Benchmark:
         for run_id in self.run_ids:
             self.ended[run_id] = time.time()
             control.end(run_id, "testbed")
-        if not recorder.wait_for(lambda: all(recorder.of_type("closed_workflow_task", r)
-                                             for r in self.run_ids), timeout=600):
+        if not recorder.wait_for(
+            lambda: all(recorder.of_type("closed_workflow_task", r) for r in self.run_ids),
+            timeout=600,
+        ):
             self.notes.append("not every run's task was closed within 600 s of its end")
 
     def _final_states(self) -> dict[str, tuple[str, int | None]]:
@@ -299,77 +345,124 @@ class Benchmark:
         with temporary_settings({PREFECT_API_URL: self.stack.api_url}):
             async with get_client() as client:
                 while True:
-                    runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                        name=FlowRunFilterName(any_=names)))
+                    runs = await client.read_flow_runs(
+                        flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names))
+                    )
                     final = all(r.state is not None and r.state.is_final() for r in runs)
                     if (final and len(runs) >= len(names)) or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(1.0)
-                artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=[f"run-{NAMESPACE}-{r}" for r in self.run_ids])))
+                artifacts = await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        key=ArtifactFilterKey(any_=[f"run-{NAMESPACE}-{r}" for r in self.run_ids])
+                    )
+                )
         counted = {a.key: _slices_done(str(a.data)) for a in artifacts if a.key}
         states: dict[str, tuple[str, int | None]] = {}
         for flow_run in runs:
             run_id = flow_run.name.removeprefix("run-")
-            states[run_id] = ((flow_run.state.name or "?") if flow_run.state else "?",
-                              counted.get(f"run-{NAMESPACE}-{run_id}"))
+            states[run_id] = (
+                (flow_run.state.name or "?") if flow_run.state else "?",
+                counted.get(f"run-{NAMESPACE}-{run_id}"),
+            )
         return states
 
-    def _result(self, started_at: datetime, recorder: BusRecorder, load: SliceLoad,
-                drain: float | None, stored: Mapping[str, int],
-                states: Mapping[str, tuple[str, int | None]],
-                idle: Mapping[str, float], sampler: Sampler) -> BenchResult:
+    def _result(
+        self,
+        started_at: datetime,
+        recorder: BusRecorder,
+        load: SliceLoad,
+        drain: float | None,
+        stored: Mapping[str, int],
+        states: Mapping[str, tuple[str, int | None]],
+        idle: Mapping[str, float],
+        sampler: Sampler,
+    ) -> BenchResult:
         seen = _times_by_run(recorder)
         latency = {
             "run_imminent -> create_workflow_task": _first_delays(
-                self.announced, seen["create_workflow_task"]),
+                self.announced, seen["create_workflow_task"]
+            ),
             "slow slice_result -> adjust_worker": delays(load.slow_sent, seen["adjust_worker"]),
             "end_run -> stop_transformer": _first_delays(self.ended, seen["stop_transformer"]),
             "end_run -> close_workflow_task": _first_delays(
-                self.ended, seen["close_workflow_task"]),
+                self.ended, seen["close_workflow_task"]
+            ),
         }
-        effects = {kind: Tally.of({r: n for r in self.all_runs},
-                                  {r: len(t) for r, t in seen[kind].items()})
-                   for kind, n in EXPECTED.items()}
+        effects = {
+            kind: Tally.of(
+                {r: n for r in self.all_runs}, {r: len(t) for r, t in seen[kind].items()}
+            )
+            for kind, n in EXPECTED.items()
+        }
         effects["slice result stored as event"] = Tally.of(
-            {r: self.plan.slices for r in self.all_runs}, stored)
+            {r: self.plan.slices for r in self.all_runs}, stored
+        )
         effects["slice result counted by flow"] = Tally.of(
             {r: self.plan.slices for r in self.all_runs},
-            {r: n for r, (_, n) in states.items() if n is not None})
+            {r: n for r, (_, n) in states.items() if n is not None},
+        )
         state_names = sorted({s for s, _ in states.values()})
-        self.notes.append("flow runs: " + ", ".join(
-            f"{sum(1 for s, _ in states.values() if s == name)} {name}" for name in state_names))
-        quarters = [(load.first_at or 0) + q * ((load.last_at or 0) - (load.first_at or 0))
-                    for q in (0.25, 0.5, 0.75, 1.0)]
-        processes = {name: ProcessUse(
-            idle_rss_mb=round(idle[name], 1), peak_rss_mb=round(tree.peak_rss_mb, 1),
-            cpu_seconds=round(tree.cpu_seconds, 1),
-            load_rss_mb=[None if (rss := tree.rss_at(q)) is None else round(rss, 1)
-                         for q in quarters])
-            for name, tree in sampler.trees.items()}
+        self.notes.append(
+            "flow runs: "
+            + ", ".join(
+                f"{sum(1 for s, _ in states.values() if s == name)} {name}" for name in state_names
+            )
+        )
+        quarters = [
+            (load.first_at or 0) + q * ((load.last_at or 0) - (load.first_at or 0))
+            for q in (0.25, 0.5, 0.75, 1.0)
+        ]
+        processes = {
+            name: ProcessUse(
+                idle_rss_mb=round(idle[name], 1),
+                peak_rss_mb=round(tree.peak_rss_mb, 1),
+                cpu_seconds=round(tree.cpu_seconds, 1),
+                load_rss_mb=[
+                    None if (rss := tree.rss_at(q)) is None else round(rss, 1) for q in quarters
+                ],
+            )
+            for name, tree in sampler.trees.items()
+        }
         service = [processes[n] for n in ("listener", "runner") if n in processes]
         added = sum(p.peak_rss_mb - p.idle_rss_mb for p in service) / self.plan.runs
         load_seconds = (load.last_at or 0) - (load.first_at or 0)
         return BenchResult(
             started_at=started_at.isoformat(timespec="seconds"),
-            machine={"cpus": os.cpu_count(), "python": platform.python_version(),
-                     "prefect": prefect.__version__, "host": platform.node()},
-            plan={"database": "postgresql" if self.postgres_pid else "sqlite",
-                  "waves": self.options.waves, "runs": self.plan.runs,
-                  "slices": self.plan.slices, "rate": self.plan.rate,
-                  "expected_seconds": self.plan.expected_seconds,
-                  "duration": self.plan.duration, "announce_every": self.options.announce_every,
-                  "connections": self.options.connections, "config": self.options.config()},
+            machine={
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "prefect": prefect.__version__,
+                "host": platform.node(),
+            },
+            plan={
+                "database": "postgresql" if self.postgres_pid else "sqlite",
+                "waves": self.options.waves,
+                "runs": self.plan.runs,
+                "slices": self.plan.slices,
+                "rate": self.plan.rate,
+                "expected_seconds": self.plan.expected_seconds,
+                "duration": self.plan.duration,
+                "announce_every": self.options.announce_every,
+                "connections": self.options.connections,
+                "config": self.options.config(),
+            },
             latency_ms={name: Latency.of(values) for name, values in latency.items()},
             sent_per_second=round(load.achieved_rate, 1),
             handled_per_second=round(sum(stored.values()) / (load_seconds + (drain or 0.0)), 1)
-            if load_seconds > 0 else 0.0,
+            if load_seconds > 0
+            else 0.0,
             handoff_drain_seconds=None if drain is None else round(drain, 1),
-            effects=effects, processes=processes, per_added_run_mb=round(added, 1),
+            effects=effects,
+            processes=processes,
+            per_added_run_mb=round(added, 1),
             notes=self.notes,
-            drift=drift(self.waves, load.sent_at,
-                        {name: tree.history for name, tree in sampler.trees.items()},
-                        {name: tree.cpu_history for name, tree in sampler.trees.items()}),
+            drift=drift(
+                self.waves,
+                load.sent_at,
+                {name: tree.history for name, tree in sampler.trees.items()},
+                {name: tree.cpu_history for name, tree in sampler.trees.items()},
+            ),
         )
 
 
@@ -378,13 +471,11 @@ def _times_by_run(recorder: BusRecorder) -> dict[str, dict[str, list[float]]]:
     found: dict[str, dict[str, list[float]]] = {kind: {} for kind in EXPECTED}
     for record in recorder.records:
         if record.msg_type in found:
-            found[record.msg_type].setdefault(str(record.body.get("run_id")), []).append(
-                record.at)
+            found[record.msg_type].setdefault(str(record.body.get("run_id")), []).append(record.at)
     return found
 
 
-def _first_delays(causes: Mapping[str, float],
-                  effects: Mapping[str, list[float]]) -> list[float]:
+def _first_delays(causes: Mapping[str, float], effects: Mapping[str, list[float]]) -> list[float]:
     return delays({r: [t] for r, t in causes.items()}, effects)
 
 

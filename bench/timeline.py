@@ -93,8 +93,9 @@ def timeline_png(timeline: Timeline) -> bytes:
 
     for name, points in timeline.latencies.items():
         if points:
-            latency.scatter([t - origin for t, _ in points], [d * 1000 for _, d in points],
-                            s=8, label=name)
+            latency.scatter(
+                [t - origin for t, _ in points], [d * 1000 for _, d in points], s=8, label=name
+            )
     latency.set_yscale("log")
     latency.set_ylabel("latency (ms)")
     if any(timeline.latencies.values()):
@@ -116,6 +117,5 @@ def timeline_png(timeline: Timeline) -> bytes:
 
 def _per_process(axes: Axes, series: Mapping[str, Series], origin: float) -> None:
     for name, points in series.items():
-        axes.plot([t - origin for t, _ in points], [v for _, v in points], label=name,
-                  linewidth=1)
+        axes.plot([t - origin for t, _ in points], [v for _, v in points], label=name, linewidth=1)
     axes.legend(loc="upper right", fontsize="small")

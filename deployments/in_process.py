@@ -93,19 +93,22 @@ FLUSH_TIMEOUT = 3.0  # s to hand Prefect the last logs, then events, before exit
 THREADS_PER_RUN = 4
 
 
-def runs_to_take(scheduled: Iterable[FlowRun], executing: Collection[UUID], free: int,
-                 now: datetime) -> list[FlowRun]:
+def runs_to_take(
+    scheduled: Iterable[FlowRun], executing: Collection[UUID], free: int, now: datetime
+) -> list[FlowRun]:
     """The Scheduled runs to claim now: due, not executing here already (a run
     of this runner waiting out its flow's retry delay is Scheduled too, and
     stays this runner's), earliest first, no more than ``free``."""
     due = [
-        run for run in scheduled
+        run
+        for run in scheduled
         if run.id not in executing
-        and run.state is not None and run.state.type == StateType.SCHEDULED
+        and run.state is not None
+        and run.state.type == StateType.SCHEDULED
         and (run.next_scheduled_start_time is None or run.next_scheduled_start_time <= now)
     ]
     due.sort(key=lambda run: run.next_scheduled_start_time or now)
-    return due[:max(free, 0)]
+    return due[: max(free, 0)]
 
 
 def ends_with(current: State[Any] | None, end: StateType) -> bool:
@@ -132,8 +135,14 @@ def server_away(exc: BaseException) -> bool:
 class InProcessRunner:
     """Serves one deployment of ``flow``, executing its runs in this process."""
 
-    def __init__(self, flow: Flow[..., Any], deployment_name: str, limit: int,
-                 tags: list[str], description: str) -> None:
+    def __init__(
+        self,
+        flow: Flow[..., Any],
+        deployment_name: str,
+        limit: int,
+        tags: list[str],
+        description: str,
+    ) -> None:
         if not flow.isasync:
             # run_flow would run a sync flow there and then, blocking every run.
             raise TypeError(f"flow {flow.name} is not async: it cannot run in this process")
@@ -165,12 +174,20 @@ class InProcessRunner:
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.set_default_executor(ThreadPoolExecutor(
-            max_workers=THREADS_PER_RUN * self.limit, thread_name_prefix="swf-flow-io"))
+        self._loop.set_default_executor(
+            ThreadPoolExecutor(
+                max_workers=THREADS_PER_RUN * self.limit, thread_name_prefix="swf-flow-io"
+            )
+        )
         async with get_client() as client:
             deployment_id = await self.register()
-            log.info("serving %s/%s: flow runs in this process (pid %d), at most %d at once",
-                     self.flow.name, self.deployment_name, os.getpid(), self.limit)
+            log.info(
+                "serving %s/%s: flow runs in this process (pid %d), at most %d at once",
+                self.flow.name,
+                self.deployment_name,
+                os.getpid(),
+                self.limit,
+            )
             await self.poll(client, deployment_id)
         self._polling_ended.set()
         # The runs go on until the process exits; returning would make
@@ -181,7 +198,8 @@ class InProcessRunner:
         """The deployment as ``flow.serve`` makes it: no work pool, so runs
         of it are for a runner that polls for them."""
         deployment = await self.flow.ato_deployment(
-            name=self.deployment_name, tags=self.tags, description=self.description)
+            name=self.deployment_name, tags=self.tags, description=self.description
+        )
         deployment.work_pool_name = None
         deployment.work_queue_name = None
         return await deployment.aapply()
@@ -205,9 +223,11 @@ class InProcessRunner:
     async def take_due_runs(self, client: PrefectClient, deployment_id: UUID) -> None:
         now = utc_now()
         scheduled = await client.get_scheduled_flow_runs_for_deployments(
-            deployment_ids=[deployment_id], scheduled_before=now)
-        due = runs_to_take(scheduled, self._executing.keys(),
-                           self.limit - len(self._executing), now)
+            deployment_ids=[deployment_id], scheduled_before=now
+        )
+        due = runs_to_take(
+            scheduled, self._executing.keys(), self.limit - len(self._executing), now
+        )
         # Claimed together: on SQLite each claim may wait for the database a
         # second or more when runs start together, and one after the other
         # twenty runs took half a minute to start.
@@ -218,11 +238,15 @@ class InProcessRunner:
 
     async def claim(self, client: PrefectClient, flow_run: FlowRun) -> bool:
         """Scheduled -> Pending, refused by the server if another runner took it."""
-        result: OrchestrationResult[Any] = await client.set_flow_run_state(flow_run.id,
-                                                                           Pending())
+        result: OrchestrationResult[Any] = await client.set_flow_run_state(flow_run.id, Pending())
         if result.status != SetStateStatus.ACCEPT:
-            log.info("flow run %s (%s) not taken: %s %s", flow_run.name, flow_run.id,
-                     result.status.value, result.details)
+            log.info(
+                "flow run %s (%s) not taken: %s %s",
+                flow_run.name,
+                flow_run.id,
+                result.status.value,
+                result.details,
+            )
             return False
         return True
 
@@ -238,18 +262,21 @@ class InProcessRunner:
             if not server_away(exc):
                 raise
             # The flow records its process itself too, as soon as it starts.
-            log.warning("flow run %s: this process not recorded as its own yet: %s",
-                        flow_run_id, exc)
+            log.warning(
+                "flow run %s: this process not recorded as its own yet: %s", flow_run_id, exc
+            )
 
     def start(self, flow_run: FlowRun) -> None:
         # The attempt Running will begin: run_count counts it from then on.
-        task = asyncio.create_task(self.execute(flow_run.id, flow_run.run_count + 1),
-                                   name=f"flow-run-{flow_run.name}")
+        task = asyncio.create_task(
+            self.execute(flow_run.id, flow_run.run_count + 1), name=f"flow-run-{flow_run.name}"
+        )
         self._executing[flow_run.id] = task
         self._executing_ids = frozenset(self._executing)
         task.add_done_callback(lambda _: self._forget(flow_run.id))
-        log.info("flow run %s (%s) started; %d running", flow_run.name, flow_run.id,
-                 len(self._executing))
+        log.info(
+            "flow run %s (%s) started; %d running", flow_run.name, flow_run.id, len(self._executing)
+        )
 
     def _forget(self, flow_run_id: UUID) -> None:
         self._executing.pop(flow_run_id, None)
@@ -279,8 +306,10 @@ class InProcessRunner:
             # Not re-raised: a task's exception would go nowhere, and SystemExit
             # would stop the loop of every run. The run is reported below.
             log.exception("flow run %s: the engine stopped", flow_run_id)
-        await self.report_end(flow_run_id, Crashed(
-            message="The flow run's engine stopped before reporting a final state"))
+        await self.report_end(
+            flow_run_id,
+            Crashed(message="The flow run's engine stopped before reporting a final state"),
+        )
 
     async def run_engine(self, flow_run_id: UUID) -> None:
         async with get_client() as client:
@@ -303,8 +332,7 @@ class InProcessRunner:
                     if ends_with(current, end.type):
                         # Forced: this runner claimed the run and its task is over.
                         await client.set_flow_run_state(flow_run_id, end, force=True)
-                        log.warning("flow run %s marked %s: %s", flow_run_id, end.name,
-                                    end.message)
+                        log.warning("flow run %s marked %s: %s", flow_run_id, end.name, end.message)
                     return
             except ObjectNotFound:
                 return  # deleted meanwhile: nothing left to end
@@ -321,10 +349,12 @@ class InProcessRunner:
 
     async def cancel_requested(self, client: PrefectClient) -> None:
         """Cancel the tasks of the runs Prefect asks to cancel (Cancelling)."""
-        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=list(self._executing)),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
-        ))
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=list(self._executing)),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
+            )
+        )
         for flow_run in runs:
             task = self._executing.get(flow_run.id)
             if task is not None and flow_run.id not in self._cancelling:
@@ -355,8 +385,12 @@ def serve_in_process(runner: InProcessRunner) -> None:
         raise SystemExit(f"the runner stopped: {runner.failure!r}")
     left = runner.stop()
     if left:
-        log.warning("stopping with %d flow runs in flight, left Running for the recovery "
-                    "of the next start: %s", len(left), ", ".join(left))
+        log.warning(
+            "stopping with %d flow runs in flight, left Running for the recovery "
+            "of the next start: %s",
+            len(left),
+            ", ".join(left),
+        )
     else:
         log.info("stopping; no flow run in flight")
     # The last logs and events of the runs; bounded, the server may be away.

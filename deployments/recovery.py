@@ -105,22 +105,31 @@ def orphaned(run: FlowRun, now: datetime) -> str | None:
 def crash_ends_a_cancel(states: list[State]) -> bool:
     """Whether a run's states (oldest first) end in a crash that followed a
     request to cancel it (Cancelling): such a run is never to run again."""
-    return (len(states) >= 2 and states[-1].type == StateType.CRASHED
-            and states[-2].type == StateType.CANCELLING)
+    return (
+        len(states) >= 2
+        and states[-1].type == StateType.CRASHED
+        and states[-2].type == StateType.CANCELLING
+    )
 
 
-async def recover_orphans(client: PrefectClient, deployment_id: UUID, horizon: timedelta,
-                          executing_here: Collection[UUID] = ()) -> list[FlowRun]:
+async def recover_orphans(
+    client: PrefectClient,
+    deployment_id: UUID,
+    horizon: timedelta,
+    executing_here: Collection[UUID] = (),
+) -> list[FlowRun]:
     """One look at the deployment's runs: reschedule the orphans; returns them.
     ``executing_here``: runs this very process executes (in-process runner),
     never orphans, whatever their labels say (a claim still on its way, say)."""
     now = utc_now()
-    runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
-        parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),  # not sub-flows
-        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_LOOKED_AT)),
-        expected_start_time=FlowRunFilterExpectedStartTime(after_=now - horizon),
-    ))
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]),
+            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),  # not sub-flows
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_LOOKED_AT)),
+            expected_start_time=FlowRunFilterExpectedStartTime(after_=now - horizon),
+        )
+    )
     rescheduled = []
     for run in runs:
         if run.id in executing_here:
@@ -138,23 +147,33 @@ async def reschedule(client: PrefectClient, run: FlowRun, reason: str) -> bool:
     done = int(run.labels.get(RECOVERIES_LABEL) or 0)
     if done >= MAX_RECOVERIES:
         if run.state.type != StateType.CRASHED:
-            message = (f"{reason}; rescheduled {done} times already, so left for an operator")
+            message = f"{reason}; rescheduled {done} times already, so left for an operator"
             log.error("flow run %s (%s): %s", run.name, run.id, message)
             await client.set_flow_run_state(run.id, Crashed(message=message), force=True)
         return False
     if run.state.type == StateType.CRASHED and crash_ends_a_cancel(
-            await client.read_flow_run_states(run.id)):
+        await client.read_flow_run_states(run.id)
+    ):
         return False
     await client.update_flow_run_labels(run.id, {RECOVERIES_LABEL: done + 1})
     # Forced: the runner that would have reported this run's end is gone,
     # and no rule of the server knows better.
-    result: OrchestrationResult[Any] = await client.set_flow_run_state(run.id, AwaitingRetry(
-        scheduled_time=utc_now(),
-        message=f"Rescheduled by the runner ({done + 1} of {MAX_RECOVERIES}): {reason}"),
-        force=True)
+    result: OrchestrationResult[Any] = await client.set_flow_run_state(
+        run.id,
+        AwaitingRetry(
+            scheduled_time=utc_now(),
+            message=f"Rescheduled by the runner ({done + 1} of {MAX_RECOVERIES}): {reason}",
+        ),
+        force=True,
+    )
     if result.status != SetStateStatus.ACCEPT:
-        log.error("flow run %s (%s) could not be rescheduled: %s %s", run.name, run.id,
-                  result.status.value, result.details)
+        log.error(
+            "flow run %s (%s) could not be rescheduled: %s %s",
+            run.name,
+            run.id,
+            result.status.value,
+            result.details,
+        )
         return False
     log.warning("flow run %s (%s) rescheduled: %s", run.name, run.id, reason)
     return True
@@ -164,8 +183,12 @@ class RunRecovery:
     """Looks for orphans of one deployment from a thread of the runner
     process, at start-up and then every RECOVERY_EVERY seconds."""
 
-    def __init__(self, deployment_name: str, horizon: timedelta,
-                 executing_here: Callable[[], Collection[UUID]] = frozenset) -> None:
+    def __init__(
+        self,
+        deployment_name: str,
+        horizon: timedelta,
+        executing_here: Callable[[], Collection[UUID]] = frozenset,
+    ) -> None:
         self.deployment_name = deployment_name
         self.horizon = horizon
         self.executing_here = executing_here
@@ -180,19 +203,22 @@ class RunRecovery:
             asyncio.run(self.run_forever())
         except BaseException:
             # The runner goes on serving, but recovers nothing more: say so loudly.
-            log.critical("recovery of orphaned runs of %s stopped", self.deployment_name,
-                         exc_info=True)
+            log.critical(
+                "recovery of orphaned runs of %s stopped", self.deployment_name, exc_info=True
+            )
             raise
 
     async def run_forever(self) -> None:
         async with get_client() as client:
             deployment_id = await self._deployment_id(client)
-            log.info("recovering orphaned runs of %s every %gs", self.deployment_name,
-                     RECOVERY_EVERY)
+            log.info(
+                "recovering orphaned runs of %s every %gs", self.deployment_name, RECOVERY_EVERY
+            )
             while True:
                 try:
-                    await recover_orphans(client, deployment_id, self.horizon,
-                                          self.executing_here())
+                    await recover_orphans(
+                        client, deployment_id, self.horizon, self.executing_here()
+                    )
                 except httpx.TransportError as exc:  # Prefect down: look again later
                     log.warning("cannot look for orphaned runs now: %s", exc)
                 except httpx.HTTPStatusError as exc:

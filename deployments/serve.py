@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings()
     flow_name, _, deployment_name = settings.prefect.deployment.partition("/")
     if flow_name != run_lifecycle.name or not deployment_name:
-        raise SystemExit(f"prefect.deployment must be '{run_lifecycle.name}/<name>', "
-                         f"not {settings.prefect.deployment!r}")
+        raise SystemExit(
+            f"prefect.deployment must be '{run_lifecycle.name}/<name>', "
+            f"not {settings.prefect.deployment!r}"
+        )
     if settings.transceiver.mode == "rest":
         try:
             check_rest_client(settings)
@@ -56,15 +58,20 @@ def main(argv: list[str] | None = None) -> None:
     wait_for_server()
     horizon = timedelta(seconds=settings.timeouts.run_end)
     if settings.prefect.flow_runs == "in_process":
-        runner = InProcessRunner(run_lifecycle, deployment_name, settings.prefect.runner_limit,
-                                 TAGS, DESCRIPTION)
+        runner = InProcessRunner(
+            run_lifecycle, deployment_name, settings.prefect.runner_limit, TAGS, DESCRIPTION
+        )
         # A run this process executes is alive, whatever the server says of it.
         RunRecovery(settings.prefect.deployment, horizon, runner.executing_ids).start()
         serve_in_process(runner)
     else:
         RunRecovery(settings.prefect.deployment, horizon).start()
-        run_lifecycle.serve(name=deployment_name, limit=settings.prefect.runner_limit,
-                            tags=TAGS, description=DESCRIPTION)
+        run_lifecycle.serve(
+            name=deployment_name,
+            limit=settings.prefect.runner_limit,
+            tags=TAGS,
+            description=DESCRIPTION,
+        )
 
 
 def wait_for_server(every: float = 0.2, say_every: float = 30.0) -> None:

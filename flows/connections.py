@@ -24,8 +24,9 @@ async def run_bus(settings: Settings, name: str, dry_run: bool) -> AsyncIterator
         yield bus
 
 
-def run_events(resource_id: str, since: datetime, dry_run: bool,
-               exclude: tuple[str, ...] = ()) -> AbstractAsyncContextManager[RunFeed]:
+def run_events(
+    resource_id: str, since: datetime, dry_run: bool, exclude: tuple[str, ...] = ()
+) -> AbstractAsyncContextManager[RunFeed]:
     if dry_run:
         return recorded_run(resource_id, since, exclude)
     return follow_run(resource_id, since, exclude=exclude)

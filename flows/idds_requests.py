@@ -38,8 +38,12 @@ async def worth_retrying(task: object, task_run: object, state: State[Any]) -> b
     return isinstance(outcome, IddsRequestFailed | BusUnavailable)
 
 
-@task(name="idds", task_run_name="idds-{request}", cache_policy=NO_CACHE,
-      retry_condition_fn=worth_retrying)
+@task(
+    name="idds",
+    task_run_name="idds-{request}",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=worth_retrying,
+)
 async def _ask(request: str, call: Callable[[], Answer | None]) -> Answer | None:
     return await asyncio.to_thread(call)
 
@@ -56,14 +60,16 @@ def ask_idds(settings: Settings) -> AskIdds:
     return _ask.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
 
 
-async def close_extra_tasks(view: RunView, idds: IddsGateway, settings: Settings,
-                            workflow_name: str) -> None:
+async def close_extra_tasks(
+    view: RunView, idds: IddsGateway, settings: Settings, workflow_name: str
+) -> None:
     """Close, at once, the tasks iDDS made for the run besides its first."""
     await _close(view, idds, settings, workflow_name, view.state.open_extra_tasks)
 
 
-async def close_open_tasks(view: RunView, idds: IddsGateway, settings: Settings,
-                           workflow_name: str) -> None:
+async def close_open_tasks(
+    view: RunView, idds: IddsGateway, settings: Settings, workflow_name: str
+) -> None:
     """Close every task of the run not yet asked to close; when iDDS reported
     none and nothing was closed yet, the run's task by its run id (on the bus
     iDDS looks it up so; over REST it is looked up by its workflow name)."""
@@ -74,14 +80,25 @@ async def close_open_tasks(view: RunView, idds: IddsGateway, settings: Settings,
     await _close(view, idds, settings, workflow_name, targets)
 
 
-async def _close(view: RunView, idds: IddsGateway, settings: Settings, workflow_name: str,
-                 targets: Sequence[WorkflowIds | None]) -> None:
+async def _close(
+    view: RunView,
+    idds: IddsGateway,
+    settings: Settings,
+    workflow_name: str,
+    targets: Sequence[WorkflowIds | None],
+) -> None:
     run_id = view.state.run_id
     for ids in targets:
-        answer = await ask_idds(settings)("close_workflow_task", partial(
-            idds.close_workflow_task, run_id, ids, workflow_name, utc_now()))
+        answer = await ask_idds(settings)(
+            "close_workflow_task",
+            partial(idds.close_workflow_task, run_id, ids, workflow_name, utc_now()),
+        )
         await view.record(CloseSent(ids=ids), answer)
         get_run_logger().info(
-            "close_workflow_task sent for run %s: %s", run_id,
-            "by run id" if ids is None else f"request {ids.request_id}, transform "
-            f"{ids.transform_id}{'' if ids == view.state.ids else ' (an extra task)'}")
+            "close_workflow_task sent for run %s: %s",
+            run_id,
+            "by run id"
+            if ids is None
+            else f"request {ids.request_id}, transform "
+            f"{ids.transform_id}{'' if ids == view.state.ids else ' (an extra task)'}",
+        )

@@ -28,8 +28,9 @@ LOOK_EVERY = 5.0  # s between two looks, at most
 
 
 @asynccontextmanager
-async def watched_run(namespace: str, run_id: str,
-                      stall_after: float) -> AsyncIterator[RunProgress]:
+async def watched_run(
+    namespace: str, run_id: str, stall_after: float
+) -> AsyncIterator[RunProgress]:
     """The run's progress record, watched until the block ends."""
     progress = RunProgress.starting(run_id, time.monotonic())
     _FOLLOWED[(namespace, run_id)] = progress
@@ -50,13 +51,13 @@ def progress_of(namespace: str, run_id: str) -> RunProgress | None:
     return _FOLLOWED.get((namespace, run_id))
 
 
-async def _watch(progress: RunProgress, namespace: str, stall_after: float,
-                 flow_run_id: UUID | None) -> None:
+async def _watch(
+    progress: RunProgress, namespace: str, stall_after: float, flow_run_id: UUID | None
+) -> None:
     logger = get_run_logger()
     while True:
         await asyncio.sleep(min(LOOK_EVERY, stall_after / 4))
         idle = progress.stalled_for(time.monotonic(), stall_after)
         if idle is not None:
             logger.warning(progress.stall_line(idle))
-            emit(stall_event(namespace, progress.run_id, progress.waiting_for, idle,
-                             flow_run_id))
+            emit(stall_event(namespace, progress.run_id, progress.waiting_for, idle, flow_run_id))

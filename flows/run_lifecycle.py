@@ -22,7 +22,6 @@ message it would send is in its log) and journals nothing. Its summary and
 decisions are artifacts of their own, beside the live run's.
 """
 
-
 import asyncio
 from collections.abc import Coroutine
 from contextlib import suppress
@@ -116,8 +115,7 @@ async def run_lifecycle(
     # the database when many runs start together, and the create must not.
     claiming = asyncio.create_task(claim_attempt(), name=f"claim-run-{run_id}")
     try:
-        outcome = await follow_run_to_end(run_id, namespace, announcement, received_at,
-                                          dry_run)
+        outcome = await follow_run_to_end(run_id, namespace, announcement, received_at, dry_run)
     except BaseException:
         claiming.cancel()
         raise
@@ -125,8 +123,13 @@ async def run_lifecycle(
     return outcome
 
 
-async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str, Any],
-                            received_at: datetime | None, dry_run: bool) -> RunOutcome:
+async def follow_run_to_end(
+    run_id: str,
+    namespace: str,
+    announcement: dict[str, Any],
+    received_at: datetime | None,
+    dry_run: bool,
+) -> RunOutcome:
     settings = settings_for(namespace)
     run = announced_run(announcement, run_id)
     since = history_start(received_at or utc_now())
@@ -159,10 +162,16 @@ async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str,
         else:
             view.waits_for("Prefect to start the scaling sub-flow")
             try:
-                report = await ending.scaled(scale_workers(
-                    run_id=run_id, namespace=namespace, announcement=announcement,
-                    received_at=received_at, ids=ids, dry_run=dry_run,
-                ))
+                report = await ending.scaled(
+                    scale_workers(
+                        run_id=run_id,
+                        namespace=namespace,
+                        announcement=announcement,
+                        received_at=received_at,
+                        ids=ids,
+                        dry_run=dry_run,
+                    )
+                )
             except Exception:
                 # Not swallowed: the stop and the close first, then the failure.
                 await ending.after_failure()
@@ -170,12 +179,17 @@ async def follow_run_to_end(run_id: str, namespace: str, announcement: dict[str,
         view.waits_for("the stop and the close to be sent")
         state = await ending.stop_and_close(confirm=True)
 
-    slices = report.slices or await count_from_history(initial_state(run, settings),
-                                                       resource, since)
+    slices = report.slices or await count_from_history(
+        initial_state(run, settings), resource, since
+    )
     outcome = RunOutcome(
-        run_id=run_id, namespace=namespace, status=state.closed_status or "", ids=state.ids,
+        run_id=run_id,
+        namespace=namespace,
+        status=state.closed_status or "",
+        ids=state.ids,
         extra_tasks=list(state.extra_tasks),
-        slices_done=slices.done, slices_failed=slices.failed,
+        slices_done=slices.done,
+        slices_failed=slices.failed,
         adjustments=len(report.adjustments),
         workers_requested=state.plan.current.target_worker_count,
         # From this flow's state: a reply to the sub-flow's last adjust may
@@ -216,13 +230,17 @@ async def claim_attempt() -> None:
         except SERVER_ERRORS as exc:
             if not server_trouble(exc):
                 raise
-            get_run_logger().warning("cannot record this process as the run's yet (%s); "
-                                     "trying again in %g s", exc, CLAIM_RETRY_EVERY)
+            get_run_logger().warning(
+                "cannot record this process as the run's yet (%s); trying again in %g s",
+                exc,
+                CLAIM_RETRY_EVERY,
+            )
             await asyncio.sleep(CLAIM_RETRY_EVERY)
 
 
-async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
-                      announced_at: datetime, settings: Settings) -> WorkflowIds | None:
+async def create_task(
+    view: RunView, idds: IddsGateway, run: RunImminent, announced_at: datetime, settings: Settings
+) -> WorkflowIds | None:
     """The run's task, once iDDS reports it; None if the run ended first."""
     logger = get_run_logger()
     if view.state.create_sent:
@@ -231,7 +249,8 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
         now = utc_now()
         workflow = outbound.workflow_for(run, settings, now, announced_at)
         answer = await ask_idds(settings)(
-            "create_workflow_task", partial(idds.create_workflow_task, run, workflow, now))
+            "create_workflow_task", partial(idds.create_workflow_task, run, workflow, now)
+        )
         await view.record(CreateSent(), answer)
         logger.info("create_workflow_task sent for run %s (%s)", run.run_id, workflow["name"])
 
@@ -239,19 +258,28 @@ async def create_task(view: RunView, idds: IddsGateway, run: RunImminent,
     view.waits_for("iDDS's created_workflow_task (the run's task ids)")
     if not await view.until(lambda s: s.ids is not None or s.ended, timeout):
         if view.dry_run:
-            raise CreateNotAnswered(f"the recorded run {run.run_id} holds no answer of iDDS "
-                                    "to create_workflow_task: nothing to replay")
+            raise CreateNotAnswered(
+                f"the recorded run {run.run_id} holds no answer of iDDS "
+                "to create_workflow_task: nothing to replay"
+            )
         raise CreateNotAnswered(
             f"iDDS did not answer create_workflow_task for run {run.run_id} within {timeout:g}s; "
             "nothing was closed, since there are no ids to close"
         )
     ids = view.state.ids
     if ids is None:
-        logger.warning("end_run came before iDDS reported the task of run %s: ending the run "
-                       "now, closing the task by the run id", run.run_id)
+        logger.warning(
+            "end_run came before iDDS reported the task of run %s: ending the run "
+            "now, closing the task by the run id",
+            run.run_id,
+        )
         return None
-    logger.info("iDDS created the task: request %s, transform %s, workload %s",
-                ids.request_id, ids.transform_id, ids.workload_id)
+    logger.info(
+        "iDDS created the task: request %s, transform %s, workload %s",
+        ids.request_id,
+        ids.transform_id,
+        ids.workload_id,
+    )
     if ids.workload_id is None:
         logger.warning("iDDS reports no workload_id: the PanDA submission failed or is pending")
     return ids
@@ -284,14 +312,17 @@ class Ending:
         if not await view.until(lambda s: s.closed, timeout, self._close_new_tasks):
             if view.dry_run:
                 # The replay's decisions are still worth showing.
-                get_run_logger().warning("the recorded run %s holds no close confirmation of "
-                                         "iDDS", view.state.run_id)
+                get_run_logger().warning(
+                    "the recorded run %s holds no close confirmation of iDDS", view.state.run_id
+                )
                 return view.state
             raise CloseNotConfirmed(
                 f"iDDS did not confirm close_workflow_task of run {view.state.run_id} "
-                f"({self.workflow_name}) within {timeout:g}s")
-        get_run_logger().info("iDDS closed the task of run %s: %s", view.state.run_id,
-                              view.state.closed_status)
+                f"({self.workflow_name}) within {timeout:g}s"
+            )
+        get_run_logger().info(
+            "iDDS closed the task of run %s: %s", view.state.run_id, view.state.closed_status
+        )
         return view.state
 
     async def scaled(self, scaling: Coroutine[Any, Any, ScalingReport]) -> ScalingReport:
@@ -327,8 +358,10 @@ class Ending:
         if flow_run.run_count <= (run_lifecycle.retries or 0):
             get_run_logger().warning("this attempt failed; the run goes on with the next")
             return
-        get_run_logger().warning("the last attempt failed: stopping the run's transformers "
-                                 "and closing its tasks before the flow run fails")
+        get_run_logger().warning(
+            "the last attempt failed: stopping the run's transformers "
+            "and closing its tasks before the flow run fails"
+        )
         await self.stop_and_close(confirm=False)
 
     async def stop(self) -> None:
@@ -336,9 +369,11 @@ class Ending:
         for message in outbound.stop_transformers(run_id, self.settings, utc_now()):
             await publish(self.bus, message)
         await self.view.record(StopSent())
-        get_run_logger().info("stop_transformer broadcast for run %s (run_id as %s)", run_id,
-                              " and as ".join(type(form).__name__ for form in
-                                              outbound.stop_run_ids(run_id)))
+        get_run_logger().info(
+            "stop_transformer broadcast for run %s (run_id as %s)",
+            run_id,
+            " and as ".join(type(form).__name__ for form in outbound.stop_run_ids(run_id)),
+        )
 
     async def _close_new_tasks(self) -> None:
         await close_open_tasks(self.view, self.idds, self.settings, self.workflow_name)
@@ -347,16 +382,23 @@ class Ending:
 async def publish_summary(outcome: RunOutcome, report: ScalingReport) -> None:
     """A per-run summary in the Prefect UI, under a stable key (a dry run's
     beside the live run's)."""
-    rows = "\n".join(
-        f"| {a.sent_at:%H:%M:%S} | {a.size.target_worker_count} | {a.reason} |"
-        for a in report.adjustments
-    ) or "| - | - | no adjustment |"
+    rows = (
+        "\n".join(
+            f"| {a.sent_at:%H:%M:%S} | {a.size.target_worker_count} | {a.reason} |"
+            for a in report.adjustments
+        )
+        or "| - | - | no adjustment |"
+    )
     ids = outcome.ids
-    extras = "".join(f"- extra iDDS task, closed: {task_line(extra)}\n"
-                     for extra in outcome.extra_tasks)
+    extras = "".join(
+        f"- extra iDDS task, closed: {task_line(extra)}\n" for extra in outcome.extra_tasks
+    )
     # iDDS 2.6.21 applies no worker count: its adjusted_worker carries none.
-    confirmed = (outcome.workers_confirmed if outcome.workers_confirmed is not None
-                 else "none (this iDDS does not act on a worker count)")
+    confirmed = (
+        outcome.workers_confirmed
+        if outcome.workers_confirmed is not None
+        else "none (this iDDS does not act on a worker count)"
+    )
     title = f"Dry run of run {outcome.run_id}" if outcome.dry_run else f"Run {outcome.run_id}"
     note = "Replayed from the recorded run; nothing was sent.\n\n" if outcome.dry_run else ""
     await acreate_markdown_artifact(

@@ -36,8 +36,9 @@ from swf_panda_workers.core.timestamps import plain_utc, utc_now
 
 
 class RunView:
-    def __init__(self, feed: RunFeed, state: RunState, namespace: str,
-                 dry_run: bool = False) -> None:
+    def __init__(
+        self, feed: RunFeed, state: RunState, namespace: str, dry_run: bool = False
+    ) -> None:
         self._feed = feed
         self._namespace = namespace
         self.dry_run = dry_run
@@ -100,8 +101,9 @@ class RunView:
 
     def _say_moving(self, stalled: float | None) -> None:
         if stalled is not None:
-            get_run_logger().info("run_id=%s moves again after %.0fs without progress",
-                                  self.state.run_id, stalled)
+            get_run_logger().info(
+                "run_id=%s moves again after %.0fs without progress", self.state.run_id, stalled
+            )
 
     def _log(self, item: Message | Effect) -> None:
         logger = get_run_logger()
@@ -135,8 +137,12 @@ class RunView:
             pass
         return self.state
 
-    async def until(self, done: Callable[[RunState], bool], timeout: float,
-                    after_each: Callable[[], Awaitable[None]] | None = None) -> bool:
+    async def until(
+        self,
+        done: Callable[[RunState], bool],
+        timeout: float,
+        after_each: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
         """Follow the feed until ``done(state)``; False if ``timeout`` passes
         first. ``after_each``: what to do after each input applied."""
         loop_deadline = utc_now() + timedelta(seconds=timeout)
@@ -158,11 +164,15 @@ class RunView:
         if self.dry_run:
             self.state = apply(effect, self.state, self.clock())
             return
-        events = [self._journal(effect, effect_event(effect, self._namespace, self.state.run_id,
-                                                     _flow_run_id()))]
+        events = [
+            self._journal(
+                effect, effect_event(effect, self._namespace, self.state.run_id, _flow_run_id())
+            )
+        ]
         if answer is not None:
-            events.append(self._journal(answer, answer_event(answer, self._namespace,
-                                                             _flow_run_id())))
+            events.append(
+                self._journal(answer, answer_event(answer, self._namespace, _flow_run_id()))
+            )
         progress = self.progress
         waited = (progress.waiting_for, progress.expected) if progress else None
         self.waits_for(f"Prefect to store the journal entry of {effect.kind}")

@@ -94,8 +94,13 @@ async def scale_workers(
         view.progress = progress_of(namespace, run_id)
         view.waits_for("slice results and end_run", expected=False)
         loop = ScalingLoop.for_run(settings, run, view.journaled_adjustments())
-        scaler = Scaler(view, loop, gateway_for(settings, bus, dry_run), settings,
-                        outbound.workflow_name(run, settings, started))
+        scaler = Scaler(
+            view,
+            loop,
+            gateway_for(settings, bus, dry_run),
+            settings,
+            outbound.workflow_name(run, settings, started),
+        )
         end = await scaler.follow_until_end(deadline)
         if settings.scaling.end == "drain" and view.state.ended:
             end = f"{end}; {await scaler.drain()}"
@@ -132,8 +137,9 @@ class Scaler:
             if self.view.exhausted:
                 return "the recorded run ends here, without end_run"
             if not self.view.dry_run and utc_now() >= deadline:
-                logger.warning("no end of run %s by %s: ending it here",
-                               self.view.state.run_id, deadline)
+                logger.warning(
+                    "no end of run %s by %s: ending it here", self.view.state.run_id, deadline
+                )
                 return f"no end_run within {self.settings.timeouts.run_end:g}s"
             await self.step()
         return "end_run received"
@@ -174,42 +180,63 @@ class Scaler:
     async def send(self, adjustment: Adjustment) -> None:
         state = self.view.state
         assert state.ids is not None, "the sub-flow starts with the run's ids"
-        answer = await ask_idds(self.settings)("adjust_worker", partial(
-            self.idds.adjust_worker, state.run_id, state.ids, adjustment.size, utc_now()))
+        answer = await ask_idds(self.settings)(
+            "adjust_worker",
+            partial(self.idds.adjust_worker, state.run_id, state.ids, adjustment.size, utc_now()),
+        )
         await self.view.record(AdjustSent.of(adjustment, sent_at=self.view.clock()), answer)
-        get_run_logger().info("adjust_worker for run %s: %s workers (%s)", state.run_id,
-                              adjustment.size.target_worker_count, adjustment.reason)
+        get_run_logger().info(
+            "adjust_worker for run %s: %s workers (%s)",
+            state.run_id,
+            adjustment.size.target_worker_count,
+            adjustment.reason,
+        )
 
 
-async def publish_decisions(run_id: str, namespace: str, report: ScalingReport,
-                            dry_run: bool = False) -> None:
+async def publish_decisions(
+    run_id: str, namespace: str, report: ScalingReport, dry_run: bool = False
+) -> None:
     """The run's scaling decisions, as a table and a plot, under stable keys."""
     key = artifact_key("scaling", namespace, run_id, dry_run)
     await acreate_table_artifact(
-        key=key, table=decision_rows(report.adjustments),
-        description=f"Run {run_id}: every adjust_worker, with what it was decided on")
+        key=key,
+        table=decision_rows(report.adjustments),
+        description=f"Run {run_id}: every adjust_worker, with what it was decided on",
+    )
     # Drawn in a thread: the event loop may be shared with other runs.
     png = await asyncio.to_thread(
-        timeline_png, f"Run {run_id}: workers and processing time", [Trace(
-            label="this run", points=report.timeline,
-            adjustments=[a.sent_at for a in report.adjustments])])
+        timeline_png,
+        f"Run {run_id}: workers and processing time",
+        [
+            Trace(
+                label="this run",
+                points=report.timeline,
+                adjustments=[a.sent_at for a in report.adjustments],
+            )
+        ],
+    )
     await acreate_markdown_artifact(
-        key=f"{key}-plot", markdown=markdown_image(png, f"run {run_id} workers over time"),
-        description=f"Run {run_id}: workers requested and seen, processing time, backlog")
+        key=f"{key}-plot",
+        markdown=markdown_image(png, f"run {run_id} workers over time"),
+        description=f"Run {run_id}: workers requested and seen, processing time, backlog",
+    )
 
 
 def decision_rows(adjustments: Iterable[AdjustSent]) -> list[dict[str, Any]]:
     rows = []
     for adjustment in adjustments:
         demand = adjustment.inputs
-        rows.append({
-            "time (UTC)": f"{adjustment.sent_at:%H:%M:%S}",
-            "workers": adjustment.size.target_worker_count,
-            "slices/s": None if demand is None else round(demand.rate, 3),
-            "processing (s)": None if demand is None or demand.processing_seconds is None
-            else round(demand.processing_seconds, 2),
-            "backlog": None if demand is None else round(demand.backlog, 1),
-            "workers seen": None if demand is None else demand.workers_seen,
-            "reason": adjustment.reason,
-        })
+        rows.append(
+            {
+                "time (UTC)": f"{adjustment.sent_at:%H:%M:%S}",
+                "workers": adjustment.size.target_worker_count,
+                "slices/s": None if demand is None else round(demand.rate, 3),
+                "processing (s)": None
+                if demand is None or demand.processing_seconds is None
+                else round(demand.processing_seconds, 2),
+                "backlog": None if demand is None else round(demand.backlog, 1),
+                "workers seen": None if demand is None else demand.workers_seen,
+                "reason": adjustment.reason,
+            }
+        )
     return rows

@@ -91,7 +91,11 @@ log = logging.getLogger("swf.listener")
 # Failures of the hand-off that a later attempt can cure (Prefect restarting,
 # the runner not yet serving the run deployment).
 HANDOFF_ERRORS: tuple[type[BaseException], ...] = (
-    httpx.HTTPError, OSError, TimeoutError, WebSocketException, DeploymentMissing,
+    httpx.HTTPError,
+    OSError,
+    TimeoutError,
+    WebSocketException,
+    DeploymentMissing,
 )
 CONFIRM_EVERY = 0.25  # s between read-backs of emitted events
 REEMIT_AFTER = 30.0  # s an event may stay unconfirmed before it is sent again
@@ -161,8 +165,11 @@ class BusListener:
     @property
     def inbox(self) -> Inbox:
         transceiver = self.settings.transceiver
-        return Inbox(transceiver.namespace, self.settings.brokers.results_destination,
-                     transceiver.idds_namespace)
+        return Inbox(
+            transceiver.namespace,
+            self.settings.brokers.results_destination,
+            transceiver.idds_namespace,
+        )
 
     @property
     def listener_id(self) -> str:
@@ -174,18 +181,25 @@ class BusListener:
         brokers, transceiver = self.settings.brokers, self.settings.transceiver
         # Durable: run messages sent while the listener restarts wait for it.
         workers = Subscription(
-            brokers.workers_topic, durable_name=self.listener_id,
-            selector=workers_selector(transceiver.namespace, transceiver.idds_namespace))
+            brokers.workers_topic,
+            durable_name=self.listener_id,
+            selector=workers_selector(transceiver.namespace, transceiver.idds_namespace),
+        )
         if brokers.results_on_topic:
-            return workers, Subscription(brokers.results_destination,
-                                         durable_name=f"{self.listener_id}.results")
-        return workers, Subscription(brokers.results_destination, selector=NO_RUN_SELECTOR,
-                                     name="results.no-run")
+            return workers, Subscription(
+                brokers.results_destination, durable_name=f"{self.listener_id}.results"
+            )
+        return workers, Subscription(
+            brokers.results_destination, selector=NO_RUN_SELECTOR, name="results.no-run"
+        )
 
     def results_of(self, run_id: str) -> Subscription:
         """One run's results on a shared results queue."""
-        return Subscription(self.settings.brokers.results_destination,
-                            selector=run_selector(run_id), name=f"results.{run_id}")
+        return Subscription(
+            self.settings.brokers.results_destination,
+            selector=run_selector(run_id),
+            name=f"results.{run_id}",
+        )
 
     def health(self) -> ListenerHealth:
         """A snapshot; safe to call from any thread."""
@@ -204,15 +218,26 @@ class BusListener:
     async def run(self, stopping: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self.owned.update(await self._with_retry(lambda: self.runs.active_runs(self.namespace)))
-        log.info("namespace %s owns %d runs in progress: %s", self.namespace, len(self.owned),
-                 ", ".join(sorted(self.owned)) or "none")
+        log.info(
+            "namespace %s owns %d runs in progress: %s",
+            self.namespace,
+            len(self.owned),
+            ", ".join(sorted(self.owned)) or "none",
+        )
         for run_id in self.owned:
             self.followed.follow(run_id)
-        per_run = () if self.settings.brokers.results_on_topic else tuple(
-            self.results_of(run_id) for run_id in sorted(self.owned))
-        bus = BusClient(self.settings.brokers, (*self.subscriptions(), *per_run),
-                        self.receive, name=f"listener-{self.namespace}",
-                        client_id=self.listener_id)
+        per_run = (
+            ()
+            if self.settings.brokers.results_on_topic
+            else tuple(self.results_of(run_id) for run_id in sorted(self.owned))
+        )
+        bus = BusClient(
+            self.settings.brokers,
+            (*self.subscriptions(), *per_run),
+            self.receive,
+            name=f"listener-{self.namespace}",
+            client_id=self.listener_id,
+        )
         self.bus = bus
         await asyncio.to_thread(bus.start)
         confirming = asyncio.create_task(self._confirm_forever())
@@ -225,7 +250,8 @@ class BusListener:
                 due_in = self._stream.due_in(self._loop.time())
                 try:
                     delivery = await asyncio.wait_for(
-                        self._inbox.get(), timeout=0.5 if due_in is None else due_in)
+                        self._inbox.get(), timeout=0.5 if due_in is None else due_in
+                    )
                 except TimeoutError:
                     pass
                 else:
@@ -286,28 +312,43 @@ class BusListener:
             if exc.response.status_code >= 500:
                 await self._retry_later(delivery, decision, exc)
             else:  # Prefect refuses this message: asking again would not help
-                await self.set_aside(SetAside(one_line(
-                    f"Prefect refused it: {exc.response.text}", 500), "prefect_refused",
-                    getattr(decision, "message", None)), delivery)
+                await self.set_aside(
+                    SetAside(
+                        one_line(f"Prefect refused it: {exc.response.text}", 500),
+                        "prefect_refused",
+                        getattr(decision, "message", None),
+                    ),
+                    delivery,
+                )
         except HANDOFF_ERRORS as exc:
             await self._retry_later(delivery, decision, exc)
 
-    async def _retry_later(self, delivery: Delivery, decision: Decision,
-                           exc: BaseException) -> None:
+    async def _retry_later(
+        self, delivery: Delivery, decision: Decision, exc: BaseException
+    ) -> None:
         """Keep the message unacked and try it again in RETRY_AFTER seconds."""
         message = getattr(decision, "message", None)
         if isinstance(exc, DeploymentMissing):
             # Only this message must wait (the runner is not serving yet):
             # the loop goes on with the others meanwhile.
-            log.warning("msg_type=%s run_id=%s waits: %s; trying again in %g s",
-                        getattr(message, "msg_type", None), getattr(message, "run_id", None),
-                        exc, RETRY_AFTER)
+            log.warning(
+                "msg_type=%s run_id=%s waits: %s; trying again in %g s",
+                getattr(message, "msg_type", None),
+                getattr(message, "run_id", None),
+                exc,
+                RETRY_AFTER,
+            )
             self._waiting[delivery.message_id] = self._loop.call_later(
-                RETRY_AFTER, self._try_again, delivery)
+                RETRY_AFTER, self._try_again, delivery
+            )
             return
-        log.warning("hand-off of %s for run %s failed (%s); retrying in %g s",
-                    getattr(message, "msg_type", None), getattr(message, "run_id", None), exc,
-                    RETRY_AFTER)
+        log.warning(
+            "hand-off of %s for run %s failed (%s); retrying in %g s",
+            getattr(message, "msg_type", None),
+            getattr(message, "run_id", None),
+            exc,
+            RETRY_AFTER,
+        )
         await self._pause_then_try_again((delivery,))
 
     async def _pause_then_try_again(self, deliveries: Iterable[Delivery]) -> None:
@@ -335,8 +376,13 @@ class BusListener:
         message = decision.message
         flow_run_id = await self.runs.start(message, self.namespace, decision.data, utc_now())
         known = self.owned.setdefault(message.run_id, flow_run_id) == flow_run_id
-        log.info("msg_type=%s run_id=%s -> flow run %s%s", message.msg_type, message.run_id,
-                 flow_run_id, "" if known and not delivery.redelivered else " (already started)")
+        log.info(
+            "msg_type=%s run_id=%s -> flow run %s%s",
+            message.msg_type,
+            message.run_id,
+            flow_run_id,
+            "" if known and not delivery.redelivered else " (already started)",
+        )
         # Before the ack: the run's results may come as soon as iDDS has its task.
         await self._follow(message.run_id)
         self._ack(delivery, "flow_run")
@@ -353,8 +399,11 @@ class BusListener:
             if not self.settings.brokers.results_on_topic:
                 assert self.bus is not None
                 await asyncio.to_thread(self.bus.unsubscribe, self.results_of(run_id).id)
-            log.info("run %s finished %.0fs ago: its results are no longer taken",
-                     run_id, self.followed.grace)
+            log.info(
+                "run %s finished %.0fs ago: its results are no longer taken",
+                run_id,
+                self.followed.grace,
+            )
 
     async def record(self, decision: Record, delivery: Delivery) -> None:
         """Hand the message to its run's flow as a Prefect event: a stream
@@ -364,20 +413,37 @@ class BusListener:
         if run_id is not None and msg_type in STREAM_TYPES:
             if not self._stream.takes(run_id):
                 await self.send_stream()
-            message = StreamMessage(msg_type, run_id, delivery.message_id, decision.data,
-                                    utc_now(), self.owned.get(run_id))
+            message = StreamMessage(
+                msg_type,
+                run_id,
+                delivery.message_id,
+                decision.data,
+                utc_now(),
+                self.owned.get(run_id),
+            )
             self._stream.add(message, delivery, self._loop.time())
             return
         await self.send_stream()
-        event = message_event(decision.data, msg_type, self.namespace, run_id,
-                              delivery.message_id, self.owned.get(run_id or ""),
-                              listener=self.listener_id)
+        event = message_event(
+            decision.data,
+            msg_type,
+            self.namespace,
+            run_id,
+            delivery.message_id,
+            self.owned.get(run_id or ""),
+            listener=self.listener_id,
+        )
         await self.events.emit(event)
         self._pending[event.id] = Pending((delivery,), event, self._loop.time())
         # Redelivered: an earlier connection, of this listener or of another
         # replica, had it unacked; the same event id, so it is applied once.
-        log.info("msg_type=%s run_id=%s -> event %s%s", decision.message.msg_type, run_id,
-                 event.id, " (redelivered)" if delivery.redelivered else "")
+        log.info(
+            "msg_type=%s run_id=%s -> event %s%s",
+            decision.message.msg_type,
+            run_id,
+            event.id,
+            " (redelivered)" if delivery.redelivered else "",
+        )
 
     async def send_stream(self) -> None:
         """Send the batch of stream messages waiting, if any. If Prefect cannot
@@ -391,8 +457,12 @@ class BusListener:
         try:
             await self.events.emit(event)
         except HANDOFF_ERRORS as exc:
-            log.warning("hand-off of %d stream messages failed (%s); retrying in %g s",
-                        len(messages), exc, RETRY_AFTER)
+            log.warning(
+                "hand-off of %d stream messages failed (%s); retrying in %g s",
+                len(messages),
+                exc,
+                RETRY_AFTER,
+            )
             await self._pause_then_try_again(deliveries)
             return
         self._pending[event.id] = Pending(tuple(deliveries), event, self._loop.time())
@@ -400,17 +470,22 @@ class BusListener:
         redelivered = sum(d.redelivered for d in deliveries)
         # Redelivered: an earlier connection had them unacked; their ids are
         # those of the first time, so each is applied once.
-        log.info("%d stream messages -> event %s: %s%s", len(messages), event.id,
-                 ", ".join(f"run_id={run_id} x{n}" for run_id, n in per_run.items()),
-                 f" ({redelivered} redelivered)" if redelivered else "")
+        log.info(
+            "%d stream messages -> event %s: %s%s",
+            len(messages),
+            event.id,
+            ", ".join(f"run_id={run_id} x{n}" for run_id, n in per_run.items()),
+            f" ({redelivered} redelivered)" if redelivered else "",
+        )
 
     async def look_up_run(self, decision: LookUpRun, delivery: Delivery) -> None:
         """A result or an iDDS reply of a run this listener did not see start:
         record it if another replica of the namespace started the run, else
         ignore it."""
         run_id = decision.message.run_id
-        not_ours = Ignore(f"{decision.message.msg_type} of run {run_id}, not a run of "
-                          f"namespace {self.namespace}")
+        not_ours = Ignore(
+            f"{decision.message.msg_type} of run {run_id}, not a run of namespace {self.namespace}"
+        )
         now = self._loop.time()
         if self._foreign.get(run_id, 0.0) > now:
             await self.ignore(not_ours, delivery)
@@ -422,8 +497,12 @@ class BusListener:
             return
         self.owned.setdefault(run_id, flow_run_id)
         await self._follow(run_id)
-        log.info("run %s: flow run %s, started by another listener of namespace %s",
-                 run_id, flow_run_id, self.namespace)
+        log.info(
+            "run %s: flow run %s, started by another listener of namespace %s",
+            run_id,
+            flow_run_id,
+            self.namespace,
+        )
         await self.record(Record(decision.message, decision.data, run_id), delivery)
 
     def _remember_foreign(self, run_id: str, now: float) -> None:
@@ -435,8 +514,12 @@ class BusListener:
         self._foreign[run_id] = now + FOREIGN_FOR
 
     async def ignore(self, decision: Ignore, delivery: Delivery) -> None:
-        log.debug("ignored message %s from %s: %s", delivery.message_id,
-                  delivery.destination, decision.why)
+        log.debug(
+            "ignored message %s from %s: %s",
+            delivery.message_id,
+            delivery.destination,
+            decision.why,
+        )
         self._ack(delivery)
 
     async def set_aside(self, decision: SetAside, delivery: Delivery) -> None:
@@ -445,8 +528,12 @@ class BusListener:
         left of it, and an operator may replay it once the cause is fixed; and
         the broker, which took it once (ActiveMQ refuses STOMP bodies over
         100 MB on the way in), takes the copy too."""
-        log.warning("rejected message %s from %s: %s", delivery.message_id,
-                    delivery.destination, decision.reason)
+        log.warning(
+            "rejected message %s from %s: %s",
+            delivery.message_id,
+            delivery.destination,
+            decision.reason,
+        )
         assert self.bus is not None
         headers = {
             "persistent": "true",
@@ -457,8 +544,9 @@ class BusListener:
             "swf_original_message_id": delivery.message_id,
         }
         try:
-            await asyncio.to_thread(self.bus.send_raw, self.settings.brokers.dead_letter_queue,
-                                    delivery.body, headers)
+            await asyncio.to_thread(
+                self.bus.send_raw, self.settings.brokers.dead_letter_queue, delivery.body, headers
+            )
         except BusUnavailable as exc:
             log.warning("dead-letter queue unreachable (%s); message left for redelivery", exc)
             return
@@ -502,8 +590,11 @@ class BusListener:
         now = self._loop.time()
         for pending in self._pending.values():
             if now - pending.since > pending.wait:
-                log.info("event %s not stored after %.0fs; emitting it again",
-                         pending.event.id, pending.wait)
+                log.info(
+                    "event %s not stored after %.0fs; emitting it again",
+                    pending.event.id,
+                    pending.wait,
+                )
                 pending.since = now
                 pending.wait = min(2 * pending.wait, REEMIT_AT_MOST_EVERY)
                 await self.events.emit(pending.event)
@@ -547,14 +638,18 @@ class HealthSource:
     def __call__(self) -> ListenerHealth:
         listener = self.listener
         if listener is None:
-            return ListenerHealth(listening=False, bus_connected=False,
-                                  prefect_reachable=False, runs_active=None)
+            return ListenerHealth(
+                listening=False, bus_connected=False, prefect_reachable=False, runs_active=None
+            )
         return listener.health()
 
 
-async def serve_listener(settings: Settings, stopping: asyncio.Event,
-                         health: HealthSource | None = None,
-                         metrics: ListenerMetrics | None = None) -> None:
+async def serve_listener(
+    settings: Settings,
+    stopping: asyncio.Event,
+    health: HealthSource | None = None,
+    metrics: ListenerMetrics | None = None,
+) -> None:
     """Run the listener until ``stopping`` is set, waiting for Prefect to be up.
     ``metrics`` outlive each listener made here: counters never go back."""
     from prefect.client.orchestration import get_client

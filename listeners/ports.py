@@ -43,8 +43,9 @@ class Bus(Protocol):
 class RunStarts(Protocol):
     """Prefect's flow runs of the run deployment (``RunStarter``)."""
 
-    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
-                    received_at: datetime) -> UUID:
+    async def start(
+        self, run: RunImminent, namespace: str, announcement: dict[str, Any], received_at: datetime
+    ) -> UUID:
         """The run's flow run, made once whatever the number of calls."""
         ...
 

@@ -54,8 +54,11 @@ class RequestedWorkers:
     def current(self, now: float) -> dict[str, int]:
         """run id -> workers requested, less the runs past their grace."""
         with self._lock:
-            expired = [run_id for run_id, entry in self._runs.items()
-                       if entry.ended and now - entry.touched > self.grace]
+            expired = [
+                run_id
+                for run_id, entry in self._runs.items()
+                if entry.ended and now - entry.touched > self.grace
+            ]
             for run_id in expired:
                 del self._runs[run_id]
             return {run_id: entry.workers for run_id, entry in self._runs.items()}

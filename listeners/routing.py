@@ -82,8 +82,7 @@ class Record:
 
 # Replies of iDDS: taken from its namespace (or none) too, for our runs only.
 IddsReply = CreatedWorkflowTask | AdjustedWorker | ClosedWorkflowTask
-IDDS_REPLIES: frozenset[type] = frozenset({CreatedWorkflowTask, AdjustedWorker,
-                                           ClosedWorkflowTask})
+IDDS_REPLIES: frozenset[type] = frozenset({CreatedWorkflowTask, AdjustedWorker, ClosedWorkflowTask})
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,7 @@ class Ignore:
 
 
 # Why a message was set aside, in a word: a metric label, so a fixed few.
-RejectKind = Literal["too_large", "bad_json", "invalid_message", "wrong_queue",
-                     "prefect_refused"]
+RejectKind = Literal["too_large", "bad_json", "invalid_message", "wrong_queue", "prefect_refused"]
 
 
 @dataclass(frozen=True)
@@ -142,8 +140,9 @@ def _record(message: Message, data: dict[str, Any], where: Where) -> Decision:
     return Record(message, data, getattr(message, "run_id", None))
 
 
-def _record_if_owned(message: SliceResult | IddsReply, data: dict[str, Any],
-                     where: Where) -> Decision:
+def _record_if_owned(
+    message: SliceResult | IddsReply, data: dict[str, Any], where: Where
+) -> Decision:
     # Results and iDDS's replies carry no namespace of ours: one for a run this
     # listener did not see start belongs to another namespace (or to none),
     # unless another replica of this namespace started the run; only Prefect knows.
@@ -155,8 +154,11 @@ def _record_if_owned(message: SliceResult | IddsReply, data: dict[str, Any],
 def _unrouted(message: UnroutedSliceResult, data: dict[str, Any], where: Where) -> Decision:
     # Not bad input: the real transformers send these whenever one takes
     # another's heartbeat off the shared slice queue. Counted, not set aside.
-    return Ignore("slice_result without run_id: a transformer's answer to a message "
-                  "that was no slice (a heartbeat on its slice queue)", message)
+    return Ignore(
+        "slice_result without run_id: a transformer's answer to a message "
+        "that was no slice (a heartbeat on its slice queue)",
+        message,
+    )
 
 
 def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
@@ -164,7 +166,8 @@ def _own_echo(message: Message, data: dict[str, Any], where: Where) -> Decision:
 
 
 OUR_REQUESTS: frozenset[type] = frozenset(
-    {CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer})
+    {CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer}
+)
 
 RULES: Mapping[type, Rule] = {
     RunImminent: _start_run,
@@ -182,11 +185,13 @@ RULES: Mapping[type, Rule] = {
 # none), so only what transformers send is taken from it: a run announcement
 # or an iDDS reply there could be any namespace's.
 FROM_RESULTS: frozenset[type] = frozenset(
-    (SliceResult, UnroutedSliceResult, Heartbeat, TransformerHeartbeat))
+    (SliceResult, UnroutedSliceResult, Heartbeat, TransformerHeartbeat)
+)
 
 
-def decide(body: bytes, headers: Mapping[str, str], inbox: Inbox,
-           owned: Container[str]) -> Decision:
+def decide(
+    body: bytes, headers: Mapping[str, str], inbox: Inbox, owned: Container[str]
+) -> Decision:
     """The one thing to do with a delivery of ``body`` with ``headers``."""
     namespace = inbox.namespace
     where = Where(namespace, owned, headers.get("destination", ""))
@@ -197,8 +202,9 @@ def decide(body: bytes, headers: Mapping[str, str], inbox: Inbox,
     if sender not in outside:
         return Ignore(f"namespace {one_line(sender or '', 100)} is not {namespace}")
     if len(body) > MAX_BODY_BYTES:
-        return SetAside(f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit",
-                        "too_large")
+        return SetAside(
+            f"body of {len(body)} bytes is over the {MAX_BODY_BYTES} byte limit", "too_large"
+        )
     try:
         data = decode_body(body)
     except InvalidMessage as exc:
@@ -208,13 +214,22 @@ def decide(body: bytes, headers: Mapping[str, str], inbox: Inbox,
     except InvalidMessage as exc:
         return SetAside(one_line(str(exc)) or "invalid message", "invalid_message")
     if from_results and type(message) not in FROM_RESULTS:
-        return SetAside(f"{message.msg_type} does not belong on {where.destination}, which "
-                        f"carries no namespace", "wrong_queue", message)
-    if not from_results and sender != namespace and not _taken_from_outside(message, data,
-                                                                            namespace):
+        return SetAside(
+            f"{message.msg_type} does not belong on {where.destination}, which "
+            f"carries no namespace",
+            "wrong_queue",
+            message,
+        )
+    if (
+        not from_results
+        and sender != namespace
+        and not _taken_from_outside(message, data, namespace)
+    ):
         # Another namespace's business: no message, so no metric reads it as ours.
-        return Ignore(f"{message.msg_type} from namespace {sender or '(none)'}: only iDDS's "
-                      f"replies are taken from outside {namespace}")
+        return Ignore(
+            f"{message.msg_type} from namespace {sender or '(none)'}: only iDDS's "
+            f"replies are taken from outside {namespace}"
+        )
     return RULES.get(type(message), _record)(message, data, where)
 
 
@@ -222,7 +237,8 @@ def _taken_from_outside(message: Message, data: dict[str, Any], namespace: str) 
     """iDDS's replies, and our own requests to an iDDS in another namespace
     (they carry its namespace header, and ours in the body)."""
     return type(message) in IDDS_REPLIES or (
-        type(message) in OUR_REQUESTS and data.get("namespace") == namespace)
+        type(message) in OUR_REQUESTS and data.get("namespace") == namespace
+    )
 
 
 def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:

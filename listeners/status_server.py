@@ -34,15 +34,17 @@ log = logging.getLogger("swf.listener.status")
 
 
 @contextmanager
-def status_endpoint(settings: Settings,
-                    health: Callable[[], ListenerHealth]) -> Iterator[ListenerMetrics]:
+def status_endpoint(
+    settings: Settings, health: Callable[[], ListenerHealth]
+) -> Iterator[ListenerMetrics]:
     """The listener process's metrics, served on ``metrics.host``:``metrics.port``
     (unless the port is 0) while the block runs. An endpoint that cannot
     listen (the port taken) is logged as an error and left out: the messages
     come first; the health check, finding nothing, then reports the problem."""
     transceiver = settings.transceiver
-    metrics = ListenerMetrics(health, {"namespace": transceiver.namespace,
-                                       "listener_id": transceiver.listener_id})
+    metrics = ListenerMetrics(
+        health, {"namespace": transceiver.namespace, "listener_id": transceiver.listener_id}
+    )
     host, port = settings.metrics.host, settings.metrics.port
     server = None
     if port:
@@ -50,8 +52,12 @@ def status_endpoint(settings: Settings,
             server = StatusServer(host, port, metrics.registry, health).start()
             log.info("metrics on http://%s:%d/metrics, health on /healthz", host, port)
         except OSError as exc:
-            log.error("no metrics or health endpoint: cannot listen on %s:%d: %s", host, port,
-                      exc.strerror or exc)
+            log.error(
+                "no metrics or health endpoint: cannot listen on %s:%d: %s",
+                host,
+                port,
+                exc.strerror or exc,
+            )
     try:
         yield metrics
     finally:
@@ -63,10 +69,13 @@ def health_answer(health: ListenerHealth) -> tuple[int, dict[str, Any]]:
     """The /healthz status code and body for a health snapshot."""
     serving = health.listening and health.bus_connected
     status = ("ok" if health.prefect_reachable else "degraded") if serving else "unavailable"
-    body = {"status": status, "listening": health.listening,
-            "bus_connected": health.bus_connected,
-            "prefect_reachable": health.prefect_reachable,
-            "runs_active": health.runs_active}
+    body = {
+        "status": status,
+        "listening": health.listening,
+        "bus_connected": health.bus_connected,
+        "prefect_reachable": health.prefect_reachable,
+        "runs_active": health.runs_active,
+    }
     return (HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE), body
 
 
@@ -74,13 +83,19 @@ class StatusServer:
     """Serves until ``stop``. ``port`` 0 binds any free port (tests); the
     configuration's port 0, no endpoint at all, is the caller's to honour."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 health: Callable[[], ListenerHealth]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Callable[[], ListenerHealth],
+    ) -> None:
         server = _IPv6Server if ":" in host else ThreadingHTTPServer
         self._server = server((host, port), _handler(registry, health))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="status-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="status-server", daemon=True
+        )
 
     @property
     def port(self) -> int:
@@ -100,8 +115,9 @@ class _IPv6Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
 
-def _handler(registry: CollectorRegistry,
-             health: Callable[[], ListenerHealth]) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    registry: CollectorRegistry, health: Callable[[], ListenerHealth]
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.partition("?")[0]
@@ -111,8 +127,11 @@ def _handler(registry: CollectorRegistry,
                 code, body = health_answer(health())
                 self._send(code, "application/json", json.dumps(body).encode())
             else:
-                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8",
-                           b"not found: try /metrics or /healthz\n")
+                self._send(
+                    HTTPStatus.NOT_FOUND,
+                    "text/plain; charset=utf-8",
+                    b"not found: try /metrics or /healthz\n",
+                )
 
         def _send(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)

@@ -38,7 +38,8 @@ class StreamBatch:
     def takes(self, run_id: str) -> bool:
         """Room for one more message of ``run_id``."""
         return len(self.messages) < self.max_messages and (
-            run_id in self._runs or len(self._runs) < self.max_runs)
+            run_id in self._runs or len(self._runs) < self.max_runs
+        )
 
     def add(self, message: StreamMessage, delivery: Delivery, now: float) -> None:
         if not self.takes(message.run_id):

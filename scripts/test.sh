@@ -13,4 +13,5 @@ bash scripts/bootstrap.sh
 .venv/bin/mypy
 .venv/bin/lint-imports
 .venv/bin/deptry .
+(cd testbed && ../.venv/bin/deptry .)  # the testbed distribution declares its own
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

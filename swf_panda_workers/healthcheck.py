@@ -24,8 +24,7 @@ def default_url(metrics: Metrics) -> str | None:
     (no endpoint). A wildcard address is asked on the loopback."""
     if not metrics.port:
         return None
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(metrics.host,
-                                                                     metrics.host)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(metrics.host, metrics.host)
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{metrics.port}/healthz"

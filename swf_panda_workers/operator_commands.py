@@ -48,8 +48,9 @@ def show(settings: Settings, run_id: str, namespace: str, parameters_only: bool)
     return 0
 
 
-def dry_run(settings: Settings, run_id: str, namespace: str, deployment: str | None,
-            wait: float) -> int:
+def dry_run(
+    settings: Settings, run_id: str, namespace: str, deployment: str | None, wait: float
+) -> int:
     """Start a dry run of the recorded run, wait for it, print its summary."""
     name = deployment or settings.prefect.deployment
     try:
@@ -63,17 +64,29 @@ def dry_run(settings: Settings, run_id: str, namespace: str, deployment: str | N
         return 0
     flow_run = asyncio.run(final_state(flow_run_id, wait))
     if flow_run.state is None or not flow_run.state.is_final():
-        return fail("dry-run", f"flow run {flow_run_id} not finished after {wait:g}s "
-                               f"({flow_run.state_name}); is a runner serving {name}?")
+        return fail(
+            "dry-run",
+            f"flow run {flow_run_id} not finished after {wait:g}s "
+            f"({flow_run.state_name}); is a runner serving {name}?",
+        )
     key = artifact_key("run", namespace, run_id, dry_run=True)
     print(asyncio.run(artifact_text(key)) or f"(no summary {key})")
-    return 0 if flow_run.state.is_completed() else fail(
-        "dry-run", f"flow run {flow_run_id} ended {flow_run.state_name}: "
-                   f"{flow_run.state.message or ''}")
+    return (
+        0
+        if flow_run.state.is_completed()
+        else fail(
+            "dry-run",
+            f"flow run {flow_run_id} ended {flow_run.state_name}: {flow_run.state.message or ''}",
+        )
+    )
 
 
-def send(settings: Settings, message: sample_messages.Sample | None, raw: bytes | None,
-         destination: str | None) -> int:
+def send(
+    settings: Settings,
+    message: sample_messages.Sample | None,
+    raw: bytes | None,
+    destination: str | None,
+) -> int:
     """Send one message and wait for the broker's receipt. A raw body is sent
     as it is, even one the listener will set aside (to try exactly that), and
     what the listener will make of it is said first."""

@@ -47,12 +47,14 @@ def earlier_databases(environ: Mapping[str, str], temp_root: Path | None = None)
     in ``swf-panda-workers/prefect/prefect.db``."""
     roots = [Path(environ["SWF_STATE_DIR"])] if environ.get("SWF_STATE_DIR") else []
     roots.append(temp_root or Path(tempfile.gettempdir()))
-    return [database for root in roots
-            if (database := root / APP_DIR / "prefect" / "prefect.db").is_file()]
+    return [
+        database
+        for root in roots
+        if (database := root / APP_DIR / "prefect" / "prefect.db").is_file()
+    ]
 
 
-def state_dir(settings: Settings, environ: Mapping[str, str],
-              home: Path | None = None) -> StateDir:
+def state_dir(settings: Settings, environ: Mapping[str, str], home: Path | None = None) -> StateDir:
     """``home``: the user's home directory (default: Path.home())."""
     configured = settings.prefect.state_dir
     if configured is not None:
@@ -64,5 +66,6 @@ def state_dir(settings: Settings, environ: Mapping[str, str],
     # The XDG spec: a relative value is invalid and is to be ignored.
     if xdg and Path(xdg).is_absolute():
         return StateDir(Path(xdg) / APP_DIR, "XDG_STATE_HOME")
-    return StateDir((home or Path.home()) / ".local" / "state" / APP_DIR,
-                    "the XDG default, ~/.local/state")
+    return StateDir(
+        (home or Path.home()) / ".local" / "state" / APP_DIR, "the XDG default, ~/.local/state"
+    )

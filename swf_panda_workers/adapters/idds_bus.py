@@ -27,18 +27,21 @@ class BusGateway:
         self._bus = bus
         self._settings = settings
 
-    def create_workflow_task(self, run: RunImminent, workflow: dict[str, Any],
-                             now: datetime) -> CreatedWorkflowTask | None:
+    def create_workflow_task(
+        self, run: RunImminent, workflow: dict[str, Any], now: datetime
+    ) -> CreatedWorkflowTask | None:
         self._bus.send(outbound.create_workflow_task(run, self._settings, now, workflow))
         return None
 
-    def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
-                      now: datetime) -> AdjustedWorker | None:
+    def adjust_worker(
+        self, run_id: str, ids: WorkflowIds, size: WorkerSize, now: datetime
+    ) -> AdjustedWorker | None:
         self._bus.send(outbound.adjust_worker(run_id, ids, size, self._settings, now))
         return None
 
-    def close_workflow_task(self, run_id: str, ids: WorkflowIds | None, workflow_name: str,
-                            now: datetime) -> ClosedWorkflowTask | None:
+    def close_workflow_task(
+        self, run_id: str, ids: WorkflowIds | None, workflow_name: str, now: datetime
+    ) -> ClosedWorkflowTask | None:
         # Without ids, by run id: iDDS's transceiver looks the task up by it.
         self._bus.send(outbound.close_workflow_task(run_id, ids, self._settings, now))
         return None

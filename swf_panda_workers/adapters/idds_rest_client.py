@@ -61,8 +61,13 @@ class WorkflowTaskApi(Protocol):
 
     def create_workflow_task(self, workflow: dict[str, Any]) -> object: ...
 
-    def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,
-                      parameters: dict[str, Any]) -> object: ...
+    def adjust_worker(
+        self,
+        request_id: int,
+        transform_id: int,
+        workload_id: int | None,
+        parameters: dict[str, Any],
+    ) -> object: ...
 
     def close_workflow_task(self, request_id: int, parameters: dict[str, Any]) -> object: ...
 
@@ -78,64 +83,86 @@ class RestGateway:
     """Each request is one call; its answer (or IddsRequestFailed with iDDS's
     words) comes back at once."""
 
-    def __init__(self, api: Callable[[], WorkflowTaskApi], unwrap: Unwrap,
-                 settings: Settings) -> None:
+    def __init__(
+        self, api: Callable[[], WorkflowTaskApi], unwrap: Unwrap, settings: Settings
+    ) -> None:
         self._connect = api
         self._api: WorkflowTaskApi | None = None
         self._unwrap = unwrap
         self._settings = settings
 
-    def create_workflow_task(self, run: RunImminent, workflow: dict[str, Any],
-                             now: datetime) -> CreatedWorkflowTask:
+    def create_workflow_task(
+        self, run: RunImminent, workflow: dict[str, Any], now: datetime
+    ) -> CreatedWorkflowTask:
         name = str(workflow["name"])
         earlier = self._task_named(name, run.run_id)  # an earlier attempt's, answered in error
         if earlier is not None:
             log.info("run %s: iDDS already has its task %s (%s)", run.run_id, name, earlier)
             return created_answer(run.run_id, earlier, now)
         try:
-            result = self._call("create_workflow_task",
-                                lambda api: api.create_workflow_task(workflow))
+            result = self._call(
+                "create_workflow_task", lambda api: api.create_workflow_task(workflow)
+            )
         except IddsRequestFailed as failure:
             made = self._task_named(name, run.run_id)
             if made is None:
                 raise
-            log.warning("run %s: iDDS answered the create with an error (%s), but made the "
-                        "task: %s", run.run_id, failure, made)
+            log.warning(
+                "run %s: iDDS answered the create with an error (%s), but made the task: %s",
+                run.run_id,
+                failure,
+                made,
+            )
             return created_answer(run.run_id, made, now)
         return created_answer(run.run_id, result, now)
 
-    def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
-                      now: datetime) -> AdjustedWorker:
+    def adjust_worker(
+        self, run_id: str, ids: WorkflowIds, size: WorkerSize, now: datetime
+    ) -> AdjustedWorker:
         content = outbound.adjust_content(run_id, ids, size, now)
         # The parameters iDDS's adjust handler reads, with the whole request
         # (target worker count included) under "content", as on the bus.
-        parameters = {**size.model_dump(include={"core_count", "memory_per_core", "site"}),
-                      "content": content}
-        self._call("adjust_worker", lambda api: api.adjust_worker(
-            ids.request_id, ids.transform_id, ids.workload_id, parameters))
+        parameters = {
+            **size.model_dump(include={"core_count", "memory_per_core", "site"}),
+            "content": content,
+        }
+        self._call(
+            "adjust_worker",
+            lambda api: api.adjust_worker(
+                ids.request_id, ids.transform_id, ids.workload_id, parameters
+            ),
+        )
         return adjusted_answer(run_id, ids, size, now)
 
-    def close_workflow_task(self, run_id: str, ids: WorkflowIds | None, workflow_name: str,
-                            now: datetime) -> ClosedWorkflowTask:
+    def close_workflow_task(
+        self, run_id: str, ids: WorkflowIds | None, workflow_name: str, now: datetime
+    ) -> ClosedWorkflowTask:
         if ids is None:
             found = self._task_named(workflow_name, run_id)
             if found is None:
                 return not_found_answer(run_id, now)
             ids = WorkflowIds.model_validate(found)
         parameters = outbound.close_content(run_id, ids, now)
-        result = self._call("close_workflow_task",
-                            lambda api: api.close_workflow_task(ids.request_id, parameters))
+        result = self._call(
+            "close_workflow_task", lambda api: api.close_workflow_task(ids.request_id, parameters)
+        )
         return closed_answer(run_id, ids, result, now)
 
     def _task_named(self, name: str, run_id: str) -> dict[str, Any] | None:
         """The ids of the run's task, looked up by its workflow name; None if
         iDDS has none. Raises IddsRequestFailed when iDDS cannot say."""
-        requests = self._call("get_request_id_by_name",
-                              lambda api: api.get_request_id_by_name(name))
-        return task_of_run(requests, lambda request_id: self._call(
-            "get_requests", lambda api: api.get_requests(request_id=request_id,
-                                                         with_detail=True)),
-            name, run_id)
+        requests = self._call(
+            "get_request_id_by_name", lambda api: api.get_request_id_by_name(name)
+        )
+        return task_of_run(
+            requests,
+            lambda request_id: self._call(
+                "get_requests",
+                lambda api: api.get_requests(request_id=request_id, with_detail=True),
+            ),
+            name,
+            run_id,
+        )
 
     def _call(self, request: str, call: Callable[[WorkflowTaskApi], object]) -> object:
         if self._api is None:
@@ -145,8 +172,9 @@ class RestGateway:
 
 def rest_gateway(settings: Settings) -> RestGateway:
     """The gateway for ``idds.route``; its client is made on first use."""
-    return RestGateway(partial(_ROUTES[settings.idds.route], settings.idds),
-                       _UNWRAP[settings.idds.route], settings)
+    return RestGateway(
+        partial(_ROUTES[settings.idds.route], settings.idds), _UNWRAP[settings.idds.route], settings
+    )
 
 
 def check_rest_client(settings: Settings) -> None:
@@ -156,9 +184,11 @@ def check_rest_client(settings: Settings) -> None:
     api = _ROUTES[settings.idds.route](settings.idds)
     host = str(getattr(api, "host", "") or "")
     if settings.idds.ca_certs is None and host.startswith("https:"):
-        log.warning("iDDS's server certificate at %s is not verified (idds-client never "
-                    "verifies it): set idds.ca_certs or IDDS_CA_CERTS to the CAs it chains to",
-                    host)
+        log.warning(
+            "iDDS's server certificate at %s is not verified (idds-client never "
+            "verifies it): set idds.ca_certs or IDDS_CA_CERTS to the CAs it chains to",
+            host,
+        )
 
 
 def direct_api(idds: Idds) -> WorkflowTaskApi:
@@ -174,7 +204,8 @@ def direct_api(idds: Idds) -> WorkflowTaskApi:
         raise IddsNotConfigured(f"idds-client cannot start: {exc}") from None
     if not manager.host:
         raise IddsNotConfigured(
-            "REST mode needs the iDDS server: set idds.host in the configuration or IDDS_HOST")
+            "REST mode needs the iDDS server: set idds.host in the configuration or IDDS_HOST"
+        )
     # The client retries a refused connection three times after random sleeps
     # of up to 30 s each, unseen; the flow's task retries instead, visibly.
     manager.client.retries = 1
@@ -196,12 +227,24 @@ def verify_server(session: Any, ca_certs: Path) -> None:
     ca_bundle = str(ca_certs)
 
     class VerifyingAdapter(HTTPAdapter):
-        def send(self, request: PreparedRequest, stream: bool = False, timeout: Any = None,
-                 verify: Any = True, cert: Any = None,
-                 proxies: dict[str, str] | None = None) -> Response:
+        def send(
+            self,
+            request: PreparedRequest,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: Any = True,
+            cert: Any = None,
+            proxies: dict[str, str] | None = None,
+        ) -> Response:
             # Whatever the caller asked for (idds-client: False), the CAs.
-            return super().send(request, stream=stream, timeout=timeout, verify=ca_bundle,
-                                cert=cert, proxies=proxies)
+            return super().send(
+                request,
+                stream=stream,
+                timeout=timeout,
+                verify=ca_bundle,
+                cert=cert,
+                proxies=proxies,
+            )
 
     session.mount("https://", VerifyingAdapter())
 
@@ -215,18 +258,20 @@ def relay_api(idds: Idds) -> WorkflowTaskApi:
         from pandaclient import idds_api
     except ImportError:
         raise IddsNotConfigured(
-            "idds.route panda_relay needs panda-client: pip install "
-            "'swf-panda-workers[panda]'") from None
+            "idds.route panda_relay needs panda-client: pip install 'swf-panda-workers[panda]'"
+        ) from None
     except OSError as exc:  # it resolves PanDA's cache host while importing
         raise IddsNotConfigured(
             f"panda-client cannot start ({exc}): check PANDA_URL_SSL and DNS, or set "
-            "PANDA_BEHIND_REAL_LB=1 behind a load balancer") from None
-    return _Relay(idds_api.get_api(json.dumps, idds_host=idds.host, compress=True,
-                                   manager=True))
+            "PANDA_BEHIND_REAL_LB=1 behind a load balancer"
+        ) from None
+    return _Relay(idds_api.get_api(json.dumps, idds_host=idds.host, compress=True, manager=True))
 
 
 _ROUTES: dict[str, Callable[[Idds], WorkflowTaskApi]] = {
-    "direct": direct_api, "panda_relay": relay_api}
+    "direct": direct_api,
+    "panda_relay": relay_api,
+}
 _UNWRAP: dict[str, Unwrap] = {"direct": client_result, "panda_relay": relay_result}
 
 
@@ -240,10 +285,16 @@ class _Relay:
     def create_workflow_task(self, workflow: dict[str, Any]) -> object:
         return self._guarded(lambda: self._api.create_workflow_task(workflow))
 
-    def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,
-                      parameters: dict[str, Any]) -> object:
-        return self._guarded(lambda: self._api.adjust_worker(
-            request_id, transform_id, workload_id, parameters))
+    def adjust_worker(
+        self,
+        request_id: int,
+        transform_id: int,
+        workload_id: int | None,
+        parameters: dict[str, Any],
+    ) -> object:
+        return self._guarded(
+            lambda: self._api.adjust_worker(request_id, transform_id, workload_id, parameters)
+        )
 
     def close_workflow_task(self, request_id: int, parameters: dict[str, Any]) -> object:
         return self._guarded(lambda: self._api.close_workflow_task(request_id, parameters))
@@ -252,8 +303,9 @@ class _Relay:
         return self._guarded(lambda: self._api.get_request_id_by_name(name))
 
     def get_requests(self, request_id: int, with_detail: bool = False) -> object:
-        return self._guarded(lambda: self._api.get_requests(request_id=request_id,
-                                                            with_detail=with_detail))
+        return self._guarded(
+            lambda: self._api.get_requests(request_id=request_id, with_detail=with_detail)
+        )
 
     @staticmethod
     def _guarded(call: Callable[[], object]) -> object:
@@ -262,4 +314,5 @@ class _Relay:
         except SystemExit as exc:
             raise IddsNotConfigured(
                 f"panda-client gave up (exit {exc.code}): check PANDA_AUTH, PANDA_AUTH_VO "
-                "and the token") from None
+                "and the token"
+            ) from None

@@ -52,16 +52,31 @@ def timeline_png(title: str, traces: Sequence[Trace]) -> bytes:
     colours = [f"C{i % 10}" for i in range(len(drawn))]
     for trace, colour in zip(drawn, colours, strict=True):
         minutes = [_minutes(point.at, origin) for point in trace.points]
-        workers.step(minutes, [p.requested for p in trace.points], where="post",
-                     color=colour, linewidth=1.8)
-        workers.step(minutes, [p.workers_seen for p in trace.points], where="post",
-                     color=colour, linewidth=1.2, linestyle=":")
+        workers.step(
+            minutes, [p.requested for p in trace.points], where="post", color=colour, linewidth=1.8
+        )
+        workers.step(
+            minutes,
+            [p.workers_seen for p in trace.points],
+            where="post",
+            color=colour,
+            linewidth=1.2,
+            linestyle=":",
+        )
         if trace.adjustments:
-            workers.plot([_minutes(at, origin) for at in trace.adjustments],
-                         [_size_after(trace.points, at) for at in trace.adjustments],
-                         linestyle="none", marker="o", markersize=4, color=colour)
-        timed = [(m, p.processing_seconds) for m, p in zip(minutes, trace.points, strict=True)
-                 if p.processing_seconds is not None]
+            workers.plot(
+                [_minutes(at, origin) for at in trace.adjustments],
+                [_size_after(trace.points, at) for at in trace.adjustments],
+                linestyle="none",
+                marker="o",
+                markersize=4,
+                color=colour,
+            )
+        timed = [
+            (m, p.processing_seconds)
+            for m, p in zip(minutes, trace.points, strict=True)
+            if p.processing_seconds is not None
+        ]
         took.plot([m for m, _ in timed], [s for _, s in timed], color=colour, linewidth=1.2)
         backlog.plot(minutes, [p.backlog for p in trace.points], color=colour, linewidth=1.2)
 
@@ -69,14 +84,24 @@ def timeline_png(title: str, traces: Sequence[Trace]) -> bytes:
         axes.set_ylim(bottom=0)
     # One entry per trace (its colour) and one per line style, below the
     # panels: a legend inside would hide the run's busiest minutes.
-    handles = [Line2D([], [], color=colour, linewidth=1.8, label=trace.label)
-               for trace, colour in zip(drawn, colours, strict=True)]
-    handles += [Line2D([], [], color="black", linewidth=1.8, label="requested"),
-                Line2D([], [], color="black", linewidth=1.2, linestyle=":", label="seen"),
-                Line2D([], [], color="black", linestyle="none", marker="o", markersize=4,
-                       label="adjustment")]
-    figure.legend(handles=handles, loc="outside lower center", fontsize="small",
-                  ncols=min(len(handles), 4), frameon=False)
+    handles = [
+        Line2D([], [], color=colour, linewidth=1.8, label=trace.label)
+        for trace, colour in zip(drawn, colours, strict=True)
+    ]
+    handles += [
+        Line2D([], [], color="black", linewidth=1.8, label="requested"),
+        Line2D([], [], color="black", linewidth=1.2, linestyle=":", label="seen"),
+        Line2D(
+            [], [], color="black", linestyle="none", marker="o", markersize=4, label="adjustment"
+        ),
+    ]
+    figure.legend(
+        handles=handles,
+        loc="outside lower center",
+        fontsize="small",
+        ncols=min(len(handles), 4),
+        frameon=False,
+    )
     for axes in (workers, took, backlog):
         axes.grid(True, alpha=0.3)
     if len(drawn) < len(traces):
@@ -107,11 +132,20 @@ def _size_after(points: Sequence[TimelinePoint], at: datetime) -> int:
 
 def _note(axes: Axes, text: str, corner: bool = False) -> None:
     if corner:
-        axes.text(0.99, 0.97, text, transform=axes.transAxes, ha="right", va="top",
-                  fontsize="small", color="dimgray")
+        axes.text(
+            0.99,
+            0.97,
+            text,
+            transform=axes.transAxes,
+            ha="right",
+            va="top",
+            fontsize="small",
+            color="dimgray",
+        )
     else:
-        axes.text(0.5, 0.5, text, transform=axes.transAxes, ha="center", va="center",
-                  color="dimgray")
+        axes.text(
+            0.5, 0.5, text, transform=axes.transAxes, ha="center", va="center", color="dimgray"
+        )
 
 
 def _png(figure: Figure) -> bytes:

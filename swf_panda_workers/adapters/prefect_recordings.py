@@ -51,11 +51,15 @@ async def recorded_flow_run(client: PrefectClient, namespace: str, run_id: str) 
     found = await client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
             tags=FlowRunFilterTags(all_=run_tags(namespace, run_id)),
-            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)),
-        sort=FlowRunSort.START_TIME_DESC, limit=1)
+            parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+        ),
+        sort=FlowRunSort.START_TIME_DESC,
+        limit=1,
+    )
     if not found:
-        raise RunNotFound(f"no flow run of run {run_id} in namespace {namespace} "
-                          "on this Prefect server")
+        raise RunNotFound(
+            f"no flow run of run {run_id} in namespace {namespace} on this Prefect server"
+        )
     return found[0]
 
 
@@ -65,8 +69,9 @@ async def fetch_recording(run_id: str, namespace: str) -> RunRecording:
     announced_at = announced(flow_run)
     events = await run_history(run_resource_id(namespace, run_id), history_start(announced_at))
     inputs = [(event.occurred, item) for event in events if (item := decode(event)) is not None]
-    return recording_from(run_id, namespace, flow_run.parameters["announcement"], announced_at,
-                          inputs)
+    return recording_from(
+        run_id, namespace, flow_run.parameters["announcement"], announced_at, inputs
+    )
 
 
 async def run_report(run_id: str, namespace: str, settings: Settings) -> RunReport:
@@ -74,16 +79,27 @@ async def run_report(run_id: str, namespace: str, settings: Settings) -> RunRepo
     whole stored history (journaled effects included)."""
     async with get_client() as client:
         flow_run = await recorded_flow_run(client, namespace, run_id)
-        sub_flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+        sub_flow_runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])
+            )
+        )
     run = parse_message(flow_run.parameters["announcement"])
     assert isinstance(run, RunImminent), "the listener starts a run from its announcement"
-    state = await fold_history(initial_state(run, settings), run_resource_id(namespace, run_id),
-                               history_start(announced(flow_run)))
+    state = await fold_history(
+        initial_state(run, settings),
+        run_resource_id(namespace, run_id),
+        history_start(announced(flow_run)),
+    )
     return RunReport(
-        run_id=run_id, namespace=namespace, flow_run=summary(flow_run),
-        sub_flow_runs=tuple(summary(sub) for sub in sub_flow_runs), state=state,
-        parameters=dict(flow_run.parameters), ui_url=PREFECT_UI_URL.value())
+        run_id=run_id,
+        namespace=namespace,
+        flow_run=summary(flow_run),
+        sub_flow_runs=tuple(summary(sub) for sub in sub_flow_runs),
+        state=state,
+        parameters=dict(flow_run.parameters),
+        ui_url=PREFECT_UI_URL.value(),
+    )
 
 
 async def start_dry_run(run_id: str, namespace: str, deployment: str) -> UUID:
@@ -93,8 +109,10 @@ async def start_dry_run(run_id: str, namespace: str, deployment: str) -> UUID:
         recorded = await recorded_flow_run(client, namespace, run_id)
         target = await client.read_deployment_by_name(deployment)
         flow_run = await client.create_flow_run_from_deployment(
-            target.id, parameters={**recorded.parameters, "dry_run": True},
-            tags=["swf-panda-workers", DRY_RUN_TAG, f"dry-run-of:{namespace}:{run_id}"])
+            target.id,
+            parameters={**recorded.parameters, "dry_run": True},
+            tags=["swf-panda-workers", DRY_RUN_TAG, f"dry-run-of:{namespace}:{run_id}"],
+        )
     return flow_run.id
 
 
@@ -104,8 +122,9 @@ async def final_state(flow_run_id: UUID, timeout: float) -> FlowRun:
     async with get_client() as client:
         while True:
             flow_run = await client.read_flow_run(flow_run_id)
-            if (flow_run.state is not None and flow_run.state.is_final()) or \
-                    time.monotonic() > deadline:
+            if (
+                flow_run.state is not None and flow_run.state.is_final()
+            ) or time.monotonic() > deadline:
                 return flow_run
             await asyncio.sleep(1.0)
 
@@ -114,7 +133,8 @@ async def artifact_text(key: str) -> str | None:
     """The latest markdown of the artifact ``key``, if there is one."""
     async with get_client() as client:
         found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1
+        )
     return str(found[0].data) if found else None
 
 
@@ -128,8 +148,12 @@ def announced(flow_run: FlowRun) -> datetime:
 
 def summary(flow_run: FlowRun) -> FlowRunSummary:
     return FlowRunSummary(
-        id=str(flow_run.id), name=flow_run.name, state=flow_run.state_name or "?",
-        started=flow_run.start_time, ended=flow_run.end_time)
+        id=str(flow_run.id),
+        name=flow_run.name,
+        state=flow_run.state_name or "?",
+        started=flow_run.start_time,
+        ended=flow_run.end_time,
+    )
 
 
 def parameters_json(parameters: dict[str, Any]) -> str:

@@ -79,33 +79,37 @@ class RunStarter:
         self._deployment_name = deployment_name
         self._deployment_id: UUID | None = None
 
-    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
-                    received_at: datetime) -> UUID:
+    async def start(
+        self, run: RunImminent, namespace: str, announcement: dict[str, Any], received_at: datetime
+    ) -> UUID:
         """Create (or find) the run's flow run; once this returns, it is stored."""
         try:
             if self._deployment_id is None:
                 deployment = await self._client.read_deployment_by_name(self._deployment_name)
                 self._deployment_id = deployment.id
             deployment_id = self._deployment_id
-            flow_run = await quickly_retried(lambda: self._client.create_flow_run_from_deployment(
-                deployment_id,
-                parameters={
-                    "run_id": run.run_id,
-                    "namespace": namespace,
-                    "announcement": announcement,
-                    "received_at": to_iso(received_at),
-                },
-                name=f"run-{run.run_id}",
-                tags=run_tags(namespace, run.run_id),
-                idempotency_key=idempotency_key(namespace, run.run_id),
-            ))
+            flow_run = await quickly_retried(
+                lambda: self._client.create_flow_run_from_deployment(
+                    deployment_id,
+                    parameters={
+                        "run_id": run.run_id,
+                        "namespace": namespace,
+                        "announcement": announcement,
+                        "received_at": to_iso(received_at),
+                    },
+                    name=f"run-{run.run_id}",
+                    tags=run_tags(namespace, run.run_id),
+                    idempotency_key=idempotency_key(namespace, run.run_id),
+                )
+            )
         except (ObjectNotFound, httpx.HTTPStatusError) as exc:
             if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code != 404:
                 raise
             self._deployment_id = None  # it may come back under a new id
             raise DeploymentMissing(
                 f"deployment {self._deployment_name} is not on the Prefect server: is the "
-                "runner serving it?") from exc
+                "runner serving it?"
+            ) from exc
         return flow_run.id
 
     async def find(self, namespace: str, run_id: str) -> UUID | None:
@@ -129,9 +133,7 @@ class RunStarter:
             ),
         )
         return {
-            str(fr.parameters["run_id"]): fr.id
-            for fr in flow_runs
-            if "run_id" in fr.parameters
+            str(fr.parameters["run_id"]): fr.id for fr in flow_runs if "run_id" in fr.parameters
         }
 
 
@@ -220,6 +222,7 @@ def _proc_stat(pid: int) -> tuple[str, str]:
 async def claim_run(client: PrefectClient, flow_run_id: UUID, attempt: int) -> RunProcess:
     """Record that this process executes the flow run's attempt ``attempt``."""
     process = RunProcess.current(attempt)
-    await quickly_retried(lambda: client.update_flow_run_labels(
-        flow_run_id, {PROCESS_LABEL: process.label}))
+    await quickly_retried(
+        lambda: client.update_flow_run_labels(flow_run_id, {PROCESS_LABEL: process.label})
+    )
     return process

@@ -65,7 +65,8 @@ class ClientIdTaken(StompException):
 # passes, and is retried ("Client: <id> already connected" as ClientIdTaken).
 _LOGIN_REFUSED = re.compile(
     r"password is invalid|is not authori[sz]ed|unable to validate user|authentication failed",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 CONNECT_TIMEOUT = 10.0  # s for the TCP connect and the TLS handshake of one attempt
 REFUSED_RETRY_MAX = 30.0  # s between reconnects while the broker refuses us
 
@@ -143,7 +144,8 @@ class BusClient(stomp.ConnectionListener):
         the connection up in the background until ``stop``."""
         self._connect_with_retry(deadline=timeout)
         self._watchdog = threading.Thread(
-            target=self._keep_connected, name=f"{self._name}-watchdog", daemon=True)
+            target=self._keep_connected, name=f"{self._name}-watchdog", daemon=True
+        )
         self._watchdog.start()
         return self
 
@@ -171,24 +173,31 @@ class BusClient(stomp.ConnectionListener):
     def send(self, message: Outgoing, timeout: float = 10.0) -> None:
         """Send and wait for the broker's receipt: once this returns, the
         broker has the (persistent) message."""
-        self.send_raw(message.destination, json.dumps(message.body).encode(), message.headers,
-                      timeout)
+        self.send_raw(
+            message.destination, json.dumps(message.body).encode(), message.headers, timeout
+        )
 
-    def send_raw(self, destination: str, body: bytes, headers: dict[str, str],
-                 timeout: float = 10.0) -> None:
+    def send_raw(
+        self, destination: str, body: bytes, headers: dict[str, str], timeout: float = 10.0
+    ) -> None:
         receipt = uuid.uuid4().hex
         arrived = threading.Event()
         self._receipts[receipt] = arrived
         try:
             conn = self._require_connection()
             try:
-                conn.send(destination, body, content_type="application/json",
-                          headers={**headers, "receipt": receipt})
+                conn.send(
+                    destination,
+                    body,
+                    content_type="application/json",
+                    headers={**headers, "receipt": receipt},
+                )
             except StompException as exc:
                 raise BusUnavailable(f"send to {destination} failed: {exc}") from exc
             if not arrived.wait(timeout):
                 raise BusUnavailable(
-                    f"broker did not confirm a send to {destination} in {timeout}s")
+                    f"broker did not confirm a send to {destination} in {timeout}s"
+                )
         finally:
             self._receipts.pop(receipt, None)
 
@@ -259,8 +268,9 @@ class BusClient(stomp.ConnectionListener):
         with self._lock:
             return frozenset(self._subscriptions)
 
-    def _await_receipt(self, receipt: str, arrived: threading.Event, timeout: float,
-                       what: str) -> None:
+    def _await_receipt(
+        self, receipt: str, arrived: threading.Event, timeout: float, what: str
+    ) -> None:
         try:
             if not arrived.wait(timeout):
                 raise BusUnavailable(f"the broker did not confirm {what} in {timeout:g}s")
@@ -294,8 +304,9 @@ class BusClient(stomp.ConnectionListener):
         self.connected.clear()
         self._answered.set()
         if not self._stopping.is_set():
-            log.warning("lost the broker %s:%s; reconnecting",
-                        self._brokers.host, self._brokers.port)
+            log.warning(
+                "lost the broker %s:%s; reconnecting", self._brokers.host, self._brokers.port
+            )
         self._lost.set()
 
     # --- connection management ---------------------------------------------
@@ -330,12 +341,15 @@ class BusClient(stomp.ConnectionListener):
                 delay = min(delay * 2, REFUSED_RETRY_MAX)
             except (StompException, OSError) as exc:
                 # stomp.py's ConnectFailedException carries no text (it logs the cause).
-                reason = str(exc) or ("no answer to STOMP CONNECT (is the broker up? "
-                                      "is its TLS port reached with brokers.use_ssl?)")
+                reason = str(exc) or (
+                    "no answer to STOMP CONNECT (is the broker up? "
+                    "is its TLS port reached with brokers.use_ssl?)"
+                )
                 if deadline is not None and waited >= deadline:
                     raise BusUnavailable(
                         f"cannot reach the broker {self._brokers.host}:{self._brokers.port}: "
-                        f"{reason}") from exc
+                        f"{reason}"
+                    ) from exc
                 log.info("broker not reachable (%s); retrying in %.1fs", reason, delay)
                 self._stopping.wait(delay)
                 waited += delay
@@ -414,20 +428,26 @@ class BusClient(stomp.ConnectionListener):
                     f"connection holds it ({reason}). Another listener with this id is running "
                     "(a second `serve` or `listen` of this namespace, or one left over): stop "
                     "it, or give each listener its own name with SWF_LISTENER_REPLICA "
-                    "(transceiver.replica)")
+                    "(transceiver.replica)"
+                )
             raise StompException(f"the broker answered CONNECT with an error: {reason}")
         if b.use_ssl:
             problem = tls_problem(b)
             if problem is not None:
                 raise BusRefused(f"the broker {b.host}:{b.port} failed TLS: {problem}")
 
-    def _subscribe(self, conn: stomp.Connection12,
-                   sub: Subscription) -> tuple[str, threading.Event]:
+    def _subscribe(
+        self, conn: stomp.Connection12, sub: Subscription
+    ) -> tuple[str, threading.Event]:
         receipt, arrived = uuid.uuid4().hex, threading.Event()
         self._receipts[receipt] = arrived
         try:
-            conn.subscribe(sub.destination, sub.id, ack=sub.ack,
-                           headers={**self._sub_headers(sub), "receipt": receipt})
+            conn.subscribe(
+                sub.destination,
+                sub.id,
+                ack=sub.ack,
+                headers={**self._sub_headers(sub), "receipt": receipt},
+            )
         except StompException:
             self._receipts.pop(receipt, None)
             raise
@@ -456,8 +476,11 @@ async def connected_bus(brokers: Brokers, name: str) -> AsyncIterator[BusClient]
 
 
 def _check_readable(b: Brokers) -> None:
-    for key, path in (("ssl_ca_certs", b.ssl_ca_certs), ("ssl_cert_file", b.ssl_cert_file),
-                      ("ssl_key_file", b.ssl_key_file)):
+    for key, path in (
+        ("ssl_ca_certs", b.ssl_ca_certs),
+        ("ssl_cert_file", b.ssl_cert_file),
+        ("ssl_key_file", b.ssl_key_file),
+    ):
         if path is None:
             continue
         try:
@@ -470,8 +493,7 @@ def tls_problem(b: Brokers, timeout: float = CONNECT_TIMEOUT) -> str | None:
     """What goes wrong with TLS to the broker, with the same settings stomp.py
     uses; None if the handshake works (or the broker is simply unreachable)."""
     try:
-        context = ssl.create_default_context(
-            cafile=str(b.ssl_ca_certs) if b.ssl_ca_certs else None)
+        context = ssl.create_default_context(cafile=str(b.ssl_ca_certs) if b.ssl_ca_certs else None)
         if b.ssl_cert_file is not None:
             context.load_cert_chain(b.ssl_cert_file, b.ssl_key_file)
     except (OSError, ssl.SSLError) as exc:
@@ -505,8 +527,10 @@ def tls_problem(b: Brokers, timeout: float = CONNECT_TIMEOUT) -> str | None:
 def _tls_refusal(exc: ssl.SSLError, b: Brokers) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         trusted = f"the CAs in {b.ssl_ca_certs}" if b.ssl_ca_certs else "the system's CAs"
-        return (f"its certificate failed verification against {trusted} "
-                f"(brokers.ssl_ca_certs): {exc.verify_message}")
+        return (
+            f"its certificate failed verification against {trusted} "
+            f"(brokers.ssl_ca_certs): {exc.verify_message}"
+        )
     reason = exc.reason or str(exc)
     if "CERTIFICATE" in reason:  # the server's alert: bad, unknown or missing client certificate
         ours = b.ssl_cert_file or "none (brokers.ssl_cert_file)"

@@ -69,20 +69,38 @@ def answer_outcome(status: int, location: str | None, body: bytes) -> Outcome:
             agent = None
         if isinstance(agent, dict):
             return Outcome(True, "delivered", f"HTTP {status}")
-        return Outcome(False, "not the agent's JSON", f"HTTP {status} with a body that is not "
-                       f"the agent's JSON (a login page or a proxy?): {_excerpt(body)}")
+        return Outcome(
+            False,
+            "not the agent's JSON",
+            f"HTTP {status} with a body that is not "
+            f"the agent's JSON (a login page or a proxy?): {_excerpt(body)}",
+        )
     if 300 <= status < 400:
-        return Outcome(False, "redirect", (
-            f"HTTP {status}, a redirect to {_without_query(location)}, not followed: a redirect "
-            "(to an OIDC login, say) drops the Authorization header. Give SWF_MONITOR_URL the "
-            "address that serves /api/ itself, or exempt /api/ from the redirect"))
+        return Outcome(
+            False,
+            "redirect",
+            (
+                f"HTTP {status}, a redirect to {_without_query(location)}, not followed: "
+                "a redirect (to an OIDC login, say) drops the Authorization header. "
+                "Give SWF_MONITOR_URL the address that serves /api/ itself, "
+                "or exempt /api/ from the redirect"
+            ),
+        )
     if status in (401, 403):
-        return Outcome(False, f"HTTP {status}", f"HTTP {status}, the token was refused "
-                       f"({_excerpt(body)}); check SWF_API_TOKEN or SWF_API_TOKEN_FILE")
+        return Outcome(
+            False,
+            f"HTTP {status}",
+            f"HTTP {status}, the token was refused "
+            f"({_excerpt(body)}); check SWF_API_TOKEN or SWF_API_TOKEN_FILE",
+        )
     if status == 400:
-        return Outcome(False, "HTTP 400", f"HTTP 400, the heartbeat was refused: "
-                       f"{_excerpt(body)} (an agent_type this monitor does not list? see "
-                       "monitor.agent_type)")
+        return Outcome(
+            False,
+            "HTTP 400",
+            f"HTTP 400, the heartbeat was refused: "
+            f"{_excerpt(body)} (an agent_type this monitor does not list? see "
+            "monitor.agent_type)",
+        )
     return Outcome(False, f"HTTP {status}", f"HTTP {status}: {_excerpt(body)}")
 
 
@@ -104,14 +122,20 @@ def _without_query(location: str | None) -> str:
 class MonitorClient:
     """POSTs heartbeats to ``{url}/api/systemagents/heartbeat/``."""
 
-    def __init__(self, url: str, token: SecretStr | None, timeout: float,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: SecretStr | None,
+        timeout: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.url = url.rstrip("/") + HEARTBEAT_PATH
         self.timeout = timeout
         self._token = token.get_secret_value() if token else None
         headers = {"Authorization": f"Token {self._token}"} if self._token else {}
-        self._http = httpx.AsyncClient(headers=headers, timeout=timeout, follow_redirects=False,
-                                       transport=transport)
+        self._http = httpx.AsyncClient(
+            headers=headers, timeout=timeout, follow_redirects=False, transport=transport
+        )
 
     async def post(self, payload: dict[str, object]) -> Outcome:
         try:
@@ -122,8 +146,11 @@ class MonitorClient:
         except (TimeoutError, httpx.TimeoutException):
             return Outcome(False, "timeout", f"no answer within {self.timeout:g}s")
         except (httpx.HTTPError, OSError) as exc:
-            return Outcome(False, f"unreachable ({type(exc).__name__})",
-                           f"unreachable: {type(exc).__name__}: {self._scrubbed(str(exc))}")
+            return Outcome(
+                False,
+                f"unreachable ({type(exc).__name__})",
+                f"unreachable: {type(exc).__name__}: {self._scrubbed(str(exc))}",
+            )
         return answer_outcome(response.status_code, response.headers.get("location"), body)
 
     def _scrubbed(self, text: str) -> str:
@@ -138,9 +165,15 @@ class HeartbeatReporter:
     """Reports the listener's health (``health()``, the running listener's
     snapshot) to the monitor until stopped; ``send_exit`` says goodbye."""
 
-    def __init__(self, client: MonitorClient, identity: AgentIdentity, listener_id: str,
-                 health: Callable[[], HealthSnapshot], interval: float,
-                 poll: float = STATE_POLL) -> None:
+    def __init__(
+        self,
+        client: MonitorClient,
+        identity: AgentIdentity,
+        listener_id: str,
+        health: Callable[[], HealthSnapshot],
+        interval: float,
+        poll: float = STATE_POLL,
+    ) -> None:
         self.client = client
         self.identity = identity
         self.listener_id = listener_id
@@ -160,8 +193,9 @@ class HeartbeatReporter:
             state = agent_state(health)
             if state != self._reported or loop.time() >= due:
                 delivered = await self._send(state, describe(health, self.listener_id))
-                due = loop.time() + (self.interval if delivered
-                                     else min(self.interval, RETRY_AFTER))
+                due = loop.time() + (
+                    self.interval if delivered else min(self.interval, RETRY_AFTER)
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.poll)
 
@@ -188,18 +222,32 @@ class HeartbeatReporter:
         shown = f"{state.status}/{state.operational_state}"
         if not outcome.delivered:
             if state.operational_state == "EXITED":
-                log.warning("swf-monitor: the last heartbeat (%s) was not delivered to %s: %s",
-                            shown, self.client.url, outcome.detail)
+                log.warning(
+                    "swf-monitor: the last heartbeat (%s) was not delivered to %s: %s",
+                    shown,
+                    self.client.url,
+                    outcome.detail,
+                )
             elif outcome.kind != self._last_kind:
-                log.warning("swf-monitor: heartbeat (%s) to %s failed: %s; trying again every "
-                            "%gs, logged again when this changes", shown, self.client.url,
-                            outcome.detail, min(self.interval, RETRY_AFTER))
+                log.warning(
+                    "swf-monitor: heartbeat (%s) to %s failed: %s; trying again every "
+                    "%gs, logged again when this changes",
+                    shown,
+                    self.client.url,
+                    outcome.detail,
+                    min(self.interval, RETRY_AFTER),
+                )
             else:
                 log.debug("swf-monitor: heartbeat failed again: %s", outcome.detail)
             return
         if self._last_kind is None:
-            log.info("swf-monitor: registered as %s at %s (%s, %s)", self.identity.instance_name,
-                     self.client.url, outcome.detail, shown)
+            log.info(
+                "swf-monitor: registered as %s at %s (%s, %s)",
+                self.identity.instance_name,
+                self.client.url,
+                outcome.detail,
+                shown,
+            )
         elif self._last_kind != outcome.kind:
             log.info("swf-monitor: heartbeats delivered again (%s, %s)", outcome.detail, shown)
         elif previous != state:
@@ -212,14 +260,18 @@ def agent_identity(settings: Settings) -> AgentIdentity:
     hostname = socket.gethostname()
     namespace = settings.transceiver.namespace
     name = settings.monitor.instance_name or default_instance_name(
-        namespace, settings.transceiver.replica, hostname)
+        namespace, settings.transceiver.replica, hostname
+    )
     return AgentIdentity(name, settings.monitor.agent_type, namespace, os.getpid(), hostname)
 
 
 @asynccontextmanager
-async def monitor_heartbeats(settings: Settings, health: Callable[[], HealthSnapshot],
-                             stopping: asyncio.Event, poll: float = STATE_POLL,
-                             ) -> AsyncIterator[HeartbeatReporter | None]:
+async def monitor_heartbeats(
+    settings: Settings,
+    health: Callable[[], HealthSnapshot],
+    stopping: asyncio.Event,
+    poll: float = STATE_POLL,
+) -> AsyncIterator[HeartbeatReporter | None]:
     """Heartbeats while the body runs (the listener), until ``stopping`` is
     set; the last one on the way out. Nothing when ``monitor.url`` is unset."""
     monitor = settings.monitor
@@ -228,10 +280,20 @@ async def monitor_heartbeats(settings: Settings, health: Callable[[], HealthSnap
         yield None
         return
     client = MonitorClient(monitor.url, monitor.token, monitor.timeout)
-    reporter = HeartbeatReporter(client, agent_identity(settings),
-                                 settings.transceiver.listener_id, health, monitor.interval, poll)
-    log.info("swf-monitor heartbeats to %s as %s every %gs", client.url,
-             reporter.identity.instance_name, monitor.interval)
+    reporter = HeartbeatReporter(
+        client,
+        agent_identity(settings),
+        settings.transceiver.listener_id,
+        health,
+        monitor.interval,
+        poll,
+    )
+    log.info(
+        "swf-monitor heartbeats to %s as %s every %gs",
+        client.url,
+        reporter.identity.instance_name,
+        monitor.interval,
+    )
     beating = asyncio.create_task(reporter.run(stopping), name="swf-monitor heartbeats")
     beating.add_done_callback(_log_if_broken)
     failure: BaseException | None = None
@@ -253,5 +315,7 @@ def _log_if_broken(task: asyncio.Task[None]) -> None:
     # Kept from the listener on purpose: a reporting bug must not stop the
     # service; the heartbeats stop, the monitor shows the agent going stale.
     if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("swf-monitor heartbeats stopped by an error; the listener goes on without "
-                  "them", exc_info=exc)
+        log.error(
+            "swf-monitor heartbeats stopped by an error; the listener goes on without them",
+            exc_info=exc,
+        )

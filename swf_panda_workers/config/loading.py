@@ -65,12 +65,15 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 SECRET_FILE_VARIANTS = ("ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD", "SWF_API_TOKEN")
 
 # Secrets that work when written in the file, with a warning: (section, key, variable).
-SECRETS_IN_THE_FILE = (("brokers", "password", "ACTIVEMQ_PASSWORD"),
-                       ("monitor", "token", "SWF_API_TOKEN"))
+SECRETS_IN_THE_FILE = (
+    ("brokers", "password", "ACTIVEMQ_PASSWORD"),
+    ("monitor", "token", "SWF_API_TOKEN"),
+)
 
 
-def config_path(explicit: str | Path | None = None,
-                environ: Mapping[str, str] | None = None) -> Path:
+def config_path(
+    explicit: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
     """The configuration file, searched as the seed agent did: --config, else
     $SWF_PANDA_WORKERS_CONFIG (either must exist: a typo is an error, not a
     silent fall-back), else the first that exists of the user's file
@@ -126,8 +129,15 @@ def settings_from(
     for section, key, variable in SECRETS_IN_THE_FILE:
         written = raw.get(section)
         if isinstance(written, Mapping) and written.get(key) and not values.get(variable):
-            log.warning("%s: %s.%s is written in the configuration; keep it out of the "
-                        "file, in %s or %s_FILE", source, section, key, variable, variable)
+            log.warning(
+                "%s: %s.%s is written in the configuration; keep it out of the "
+                "file, in %s or %s_FILE",
+                source,
+                section,
+                key,
+                variable,
+                variable,
+            )
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

@@ -77,12 +77,15 @@ class Brokers(_Section):
     password: SecretStr | None = None
     use_ssl: bool = Field(default=False, description="STOMP over TLS (the broker's stomp+ssl)")
     ssl_ca_certs: Path | None = Field(
-        default=None, description="PEM CA bundle the broker's certificate must chain to; "
-        "none: the system's CAs")
+        default=None,
+        description="PEM CA bundle the broker's certificate must chain to; none: the system's CAs",
+    )
     ssl_cert_file: Path | None = Field(
-        default=None, description="PEM client certificate, for brokers requiring one")
+        default=None, description="PEM client certificate, for brokers requiring one"
+    )
     ssl_key_file: Path | None = Field(
-        default=None, description="its PEM private key, unencrypted (default: in ssl_cert_file)")
+        default=None, description="its PEM private key, unencrypted (default: in ssl_cert_file)"
+    )
     workers_topic: str = "/topic/panda.workers"
     transformer_topic: str = "/topic/panda.transformer"
     results_destination: str = Field(
@@ -91,24 +94,30 @@ class Brokers(_Section):
         description="where the transformers send slice results (iDDS's result_broker): a "
         "queue, shared with other namespaces (each takes its own runs' results, by selector), "
         "or a topic (swf-transform's default, /topic/panda.results), durably subscribed; "
-        "results_queue is the older name of this key")
+        "results_queue is the older name of this key",
+    )
     results_grace: float = Field(
-        default=600.0, ge=0, description="seconds a run's results are still taken from a "
-        "results queue after its flow run has finished (late results of stopped transformers)")
+        default=600.0,
+        ge=0,
+        description="seconds a run's results are still taken from a "
+        "results queue after its flow run has finished (late results of stopped transformers)",
+    )
     dead_letter_queue: str = "/queue/panda.workers.DLQ"
     prefetch_size: int = Field(
         default=1000, gt=0, description="unacked messages the broker may push at once"
     )
     heartbeat_ms: int = Field(
-        default=10000, ge=0, description="period of the STOMP heart-beats we send (ms)")
+        default=10000, ge=0, description="period of the STOMP heart-beats we send (ms)"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _older_key_names(cls, values: Any) -> Any:
         if isinstance(values, dict) and "results_queue" in values:
             if "results_destination" in values:
-                raise ValueError("results_queue and results_destination are both set; "
-                                 "keep results_destination")
+                raise ValueError(
+                    "results_queue and results_destination are both set; keep results_destination"
+                )
             values = {**values}
             values["results_destination"] = values.pop("results_queue")
         return values
@@ -155,9 +164,20 @@ class Panda(_Section):
         (``walltime`` for max_walltime, ``memory_per_core`` for ram_count)."""
         seed_names = self.model_dump(
             include={
-                "vo", "queue", "site", "cloud", "working_group", "priority",
-                "core_count", "ram_count", "num_workers", "max_walltime",
-                "max_attempt", "idle_timeout", "username", "task_type",
+                "vo",
+                "queue",
+                "site",
+                "cloud",
+                "working_group",
+                "priority",
+                "core_count",
+                "ram_count",
+                "num_workers",
+                "max_walltime",
+                "max_attempt",
+                "idle_timeout",
+                "username",
+                "task_type",
                 "processing_type",
             }
         )
@@ -179,43 +199,66 @@ class Scaling(_Section):
     policy: Literal["proportional", "reference"] = Field(
         default="proportional",
         description="proportional: size from the run's demand; reference: the seed's "
-        "1.2x/1.5x rule (slice.processing_time, slice.cooldown)")
-    window: float = Field(default=120.0, gt=0, description="seconds of slice results "
-                          "the demand is measured over")
-    percentile: float = Field(default=90.0, gt=0, le=100,
-                              description="percentile of processing time sized for")
+        "1.2x/1.5x rule (slice.processing_time, slice.cooldown)",
+    )
+    window: float = Field(
+        default=120.0, gt=0, description="seconds of slice results the demand is measured over"
+    )
+    percentile: float = Field(
+        default=90.0, gt=0, le=100, description="percentile of processing time sized for"
+    )
     target_utilisation: float = Field(default=0.8, gt=0, le=1)
-    drain_deadline: float = Field(default=300.0, gt=0,
-                                  description="seconds the backlog is to drain within")
+    drain_deadline: float = Field(
+        default=300.0, gt=0, description="seconds the backlog is to drain within"
+    )
     backlog_from_waits: bool = Field(
-        default=True, description="estimate the backlog from the slices' queue waits "
-        "(processing_start_at - requested_at)")
+        default=True,
+        description="estimate the backlog from the slices' queue waits "
+        "(processing_start_at - requested_at)",
+    )
     min_workers: int = Field(default=1, ge=0)
     max_workers: int = Field(default=100, gt=0)
     max_total_cores: int | None = Field(default=None, gt=0)
     max_total_memory_mb: int | None = Field(default=None, gt=0)
-    tolerance: float = Field(default=0.1, ge=0, lt=1,
-                             description="relative change inside which nothing is asked")
-    up_window: float = Field(default=30.0, ge=0, description="seconds a higher need must "
-                             "hold before scaling up")
-    down_window: float = Field(default=300.0, ge=0, description="seconds a lower need "
-                               "must hold before scaling down")
-    max_step_up: float = Field(default=1.0, gt=0, description="largest increase per "
-                               "request, as a fraction of the current size")
+    tolerance: float = Field(
+        default=0.1, ge=0, lt=1, description="relative change inside which nothing is asked"
+    )
+    up_window: float = Field(
+        default=30.0, ge=0, description="seconds a higher need must hold before scaling up"
+    )
+    down_window: float = Field(
+        default=300.0, ge=0, description="seconds a lower need must hold before scaling down"
+    )
+    max_step_up: float = Field(
+        default=1.0,
+        gt=0,
+        description="largest increase per request, as a fraction of the current size",
+    )
     max_step_down: float = Field(default=0.5, gt=0, le=1)
-    rampup: float = Field(default=300.0, ge=0, description="seconds requested workers may "
-                          "take to appear (the announcement's worker_rampup_time wins)")
+    rampup: float = Field(
+        default=300.0,
+        ge=0,
+        description="seconds requested workers may "
+        "take to appear (the announcement's worker_rampup_time wins)",
+    )
     min_results: int = Field(default=5, gt=0)
-    tick: float = Field(default=5.0, gt=0, description="seconds between looks at the "
-                        "demand when no result arrives")
+    tick: float = Field(
+        default=5.0, gt=0, description="seconds between looks at the demand when no result arrives"
+    )
     end: Literal["stop", "drain"] = Field(
-        default="drain", description="at end_run: stop the transformers at once (the "
-        "seed), or once the backlog has drained")
-    drain_timeout: float = Field(default=900.0, ge=0,
-                                 description="seconds after end_run a drain may take")
+        default="drain",
+        description="at end_run: stop the transformers at once (the "
+        "seed), or once the backlog has drained",
+    )
+    drain_timeout: float = Field(
+        default=900.0, ge=0, description="seconds after end_run a drain may take"
+    )
     drain_quiet: float = Field(
-        default=10.0, gt=0, description="the backlog is empty when no result came for "
-        "this long, or for twice the slices' processing time if longer")
+        default=10.0,
+        gt=0,
+        description="the backlog is empty when no result came for "
+        "this long, or for twice the slices' processing time if longer",
+    )
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> Scaling:
@@ -232,11 +275,13 @@ class Timeouts(_Section):
         default=120.0, gt=0, description="seconds to wait for iDDS to confirm the close"
     )
     run_end: float = Field(
-        default=48 * 3600.0, gt=0,
+        default=48 * 3600.0,
+        gt=0,
         description="seconds after run_imminent to end a run whose end_run never came",
     )
     stall: float = Field(
-        default=60.0, gt=0,
+        default=60.0,
+        gt=0,
         description="seconds a run may wait for something it needs (iDDS's ids, its "
         "scaling sub-flow to start, a close confirmation, Prefect storing its journal) "
         "before it is reported stalled, with what it waits for",
@@ -254,12 +299,14 @@ class Idds(_Section):
         "PanDA server (panda-client)",
     )
     host: str | None = Field(
-        default=None, description="iDDS REST base URL, e.g. https://host:443/idds; "
+        default=None,
+        description="iDDS REST base URL, e.g. https://host:443/idds; "
         "IDDS_HOST overrides it, as in idds-client",
     )
     timeout: float = Field(default=30.0, gt=0, description="seconds per HTTP request")
     ca_certs: Path | None = Field(
-        default=None, description="PEM CA bundle, or a directory of hashed CA certificates "
+        default=None,
+        description="PEM CA bundle, or a directory of hashed CA certificates "
         "(/etc/grid-security/certificates), iDDS's server certificate must chain to "
         "(route direct); none: not verified, as idds-client 2.6.21 never verifies it; "
         "IDDS_CA_CERTS",
@@ -283,15 +330,19 @@ class Prefect(_Section):
     )
     # `serve` only (swf_panda_workers/state_dir.py, service/serve.py):
     server_port: int = Field(
-        default=4200, gt=0, lt=65536,
+        default=4200,
+        gt=0,
+        lt=65536,
         description="port of the Prefect server `serve` starts (none when PREFECT_API_URL "
-        "is set); a server it did not start answering there is an error")
+        "is set); a server it did not start answering there is an error",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="`serve`'s state: the home of its Prefect server (the database: every "
         "run's flow runs, events, journal, artifacts) and its logs; SWF_STATE_DIR; unset: "
         "PREFECT_HOME, else $XDG_STATE_HOME/swf-panda-workers "
-        "(~/.local/state/swf-panda-workers)")
+        "(~/.local/state/swf-panda-workers)",
+    )
 
 
 class Monitor(_Section):
@@ -299,24 +350,38 @@ class Monitor(_Section):
     (swf_panda_workers.adapters.swf_monitor); off while ``url`` is unset."""
 
     url: str | None = Field(
-        default=None, pattern=r"^https?://[^\s/]+(/\S*)?$",
+        default=None,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
         description="the monitor's base URL (heartbeats go to {url}/api/systemagents/heartbeat/)"
-        "; SWF_MONITOR_URL; unset: no heartbeats")
+        "; SWF_MONITOR_URL; unset: no heartbeats",
+    )
     token: SecretStr | None = Field(
-        default=None, description="API token, sent as 'Authorization: Token <token>'; "
-        "SWF_API_TOKEN or SWF_API_TOKEN_FILE")
-    interval: float = Field(default=60.0, gt=0, description="seconds between two heartbeats "
-                            "(a change of state is sent at once)")
-    timeout: float = Field(default=5.0, gt=0, description="seconds one heartbeat may take, "
-                           "the last one at shutdown included")
+        default=None,
+        description="API token, sent as 'Authorization: Token <token>'; "
+        "SWF_API_TOKEN or SWF_API_TOKEN_FILE",
+    )
+    interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds between two heartbeats (a change of state is sent at once)",
+    )
+    timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds one heartbeat may take, the last one at shutdown included",
+    )
     agent_type: str = Field(
-        default="panda_workers", pattern=r"^[A-Za-z0-9_.-]{1,20}$",
+        default="panda_workers",
+        pattern=r"^[A-Za-z0-9_.-]{1,20}$",
         description="the monitor's agent_type (20 characters at most; some monitor versions "
-        "accept only their own list: daqsim, data, processing, fastmon, ..., other)")
+        "accept only their own list: daqsim, data, processing, fastmon, ..., other)",
+    )
     instance_name: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9_.-]{1,100}$",
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,100}$",
         description="this listener's name in the monitor; unset: "
-        "panda-workers-<namespace>[-<replica>]-<hostname>")
+        "panda-workers-<namespace>[-<replica>]-<hostname>",
+    )
 
     @field_validator("url")
     @classmethod
@@ -341,8 +406,11 @@ class Metrics(_Section):
     """The listener's HTTP endpoint: Prometheus metrics on /metrics, its
     health on /healthz (listeners/status_server.py)."""
 
-    host: str = Field(default="127.0.0.1", min_length=1,
-                      description="address to listen on; 0.0.0.0 in a container")
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address to listen on; 0.0.0.0 in a container",
+    )
     port: int = Field(default=9640, ge=0, lt=65536, description="0: no endpoint")
 
 

@@ -50,5 +50,4 @@ class AdjustmentJournal:
         if not isinstance(item, AdjustSent) or item not in self.ahead:
             return self
         index = self.ahead.index(item)
-        return AdjustmentJournal(self.ahead[:index] + self.ahead[index + 1:])
-
+        return AdjustmentJournal(self.ahead[:index] + self.ahead[index + 1 :])

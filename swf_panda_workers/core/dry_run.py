@@ -23,6 +23,10 @@ class WithheldMessages:
 
     def send(self, message: Outgoing, timeout: float = 10.0) -> None:
         self.withheld.append(message)
-        self.log.info("dry run, not sent: %s run_id=%s to %s %s", message.msg_type,
-                      message.headers.get("run_id"), message.destination,
-                      json.dumps(message.body.get("content"), sort_keys=True))
+        self.log.info(
+            "dry run, not sent: %s run_id=%s to %s %s",
+            message.msg_type,
+            message.headers.get("run_id"),
+            message.destination,
+            json.dumps(message.body.get("content"), sort_keys=True),
+        )

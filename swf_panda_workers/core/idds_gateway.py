@@ -48,16 +48,17 @@ class IddsGateway(Protocol):
     per run, which is how iDDS (and REST mode, after a failed answer) finds
     the run's task."""
 
-    def create_workflow_task(self, run: RunImminent, workflow: dict[str, Any],
-                             now: datetime) -> CreatedWorkflowTask | None:
-        ...
+    def create_workflow_task(
+        self, run: RunImminent, workflow: dict[str, Any], now: datetime
+    ) -> CreatedWorkflowTask | None: ...
 
-    def adjust_worker(self, run_id: str, ids: WorkflowIds, size: WorkerSize,
-                      now: datetime) -> AdjustedWorker | None:
-        ...
+    def adjust_worker(
+        self, run_id: str, ids: WorkflowIds, size: WorkerSize, now: datetime
+    ) -> AdjustedWorker | None: ...
 
-    def close_workflow_task(self, run_id: str, ids: WorkflowIds | None, workflow_name: str,
-                            now: datetime) -> ClosedWorkflowTask | None:
+    def close_workflow_task(
+        self, run_id: str, ids: WorkflowIds | None, workflow_name: str, now: datetime
+    ) -> ClosedWorkflowTask | None:
         """``ids`` None: the run's task, whose ids never came, found by the
         run (message mode: iDDS looks it up by run id) or by its workflow name."""
         ...
@@ -91,8 +92,9 @@ def relay_result(result: object, request: str) -> object:
         raise IddsRequestFailed(f"iDDS {request} via PanDA: unreadable answer {_text(result)}")
     status, payload = result
     if status != 0:
-        raise IddsRequestFailed(f"iDDS {request} via PanDA failed (status {status}): "
-                                f"{_text(payload)}")
+        raise IddsRequestFailed(
+            f"iDDS {request} via PanDA failed (status {status}): {_text(payload)}"
+        )
     if not (isinstance(payload, tuple | list) and len(payload) == 2):
         raise IddsRequestFailed(f"iDDS {request} via PanDA: unreadable answer {_text(payload)}")
     ok, answer = payload
@@ -110,26 +112,31 @@ def created_answer(run_id: str, result: object, now: datetime) -> CreatedWorkflo
     message message mode would have received."""
     if not isinstance(result, Mapping):
         raise IddsRequestFailed(
-            f"iDDS create_workflow_task answered {_text(result)}, not the task's ids")
+            f"iDDS create_workflow_task answered {_text(result)}, not the task's ids"
+        )
     try:
         return CreatedWorkflowTask.model_validate(
-            _reply("created_workflow_task", run_id, now, {**result, "run_id": run_id}))
+            _reply("created_workflow_task", run_id, now, {**result, "run_id": run_id})
+        )
     except ValidationError as exc:
         raise IddsRequestFailed(
             f"iDDS create_workflow_task answered without usable ids: {_text(result)} "
-            f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})") from None
+            f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})"
+        ) from None
 
 
-def adjusted_answer(run_id: str, ids: WorkflowIds, size: WorkerSize,
-                    now: datetime) -> AdjustedWorker:
+def adjusted_answer(
+    run_id: str, ids: WorkflowIds, size: WorkerSize, now: datetime
+) -> AdjustedWorker:
     """iDDS's REST answer to adjust_worker only says it succeeded; what it
     applied is what was asked."""
     content = {"run_id": run_id, **ids.model_dump(), **size.model_dump(exclude_none=True)}
     return AdjustedWorker.model_validate(_reply("adjusted_worker", run_id, now, content))
 
 
-def closed_answer(run_id: str, ids: WorkflowIds, result: object,
-                  now: datetime) -> ClosedWorkflowTask:
+def closed_answer(
+    run_id: str, ids: WorkflowIds, result: object, now: datetime
+) -> ClosedWorkflowTask:
     """The REST answer ({"status": 0, "message": "closed successfully"}) gives
     no ToCancel/NotFound as the bus reply does: the run keeps iDDS's words."""
     message = result.get("message") if isinstance(result, Mapping) else None
@@ -141,13 +148,19 @@ def closed_answer(run_id: str, ids: WorkflowIds, result: object,
 def not_found_answer(run_id: str, now: datetime) -> ClosedWorkflowTask:
     """What iDDS's transceiver answers a close by run id when the run has no
     task: REST mode says the same when it found none to close."""
-    content = {"run_id": run_id, "request_id": None, "transform_id": None,
-               "workload_id": None, "status": "NotFound"}
+    content = {
+        "run_id": run_id,
+        "request_id": None,
+        "transform_id": None,
+        "workload_id": None,
+        "status": "NotFound",
+    }
     return ClosedWorkflowTask.model_validate(_reply("closed_workflow_task", run_id, now, content))
 
 
-def task_of_run(requests: object, details_of: Callable[[int], object], name: str,
-                run_id: str) -> dict[str, Any] | None:
+def task_of_run(
+    requests: object, details_of: Callable[[int], object], name: str, run_id: str
+) -> dict[str, Any] | None:
     """The run's task among iDDS's answers: ``requests`` is its answer to
     get_request_id_by_name (``{name: request_id}``; the lookup is a SQL LIKE,
     where ``_`` matches any character, so only the exact name counts), and
@@ -165,18 +178,24 @@ def task_of_run(requests: object, details_of: Callable[[int], object], name: str
     rows = details_of(int(request_id))
     if not isinstance(rows, list | tuple):
         raise IddsRequestFailed(
-            f"iDDS answered the details of request {request_id} with {_text(rows)}")
+            f"iDDS answered the details of request {request_id} with {_text(rows)}"
+        )
     for row in rows:
-        if isinstance(row, Mapping) and row.get("transform_name") == name \
-                and row.get("transform_id") is not None:
-            return {"request_id": int(request_id), "transform_id": row["transform_id"],
-                    "workload_id": row.get("transform_workload_id")}
+        if (
+            isinstance(row, Mapping)
+            and row.get("transform_name") == name
+            and row.get("transform_id") is not None
+        ):
+            return {
+                "request_id": int(request_id),
+                "transform_id": row["transform_id"],
+                "workload_id": row.get("transform_workload_id"),
+            }
     return None
 
 
 def _reply(msg_type: str, run_id: str, now: datetime, content: dict[str, Any]) -> dict[str, Any]:
-    return {"msg_type": msg_type, "run_id": run_id, "created_at": to_iso(now),
-            "content": content}
+    return {"msg_type": msg_type, "run_id": run_id, "created_at": to_iso(now), "content": content}
 
 
 def _text(value: object, limit: int = 500) -> str:

@@ -39,8 +39,9 @@ def _slice(item: SliceResult) -> str:
 @_detail.register
 def _created(item: CreatedWorkflowTask) -> str:
     ids = item.ids
-    return f"request_id={ids.request_id} transform_id={ids.transform_id} " \
-           f"workload_id={ids.workload_id}"
+    return (
+        f"request_id={ids.request_id} transform_id={ids.transform_id} workload_id={ids.workload_id}"
+    )
 
 
 @_detail.register
@@ -91,6 +92,8 @@ class StreamSummary:
         took = sorted(self._seconds)
         median = f"{took[len(took) // 2]:.2f}s" if took else "-"
         longest = f"{took[-1]:.2f}s" if took else "-"
-        return (f"stream run_id={run_id} last={seconds:.0f}s slice_results={self.done} "
-                f"failed={self.failed} took_median={median} took_max={longest} "
-                f"heartbeats={self.heartbeats}")
+        return (
+            f"stream run_id={run_id} last={seconds:.0f}s slice_results={self.done} "
+            f"failed={self.failed} took_median={median} took_max={longest} "
+            f"heartbeats={self.heartbeats}"
+        )

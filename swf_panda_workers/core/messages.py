@@ -49,9 +49,7 @@ def _run_id_text(value: object) -> str:
         raise ValueError("run_id must be a string or an integer")
     text = str(value).strip()
     if not _RUN_ID_PATTERN.match(text):
-        raise ValueError(
-            "run_id must be 1-64 characters of letters, digits, '_', '.', '-'"
-        )
+        raise ValueError("run_id must be 1-64 characters of letters, digits, '_', '.', '-'")
     return text
 
 
@@ -393,20 +391,43 @@ def _message_tag(data: Any) -> Any:
 
 
 def _tagged(*models: type[BaseModel]) -> list[Any]:
-    return [Annotated[m, Tag(t)] for m in models
-            for t in m.model_fields["msg_type"].annotation.__args__]  # type: ignore[union-attr]
+    return [
+        Annotated[m, Tag(t)]
+        for m in models
+        for t in m.model_fields["msg_type"].annotation.__args__  # type: ignore[union-attr]
+    ]
 
 
 _ROUTED_MODELS: tuple[type[BaseModel], ...] = (
-    RunImminent, RunEnd, CreatedWorkflowTask, AdjustedWorker, ClosedWorkflowTask,
-    CreateWorkflowTask, AdjustWorker, CloseWorkflowTask, StopTransformer,
-    SliceResult, TransformerHeartbeat, Heartbeat,
+    RunImminent,
+    RunEnd,
+    CreatedWorkflowTask,
+    AdjustedWorker,
+    ClosedWorkflowTask,
+    CreateWorkflowTask,
+    AdjustWorker,
+    CloseWorkflowTask,
+    StopTransformer,
+    SliceResult,
+    TransformerHeartbeat,
+    Heartbeat,
 )
 
-Message = (RunImminent | RunEnd | CreatedWorkflowTask | AdjustedWorker | ClosedWorkflowTask
-           | CreateWorkflowTask | AdjustWorker | CloseWorkflowTask | StopTransformer
-           | SliceResult | UnroutedSliceResult | TransformerHeartbeat | Heartbeat)
-
+Message = (
+    RunImminent
+    | RunEnd
+    | CreatedWorkflowTask
+    | AdjustedWorker
+    | ClosedWorkflowTask
+    | CreateWorkflowTask
+    | AdjustWorker
+    | CloseWorkflowTask
+    | StopTransformer
+    | SliceResult
+    | UnroutedSliceResult
+    | TransformerHeartbeat
+    | Heartbeat
+)
 
 
 def _message_form() -> Any:
@@ -505,7 +526,8 @@ def _check_text(text: str) -> None:
     found = _SURROGATE.search(text)
     if found is not None:
         raise InvalidMessage(
-            f"body holds the lone surrogate \\u{ord(found.group()):04x}, which is not Unicode text")
+            f"body holds the lone surrogate \\u{ord(found.group()):04x}, which is not Unicode text"
+        )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -526,7 +548,10 @@ def _describe(exc: ValidationError) -> str:
 
 
 _TAGS = {
-    *(tag for model in _ROUTED_MODELS
-      for tag in model.model_fields["msg_type"].annotation.__args__),  # type: ignore[union-attr]
+    *(
+        tag
+        for model in _ROUTED_MODELS
+        for tag in model.model_fields["msg_type"].annotation.__args__  # type: ignore[union-attr]
+    ),
     _UNROUTED,
 }

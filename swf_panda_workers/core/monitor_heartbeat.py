@@ -68,7 +68,7 @@ def default_instance_name(namespace: str, replica: str | None, hostname: str) ->
     if len(name) <= INSTANCE_NAME_MAX:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:INSTANCE_NAME_MAX - 9]}-{digest}"
+    return f"{name[: INSTANCE_NAME_MAX - 9]}-{digest}"
 
 
 def agent_state(health: HealthSnapshot) -> AgentState:
@@ -79,22 +79,30 @@ def agent_state(health: HealthSnapshot) -> AgentState:
         operational = "PROCESSING"
     else:
         operational = "READY"
-    return AgentState(status="OK" if health.bus_connected else "WARNING",
-                      operational_state=operational, mq_connected=health.bus_connected)
+    return AgentState(
+        status="OK" if health.bus_connected else "WARNING",
+        operational_state=operational,
+        mq_connected=health.bus_connected,
+    )
 
 
 def exit_state(health: HealthSnapshot, failed: bool) -> AgentState:
     """The last heartbeat's: EXITED, or ERROR when the listener ended on an
     error (it still has exited: operational_state says so)."""
-    return AgentState(status="ERROR" if failed else "EXITED", operational_state="EXITED",
-                      mq_connected=health.bus_connected)
+    return AgentState(
+        status="ERROR" if failed else "EXITED",
+        operational_state="EXITED",
+        mq_connected=health.bus_connected,
+    )
 
 
 def describe(health: HealthSnapshot, listener_id: str, exit_reason: str | None = None) -> str:
     """One line an operator reads in the monitor's agent list."""
-    parts = [f"PanDA workers listener {listener_id}",
-             f"MQ: {'connected' if health.bus_connected else 'disconnected'}",
-             f"Prefect: {'reachable' if health.prefect_reachable else 'not reachable'}"]
+    parts = [
+        f"PanDA workers listener {listener_id}",
+        f"MQ: {'connected' if health.bus_connected else 'disconnected'}",
+        f"Prefect: {'reachable' if health.prefect_reachable else 'not reachable'}",
+    ]
     if exit_reason is not None:
         parts.append(f"exited: {exit_reason}")
     elif health.runs_active is None:
@@ -104,8 +112,9 @@ def describe(health: HealthSnapshot, listener_id: str, exit_reason: str | None =
     return ". ".join(parts)
 
 
-def heartbeat_payload(identity: AgentIdentity, state: AgentState,
-                      description: str) -> dict[str, Any]:
+def heartbeat_payload(
+    identity: AgentIdentity, state: AgentState, description: str
+) -> dict[str, Any]:
     """The JSON body of POST {monitor}/api/systemagents/heartbeat/."""
     return {
         "instance_name": identity.instance_name,

@@ -42,8 +42,7 @@ class Sender(Protocol):
     """Where outgoing messages go: the bus (adapters.stomp_bus.BusClient), or
     nowhere in a dry run (dry_run.WithheldMessages)."""
 
-    def send(self, message: Outgoing, timeout: float = 10.0) -> None:
-        ...
+    def send(self, message: Outgoing, timeout: float = 10.0) -> None: ...
 
 
 def wire_run_id(run_id: str) -> int | str:
@@ -60,8 +59,9 @@ def stop_run_ids(run_id: str) -> tuple[int | str, ...]:
     return (as_int, run_id) if as_int != run_id else (run_id,)
 
 
-def headers_for(msg_type: str, run_id: str, settings: Settings, now: datetime,
-                namespace: str | None = None) -> dict[str, str]:
+def headers_for(
+    msg_type: str, run_id: str, settings: Settings, now: datetime, namespace: str | None = None
+) -> dict[str, str]:
     """``namespace``: the namespace header, by default ours."""
     ttl = settings.transceiver.timetolive
     headers = {
@@ -80,12 +80,14 @@ def headers_for(msg_type: str, run_id: str, settings: Settings, now: datetime,
 
 
 def _to_idds(msg_type: str, run_id: str, settings: Settings, now: datetime) -> dict[str, str]:
-    return headers_for(msg_type, run_id, settings, now,
-                       namespace=settings.transceiver.requests_namespace)
+    return headers_for(
+        msg_type, run_id, settings, now, namespace=settings.transceiver.requests_namespace
+    )
 
 
-def _envelope(msg_type: str, run_id: int | str, now: datetime, content: dict[str, Any],
-              settings: Settings) -> dict[str, Any]:
+def _envelope(
+    msg_type: str, run_id: int | str, now: datetime, content: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
     return {
         "msg_type": msg_type,
         "run_id": run_id,
@@ -109,16 +111,19 @@ def workflow_name(run: RunImminent, settings: Settings, announced_at: datetime) 
     (it is the PanDA task's name too): without the run id, the second run of
     a day and site fails inside iDDS and gets no reply at all. The date is the
     announcement's, so a retry on another day names the same task."""
-    return (f"{_scope(settings, announced_at)}_{settings.panda.transform_tag}_"
-            f"{run.content.site or settings.panda.site}_{announced_at:%Y%m%d}_{run.run_id}")
+    return (
+        f"{_scope(settings, announced_at)}_{settings.panda.transform_tag}_"
+        f"{run.content.site or settings.panda.site}_{announced_at:%Y%m%d}_{run.run_id}"
+    )
 
 
 def _scope(settings: Settings, announced_at: datetime) -> str:
     return settings.panda.scope or f"EIC_{announced_at:%Y}"
 
 
-def workflow_for(run: RunImminent, settings: Settings, now: datetime,
-                 announced_at: datetime | None = None) -> dict[str, Any]:
+def workflow_for(
+    run: RunImminent, settings: Settings, now: datetime, announced_at: datetime | None = None
+) -> dict[str, Any]:
     """The iDDS workflow description of a run (PROTOCOL.md, create_workflow_task).
     ``announced_at`` (default ``now``) dates its name and campaign."""
     panda = settings.panda
@@ -151,8 +156,9 @@ def workflow_for(run: RunImminent, settings: Settings, now: datetime,
     }
 
 
-def create_workflow_task(run: RunImminent, settings: Settings, now: datetime,
-                         workflow: dict[str, Any] | None = None) -> Outgoing:
+def create_workflow_task(
+    run: RunImminent, settings: Settings, now: datetime, workflow: dict[str, Any] | None = None
+) -> Outgoing:
     """``workflow``: the run's (``workflow_for``), by default made now."""
     content = {
         "run_id": run.run_id,
@@ -166,8 +172,9 @@ def create_workflow_task(run: RunImminent, settings: Settings, now: datetime,
     )
 
 
-def adjust_content(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
-                   now: datetime) -> dict[str, Any]:
+def adjust_content(
+    run_id: str, ids: WorkflowIds | None, size: WorkerSize, now: datetime
+) -> dict[str, Any]:
     """What iDDS reads from an adjust_worker, on the bus or over REST."""
     if ids is None:
         raise UnsafeMessage(f"adjust_worker for run {run_id} without its iDDS ids")
@@ -179,8 +186,9 @@ def adjust_content(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
     }
 
 
-def adjust_worker(run_id: str, ids: WorkflowIds | None, size: WorkerSize,
-                  settings: Settings, now: datetime) -> Outgoing:
+def adjust_worker(
+    run_id: str, ids: WorkflowIds | None, size: WorkerSize, settings: Settings, now: datetime
+) -> Outgoing:
     content = adjust_content(run_id, ids, size, now)
     return Outgoing(
         settings.brokers.workers_topic,
@@ -207,8 +215,9 @@ def _ids_or_nulls(ids: WorkflowIds | None) -> dict[str, int | None]:
     return ids.model_dump(include={"request_id", "transform_id", "workload_id"})
 
 
-def close_workflow_task(run_id: str, ids: WorkflowIds | None, settings: Settings,
-                        now: datetime) -> Outgoing:
+def close_workflow_task(
+    run_id: str, ids: WorkflowIds | None, settings: Settings, now: datetime
+) -> Outgoing:
     """``ids`` None: close the run's task by its run id (see ``close_content``)."""
     content = close_content(run_id, ids, now)
     return Outgoing(
@@ -223,8 +232,13 @@ def stop_transformers(run_id: str, settings: Settings, now: datetime) -> tuple[O
     return tuple(
         Outgoing(
             settings.brokers.transformer_topic,
-            {"msg_type": "stop_transformer", "run_id": form, "created_at": to_iso(now),
-             "content": {"requested_at": to_iso(now)}},
+            {
+                "msg_type": "stop_transformer",
+                "run_id": form,
+                "created_at": to_iso(now),
+                "content": {"requested_at": to_iso(now)},
+            },
             headers_for("stop_transformer", run_id, settings, now),
         )
-        for form in stop_run_ids(run_id))
+        for form in stop_run_ids(run_id)
+    )

@@ -60,8 +60,12 @@ class WorkerPlan:
     def adjusted(self, adjustment: Adjustment, sent_at: datetime) -> WorkerPlan:
         """The plan once ``adjustment`` was sent: its size, asked at ``sent_at``;
         the cooldown runs from when it was decided."""
-        return replace(self, current=adjustment.size, requested_at=sent_at,
-                       last_adjusted_at=adjustment.decided_at)
+        return replace(
+            self,
+            current=adjustment.size,
+            requested_at=sent_at,
+            last_adjusted_at=adjustment.decided_at,
+        )
 
     def created(self, sent_at: datetime) -> WorkerPlan:
         """The plan once the run's task was asked for: workers requested then."""
@@ -177,8 +181,10 @@ class ProportionalPolicy:
     def needed(self, demand: Demand) -> float:
         """Workers the demand needs, before bounds and damping."""
         took = demand.processing_seconds or 0.0
-        return (demand.rate * took / self.target_utilisation
-                + demand.backlog * took / self.drain_seconds)
+        return (
+            demand.rate * took / self.target_utilisation
+            + demand.backlog * took / self.drain_seconds
+        )
 
     def decide(self, plan: WorkerPlan, seen: Observation, memory: ScalingMemory) -> Verdict:
         demand = seen.demand
@@ -191,12 +197,15 @@ class ProportionalPolicy:
         target = self.bounds.clamp(self._stepped(current, target), plan.current)
         if not self._worth_asking(plan, demand, current, target):
             return Verdict(None, memory)
-        return Verdict(Adjustment(
-            size=plan.current.model_copy(update={"target_worker_count": target}),
-            decided_at=seen.at,
-            reason=self._reason(demand, need, current, target),
-            inputs=demand,
-        ), memory)
+        return Verdict(
+            Adjustment(
+                size=plan.current.model_copy(update={"target_worker_count": target}),
+                decided_at=seen.at,
+                reason=self._reason(demand, need, current, target),
+                inputs=demand,
+            ),
+            memory,
+        )
 
     def _remember(self, memory: ScalingMemory, at: datetime, need: int) -> ScalingMemory:
         keep = max(self.up_window, self.down_window)
@@ -208,8 +217,10 @@ class ProportionalPolicy:
         as the highest need of ``down_window``, and only once the policy has
         watched that long: one quiet minute does not shed workers, and the
         first few results of a run (its rate still rising) shed none."""
+
         def within(window: float) -> list[int]:
             return [n for t, n in memory.needs if (at - t).total_seconds() <= window]
+
         if need > current:
             return max(current, min(within(self.up_window)))
         watched = (at - (memory.since or at)).total_seconds()
@@ -232,14 +243,19 @@ class ProportionalPolicy:
             return False
         # Workers asked for but not yet seen are capacity on the way: asking
         # again before they could have come would ask twice for one gap.
-        arriving = demand.workers_seen < current and plan.requested_at is not None and (
-            (demand.at - plan.requested_at).total_seconds() < self.rampup_seconds)
+        arriving = (
+            demand.workers_seen < current
+            and plan.requested_at is not None
+            and ((demand.at - plan.requested_at).total_seconds() < self.rampup_seconds)
+        )
         return not (target > current and arriving)
 
     def _reason(self, demand: Demand, need: int, current: int, target: int) -> str:
         took = demand.processing_seconds or 0.0
-        because = (f"{demand.rate:.2f} slices/s x p{self.percentile:g} {took:.1f}s"
-                   f" / {self.target_utilisation:g}")
+        because = (
+            f"{demand.rate:.2f} slices/s x p{self.percentile:g} {took:.1f}s"
+            f" / {self.target_utilisation:g}"
+        )
         if demand.backlog >= 0.5:
             because += f" + backlog {demand.backlog:.0f} x {took:.1f}s / {self.drain_seconds:g}s"
         limited = "" if target == need else f" (need {need}; damped)"
@@ -248,7 +264,8 @@ class ProportionalPolicy:
 
 def _cooling(plan: WorkerPlan, at: datetime, cooldown: float) -> bool:
     return plan.last_adjusted_at is not None and (
-        (at - plan.last_adjusted_at).total_seconds() < cooldown)
+        (at - plan.last_adjusted_at).total_seconds() < cooldown
+    )
 
 
 def _scaled(initial: WorkerSize, factor: float) -> WorkerSize:

@@ -30,10 +30,14 @@ class RecordedSlice(BaseModel):
     @classmethod
     def of(cls, result: SliceResult, at: datetime) -> RecordedSlice:
         content = result.content
-        return cls(at=at, requested_at=content.requested_at,
-                   started_at=content.processing_start_at,
-                   processing_seconds=result.processing_seconds,
-                   failed=content.state == "failed", worker=result.worker)
+        return cls(
+            at=at,
+            requested_at=content.requested_at,
+            started_at=content.processing_start_at,
+            processing_seconds=result.processing_seconds,
+            failed=content.state == "failed",
+            worker=result.worker,
+        )
 
 
 class RunRecording(BaseModel):
@@ -53,9 +57,12 @@ class RunRecording(BaseModel):
         # and sent hold one time, ``at``: it stands for both.
         if not isinstance(entries, list):
             return entries
-        return [{"decided_at": e["at"], "sent_at": e["at"],
-                 **{k: v for k, v in e.items() if k != "at"}}
-                if isinstance(e, dict) and "at" in e else e for e in entries]
+        return [
+            {"decided_at": e["at"], "sent_at": e["at"], **{k: v for k, v in e.items() if k != "at"}}
+            if isinstance(e, dict) and "at" in e
+            else e
+            for e in entries
+        ]
 
     @property
     def run(self) -> RunImminent:
@@ -63,7 +70,10 @@ class RunRecording(BaseModel):
 
 
 def recording_from(
-    run_id: str, namespace: str, announcement: dict[str, Any], announced_at: datetime,
+    run_id: str,
+    namespace: str,
+    announcement: dict[str, Any],
+    announced_at: datetime,
     inputs: Iterable[tuple[datetime, object]],
 ) -> RunRecording:
     """A recording from the run's inputs (message or effect, and when), in order."""
@@ -77,6 +87,12 @@ def recording_from(
             ended_at = at
         elif isinstance(item, AdjustSent):
             adjustments.append(item)
-    return RunRecording(run_id=run_id, namespace=namespace, announcement=announcement,
-                        announced_at=announced_at, ended_at=ended_at, slices=slices,
-                        adjustments=adjustments)
+    return RunRecording(
+        run_id=run_id,
+        namespace=namespace,
+        announcement=announcement,
+        announced_at=announced_at,
+        ended_at=ended_at,
+        slices=slices,
+        adjustments=adjustments,
+    )

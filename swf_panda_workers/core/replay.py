@@ -67,12 +67,19 @@ class ReplayResult:
         return (self.over_at - self.started_at).total_seconds() / 60.0
 
     def trace(self) -> Trace:
-        return Trace(label=self.label, points=list(self.timeline.points),
-                     adjustments=[a.sent_at for a in self.adjustments])
+        return Trace(
+            label=self.label,
+            points=list(self.timeline.points),
+            adjustments=[a.sent_at for a in self.adjustments],
+        )
 
 
-def replay(recording: RunRecording, settings: Settings, label: str,
-           worker_startup: float = DEFAULT_WORKER_STARTUP) -> ReplayResult:
+def replay(
+    recording: RunRecording,
+    settings: Settings,
+    label: str,
+    worker_startup: float = DEFAULT_WORKER_STARTUP,
+) -> ReplayResult:
     """The recorded run replayed through the policy ``settings`` configure."""
     if worker_startup < 0:
         raise ValueError("worker_startup must not be negative")
@@ -86,10 +93,14 @@ def comparison_table(results: Sequence[ReplayResult]) -> str:
         ("backlog over deadline (s)", [f"{r.backlog_over_deadline:.0f}" for r in results]),
         ("adjustments", [str(len(r.adjustments)) for r in results]),
         ("peak workers", [str(r.peak_workers) for r in results]),
-        ("slices processed / abandoned",
-         [f"{r.slices_processed} / {r.slices_abandoned}" for r in results]),
-        ("p90 queue wait (s)",
-         ["-" if r.p90_wait is None else f"{r.p90_wait:.1f}" for r in results]),
+        (
+            "slices processed / abandoned",
+            [f"{r.slices_processed} / {r.slices_abandoned}" for r in results],
+        ),
+        (
+            "p90 queue wait (s)",
+            ["-" if r.p90_wait is None else f"{r.p90_wait:.1f}" for r in results],
+        ),
         ("run over after (min)", [f"{r.run_minutes:.1f}" for r in results]),
     ]
     header = ("", [r.label for r in results])
@@ -156,8 +167,9 @@ def _slices(recording: RunRecording, settings: Settings) -> list[_Slice]:
 
 
 class _Replay:
-    def __init__(self, recording: RunRecording, settings: Settings, label: str,
-                 startup: timedelta) -> None:
+    def __init__(
+        self, recording: RunRecording, settings: Settings, label: str, startup: timedelta
+    ) -> None:
         run = recording.run
         self.label = label
         self.settings = settings
@@ -168,8 +180,9 @@ class _Replay:
         # No end_run recorded: the run lasted as long as its results came.
         self.ended = max(self.started, recording.ended_at or last_seen)
         self.loop = ScalingLoop.for_run(settings, run)
-        self.plan: WorkerPlan = replace(initial_state(run, settings).plan,
-                                        requested_at=self.started)
+        self.plan: WorkerPlan = replace(
+            initial_state(run, settings).plan, requested_at=self.started
+        )
 
         self.clock = self.started
         self.events: list[tuple[datetime, _Kind, int, Any]] = []
@@ -235,8 +248,11 @@ class _Replay:
                 if self.settings.scaling.end == "stop" or self._drained():
                     self._finish()
                 else:
-                    self._schedule(self.clock + timedelta(
-                        seconds=self.settings.scaling.drain_timeout), _Kind.DRAIN_TIMEOUT, None)
+                    self._schedule(
+                        self.clock + timedelta(seconds=self.settings.scaling.drain_timeout),
+                        _Kind.DRAIN_TIMEOUT,
+                        None,
+                    )
             case _Kind.DRAIN_TIMEOUT:
                 self._finish()
 
@@ -259,17 +275,28 @@ class _Replay:
         else:
             self.idle.append(worker)
         piece = job.slice
-        self._act(self.loop.after_result(self.plan, SliceObservation(
-            at=self.clock, processing_seconds=piece.reported,
-            waited_seconds=(job.started - piece.arrives).total_seconds(),
-            worker=worker.name, failed=piece.failed)))
+        self._act(
+            self.loop.after_result(
+                self.plan,
+                SliceObservation(
+                    at=self.clock,
+                    processing_seconds=piece.reported,
+                    waited_seconds=(job.started - piece.arrives).total_seconds(),
+                    worker=worker.name,
+                    failed=piece.failed,
+                ),
+            )
+        )
         self._dispatch()
         if self.clock >= self.ended and self._drained():
             self._finish()
 
     def _drained(self) -> bool:
-        return (not self.queue and self.arrived == len(self.slices)
-                and all(worker.job is None for worker in self.workers))
+        return (
+            not self.queue
+            and self.arrived == len(self.slices)
+            and all(worker.job is None for worker in self.workers)
+        )
 
     def _finish(self) -> None:
         self.over = self.clock

@@ -47,5 +47,7 @@ class RunProgress:
         return idle
 
     def stall_line(self, idle: float) -> str:
-        return (f"stalled run_id={self.run_id}: no progress for {idle:.0f}s, waiting for "
-                f"{self.waiting_for}")
+        return (
+            f"stalled run_id={self.run_id}: no progress for {idle:.0f}s, waiting for "
+            f"{self.waiting_for}"
+        )

@@ -49,8 +49,13 @@ class RunReport:
             lines.append(f"  in the UI  {self.ui_url}/runs/flow-run/{fr.id}")
         ids = s.ids
         lines += [
-            "  iDDS       " + (f"request {ids.request_id}, transform {ids.transform_id}, "
-                             f"workload {ids.workload_id}" if ids else "no ids yet"),
+            "  iDDS       "
+            + (
+                f"request {ids.request_id}, transform {ids.transform_id}, "
+                f"workload {ids.workload_id}"
+                if ids
+                else "no ids yet"
+            ),
             f"  steps      {_steps(s)}",
             f"  slices     {s.slices_done} done, {s.slices_failed} failed, "
             f"{len(s.workers_seen)} workers seen"
@@ -59,15 +64,21 @@ class RunReport:
             f"asked {s.plan.current.target_worker_count}, confirmed by iDDS "
             + (str(s.applied.target_worker_count) if s.applied else "-"),
         ]
-        lines += [f"  adjust     {a.sent_at:%Y-%m-%d %H:%M:%S} -> {a.size.target_worker_count} "
-                  f"workers: {a.reason}" for a in s.adjustments]
+        lines += [
+            f"  adjust     {a.sent_at:%Y-%m-%d %H:%M:%S} -> {a.size.target_worker_count} "
+            f"workers: {a.reason}"
+            for a in s.adjustments
+        ]
         return "\n".join(lines)
 
 
 def _steps(s: RunState) -> str:
     done = [
-        ("create sent", s.create_sent), ("ids", s.ids is not None), ("ended", s.ended),
-        ("stop sent", s.stop_sent), ("close sent", s.close_sent),
+        ("create sent", s.create_sent),
+        ("ids", s.ids is not None),
+        ("ended", s.ended),
+        ("stop sent", s.stop_sent),
+        ("close sent", s.close_sent),
         (f"closed ({s.closed_status})", s.closed),
     ]
     return ", ".join(name if ok else f"no {name.split(' (')[0]}" for name, ok in done)

@@ -65,8 +65,7 @@ class RunState:
     @property
     def close_sent(self) -> bool:
         """The run's task has been asked to close (by its ids, or by run id)."""
-        return None in self.closes_sent or (
-            self.ids is not None and self.ids in self.closes_sent)
+        return None in self.closes_sent or (self.ids is not None and self.ids in self.closes_sent)
 
     @property
     def open_tasks(self) -> tuple[WorkflowIds, ...]:
@@ -117,8 +116,12 @@ def _created(item: CreatedWorkflowTask, state: RunState, at: datetime) -> RunSta
 
 @apply.register
 def _adjusted(item: AdjustedWorker, state: RunState, at: datetime) -> RunState:
-    return replace(state, applied=WorkerSize.model_validate(
-        item.content.model_dump(include=set(WorkerSize.model_fields))))
+    return replace(
+        state,
+        applied=WorkerSize.model_validate(
+            item.content.model_dump(include=set(WorkerSize.model_fields))
+        ),
+    )
 
 
 @apply.register
@@ -168,8 +171,9 @@ def _create_sent(item: CreateSent, state: RunState, at: datetime) -> RunState:
 
 @apply.register
 def _adjust_sent(item: AdjustSent, state: RunState, at: datetime) -> RunState:
-    return replace(state, plan=state.plan.adjusted(item, at),
-                   adjustments=(*state.adjustments, item))
+    return replace(
+        state, plan=state.plan.adjusted(item, at), adjustments=(*state.adjustments, item)
+    )
 
 
 @apply.register

@@ -23,30 +23,58 @@ class Sample:
     headers: dict[str, str]
 
 
-def run_imminent(run_id: str, namespace: str, brokers: Brokers, now: datetime,
-                 workers: int = 1, cores: int = 1, shape: Shape = "testbed") -> Sample:
+def run_imminent(
+    run_id: str,
+    namespace: str,
+    brokers: Brokers,
+    now: datetime,
+    workers: int = 1,
+    cores: int = 1,
+    shape: Shape = "testbed",
+) -> Sample:
     """``cores``: cores per worker, which only the seed's shape can say (the
     testbed's agent puts its worker count in core_count)."""
     if shape == "seed":
         content: dict[str, Any] = {"num_workers": workers, "num_cores_per_worker": cores}
         return _control(brokers, "run_imminent", run_id, namespace, now, content, shape)
-    content = {"msg_type": "run_imminent", "namespace": namespace, "run_id": run_id,
-               "state": "beam", "substate": "not_ready", "timestamp": _naive(now, "microseconds"),
-               "sender": SENDER, "core_count": workers, "target_worker_count": workers}
+    content = {
+        "msg_type": "run_imminent",
+        "namespace": namespace,
+        "run_id": run_id,
+        "state": "beam",
+        "substate": "not_ready",
+        "timestamp": _naive(now, "microseconds"),
+        "sender": SENDER,
+        "core_count": workers,
+        "target_worker_count": workers,
+    }
     return _control(brokers, "run_imminent_worker", run_id, namespace, now, content, shape)
 
 
-def end_run(run_id: str, namespace: str, brokers: Brokers, now: datetime,
-            shape: Shape = "testbed") -> Sample:
+def end_run(
+    run_id: str, namespace: str, brokers: Brokers, now: datetime, shape: Shape = "testbed"
+) -> Sample:
     if shape == "seed":
         return _control(brokers, "run_end", run_id, namespace, now, {"run_id": run_id}, shape)
-    content = {"msg_type": "end_run", "namespace": namespace, "run_id": run_id,
-               "timestamp": _naive(now, "microseconds"), "sender": SENDER}
+    content = {
+        "msg_type": "end_run",
+        "namespace": namespace,
+        "run_id": run_id,
+        "timestamp": _naive(now, "microseconds"),
+        "sender": SENDER,
+    }
     return _control(brokers, "end_run", run_id, namespace, now, content, shape)
 
 
-def slice_result(run_id: str, brokers: Brokers, now: datetime, seconds: float,
-                 slice_id: int = 0, failed: bool = False, hostname: str = "cli-test") -> Sample:
+def slice_result(
+    run_id: str,
+    brokers: Brokers,
+    now: datetime,
+    seconds: float,
+    slice_id: int = 0,
+    failed: bool = False,
+    hostname: str = "cli-test",
+) -> Sample:
     """As swf-transform sends it: to the results destination, with no
     namespace header (transformers started by iDDS have none), the slice's
     run id (a string), a boolean ``result.state`` and no processing_time
@@ -62,26 +90,61 @@ def slice_result(run_id: str, brokers: Brokers, now: datetime, seconds: float,
         "panda_id": None,
         "harvester_id": None,
         "result": {"state": False, "result": None, "error": "sent by hand as failed"}
-        if failed else {"state": True, "error": None, "result": {
-            "run_id": run_id, "slice_id": slice_id, "processed": True,
-            "actual_processing_time": seconds}},
+        if failed
+        else {
+            "state": True,
+            "error": None,
+            "result": {
+                "run_id": run_id,
+                "slice_id": slice_id,
+                "processed": True,
+                "actual_processing_time": seconds,
+            },
+        },
     }
-    body = {"msg_type": "slice_result", "run_id": run_id,
-            "created_at": _naive(now, "microseconds"), "content": content}
-    headers = {"persistent": "true", "ttl": "43200000", "vo": "eic",
-               "msg_type": "slice_result", "run_id": run_id}
+    body = {
+        "msg_type": "slice_result",
+        "run_id": run_id,
+        "created_at": _naive(now, "microseconds"),
+        "content": content,
+    }
+    headers = {
+        "persistent": "true",
+        "ttl": "43200000",
+        "vo": "eic",
+        "msg_type": "slice_result",
+        "run_id": run_id,
+    }
     return Sample(brokers.results_destination, body, headers)
 
 
-def _control(brokers: Brokers, msg_type: str, run_id: str, namespace: str, now: datetime,
-             content: dict[str, Any], shape: Shape) -> Sample:
+def _control(
+    brokers: Brokers,
+    msg_type: str,
+    run_id: str,
+    namespace: str,
+    now: datetime,
+    content: dict[str, Any],
+    shape: Shape,
+) -> Sample:
     testbed = shape == "testbed"
     created = _naive(now, "microseconds") if testbed else _naive(now, "milliseconds") + "Z"
-    body = {"msg_type": msg_type, "run_id": run_id, "created_at": created,
-            "content": content, "sender": SENDER, "namespace": namespace}
+    body = {
+        "msg_type": msg_type,
+        "run_id": run_id,
+        "created_at": created,
+        "content": content,
+        "sender": SENDER,
+        "namespace": namespace,
+    }
     # The testbed's agent sends these non-persistent, without a time to live.
-    headers = {"persistent": "false" if testbed else "true", "vo": "eic",
-               "msg_type": msg_type, "namespace": namespace, "run_id": run_id}
+    headers = {
+        "persistent": "false" if testbed else "true",
+        "vo": "eic",
+        "msg_type": msg_type,
+        "namespace": namespace,
+        "run_id": run_id,
+    }
     return Sample(brokers.workers_topic, body, headers)
 
 

@@ -46,13 +46,15 @@ def policy_for(settings: Settings, run: RunImminent | None = None) -> ScalingPol
     scaling = settings.scaling
     if scaling.policy == "reference":
         expected = (spec.slice_processing_time if spec else None) or settings.slice.processing_time
-        return ReferencePolicy(expected_seconds=expected,
-                               cooldown_seconds=settings.slice.cooldown)
+        return ReferencePolicy(expected_seconds=expected, cooldown_seconds=settings.slice.cooldown)
     rampup = spec.worker_rampup_time if spec and spec.worker_rampup_time is not None else None
     return ProportionalPolicy(
-        bounds=Bounds(min_workers=scaling.min_workers, max_workers=scaling.max_workers,
-                      max_total_cores=scaling.max_total_cores,
-                      max_total_memory_mb=scaling.max_total_memory_mb),
+        bounds=Bounds(
+            min_workers=scaling.min_workers,
+            max_workers=scaling.max_workers,
+            max_total_cores=scaling.max_total_cores,
+            max_total_memory_mb=scaling.max_total_memory_mb,
+        ),
         target_utilisation=scaling.target_utilisation,
         drain_seconds=scaling.drain_deadline,
         tolerance=scaling.tolerance,
@@ -96,9 +98,13 @@ class Drained:
 
 
 class ScalingLoop:
-    def __init__(self, policy: ScalingPolicy, window: SliceWindow,
-                 journal: AdjustmentJournal | None = None,
-                 drain: DrainRule | None = None) -> None:
+    def __init__(
+        self,
+        policy: ScalingPolicy,
+        window: SliceWindow,
+        journal: AdjustmentJournal | None = None,
+        drain: DrainRule | None = None,
+    ) -> None:
         self.policy = policy
         self.window = window
         # The adjustments an earlier attempt journaled, not replayed yet.
@@ -111,11 +117,14 @@ class ScalingLoop:
         self._demand: Demand | None = None  # the window's last reading
 
     @classmethod
-    def for_run(cls, settings: Settings, run: RunImminent | None = None,
-                journal: AdjustmentJournal | None = None) -> ScalingLoop:
+    def for_run(
+        cls,
+        settings: Settings,
+        run: RunImminent | None = None,
+        journal: AdjustmentJournal | None = None,
+    ) -> ScalingLoop:
         """The loop the configuration asks for, sized by the run's announcement."""
-        return cls(policy_for(settings, run), window_for(settings), journal,
-                   DrainRule.of(settings))
+        return cls(policy_for(settings, run), window_for(settings), journal, DrainRule.of(settings))
 
     # -- inputs
 
@@ -175,17 +184,24 @@ class ScalingLoop:
             return after_result
         return self._last_look is None or (at - self._last_look).total_seconds() >= tick
 
-    def _look(self, plan: WorkerPlan, at: datetime,
-              last_slice: SliceObservation | None) -> Adjustment | None:
+    def _look(
+        self, plan: WorkerPlan, at: datetime, last_slice: SliceObservation | None
+    ) -> Adjustment | None:
         demand, fresh = self._read_window(at)
         verdict = self.policy.decide(plan, Observation(at, last_slice, demand), self.memory)
         self.memory = verdict.memory
         self._last_look = at
         if fresh:
-            self.timeline.add(TimelinePoint(
-                at=at, requested=plan.workers, workers_seen=demand.workers_seen,
-                processing_seconds=demand.processing_seconds, backlog=demand.backlog,
-                rate=demand.rate))
+            self.timeline.add(
+                TimelinePoint(
+                    at=at,
+                    requested=plan.workers,
+                    workers_seen=demand.workers_seen,
+                    processing_seconds=demand.processing_seconds,
+                    backlog=demand.backlog,
+                    rate=demand.rate,
+                )
+            )
         decision = verdict.decision
         if decision is not None and self.journal.replays(decision.size):
             # An earlier attempt sent it: its journal entry, a little further
@@ -199,8 +215,11 @@ class ScalingLoop:
         DEMAND_REUSE seconds: reading costs a pass over the whole window,
         which at tens of results a second was the runner's hottest spot."""
         last = self._demand
-        if (last is None or self.policy.tick_seconds > 0
-                or (at - last.at).total_seconds() >= DEMAND_REUSE):
+        if (
+            last is None
+            or self.policy.tick_seconds > 0
+            or (at - last.at).total_seconds() >= DEMAND_REUSE
+        ):
             self._demand = self.window.demand(at)
             return self._demand, True
         return last, False

@@ -42,10 +42,14 @@ class SliceObservation:
         waited = None
         if content.requested_at is not None and content.processing_start_at is not None:
             # Two hosts' clocks: a skew must not make a negative wait.
-            waited = max(0.0, (content.processing_start_at - content.requested_at)
-                         .total_seconds())
-        return cls(at=at, processing_seconds=result.processing_seconds, waited_seconds=waited,
-                   worker=result.worker, failed=content.state == "failed")
+            waited = max(0.0, (content.processing_start_at - content.requested_at).total_seconds())
+        return cls(
+            at=at,
+            processing_seconds=result.processing_seconds,
+            waited_seconds=waited,
+            worker=result.worker,
+            failed=content.state == "failed",
+        )
 
 
 class Demand(BaseModel):
@@ -63,8 +67,10 @@ class Demand(BaseModel):
 
     def describe(self) -> str:
         took = "?" if self.processing_seconds is None else f"{self.processing_seconds:.1f}s"
-        return (f"{self.rate:.2f} slices/s, slices take {took}, wait {self.waited_seconds:.1f}s,"
-                f" backlog {self.backlog:.0f}, {self.workers_seen} workers seen")
+        return (
+            f"{self.rate:.2f} slices/s, slices take {took}, wait {self.waited_seconds:.1f}s,"
+            f" backlog {self.backlog:.0f}, {self.workers_seen} workers seen"
+        )
 
 
 class SliceWindow:
@@ -99,9 +105,13 @@ class SliceWindow:
             results=len(samples),
             rate=rate,
             processing_seconds=percentile(
-                [s.processing_seconds for s in samples
-                 if s.processing_seconds is not None and not s.failed],
-                self.percentile),
+                [
+                    s.processing_seconds
+                    for s in samples
+                    if s.processing_seconds is not None and not s.failed
+                ],
+                self.percentile,
+            ),
             waited_seconds=waited,
             backlog=rate * waited,
             workers_seen=len(self._workers),

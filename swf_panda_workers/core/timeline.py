@@ -46,5 +46,3 @@ class Trace:
     label: str
     points: Sequence[TimelinePoint]
     adjustments: Sequence[datetime] = ()
-
-

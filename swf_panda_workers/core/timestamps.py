@@ -53,8 +53,9 @@ def plain_utc(moment: datetime) -> datetime:
     pendulum's subclass, whose arithmetic was a tenth of a busy run flow's
     time (the slice window subtracts times at every result)."""
     utc = _as_utc(moment)
-    return datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
-                    utc.microsecond, tzinfo=UTC)
+    return datetime(
+        utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second, utc.microsecond, tzinfo=UTC
+    )
 
 
 def _as_utc(moment: datetime) -> datetime:

@@ -80,8 +80,7 @@ class GroupReaper:
             self._process.stdin.write(line)
             self._process.stdin.flush()
         except BrokenPipeError:
-            log.warning("the process-group reaper %d is gone; starting another",
-                        self._process.pid)
+            log.warning("the process-group reaper %d is gone; starting another", self._process.pid)
             self._start()
 
     def _start(self) -> None:
@@ -90,9 +89,14 @@ class GroupReaper:
         # Its own session: a Ctrl-C meant for the terminal's foreground group
         # must not end it before the parent ends.
         self._process = subprocess.Popen(
-            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, text=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
-            start_new_session=True)
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            start_new_session=True,
+        )
         assert self._process.stdin is not None
         self._process.stdin.write("".join(f"+{group}\n" for group in self._groups))
         self._process.stdin.flush()

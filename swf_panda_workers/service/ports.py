@@ -26,8 +26,9 @@ def listening_pids(port: int, proc: Path = Path("/proc")) -> set[int] | None:
     if inodes is None:
         return None
     sockets = {f"socket:[{inode}]" for inode in inodes}
-    holders = {int(fd_dir.parent.name) for fd_dir in proc.glob("[0-9]*/fd")
-               if sockets & _links(fd_dir)}
+    holders = {
+        int(fd_dir.parent.name) for fd_dir in proc.glob("[0-9]*/fd") if sockets & _links(fd_dir)
+    }
     return holders if holders or not inodes else None
 
 
@@ -61,8 +62,9 @@ def describe_holders(port: int) -> str:
     pids = listening_pids(port)
     if not pids:
         return "a process this user cannot see"
-    return "; ".join(f"pid {pid}: {command_line(pid) or '(command line unreadable)'}"
-                     for pid in sorted(pids))
+    return "; ".join(
+        f"pid {pid}: {command_line(pid) or '(command line unreadable)'}" for pid in sorted(pids)
+    )
 
 
 def _listening_inodes(port: int, proc: Path) -> set[str] | None:

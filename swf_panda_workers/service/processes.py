@@ -68,8 +68,9 @@ class _Launcher:
         os.register_at_fork(after_in_child=self._start_afresh)
 
     def _start_afresh(self) -> None:
-        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = \
+        self._requests: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
         self.reaper = GroupReaper()
 
@@ -78,9 +79,14 @@ class _Launcher:
         from the launcher thread, with SIGKILL as its parent-death signal; its
         process group registered with the reaper."""
         done: Future[subprocess.Popen[bytes]] = Future()
-        self._requests.put((lambda: subprocess.Popen(
-            argv, start_new_session=True, preexec_fn=self._preexec(os.getpid()), **options),
-            done))
+        self._requests.put(
+            (
+                lambda: subprocess.Popen(
+                    argv, start_new_session=True, preexec_fn=self._preexec(os.getpid()), **options
+                ),
+                done,
+            )
+        )
         self._ensure_thread()
         process = done.result()
         self.reaper.register(process.pid)
@@ -95,13 +101,15 @@ class _Launcher:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:  # the parent died before the signal was armed
                 os.kill(os.getpid(), signal.SIGKILL)
+
         return die_with_parent
 
     def _ensure_thread(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="swf-launcher",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._serve, name="swf-launcher", daemon=True
+                )
                 self._thread.start()
 
     def _serve(self) -> None:
@@ -159,8 +167,14 @@ class ManagedProcess:
         self._group_left = True
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log_file:
-            self.process = launch(self.argv, env=self.env, cwd=self.cwd, stdout=log_file,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = launch(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         return self
 
     @property
@@ -206,8 +220,9 @@ class ManagedProcess:
         try:
             self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) still running at its deadline: SIGKILL", self.name,
-                        self.process.pid)
+            log.warning(
+                "%s (pid %d) still running at its deadline: SIGKILL", self.name, self.process.pid
+            )
             kill_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.reap()
@@ -279,9 +294,11 @@ class PrefectServer:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         self.process = ManagedProcess(
             "prefect-server",
-            python_module("prefect", "server", "start", "--host", "127.0.0.1",
-                          "--port", str(self.port)),
-            env, (self.logs or self.home) / "prefect-server.log",
+            python_module(
+                "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)
+            ),
+            env,
+            (self.logs or self.home) / "prefect-server.log",
         )
 
     @property
@@ -301,8 +318,9 @@ class PrefectServer:
                 self.process.reap()
                 if port_answers(self.port):  # it could not bind: another one took the port
                     raise PortTaken(self._taken())
-                raise StartupError(f"Prefect server {self.process.exit_reason()}:\n"
-                                   f"{self.process.tail()}")
+                raise StartupError(
+                    f"Prefect server {self.process.exit_reason()}:\n{self.process.tail()}"
+                )
             if time.monotonic() > deadline:
                 self.process.stop()
                 raise StartupError(f"Prefect server not healthy after {wait}s")
@@ -331,12 +349,15 @@ class PrefectServer:
 
     def _taken(self) -> str:
         version = prefect_version(self.api_url)
-        what = (f"a Prefect server {version}" if version
-                else "something that is not a Prefect server")
-        return (f"port {self.port} is already taken by {describe_holders(self.port)}, "
-                f"which answers as {what}, and was not started here. Stop it; or, to use "
-                f"it on purpose, set PREFECT_API_URL={self.api_url} (then no server is "
-                f"started); or {self.another_port}")
+        what = (
+            f"a Prefect server {version}" if version else "something that is not a Prefect server"
+        )
+        return (
+            f"port {self.port} is already taken by {describe_holders(self.port)}, "
+            f"which answers as {what}, and was not started here. Stop it; or, to use "
+            f"it on purpose, set PREFECT_API_URL={self.api_url} (then no server is "
+            f"started); or {self.another_port}"
+        )
 
     def stop(self) -> None:
         self.process.stop()
@@ -362,8 +383,9 @@ def healthy(api_url: str) -> bool:
         return False
 
 
-def service_env(api_url: str, config: Path,
-                extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def service_env(
+    api_url: str, config: Path, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of the runner and the listener."""
     return {
         **os.environ,
@@ -377,16 +399,18 @@ def service_env(api_url: str, config: Path,
 
 
 def runner_process(env: dict[str, str], logs: Path, cwd: Path) -> ManagedProcess:
-    return ManagedProcess("runner", python_module("deployments.serve"), env,
-                          logs / "runner.log", cwd)
+    return ManagedProcess(
+        "runner", python_module("deployments.serve"), env, logs / "runner.log", cwd
+    )
 
 
 def listener_process(env: dict[str, str], logs: Path, cwd: Path) -> ManagedProcess:
     return ManagedProcess("listener", python_module("listeners"), env, logs / "listener.log", cwd)
 
 
-def wait_for_deployment(api_url: str, name: str, wait: float = 120.0,
-                        auth_string: str | None = None) -> None:
+def wait_for_deployment(
+    api_url: str, name: str, wait: float = 120.0, auth_string: str | None = None
+) -> None:
     """The runner registers its deployment when it starts serving."""
     deadline = time.monotonic() + wait
     while not deployment_registered(api_url, name, auth_string):
@@ -402,8 +426,11 @@ def deployment_registered(api_url: str, name: str, auth_string: str | None = Non
     flow_name, _, deployment = name.partition("/")
     url = f"{api_url}/deployments/name/{flow_name}/{deployment}"
     auth_string = auth_string or os.environ.get("PREFECT_API_AUTH_STRING")
-    headers = ({"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
-               if auth_string else {})
+    headers = (
+        {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+        if auth_string
+        else {}
+    )
     try:
         request = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(request, timeout=2) as response:

@@ -51,8 +51,14 @@ def serve(settings: Settings, config: Path, environ: Mapping[str, str] = os.envi
     ui = f"Prefect UI at {api_url or _own_server_url(settings)}"
 
     def announce() -> None:
-        log.info("serving namespace %s (%s); state in %s (%s), logs in %s",
-                 settings.transceiver.namespace, ui, state.path, state.chosen_by, state.logs)
+        log.info(
+            "serving namespace %s (%s); state in %s (%s), logs in %s",
+            settings.transceiver.namespace,
+            ui,
+            state.path,
+            state.chosen_by,
+            state.logs,
+        )
 
     supervisor.on_all_ready = announce
     code = 0
@@ -71,28 +77,48 @@ def serve(settings: Settings, config: Path, environ: Mapping[str, str] = os.envi
 def warn_of_lost_history(state: StateDir, environ: Mapping[str, str]) -> None:
     """Say when the runs' history may be lost, or left behind."""
     if state.temporary():
-        log.warning("the state directory %s (%s) is under the temporary directory: a reboot "
-                    "or a cleaner may take the runs' history with it", state.path,
-                    state.chosen_by)
+        log.warning(
+            "the state directory %s (%s) is under the temporary directory: a reboot "
+            "or a cleaner may take the runs' history with it",
+            state.path,
+            state.chosen_by,
+        )
     if environ.get("PREFECT_API_URL") or (state.prefect_home / "prefect.db").exists():
         return
     for earlier in earlier_databases(environ):
-        log.warning("an earlier version of serve kept its database in %s; this one starts a "
-                    "new one in %s. To keep the runs' history, stop serve and move %s (with "
-                    "its -wal and -shm files, if any) into %s", earlier, state.prefect_home,
-                    earlier.name, state.prefect_home)
+        log.warning(
+            "an earlier version of serve kept its database in %s; this one starts a "
+            "new one in %s. To keep the runs' history, stop serve and move %s (with "
+            "its -wal and -shm files, if any) into %s",
+            earlier,
+            state.prefect_home,
+            earlier.name,
+            state.prefect_home,
+        )
 
 
-def service_children(settings: Settings, config: Path, state: StateDir,
-                     environ: Mapping[str, str]) -> list[Child]:
+def service_children(
+    settings: Settings, config: Path, state: StateDir, environ: Mapping[str, str]
+) -> list[Child]:
     children: list[Child] = []
     api_url = environ.get("PREFECT_API_URL")
     if not api_url:
-        server = PrefectServer(state.prefect_home, settings.prefect.server_port,
-                               logs=state.logs,
-                               another_port="set prefect.server_port to another port")
-        children.append(Child("prefect-server", server.process, server.launch, server.ready,
-                              stop_phase=1, ready_within=SERVER_READY_WITHIN))
+        server = PrefectServer(
+            state.prefect_home,
+            settings.prefect.server_port,
+            logs=state.logs,
+            another_port="set prefect.server_port to another port",
+        )
+        children.append(
+            Child(
+                "prefect-server",
+                server.process,
+                server.launch,
+                server.ready,
+                stop_phase=1,
+                ready_within=SERVER_READY_WITHIN,
+            )
+        )
         api_url = server.api_url
     env = service_env(api_url, config)
     runner = runner_process(env, state.logs, PROJECT_ROOT)
@@ -102,10 +128,12 @@ def service_children(settings: Settings, config: Path, state: StateDir,
     # start is mostly Python's imports, as theirs are: two cores do both
     # together), and an announcement that comes before the runner serves the
     # deployment waits, unacked, until it does.
-    children.append(Child("runner", runner, runner.start,
-                          lambda: deployment_registered(api_url, deployment)))
-    children.append(Child("listener", listener, listener.start,
-                          lambda: listener.logged_since_start(LISTENING)))
+    children.append(
+        Child("runner", runner, runner.start, lambda: deployment_registered(api_url, deployment))
+    )
+    children.append(
+        Child("listener", listener, listener.start, lambda: listener.logged_since_start(LISTENING))
+    )
     return children
 
 

@@ -117,8 +117,9 @@ class Supervisor:
             return
         assert child.launched_at is not None
         if child.ready_within is not None and now - child.launched_at > child.ready_within:
-            log.error("%s not ready %gs after its start: killing it", child.name,
-                      child.ready_within)
+            log.error(
+                "%s not ready %gs after its start: killing it", child.name, child.ready_within
+            )
             child.process.kill()
 
     def _schedule_restart(self, child: Child, now: float) -> None:
@@ -129,10 +130,18 @@ class Supervisor:
         delay = self.backoff.delay(child.exits_in_a_row)
         child.due, child.is_ready = now + delay, False
         last = child.process.tail(1).strip() or "(its log is empty)"
-        log.error("%s (pid %s) %s after %.1fs; starting it again in %.1fs (exit %d in a row)."
-                  " Its log %s ends: %s", child.name, child.process.pid,
-                  child.process.exit_reason(), ran, delay, child.exits_in_a_row,
-                  child.process.log_path, last[-300:])
+        log.error(
+            "%s (pid %s) %s after %.1fs; starting it again in %.1fs (exit %d in a row)."
+            " Its log %s ends: %s",
+            child.name,
+            child.process.pid,
+            child.process.exit_reason(),
+            ran,
+            delay,
+            child.exits_in_a_row,
+            child.process.log_path,
+            last[-300:],
+        )
 
     def stop(self, within: float = 9.0) -> None:
         """SIGTERM every child, phase by phase (the listener and the runner

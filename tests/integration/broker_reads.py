@@ -25,8 +25,7 @@ class _Browser(stomp.ConnectionListener):
             self.messages += 1
 
 
-def queued(brokers: Brokers, queue: str, selector: str | None = None,
-           timeout: float = 10.0) -> int:
+def queued(brokers: Brokers, queue: str, selector: str | None = None, timeout: float = 10.0) -> int:
     """How many messages (matching ``selector``) wait on ``queue``."""
     if not queue.startswith("/queue/"):
         raise ValueError(f"only a queue can be browsed, not {queue}")
@@ -37,8 +36,7 @@ def queued(brokers: Brokers, queue: str, selector: str | None = None,
     connection.connect(brokers.username, password, wait=True)
     try:
         headers = {"browser": "true", **({"selector": selector} if selector else {})}
-        connection.subscribe(queue, f"browse-{uuid.uuid4().hex[:8]}", ack="auto",
-                             headers=headers)
+        connection.subscribe(queue, f"browse-{uuid.uuid4().hex[:8]}", ack="auto", headers=headers)
         if not browser.ended.wait(timeout):
             raise TimeoutError(f"the broker did not finish browsing {queue} in {timeout:g}s")
         return browser.messages

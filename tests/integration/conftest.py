@@ -92,12 +92,14 @@ SCALING_CONFIG = {
     "prefect": {"deployment": "swf-run/panda-workers-scaling", "runner_limit": 10},
 }
 
+
 def once(reason: str) -> pytest.MarkDecorator:
     """Skipped in CI's second pass (the Prefect server on PostgreSQL): for a
     test whose outcome the Prefect server's database has no part in, run
     once, in the first pass; ``reason`` says why."""
-    return pytest.mark.skipif(PREFECT_DATABASE != "sqlite",
-                              reason=f"run once, in the SQLite pass: {reason}")
+    return pytest.mark.skipif(
+        PREFECT_DATABASE != "sqlite", reason=f"run once, in the SQLite pass: {reason}"
+    )
 
 
 _run_numbers = itertools.count(int(time.time()) % 100_000 * 100)
@@ -117,8 +119,9 @@ def namespace() -> str:
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActiveMQ]:
-    activemq = ActiveMQ(tmp_path_factory.mktemp("activemq"), stomp_port=STOMP_PORT,
-                        openwire_port=STOMP_PORT + 3)
+    activemq = ActiveMQ(
+        tmp_path_factory.mktemp("activemq"), stomp_port=STOMP_PORT, openwire_port=STOMP_PORT + 3
+    )
     activemq.start(fresh=True)
     yield activemq
     activemq.stop()
@@ -169,11 +172,18 @@ def new_idds_database_url(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def stack(broker_port: int, prefect_database_url: str | None,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def stack(
+    broker_port: int, prefect_database_url: str | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     workdir = tmp_path_factory.mktemp("stack")
-    embedded = EmbeddedStack(workdir, STACK_CONFIG, prefect_port=PREFECT_PORT, own_broker=False,
-                             fresh=True, database_url=prefect_database_url)
+    embedded = EmbeddedStack(
+        workdir,
+        STACK_CONFIG,
+        prefect_port=PREFECT_PORT,
+        own_broker=False,
+        fresh=True,
+        database_url=prefect_database_url,
+    )
     with embedded:
         yield embedded
 
@@ -191,12 +201,18 @@ def rest_idds_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def rest_stack(stack: EmbeddedStack,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def rest_stack(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     workdir = tmp_path_factory.mktemp("rest-stack")
     idds_client_env = client_env(REST_IDDS_PORT, REST_TOKEN, workdir / "idds-client")
-    embedded = EmbeddedStack(workdir, REST_CONFIG, own_broker=False, shared_server=stack.server,
-                             runner_env=idds_client_env)
+    embedded = EmbeddedStack(
+        workdir,
+        REST_CONFIG,
+        own_broker=False,
+        shared_server=stack.server,
+        runner_env=idds_client_env,
+    )
     with embedded:
         yield embedded
 
@@ -209,24 +225,39 @@ def idds_pki(tmp_path_factory: pytest.TempPathFactory) -> GridPki:
 
 
 @pytest.fixture(scope="session")
-def real_rest_stack(stack: EmbeddedStack, idds_pki: GridPki,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def real_rest_stack(
+    stack: EmbeddedStack, idds_pki: GridPki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """The service in REST mode for the real iDDS REST app on REAL_REST_IDDS_PORT."""
     workdir = tmp_path_factory.mktemp("real-rest-stack")
-    idds_client_env = real_client_env(f"https://127.0.0.1:{REAL_REST_IDDS_PORT}/idds",
-                                      idds_pki.user, idds_pki.ca, workdir / "idds-client")
-    embedded = EmbeddedStack(workdir, REAL_REST_CONFIG, own_broker=False,
-                             shared_server=stack.server, runner_env=idds_client_env)
+    idds_client_env = real_client_env(
+        f"https://127.0.0.1:{REAL_REST_IDDS_PORT}/idds",
+        idds_pki.user,
+        idds_pki.ca,
+        workdir / "idds-client",
+    )
+    embedded = EmbeddedStack(
+        workdir,
+        REAL_REST_CONFIG,
+        own_broker=False,
+        shared_server=stack.server,
+        runner_env=idds_client_env,
+    )
     with embedded:
         yield embedded
 
 
 @pytest.fixture(scope="session")
-def scaling_stack(stack: EmbeddedStack,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def scaling_stack(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """A runner and listener with the proportional policy, beside the others."""
-    embedded = EmbeddedStack(tmp_path_factory.mktemp("scaling-stack"), SCALING_CONFIG,
-                             own_broker=False, shared_server=stack.server)
+    embedded = EmbeddedStack(
+        tmp_path_factory.mktemp("scaling-stack"),
+        SCALING_CONFIG,
+        own_broker=False,
+        shared_server=stack.server,
+    )
     with embedded:
         yield embedded
 
@@ -239,8 +270,14 @@ def pytest_runtest_makereport(
     report = yield
     if not report.failed:
         return report
-    for fixture in ("stack", "rest_stack", "real_rest_stack", "scaling_stack", "replica_stack",
-                    "monitor_stack"):
+    for fixture in (
+        "stack",
+        "rest_stack",
+        "real_rest_stack",
+        "scaling_stack",
+        "replica_stack",
+        "monitor_stack",
+    ):
         stack = getattr(item, "funcargs", {}).get(fixture)
         if isinstance(stack, EmbeddedStack):
             for log in sorted(stack.logs.glob("*.log")):
@@ -267,5 +304,14 @@ from stacks import (  # noqa: E402
     topic_stacks,
 )
 
-__all__ = ["deployed", "fault_stack", "metrics_port", "monitor", "monitor_stack",
-           "observed_stack", "replica_stack", "subprocess_stack", "topic_stacks"]
+__all__ = [
+    "deployed",
+    "fault_stack",
+    "metrics_port",
+    "monitor",
+    "monitor_stack",
+    "observed_stack",
+    "replica_stack",
+    "subprocess_stack",
+    "topic_stacks",
+]

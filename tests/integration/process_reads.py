@@ -18,7 +18,7 @@ def connected_ports(pid: int, proc: Path = Path("/proc")) -> set[int]:
         except OSError:
             continue  # closed meanwhile
         if link.startswith("socket:["):
-            inodes.add(link[len("socket:["):-1])
+            inodes.add(link[len("socket:[") : -1])
     ports = set()
     for table in ("tcp", "tcp6"):
         path = proc / str(pid) / "net" / table

@@ -27,8 +27,13 @@ from swf_panda_workers.core.messages import RunImminent, parse_message
 def main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     settings = Settings(idds=Idds(route=args["route"], timeout=15, retry_delays=()))
-    run = parse_message({"msg_type": "run_imminent_worker", "run_id": args["run_id"],
-                         "content": {"target_worker_count": args["workers"]}})
+    run = parse_message(
+        {
+            "msg_type": "run_imminent_worker",
+            "run_id": args["run_id"],
+            "content": {"target_worker_count": args["workers"]},
+        }
+    )
     assert isinstance(run, RunImminent)
     now = datetime.now(UTC)
     workflow = outbound.workflow_for(run, settings, now)

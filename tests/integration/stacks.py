@@ -37,8 +37,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _beside(stack: EmbeddedStack, namespace: str, deployment: str,
-            **sections: dict[str, Any]) -> dict[str, Any]:
+def _beside(
+    stack: EmbeddedStack, namespace: str, deployment: str, **sections: dict[str, Any]
+) -> dict[str, Any]:
     """The session stack's configuration for another namespace and
     deployment, with sections merged over the session's."""
     base = stack.config
@@ -61,12 +62,18 @@ FAULT_CREATE_TIMEOUT = 5.0
 
 
 @pytest.fixture(scope="module")
-def fault_stack(stack: EmbeddedStack,
-                tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    config = _beside(stack, FAULT_NAMESPACE, "swf-run/panda-workers-fault",
-                     timeouts={"created_workflow_task": FAULT_CREATE_TIMEOUT})
-    with EmbeddedStack(tmp_path_factory.mktemp("fault-stack"), config, own_broker=False,
-                       shared_server=stack.server) as embedded:
+def fault_stack(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
+    config = _beside(
+        stack,
+        FAULT_NAMESPACE,
+        "swf-run/panda-workers-fault",
+        timeouts={"created_workflow_task": FAULT_CREATE_TIMEOUT},
+    )
+    with EmbeddedStack(
+        tmp_path_factory.mktemp("fault-stack"), config, own_broker=False, shared_server=stack.server
+    ) as embedded:
         yield embedded
 
 
@@ -77,12 +84,18 @@ REPLICAS = ("a", "b")
 
 
 @pytest.fixture(scope="module")
-def replica_stack(stack: EmbeddedStack,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def replica_stack(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """A runner and two listener replicas of one namespace."""
     config = _beside(stack, REPLICA_NAMESPACE, "swf-run/panda-workers-replica")
-    with EmbeddedStack(tmp_path_factory.mktemp("replica-stack"), config, own_broker=False,
-                       shared_server=stack.server, listener_replicas=REPLICAS) as embedded:
+    with EmbeddedStack(
+        tmp_path_factory.mktemp("replica-stack"),
+        config,
+        own_broker=False,
+        shared_server=stack.server,
+        listener_replicas=REPLICAS,
+    ) as embedded:
         yield embedded
 
 
@@ -99,19 +112,25 @@ def monitor() -> Iterator[MonitorStandIn]:
 
 
 @pytest.fixture(scope="module")
-def monitor_stack(stack: EmbeddedStack, monitor: MonitorStandIn,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def monitor_stack(
+    stack: EmbeddedStack, monitor: MonitorStandIn, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """A runner and a listener, the listener heartbeating to the stand-in
     (its token from a file)."""
     workdir = tmp_path_factory.mktemp("monitor-stack")
     token_file = workdir / "api-token"
     token_file.write_text(MONITOR_TOKEN + "\n")
-    config = _beside(stack, MONITOR_NAMESPACE, "swf-run/panda-workers-monitor",
-                     monitor={"timeout": 2})
-    listener_env = {"SWF_MONITOR_URL": monitor.url, "SWF_API_TOKEN_FILE": str(token_file),
-                    "SWF_MONITOR_INTERVAL": "30"}
-    with EmbeddedStack(workdir, config, own_broker=False, shared_server=stack.server,
-                       listener_env=listener_env) as embedded:
+    config = _beside(
+        stack, MONITOR_NAMESPACE, "swf-run/panda-workers-monitor", monitor={"timeout": 2}
+    )
+    listener_env = {
+        "SWF_MONITOR_URL": monitor.url,
+        "SWF_API_TOKEN_FILE": str(token_file),
+        "SWF_MONITOR_INTERVAL": "30",
+    }
+    with EmbeddedStack(
+        workdir, config, own_broker=False, shared_server=stack.server, listener_env=listener_env
+    ) as embedded:
         yield embedded
 
 
@@ -121,27 +140,38 @@ RESULTS_TOPIC = "/topic/panda.results"
 IDDS_ELSEWHERE = "iddselse"
 
 
-def namespace_config(namespace: str, results: str,
-                     idds_namespace: str | None = None) -> dict[str, object]:
+def namespace_config(
+    namespace: str, results: str, idds_namespace: str | None = None
+) -> dict[str, object]:
     return {
         **STACK_CONFIG,
-        "transceiver": {"namespace": namespace,
-                        **({"idds_namespace": idds_namespace} if idds_namespace else {})},
+        "transceiver": {
+            "namespace": namespace,
+            **({"idds_namespace": idds_namespace} if idds_namespace else {}),
+        },
         "brokers": {**STACK_CONFIG["brokers"], "results_destination": results},
         "prefect": {"deployment": f"swf-run/panda-workers-{namespace}", "runner_limit": 5},
     }
 
 
 @pytest.fixture(scope="module")
-def topic_stacks(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[tuple[EmbeddedStack, EmbeddedStack]]:
+def topic_stacks(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[EmbeddedStack, EmbeddedStack]]:
     """Two namespaces whose transformers send results to a topic; the second
     talks to an iDDS in another namespace."""
     with ExitStack() as stacks:
-        pair = tuple(stacks.enter_context(EmbeddedStack(
-            tmp_path_factory.mktemp(namespace), namespace_config(namespace, RESULTS_TOPIC, idds),
-            own_broker=False, shared_server=stack.server))
-            for namespace, idds in (("itopica", None), ("itopicb", IDDS_ELSEWHERE)))
+        pair = tuple(
+            stacks.enter_context(
+                EmbeddedStack(
+                    tmp_path_factory.mktemp(namespace),
+                    namespace_config(namespace, RESULTS_TOPIC, idds),
+                    own_broker=False,
+                    shared_server=stack.server,
+                )
+            )
+            for namespace, idds in (("itopica", None), ("itopicb", IDDS_ELSEWHERE))
+        )
         yield pair  # type: ignore[misc]
 
 
@@ -156,13 +186,18 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def observed_stack(stack: EmbeddedStack, metrics_port: int,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def observed_stack(
+    stack: EmbeddedStack, metrics_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """A runner and a listener with its endpoint on."""
     config = _beside(stack, OBSERVED_NAMESPACE, "swf-run/panda-workers-obs")
     config["metrics"] = {"host": "127.0.0.1", "port": metrics_port}
-    with EmbeddedStack(tmp_path_factory.mktemp("observed-stack"), config, own_broker=False,
-                       shared_server=stack.server) as embedded:
+    with EmbeddedStack(
+        tmp_path_factory.mktemp("observed-stack"),
+        config,
+        own_broker=False,
+        shared_server=stack.server,
+    ) as embedded:
         yield embedded
 
 
@@ -172,12 +207,21 @@ SUBPROCESS_NAMESPACE = "itestsubproc"
 
 
 @pytest.fixture(scope="module")
-def subprocess_stack(stack: EmbeddedStack,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    config = _beside(stack, SUBPROCESS_NAMESPACE, "swf-run/panda-workers-subprocess",
-                     prefect={"flow_runs": "subprocess"})
-    with EmbeddedStack(tmp_path_factory.mktemp("subprocess-stack"), config, own_broker=False,
-                       shared_server=stack.server) as embedded:
+def subprocess_stack(
+    stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
+    config = _beside(
+        stack,
+        SUBPROCESS_NAMESPACE,
+        "swf-run/panda-workers-subprocess",
+        prefect={"flow_runs": "subprocess"},
+    )
+    with EmbeddedStack(
+        tmp_path_factory.mktemp("subprocess-stack"),
+        config,
+        own_broker=False,
+        shared_server=stack.server,
+    ) as embedded:
         yield embedded
 
 
@@ -200,35 +244,50 @@ class Deployed:
 
 
 def prefect(env: dict[str, str], *words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "prefect"), *words], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=PROJECT_ROOT)
+    return subprocess.run(
+        [str(BIN / "prefect"), *words],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=PROJECT_ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
-def deployed(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[Deployed]:
+def deployed(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     """A Prefect server, `prefect deploy --all` as the README says, a process
     worker on the pool and a listener; the broker is the session's."""
     workdir = tmp_path_factory.mktemp("deploy")
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump(DEPLOY_CONFIG))
     server = PrefectServer(workdir / "prefect", DEPLOY_PORT).start()
-    env = service_env(server.api_url, config, {
-        "SWF_PANDA_WORKERS_HOME": str(PROJECT_ROOT),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",  # a run starts within a second, not ten
-    })
+    env = service_env(
+        server.api_url,
+        config,
+        {
+            "SWF_PANDA_WORKERS_HOME": str(PROJECT_ROOT),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",  # a run starts within a second, not ten
+        },
+    )
     started: list[ManagedProcess] = []
     try:
-        for words in (("work-pool", "create", "swf-panda-workers", "--type", "process"),
-                      ("work-pool", "set-concurrency-limit", "swf-panda-workers", "20")):
+        for words in (
+            ("work-pool", "create", "swf-panda-workers", "--type", "process"),
+            ("work-pool", "set-concurrency-limit", "swf-panda-workers", "20"),
+        ):
             done = prefect(env, *words)
             assert done.returncode == 0, done.stdout + done.stderr
         deploy = prefect(env, "--no-prompt", "deploy", "--all")
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         (workdir / "logs").mkdir(exist_ok=True)
         worker = ManagedProcess(
-            "worker", [str(BIN / "prefect"), "worker", "start", "--pool", "swf-panda-workers"],
-            env, workdir / "logs" / "worker.log", PROJECT_ROOT)
+            "worker",
+            [str(BIN / "prefect"), "worker", "start", "--pool", "swf-panda-workers"],
+            env,
+            workdir / "logs" / "worker.log",
+            PROJECT_ROOT,
+        )
         started.append(worker.start())
         started.append(start_subscribed(listener_process(env, workdir / "logs", PROJECT_ROOT)))
         yield Deployed(server.api_url, env, deploy.stdout)

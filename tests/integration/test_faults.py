@@ -43,14 +43,26 @@ SHAPE = "testbed"
 WAIT = 120.0  # generous: the machine is shared and busy; waits end when met
 
 
-def harness(stack: EmbeddedStack, namespace: str, slices: int = SLICES,
-            slice_seconds: float = 0.2, reply_delay: float = 0.0,
-            answer_create: bool = True) -> PeerHarness:
+def harness(
+    stack: EmbeddedStack,
+    namespace: str,
+    slices: int = SLICES,
+    slice_seconds: float = 0.2,
+    reply_delay: float = 0.0,
+    answer_create: bool = True,
+) -> PeerHarness:
     # Uniform slices, faster than the announced 0.5 s: no adjust_worker, whose
     # reply would queue behind a delayed one in the simulated iDDS.
-    return PeerHarness(stack.brokers, namespace, slices_per_run=slices, fail_every=FAIL_EVERY,
-                       processing_time=lambda _: slice_seconds, idle_timeout=3,
-                       reply_delay=reply_delay, answer_create=answer_create)
+    return PeerHarness(
+        stack.brokers,
+        namespace,
+        slices_per_run=slices,
+        fail_every=FAIL_EVERY,
+        processing_time=lambda _: slice_seconds,
+        idle_timeout=3,
+        reply_delay=reply_delay,
+        answer_create=answer_create,
+    )
 
 
 # --- what Prefect holds ------------------------------------------------------
@@ -68,14 +80,15 @@ class Run:
     slices: int = SLICES
 
     def announce(self, workers: int = 3) -> None:
-        self.peers.control.announce(self.run_id, SHAPE, target_workers=workers,
-                                    slice_processing_time=0.5)
+        self.peers.control.announce(
+            self.run_id, SHAPE, target_workers=workers, slice_processing_time=0.5
+        )
 
     def wait_created(self) -> None:
         recorder = self.peers.recorder
         assert recorder.wait_for(
-            lambda: bool(recorder.of_type("created_workflow_task", self.run_id)), WAIT), \
-            f"iDDS never answered create_workflow_task of run {self.run_id}"
+            lambda: bool(recorder.of_type("created_workflow_task", self.run_id)), WAIT
+        ), f"iDDS never answered create_workflow_task of run {self.run_id}"
         # iDDS starts the transformers right after its reply.
         assert self.peers.wait_until(lambda: self.run_id in self.peers.farm.runs, 30)
 
@@ -84,8 +97,9 @@ class Run:
 
     def wait_sent(self, at_least: int) -> None:
         farm = self.peers.farm
-        assert farm.wait_for(lambda: self.slices_sent() >= at_least, WAIT), \
+        assert farm.wait_for(lambda: self.slices_sent() >= at_least, WAIT), (
             f"run {self.run_id}: {self.slices_sent()} slices sent, waited for {at_least}"
+        )
 
     def finish_and_account(self, outcome: str = "Completed") -> FlowRun:
         """Let the slices drain, end the run, then check nothing was lost or
@@ -94,8 +108,9 @@ class Run:
         # Every result the transformers sent is stored once before the run
         # ends: results arriving after end_run are not the run's to count.
         stored = self._wait_stored(self.slices)
-        assert stored == self.slices, \
+        assert stored == self.slices, (
             f"{stored} slice results stored for {self.slices} sent (doubled)"
+        )
         self.peers.control.end(self.run_id, SHAPE)
 
         flow_run = asyncio.run(final_flow_run(self.stack.api_url, self.namespace, self.run_id))
@@ -115,11 +130,15 @@ class Run:
 
     def _wait_stored(self, expected: int) -> int:
         deadline = time.monotonic() + WAIT
-        while (stored := asyncio.run(stored_slice_results(
-                self.stack.api_url, self.namespace, self.run_id))) < expected:
+        while (
+            stored := asyncio.run(
+                stored_slice_results(self.stack.api_url, self.namespace, self.run_id)
+            )
+        ) < expected:
             assert time.monotonic() < deadline, (
                 f"only {stored} of {expected} slice results stored for run {self.run_id} "
-                f"within {WAIT:g}s (lost)")
+                f"within {WAIT:g}s (lost)"
+            )
             time.sleep(0.5)
         return stored
 
@@ -215,8 +234,11 @@ def test_idds_never_answers_create_the_run_fails_and_is_closed_by_run_id(
             assert run.count(msg_type) == 0, f"{msg_type} sent for run {run.run_id}"
         (close,) = peers.recorder.of_type("close_workflow_task", run.run_id)
         assert close["content"]["run_id"] == run.run_id
-        assert [close["content"][k] for k in ("request_id", "transform_id", "workload_id")] \
-            == [None, None, None]
+        assert [close["content"][k] for k in ("request_id", "transform_id", "workload_id")] == [
+            None,
+            None,
+            None,
+        ]
         assert peers.idds.wait_for(lambda: peers.idds.closed.get(run.run_id) == "ToCancel", 30)
         assert [task.status for task in peers.idds.tasks_of(run.run_id)] == ["ToCancel"]
         assert peers.idds.violations == []
@@ -231,8 +253,11 @@ def test_idds_answers_create_late_the_reply_is_used_once(
     if late == "within_the_wait":
         stack, delay = request.getfixturevalue("stack"), WITHIN_TIMEOUT_DELAY
     else:
-        stack, namespace, delay = (request.getfixturevalue("fault_stack"), FAULT_NAMESPACE,
-                                   BEYOND_TIMEOUT_DELAY)
+        stack, namespace, delay = (
+            request.getfixturevalue("fault_stack"),
+            FAULT_NAMESPACE,
+            BEYOND_TIMEOUT_DELAY,
+        )
     # Every reply is late (the close's too); the transformers start with the reply.
     with harness(stack, namespace, reply_delay=delay) as peers:
         run = Run(stack, peers, namespace, new_run_id())

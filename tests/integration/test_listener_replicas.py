@@ -63,10 +63,14 @@ SENT_WHILE_FROZEN = 10
 def peers_for(stack: EmbeddedStack, slices: int) -> PeerHarness:
     # Slices slow down in the middle: the run asks for more workers (the
     # seed's policy: 1.2x, then 1.5x the initial size, each once).
-    return PeerHarness(stack.brokers, NAMESPACE, slices_per_run=slices, fail_every=FAIL_EVERY,
-                       processing_time=slowdown_in_the_middle(0.3, 1.0, slices // 4,
-                                                              slices // 2),
-                       idle_timeout=5)
+    return PeerHarness(
+        stack.brokers,
+        NAMESPACE,
+        slices_per_run=slices,
+        fail_every=FAIL_EVERY,
+        processing_time=slowdown_in_the_middle(0.3, 1.0, slices // 4, slices // 2),
+        idle_timeout=5,
+    )
 
 
 # --- what the replicas and Prefect did ----------------------------------------------
@@ -92,8 +96,10 @@ def runs_started(stack: EmbeddedStack, replica: str) -> dict[str, set[str]]:
 def results_taken(stack: EmbeddedStack, replica: str, run_id: str) -> int:
     """Slice results of a run that Prefect stored as handed over by a replica."""
     label = f"swf-panda-workers-{NAMESPACE}-{replica}"
-    return sum(e.resource.get(LISTENER_LABEL) == label
-               for e in stored(stack.api_url, run_id, "slice_result"))
+    return sum(
+        e.resource.get(LISTENER_LABEL) == label
+        for e in stored(stack.api_url, run_id, "slice_result")
+    )
 
 
 REDELIVERED_STREAM = re.compile(r"stream messages -> event \S+: .* \((\d+) redelivered\)")
@@ -107,14 +113,16 @@ def redelivered_results(stack: EmbeddedStack, replica: str) -> int:
 
 async def _stored(api_url: str, run_id: str) -> list[Event]:
     with temporary_settings({PREFECT_API_URL: api_url}):
-        return await run_history(run_resource_id(NAMESPACE, run_id),
-                                 since=utc_now() - timedelta(hours=1))
+        return await run_history(
+            run_resource_id(NAMESPACE, run_id), since=utc_now() - timedelta(hours=1)
+        )
 
 
 def stored(api_url: str, run_id: str, msg_type: str) -> list[Event]:
     """The run's events of one bus message type, as the server stored them."""
-    return [e for e in asyncio.run(_stored(api_url, run_id))
-            if e.event == message_event_name(msg_type)]
+    return [
+        e for e in asyncio.run(_stored(api_url, run_id)) if e.event == message_event_name(msg_type)
+    ]
 
 
 @dataclass
@@ -125,16 +133,16 @@ class Run:
     slices: int
 
     def announce(self) -> None:
-        self.peers.control.announce(self.run_id, SHAPE, target_workers=3,
-                                    slice_processing_time=0.5)
+        self.peers.control.announce(self.run_id, SHAPE, target_workers=3, slice_processing_time=0.5)
 
     def sent(self) -> int:
         farm_run = self.peers.farm.runs.get(self.run_id)
         return farm_run.slices_sent if farm_run is not None else 0
 
     def wait_sent(self, at_least: int) -> None:
-        assert self.peers.farm.wait_for(lambda: self.sent() >= at_least, WAIT), \
+        assert self.peers.farm.wait_for(lambda: self.sent() >= at_least, WAIT), (
             f"run {self.run_id}: {self.sent()} slices sent, waited for {at_least}"
+        )
 
     def finish_and_account(self) -> Counter[str]:
         """Once every slice was sent and its result stored, end the run; check
@@ -142,42 +150,52 @@ class Run:
         listener handed over."""
         self.wait_sent(self.slices)
         deadline = time.monotonic() + WAIT
-        while len(results := stored(self.stack.api_url, self.run_id, "slice_result")
-                  ) < self.slices:
+        while len(results := stored(self.stack.api_url, self.run_id, "slice_result")) < self.slices:
             assert time.monotonic() < deadline, (
                 f"only {len(results)} of {self.slices} slice results stored for run "
-                f"{self.run_id} (lost)")
+                f"{self.run_id} (lost)"
+            )
             time.sleep(0.5)
         ids = [e.id for e in results]
-        assert len(ids) == len(set(ids)) == self.slices, \
+        assert len(ids) == len(set(ids)) == self.slices, (
             f"{len(ids)} results stored ({len(set(ids))} distinct) for {self.slices} sent"
+        )
         self.peers.control.end(self.run_id, SHAPE)
 
-        flow_run = asyncio.run(final_flow_run(self.stack.api_url, NAMESPACE, self.run_id,
-                                              wait=WAIT))  # one flow run, never two
+        flow_run = asyncio.run(
+            final_flow_run(self.stack.api_url, NAMESPACE, self.run_id, wait=WAIT)
+        )  # one flow run, never two
         assert flow_run.state_name == "Completed", flow_run.state
         self.assert_once()
         farm_run = self.peers.farm.runs[self.run_id]
         assert farm_run.failed_sent > 0  # both counts are really exercised
         done, failed = farm_run.slices_sent - farm_run.failed_sent, farm_run.failed_sent
-        summary = asyncio.run(artifact_markdown(self.stack.api_url,
-                                                f"run-{NAMESPACE}-{self.run_id}"))
+        summary = asyncio.run(
+            artifact_markdown(self.stack.api_url, f"run-{NAMESPACE}-{self.run_id}")
+        )
         assert f"slices: {done} done, {failed} failed" in summary, summary
         assert self.peers.idds.violations == []
         # Both replicas received each message of the topic: each is stored once.
         recorder = self.peers.recorder
-        for msg_type in ("created_workflow_task", "adjusted_worker", "end_run",
-                         "closed_workflow_task"):
+        for msg_type in (
+            "created_workflow_task",
+            "adjusted_worker",
+            "end_run",
+            "closed_workflow_task",
+        ):
             on_the_bus = recorder.count(msg_type, self.run_id)
             assert on_the_bus >= 1, f"run {self.run_id}: no {msg_type} on the bus"
             # The flow may have seen the last ones streamed, before the
             # server's persister wrote them.
             deadline = time.monotonic() + 30
-            while (len(in_prefect := stored(self.stack.api_url, self.run_id, msg_type))
-                   < on_the_bus and time.monotonic() < deadline):
+            while (
+                len(in_prefect := stored(self.stack.api_url, self.run_id, msg_type)) < on_the_bus
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.5)
-            assert len(in_prefect) == on_the_bus, \
+            assert len(in_prefect) == on_the_bus, (
                 f"run {self.run_id}: {msg_type} {on_the_bus} on the bus, {len(in_prefect)} stored"
+            )
         return Counter(e.resource.get(LISTENER_LABEL) or "?" for e in results)
 
     def assert_once(self) -> None:
@@ -185,13 +203,18 @@ class Run:
         larger sizes only (the policy never asks a size twice), at least once."""
         recorder = self.peers.recorder
         assert recorder.settle(30), "the recorder's marker never came back"
-        counts = {t: recorder.count(t, self.run_id)
-                  for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")}
+        counts = {
+            t: recorder.count(t, self.run_id)
+            for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")
+        }
         assert counts == dict.fromkeys(counts, 1), f"run {self.run_id}: {counts}"
-        sizes = [a["content"]["target_worker_count"]
-                 for a in recorder.of_type("adjust_worker", self.run_id)]
-        assert sizes and len(sizes) == len(set(sizes)), \
+        sizes = [
+            a["content"]["target_worker_count"]
+            for a in recorder.of_type("adjust_worker", self.run_id)
+        ]
+        assert sizes and len(sizes) == len(set(sizes)), (
             f"run {self.run_id}: adjust_worker sizes {sizes}"
+        )
 
 
 # --- the tests ------------------------------------------------------------------------
@@ -206,9 +229,17 @@ def test_an_event_sent_by_both_replicas_is_stored_once_and_followed_once(
     run_id = new_run_id()
     body = {"msg_type": "end_run", "run_id": run_id, "namespace": NAMESPACE}
     stomp_id = f"ID:replicas-{uuid.uuid4().hex}"
-    first, second = (message_event(body, "end_run", NAMESPACE, run_id, stomp_id,
-                                   listener=f"swf-panda-workers-{NAMESPACE}-{replica}")
-                     for replica in REPLICAS)
+    first, second = (
+        message_event(
+            body,
+            "end_run",
+            NAMESPACE,
+            run_id,
+            stomp_id,
+            listener=f"swf-panda-workers-{NAMESPACE}-{replica}",
+        )
+        for replica in REPLICAS
+    )
     assert first.id == second.id
     resource = run_resource_id(NAMESPACE, run_id)
 
@@ -271,8 +302,8 @@ def test_a_replica_killed_mid_run_leaves_the_run_to_the_other(
         # The victim takes results of a run once it follows it (its own
         # subscription to the run's results): only then can it hold some.
         assert peers.wait_until(
-            lambda: results_taken(replica_stack, victim, first.run_id) > 0, WAIT), \
-            f"the {victim} replica never took a result of run {first.run_id}"
+            lambda: results_taken(replica_stack, victim, first.run_id) > 0, WAIT
+        ), f"the {victim} replica never took a result of run {first.run_id}"
         # Frozen, the victim still takes its share of results from the broker
         # and acks none of them; then it dies with them.
         process = replica_stack.replicas[victim]
@@ -290,18 +321,21 @@ def test_a_replica_killed_mid_run_leaves_the_run_to_the_other(
         assert killed_at < slices, "the run had drained before the kill: no fault tested"
         first.finish_and_account()
         second.finish_and_account()
-        assert redelivered_results(replica_stack, survivor) > redelivered_before, \
+        assert redelivered_results(replica_stack, survivor) > redelivered_before, (
             f"no result the {victim} replica held was redelivered to the {survivor} replica"
+        )
 
         # The victim, restarted under its name, catches up on what its durable
         # subscription kept (the second run's announcement among it) and
         # repeats nothing.
         replica_stack.start_replica(victim)
         assert peers.wait_until(
-            lambda: second.run_id in runs_started(replica_stack, victim), WAIT), \
-            f"the restarted {victim} replica never got run {second.run_id}'s announcement"
-        assert runs_started(replica_stack, victim)[second.run_id] == \
-            runs_started(replica_stack, survivor)[second.run_id]
+            lambda: second.run_id in runs_started(replica_stack, victim), WAIT
+        ), f"the restarted {victim} replica never got run {second.run_id}'s announcement"
+        assert (
+            runs_started(replica_stack, victim)[second.run_id]
+            == runs_started(replica_stack, survivor)[second.run_id]
+        )
         for run in (first, second):
             run.assert_once()
             asyncio.run(final_flow_run(replica_stack.api_url, NAMESPACE, run.run_id))

@@ -19,8 +19,10 @@ from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.monitor import HUNG, HeartbeatCall, MonitorStandIn
 
-pytestmark = [pytest.mark.integration, once(
-    "heartbeats to swf-monitor; the Prefect database has no part in them")]
+pytestmark = [
+    pytest.mark.integration,
+    once("heartbeats to swf-monitor; the Prefect database has no part in them"),
+]
 
 NAMESPACE, TOKEN = MONITOR_NAMESPACE, MONITOR_TOKEN  # monitor_stack's (stacks.py)
 SHAPE = "testbed"
@@ -51,13 +53,23 @@ def state(call: HeartbeatCall) -> tuple[str, str]:
 
 def wait_state(monitor: MonitorStandIn, wanted: tuple[str, str], since: int = 0) -> int:
     """Wait for an accepted heartbeat in state ``wanted``; its index in the records."""
+
     def found() -> int | None:
         records = monitor.records()
-        return next((i for i in range(since, len(records)) if records[i].accepted
-                     and records[i].field("instance_name") == INSTANCE
-                     and state(records[i]) == wanted), None)
-    assert monitor.wait_for(lambda: found() is not None, WAIT), \
+        return next(
+            (
+                i
+                for i in range(since, len(records))
+                if records[i].accepted
+                and records[i].field("instance_name") == INSTANCE
+                and state(records[i]) == wanted
+            ),
+            None,
+        )
+
+    assert monitor.wait_for(lambda: found() is not None, WAIT), (
         f"no {wanted} heartbeat; seen: {[state(c) for c in ours(monitor, since)]}"
+    )
     index = found()
     assert index is not None
     return index
@@ -102,11 +114,13 @@ class Run:
 
     def finish(self) -> None:
         farm = self.peers.farm
-        assert farm.wait_for(lambda: (r := farm.runs.get(self.run_id)) is not None
-                             and r.slices_sent >= SLICES, WAIT), "not every slice was sent"
+        assert farm.wait_for(
+            lambda: (r := farm.runs.get(self.run_id)) is not None and r.slices_sent >= SLICES, WAIT
+        ), "not every slice was sent"
         self.peers.control.end(self.run_id, SHAPE)
-        flow_run = asyncio.run(final_flow_run(self.stack.api_url, NAMESPACE, self.run_id,
-                                              wait=WAIT))
+        flow_run = asyncio.run(
+            final_flow_run(self.stack.api_url, NAMESPACE, self.run_id, wait=WAIT)
+        )
         assert flow_run.state_name == "Completed", flow_run.state
         recorder = self.peers.recorder
         assert recorder.settle(30), "the recorder's marker never came back"
@@ -119,7 +133,9 @@ def peers_for(stack: EmbeddedStack) -> PeerHarness:
 
 
 def test_the_listener_heartbeats_ready_processing_ready_then_exited(
-    monitor_stack: EmbeddedStack, monitor: MonitorStandIn, since: int,
+    monitor_stack: EmbeddedStack,
+    monitor: MonitorStandIn,
+    since: int,
     new_run_id: Callable[[], str],
 ) -> None:
     ready = wait_state(monitor, ("OK", "READY"), since)
@@ -144,7 +160,9 @@ def test_the_listener_heartbeats_ready_processing_ready_then_exited(
 
 
 def test_a_monitor_gone_mid_run_or_hanging_at_shutdown_holds_up_nothing(
-    monitor_stack: EmbeddedStack, monitor: MonitorStandIn, since: int,
+    monitor_stack: EmbeddedStack,
+    monitor: MonitorStandIn,
+    since: int,
     new_run_id: Callable[[], str],
 ) -> None:
     log_start = log_size(monitor_stack)
@@ -160,10 +178,13 @@ def test_a_monitor_gone_mid_run_or_hanging_at_shutdown_holds_up_nothing(
         run.finish()  # the run goes through its whole life meanwhile
     # Kept on the log: that each failure is logged once, when it started, not
     # at each try, shows nowhere else.
-    warnings = monitor_warnings(wait_log(monitor_stack, log_start,
-                                         lambda text: "unreachable" in text))
+    warnings = monitor_warnings(
+        wait_log(monitor_stack, log_start, lambda text: "unreachable" in text)
+    )
     assert [("HTTP 503" in w, "unreachable" in w) for w in warnings] == [
-        (True, False), (False, True)], warnings
+        (True, False),
+        (False, True),
+    ], warnings
 
     monitor.behave("ok")
     monitor.start()  # back on the same port: the heartbeats resume

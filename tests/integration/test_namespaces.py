@@ -19,8 +19,10 @@ from stacks import IDDS_ELSEWHERE, RESULTS_TOPIC
 from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers.harness import PeerHarness
 
-pytestmark = [pytest.mark.integration, once(
-    "the broker's selectors and subscriptions between namespaces")]
+pytestmark = [
+    pytest.mark.integration,
+    once("the broker's selectors and subscriptions between namespaces"),
+]
 
 SLICES = 60
 WAIT = 120.0
@@ -28,13 +30,20 @@ WAIT = 120.0
 
 def harness(stack: EmbeddedStack, idds_namespace: str | None = None) -> PeerHarness:
     # Every fifth slice fails: both counts are exercised.
-    return PeerHarness(stack.brokers, stack.settings.transceiver.namespace,
-                       slices_per_run=SLICES, processing_time=lambda _: 0.05, fail_every=5,
-                       idle_timeout=3, idds_namespace=idds_namespace)
+    return PeerHarness(
+        stack.brokers,
+        stack.settings.transceiver.namespace,
+        slices_per_run=SLICES,
+        processing_time=lambda _: 0.05,
+        fail_every=5,
+        idle_timeout=3,
+        idds_namespace=idds_namespace,
+    )
 
 
-def run_side_by_side(stacks: list[EmbeddedStack], peers: list[PeerHarness],
-                     new_run_id: Callable[[], str]) -> list[str]:
+def run_side_by_side(
+    stacks: list[EmbeddedStack], peers: list[PeerHarness], new_run_id: Callable[[], str]
+) -> list[str]:
     """One run per namespace at once; each ended once its slices are sent.
     Returns the run ids; asserts every result counted by its own run."""
     runs = [new_run_id() for _ in stacks]
@@ -44,14 +53,14 @@ def run_side_by_side(stacks: list[EmbeddedStack], peers: list[PeerHarness],
 
     def finish(one: PeerHarness, run_id: str) -> None:
         farm = one.farm
-        if not farm.wait_for(lambda: run_id in farm.runs and farm.runs[run_id].slices_sent
-                             >= SLICES, WAIT):
+        if not farm.wait_for(
+            lambda: run_id in farm.runs and farm.runs[run_id].slices_sent >= SLICES, WAIT
+        ):
             failures.append(f"run {run_id}: its slices were never all sent")
             return
         one.control.end(run_id, "testbed")
 
-    threads = [threading.Thread(target=finish, args=pair) for pair in zip(peers, runs,
-                                                                            strict=True)]
+    threads = [threading.Thread(target=finish, args=pair) for pair in zip(peers, runs, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -66,7 +75,9 @@ def run_side_by_side(stacks: list[EmbeddedStack], peers: list[PeerHarness],
         # Every result counted by its own run, once: none lost to the other
         # namespace's listener, none counted twice.
         assert slices_reported(one_stack.api_url, namespace, run_id) == (
-            farm_run.slices_sent - farm_run.failed_sent, farm_run.failed_sent)
+            farm_run.slices_sent - farm_run.failed_sent,
+            farm_run.failed_sent,
+        )
     return runs
 
 
@@ -89,10 +100,14 @@ def test_two_namespaces_take_results_from_a_topic_one_with_idds_elsewhere(
         # The second namespace's requests went in iDDS's namespace, and iDDS
         # answered in its own, not the requester's.
         recorded = [r for r in second.recorder.records if str(r.body.get("run_id")) == run_b]
-        requests = [r for r in recorded if r.msg_type in (
-            "create_workflow_task", "adjust_worker", "close_workflow_task")]
-        replies = [r for r in recorded if r.msg_type in (
-            "created_workflow_task", "closed_workflow_task")]
+        requests = [
+            r
+            for r in recorded
+            if r.msg_type in ("create_workflow_task", "adjust_worker", "close_workflow_task")
+        ]
+        replies = [
+            r for r in recorded if r.msg_type in ("created_workflow_task", "closed_workflow_task")
+        ]
         assert requests and replies
         assert {r.headers.get("namespace") for r in requests + replies} == {IDDS_ELSEWHERE}
         assert {r.body.get("namespace") for r in requests} == {"itopicb"}

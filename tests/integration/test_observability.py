@@ -47,8 +47,7 @@ from swf_testbed.peers._bus import PeerBus, peer_headers
 from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.scenario import slowdown_in_the_middle
 
-pytestmark = [pytest.mark.integration, once(
-    "the listener's metrics and health check")]
+pytestmark = [pytest.mark.integration, once("the listener's metrics and health check")]
 
 NAMESPACE = OBSERVED_NAMESPACE  # observed_stack's (stacks.py)
 IMAGE_NAMESPACE = "itestimage"
@@ -60,16 +59,18 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((f"swf_panda_workers_{name}", frozenset(labels.items())))
 
 
-def scrape_until(port: int, condition: Callable[[Samples], bool], timeout: float = WAIT
-                 ) -> Samples:
+def scrape_until(port: int, condition: Callable[[Samples], bool], timeout: float = WAIT) -> Samples:
     """Scrape until ``condition`` holds; the last scrape either way."""
     deadline = time.monotonic() + timeout
     samples = scrape(port)
@@ -83,59 +84,81 @@ def scrape_until(port: int, condition: Callable[[Samples], bool], timeout: float
 
 
 def test_the_metrics_count_a_whole_run(
-    observed_stack: EmbeddedStack, metrics_port: int, new_run_id: Callable[[], str],
+    observed_stack: EmbeddedStack,
+    metrics_port: int,
+    new_run_id: Callable[[], str],
 ) -> None:
     brokers = observed_stack.brokers
     # Slices slow in the middle: the run asks for more workers (adjust_worker).
-    with PeerHarness(brokers, NAMESPACE, slices_per_run=SLICES, idle_timeout=3,
-                     processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
-                     heartbeat_every=3600) as peers:
+    with PeerHarness(
+        brokers,
+        NAMESPACE,
+        slices_per_run=SLICES,
+        idle_timeout=3,
+        processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
+        heartbeat_every=3600,
+    ) as peers:
         run_id = new_run_id()
         peers.control.announce(run_id, "testbed", target_workers=3, slice_processing_time=0.5)
         assert peers.wait_until(lambda: peers.task_created(run_id), WAIT)
         farm_run = peers.farm.runs[run_id]
-        assert peers.farm.wait_for(lambda: farm_run.slices_sent + farm_run.failed_sent >= SLICES,
-                                   WAIT)
+        assert peers.farm.wait_for(
+            lambda: farm_run.slices_sent + farm_run.failed_sent >= SLICES, WAIT
+        )
         # In progress until its end: counted within 15 s.
         during = scrape_until(metrics_port, lambda s: value(s, "runs_active") == 1, 60)
         assert value(during, "runs_active") == 1
         peers.control.end(run_id, "testbed")
         assert peers.wait_until(lambda: peers.task_closed(run_id), WAIT)
         assert peers.recorder.wait_for(
-            lambda: bool(peers.recorder.of_type("stop_transformer", run_id)), 30)
+            lambda: bool(peers.recorder.of_type("stop_transformer", run_id)), 30
+        )
         assert peers.recorder.settle(30)
         # What the listener was sent: the topic's messages of its namespace
         # and of none (its subscription's selector: iDDS may answer without
         # one), and the results on its queue. Those of no namespace are the
         # recorder's markers, heartbeats naming no run: ignored unread.
-        on_topic = Counter(r.msg_type for r in peers.recorder.records
-                           if r.destination == brokers.workers_topic
-                           and r.headers.get("namespace") == NAMESPACE)
-        markers = sum(1 for r in peers.recorder.records
-                      if r.destination == brokers.workers_topic
-                      and r.headers.get("namespace") is None)
+        on_topic = Counter(
+            r.msg_type
+            for r in peers.recorder.records
+            if r.destination == brokers.workers_topic and r.headers.get("namespace") == NAMESPACE
+        )
+        markers = sum(
+            1
+            for r in peers.recorder.records
+            if r.destination == brokers.workers_topic and r.headers.get("namespace") is None
+        )
         results = farm_run.slices_sent + farm_run.failed_sent
         adjusts = peers.recorder.of_type("adjust_worker", run_id)
 
     sent = sum(on_topic.values()) + results + markers
-    samples = scrape_until(metrics_port, lambda s: (value(s, "messages_acked_total") or 0)
-                           >= sent)
+    samples = scrape_until(metrics_port, lambda s: (value(s, "messages_acked_total") or 0) >= sent)
     for msg_type, count in on_topic.items():
-        assert value(samples, "messages_received_total", msg_type=msg_type,
-                     destination="topic") == count, msg_type
-    assert markers and value(samples, "messages_received_total", msg_type="unread",
-                             destination="topic") == markers
-    assert value(samples, "messages_received_total", msg_type="slice_result",
-                 destination="queue") == results
+        assert (
+            value(samples, "messages_received_total", msg_type=msg_type, destination="topic")
+            == count
+        ), msg_type
+    assert (
+        markers
+        and value(samples, "messages_received_total", msg_type="unread", destination="topic")
+        == markers
+    )
+    assert (
+        value(samples, "messages_received_total", msg_type="slice_result", destination="queue")
+        == results
+    )
     assert value(samples, "messages_acked_total") == sent
-    assert not any(name == "swf_panda_workers_messages_rejected_total" and count
-                   for (name, _), count in samples.items())
+    assert not any(
+        name == "swf_panda_workers_messages_rejected_total" and count
+        for (name, _), count in samples.items()
+    )
 
     # Timed: each announcement to its flow run, each other message of the run
     # to its stored event; our own requests echoed by the topic are not hand-offs.
     starts = on_topic["run_imminent"] + on_topic["run_imminent_worker"]
-    echoes = sum(on_topic[t] for t in ("create_workflow_task", "adjust_worker",
-                                       "close_workflow_task"))
+    echoes = sum(
+        on_topic[t] for t in ("create_workflow_task", "adjust_worker", "close_workflow_task")
+    )
     assert starts == 1 and echoes >= 3
     assert value(samples, "handoff_seconds_count", stored="flow_run") == starts
     events = sent - starts - echoes - markers
@@ -143,8 +166,10 @@ def test_the_metrics_count_a_whole_run(
     assert value(samples, "handoff_seconds_bucket", stored="event", le="+Inf") == events
 
     assert adjusts, "the slow stretch asked for no workers"
-    assert value(samples, "workers_requested", run_id=run_id) == \
-        adjusts[-1]["content"]["target_worker_count"]
+    assert (
+        value(samples, "workers_requested", run_id=run_id)
+        == adjusts[-1]["content"]["target_worker_count"]
+    )
     for gauge in ("listening", "bus_connected", "prefect_reachable"):
         assert value(samples, gauge) == 1, gauge
     assert problem(f"http://127.0.0.1:{metrics_port}/healthz")[0] is None
@@ -178,14 +203,29 @@ def install_as_the_image_does(parsed: DockerfileParser, root: Path) -> tuple[Pat
             origin = PROJECT_ROOT / source
             into = app / target / origin.name if target.endswith("/") else app / target
             if origin.is_dir():
-                shutil.copytree(origin, into, ignore=shutil.ignore_patterns(
-                    "__pycache__", "*.egg-info"))
+                shutil.copytree(
+                    origin, into, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+                )
             else:
                 into.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(origin, into)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--disable-pip-version-check", "--target", str(site), str(app)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(app),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return app, site
 
 
@@ -201,35 +241,47 @@ def compose_environment(given: dict[str, str]) -> tuple[dict[str, str], dict[str
 
 
 def test_the_image_entrypoint_runs_on_its_environment_alone(
-    stack: EmbeddedStack, tmp_path: Path,
+    stack: EmbeddedStack,
+    tmp_path: Path,
 ) -> None:
     parsed = image_instructions()
     app, site = install_as_the_image_does(parsed, tmp_path)
     home = tmp_path / "home"
     home.mkdir()
     brokers = stack.brokers
-    environment, service = compose_environment({
-        "ACTIVEMQ_HOST": brokers.host, "ACTIVEMQ_PORT": str(brokers.port),
-        "SWF_NAMESPACE": IMAGE_NAMESPACE, "PREFECT_API_URL": stack.api_url})
+    environment, service = compose_environment(
+        {
+            "ACTIVEMQ_HOST": brokers.host,
+            "ACTIVEMQ_PORT": str(brokers.port),
+            "SWF_NAMESPACE": IMAGE_NAMESPACE,
+            "PREFECT_API_URL": stack.api_url,
+        }
+    )
     # The compose's own port may be taken on a machine shared with other
     # tests; the host stays the container's 0.0.0.0.
     port = free_port()
     environment["SWF_METRICS_PORT"] = str(port)
-    image_env = {name: text.replace("/app", str(app)).replace("/home/swf", str(home))
-                 for name, text in parsed.envs.items()}
-    env = {"PATH": f"{site / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
-                   "/usr/bin:/bin",
-           "HOME": str(home), "PYTHONPATH": str(site), **image_env, **environment}
+    image_env = {
+        name: text.replace("/app", str(app)).replace("/home/swf", str(home))
+        for name, text in parsed.envs.items()
+    }
+    env = {
+        "PATH": f"{site / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin",
+        "HOME": str(home),
+        "PYTHONPATH": str(site),
+        **image_env,
+        **environment,
+    }
     command = [*json.loads(_last(parsed, "ENTRYPOINT")), *json.loads(_last(parsed, "CMD"))]
     check = json.loads(_last(parsed, "HEALTHCHECK").partition("CMD")[2])
     grace = float(str(service["stop_grace_period"]).removesuffix("s"))
 
     def healthcheck() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(check, env=env, cwd=app, capture_output=True, text=True,
-                              timeout=30)
+        return subprocess.run(check, env=env, cwd=app, capture_output=True, text=True, timeout=30)
 
-    listener = ManagedProcess("image-listener", command, env, tmp_path / "listener.log",
-                              app).start()
+    listener = ManagedProcess(
+        "image-listener", command, env, tmp_path / "listener.log", app
+    ).start()
     try:
         url = f"http://127.0.0.1:{port}/healthz"
         deadline = time.monotonic() + WAIT
@@ -242,19 +294,34 @@ def test_the_image_entrypoint_runs_on_its_environment_alone(
         sender = PeerBus(Brokers(host=brokers.host, port=brokers.port), "obs-image-test")
         sender.start()
         try:
-            sender.send(brokers.workers_topic,
-                        {"msg_type": "heartbeat", "internal_id": "obs-image-test",
-                         "namespace": IMAGE_NAMESPACE, "timestamp": time.time()},
-                        peer_headers("heartbeat", None, IMAGE_NAMESPACE))
+            sender.send(
+                brokers.workers_topic,
+                {
+                    "msg_type": "heartbeat",
+                    "internal_id": "obs-image-test",
+                    "namespace": IMAGE_NAMESPACE,
+                    "timestamp": time.time(),
+                },
+                peer_headers("heartbeat", None, IMAGE_NAMESPACE),
+            )
         finally:
             sender.stop()
         samples = scrape_until(port, lambda s: value(s, "messages_acked_total") == 1)
-        assert value(samples, "messages_received_total", msg_type="heartbeat",
-                     destination="topic") == 1
+        assert (
+            value(samples, "messages_received_total", msg_type="heartbeat", destination="topic")
+            == 1
+        )
         assert value(samples, "messages_acked_total") == 1
         assert value(samples, "handoff_seconds_count", stored="event") == 1
-        assert value(samples, "listener_info", namespace=IMAGE_NAMESPACE,
-                     listener_id=f"swf-panda-workers-{IMAGE_NAMESPACE}") == 1
+        assert (
+            value(
+                samples,
+                "listener_info",
+                namespace=IMAGE_NAMESPACE,
+                listener_id=f"swf-panda-workers-{IMAGE_NAMESPACE}",
+            )
+            == 1
+        )
 
         assert listener.process is not None
         listener.process.send_signal(signal.SIGTERM)  # what `docker stop` sends

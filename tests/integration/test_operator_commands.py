@@ -28,8 +28,12 @@ from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.scenario import play_session, slowdown_in_the_middle
 
-pytestmark = [pytest.mark.integration, once(
-    "show and dry-run read through Prefect's API, as the lifecycle tests do on both databases")]
+pytestmark = [
+    pytest.mark.integration,
+    once(
+        "show and dry-run read through Prefect's API, as the lifecycle tests do on both databases"
+    ),
+]
 
 SLICES = 30
 BIN = Path(sys.executable).parent
@@ -38,18 +42,28 @@ OUTBOUND = ("create_workflow_task", "adjust_worker", "stop_transformer", "close_
 
 @pytest.fixture
 def peers(stack: EmbeddedStack, namespace: str) -> Iterator[PeerHarness]:
-    with PeerHarness(stack.brokers, namespace, slices_per_run=SLICES,
-                     processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
-                     idle_timeout=3, heartbeat_every=2) as harness:
+    with PeerHarness(
+        stack.brokers,
+        namespace,
+        slices_per_run=SLICES,
+        processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
+        idle_timeout=3,
+        heartbeat_every=2,
+    ) as harness:
         yield harness
 
 
-def cli(stack: EmbeddedStack, *words: str,
-        timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(
+    stack: EmbeddedStack, *words: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """The installed command, as an operator runs it, against the test stack."""
-    return subprocess.run([str(BIN / "swf-panda-workers"), *words], capture_output=True,
-                          text=True, timeout=timeout,
-                          env=service_env(stack.api_url, stack.config_path))
+    return subprocess.run(
+        [str(BIN / "swf-panda-workers"), *words],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=service_env(stack.api_url, stack.config_path),
+    )
 
 
 def effects_of(stack: EmbeddedStack, namespace: str, run_id: str) -> list[Effect]:
@@ -59,11 +73,13 @@ def effects_of(stack: EmbeddedStack, namespace: str, run_id: str) -> list[Effect
             since = history_start(flow_run.created)  # type: ignore[arg-type]
             events = await run_history(run_resource_id(namespace, run_id), since)
         return [item for event in events if isinstance(item := decode(event), EFFECT_TYPES)]
+
     return asyncio.run(read())
 
 
 def test_a_run_started_and_ended_by_hand_with_send(
-        stack: EmbeddedStack, peers: PeerHarness, namespace: str, new_run_id) -> None:
+    stack: EmbeddedStack, peers: PeerHarness, namespace: str, new_run_id
+) -> None:
     run_id = new_run_id()
     sent = cli(stack, "send", "run_imminent", run_id, "--workers", "2", "--namespace", namespace)
     assert sent.returncode == 0, sent.stderr
@@ -88,12 +104,14 @@ def test_a_run_started_and_ended_by_hand_with_send(
 
 
 def test_show_then_replay_a_finished_run_sends_nothing(
-        stack: EmbeddedStack, peers: PeerHarness, namespace: str, new_run_id) -> None:
+    stack: EmbeddedStack, peers: PeerHarness, namespace: str, new_run_id
+) -> None:
     run_id = new_run_id()
     assert play_session(peers, [run_id], "testbed", SLICES).ok
     recorder = peers.recorder
-    live_adjusts = [a["content"]["target_worker_count"]
-                    for a in recorder.of_type("adjust_worker", run_id)]
+    live_adjusts = [
+        a["content"]["target_worker_count"] for a in recorder.of_type("adjust_worker", run_id)
+    ]
     assert live_adjusts, "the slow stretch asked for no workers: nothing to compare"
     ids = recorder.of_type("created_workflow_task", run_id)[0]["content"]
     asyncio.run(final_flow_run(stack.api_url, namespace, run_id))
@@ -115,16 +133,24 @@ def test_show_then_replay_a_finished_run_sends_nothing(
 
     # Prefect's own command, with the recorded parameters and dry_run=true.
     replay = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", stack.settings.prefect.deployment,
-         "--params", json.dumps({**recorded, "dry_run": True})],
-        capture_output=True, text=True, timeout=120,
-        env=service_env(stack.api_url, stack.config_path))
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            stack.settings.prefect.deployment,
+            "--params",
+            json.dumps({**recorded, "dry_run": True}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=service_env(stack.api_url, stack.config_path),
+    )
     assert replay.returncode == 0, replay.stdout + replay.stderr
     flow_run_id = UUID(re.search(r"UUID: ([0-9a-f-]{36})", replay.stdout).group(1))  # type: ignore[union-attr]
     assert asyncio.run(final_state_name(stack.api_url, flow_run_id)) == "Completed"
 
-    summary = asyncio.run(artifact_markdown(stack.api_url,
-                                            f"run-{namespace}-{run_id}-dry-run"))
+    summary = asyncio.run(artifact_markdown(stack.api_url, f"run-{namespace}-{run_id}-dry-run"))
     assert f"Dry run of run {run_id}" in summary and "nothing was sent" in summary
     assert "close status: **ToCancel**" in summary  # iDDS's recorded answer
     assert f"- slices: {SLICES} done" in summary

@@ -37,8 +37,7 @@ from swf_testbed.peers.idds import SimulatedIDDS, TaskInfo
 from swf_testbed.peers.recorder import BusRecorder
 from swf_testbed.peers.transformers import TransformerFarm
 
-pytestmark = [pytest.mark.integration, once(
-    "the simulated peers alone, no Prefect at all")]
+pytestmark = [pytest.mark.integration, once("the simulated peers alone, no Prefect at all")]
 
 WAIT = 10.0  # seconds: generous, every wait returns as soon as its condition holds
 
@@ -54,7 +53,9 @@ def brokers(namespace: str, broker_port: int) -> Brokers:
     the service under test, whose iDDS simulators and listener must not answer
     us or take our slice results."""
     return Brokers(
-        host="127.0.0.1", port=broker_port, heartbeat_ms=0,
+        host="127.0.0.1",
+        port=broker_port,
+        heartbeat_ms=0,
         workers_topic=f"/topic/panda.workers.{namespace}",
         transformer_topic=f"/topic/panda.transformer.{namespace}",
         results_destination=f"/queue/panda.results.worker.{namespace}",
@@ -77,8 +78,9 @@ class Listener:
 
     def __init__(self, brokers: Brokers, subscription: Subscription) -> None:
         self.deliveries: queue.Queue[Delivery] = queue.Queue()
-        self.client = BusClient(brokers, (subscription,), self.deliveries.put,
-                                name=f"test-{uuid.uuid4().hex[:6]}")
+        self.client = BusClient(
+            brokers, (subscription,), self.deliveries.put, name=f"test-{uuid.uuid4().hex[:6]}"
+        )
 
     def next_of(self, msg_type: str) -> Delivery:
         """The next delivery of that type (others are skipped)."""
@@ -92,17 +94,21 @@ class Listener:
 @pytest.fixture
 def requester(brokers: Brokers, namespace: str) -> Iterator[Listener]:
     """The service's side of the workers topic: namespace selector, acks."""
-    listener = Listener(brokers, Subscription(brokers.workers_topic,
-                                              selector=namespace_selector(namespace)))
+    listener = Listener(
+        brokers, Subscription(brokers.workers_topic, selector=namespace_selector(namespace))
+    )
     with listener.client:
         yield listener
 
 
 def imminent(run_id: str, target: int) -> RunImminent:
-    message = parse_message({
-        "msg_type": "run_imminent_worker", "run_id": run_id,
-        "content": {"target_worker_count": target, "core_count": 1},
-    })
+    message = parse_message(
+        {
+            "msg_type": "run_imminent_worker",
+            "run_id": run_id,
+            "content": {"target_worker_count": target, "core_count": 1},
+        }
+    )
     assert isinstance(message, RunImminent)
     return message
 
@@ -113,17 +119,21 @@ def now() -> datetime:
 
 def test_announce_and_end_reach_the_topics(brokers: Brokers, namespace: str, run_id: str) -> None:
     epic = f"/topic/epictopic.{namespace}"
-    with BusRecorder(brokers, topics=(brokers.workers_topic, epic)) as recorder, \
-            ControlSystem(brokers, namespace, brokers.workers_topic, epic) as control:
+    with (
+        BusRecorder(brokers, topics=(brokers.workers_topic, epic)) as recorder,
+        ControlSystem(brokers, namespace, brokers.workers_topic, epic) as control,
+    ):
         control.announce(run_id, "testbed", target_workers=30)
         control.announce(run_id + "1", "seed", target_workers=4, memory_per_core=3000)
         control.end(run_id, "testbed", duplicate=True)
         assert recorder.wait_for(lambda: len(recorder.of_type("end_run", run_id)) == 3, WAIT)
-        assert recorder.wait_for(lambda: bool(recorder.of_type("run_imminent", run_id + "1")),
-                                 WAIT)
+        assert recorder.wait_for(lambda: bool(recorder.of_type("run_imminent", run_id + "1")), WAIT)
 
-    testbed = next(r for r in recorder.records if r.msg_type == "run_imminent_worker"
-                   and r.body["run_id"] == run_id)
+    testbed = next(
+        r
+        for r in recorder.records
+        if r.msg_type == "run_imminent_worker" and r.body["run_id"] == run_id
+    )
     assert testbed.headers["namespace"] == namespace
     assert testbed.headers["run_id"] == run_id
     # Sent persistent: false as the agent sends it; ActiveMQ delivers a
@@ -144,8 +154,11 @@ def test_announce_and_end_reach_the_topics(brokers: Brokers, namespace: str, run
     assert (seed.content.target_worker_count, seed.content.memory_per_core) == (4, 3000)
     assert seed.created_at is not None
 
-    ends = [r.destination for r in recorder.records
-            if r.msg_type == "end_run" and r.body["run_id"] == run_id]
+    ends = [
+        r.destination
+        for r in recorder.records
+        if r.msg_type == "end_run" and r.body["run_id"] == run_id
+    ]
     assert sorted(ends) == sorted([brokers.workers_topic] * 2 + [epic])
 
 
@@ -155,8 +168,12 @@ def test_idds_answers_in_its_own_namespace(
     # iDDS in the requester's namespace here (the requester's selector takes
     # only it); its replies carry iDDS's own namespace header.
     created: queue.Queue[tuple[str, TaskInfo]] = queue.Queue()
-    with SimulatedIDDS(brokers, namespace, on_task_created=lambda r, t: created.put((r, t)),
-                       workers_topic=brokers.workers_topic) as idds:
+    with SimulatedIDDS(
+        brokers,
+        namespace,
+        on_task_created=lambda r, t: created.put((r, t)),
+        workers_topic=brokers.workers_topic,
+    ) as idds:
         create = outbound.create_workflow_task(imminent(run_id, 3), settings, now())
         requester.client.send(create)
         reply = requester.next_of("created_workflow_task")
@@ -176,8 +193,7 @@ def test_idds_answers_in_its_own_namespace(
         assert len(idds.tasks_of(run_id)) == 1
         assert created.empty()
 
-        size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL-OSG",
-                          target_worker_count=5)
+        size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL-OSG", target_worker_count=5)
         requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings, now()))
         adjusted = parse_message(requester.next_of("adjusted_worker").body)
         assert isinstance(adjusted, AdjustedWorker)
@@ -192,10 +208,21 @@ def test_idds_answers_in_its_own_namespace(
         # A close naming only the run (the service's, before iDDS's ids came):
         # iDDS looks the task up by run_id.
         def close_by_run_id(run: str) -> None:
-            body = {"msg_type": "close_workflow_task", "run_id": run, "content": {
-                "run_id": run, "request_id": None, "transform_id": None, "workload_id": None}}
-            requester.client.send_raw(brokers.workers_topic, json.dumps(body).encode(),
-                                      {"namespace": namespace, "msg_type": "close_workflow_task"})
+            body = {
+                "msg_type": "close_workflow_task",
+                "run_id": run,
+                "content": {
+                    "run_id": run,
+                    "request_id": None,
+                    "transform_id": None,
+                    "workload_id": None,
+                },
+            }
+            requester.client.send_raw(
+                brokers.workers_topic,
+                json.dumps(body).encode(),
+                {"namespace": namespace, "msg_type": "close_workflow_task"},
+            )
 
         other = run_id + "9"
         close_by_run_id(other)
@@ -204,10 +231,21 @@ def test_idds_answers_in_its_own_namespace(
         assert (not_found.run_id, not_found.content.status) == (other, "NotFound")
 
         # The close that would cancel everything: recorded, never answered.
-        danger = {"msg_type": "close_workflow_task", "run_id": None, "content": {
-            "run_id": None, "request_id": None, "transform_id": None, "workload_id": None}}
-        requester.client.send_raw(brokers.workers_topic, json.dumps(danger).encode(),
-                                  {"namespace": namespace, "msg_type": "close_workflow_task"})
+        danger = {
+            "msg_type": "close_workflow_task",
+            "run_id": None,
+            "content": {
+                "run_id": None,
+                "request_id": None,
+                "transform_id": None,
+                "workload_id": None,
+            },
+        }
+        requester.client.send_raw(
+            brokers.workers_topic,
+            json.dumps(danger).encode(),
+            {"namespace": namespace, "msg_type": "close_workflow_task"},
+        )
         assert idds.wait_for(lambda: len(idds.violations) == 1, WAIT)
         # iDDS answers in order: a reply to the danger would precede this one.
         last = run_id + "8"
@@ -221,17 +259,31 @@ def test_stop_transformer_needs_the_integer_run_id(
     brokers: Brokers, settings: Settings, run_id: str
 ) -> None:
     slices = 400
-    with TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
-                         brokers.workers_topic, idle_timeout=1.0,
-                         result_ttl_ms=60_000) as farm, \
-            BusClient(brokers, name="test-stopper") as service:
+    with (
+        TransformerFarm(
+            brokers,
+            brokers.results_destination,
+            brokers.transformer_topic,
+            brokers.workers_topic,
+            idle_timeout=1.0,
+            result_ttl_ms=60_000,
+        ) as farm,
+        BusClient(brokers, name="test-stopper") as service,
+    ):
         run = farm.start_run(run_id, workers=2, slices=slices, processing_time=lambda _: 0.05)
         assert farm.wait_for(lambda: run.slices_sent >= 2, WAIT)
 
-        as_text = {"msg_type": "stop_transformer", "run_id": run_id,
-                   "created_at": now().isoformat(), "content": {}}
-        service.send_raw(brokers.transformer_topic, json.dumps(as_text).encode(),
-                         {"msg_type": "stop_transformer", "run_id": run_id})
+        as_text = {
+            "msg_type": "stop_transformer",
+            "run_id": run_id,
+            "created_at": now().isoformat(),
+            "content": {},
+        }
+        service.send_raw(
+            brokers.transformer_topic,
+            json.dumps(as_text).encode(),
+            {"msg_type": "stop_transformer", "run_id": run_id},
+        )
         assert farm.wait_for(lambda: run.ignored_stops == 1, WAIT)
         assert not run.stopped
         assert farm.live_workers(run_id) == 2
@@ -245,15 +297,30 @@ def test_stop_transformer_needs_the_integer_run_id(
 
 
 def test_slice_results_and_heartbeats(brokers: Brokers, run_id: str) -> None:
-    results = Listener(brokers, Subscription(brokers.results_destination,
-                                             selector=f"run_id='{run_id}'"))
-    with results.client, \
-            BusRecorder(brokers, (brokers.transformer_topic,)) as recorder, \
-            TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
-                            brokers.workers_topic, heartbeat_every=0.2, idle_timeout=0.5,
-                            result_ttl_ms=60_000) as farm:
-        farm.start_run(run_id, workers=2, slices=5, processing_time=lambda _: 0.3,
-                       fail_every=5, namespace="ns1")
+    results = Listener(
+        brokers, Subscription(brokers.results_destination, selector=f"run_id='{run_id}'")
+    )
+    with (
+        results.client,
+        BusRecorder(brokers, (brokers.transformer_topic,)) as recorder,
+        TransformerFarm(
+            brokers,
+            brokers.results_destination,
+            brokers.transformer_topic,
+            brokers.workers_topic,
+            heartbeat_every=0.2,
+            idle_timeout=0.5,
+            result_ttl_ms=60_000,
+        ) as farm,
+    ):
+        farm.start_run(
+            run_id,
+            workers=2,
+            slices=5,
+            processing_time=lambda _: 0.3,
+            fail_every=5,
+            namespace="ns1",
+        )
         got = [results.next_of("slice_result") for _ in range(5)]
         assert recorder.wait_for(lambda: bool(recorder.of_type("heartbeat")), WAIT)
         assert farm.wait_idle(WAIT)
@@ -296,15 +363,28 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
     idle = 0.5
     # The last gap (2 s) is much longer than the idle timeout.
     offsets = [0.0, 0.3, 0.6, 2.6]
-    results = Listener(brokers, Subscription(brokers.results_destination,
-                                             selector=f"run_id='{run_id}'"))
-    with results.client, \
-            TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
-                            brokers.workers_topic, idle_timeout=idle,
-                            result_ttl_ms=60_000) as farm:
+    results = Listener(
+        brokers, Subscription(brokers.results_destination, selector=f"run_id='{run_id}'")
+    )
+    with (
+        results.client,
+        TransformerFarm(
+            brokers,
+            brokers.results_destination,
+            brokers.transformer_topic,
+            brokers.workers_topic,
+            idle_timeout=idle,
+            result_ttl_ms=60_000,
+        ) as farm,
+    ):
         began = time.monotonic()
-        run = farm.start_run(run_id, workers=2, slices=len(offsets),
-                             processing_time=lambda _: 0.05, arrival=lambda i: offsets[i])
+        run = farm.start_run(
+            run_id,
+            workers=2,
+            slices=len(offsets),
+            processing_time=lambda _: 0.05,
+            arrival=lambda i: offsets[i],
+        )
         got = [results.next_of("slice_result") for _ in range(3)]
         # In the gap: the workers have idled longer than idle_timeout, yet
         # they are still there, since a slice is still to come.
@@ -319,14 +399,20 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
         # Stopped while slices are still to arrive: those never arrive, and
         # neither a stop nor the farm's shutdown waits for them.
         stopped = run_id + "1"
-        late = farm.start_run(stopped, workers=1, slices=5, processing_time=lambda _: 0.0,
-                              arrival=lambda i: 0.0 if i < 2 else 600.0)
+        late = farm.start_run(
+            stopped,
+            workers=1,
+            slices=5,
+            processing_time=lambda _: 0.0,
+            arrival=lambda i: 0.0 if i < 2 else 600.0,
+        )
         assert farm.wait_for(lambda: late.slices_sent == 2, WAIT)
         results.client.send(outbound.stop_transformers(stopped, settings, now())[0])
         assert farm.wait_idle(WAIT, stopped)
         pending = run_id + "2"
-        farm.start_run(pending, workers=1, slices=2, processing_time=lambda _: 0.0,
-                       arrival=lambda i: 600.0 * i)
+        farm.start_run(
+            pending, workers=1, slices=2, processing_time=lambda _: 0.0, arrival=lambda i: 600.0 * i
+        )
         closing = time.monotonic()
     assert time.monotonic() - closing < 5.0
     assert (late.queued, late.unprocessed, late.feeding) == (2, [], False)
@@ -338,18 +424,25 @@ def test_slices_arrive_over_time(brokers: Brokers, settings: Settings, run_id: s
     for content, offset in zip(contents, offsets, strict=True):
         assert abs(seconds_between(first, content["requested_at"]) - offset) < 0.2
         # requested_at is the slice's own queueing: idle workers take it at once.
-        assert 0 <= seconds_between(content["requested_at"],
-                                    content["processing_start_at"]) < 0.2
+        assert 0 <= seconds_between(content["requested_at"], content["processing_start_at"]) < 0.2
 
 
 def test_lowering_the_target_finishes_every_slice(brokers: Brokers, run_id: str) -> None:
     slices = 30
-    results = Listener(brokers, Subscription(brokers.results_destination,
-                                             selector=f"run_id='{run_id}'"))
-    with results.client, \
-            TransformerFarm(brokers, brokers.results_destination, brokers.transformer_topic,
-                            brokers.workers_topic, idle_timeout=1.0,
-                            result_ttl_ms=60_000) as farm:
+    results = Listener(
+        brokers, Subscription(brokers.results_destination, selector=f"run_id='{run_id}'")
+    )
+    with (
+        results.client,
+        TransformerFarm(
+            brokers,
+            brokers.results_destination,
+            brokers.transformer_topic,
+            brokers.workers_topic,
+            idle_timeout=1.0,
+            result_ttl_ms=60_000,
+        ) as farm,
+    ):
         run = farm.start_run(run_id, workers=4, slices=slices, processing_time=lambda _: 0.2)
         assert farm.wait_for(lambda: run.slices_sent >= 4, WAIT)
         farm.set_target(run_id, 1)  # the four are all in the middle of a slice
@@ -372,9 +465,16 @@ def test_harness_adjusts_start_transformers_after_the_rampup(
 ) -> None:
     rampup = 1.5
     # The what-if of an iDDS that applies adjust_worker's count (2.6.21 does not).
-    with PeerHarness(brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=1000,
-                     idle_timeout=1.0, result_ttl_ms=60_000, worker_rampup=rampup,
-                     applies_worker_count=True) as peers:
+    with PeerHarness(
+        brokers,
+        namespace,
+        processing_time=lambda _: 0.1,
+        slices_per_run=1000,
+        idle_timeout=1.0,
+        result_ttl_ms=60_000,
+        worker_rampup=rampup,
+        applies_worker_count=True,
+    ) as peers:
         farm = peers.farm
         requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
         answer = parse_message(requester.next_of("created_workflow_task").body)
@@ -386,8 +486,7 @@ def test_harness_adjusts_start_transformers_after_the_rampup(
         def adjust(target: int) -> float:
             sent = time.monotonic()
             size = WorkerSize(target_worker_count=target)
-            requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings,
-                                                         now()))
+            requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings, now()))
             requester.next_of("adjusted_worker")
             return sent
 
@@ -417,9 +516,15 @@ def test_harness_adjusts_start_transformers_after_the_rampup(
 def test_harness_starts_and_adds_transformers(
     brokers: Brokers, settings: Settings, namespace: str, run_id: str, requester: Listener
 ) -> None:
-    with PeerHarness(brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,
-                     idle_timeout=1.0, result_ttl_ms=60_000,
-                     applies_worker_count=True) as peers:  # the what-if, as above
+    with PeerHarness(
+        brokers,
+        namespace,
+        processing_time=lambda _: 0.1,
+        slices_per_run=200,
+        idle_timeout=1.0,
+        result_ttl_ms=60_000,
+        applies_worker_count=True,
+    ) as peers:  # the what-if, as above
         requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
         answer = parse_message(requester.next_of("created_workflow_task").body)
         assert isinstance(answer, CreatedWorkflowTask)
@@ -434,23 +539,39 @@ def test_harness_starts_and_adds_transformers(
         requester.client.send(outbound.stop_transformers(run_id, settings, now())[0])
         assert peers.farm.wait_idle(WAIT, run_id)
         assert peers.recorder.wait_for(
-            lambda: len(peers.recorder.of_type("adjusted_worker", run_id)) == 1, WAIT)
+            lambda: len(peers.recorder.of_type("adjusted_worker", run_id)) == 1, WAIT
+        )
         table = peers.recorder.summary_table([run_id])
         assert run_id in table and "adjusted" in table
 
 
 def test_harness_in_rest_mode_serves_idds_over_http(
-    brokers: Brokers, settings: Settings, namespace: str, run_id: str,
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    brokers: Brokers,
+    settings: Settings,
+    namespace: str,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     token = f"tok-{uuid.uuid4().hex}"
-    results = Listener(brokers, Subscription(brokers.results_destination,
-                                             selector=f"run_id='{run_id}'"))
-    with results.client, PeerHarness(
-        brokers, namespace, processing_time=lambda _: 0.1, slices_per_run=200,
-        idle_timeout=1.0, result_ttl_ms=60_000, idds_mode="rest", rest_token=token, rest_vo="eic",
-        applies_worker_count=True,
-    ) as peers:
+    results = Listener(
+        brokers, Subscription(brokers.results_destination, selector=f"run_id='{run_id}'")
+    )
+    with (
+        results.client,
+        PeerHarness(
+            brokers,
+            namespace,
+            processing_time=lambda _: 0.1,
+            slices_per_run=200,
+            idle_timeout=1.0,
+            result_ttl_ms=60_000,
+            idds_mode="rest",
+            rest_token=token,
+            rest_vo="eic",
+            applies_worker_count=True,
+        ) as peers,
+    ):
         assert peers.idds_rest is not None
         # The real idds-client, configured as an operator would.
         for name in ("IDDS_CONFIG", "IDDS_OIDC_TOKEN_FILE", "OIDC_AUTH_ID_TOKEN", "OIDC_AUTH_VO"):
@@ -474,8 +595,11 @@ def test_harness_in_rest_mode_serves_idds_over_http(
         assert failed is False and "too many values to unpack" in text
         request_id = manager.get_request_id_by_name(workflow["name"])[workflow["name"]]
         (row,) = manager.get_requests(request_id=request_id, with_detail=True)
-        ids = {"request_id": request_id, "transform_id": row["transform_id"],
-               "workload_id": row["transform_workload_id"]}
+        ids = {
+            "request_id": request_id,
+            "transform_id": row["transform_id"],
+            "workload_id": row["transform_workload_id"],
+        }
         assert peers.farm.wait_for(lambda: run_id in peers.farm.runs, WAIT)
         assert peers.farm.runs[run_id].started == 2
         first = parse_message(results.next_of("slice_result").body)
@@ -483,15 +607,18 @@ def test_harness_in_rest_mode_serves_idds_over_http(
         assert first.content.panda_task_id == str(ids["workload_id"])  # from the environment
 
         grow = {"content": {"run_id": run_id, "target_worker_count": 4}}
-        adjusted = manager.adjust_worker(ids["request_id"], ids["transform_id"],
-                                         ids["workload_id"], grow)
+        adjusted = manager.adjust_worker(
+            ids["request_id"], ids["transform_id"], ids["workload_id"], grow
+        )
         assert adjusted == {"status": 0, "message": "adjusted successfully"}
         assert peers.farm.wait_for(lambda: peers.farm.runs[run_id].started == 4, WAIT)
 
         results.client.send(outbound.stop_transformers(run_id, settings, now())[0])
         assert peers.farm.wait_idle(WAIT, run_id)
-        closed = manager.close_workflow_task(ids["request_id"], {"run_id": run_id, **{
-            k: ids[k] for k in ("transform_id", "workload_id")}})
+        closed = manager.close_workflow_task(
+            ids["request_id"],
+            {"run_id": run_id, **{k: ids[k] for k in ("transform_id", "workload_id")}},
+        )
         assert closed == {"status": 0, "message": "closed successfully"}
         assert peers.idds_rest.closed == {run_id: "ToCancel"}
 

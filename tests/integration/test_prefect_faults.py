@@ -41,9 +41,15 @@ OUTAGE_SECONDS = 30.0
 def peers(stack: EmbeddedStack, namespace: str) -> Iterator[PeerHarness]:
     # 3 workers, then 5 once the slow stretch asks for more: about 15 results
     # a second, so results keep coming for several seconds after the fault.
-    with PeerHarness(stack.brokers, namespace, slices_per_run=SLICES, fail_every=FAIL_EVERY,
-                     processing_time=slowdown_in_the_middle(0.3, 1.0, 5, 10),
-                     idle_timeout=5, heartbeat_every=2) as harness:
+    with PeerHarness(
+        stack.brokers,
+        namespace,
+        slices_per_run=SLICES,
+        fail_every=FAIL_EVERY,
+        processing_time=slowdown_in_the_middle(0.3, 1.0, 5, 10),
+        idle_timeout=5,
+        heartbeat_every=2,
+    ) as harness:
         yield harness
 
 
@@ -60,8 +66,9 @@ def test_a_prefect_server_outage_mid_run_loses_and_doubles_nothing(
     at_stop = results_sent(peers, run_id)
     try:
         # Results keep arriving while Prefect is away: the listener must hold them.
-        assert peers.farm.wait_for(lambda: results_sent(peers, run_id) > at_stop,
-                                   OUTAGE_SECONDS), "no result was sent during the outage"
+        assert peers.farm.wait_for(lambda: results_sent(peers, run_id) > at_stop, OUTAGE_SECONDS), (
+            "no result was sent during the outage"
+        )
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))  # the outage itself
     finally:
         server.start()
@@ -86,12 +93,14 @@ def test_a_runner_killed_mid_run_is_replaced_and_the_run_goes_on(
     runner.kill()  # SIGKILL of the runner's process group
     try:
         at_kill = results_sent(peers, run_id)
-        assert peers.wait_until(lambda: process.alive() is False, 10), \
+        assert peers.wait_until(lambda: process.alive() is False, 10), (
             "the flow-run process outlived its runner"
+        )
         orphan = asyncio.run(flow_run_of(stack.api_url, namespace, run_id))
         assert orphan.state_name == "Running", "Prefect noticed by itself: nothing to prove"
-        assert peers.farm.wait_for(lambda: results_sent(peers, run_id) > at_kill, 30), \
+        assert peers.farm.wait_for(lambda: results_sent(peers, run_id) > at_kill, 30), (
             "no result was sent while no runner ran"
+        )
     finally:
         if not runner.alive:
             stack.start_runner()
@@ -100,8 +109,9 @@ def test_a_runner_killed_mid_run_is_replaced_and_the_run_goes_on(
     flow_run = completed_once_and_accounted(stack, peers, namespace, run_id)
     assert flow_run.run_count >= 2, "the flow run was not run again"
     states = asyncio.run(flow_run_states(stack.api_url, flow_run))
-    assert any((s.message or "").startswith("Rescheduled by the runner") for s in states), \
-        [f"{s.name}: {s.message}" for s in states]
+    assert any((s.message or "").startswith("Rescheduled by the runner") for s in states), [
+        f"{s.name}: {s.message}" for s in states
+    ]
 
 
 # --- the run, as the control system and the transformers play it ----------------
@@ -121,8 +131,9 @@ def start_run(peers: PeerHarness, run_id: str) -> None:
 
 def finish_run(peers: PeerHarness, run_id: str) -> None:
     """Once every slice is processed, end the run and wait for iDDS's close."""
-    assert peers.farm.wait_for(lambda: results_sent(peers, run_id) >= SLICES, 120), \
+    assert peers.farm.wait_for(lambda: results_sent(peers, run_id) >= SLICES, 120), (
         f"only {results_sent(peers, run_id)} of {SLICES} results were sent"
+    )
     peers.control.end(run_id, "testbed")
     assert peers.wait_until(lambda: peers.task_closed(run_id), 180), "the task was never closed"
     recorder = peers.recorder
@@ -130,16 +141,18 @@ def finish_run(peers: PeerHarness, run_id: str) -> None:
     assert recorder.wait_for(lambda: bool(recorder.of_type("stop_transformer", run_id)), 30)
 
 
-def completed_once_and_accounted(stack: EmbeddedStack, peers: PeerHarness, namespace: str,
-                                 run_id: str) -> FlowRun:
+def completed_once_and_accounted(
+    stack: EmbeddedStack, peers: PeerHarness, namespace: str, run_id: str
+) -> FlowRun:
     flow_run = asyncio.run(final_flow_run(stack.api_url, namespace, run_id))
     assert flow_run.state_name == "Completed", flow_run.state
     for msg_type in ("create_workflow_task", "stop_transformer", "close_workflow_task"):
         sent = peers.recorder.count(msg_type, run_id)
         assert sent == 1, f"{msg_type} for run {run_id}: {sent} messages, not one"
     # The policy only ever asks for a larger size: a size asked twice is a repeat.
-    sizes = [a["content"]["target_worker_count"]
-             for a in peers.recorder.of_type("adjust_worker", run_id)]
+    sizes = [
+        a["content"]["target_worker_count"] for a in peers.recorder.of_type("adjust_worker", run_id)
+    ]
     assert sizes and len(sizes) == len(set(sizes)), f"adjust_worker sizes: {sizes}"
     farm_run = peers.farm.runs[run_id]
     assert farm_run.failed_sent > 0  # else the failed count below proves nothing
@@ -155,8 +168,11 @@ def completed_once_and_accounted(stack: EmbeddedStack, peers: PeerHarness, names
 async def flow_run_of(api_url: str, namespace: str, run_id: str) -> FlowRun:
     with temporary_settings({PREFECT_API_URL: api_url}):
         async with get_client() as client:
-            (found,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))))
+            (found,) = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))
+                )
+            )
     return found
 
 

@@ -57,25 +57,39 @@ PROBE = Path(__file__).with_name("rest_gateway_probe.py")
 
 
 @pytest.fixture(scope="module")
-def peers(real_rest_stack: EmbeddedStack, idds_pki: GridPki, request: pytest.FixtureRequest,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealPeers]:
+def peers(
+    real_rest_stack: EmbeddedStack,
+    idds_pki: GridPki,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RealPeers]:
     """The real iDDS (transceiver and REST app, one database) where the REST
     stack's runner expects it, PanDA and the transformers."""
     brokers = real_rest_stack.brokers
-    with RealPeers(brokers, tmp_path_factory.mktemp("real-rest-peers"),
-                   namespace=REAL_REST_NAMESPACE, database_url=new_idds_database_url(request),
-                   results_destination=brokers.results_destination, pki=idds_pki,
-                   rest_port=REAL_REST_IDDS_PORT) as started:
+    with RealPeers(
+        brokers,
+        tmp_path_factory.mktemp("real-rest-peers"),
+        namespace=REAL_REST_NAMESPACE,
+        database_url=new_idds_database_url(request),
+        results_destination=brokers.results_destination,
+        pki=idds_pki,
+        rest_port=REAL_REST_IDDS_PORT,
+    ) as started:
         yield started
 
 
 def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
-    real_rest_stack: EmbeddedStack, peers: RealPeers, idds_pki: GridPki,
+    real_rest_stack: EmbeddedStack,
+    peers: RealPeers,
+    idds_pki: GridPki,
     new_run_id: Callable[[], str],
 ) -> None:
     runs = [new_run_id(), new_run_id()]
-    peers.set_schedule(PayloadSchedule(0.1, tuple(
-        SliceRule(run_id, *SLOW, seconds=SLOW_SECONDS) for run_id in runs)))
+    peers.set_schedule(
+        PayloadSchedule(
+            0.1, tuple(SliceRule(run_id, *SLOW, seconds=SLOW_SECONDS) for run_id in runs)
+        )
+    )
     brokers = real_rest_stack.brokers
     app = peers.rest
     seen_before = len(app.requests())
@@ -83,13 +97,15 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
     with BusRecorder(brokers, topics=(brokers.transformer_topic,)) as recorder:
         started = time.monotonic()
         for run_id in runs:
-            peers.control.announce(run_id, "testbed", target_workers=2,
-                                   slice_processing_time=EXPECTED)
+            peers.control.announce(
+                run_id, "testbed", target_workers=2, slice_processing_time=EXPECTED
+            )
 
         # --- created: the real create answers 500 after making the task and
         # its PanDA task, whose jobs start real transformers
         assert peers.pilots.wait_for(
-            lambda: all(len(peers.pilots.of_run(r)) == 2 for r in runs), WAIT)
+            lambda: all(len(peers.pilots.of_run(r)) == 2 for r in runs), WAIT
+        )
         figures["announce_to_transformers_s"] = round(time.monotonic() - started, 2)
 
         # --- the slices, to real transformers; each result stored for its run
@@ -97,33 +113,45 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
         for run_id in runs:
             peers.control.send_slices(run_id, SLICES, rate=20)
         for run_id in runs:
-            assert wait_stored_results(real_rest_stack.api_url, run_id, SLICES), \
+            assert wait_stored_results(real_rest_stack.api_url, run_id, SLICES), (
                 f"run {run_id}: not every slice result reached the service"
+            )
         for run_id in runs:
             peers.control.end(run_id, "testbed")
         ended = time.time()
 
-        flow_runs = {r: asyncio.run(final_flow_run(real_rest_stack.api_url, REAL_REST_NAMESPACE,
-                                                   r, wait=WAIT)) for r in runs}
+        flow_runs = {
+            r: asyncio.run(
+                final_flow_run(real_rest_stack.api_url, REAL_REST_NAMESPACE, r, wait=WAIT)
+            )
+            for r in runs
+        }
         assert {r: f.state_name for r, f in flow_runs.items()} == dict.fromkeys(runs, "Completed")
         for run_id in runs:
-            assert slices_reported(real_rest_stack.api_url, REAL_REST_NAMESPACE, run_id) \
-                == (SLICES, 0)
+            assert slices_reported(real_rest_stack.api_url, REAL_REST_NAMESPACE, run_id) == (
+                SLICES,
+                0,
+            )
 
         # --- the stop, in both forms; idds-prompt obeys the integer one
-        assert recorder.wait_for(lambda: all(
-            recorder.stop_forms(r) == [int(r), r] for r in runs), WAIT)
+        assert recorder.wait_for(
+            lambda: all(recorder.stop_forms(r) == [int(r), r] for r in runs), WAIT
+        )
         assert peers.pilots.wait_for(
-            lambda: all(peers.pilots.live(r) == 0 for r in runs), STOP_IDLE + WAIT)
+            lambda: all(peers.pilots.live(r) == 0 for r in runs), STOP_IDLE + WAIT
+        )
     for run_id in runs:
         for pilot in peers.pilots.of_run(run_id):
             assert pilot.exit_code == 0
             # Kept on the log: exit 0 is the same for the stop and for the idle
             # timeout; only the real transformer's log tells which ended it.
-            assert f"Received stop_transformer broadcast for current run_id={run_id}" \
+            assert (
+                f"Received stop_transformer broadcast for current run_id={run_id}"
                 in pilot.log_text()
+            )
     figures["end_to_transformer_exit_s"] = sorted(
-        round((p.exited_at or 0) - ended, 1) for r in runs for p in peers.pilots.of_run(r))
+        round((p.exited_at or 0) - ended, 1) for r in runs for p in peers.pilots.of_run(r)
+    )
 
     # --- what iDDS holds and what its REST API was asked, run by run
     records = peers.idds.database.records()
@@ -133,8 +161,7 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
     requests = [q for q in answered if q.dn == idds_pki.user.dn]
     relayed = [q for q in answered if q.dn == idds_pki.panda.dn]
     assert len(requests) + len(relayed) == len(answered)
-    assert [(q.path, q.status) for q in relayed] == \
-        [("/idds/metainfo/prompt_broker", 200)] * 4
+    assert [(q.path, q.status) for q in relayed] == [("/idds/metainfo/prompt_broker", 200)] * 4
     creates = [q for q in requests if q.method == "POST" and q.path == "/idds/workflow_task"]
     assert {q.status for q in creates} == {500}
     # One per run answered 500 after making the task; another, if any, failed
@@ -143,16 +170,14 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
     assert len(made) == len(runs)
     figures["create_posts"] = len(creates)
     if len(creates) > len(made):
-        figures["other_create_errors"] = [(q.error or "")[:160] for q in creates
-                                          if q not in made]
+        figures["other_create_errors"] = [(q.error or "")[:160] for q in creates if q not in made]
     for run_id in runs:
         (transform,) = records.of_run(run_id).transforms
         (submission,) = peers.panda.submissions_for(run_id)
         assert transform["workload_id"] == submission.task_id
         assert records.of_run(run_id).processing_statuses() == ["ToCancel"]
         # Nothing of the run left waiting: no slice, no result.
-        for queue in (peers.prompt.slices.destination,
-                      real_rest_stack.brokers.results_destination):
+        for queue in (peers.prompt.slices.destination, real_rest_stack.brokers.results_destination):
             assert queued(real_rest_stack.brokers, queue, run_selector(run_id)) == 0, queue
         ids = (transform["request_id"], transform["transform_id"], submission.task_id)
         mine = of_task(requests, transform["name"], ids)
@@ -163,25 +188,35 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
         assert {q.status for q in mine["adjust"]} == {200}
         assert [q.status for q in mine["close"]] == [200]
         figures[f"create_{run_id}_500_and_lookup_s"] = round(
-            mine["details"][0].at - mine["lookup"][0].at, 3)
+            mine["details"][0].at - mine["lookup"][0].at, 3
+        )
     figures["rest_app_rss_mb"] = round((app.rss_kb() or 0) / 1024, 1)
     figures["idds_transceiver_rss_mb"] = round((peers.idds.rss_kb() or 0) / 1024, 1)
     print(f"\nREST mode, real iDDS REST API: {figures}")
 
 
 def test_the_rest_gateway_on_both_routes_survives_the_real_api(
-    peers: RealPeers, idds_pki: GridPki, new_run_id: Callable[[], str], tmp_path: Path,
+    peers: RealPeers,
+    idds_pki: GridPki,
+    new_run_id: Callable[[], str],
+    tmp_path: Path,
 ) -> None:
     """The service's gateway by itself (no Prefect), directly with idds-client
     and through PanDA's relay with panda-client: the create's 500 is survived
     by a lookup, a second create finds the task instead of making another,
     the close answers 200; through the relay iDDS sees PanDA's DN."""
     figures: dict[str, object] = {}
-    routes = {"direct": (idds_pki.user.dn, peers.rest.client_env(tmp_path / "idds-client")),
-              "panda_relay": (idds_pki.panda.dn, {
-                  **peers.panda.client_env(),
-                  "IDDS_LOCAL_CONFIG_ROOT": str(tmp_path / "idds-client"),
-                  "X509_USER_PROXY": "/dev/null"})}  # plain http: no proxy is sent
+    routes = {
+        "direct": (idds_pki.user.dn, peers.rest.client_env(tmp_path / "idds-client")),
+        "panda_relay": (
+            idds_pki.panda.dn,
+            {
+                **peers.panda.client_env(),
+                "IDDS_LOCAL_CONFIG_ROOT": str(tmp_path / "idds-client"),
+                "X509_USER_PROXY": "/dev/null",
+            },
+        ),
+    }  # plain http: no proxy is sent
     for route, (dn, env) in routes.items():
         run_id = new_run_id()
         seen_before = len(peers.rest.requests())
@@ -196,8 +231,11 @@ def test_the_rest_gateway_on_both_routes_survives_the_real_api(
         (submission,) = peers.panda.submissions_for(run_id)
         assert submission.task_id == ids[2]
         # Less the broker look-ups of the run's transformer, relayed by PanDA.
-        requests = [q for q in peers.rest.requests()[seen_before:]
-                    if not q.path.startswith("/idds/metainfo/")]
+        requests = [
+            q
+            for q in peers.rest.requests()[seen_before:]
+            if not q.path.startswith("/idds/metainfo/")
+        ]
         assert {q.dn for q in requests} == {dn}
         posts = [q for q in requests if q.method == "POST"]
         assert [q.status for q in posts] == [500]  # the second create found the task
@@ -210,17 +248,22 @@ def test_the_rest_gateway_on_both_routes_survives_the_real_api(
 # --- helpers ------------------------------------------------------------------------
 
 
-def of_task(requests: list[AppRequest], name: str,
-            ids: tuple[int, int, int]) -> dict[str, list[AppRequest]]:
+def of_task(
+    requests: list[AppRequest], name: str, ids: tuple[int, int, int]
+) -> dict[str, list[AppRequest]]:
     """The requests about one task: its lookups by name, its details, its
     adjusts and closes (by the ids in the path)."""
     request_id, transform_id, workload_id = ids
     return {
         "lookup": [q for q in requests if q.path == f"/idds/request/name/{name}"],
-        "details": [q for q in requests
-                    if q.path.startswith(f"/idds/request/{request_id}/null/True/")],
-        "adjust": [q for q in requests if q.path ==
-                   f"/idds/workflow_task/{request_id}/{transform_id}/{workload_id}/adjust"],
+        "details": [
+            q for q in requests if q.path.startswith(f"/idds/request/{request_id}/null/True/")
+        ],
+        "adjust": [
+            q
+            for q in requests
+            if q.path == f"/idds/workflow_task/{request_id}/{transform_id}/{workload_id}/adjust"
+        ],
         "close": [q for q in requests if q.path == f"/idds/workflow_task/{request_id}/close"],
     }
 
@@ -245,10 +288,13 @@ def probe(route: str, run_id: str, client_env: dict[str, str]) -> dict:
     """rest_gateway_probe.py with only the client's own environment."""
     env = peer_env(client_env)  # ours, less IDDS_*, PANDA_*, X509_*, ...
     done = subprocess.run(
-        [sys.executable, str(PROBE), json.dumps({"route": route, "run_id": run_id,
-                                                 "workers": 1})],
-        env=env, capture_output=True, text=True,
-        timeout=120, check=False)
+        [sys.executable, str(PROBE), json.dumps({"route": route, "run_id": run_id, "workers": 1})],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, f"the {route} probe failed:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -256,8 +302,9 @@ def probe(route: str, run_id: str, client_env: dict[str, str]) -> dict:
 def stop_transformers(peers: RealPeers, run_id: str) -> None:
     """The probe's run has a transformer too: stop it as the service would
     (the module's end stops whatever is left)."""
-    settings = Settings(brokers=peers.brokers,
-                        transceiver=Transceiver(namespace=REAL_REST_NAMESPACE))
+    settings = Settings(
+        brokers=peers.brokers, transceiver=Transceiver(namespace=REAL_REST_NAMESPACE)
+    )
     bus = PeerBus(peers.brokers, name="probe-stop")
     bus.start()
     try:

@@ -13,8 +13,7 @@ from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.scenario import play_session
 
-pytestmark = [pytest.mark.integration, once(
-    "the broker restarting under the listener")]
+pytestmark = [pytest.mark.integration, once("the broker restarting under the listener")]
 
 
 def test_listener_reconnects_and_resubscribes_after_a_broker_restart(
@@ -32,8 +31,10 @@ def test_listener_reconnects_and_resubscribes_after_a_broker_restart(
     # persistent messages for it). So the run starts once it is back
     # (readiness, read from its log).
     deadline = time.monotonic() + 60
-    while "connected to" not in log.read_text(errors="replace")[before:].split(
-            "lost the broker", 1)[-1]:
+    while (
+        "connected to"
+        not in log.read_text(errors="replace")[before:].split("lost the broker", 1)[-1]
+    ):
         assert time.monotonic() < deadline, "the listener did not reconnect"
         time.sleep(0.2)
 

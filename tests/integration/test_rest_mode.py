@@ -29,8 +29,7 @@ from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.idds_rest.server import SimulatedIDDSRest
 from swf_testbed.peers.scenario import play_session, slowdown_in_the_middle
 
-pytestmark = [pytest.mark.integration, once(
-    "the REST gateway against the simulated iDDS")]
+pytestmark = [pytest.mark.integration, once("the REST gateway against the simulated iDDS")]
 
 SLICES = 30
 NAMESPACE = "itestrest"  # the rest_stack's (conftest)
@@ -43,15 +42,22 @@ ATTEMPTS = 2 * TRIES
 def harness(stack: EmbeddedStack, port: int, token: str) -> PeerHarness:
     """The peers, with the iDDS REST server where the runner expects it,
     requiring ``token``."""
-    return PeerHarness(stack.brokers, NAMESPACE, slices_per_run=SLICES,
-                       processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
-                       idle_timeout=3, heartbeat_every=2, idds_mode="rest",
-                       rest_port=port, rest_token=token, rest_vo="eic")
+    return PeerHarness(
+        stack.brokers,
+        NAMESPACE,
+        slices_per_run=SLICES,
+        processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
+        idle_timeout=3,
+        heartbeat_every=2,
+        idds_mode="rest",
+        rest_port=port,
+        rest_token=token,
+        rest_vo="eic",
+    )
 
 
 @pytest.fixture
-def peers(rest_stack: EmbeddedStack, rest_idds_port: int,
-          rest_token: str) -> Iterator[PeerHarness]:
+def peers(rest_stack: EmbeddedStack, rest_idds_port: int, rest_token: str) -> Iterator[PeerHarness]:
     with harness(rest_stack, rest_idds_port, rest_token) as started:
         yield started
 
@@ -62,7 +68,9 @@ def rest_server(peers: PeerHarness) -> SimulatedIDDSRest:
 
 
 def test_two_concurrent_runs_go_through_their_whole_life_over_rest(
-    rest_stack: EmbeddedStack, peers: PeerHarness, new_run_id: Callable[[], str],
+    rest_stack: EmbeddedStack,
+    peers: PeerHarness,
+    new_run_id: Callable[[], str],
     rest_token: str,
 ) -> None:
     server = rest_server(peers)
@@ -93,8 +101,11 @@ def test_two_concurrent_runs_go_through_their_whole_life_over_rest(
         (close,) = server.calls_for("close", run_id)
         assert close.path.endswith(f"/workflow_task/{task.request_id}/close")
         parameters = close.body["parameters"]
-        assert (parameters["request_id"], parameters["transform_id"], parameters["workload_id"]) \
-            == (task.request_id, task.transform_id, task.workload_id)
+        assert (
+            parameters["request_id"],
+            parameters["transform_id"],
+            parameters["workload_id"],
+        ) == (task.request_id, task.transform_id, task.workload_id)
         assert server.closed[run_id] == "ToCancel"
 
         # Nothing for iDDS went on the bus; the stop did, as an integer run id.
@@ -113,7 +124,9 @@ def test_two_concurrent_runs_go_through_their_whole_life_over_rest(
 
 
 def test_a_transient_idds_failure_is_retried_and_the_run_goes_on(
-    rest_stack: EmbeddedStack, peers: PeerHarness, new_run_id: Callable[[], str],
+    rest_stack: EmbeddedStack,
+    peers: PeerHarness,
+    new_run_id: Callable[[], str],
 ) -> None:
     server = rest_server(peers)
     server.fail_next(2, status=500, message="database is restarting", endpoint="create")
@@ -125,7 +138,10 @@ def test_a_transient_idds_failure_is_retried_and_the_run_goes_on(
     # Two failures that made nothing, then the create that made the task,
     # answered 500 as iDDS 2.6.21 does: found by name, not created again.
     assert [(c.status, c.outcome) for c in server.calls_for("create", run_id)] == [
-        (500, "injected"), (500, "injected"), (500, "error")]
+        (500, "injected"),
+        (500, "injected"),
+        (500, "error"),
+    ]
     assert list(server.tasks) == [run_id]
     assert len(server.calls_for("close", run_id)) == 1
     flow_run = asyncio.run(final_flow_run(rest_stack.api_url, NAMESPACE, run_id))
@@ -133,11 +149,14 @@ def test_a_transient_idds_failure_is_retried_and_the_run_goes_on(
 
 
 def test_idds_errors_end_in_a_failed_run_that_says_what_idds_answered(
-    rest_stack: EmbeddedStack, peers: PeerHarness, new_run_id: Callable[[], str],
+    rest_stack: EmbeddedStack,
+    peers: PeerHarness,
+    new_run_id: Callable[[], str],
 ) -> None:
     server = rest_server(peers)
-    server.fail_next(100, status=500, message="PanDA refused the task: quota exceeded",
-                     endpoint="create")
+    server.fail_next(
+        100, status=500, message="PanDA refused the task: quota exceeded", endpoint="create"
+    )
     run_id = new_run_id()
 
     peers.control.announce(run_id, "testbed", target_workers=3)
@@ -153,7 +172,9 @@ def test_idds_errors_end_in_a_failed_run_that_says_what_idds_answered(
 
 
 def test_a_create_that_timed_out_but_was_carried_out_is_found_not_made_again(
-    rest_stack: EmbeddedStack, peers: PeerHarness, new_run_id: Callable[[], str],
+    rest_stack: EmbeddedStack,
+    peers: PeerHarness,
+    new_run_id: Callable[[], str],
 ) -> None:
     server = rest_server(peers)
     server.delay(5, endpoint="create")  # the client gives up after idds.timeout = 3 s
@@ -178,7 +199,9 @@ def test_a_create_that_timed_out_but_was_carried_out_is_found_not_made_again(
 
 
 def test_a_refused_credential_fails_the_run_with_idds_reason(
-    rest_stack: EmbeddedStack, new_run_id: Callable[[], str], rest_idds_port: int,
+    rest_stack: EmbeddedStack,
+    new_run_id: Callable[[], str],
+    rest_idds_port: int,
     rest_token: str,
 ) -> None:
     with harness(rest_stack, rest_idds_port, "a-token-the-runner-does-not-have") as peers:
@@ -219,11 +242,17 @@ def assert_no_token_in(stack: EmbeddedStack, flow_run: FlowRun, token: str) -> N
 async def _parameters_and_logs(api_url: str, flow_run: FlowRun) -> tuple[str, list[str]]:
     with temporary_settings({PREFECT_API_URL: api_url}):
         async with get_client() as client:
-            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])
+                )
+            )
             runs: list[Any] = [flow_run, *children]
-            fresh = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[r.id for r in runs])))
-            logs = await client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])), limit=200)
+            fresh = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
+            )
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs])),
+                limit=200,
+            )
     return repr([r.parameters for r in fresh]), [log.message for log in logs]

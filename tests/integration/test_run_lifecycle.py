@@ -29,8 +29,17 @@ pytestmark = pytest.mark.integration
 
 SLICES = 30
 WORKFLOW_KEYS = {
-    "scope", "name", "requester", "username", "transform_tag", "cloud", "campaign",
-    "campaign_scope", "campaign_group", "campaign_tag", "content",
+    "scope",
+    "name",
+    "requester",
+    "username",
+    "transform_tag",
+    "cloud",
+    "campaign",
+    "campaign_scope",
+    "campaign_group",
+    "campaign_tag",
+    "content",
 }
 
 
@@ -42,10 +51,15 @@ def shape(request: pytest.FixtureRequest) -> Shape:
 @pytest.fixture
 def peers(stack: EmbeddedStack, shape: Shape, namespace: str) -> Iterator[PeerHarness]:
     # The seed's transformers report processing_time; the real ones do not.
-    with PeerHarness(stack.brokers, namespace, slices_per_run=SLICES,
-                     processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
-                     seed_shape_results=shape == "seed", idle_timeout=3,
-                     heartbeat_every=2) as harness:
+    with PeerHarness(
+        stack.brokers,
+        namespace,
+        slices_per_run=SLICES,
+        processing_time=slowdown_in_the_middle(0.2, 1.0, 5, 12),
+        seed_shape_results=shape == "seed",
+        idle_timeout=3,
+        heartbeat_every=2,
+    ) as harness:
         yield harness
 
 
@@ -56,8 +70,11 @@ def one(recorder: BusRecorder, msg_type: str, run_id: str) -> dict[str, Any]:
 
 
 def headers_of(recorder: BusRecorder, msg_type: str, run_id: str) -> dict[str, str]:
-    return next(r.headers for r in recorder.records
-                if r.msg_type == msg_type and str(r.body.get("run_id")) == run_id)
+    return next(
+        r.headers
+        for r in recorder.records
+        if r.msg_type == msg_type and str(r.body.get("run_id")) == run_id
+    )
 
 
 def reply_ids(recorder: BusRecorder, run_id: str) -> dict[str, Any]:
@@ -66,7 +83,10 @@ def reply_ids(recorder: BusRecorder, run_id: str) -> dict[str, Any]:
 
 
 def test_two_concurrent_runs_go_through_their_whole_life(
-    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    stack: EmbeddedStack,
+    peers: PeerHarness,
+    shape: Shape,
+    namespace: str,
     new_run_id: Callable[[], str],
 ) -> None:
     runs = [new_run_id(), new_run_id()]
@@ -105,8 +125,9 @@ def test_two_concurrent_runs_go_through_their_whole_life(
         assert {k: close["content"][k] for k in ids} == ids
         assert one(recorder, "closed_workflow_task", run_id)["content"]["status"] == "ToCancel"
         # The farm hears the stop on its own connection: wait for it, briefly.
-        assert peers.farm.wait_for(lambda r=run_id: peers.farm.runs[r].stopped, 10), \
+        assert peers.farm.wait_for(lambda r=run_id: peers.farm.runs[r].stopped, 10), (
             "the transformers ignored stop_transformer"
+        )
 
     assert peers.idds.violations == []
     states = asyncio.run(flow_run_states(stack.api_url, runs, namespace))
@@ -116,18 +137,24 @@ def test_two_concurrent_runs_go_through_their_whole_life(
     for run_id in runs:
         summary = asyncio.run(artifact_markdown(stack.api_url, f"run-{namespace}-{run_id}"))
         requested = recorder.of_type("adjust_worker", run_id)[-1]["content"]
-        assert "target_worker_count" not in recorder.of_type("adjusted_worker", run_id)[-1][
-            "content"]
+        assert (
+            "target_worker_count" not in recorder.of_type("adjusted_worker", run_id)[-1]["content"]
+        )
         assert "close status: **ToCancel**" in summary
         assert f"request {reply_ids(recorder, run_id)['request_id']}," in summary
         # What was asked, and that iDDS (2.6.21) confirmed no worker count.
-        assert (f"workers requested: {requested['target_worker_count']}; confirmed by iDDS: "
-                "none (this iDDS does not act on a worker count)") in summary
+        assert (
+            f"workers requested: {requested['target_worker_count']}; confirmed by iDDS: "
+            "none (this iDDS does not act on a worker count)"
+        ) in summary
 
 
 @pytest.mark.parametrize("shape", ["testbed"])
 def test_duplicated_run_imminent_and_end_run_act_once(
-    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    stack: EmbeddedStack,
+    peers: PeerHarness,
+    shape: Shape,
+    namespace: str,
     new_run_id: Callable[[], str],
 ) -> None:
     run_id = new_run_id()
@@ -144,7 +171,10 @@ def test_duplicated_run_imminent_and_end_run_act_once(
 
 @pytest.mark.parametrize("shape", ["testbed"])
 def test_a_second_run_imminent_for_a_finished_run_starts_nothing(
-    stack: EmbeddedStack, peers: PeerHarness, shape: Shape, namespace: str,
+    stack: EmbeddedStack,
+    peers: PeerHarness,
+    shape: Shape,
+    namespace: str,
     new_run_id: Callable[[], str],
 ) -> None:
     run_id = new_run_id()
@@ -155,7 +185,8 @@ def test_a_second_run_imminent_for_a_finished_run_starts_nothing(
     later = new_run_id()
     peers.control.announce(later, shape)
     assert peers.recorder.wait_for(
-        lambda: bool(peers.recorder.of_type("create_workflow_task", later)), 30)
+        lambda: bool(peers.recorder.of_type("create_workflow_task", later)), 30
+    )
     one(peers.recorder, "create_workflow_task", run_id)
     assert asyncio.run(count_flow_runs(stack.api_url, namespace, run_id)) == 1
     peers.control.end(later, shape)
@@ -166,27 +197,37 @@ def test_slice_results_before_the_ids_are_held_until_the_ids_come(
 ) -> None:
     # Three slow slices first; iDDS's reply comes 4 s after its transformers
     # started, by when every result is out.
-    with PeerHarness(stack.brokers, namespace, slices_per_run=12, reply_delay=4.0,
-                     workers_before_reply=True, idle_timeout=3,
-                     processing_time=slowdown_in_the_middle(0.2, 1.0, 0, 3)) as peers:
+    with PeerHarness(
+        stack.brokers,
+        namespace,
+        slices_per_run=12,
+        reply_delay=4.0,
+        workers_before_reply=True,
+        idle_timeout=3,
+        processing_time=slowdown_in_the_middle(0.2, 1.0, 0, 3),
+    ) as peers:
         run_id = new_run_id()
         peers.control.announce(run_id, "testbed", slice_processing_time=0.5)
         recorder = peers.recorder
-        assert recorder.wait_for(lambda: bool(recorder.of_type("created_workflow_task", run_id)),
-                                 30)
+        assert recorder.wait_for(
+            lambda: bool(recorder.of_type("created_workflow_task", run_id)), 30
+        )
         assert peers.farm.runs[run_id].slices_sent == 12, "results were not all before the ids"
         assert recorder.wait_for(lambda: bool(recorder.of_type("adjust_worker", run_id)), 30)
         adjust = one(recorder, "adjust_worker", run_id)["content"]
-        assert {k: adjust[k] for k in ("request_id", "transform_id", "workload_id")} == \
-            reply_ids(recorder, run_id)
+        assert {k: adjust[k] for k in ("request_id", "transform_id", "workload_id")} == reply_ids(
+            recorder, run_id
+        )
         peers.control.end(run_id, "testbed")
-        assert recorder.wait_for(lambda: bool(recorder.of_type("closed_workflow_task", run_id)),
-                                 30)
+        assert recorder.wait_for(lambda: bool(recorder.of_type("closed_workflow_task", run_id)), 30)
 
 
 async def count_flow_runs(api_url: str, namespace: str, run_id: str) -> int:
     with temporary_settings({PREFECT_API_URL: api_url}):
         async with get_client() as client:
-            flow_runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))))
+            flow_runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=run_tags(namespace, run_id))
+                )
+            )
     return len(flow_runs)

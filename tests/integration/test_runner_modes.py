@@ -52,15 +52,22 @@ def runner_restored(stack: EmbeddedStack) -> Iterator[None]:
 
 def peers_for(stack: EmbeddedStack, namespace: str, slices: int) -> PeerHarness:
     # Uniform slices, faster than the announced 0.5 s: nothing to adjust.
-    return PeerHarness(stack.brokers, namespace, slices_per_run=slices, fail_every=FAIL_EVERY,
-                       processing_time=lambda _: 0.2, idle_timeout=3)
+    return PeerHarness(
+        stack.brokers,
+        namespace,
+        slices_per_run=slices,
+        fail_every=FAIL_EVERY,
+        processing_time=lambda _: 0.2,
+        idle_timeout=3,
+    )
 
 
 def announce(peers: PeerHarness, runs: list[str]) -> None:
     for run_id in runs:
         peers.control.announce(run_id, SHAPE, target_workers=3, slice_processing_time=0.5)
-    assert peers.wait_until(lambda: all(map(peers.task_created, runs)), WAIT), \
+    assert peers.wait_until(lambda: all(map(peers.task_created, runs)), WAIT), (
         "iDDS never created every run's task"
+    )
 
 
 def sent(peers: PeerHarness, run_id: str) -> int:
@@ -68,20 +75,24 @@ def sent(peers: PeerHarness, run_id: str) -> int:
     return run.slices_sent if run is not None else 0
 
 
-def end_and_account(stack: EmbeddedStack, peers: PeerHarness, namespace: str,
-                    runs: list[str], slices: int) -> list[FlowRun]:
+def end_and_account(
+    stack: EmbeddedStack, peers: PeerHarness, namespace: str, runs: list[str], slices: int
+) -> list[FlowRun]:
     """Once every slice went out, end the runs; each must complete with one
     create, one stop and one close on the bus and every result counted."""
     assert peers.farm.wait_for(lambda: all(sent(peers, r) >= slices for r in runs), WAIT)
     for run_id in runs:
         peers.control.end(run_id, SHAPE)
     flow_runs = [asyncio.run(final_flow_run(stack.api_url, namespace, r)) for r in runs]
-    assert {r: f.state_name for r, f in zip(runs, flow_runs, strict=True)} == \
-        dict.fromkeys(runs, "Completed")
+    assert {r: f.state_name for r, f in zip(runs, flow_runs, strict=True)} == dict.fromkeys(
+        runs, "Completed"
+    )
     assert peers.recorder.settle(30), "the recorder's marker never came back"
     for run_id in runs:
-        counts = {t: peers.recorder.count(t, run_id)
-                  for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")}
+        counts = {
+            t: peers.recorder.count(t, run_id)
+            for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")
+        }
         assert set(counts.values()) == {1}, f"run {run_id}: {counts}"
         farm_run = peers.farm.runs[run_id]
         assert farm_run.failed_sent > 0  # else the failed count proves nothing
@@ -123,8 +134,9 @@ def test_several_runs_at_once_in_the_runner_process_each_once(
         flow_runs = asyncio.run(top_level_runs(stack.api_url, namespace, runs))
         assert {f.state_name for f in flow_runs} == {"Running"}
         claims = {RunProcess.from_label(f.labels.get(PROCESS_LABEL)) for f in flow_runs}
-        assert {(c.pid, c.alive()) for c in claims if c is not None} == \
-            {(runner.process.pid, True)}, claims
+        assert {(c.pid, c.alive()) for c in claims if c is not None} == {
+            (runner.process.pid, True)
+        }, claims
         assert children_of(runner.process.pid) == []
         end_and_account(stack, peers, namespace, runs, slices)
     assert runner.alive
@@ -143,8 +155,11 @@ def test_a_failing_run_and_a_cancelled_run_leave_the_others_alone(
         announce(peers, [*runs, cancelled])
         # A flow run whose announcement is not its run's: the flow raises,
         # Prefect retries it once (in this process), and it fails.
-        asyncio.run(start_flow_run(stack, namespace, failing,
-                                   announcement={"msg_type": "end_run", "run_id": failing}))
+        asyncio.run(
+            start_flow_run(
+                stack, namespace, failing, announcement={"msg_type": "end_run", "run_id": failing}
+            )
+        )
         assert peers.farm.wait_for(lambda: sent(peers, cancelled) > 0, WAIT)
         asyncio.run(cancel(stack.api_url, namespace, cancelled))
 
@@ -153,8 +168,7 @@ def test_a_failing_run_and_a_cancelled_run_leave_the_others_alone(
         assert "announcement must be the run_imminent" in (failed.state.message or "")
         assert failed.run_count == 2, "the flow's retry did not run"
         # Its engine reports Crashed as its task is cancelled, the runner then Cancelled.
-        stopped = asyncio.run(flow_run_in_state(stack.api_url, namespace, cancelled,
-                                                "Cancelled"))
+        stopped = asyncio.run(flow_run_in_state(stack.api_url, namespace, cancelled, "Cancelled"))
 
         end_and_account(stack, peers, namespace, runs, slices)
         # The cancelled run stays cancelled: the recovery has looked at it
@@ -196,8 +210,9 @@ def test_a_runner_gone_with_several_runs_in_flight_has_them_all_run_again(
     for flow_run in flow_runs:
         assert flow_run.run_count >= 2, f"{flow_run.name} was not run again"
         states = asyncio.run(states_of(stack.api_url, flow_run.id))
-        assert any((s.message or "").startswith("Rescheduled by the runner") for s in states), \
-            [f"{s.name}: {s.message}" for s in states]
+        assert any((s.message or "").startswith("Rescheduled by the runner") for s in states), [
+            f"{s.name}: {s.message}" for s in states
+        ]
 
 
 @once("the runner's processes; the same through Prefect's API on both databases")
@@ -214,8 +229,9 @@ def test_the_subprocess_mode_runs_each_flow_run_in_a_process_of_its_own(
         # before it: the records may trail the creates by a moment.
         deadline = time.monotonic() + 30
         while True:
-            flow_runs = asyncio.run(top_level_runs(subprocess_stack.api_url,
-                                                   SUBPROCESS_NAMESPACE, runs))
+            flow_runs = asyncio.run(
+                top_level_runs(subprocess_stack.api_url, SUBPROCESS_NAMESPACE, runs)
+            )
             claims = [RunProcess.from_label(f.labels.get(PROCESS_LABEL)) for f in flow_runs]
             if all(claims) or time.monotonic() > deadline:
                 break
@@ -234,15 +250,19 @@ async def top_level_runs(api_url: str, namespace: str, runs: list[str]) -> list[
         async with get_client() as client:
             found = []
             for run_id in runs:
-                found += await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=run_tags(namespace, run_id)),
-                    parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)))
+                found += await client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        tags=FlowRunFilterTags(all_=run_tags(namespace, run_id)),
+                        parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+                    )
+                )
     assert len(found) == len(runs), [f.name for f in found]
     return found
 
 
-async def flow_run_in_state(api_url: str, namespace: str, run_id: str, state: str,
-                            wait: float = WAIT) -> FlowRun:
+async def flow_run_in_state(
+    api_url: str, namespace: str, run_id: str, state: str, wait: float = WAIT
+) -> FlowRun:
     deadline = time.monotonic() + wait
     while True:
         (flow_run,) = await top_level_runs(api_url, namespace, [run_id])
@@ -252,16 +272,19 @@ async def flow_run_in_state(api_url: str, namespace: str, run_id: str, state: st
         await asyncio.sleep(0.5)
 
 
-async def start_flow_run(stack: EmbeddedStack, namespace: str, run_id: str,
-                         announcement: dict[str, object]) -> None:
+async def start_flow_run(
+    stack: EmbeddedStack, namespace: str, run_id: str, announcement: dict[str, object]
+) -> None:
     """A flow run of the deployment, as the listener would start it."""
     with temporary_settings({PREFECT_API_URL: stack.api_url}):
         async with get_client() as client:
             deployment = await client.read_deployment_by_name(stack.settings.prefect.deployment)
             await client.create_flow_run_from_deployment(
-                deployment.id, name=f"run-{run_id}", tags=run_tags(namespace, run_id),
-                parameters={"run_id": run_id, "namespace": namespace,
-                            "announcement": announcement})
+                deployment.id,
+                name=f"run-{run_id}",
+                tags=run_tags(namespace, run_id),
+                parameters={"run_id": run_id, "namespace": namespace, "announcement": announcement},
+            )
 
 
 async def cancel(api_url: str, namespace: str, run_id: str) -> None:

@@ -27,8 +27,7 @@ from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.scenario import slowdown_in_the_middle
 
-pytestmark = [pytest.mark.integration, once(
-    "the scaling policy's decisions")]
+pytestmark = [pytest.mark.integration, once("the scaling policy's decisions")]
 
 RATE = 4.0  # slices/s
 SLICES = 400  # 100 s of arrivals
@@ -41,16 +40,26 @@ BOUNDS = (SCALING_CONFIG["scaling"]["min_workers"], SCALING_CONFIG["scaling"]["m
 def peers(scaling_stack: EmbeddedStack) -> Iterator[PeerHarness]:
     # An iDDS that applies adjust_worker's count (2.6.21 does not): the
     # policy's loop closed, as it will be once iDDS acts on the count.
-    with PeerHarness(scaling_stack.brokers, SCALING_NAMESPACE, slices_per_run=SLICES,
-                     processing_time=slowdown_in_the_middle(0.5, 2.0, *SLOW),
-                     arrival=lambda index: index / RATE, worker_rampup=1.0,
-                     idle_timeout=5, heartbeat_every=2, applies_worker_count=True) as started:
+    with PeerHarness(
+        scaling_stack.brokers,
+        SCALING_NAMESPACE,
+        slices_per_run=SLICES,
+        processing_time=slowdown_in_the_middle(0.5, 2.0, *SLOW),
+        arrival=lambda index: index / RATE,
+        worker_rampup=1.0,
+        idle_timeout=5,
+        heartbeat_every=2,
+        applies_worker_count=True,
+    ) as started:
         yield started
 
 
 def test_a_slowdown_scales_up_then_back_down_within_bounds(
-    scaling_stack: EmbeddedStack, peers: PeerHarness, new_run_id: Callable[[], str],
-    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    scaling_stack: EmbeddedStack,
+    peers: PeerHarness,
+    new_run_id: Callable[[], str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     run_id = new_run_id()
     peers.control.announce(run_id, "seed", target_workers=INITIAL)
@@ -65,15 +74,16 @@ def test_a_slowdown_scales_up_then_back_down_within_bounds(
     flow_run = asyncio.run(final_flow_run(scaling_stack.api_url, SCALING_NAMESPACE, run_id))
     assert flow_run.state_name == "Completed"
 
-    sizes = [a["content"]["target_worker_count"]
-             for a in peers.recorder.of_type("adjust_worker", run_id)]
+    sizes = [
+        a["content"]["target_worker_count"] for a in peers.recorder.of_type("adjust_worker", run_id)
+    ]
     assert sizes, "the slowdown asked for no workers"
     assert all(BOUNDS[0] <= size <= BOUNDS[1] for size in sizes), sizes
     peak = sizes.index(max(sizes))
     assert max(sizes) > INITIAL, f"never scaled up: {sizes}"
     assert sizes[-1] < max(sizes) and peak < len(sizes) - 1, f"never scaled down: {sizes}"
     # up to the peak, then down: no oscillation
-    assert sizes[:peak + 1] == sorted(sizes[:peak + 1]), sizes
+    assert sizes[: peak + 1] == sorted(sizes[: peak + 1]), sizes
     assert sizes[peak:] == sorted(sizes[peak:], reverse=True), sizes
 
     # The drain: every slice processed before the stop, none left behind.
@@ -82,8 +92,9 @@ def test_a_slowdown_scales_up_then_back_down_within_bounds(
     assert peers.recorder.of_type("stop_transformer", run_id)
 
     # The decisions in the UI: one row per adjust_worker, and the plot.
-    table, plot = asyncio.run(artifacts(scaling_stack.api_url, f"scaling-{SCALING_NAMESPACE}-"
-                                        f"{run_id}"))
+    table, plot = asyncio.run(
+        artifacts(scaling_stack.api_url, f"scaling-{SCALING_NAMESPACE}-{run_id}")
+    )
     assert [row["workers"] for row in json.loads(table)] == sizes
     assert all(row["slices/s"] and row["processing (s)"] for row in json.loads(table))
     assert plot.startswith("![") and "(data:image/png;base64," in plot
@@ -91,9 +102,23 @@ def test_a_slowdown_scales_up_then_back_down_within_bounds(
     # The replay command reads the run back from Prefect and compares policies.
     saved, png = tmp_path / "run.json", tmp_path / "replay.png"
     with temporary_settings({PREFECT_API_URL: scaling_stack.api_url}):
-        code = cli(["replay", "--run", run_id, "--namespace", SCALING_NAMESPACE,
-                    "--policy", "reference", "--policy", "proportional:max_workers=6",
-                    "--save", str(saved), "--plot", str(png)])
+        code = cli(
+            [
+                "replay",
+                "--run",
+                run_id,
+                "--namespace",
+                SCALING_NAMESPACE,
+                "--policy",
+                "reference",
+                "--policy",
+                "proportional:max_workers=6",
+                "--save",
+                str(saved),
+                "--plot",
+                str(png),
+            ]
+        )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "reference" in out and "proportional:max_workers=6" in out and "worker-hours" in out
@@ -110,7 +135,8 @@ async def artifacts(api_url: str, key: str) -> tuple[str, str]:
             found = {}
             for name in (key, f"{key}-plot"):
                 (artifact,) = await client.read_artifacts(
-                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[name])), limit=1)
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[name])), limit=1
+                )
                 found[name] = artifact.data
     table, plot = found[key], found[f"{key}-plot"]
     assert isinstance(table, str) and isinstance(plot, str)

@@ -74,8 +74,10 @@ from swf_testbed.launchers.stack import PROJECT_ROOT
 from swf_testbed.peers.harness import PeerHarness
 from swf_testbed.peers.scenario import play_session
 
-pytestmark = [pytest.mark.integration, once(
-    "TLS, logins and secrets; its Prefect server is its own, on SQLite")]
+pytestmark = [
+    pytest.mark.integration,
+    once("TLS, logins and secrets; its Prefect server is its own, on SQLite"),
+]
 
 # Plain STOMP (login required) on PORT, STOMP over TLS on PORT + 1, OpenWire on
 # PORT + 2; the Prefect server that requires an auth string on its own port.
@@ -101,6 +103,7 @@ SERVICE_CONFIG = {
 
 # --- certificates ---------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Pki:
     ca: Path
@@ -115,16 +118,24 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey,
-                 issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-                 extensions: list[tuple[x509.ExtensionType, bool]]) -> x509.Certificate:
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
     """Valid for a day; self-signed when ``issuer`` is None."""
     now = dt.datetime.now(dt.UTC)
     issuer_name, issuer_key = issuer or (_name(subject), key)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(hours=1))
-               .not_valid_after(now + dt.timedelta(days=1)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical=critical)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -133,17 +144,31 @@ def _certificate(subject: str, key: ec.EllipticCurvePrivateKey,
 def _ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     usage = x509.KeyUsage(
-        digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-        key_encipherment=False, data_encipherment=False, key_agreement=False,
-        encipher_only=False, decipher_only=False)
-    return _certificate(common_name, key, None, [
-        (x509.BasicConstraints(ca=True, path_length=None), True), (usage, True),
-        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
-    ]), key
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return _certificate(
+        common_name,
+        key,
+        None,
+        [
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (usage, True),
+            (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+        ],
+    ), key
 
 
-def _leaf(common_name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-          server: bool) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _leaf(
+    common_name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], server: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     purpose = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     extensions: list[tuple[x509.ExtensionType, bool]] = [
@@ -152,9 +177,14 @@ def _leaf(common_name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateK
         (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca[1].public_key()), False),
     ]
     if server:  # the names the client checks the broker's certificate against
-        extensions.append((x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            False))
+        extensions.append(
+            (
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                False,
+            )
+        )
     return _certificate(common_name, key, (ca[0].subject, ca[1]), extensions), key
 
 
@@ -162,9 +192,13 @@ def _write_pem(path: Path, item: x509.Certificate | ec.EllipticCurvePrivateKey) 
     if isinstance(item, x509.Certificate):
         path.write_bytes(item.public_bytes(serialization.Encoding.PEM))
     else:
-        path.write_bytes(item.private_bytes(serialization.Encoding.PEM,
-                                            serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
+        path.write_bytes(
+            item.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         path.chmod(0o600)
     return path
 
@@ -177,7 +211,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     client = _leaf("swf-panda-workers", ca, server=False)
     wrong_ca = _ca("some other CA")
     return Pki(
-        ca=_write_pem(d / "ca.pem", ca[0]), wrong_ca=_write_pem(d / "wrong-ca.pem", wrong_ca[0]),
+        ca=_write_pem(d / "ca.pem", ca[0]),
+        wrong_ca=_write_pem(d / "wrong-ca.pem", wrong_ca[0]),
         server_cert=_write_pem(d / "broker.pem", server[0]),
         server_key=_write_pem(d / "broker.key", server[1]),
         client_cert=_write_pem(d / "client.pem", client[0]),
@@ -187,13 +222,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 # --- the secured broker and Prefect server ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActiveMQ]:
     broker = ActiveMQ(
-        tmp_path_factory.mktemp("secure-activemq"), stomp_port=SECURE_STOMP_PORT,
+        tmp_path_factory.mktemp("secure-activemq"),
+        stomp_port=SECURE_STOMP_PORT,
         openwire_port=SECURE_STOMP_PORT + 2,
         tls=BrokerTls(TLS_PORT, pki.server_cert, pki.server_key, client_ca_file=pki.ca),
-        users={USER: PASSWORD})
+        users={USER: PASSWORD},
+    )
     broker.start(fresh=True)
     yield broker
     broker.stop()
@@ -202,9 +240,16 @@ def secure_broker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="module")
 def tls_brokers(pki: Pki, secure_broker: ActiveMQ) -> Brokers:
     """What the service uses: TLS, the client certificate, the login."""
-    return Brokers(host="127.0.0.1", port=TLS_PORT, use_ssl=True, ssl_ca_certs=pki.ca,
-                   ssl_cert_file=pki.client_cert, ssl_key_file=pki.client_key,
-                   username=USER, password=SecretStr(PASSWORD))
+    return Brokers(
+        host="127.0.0.1",
+        port=TLS_PORT,
+        use_ssl=True,
+        ssl_ca_certs=pki.ca,
+        ssl_cert_file=pki.client_cert,
+        ssl_key_file=pki.client_key,
+        username=USER,
+        password=SecretStr(PASSWORD),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +263,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectSer
 
 # --- TLS and login, with BusClient -------------------------------------------------
 
+
 def test_a_message_round_trips_over_tls_with_a_client_certificate_and_login(
     tls_brokers: Brokers,
 ) -> None:
@@ -229,8 +275,9 @@ def test_a_message_round_trips_over_tls_with_a_client_certificate_and_login(
         received.append(delivery)
         arrived.set()
 
-    with BusClient(tls_brokers, (Subscription(queue, ack="auto"),), keep,
-                   name="security-test") as bus:
+    with BusClient(
+        tls_brokers, (Subscription(queue, ack="auto"),), keep, name="security-test"
+    ) as bus:
         bus.send_raw(queue, b'{"over": "tls"}', {"persistent": "true"})
         assert arrived.wait(30), "the message did not come back"
 
@@ -245,21 +292,39 @@ def test_a_message_round_trips_over_tls_with_a_client_certificate_and_login(
 @pytest.mark.parametrize(
     ("change", "says"),
     [
-        (lambda p: {"ssl_ca_certs": p.wrong_ca},
-         r"failed TLS: its certificate failed verification against the CAs in .*wrong-ca\.pem"),
-        (lambda p: {"ssl_ca_certs": None},  # the system's CAs do not know our test CA
-         r"failed TLS: its certificate failed verification against the system's CAs"),
-        (lambda p: {"ssl_cert_file": None, "ssl_key_file": None},
-         r"failed TLS: it refused our client certificate"),
-        (lambda p: {"password": SecretStr("not-" + PASSWORD)},
-         r"refused the login: User name \[swf-agent\] or password is invalid"),
-        (lambda p: {"username": None, "password": None},
-         r"refused the login: User name \[null\] or password is invalid"),
-        (lambda p: {"ssl_ca_certs": p.ca.with_name("absent.pem")},
-         r"brokers\.ssl_ca_certs: cannot read .*absent\.pem: No such file"),
+        (
+            lambda p: {"ssl_ca_certs": p.wrong_ca},
+            r"failed TLS: its certificate failed verification against the CAs in .*wrong-ca\.pem",
+        ),
+        (
+            lambda p: {"ssl_ca_certs": None},  # the system's CAs do not know our test CA
+            r"failed TLS: its certificate failed verification against the system's CAs",
+        ),
+        (
+            lambda p: {"ssl_cert_file": None, "ssl_key_file": None},
+            r"failed TLS: it refused our client certificate",
+        ),
+        (
+            lambda p: {"password": SecretStr("not-" + PASSWORD)},
+            r"refused the login: User name \[swf-agent\] or password is invalid",
+        ),
+        (
+            lambda p: {"username": None, "password": None},
+            r"refused the login: User name \[null\] or password is invalid",
+        ),
+        (
+            lambda p: {"ssl_ca_certs": p.ca.with_name("absent.pem")},
+            r"brokers\.ssl_ca_certs: cannot read .*absent\.pem: No such file",
+        ),
     ],
-    ids=["wrong-ca", "system-cas", "no-client-cert", "wrong-password", "no-login",
-         "missing-ca-file"],
+    ids=[
+        "wrong-ca",
+        "system-cas",
+        "no-client-cert",
+        "wrong-password",
+        "no-login",
+        "missing-ca-file",
+    ],
 )
 def test_a_refusal_ends_start_at_once_with_its_reason(
     pki: Pki, tls_brokers: Brokers, change: Any, says: str
@@ -286,9 +351,14 @@ def test_a_client_id_still_connected_is_retried_then_named(
     client_id = f"swf-security-{uuid.uuid4().hex}"
     with BusClient(tls_brokers, name="first", client_id=client_id):
         second = BusClient(tls_brokers, name="second", client_id=client_id)
-        with caplog.at_level(logging.WARNING, logger="swf_panda_workers.adapters.stomp_bus"), \
-                pytest.raises(BusRefused, match=f"refuses client-id {client_id}: another "
-                              "connection holds it .*already connected.*SWF_LISTENER_REPLICA"):
+        with (
+            caplog.at_level(logging.WARNING, logger="swf_panda_workers.adapters.stomp_bus"),
+            pytest.raises(
+                BusRefused,
+                match=f"refuses client-id {client_id}: another "
+                "connection holds it .*already connected.*SWF_LISTENER_REPLICA",
+            ),
+        ):
             second.start(timeout=3)
         second.stop()
 
@@ -330,12 +400,14 @@ def test_a_client_id_still_connected_is_retried_then_named(
 
 # --- the Prefect API auth string ------------------------------------------------------
 
+
 def test_the_prefect_server_refuses_clients_without_its_auth_string(
     auth_server: PrefectServer,
 ) -> None:
     async def read_flows(auth_string: str | None) -> int:
-        with temporary_settings({PREFECT_API_URL: auth_server.api_url,
-                                 PREFECT_API_AUTH_STRING: auth_string}):
+        with temporary_settings(
+            {PREFECT_API_URL: auth_server.api_url, PREFECT_API_AUTH_STRING: auth_string}
+        ):
             async with get_client() as client:
                 return len(await client.read_flows())
 
@@ -347,6 +419,7 @@ def test_the_prefect_server_refuses_clients_without_its_auth_string(
 
 
 # --- the whole service, secrets from the environment and files ----------------------------
+
 
 @dataclass
 class SecureService:
@@ -390,8 +463,12 @@ def start_listener(env: dict[str, str], logs: Path, wait: float = 120.0) -> Mana
 
 
 @pytest.fixture(scope="module")
-def secure_service(pki: Pki, secure_broker: ActiveMQ, auth_server: PrefectServer,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureService]:
+def secure_service(
+    pki: Pki,
+    secure_broker: ActiveMQ,
+    auth_server: PrefectServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SecureService]:
     workdir = tmp_path_factory.mktemp("secure-service")
     config = workdir / "config.yaml"
     config.write_text(yaml.safe_dump(SERVICE_CONFIG, sort_keys=False))
@@ -411,19 +488,23 @@ def secure_service(pki: Pki, secure_broker: ActiveMQ, auth_server: PrefectServer
 
 
 def test_a_run_end_to_end_over_tls_with_secrets_from_the_environment_and_files(
-    secure_service: SecureService, tls_brokers: Brokers, auth_server: PrefectServer,
+    secure_service: SecureService,
+    tls_brokers: Brokers,
+    auth_server: PrefectServer,
 ) -> None:
     run_id = str(int(time.time() * 1000) % 10**12)
     with PeerHarness(tls_brokers, NAMESPACE, slices_per_run=10, idle_timeout=3) as peers:
         session = play_session(peers, [run_id], "testbed", 10, wait=120)
-        counts = {t: peers.recorder.count(t, run_id)
-                  for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")}
+        counts = {
+            t: peers.recorder.count(t, run_id)
+            for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")
+        }
 
     assert session.ok, f"session did not complete: {session}"
-    assert counts == {"create_workflow_task": 1, "stop_transformer": 1,
-                      "close_workflow_task": 1}
-    flow_run = asyncio.run(final_flow_run(auth_server.api_url, NAMESPACE, run_id, wait=120,
-                                         auth_string=AUTH_STRING))
+    assert counts == {"create_workflow_task": 1, "stop_transformer": 1, "close_workflow_task": 1}
+    flow_run = asyncio.run(
+        final_flow_run(auth_server.api_url, NAMESPACE, run_id, wait=120, auth_string=AUTH_STRING)
+    )
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
     # The listener reached the broker where the environment said: on the TLS
     # port, not on the configuration's plain one (which takes the same login).
@@ -447,7 +528,9 @@ def test_a_run_end_to_end_over_tls_with_secrets_from_the_environment_and_files(
 
 
 def test_the_listener_stops_with_the_reason_when_the_broker_refuses_its_login(
-    pki: Pki, secure_broker: ActiveMQ, auth_server: PrefectServer,
+    pki: Pki,
+    secure_broker: ActiveMQ,
+    auth_server: PrefectServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     workdir = tmp_path_factory.mktemp("refused-listener")
@@ -466,12 +549,15 @@ def test_the_listener_stops_with_the_reason_when_the_broker_refuses_its_login(
     assert listener.process.returncode != 0
     # Kept on the log: the reason for the operator is written there and
     # nowhere else (the exit status says only that it failed).
-    assert (f"BusRefused: the broker 127.0.0.1:{TLS_PORT} refused the login: "
-            f"User name [{USER}] or password is invalid") in log, log[-3000:]
+    assert (
+        f"BusRefused: the broker 127.0.0.1:{TLS_PORT} refused the login: "
+        f"User name [{USER}] or password is invalid"
+    ) in log, log[-3000:]
     assert wrong not in log and PASSWORD not in log and AUTH_STRING not in log
 
 
 # --- reading back from Prefect -------------------------------------------------------
+
 
 def prefect_files(server: PrefectServer, run_id: str) -> list[Path]:
     """Everything the server keeps: its database (with WAL) and its log;
@@ -488,11 +574,16 @@ async def parameters_and_logs(
     """The parameters of the run's flow run and its sub-flows, and their logs."""
     with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: AUTH_STRING}):
         async with get_client() as client:
-            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])))
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id])
+                )
+            )
             ids = [flow_run.id, *(c.id for c in children)]
-            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=ids)))
-            logs = await client.read_logs(log_filter=LogFilter(
-                flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200)
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
+            )
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200
+            )
     return {r.id: r.parameters for r in runs}, [log.message for log in logs]

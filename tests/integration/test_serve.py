@@ -43,8 +43,10 @@ from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers._bus import poll_until
 from swf_testbed.peers.harness import PeerHarness
 
-pytestmark = [pytest.mark.integration, once(
-    "serve's own Prefect server is SQLite in its state directory, whatever the session's")]
+pytestmark = [
+    pytest.mark.integration,
+    once("serve's own Prefect server is SQLite in its state directory, whatever the session's"),
+]
 
 NAMESPACE = "itestserve"
 RESULTS_QUEUE = "/queue/panda.results.worker.serve"
@@ -86,10 +88,15 @@ class Serve:
     process: ManagedProcess = field(init=False)
 
     def __post_init__(self) -> None:
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith("PREFECT_API_")}  # serve starts its own server
-        self.process = ManagedProcess("serve", [SERVE, "serve", "--config", str(self.config)],
-                                      {**env, "PYTHONUNBUFFERED": "1"}, self.state / "serve.out")
+        env = {
+            key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")
+        }  # serve starts its own server
+        self.process = ManagedProcess(
+            "serve",
+            [SERVE, "serve", "--config", str(self.config)],
+            {**env, "PYTHONUNBUFFERED": "1"},
+            self.state / "serve.out",
+        )
 
     @property
     def api_url(self) -> str:
@@ -98,21 +105,27 @@ class Serve:
     def start(self) -> None:
         """Start serve; return once it says it serves."""
         self.process.start()
-        ready = poll_until(lambda: self.process.logged_since_start(b"serving namespace")
-                           or not self.process.alive, WAIT)
+        ready = poll_until(
+            lambda: self.process.logged_since_start(b"serving namespace") or not self.process.alive,
+            WAIT,
+        )
         assert ready and self.process.alive, f"serve not serving:\n{self.process.tail(60)}"
 
     def tree(self) -> set[tuple[int, int]]:
         """serve and every process below it, as (pid, start time) pairs: a pid
         reused later is another process."""
         assert self.process.pid is not None
-        return {(pid, started) for pid in descendants(self.process.pid)
-                if (started := start_time(pid)) is not None}
+        return {
+            (pid, started)
+            for pid in descendants(self.process.pid)
+            if (started := start_time(pid)) is not None
+        }
 
     def child_pid(self, module: str) -> int:
         assert self.process.pid is not None
-        [pid] = [pid for pid in descendants(self.process.pid)
-                 if f"-m {module}" in command_line(pid)]
+        [pid] = [
+            pid for pid in descendants(self.process.pid) if f"-m {module}" in command_line(pid)
+        ]
         return pid
 
     def sigterm(self) -> float:
@@ -182,8 +195,14 @@ def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     start of serve must find again."""
     home = tmp_path_factory.mktemp("serve")
     config = home / "config.yaml"
-    config.write_text(yaml.safe_dump({**SERVE_CONFIG, "prefect": {
-        **SERVE_CONFIG["prefect"], "state_dir": str(home / "state")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **SERVE_CONFIG,
+                "prefect": {**SERVE_CONFIG["prefect"], "state_dir": str(home / "state")},
+            }
+        )
+    )
     return config
 
 
@@ -199,8 +218,14 @@ def serve(serve_config: Path) -> Iterator[Serve]:
 @pytest.fixture(scope="module")
 def peers(broker_port: int) -> Iterator[PeerHarness]:
     brokers = Brokers(host="127.0.0.1", port=broker_port, results_queue=RESULTS_QUEUE)
-    with PeerHarness(brokers, NAMESPACE, slices_per_run=SLICES, processing_time=processing_time,
-                     arrival=lambda index: index * ARRIVAL_GAP, idle_timeout=3) as harness:
+    with PeerHarness(
+        brokers,
+        NAMESPACE,
+        slices_per_run=SLICES,
+        processing_time=processing_time,
+        arrival=lambda index: index * ARRIVAL_GAP,
+        idle_timeout=3,
+    ) as harness:
         yield harness
 
 
@@ -220,37 +245,52 @@ def sent(peers: PeerHarness, run_id: str) -> int:
 
 def journaled_adjusts(api_url: str, run_id: str) -> int:
     """The adjustments the run's flow journaled, as the server stored them."""
+
     async def read() -> list[Event]:
         with temporary_settings({PREFECT_API_URL: api_url}):
-            return await run_history(run_resource_id(NAMESPACE, run_id),
-                                     since=utc_now() - timedelta(hours=1))
+            return await run_history(
+                run_resource_id(NAMESPACE, run_id), since=utc_now() - timedelta(hours=1)
+            )
+
     return sum(event.event == "swf.effect.adjust_sent" for event in asyncio.run(read()))
 
 
 def end_when_processed(peers: PeerHarness, run_ids: list[str]) -> None:
     """Once every slice of the runs went out and each run asked for its
     workers, end them and wait for the closes."""
-    assert peers.farm.wait_for(lambda: all(sent(peers, r) >= SLICES for r in run_ids), WAIT), \
-        {r: sent(peers, r) for r in run_ids}
-    assert peers.recorder.wait_for(lambda: all(
-        peers.recorder.of_type("adjust_worker", r) for r in run_ids), WAIT)
+    assert peers.farm.wait_for(lambda: all(sent(peers, r) >= SLICES for r in run_ids), WAIT), {
+        r: sent(peers, r) for r in run_ids
+    }
+    assert peers.recorder.wait_for(
+        lambda: all(peers.recorder.of_type("adjust_worker", r) for r in run_ids), WAIT
+    )
     for run_id in run_ids:
         peers.control.end(run_id, "testbed")
-    assert peers.wait_until(lambda: all(map(peers.task_closed, run_ids)), WAIT), \
-        [r for r in run_ids if not peers.task_closed(r)]
+    assert peers.wait_until(lambda: all(map(peers.task_closed, run_ids)), WAIT), [
+        r for r in run_ids if not peers.task_closed(r)
+    ]
 
 
 def once_each(peers: PeerHarness, run_id: str) -> dict[str, int]:
     """How often the run's requests went out on the bus."""
-    return {msg_type: peers.recorder.count(msg_type, run_id) for msg_type in
-            ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task")}
+    return {
+        msg_type: peers.recorder.count(msg_type, run_id)
+        for msg_type in (
+            "create_workflow_task",
+            "adjust_worker",
+            "stop_transformer",
+            "close_workflow_task",
+        )
+    }
 
 
 def completed_in(api_url: str, run_ids: list[str]) -> dict[str, str]:
     """Each run's one top-level flow run's final state, as the server reads
     it from its database (final_flow_run fails on a second flow run)."""
-    return {run_id: asyncio.run(final_flow_run(api_url, NAMESPACE, run_id)).state_name or ""
-            for run_id in run_ids}
+    return {
+        run_id: asyncio.run(final_flow_run(api_url, NAMESPACE, run_id)).state_name or ""
+        for run_id in run_ids
+    }
 
 
 @dataclass
@@ -273,7 +313,8 @@ class Figures:
 
 
 def test_twenty_starts_and_stops_leave_nothing_behind_and_lose_no_run(
-        serve: Serve, peers: PeerHarness) -> None:
+    serve: Serve, peers: PeerHarness
+) -> None:
     """Start serve, play a run with slices (one of them slow: one adjust),
     stop it with SIGTERM or SIGKILL in turn, some cycles once the run's
     adjust is journaled and before its end; the next start finishes that run."""
@@ -282,15 +323,17 @@ def test_twenty_starts_and_stops_leave_nothing_behind_and_lose_no_run(
     began = time.monotonic()
     figures: list[Figures] = []
     for cycle in range(CYCLES):
-        how = ("SIGTERM" if cycle % 2 == 0 else "SIGKILL") + (" mid-run" if cycle in MID_RUN
-                                                              else "")
+        how = ("SIGTERM" if cycle % 2 == 0 else "SIGKILL") + (
+            " mid-run" if cycle in MID_RUN else ""
+        )
         figures.append(figure := Figures(cycle, how))
         serve.start()
         figure.mark("serving")
         run_id = announce(peers)
         runs.append(run_id)
-        assert peers.wait_until(lambda r=run_id: peers.task_created(r), WAIT), \
+        assert peers.wait_until(lambda r=run_id: peers.task_created(r), WAIT), (
             f"cycle {cycle}: run {run_id} never created:\n{serve.process.tail(40)}"
+        )
         figure.mark("created")
         if cycle in MID_RUN:
             # Once its adjust is journaled (one sent but not yet journaled
@@ -312,9 +355,10 @@ def test_twenty_starts_and_stops_leave_nothing_behind_and_lose_no_run(
             figure.marks["SIGTERM->exit"] = serve.sigterm()
         else:
             serve.sigkill()
-        assert poll_until(lambda b=before: not still_alive(b), 30), \
-            f"cycle {cycle} ({how}): still alive: " + "; ".join(
-                f"{pid} {command_line(pid)}" for pid, _ in still_alive(before))
+        assert poll_until(lambda b=before: not still_alive(b), 30), (
+            f"cycle {cycle} ({how}): still alive: "
+            + "; ".join(f"{pid} {command_line(pid)}" for pid, _ in still_alive(before))
+        )
         figure.mark("all gone")
         print(figure.line(), flush=True)
     assert not unfinished, "the last cycle must not stop mid-run"
@@ -334,7 +378,8 @@ def report(figures: list[Figures]) -> None:
 
 
 def test_a_listener_killed_under_serve_is_started_again_and_its_run_completes(
-        serve: Serve, peers: PeerHarness) -> None:
+    serve: Serve, peers: PeerHarness
+) -> None:
     serve.start()
     run_id = announce(peers)
     assert peers.wait_until(lambda: peers.task_created(run_id), WAIT)
@@ -343,10 +388,13 @@ def test_a_listener_killed_under_serve_is_started_again_and_its_run_completes(
     os.kill(killed, signal.SIGKILL)
     began = time.monotonic()
     # readiness: serve says when the new listener has subscribed
-    assert poll_until(lambda: serve.process.logged_since_start(b"listener ready again"), WAIT), \
+    assert poll_until(lambda: serve.process.logged_since_start(b"listener ready again"), WAIT), (
         serve.process.tail(20)
-    print(f"\nlistener SIGKILLed -> started again and subscribed: "
-          f"{time.monotonic() - began:.2f}s", flush=True)
+    )
+    print(
+        f"\nlistener SIGKILLed -> started again and subscribed: {time.monotonic() - began:.2f}s",
+        flush=True,
+    )
     # serve reaped the killed listener (no zombie left in /proc) and started another.
     assert not Path(f"/proc/{killed}").exists()
     assert serve.child_pid("listeners") != killed
@@ -354,24 +402,34 @@ def test_a_listener_killed_under_serve_is_started_again_and_its_run_completes(
     assert completed_in(serve.api_url, [run_id]) == {run_id: "Completed"}
     assert peers.recorder.settle(30)
     assert once_each(peers, run_id) == dict.fromkeys(
-        ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task"), 1)
+        ("create_workflow_task", "adjust_worker", "stop_transformer", "close_workflow_task"), 1
+    )
 
 
 def test_a_prefect_server_serve_did_not_start_is_refused_naming_port_and_holder(
-        stack: EmbeddedStack, tmp_path: Path) -> None:
+    stack: EmbeddedStack, tmp_path: Path
+) -> None:
     """The session's Prefect server stands for an orphan of an earlier serve."""
     assert stack.server is not None and stack.server.process.alive
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({**SERVE_CONFIG, "prefect": {
-        **SERVE_CONFIG["prefect"], "server_port": PREFECT_PORT,
-        "state_dir": str(tmp_path / "state")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **SERVE_CONFIG,
+                "prefect": {
+                    **SERVE_CONFIG["prefect"],
+                    "server_port": PREFECT_PORT,
+                    "state_dir": str(tmp_path / "state"),
+                },
+            }
+        )
+    )
     served = Serve(tmp_path, config)
     served.process.start()
     assert served.process.process is not None
     assert served.process.process.wait(WAIT) == 1
     said = served.process.tail(10)
-    assert (f"port {PREFECT_PORT} is already taken by pid {stack.server.process.pid}: "
-            in said), said
+    assert f"port {PREFECT_PORT} is already taken by pid {stack.server.process.pid}: " in said, said
     assert "answers as a Prefect server 3." in said
     assert f"PREFECT_API_URL=http://127.0.0.1:{PREFECT_PORT}/api" in said
     assert "set prefect.server_port to another port" in said

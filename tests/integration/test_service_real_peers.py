@@ -47,35 +47,47 @@ def recorder(stack: EmbeddedStack) -> Iterator[BusRecorder]:
         yield r
 
 
-def real_peers(stack: EmbeddedStack, workdir: Path, threads: int,
-               database_url: str | None) -> RealPeers:
+def real_peers(
+    stack: EmbeddedStack, workdir: Path, threads: int, database_url: str | None
+) -> RealPeers:
     # iDDS in the service's namespace, as in the testbed; results to the
     # service's results destination.
     brokers = stack.brokers
-    return RealPeers(brokers, workdir, namespace=stack.settings.transceiver.namespace,
-                     num_threads=threads, database_url=database_url,
-                     results_destination=brokers.results_destination)
+    return RealPeers(
+        brokers,
+        workdir,
+        namespace=stack.settings.transceiver.namespace,
+        num_threads=threads,
+        database_url=database_url,
+        results_destination=brokers.results_destination,
+    )
 
 
 def schedule_for(runs: list[str]) -> PayloadSchedule:
     # 0.2 s a slice, 1.2 s from slice 3 to 9 (the reference policy asks for
     # more workers: slower than 1.2 x the announced 0.5 s), one failure.
-    rules = [rule for run_id in runs for rule in (
-        SliceRule(run_id=run_id, first=FAILING, last=FAILING, seconds=0.2, fail="bad slice"),
-        SliceRule(run_id=run_id, first=3, last=9, seconds=1.2))]
+    rules = [
+        rule
+        for run_id in runs
+        for rule in (
+            SliceRule(run_id=run_id, first=FAILING, last=FAILING, seconds=0.2, fail="bad slice"),
+            SliceRule(run_id=run_id, first=3, last=9, seconds=1.2),
+        )
+    ]
     return PayloadSchedule(0.2, tuple(rules))
 
 
-def play(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, runs: list[str],
-         workers: int) -> dict[str, float]:
+def play(
+    stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, runs: list[str], workers: int
+) -> dict[str, float]:
     """Announce the runs one after the other, send their slices, end each once
     the service has stored all its results; returns when each run ended."""
     control = peers.control
     for run_id in runs:
         control.announce(run_id, "testbed", target_workers=workers, slice_processing_time=0.5)
         assert recorder.wait_for(
-            lambda r=run_id: bool(recorder.of_type("created_workflow_task", r)), WAIT), \
-            f"the real iDDS never answered run {run_id}'s create"
+            lambda r=run_id: bool(recorder.of_type("created_workflow_task", r)), WAIT
+        ), f"the real iDDS never answered run {run_id}'s create"
     senders = [control.send_slices_in_background(run_id, SLICES, rate=8) for run_id in runs]
     for sender in senders:
         sender.join(WAIT)
@@ -90,8 +102,9 @@ def play(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, runs: li
     return ended
 
 
-def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_id: str,
-            stop_sent: float) -> list[float]:
+def account(
+    stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_id: str, stop_sent: float
+) -> list[float]:
     """The run's end as the issue wants it; returns its transformers' exits
     after the stop, in seconds."""
     namespace = stack.settings.transceiver.namespace
@@ -104,20 +117,23 @@ def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_i
     adjusts = recorder.of_type("adjust_worker", run_id)
     assert adjusts, f"run {run_id}: the slow stretch asked for no workers"
     for adjust in adjusts:
-        assert [adjust["content"][k] for k in ("request_id", "transform_id", "workload_id")] \
-            == [first[k] for k in ("request_id", "transform_id", "workload_id")]
+        assert [adjust["content"][k] for k in ("request_id", "transform_id", "workload_id")] == [
+            first[k] for k in ("request_id", "transform_id", "workload_id")
+        ]
     # The stop in both forms; every transformer of the run obeyed the
     # integer one (idds-prompt's) and exited long before its idle timeout.
     assert recorder.stop_forms(run_id) == [int(run_id), run_id]
     pilots = peers.pilots
-    assert pilots.wait_for(lambda: pilots.live(run_id) == 0, STOP_WITHIN), \
+    assert pilots.wait_for(lambda: pilots.live(run_id) == 0, STOP_WITHIN), (
         f"run {run_id}: {pilots.live(run_id)} transformers still running"
+    )
     for pilot in pilots.of_run(run_id):
         assert pilot.exit_code == 0
         # Kept on the log: exit 0 is the same for the stop and for the idle
         # timeout; only the real transformer's log tells which ended it.
-        assert f"Received stop_transformer broadcast for current run_id={run_id}" \
-            in pilot.log_text()
+        assert (
+            f"Received stop_transformer broadcast for current run_id={run_id}" in pilot.log_text()
+        )
     # Every task iDDS made for the run ToCancel in its own database.
     records = peers.idds.database.records(run_id)
     statuses = records.processing_statuses()
@@ -131,18 +147,27 @@ def account(stack: EmbeddedStack, peers: RealPeers, recorder: BusRecorder, run_i
 def first_stop_at(recorder: BusRecorder, run_id: str) -> float:
     """When the run's first stop_transformer came back to the recorder (it is
     sent as end_run reaches the run's flow, and may still be on its way)."""
+
     def stops() -> list[float]:
-        return [r.at for r in recorder.records
-                if r.msg_type == "stop_transformer" and str(r.body["run_id"]) == run_id]
-    assert recorder.wait_for(lambda: bool(stops()), STOP_WITHIN), \
+        return [
+            r.at
+            for r in recorder.records
+            if r.msg_type == "stop_transformer" and str(r.body["run_id"]) == run_id
+        ]
+
+    assert recorder.wait_for(lambda: bool(stops()), STOP_WITHIN), (
         f"run {run_id}: no stop_transformer within {STOP_WITHIN:g} s of its end"
+    )
     return min(stops())
 
 
 @once("the service's path on PostgreSQL is the lifecycle tests'; iDDS's, test_real_peers'")
 def test_two_runs_with_the_real_idds_and_transformers(
-    stack: EmbeddedStack, recorder: BusRecorder, new_run_id: Callable[[], str],
-    idds_database_url: str | None, tmp_path: Path,
+    stack: EmbeddedStack,
+    recorder: BusRecorder,
+    new_run_id: Callable[[], str],
+    idds_database_url: str | None,
+    tmp_path: Path,
 ) -> None:
     runs = [new_run_id(), new_run_id()]  # the same day and site: two names
     with real_peers(stack, tmp_path, 1, idds_database_url) as peers:
@@ -153,14 +178,19 @@ def test_two_runs_with_the_real_idds_and_transformers(
             assert len(recorder.of_type("created_workflow_task", run_id)) == 1
             stop_at = first_stop_at(recorder, run_id)
             exits[run_id] = account(stack, peers, recorder, run_id, stop_at)
-            print(f"run {run_id}: end_run -> stop {stop_at - ended[run_id]:.2f} s; "
-                  f"transformers exited {exits[run_id]} s after it")
+            print(
+                f"run {run_id}: end_run -> stop {stop_at - ended[run_id]:.2f} s; "
+                f"transformers exited {exits[run_id]} s after it"
+            )
         assert len(peers.panda.submissions) == 2  # one PanDA task per run
 
 
 def test_idds_with_four_worker_threads_makes_several_tasks_all_closed(
-    stack: EmbeddedStack, recorder: BusRecorder, new_run_id: Callable[[], str],
-    idds_database_url: str | None, tmp_path: Path,
+    stack: EmbeddedStack,
+    recorder: BusRecorder,
+    new_run_id: Callable[[], str],
+    idds_database_url: str | None,
+    tmp_path: Path,
 ) -> None:
     # Each of iDDS's worker threads handles every request: they race, and
     # one to four tasks come of one create (a thread that finds the request
@@ -177,13 +207,16 @@ def test_idds_with_four_worker_threads_makes_several_tasks_all_closed(
             stop_at = first_stop_at(recorder, run_id)
             account(stack, peers, recorder, run_id, stop_at)
             created = [c["content"] for c in recorder.of_type("created_workflow_task", run_id)]
-            closed = {c["content"]["transform_id"]
-                      for c in recorder.of_type("close_workflow_task", run_id)}
+            closed = {
+                c["content"]["transform_id"]
+                for c in recorder.of_type("close_workflow_task", run_id)
+            }
             assert {c["transform_id"] for c in created} <= closed
             # Every task iDDS holds for the run was reported, so closed.
             transforms = peers.idds.database.records(run_id).transforms
             assert sorted(t["transform_id"] for t in transforms) == sorted(
-                c["transform_id"] for c in created)
+                c["transform_id"] for c in created
+            )
         print(f"tasks per run with 4 iDDS threads: {tasks}")
         # Its transformers, every task's, all stopped.
         assert peers.pilots.live() == 0

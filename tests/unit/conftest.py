@@ -42,12 +42,17 @@ def adjusted() -> Seen:
 
 
 @pytest.fixture
-def server(request: pytest.FixtureRequest, created: Seen,
-           adjusted: Seen) -> Iterator[SimulatedIDDSRest]:
+def server(
+    request: pytest.FixtureRequest, created: Seen, adjusted: Seen
+) -> Iterator[SimulatedIDDSRest]:
     """The server, requiring the credentials the test module names (TOKEN, VO).
     Its creates answer the ids, as a fixed iDDS would: these tests are about
     the server's machinery; iDDS 2.6.21's failing answer has its own tests."""
-    with SimulatedIDDSRest(token=request.module.TOKEN, vo=request.module.VO,
-                           on_task_created=created.add, on_adjust=adjusted.add,
-                           create_fails_after=False) as sim:
+    with SimulatedIDDSRest(
+        token=request.module.TOKEN,
+        vo=request.module.VO,
+        on_task_created=created.add,
+        on_adjust=adjusted.add,
+        create_fails_after=False,
+    ) as sim:
         yield sim

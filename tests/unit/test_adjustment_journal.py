@@ -26,7 +26,7 @@ from swf_panda_workers.adapters.prefect_events.schema import effect_event, messa
 from swf_panda_workers.config.schema import Settings
 from swf_panda_workers.core.adjustment_journal import AdjustmentJournal
 from swf_panda_workers.core.effects import Adjustment, AdjustSent, CreateSent, StopSent
-from swf_panda_workers.core.messages import WorkerSize, WorkflowIds
+from swf_panda_workers.core.messages import RunImminent, WorkerSize, WorkflowIds
 from swf_panda_workers.core.policies import (
     Observation,
     ScalingMemory,
@@ -47,12 +47,16 @@ def size(workers: int) -> WorkerSize:
 
 
 def adjusted(workers: int, second: float) -> AdjustSent:
-    return AdjustSent(size=size(workers), reason=f"to {workers}",
-                      decided_at=T0 + timedelta(seconds=second),
-                      sent_at=T0 + timedelta(seconds=second + 0.01))
+    return AdjustSent(
+        size=size(workers),
+        reason=f"to {workers}",
+        decided_at=T0 + timedelta(seconds=second),
+        sent_at=T0 + timedelta(seconds=second + 0.01),
+    )
 
 
 # --- the decision ----------------------------------------------------------------
+
 
 def test_a_decision_for_the_next_journaled_size_replays_it() -> None:
     journal = AdjustmentJournal.of([adjusted(6, 1), StopSent(), adjusted(4, 2)])
@@ -82,6 +86,7 @@ def test_an_empty_history_replays_nothing() -> None:
 
 # --- a retried scaling sub-flow ----------------------------------------------------
 
+
 class SizeFromSlice:
     """A policy that asks for as many workers as the slice took seconds: the
     history below says which size is decided at which result."""
@@ -93,22 +98,40 @@ class SizeFromSlice:
         wanted = round(seen.slice.processing_seconds)
         if wanted == plan.workers:
             return Verdict(None, memory)
-        return Verdict(Adjustment(size=size(wanted), reason=f"slice says {wanted}",
-                                  decided_at=seen.at), memory)
+        return Verdict(
+            Adjustment(size=size(wanted), reason=f"slice says {wanted}", decided_at=seen.at), memory
+        )
 
 
 class FakeIdds:
+    """An IddsGateway that keeps the sizes asked for; a run being scaled
+    asks for nothing else."""
+
     def __init__(self) -> None:
         self.adjusted: list[int | None] = []
 
-    def adjust_worker(self, run_id: str, ids: WorkflowIds, worker_size: WorkerSize,
-                      now: datetime) -> None:
+    def create_workflow_task(
+        self, run: RunImminent, workflow: dict[str, Any], now: datetime
+    ) -> None:
+        raise AssertionError("a run being scaled is not created again")
+
+    def adjust_worker(
+        self, run_id: str, ids: WorkflowIds, worker_size: WorkerSize, now: datetime
+    ) -> None:
         self.adjusted.append(worker_size.target_worker_count)
+
+    def close_workflow_task(
+        self, run_id: str, ids: WorkflowIds | None, workflow_name: str, now: datetime
+    ) -> None:
+        raise AssertionError("this run has no extra task to close")
 
 
 def result(second: float, workers: int, number: int) -> Event:
-    body = {"msg_type": "slice_result", "run_id": RUN,
-            "content": {"state": "done", "processing_time": float(workers), "hostname": "w1"}}
+    body = {
+        "msg_type": "slice_result",
+        "run_id": RUN,
+        "content": {"state": "done", "processing_time": float(workers), "hostname": "w1"},
+    }
     event = message_event(body, "slice_result", NS, RUN, f"result-{number}")
     return event.model_copy(update={"occurred": T0 + timedelta(seconds=second)})
 
@@ -127,6 +150,7 @@ def prefect_runtime_faked(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
     def ask_idds(settings: Settings) -> Any:
         async def ask(request: str, call: Any) -> Any:
             return call()
+
         return ask
 
     async def until_stored(events: list[Event]) -> None:
@@ -142,14 +166,18 @@ def prefect_runtime_faked(monkeypatch: pytest.MonkeyPatch) -> list[Event]:
 
 
 def test_a_retried_scaling_sub_flow_goes_6_4_6_sending_only_the_last(
-        prefect_runtime_faked: list[Event]) -> None:
+    prefect_runtime_faked: list[Event],
+) -> None:
     # What the earlier attempt left: at 1 s a result asked for 6 workers,
     # journaled at 1.05 s, after a second result that says 6 too (replayed
     # while the plan still has 3); at 2 s one asked for 4. Then it died.
     history = [
         result(0.0, 3, 0),
-        result(1.0, 6, 1), result(1.02, 6, 2), journaled(adjusted(6, 1.0), 1.05),
-        result(2.0, 4, 3), journaled(adjusted(4, 2.0), 2.05),
+        result(1.0, 6, 1),
+        result(1.02, 6, 2),
+        journaled(adjusted(6, 1.0), 1.05),
+        result(2.0, 4, 3),
+        journaled(adjusted(4, 2.0), 2.05),
     ]
     # What arrives once the retry follows the run live.
     live = [result(3.0, 4, 4), result(4.0, 6, 5)]
@@ -162,8 +190,13 @@ def test_a_retried_scaling_sub_flow_goes_6_4_6_sending_only_the_last(
         idds = FakeIdds()
         settings = Settings.model_validate({"transceiver": {"namespace": NS}})
         loop = ScalingLoop(SizeFromSlice(), SliceWindow(60, 90), view.journaled_adjustments())
-        scaler = Scaler(view, loop, idds, settings,  # type: ignore[arg-type]
-                        f"EIC_2026_fastproc_BNL-OSG_20261203_{RUN}")
+        scaler = Scaler(
+            view,
+            loop,
+            idds,
+            settings,
+            f"EIC_2026_fastproc_BNL-OSG_20261203_{RUN}",
+        )
         while view.replaying:
             await scaler.step()
         assert idds.adjusted == []  # nothing journaled is sent again

@@ -56,7 +56,12 @@ def test_a_late_effect_is_not_taken_by_two_causes() -> None:
 def test_latency_percentiles_are_in_milliseconds() -> None:
     latency = Latency.of([i / 1000 for i in range(1, 101)])
     assert (latency.samples, latency.p50, latency.p95, latency.p99, latency.max) == (
-        100, 50.0, 95.0, 99.0, 100.0)
+        100,
+        50.0,
+        95.0,
+        99.0,
+        100.0,
+    )
     assert Latency.of([]).p99 is None
 
 
@@ -83,14 +88,22 @@ def test_a_process_tree_counts_its_children() -> None:
 
 def result(p99_stop: float, lost: int) -> BenchResult:
     return BenchResult(
-        started_at="2026-11-23T12:00:00+00:00", machine={}, notes=[],
+        started_at="2026-11-23T12:00:00+00:00",
+        machine={},
+        notes=[],
         plan={"runs": 2, "slices": 10, "rate": 5.0, "duration": 3.8},
         latency_ms={"end_run -> stop_transformer": Latency.of([p99_stop / 1000])},
-        sent_per_second=5.0, handled_per_second=5.0, handoff_drain_seconds=1.0,
+        sent_per_second=5.0,
+        handled_per_second=5.0,
+        handoff_drain_seconds=1.0,
         effects={"stop_transformer": Tally(expected=2, seen=2 - lost, lost=lost, duplicated=0)},
-        processes={"runner": ProcessUse(idle_rss_mb=100, peak_rss_mb=120, cpu_seconds=3,
-                                        load_rss_mb=[110, 111, 112, 113])},
-        per_added_run_mb=10.0)
+        processes={
+            "runner": ProcessUse(
+                idle_rss_mb=100, peak_rss_mb=120, cpu_seconds=3, load_rss_mb=[110, 111, 112, 113]
+            )
+        },
+        per_added_run_mb=10.0,
+    )
 
 
 def test_results_compare_side_by_side() -> None:
@@ -132,11 +145,16 @@ def test_the_hand_off_lag_is_what_was_sent_and_not_yet_acked() -> None:
 
 
 def test_the_timeline_is_drawn_as_a_png() -> None:
-    png = timeline_png(Timeline(
-        title="t", sent_at=[1.0, 1.5, 2.2], acked=[(1.0, 0.0), (2.0, 2.0), (3.0, 3.0)],
-        latencies={"stop": [(2.0, 0.3)], "create": []},
-        rss_mb={"runner": [(1.0, 100.0), (2.0, 101.0)]},
-        cpu_seconds={"runner": [(1.0, 0.0), (2.0, 0.5)]}))
+    png = timeline_png(
+        Timeline(
+            title="t",
+            sent_at=[1.0, 1.5, 2.2],
+            acked=[(1.0, 0.0), (2.0, 2.0), (3.0, 3.0)],
+            latencies={"stop": [(2.0, 0.3)], "create": []},
+            rss_mb={"runner": [(1.0, 100.0), (2.0, 101.0)]},
+            cpu_seconds={"runner": [(1.0, 0.0), (2.0, 0.5)]},
+        )
+    )
     assert png.startswith(b"\x89PNG")
 
 
@@ -146,9 +164,13 @@ def test_drift_compares_whole_waves_of_the_second_ten_minutes_with_the_last() ->
     waves = [(200.0 * k, 200.0 * (k + 1)) for k in range(15)]
     sent_at = [float(t) for t in range(0, 3000)]  # one result a second
     rss = {"runner": [(float(t), 100.0 if t < 1500 else 110.0) for t in range(0, 3000, 10)]}
-    cpu = {"runner": [(float(t), t * 0.002) for t in range(0, 3000, 10)],  # 2 CPU-ms/result
-           "server": [(float(t), t * 0.001 if t < 2000 else 2.0 + (t - 2000) * 0.0015)
-                      for t in range(0, 3000, 10)]}
+    cpu = {
+        "runner": [(float(t), t * 0.002) for t in range(0, 3000, 10)],  # 2 CPU-ms/result
+        "server": [
+            (float(t), t * 0.001 if t < 2000 else 2.0 + (t - 2000) * 0.0015)
+            for t in range(0, 3000, 10)
+        ],
+    }
     found = drift(waves, sent_at, rss, cpu)
     assert found is not None
     assert (found.early, found.late) == ((600.0, 1200.0), (2400.0, 3000.0))

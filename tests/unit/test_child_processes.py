@@ -42,14 +42,21 @@ def ended_within(pid: int, seconds: float) -> bool:
 
 def test_a_sigkilled_parent_takes_its_children_along(tmp_path: Path) -> None:
     parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, pathlib\n"
-         "from swf_testbed.peers._child_processes import ChildLauncher\n"
-         "child = ChildLauncher().spawn(['sleep', '60'], {}, pathlib.Path(sys.argv[1]))\n"
-         "print(child.pid, flush=True)\n"
-         "sys.stdin.read()\n",  # until killed
-         str(tmp_path / "child.log")],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib\n"
+            "from swf_testbed.peers._child_processes import ChildLauncher\n"
+            "child = ChildLauncher().spawn(['sleep', '60'], {}, pathlib.Path(sys.argv[1]))\n"
+            "print(child.pid, flush=True)\n"
+            "sys.stdin.read()\n",  # until killed
+            str(tmp_path / "child.log"),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
     assert not ended_within(child, 0.2)
@@ -61,8 +68,9 @@ def test_a_sigkilled_parent_takes_its_children_along(tmp_path: Path) -> None:
 def test_children_live_as_long_as_the_launcher_not_the_calling_thread(tmp_path: Path) -> None:
     launcher = ChildLauncher()
     spawned: list[subprocess.Popen[bytes]] = []
-    caller = threading.Thread(target=lambda: spawned.append(
-        launcher.spawn(SLEEP, {}, tmp_path / "a.log")))
+    caller = threading.Thread(
+        target=lambda: spawned.append(launcher.spawn(SLEEP, {}, tmp_path / "a.log"))
+    )
     caller.start()
     caller.join()
     child = spawned[0]
@@ -75,7 +83,8 @@ def test_children_live_as_long_as_the_launcher_not_the_calling_thread(tmp_path: 
 
 
 def test_why_the_launcher_a_child_forked_by_a_short_lived_thread_dies_with_it(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     spawned: list[subprocess.Popen[bytes]] = []
     request = _Spawn(SLEEP, {}, tmp_path / "c.log", None)
     forker = threading.Thread(target=lambda: spawned.append(_popen(request)))
@@ -92,9 +101,16 @@ def test_stop_is_sigterm_then_sigkill(tmp_path: Path) -> None:
         assert stop_process(polite, grace=10) < 5
         assert polite.returncode == -signal.SIGTERM
         stubborn = launcher.spawn(
-            [sys.executable, "-c", "import signal, time\n"
-             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
-             "time.sleep(60)"], {}, tmp_path / "e.log")
+            [
+                sys.executable,
+                "-c",
+                "import signal, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                "time.sleep(60)",
+            ],
+            {},
+            tmp_path / "e.log",
+        )
         log = tmp_path / "e.log"
         # Wait for its handler to be in place (it says so) before signalling.
         while "ready" not in log.read_text():

@@ -35,8 +35,9 @@ def packaged_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CONFIG_ENV, raising=False)
 
 
-def command_paths(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-                  ) -> dict[tuple[str, ...], str]:
+def command_paths(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], str]:
     """Every command and sub-command the parser knows, by the words that call
     it (aliases too), with the name its usage line gives."""
     found = {path: parser.prog}
@@ -52,14 +53,25 @@ COMMANDS = command_paths(build_parser())
 
 def test_the_commands_the_issue_asks_for_exist() -> None:
     top = {path[0] for path in COMMANDS if path}
-    assert {"listen", "runner", "serve-flows", "serve", "replay", "dry-run", "send",
-            "show", "config"} <= top
-    assert {("send", kind) for kind in ("run_imminent", "end_run", "slice_result", "file")} \
-        <= set(COMMANDS)
+    assert {
+        "listen",
+        "runner",
+        "serve-flows",
+        "serve",
+        "replay",
+        "dry-run",
+        "send",
+        "show",
+        "config",
+    } <= top
+    assert {("send", kind) for kind in ("run_imminent", "end_run", "slice_result", "file")} <= set(
+        COMMANDS
+    )
 
 
 def test_the_demo_is_the_testbeds_command_not_the_products(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # swf-panda-workers-demo (tests/unit/test_demo_command.py): the product
     # ships no simulator, so its command line has no demo.
     assert "demo" not in {path[0] for path in COMMANDS if path}
@@ -70,8 +82,7 @@ def test_the_demo_is_the_testbeds_command_not_the_products(
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda words: " ".join(words) or "top")
-def test_every_command_has_help(words: tuple[str, ...], capsys: pytest.CaptureFixture[str]
-                                ) -> None:
+def test_every_command_has_help(words: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*words, "--help"])
     assert exited.value.code == 0
@@ -82,7 +93,8 @@ def test_every_command_has_help(words: tuple[str, ...], capsys: pytest.CaptureFi
 
 
 def test_a_missing_named_configuration_is_one_line_and_status_2(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["show", "7", "--config", "/nowhere/swf.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("configuration error: cannot read configuration /nowhere/swf.yaml")
@@ -90,7 +102,8 @@ def test_a_missing_named_configuration_is_one_line_and_status_2(
 
 
 def test_config_prints_the_file_and_masks_the_password(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("ACTIVEMQ_PASSWORD", "s3cret-pw")
     assert main(["config"]) == 0
     out = capsys.readouterr().out
@@ -101,8 +114,15 @@ def test_config_prints_the_file_and_masks_the_password(
 @pytest.mark.parametrize("shape", ["testbed", "seed"])
 def test_sent_announcements_and_ends_are_what_the_listener_takes(shape: str) -> None:
     brokers = Brokers()
-    imminent = sample_messages.run_imminent("100200", "ops", brokers, NOW, workers=4, cores=2,
-                                            shape=shape)  # type: ignore[arg-type]
+    imminent = sample_messages.run_imminent(
+        "100200",
+        "ops",
+        brokers,
+        NOW,
+        workers=4,
+        cores=2,
+        shape=shape,  # type: ignore[arg-type]
+    )
     end = sample_messages.end_run("100200", "ops", brokers, NOW, shape)  # type: ignore[arg-type]
 
     announced = parse_message(json.dumps(imminent.body).encode())
@@ -111,14 +131,16 @@ def test_sent_announcements_and_ends_are_what_the_listener_takes(shape: str) -> 
     # cores per worker: only the seed's shape says; the testbed copies its
     # worker count into core_count.
     assert (announced.content.cores_per_worker, announced.content.core_count) == (
-        (None, 4) if shape == "testbed" else (2, None))
+        (None, 4) if shape == "testbed" else (2, None)
+    )
     assert isinstance(parse_message(json.dumps(end.body).encode()), RunEnd)
     for sample in (imminent, end):
         assert sample.destination == brokers.workers_topic
         assert sample.headers["namespace"] == "ops" and sample.headers["run_id"] == "100200"
         assert sample.headers["msg_type"] == sample.body["msg_type"]
-    assert imminent.body["msg_type"] == ("run_imminent_worker" if shape == "testbed"
-                                         else "run_imminent")
+    assert imminent.body["msg_type"] == (
+        "run_imminent_worker" if shape == "testbed" else "run_imminent"
+    )
 
 
 def test_a_sent_slice_result_is_a_transformers() -> None:
@@ -157,15 +179,21 @@ def test_the_run_report_says_where_the_run_is() -> None:
     size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL", target_worker_count=3)
     bigger = size.model_copy(update={"target_worker_count": 5})
     state = RunState(
-        run_id="100200", plan=WorkerPlan(initial=size, current=bigger),
-        ids=WorkflowIds(request_id=11, transform_id=12, workload_id=13), create_sent=True,
-        ended_at=NOW, stop_sent=True, slices_done=40, slices_failed=2,
-        workers_seen=frozenset({"a", "b"}), slowest_slice=61.0,
-        adjustments=(AdjustSent(decided_at=NOW, sent_at=NOW, size=bigger,
-                                reason="slices 2x too slow"),),
+        run_id="100200",
+        plan=WorkerPlan(initial=size, current=bigger),
+        ids=WorkflowIds(request_id=11, transform_id=12, workload_id=13),
+        create_sent=True,
+        ended_at=NOW,
+        stop_sent=True,
+        slices_done=40,
+        slices_failed=2,
+        workers_seen=frozenset({"a", "b"}),
+        slowest_slice=61.0,
+        adjustments=(
+            AdjustSent(decided_at=NOW, sent_at=NOW, size=bigger, reason="slices 2x too slow"),
+        ),
     )
-    flow_run = FlowRunSummary(id="f-1", name="run-100200", state="Running", started=NOW,
-                              ended=None)
+    flow_run = FlowRunSummary(id="f-1", name="run-100200", state="Running", started=NOW, ended=None)
     text = RunReport("100200", "ops", flow_run, (), state, {}, "http://ui:4200").text()
 
     assert "run 100200 (namespace ops)" in text
@@ -187,9 +215,18 @@ def test_recorded_parameters_leave_the_dry_run_choice_to_the_replay() -> None:
     size = WorkerSize(core_count=1, memory_per_core=2000, site="BNL", target_worker_count=3)
     state = RunState(run_id="7", plan=WorkerPlan(initial=size, current=size))
     flow_run = FlowRunSummary(id="f", name="run-7", state="Completed", started=None, ended=None)
-    recorded: dict[str, object] = {"run_id": "7", "namespace": "ops", "announcement": {},
-                                   "received_at": None, "dry_run": False}
+    recorded: dict[str, object] = {
+        "run_id": "7",
+        "namespace": "ops",
+        "announcement": {},
+        "received_at": None,
+        "dry_run": False,
+    }
     report = RunReport("7", "ops", flow_run, (), state, recorded)
 
-    assert report.recorded_parameters == {"run_id": "7", "namespace": "ops", "announcement": {},
-                                          "received_at": None}
+    assert report.recorded_parameters == {
+        "run_id": "7",
+        "namespace": "ops",
+        "announcement": {},
+        "received_at": None,
+    }

@@ -23,13 +23,26 @@ def a_recording() -> RunRecording:
     for second in range(600):
         took = 3.0 if 180 <= second < 420 else 1.0
         queued = T0 + timedelta(seconds=second)
-        slices.append(RecordedSlice(at=queued + timedelta(seconds=took), requested_at=queued,
-                                    processing_seconds=took, worker="t-1"))
+        slices.append(
+            RecordedSlice(
+                at=queued + timedelta(seconds=took),
+                requested_at=queued,
+                processing_seconds=took,
+                worker="t-1",
+            )
+        )
     return RunRecording(
-        run_id="100123", namespace="test",
-        announcement={"msg_type": "run_imminent", "run_id": "100123",
-                      "content": {"target_worker_count": 2, "slice_processing_time": 1.0}},
-        announced_at=T0, ended_at=T0 + timedelta(seconds=600), slices=slices)
+        run_id="100123",
+        namespace="test",
+        announcement={
+            "msg_type": "run_imminent",
+            "run_id": "100123",
+            "content": {"target_worker_count": 2, "slice_processing_time": 1.0},
+        },
+        announced_at=T0,
+        ended_at=T0 + timedelta(seconds=600),
+        slices=slices,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +58,8 @@ def recorded(tmp_path: Path) -> Path:
 
 
 def test_replay_compares_the_default_policies(
-        recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     plot = tmp_path / "p.png"
 
     assert main(["replay", "--file", str(recorded), "--plot", str(plot)]) == 0
@@ -59,12 +73,26 @@ def test_replay_compares_the_default_policies(
 
 
 def test_replay_takes_policies_and_writes_the_plot_here(
-        recorded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    recorded: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.chdir(tmp_path)
 
-    status = main(["replay", "--file", str(recorded), "--worker-startup", "0",
-                   "--policy", "proportional:max_workers=4", "--policy", "reference:end=stop"])
+    status = main(
+        [
+            "replay",
+            "--file",
+            str(recorded),
+            "--worker-startup",
+            "0",
+            "--policy",
+            "proportional:max_workers=4",
+            "--policy",
+            "reference:end=stop",
+        ]
+    )
 
     assert status == 0
     out = capsys.readouterr().out
@@ -73,8 +101,8 @@ def test_replay_takes_policies_and_writes_the_plot_here(
 
 
 def test_replay_fetches_from_prefect_and_saves(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     asked: list[tuple[str, str]] = []
 
     async def fetch_recording(run_id: str, namespace: str) -> RunRecording:
@@ -86,8 +114,19 @@ def test_replay_fetches_from_prefect_and_saves(
     monkeypatch.setitem(sys.modules, adapter.__name__, adapter)
     saved = tmp_path / "saved.json"
 
-    status = main(["replay", "--run", "100123", "--namespace", "prod", "--save", str(saved),
-                   "--plot", str(tmp_path / "p.png")])
+    status = main(
+        [
+            "replay",
+            "--run",
+            "100123",
+            "--namespace",
+            "prod",
+            "--save",
+            str(saved),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
 
     assert status == 0
     assert asked == [("100123", "prod")]
@@ -95,16 +134,20 @@ def test_replay_fetches_from_prefect_and_saves(
     assert "reference" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    pytest.param(["--policy", "proportional:max_wrokers=3"], "max_wrokers", id="bad key"),
-    pytest.param(["--policy", "adaptive"], "policy", id="bad policy"),
-    pytest.param(["--policy", "reference:slice.cooldown=soon"], "slice.cooldown",
-                 id="bad value"),
-    pytest.param(["--worker-startup", "-1"], "worker-startup", id="negative start-up"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        pytest.param(["--policy", "proportional:max_wrokers=3"], "max_wrokers", id="bad key"),
+        pytest.param(["--policy", "adaptive"], "policy", id="bad policy"),
+        pytest.param(
+            ["--policy", "reference:slice.cooldown=soon"], "slice.cooldown", id="bad value"
+        ),
+        pytest.param(["--worker-startup", "-1"], "worker-startup", id="negative start-up"),
+    ],
+)
 def test_replay_rejects_bad_arguments(
-        recorded: Path, tmp_path: Path, args: list[str], says: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    recorded: Path, tmp_path: Path, args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     plot = tmp_path / "p.png"
 
     assert main(["replay", "--file", str(recorded), "--plot", str(plot), *args]) == 2
@@ -114,14 +157,17 @@ def test_replay_rejects_bad_arguments(
     assert not plot.exists()
 
 
-@pytest.mark.parametrize(("content", "says"), [
-    pytest.param(None, "cannot read", id="missing"),
-    pytest.param("{not json", "is not a run recording", id="not JSON"),
-    pytest.param('{"run_id": "1"}', "is not a run recording", id="not a recording"),
-])
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        pytest.param(None, "cannot read", id="missing"),
+        pytest.param("{not json", "is not a run recording", id="not JSON"),
+        pytest.param('{"run_id": "1"}', "is not a run recording", id="not a recording"),
+    ],
+)
 def test_replay_rejects_a_bad_file(
-        tmp_path: Path, content: str | None, says: str,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, content: str | None, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "recording.json"
     if content is not None:
         path.write_text(content)
@@ -133,8 +179,8 @@ def test_replay_rejects_a_bad_file(
 
 
 def test_replay_reports_a_failed_fetch(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     async def fetch_recording(run_id: str, namespace: str) -> RunRecording:
         raise LookupError(f"no run {run_id} in {namespace}")
 

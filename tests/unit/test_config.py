@@ -28,8 +28,20 @@ def revealed(secret: SecretStr | None) -> str:
 
 
 PANDA_ATTRIBUTE_KEYS = {
-    "vo", "queue", "site", "cloud", "working_group", "priority", "core_count", "ram_count",
-    "num_workers", "max_walltime", "max_attempt", "idle_timeout", "username", "task_type",
+    "vo",
+    "queue",
+    "site",
+    "cloud",
+    "working_group",
+    "priority",
+    "core_count",
+    "ram_count",
+    "num_workers",
+    "max_walltime",
+    "max_attempt",
+    "idle_timeout",
+    "username",
+    "task_type",
     "processing_type",
 }
 
@@ -92,18 +104,34 @@ def test_explicit_path_beats_the_config_env_var(
         ("ACTIVEMQ_HOST", "mq.example.org", lambda s: s.brokers.host, "mq.example.org"),
         ("ACTIVEMQ_PORT", "61616", lambda s: s.brokers.port, 61616),
         ("ACTIVEMQ_USER", "agent", lambda s: s.brokers.username, "agent"),
-        ("ACTIVEMQ_PASSWORD", "hunter2",
-         lambda s: s.brokers.password.get_secret_value(), "hunter2"),
+        (
+            "ACTIVEMQ_PASSWORD",
+            "hunter2",
+            lambda s: s.brokers.password.get_secret_value(),
+            "hunter2",
+        ),
         ("ACTIVEMQ_USE_SSL", "true", lambda s: s.brokers.use_ssl, True),
-        ("ACTIVEMQ_SSL_CA_CERTS", "/etc/ca.pem", lambda s: s.brokers.ssl_ca_certs,
-         Path("/etc/ca.pem")),
-        ("ACTIVEMQ_SSL_CERT_FILE", "/etc/me.pem", lambda s: s.brokers.ssl_cert_file,
-         Path("/etc/me.pem")),
+        (
+            "ACTIVEMQ_SSL_CA_CERTS",
+            "/etc/ca.pem",
+            lambda s: s.brokers.ssl_ca_certs,
+            Path("/etc/ca.pem"),
+        ),
+        (
+            "ACTIVEMQ_SSL_CERT_FILE",
+            "/etc/me.pem",
+            lambda s: s.brokers.ssl_cert_file,
+            Path("/etc/me.pem"),
+        ),
         ("SWF_NAMESPACE", "prod", lambda s: s.transceiver.namespace, "prod"),
         ("SWF_PANDA_MODE", "rest", lambda s: s.transceiver.mode, "rest"),
         ("SWF_LISTENER_REPLICA", "host-b", lambda s: s.transceiver.replica, "host-b"),
-        ("SWF_MONITOR_URL", "https://mon.example/swf-monitor/", lambda s: s.monitor.url,
-         "https://mon.example/swf-monitor"),
+        (
+            "SWF_MONITOR_URL",
+            "https://mon.example/swf-monitor/",
+            lambda s: s.monitor.url,
+            "https://mon.example/swf-monitor",
+        ),
         ("SWF_API_TOKEN", "t0ken", lambda s: s.monitor.token.get_secret_value(), "t0ken"),
         ("SWF_MONITOR_INTERVAL", "15", lambda s: s.monitor.interval, 15.0),
     ],
@@ -156,8 +184,14 @@ def test_password_is_secret_and_never_shown() -> None:
 
     assert isinstance(settings.brokers.password, SecretStr)
     assert settings.brokers.password.get_secret_value() == "hunter2"
-    for shown in (repr(settings), str(settings), repr(settings.brokers), str(settings.brokers),
-                  settings.model_dump_json(), str(settings.model_dump())):
+    for shown in (
+        repr(settings),
+        str(settings),
+        repr(settings.brokers),
+        str(settings.brokers),
+        settings.model_dump_json(),
+        str(settings.model_dump()),
+    ):
         assert "hunter2" not in shown
 
 
@@ -230,10 +264,13 @@ def test_user_file_and_password_file_beat_the_configuration_file(tmp_path: Path)
     (tmp_path / "password").write_text("from-file\n")
     path = write(tmp_path, "brokers:\n  username: yaml-user\n  password: yaml-pass\n")
 
-    settings = load_settings(path, environ={
-        "ACTIVEMQ_USER_FILE": str(tmp_path / "user"),
-        "ACTIVEMQ_PASSWORD_FILE": str(tmp_path / "password"),
-    })
+    settings = load_settings(
+        path,
+        environ={
+            "ACTIVEMQ_USER_FILE": str(tmp_path / "user"),
+            "ACTIVEMQ_PASSWORD_FILE": str(tmp_path / "password"),
+        },
+    )
 
     assert settings.brokers.username == "agent"
     assert revealed(settings.brokers.password) == "from-file"
@@ -280,7 +317,7 @@ def _written(path: Path, content: bytes) -> Path:
     "yaml_text",
     [
         "brokers:\n  password: s3cret: more\n",  # a syntax error on the password's line
-        "brokers:\n  password: \"s3cret\n",
+        'brokers:\n  password: "s3cret\n',
         "brokers:\n  password: [s3cret\n",
         "brokers:\n  password: s3cret\n   port: 1\n",
         "brokers:\n  password: s3cret\n  port: many\n",  # a bad value beside it
@@ -302,8 +339,11 @@ def test_configuration_errors_never_show_the_password(tmp_path: Path, yaml_text:
 def test_yaml_errors_still_say_where(tmp_path: Path) -> None:
     path = write(tmp_path, "brokers:\n  password: s3cret: more\n")
 
-    with pytest.raises(ConfigError, match=r"not valid YAML: mapping values are not allowed "
-                                          r"here at line 2, column 19"):
+    with pytest.raises(
+        ConfigError,
+        match=r"not valid YAML: mapping values are not allowed "
+        r"here at line 2, column 19",
+    ):
         load_settings(path, environ={})
 
 
@@ -313,15 +353,22 @@ def test_a_client_key_needs_its_certificate() -> None:
 
 
 def test_tls_settings_from_the_environment() -> None:
-    settings = load_settings(environ={
-        "ACTIVEMQ_USE_SSL": "true", "ACTIVEMQ_SSL_CA_CERTS": "/etc/ca.pem",
-        "ACTIVEMQ_SSL_CERT_FILE": "/etc/me.pem", "ACTIVEMQ_SSL_KEY_FILE": "/etc/me.key",
-    })
+    settings = load_settings(
+        environ={
+            "ACTIVEMQ_USE_SSL": "true",
+            "ACTIVEMQ_SSL_CA_CERTS": "/etc/ca.pem",
+            "ACTIVEMQ_SSL_CERT_FILE": "/etc/me.pem",
+            "ACTIVEMQ_SSL_KEY_FILE": "/etc/me.key",
+        }
+    )
 
     brokers = settings.brokers
     assert brokers.use_ssl is True
     assert (brokers.ssl_ca_certs, brokers.ssl_cert_file, brokers.ssl_key_file) == (
-        Path("/etc/ca.pem"), Path("/etc/me.pem"), Path("/etc/me.key"))
+        Path("/etc/ca.pem"),
+        Path("/etc/me.pem"),
+        Path("/etc/me.key"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -420,8 +467,9 @@ def test_results_destination_and_its_older_name() -> None:
     topic = settings_from({"brokers": {"results_destination": "/topic/panda.results"}}, {})
     assert topic.brokers.results_on_topic and not older.brokers.results_on_topic
     with pytest.raises(ConfigError, match="both set"):
-        settings_from({"brokers": {"results_queue": "/queue/a",
-                                   "results_destination": "/queue/b"}}, {})
+        settings_from(
+            {"brokers": {"results_queue": "/queue/a", "results_destination": "/queue/b"}}, {}
+        )
     with pytest.raises(ConfigError, match="results_destination"):
         settings_from({"brokers": {"results_destination": "panda.results"}}, {})
 
@@ -456,9 +504,11 @@ def test_search_path_user_file_then_installation_then_packaged(
     user.write_text("brokers:\n  host: user\n")
     assert config_path(environ=environ) == user
     assert config_path(environ={**environ, CONFIG_ENV: "/etc/named.yaml"}) == Path(
-        "/etc/named.yaml")
+        "/etc/named.yaml"
+    )
     assert config_path("given.yaml", environ={**environ, CONFIG_ENV: "/etc/named.yaml"}) == Path(
-        "given.yaml")
+        "given.yaml"
+    )
 
 
 def test_user_config_dir_defaults_to_dot_config(
@@ -531,8 +581,11 @@ def test_bad_monitor_settings_name_the_key(tmp_path: Path, yaml_text: str, says:
 
 @pytest.mark.parametrize("token", ["t0k en", "t0ken\nmore", "t0k\x00en", "t0kén"])
 def test_a_token_that_cannot_travel_in_a_header(token: str) -> None:
-    with pytest.raises(ConfigError, match=r"monitor\.token: .*holds a space, a control or "
-                                          r"a non-ASCII character") as caught:
+    with pytest.raises(
+        ConfigError,
+        match=r"monitor\.token: .*holds a space, a control or "
+        r"a non-ASCII character",
+    ) as caught:
         load_settings(environ={"SWF_API_TOKEN": token})
 
     assert "t0k" not in str(caught.value)

@@ -29,8 +29,16 @@ CONTAINERFILE = REPO / "deployments" / "Containerfile"
 COMPOSE = REPO / "deployments" / "compose.listener.yaml"
 SERVICE = "panda-workers-listener"
 # What the listener needs from the testbed's environment.
-LISTENER_ENV = {"ACTIVEMQ_HOST", "ACTIVEMQ_PORT", "ACTIVEMQ_USER", "ACTIVEMQ_PASSWORD",
-                "ACTIVEMQ_USE_SSL", "SWF_MONITOR_URL", "SWF_API_TOKEN", "PREFECT_API_URL"}
+LISTENER_ENV = {
+    "ACTIVEMQ_HOST",
+    "ACTIVEMQ_PORT",
+    "ACTIVEMQ_USER",
+    "ACTIVEMQ_PASSWORD",
+    "ACTIVEMQ_USE_SSL",
+    "SWF_MONITOR_URL",
+    "SWF_API_TOKEN",
+    "PREFECT_API_URL",
+}
 # What production runs, and what must never ship: the testbed's package and
 # the names its parts had when they lived in the product.
 PRODUCT_PACKAGES = {"swf_panda_workers", "flows", "listeners", "deployments"}
@@ -41,8 +49,11 @@ NEVER_SHIPPED = {"swf_testbed", "peers", "embedded", "launchers", "peers_venv_sc
 def instructions() -> list[tuple[str, str]]:
     with CONTAINERFILE.open("rb") as source:
         parsed = DockerfileParser(fileobj=source)
-        return [(i["instruction"], i["value"]) for i in parsed.structure
-                if i["instruction"] != "COMMENT"]
+        return [
+            (i["instruction"], i["value"])
+            for i in parsed.structure
+            if i["instruction"] != "COMMENT"
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +101,16 @@ def test_the_image_is_slim_and_runs_as_a_user_that_is_not_root(
     assert users and users[-1] not in ("root", "0") and not users[-1].startswith("0:")
     # The user exists by the time it is switched to.
     names = [name for name, _ in instructions]
-    assert any("useradd" in value and users[-1] in value
-               for value in values(instructions[:names.index("USER")], "RUN"))
+    assert any(
+        "useradd" in value and users[-1] in value
+        for value in values(instructions[: names.index("USER")], "RUN")
+    )
     assert values(instructions, "WORKDIR") == ["/app"]
 
 
 def test_the_image_starts_the_listener_and_checks_its_health(
-    instructions: list[tuple[str, str]], image_env: dict[str, str],
+    instructions: list[tuple[str, str]],
+    image_env: dict[str, str],
 ) -> None:
     assert json.loads(values(instructions, "ENTRYPOINT")[-1]) == ["swf-panda-workers"]
     assert json.loads(values(instructions, "CMD")[-1]) == ["listen"]
@@ -110,7 +124,8 @@ def test_the_image_starts_the_listener_and_checks_its_health(
 
 
 def test_everything_the_image_copies_is_in_the_build_context(
-    instructions: list[tuple[str, str]], image_env: dict[str, str],
+    instructions: list[tuple[str, str]],
+    image_env: dict[str, str],
 ) -> None:
     patterns = dockerignore()
     copied: dict[str, str] = {}  # in the image -> from the checkout
@@ -119,23 +134,32 @@ def test_everything_the_image_copies_is_in_the_build_context(
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the checkout"
             assert not ignored(source, patterns), f"COPY {source}: left out by .dockerignore"
-            where = target.rstrip("/") + "/" + Path(source).name if target.endswith("/") \
-                else target
+            where = target.rstrip("/") + "/" + Path(source).name if target.endswith("/") else target
             copied[str(Path("/app") / where)] = source
     # The configuration the image defaults to is one it copied; the packages
     # pyproject.toml installs are all there.
     config = image_env["SWF_PANDA_WORKERS_CONFIG"]
     assert any(config.startswith(f"{target}/") or config == target for target in copied)
-    assert {"pyproject.toml", "README.md", "swf_panda_workers", "listeners", "flows",
-            "deployments", "config"} <= set(copied.values())
+    assert {
+        "pyproject.toml",
+        "README.md",
+        "swf_panda_workers",
+        "listeners",
+        "flows",
+        "deployments",
+        "config",
+    } <= set(copied.values())
 
 
 def build_context_copy(instructions: list[tuple[str, str]], context: Path, app: Path) -> None:
     """Into ``app`` (the image's WORKDIR), what the image's COPY instructions
     take from ``context``, as Docker copies them: a folder's contents into the
     target, a file into a target ending in ``/``, .dockerignore applied."""
-    patterns = [line.strip() for line in (context / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (context / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for value in values(instructions, "COPY"):
         *sources, target = shlex.split(value)
         for source in sources:
@@ -149,8 +173,7 @@ def build_context_copy(instructions: list[tuple[str, str]], context: Path, app: 
                         copied.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(path, copied)
             else:
-                destination = app / target / origin.name if target.endswith("/") \
-                    else app / target
+                destination = app / target / origin.name if target.endswith("/") else app / target
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(origin, destination)
 
@@ -163,33 +186,59 @@ def image_install(instructions: list[tuple[str, str]], context: Path, tmp: Path)
     assert re.search(r"pip install \.(\s|$)", install), install  # the WORKDIR's project
     app, target = tmp / "app", tmp / "site-packages"
     build_context_copy(instructions, context, app)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--disable-pip-version-check", "--no-compile",
-                    "--target", str(target), str(app)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(app),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return {path.relative_to(target).as_posix() for path in target.rglob("*")}
 
 
 def test_the_image_installs_the_product_and_no_simulator(
-    instructions: list[tuple[str, str]], tmp_path: Path,
+    instructions: list[tuple[str, str]],
+    tmp_path: Path,
 ) -> None:
     installed = image_install(instructions, REPO, tmp_path)
     top = {path.split("/")[0] for path in installed}
     assert top >= PRODUCT_PACKAGES
     assert "bin/swf-panda-workers" in installed
-    shipped = sorted(path for path in installed
-                     if NEVER_SHIPPED & set(path.split("/")) or "demo" in path.lower())
+    shipped = sorted(
+        path for path in installed if NEVER_SHIPPED & set(path.split("/")) or "demo" in path.lower()
+    )
     assert shipped == [], f"the image would install the testbed's {shipped[:5]}"
     assert "swf_panda_workers/cli.py" in installed  # the product's code, not just its folders
 
 
-@pytest.mark.parametrize(("path", "left_out"), [
-    (".venv/bin/python", True), (".venv-peers/bin/python", True), (".git/HEAD", True),
-    (".swf-local/demo/x", True),
-    ("bench-results/a.json", True), ("listeners/__pycache__/x.pyc", True),
-    ("__pycache__/x.pyc", True), ("swf_panda_workers.egg-info/PKG-INFO", True),
-    ("listeners/bus_listener.py", False), ("config/swf_panda_workers.yaml", False),
-])
+@pytest.mark.parametrize(
+    ("path", "left_out"),
+    [
+        (".venv/bin/python", True),
+        (".venv-peers/bin/python", True),
+        (".git/HEAD", True),
+        (".swf-local/demo/x", True),
+        ("bench-results/a.json", True),
+        ("listeners/__pycache__/x.pyc", True),
+        ("__pycache__/x.pyc", True),
+        ("swf_panda_workers.egg-info/PKG-INFO", True),
+        ("listeners/bus_listener.py", False),
+        ("config/swf_panda_workers.yaml", False),
+    ],
+)
 def test_dockerignore_leaves_out_what_is_local(path: str, left_out: bool) -> None:
     assert ignored(path, dockerignore()) is left_out
 
@@ -197,8 +246,12 @@ def test_dockerignore_leaves_out_what_is_local(path: str, left_out: bool) -> Non
 def test_the_compose_service_drops_into_the_testbed(service: dict[str, Any]) -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     assert service["build"]["dockerfile"] == "deployments/Containerfile"
-    assert (REPO / "deployments" / service["build"]["context"].split(":-")[-1].rstrip("}")
-            / service["build"]["dockerfile"]).resolve() == CONTAINERFILE
+    assert (
+        REPO
+        / "deployments"
+        / service["build"]["context"].split(":-")[-1].rstrip("}")
+        / service["build"]["dockerfile"]
+    ).resolve() == CONTAINERFILE
     assert "activemq" in service["depends_on"]
     [network] = service["networks"]
     assert compose["networks"][network]["external"] is True
@@ -210,7 +263,8 @@ def test_the_compose_service_drops_into_the_testbed(service: dict[str, Any]) -> 
 
 
 def test_the_compose_service_configures_the_listener_by_environment_only(
-    service: dict[str, Any], image_env: dict[str, str],
+    service: dict[str, Any],
+    image_env: dict[str, str],
 ) -> None:
     environment = service["environment"]
     assert set(environment) >= LISTENER_ENV

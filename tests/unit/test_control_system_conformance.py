@@ -46,15 +46,19 @@ def headers_of(message: dict[str, Any]) -> dict[str, str]:
 
 def test_the_announcement_is_the_agents(control: ControlSystem) -> None:
     expected = real("run_imminent_worker.testbed.json")
-    built = control.announcement(RUN, "testbed", target_workers=30, core_count=4,
-                                 slice_processing_time=30)
+    built = control.announcement(
+        RUN, "testbed", target_workers=30, core_count=4, slice_processing_time=30
+    )
     assert built.destination == expected["destination"]
     assert built.headers == headers_of(expected)  # persistent false, no ttl
     assert shape(built.body) == shape(expected["body"])
     # core_count is the agent's target_worker_count, not cores per worker.
     assert built.body["content"]["core_count"] == built.body["content"]["target_worker_count"]
     assert {k: built.body["content"][k] for k in ("msg_type", "namespace", "run_id")} == {
-        "msg_type": "run_imminent", "namespace": "dev", "run_id": RUN}
+        "msg_type": "run_imminent",
+        "namespace": "dev",
+        "run_id": RUN,
+    }
     for stamp in (built.body["created_at"], built.body["content"]["timestamp"]):
         assert NAIVE_MICROSECONDS.match(stamp), stamp
     assert isinstance(parse_message(built.body), RunImminent)
@@ -78,15 +82,25 @@ def test_a_slice_is_the_agents(control: ControlSystem) -> None:
     assert shape(built.body) == shape(expected["body"])
     content = built.body["content"]
     expected_content = expected["body"]["content"]
-    same = ("run_id", "filename", "tf_filename", "slice_id", "start", "end", "tf_count",
-            "state", "substate")
+    same = (
+        "run_id",
+        "filename",
+        "tf_filename",
+        "slice_id",
+        "start",
+        "end",
+        "tf_count",
+        "state",
+        "substate",
+    )
     assert {k: content[k] for k in same} == {k: expected_content[k] for k in same}
     assert uuid.UUID(content["req_id"]).version == 4
     assert NAIVE_MICROSECONDS.match(built.body["created_at"])
 
 
-def test_slices_number_within_their_super_time_frame(control: ControlSystem,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slices_number_within_their_super_time_frame(
+    control: ControlSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sent: list[ControlMessage] = []
 
     def send(message: ControlMessage) -> dict[str, Any]:
@@ -97,7 +111,9 @@ def test_slices_number_within_their_super_time_frame(control: ControlSystem,
     control.send_slices(RUN, 5, first=2, slices_per_stf=3, destination="/queue/elsewhere")
     assert [(m.body["content"]["filename"], m.body["content"]["slice_id"]) for m in sent] == [
         (f"swf.{RUN}.000001.stf", 2),
-        (f"swf.{RUN}.000002.stf", 0), (f"swf.{RUN}.000002.stf", 1), (f"swf.{RUN}.000002.stf", 2),
+        (f"swf.{RUN}.000002.stf", 0),
+        (f"swf.{RUN}.000002.stf", 1),
+        (f"swf.{RUN}.000002.stf", 2),
         (f"swf.{RUN}.000003.stf", 0),
     ]
     assert {m.destination for m in sent} == {"/queue/elsewhere"}
@@ -105,11 +121,14 @@ def test_slices_number_within_their_super_time_frame(control: ControlSystem,
 
 
 def test_the_seed_shape_is_kept(control: ControlSystem) -> None:
-    built = control.announcement(RUN, "seed", target_workers=4, core_count=2,
-                                 memory_per_core=3000)
+    built = control.announcement(RUN, "seed", target_workers=4, core_count=2, memory_per_core=3000)
     assert built.body["msg_type"] == "run_imminent"
     assert built.headers["persistent"] == "true"
-    assert built.body["content"] == {"num_workers": 4, "num_cores_per_worker": 2,
-                                     "num_ram_per_core": 3000, "site": "BNL-OSG"}
+    assert built.body["content"] == {
+        "num_workers": 4,
+        "num_cores_per_worker": 2,
+        "num_ram_per_core": 3000,
+        "site": "BNL-OSG",
+    }
     assert built.body["created_at"].endswith("Z")
     assert control.ending(RUN, "seed").body["msg_type"] == "run_end"

@@ -43,25 +43,52 @@ def test_help_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: swf-panda-workers-demo")
-    for option in ("--runs", "--shape", "--slices", "--prefect-port", "--workdir", "--keep",
-                   "--mode"):
+    for option in (
+        "--runs",
+        "--shape",
+        "--slices",
+        "--prefect-port",
+        "--workdir",
+        "--keep",
+        "--mode",
+    ):
         assert option in out
 
 
 def test_the_defaults_are_the_demos(handed: list[tuple[Any, ...]]) -> None:
     assert demo.main([]) == 0
-    assert handed == [(Path(".swf-local/demo").resolve(), 2, "testbed", 120, 4200, False,
-                       "message")]
+    assert handed == [
+        (Path(".swf-local/demo").resolve(), 2, "testbed", 120, 4200, False, "message")
+    ]
 
 
 def test_every_option_reaches_the_demo(handed: list[tuple[Any, ...]], tmp_path: Path) -> None:
-    assert demo.main(["--runs", "1", "--shape", "seed", "--slices", "20", "--prefect-port",
-                      "4300", "--workdir", str(tmp_path / "w"), "--keep", "--mode", "rest"]) == 0
+    assert (
+        demo.main(
+            [
+                "--runs",
+                "1",
+                "--shape",
+                "seed",
+                "--slices",
+                "20",
+                "--prefect-port",
+                "4300",
+                "--workdir",
+                str(tmp_path / "w"),
+                "--keep",
+                "--mode",
+                "rest",
+            ]
+        )
+        == 0
+    )
     assert handed == [(tmp_path / "w", 1, "seed", 20, 4300, True, "rest")]
 
 
-@pytest.mark.parametrize("words", [["--shape", "round"], ["--mode", "carrier-pigeon"],
-                                   ["--runs", "two"]])
+@pytest.mark.parametrize(
+    "words", [["--shape", "round"], ["--mode", "carrier-pigeon"], ["--runs", "two"]]
+)
 def test_a_bad_option_is_a_usage_error(words: list[str], handed: list[tuple[Any, ...]]) -> None:
     with pytest.raises(SystemExit) as exited:
         demo.main(words)
@@ -70,7 +97,8 @@ def test_a_bad_option_is_a_usage_error(words: list[str], handed: list[tuple[Any,
 
 
 def test_a_configuration_error_is_one_line_and_status_2(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def refuse(*_: Any) -> int:
         raise ConfigError("brokers.port: not a port")
 
@@ -81,9 +109,12 @@ def test_a_configuration_error_is_one_line_and_status_2(
 
 def test_the_product_command_line_does_not_import_the_testbed() -> None:
     # Loading the product's entry points leaves the testbed unloaded.
-    code = ("import sys, swf_panda_workers.cli, swf_panda_workers.service.serve, "
-            "listeners.bus_listener, flows.run_lifecycle, deployments.serve\n"
-            "print(sorted(m for m in sys.modules if m.startswith('swf_testbed')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=REPO).stdout
+    code = (
+        "import sys, swf_panda_workers.cli, swf_panda_workers.service.serve, "
+        "listeners.bus_listener, flows.run_lifecycle, deployments.serve\n"
+        "print(sorted(m for m in sys.modules if m.startswith('swf_testbed')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
     assert out.strip() == "[]"

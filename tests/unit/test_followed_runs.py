@@ -48,5 +48,7 @@ def test_selectors() -> None:
     assert run_selector("100123") == "run_id = '100123'"
     assert workers_selector("dev") == "namespace='dev' OR namespace IS NULL"
     assert workers_selector("dev", "dev") == "namespace='dev' OR namespace IS NULL"
-    assert workers_selector("alice", "dev") == \
-        "namespace='alice' OR namespace='dev' OR namespace IS NULL"
+    assert (
+        workers_selector("alice", "dev")
+        == "namespace='alice' OR namespace='dev' OR namespace IS NULL"
+    )

@@ -19,9 +19,14 @@ from swf_testbed.peers.idds_agent import (
     idds_config,
 )
 
-BROKERS = Brokers(host="mq.example", port=61612, username="idds", password=SecretStr("p%w:d"),
-                  workers_topic="/topic/panda.workers.t1",
-                  transformer_topic="/topic/panda.transformer.t1")
+BROKERS = Brokers(
+    host="mq.example",
+    port=61612,
+    username="idds",
+    password=SecretStr("p%w:d"),
+    workers_topic="/topic/panda.workers.t1",
+    transformer_topic="/topic/panda.transformer.t1",
+)
 PROMPT = PromptBrokers.on(BROKERS, slices="/queue/slices.t1", results="/topic/panda.results")
 SQLITE = "sqlite:////tmp/idds.db"
 POSTGRES = "postgresql://idds:s%2Fecret@127.0.0.1:55453/idds_1"
@@ -48,8 +53,13 @@ def test_the_transceiver_alone_with_its_brokers(tmp_path: Path) -> None:
     assert "schema" not in config["database"]
     prompt = config["prompt"]
     assert (prompt["namespace"], prompt["num_threads"]) == ("t1", "4")
-    expected = {"broker": "mq.example:61612", "destination": "/topic/panda.workers.t1",
-                "username": "idds", "password": "p%w:d", "broker_timeout": 10}
+    expected = {
+        "broker": "mq.example:61612",
+        "destination": "/topic/panda.workers.t1",
+        "username": "idds",
+        "password": "p%w:d",
+        "broker_timeout": 10,
+    }
     assert json.loads(prompt["worker_subscriber_broker"]) == expected
     assert json.loads(prompt["worker_publisher_broker"]) == expected
     assert json.loads(prompt["transformer_broker"])["destination"] == "/queue/slices.t1"
@@ -67,7 +77,7 @@ def test_postgresql_gets_a_schema_in_both_files(tmp_path: Path) -> None:
     assert config["database"]["schema"] == "doma_idds"
     alembic = read(alembic_config(TEMPLATE, POSTGRES))["alembic"]
     # iDDS's engine makes a bare postgresql:// psycopg2; alembic's must too.
-    assert alembic["sqlalchemy.url"] == "postgresql+psycopg2" + POSTGRES[len("postgresql"):]
+    assert alembic["sqlalchemy.url"] == "postgresql+psycopg2" + POSTGRES[len("postgresql") :]
     assert alembic["version_table_schema"] == "doma_idds"
     assert alembic["script_location"] == "idds.orm.base:alembic"
 
@@ -80,18 +90,20 @@ def test_sqlite_keeps_the_version_table_in_the_file() -> None:
 
 def test_the_meta_info_is_what_the_transformer_unwraps() -> None:
     meta = PROMPT.metainfo()
-    assert set(meta) == {"transformer_broker", "transformer_broadcast_broker", "result_broker",
-                         "ejfat"}
+    assert set(meta) == {
+        "transformer_broker",
+        "transformer_broadcast_broker",
+        "result_broker",
+        "ejfat",
+    }
     assert meta["transformer_broadcast_broker"]["destination"] == "/topic/panda.transformer.t1"
     for key in ("transformer_broker", "transformer_broadcast_broker", "result_broker"):
-        assert set(meta[key]) == {"broker", "destination", "username", "password",
-                                  "broker_timeout"}
+        assert set(meta[key]) == {"broker", "destination", "username", "password", "broker_timeout"}
 
 
 def test_the_defaults_are_idds_sample_destinations() -> None:
     prompt = PromptBrokers.on(Brokers())
-    assert (prompt.slices.destination, prompt.results.destination) == (SLICES_QUEUE,
-                                                                       RESULTS_QUEUE)
+    assert (prompt.slices.destination, prompt.results.destination) == (SLICES_QUEUE, RESULTS_QUEUE)
     assert prompt.workers.username is None and prompt.workers.password is None
 
 

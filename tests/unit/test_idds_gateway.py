@@ -48,14 +48,25 @@ from swf_testbed.peers.grid_pki import GridPki
 
 NOW = datetime(2026, 3, 5, 12, 0, tzinfo=UTC)
 IDS = WorkflowIds(request_id=1001, transform_id=2001, workload_id=60001)
-CREATED = {"request_id": 1001, "transform_id": 2001, "processing_id": 3001,
-           "input_coll_id": 40002, "output_coll_id": 40003, "workload_id": 60001}
+CREATED = {
+    "request_id": 1001,
+    "transform_id": 2001,
+    "processing_id": 3001,
+    "input_coll_id": 40002,
+    "output_coll_id": 40003,
+    "workload_id": 60001,
+}
 SIZE = WorkerSize(core_count=2, memory_per_core=4000, site="BNL", target_worker_count=36)
 
 
 def announced(run_id: str = "100123") -> RunImminent:
-    message = parse_message({"msg_type": "run_imminent", "run_id": run_id,
-                             "content": {"target_worker_count": 30, "core_count": 2}})
+    message = parse_message(
+        {
+            "msg_type": "run_imminent",
+            "run_id": run_id,
+            "content": {"target_worker_count": 30, "core_count": 2},
+        }
+    )
     assert isinstance(message, RunImminent)
     return message
 
@@ -63,17 +74,29 @@ def announced(run_id: str = "100123") -> RunImminent:
 # --- unwrapping -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("answer", [CREATED, {"status": 0, "message": "closed successfully"},
-                                    None, [1, 2], (0, "zero is not False"), [True, "ok"]])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        CREATED,
+        {"status": 0, "message": "closed successfully"},
+        None,
+        [1, 2],
+        (0, "zero is not False"),
+        [True, "ok"],
+    ],
+)
 def test_client_result_passes_any_answer_through(answer: object) -> None:
     assert client_result(answer, "close_workflow_task") == answer
 
 
-@pytest.mark.parametrize("failure", [
-    (False, "Core exception.: {}\nDetails: database is gone"),
-    (-1, "request_id is None"),
-    [False, "relayed through PanDA: a JSON list"],
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        (False, "Core exception.: {}\nDetails: database is gone"),
+        (-1, "request_id is None"),
+        [False, "relayed through PanDA: a JSON list"],
+    ],
+)
 def test_client_failure_pairs_become_errors_with_the_message(failure: Sequence[Any]) -> None:
     with pytest.raises(IddsRequestFailed) as caught:
         client_result(failure, "close_workflow_task")
@@ -87,14 +110,17 @@ def test_relay_success_unwraps_to_the_answer() -> None:
     assert relay_result([0, [True, CREATED]], "create_workflow_task") == CREATED
 
 
-@pytest.mark.parametrize(("wrapped", "words"), [
-    ((255, "dialog failed: connection refused"), "status 255"),
-    ((0, [False, "Core exception.: no such request"]), "no such request"),
-    ((0, [True, [False, "Bad request exception."]]), "Bad request exception."),
-    ((0, [True, [-1, "request_id is None"]]), "request_id is None"),
-    ((0, "not a pair"), "unreadable"),
-    ("garbage", "unreadable"),
-])
+@pytest.mark.parametrize(
+    ("wrapped", "words"),
+    [
+        ((255, "dialog failed: connection refused"), "status 255"),
+        ((0, [False, "Core exception.: no such request"]), "no such request"),
+        ((0, [True, [False, "Bad request exception."]]), "Bad request exception."),
+        ((0, [True, [-1, "request_id is None"]]), "request_id is None"),
+        ((0, "not a pair"), "unreadable"),
+        ("garbage", "unreadable"),
+    ],
+)
 def test_relay_failures_name_what_went_wrong(wrapped: object, words: str) -> None:
     with pytest.raises(IddsRequestFailed, match=words):
         relay_result(wrapped, "adjust_worker")
@@ -129,10 +155,16 @@ def test_created_answer_accepts_a_pending_workload() -> None:
     assert answer.ids.workload_id is None
 
 
-@pytest.mark.parametrize("result", [
-    None, "ok", {"request_id": None, "transform_id": 2}, {"transform_id": 2},
-    {"request_id": "abc", "transform_id": 2},
-])
+@pytest.mark.parametrize(
+    "result",
+    [
+        None,
+        "ok",
+        {"request_id": None, "transform_id": 2},
+        {"transform_id": 2},
+        {"request_id": "abc", "transform_id": 2},
+    ],
+)
 def test_a_create_answer_without_ids_is_a_failed_request(result: object) -> None:
     with pytest.raises(IddsRequestFailed, match="create_workflow_task"):
         created_answer("100123", result, NOW)
@@ -168,8 +200,12 @@ class RecordingApi:
     ``tasks``: what iDDS holds, by workflow name (``make`` on a create adds
     one, as iDDS 2.6.21 does even when it answers the create with an error)."""
 
-    def __init__(self, answers: dict[str, object], make: bool = False,
-                 tasks: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        answers: dict[str, object],
+        make: bool = False,
+        tasks: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.answers = answers
         self.make = make
         self.tasks = dict(tasks or {})
@@ -178,8 +214,11 @@ class RecordingApi:
     def create_workflow_task(self, workflow: dict[str, Any]) -> object:
         self.calls.append(("create", (workflow,)))
         if self.make:
-            self.tasks[workflow["name"]] = {**CREATED, "name": workflow["name"],
-                                            "run_id": workflow["content"]["run_id"]}
+            self.tasks[workflow["name"]] = {
+                **CREATED,
+                "name": workflow["name"],
+                "run_id": workflow["content"]["run_id"],
+            }
         return self.answers["create"]
 
     def get_request_id_by_name(self, name: str) -> object:
@@ -190,12 +229,25 @@ class RecordingApi:
 
     def get_requests(self, request_id: int, with_detail: bool = False) -> object:
         self.calls.append(("transforms", (request_id, with_detail)))
-        return [{"request_id": request_id, "name": n, "transform_id": t["transform_id"],
-                 "transform_workload_id": t["workload_id"], "transform_name": n}
-                for n, t in self.tasks.items() if t["request_id"] == request_id]
+        return [
+            {
+                "request_id": request_id,
+                "name": n,
+                "transform_id": t["transform_id"],
+                "transform_workload_id": t["workload_id"],
+                "transform_name": n,
+            }
+            for n, t in self.tasks.items()
+            if t["request_id"] == request_id
+        ]
 
-    def adjust_worker(self, request_id: int, transform_id: int, workload_id: int | None,
-                      parameters: dict[str, Any]) -> object:
+    def adjust_worker(
+        self,
+        request_id: int,
+        transform_id: int,
+        workload_id: int | None,
+        parameters: dict[str, Any],
+    ) -> object:
         self.calls.append(("adjust", (request_id, transform_id, workload_id, parameters)))
         return self.answers["adjust"]
 
@@ -231,8 +283,10 @@ def test_rest_create_sends_the_workflow_and_returns_the_ids() -> None:
 
 def test_idds_2_6_21_answers_a_create_with_500_after_making_the_task() -> None:
     # Its REST handler fails unpacking its own result: the task exists.
-    api = RecordingApi({"create": (False, "Core exception.: {}\nDetails: too many values "
-                                          "to unpack (expected 6)")}, make=True)
+    api = RecordingApi(
+        {"create": (False, "Core exception.: {}\nDetails: too many values to unpack (expected 6)")},
+        make=True,
+    )
 
     answer = gateway(api).create_workflow_task(announced(), workflow(), NOW)
 
@@ -241,8 +295,7 @@ def test_idds_2_6_21_answers_a_create_with_500_after_making_the_task() -> None:
 
 
 def test_a_retried_create_finds_the_task_and_makes_no_second() -> None:
-    api = RecordingApi({"create": CREATED}, tasks={
-        NAME: {**CREATED, "run_id": "100123"}})
+    api = RecordingApi({"create": CREATED}, tasks={NAME: {**CREATED, "run_id": "100123"}})
 
     answer = gateway(api).create_workflow_task(announced(), workflow(), NOW)
 
@@ -303,16 +356,22 @@ def test_rest_close_filters_on_the_run_ids() -> None:
 
     ((_, (request_id, parameters)),) = api.calls
     assert request_id == 1001
-    assert {k: parameters[k] for k in ("request_id", "transform_id", "workload_id", "run_id")} \
-        == {"request_id": 1001, "transform_id": 2001, "workload_id": 60001, "run_id": "100123"}
+    assert {k: parameters[k] for k in ("request_id", "transform_id", "workload_id", "run_id")} == {
+        "request_id": 1001,
+        "transform_id": 2001,
+        "workload_id": 60001,
+        "run_id": "100123",
+    }
     assert answer.content.status == "closed successfully"
 
 
 def test_rest_close_without_ids_closes_the_task_found_by_name() -> None:
     # iDDS's REST close ignores the run id: given no ids it would cancel
     # every processing it has. The task is looked up by its name instead.
-    api = RecordingApi({"close": {"status": 0, "message": "closed successfully"}},
-                       tasks={NAME: {**CREATED, "run_id": "100123"}})
+    api = RecordingApi(
+        {"close": {"status": 0, "message": "closed successfully"}},
+        tasks={NAME: {**CREATED, "run_id": "100123"}},
+    )
 
     answer = gateway(api).close_workflow_task("100123", None, NAME, NOW)
 
@@ -356,9 +415,18 @@ def test_the_client_is_made_once_on_first_use() -> None:
 
 # --- the runner's start-up check ---------------------------------------------------
 
-IDDS_CLIENT_ENV = ("IDDS_HOST", "IDDS_CONFIG", "IDDS_AUTH_TYPE", "IDDS_OIDC_TOKEN",
-                   "IDDS_OIDC_TOKEN_FILE", "IDDS_VO", "OIDC_AUTH_ID_TOKEN",
-                   "OIDC_AUTH_TOKEN_FILE", "OIDC_AUTH_VO", "X509_USER_PROXY")
+IDDS_CLIENT_ENV = (
+    "IDDS_HOST",
+    "IDDS_CONFIG",
+    "IDDS_AUTH_TYPE",
+    "IDDS_OIDC_TOKEN",
+    "IDDS_OIDC_TOKEN_FILE",
+    "IDDS_VO",
+    "OIDC_AUTH_ID_TOKEN",
+    "OIDC_AUTH_TOKEN_FILE",
+    "OIDC_AUTH_VO",
+    "X509_USER_PROXY",
+)
 
 
 @pytest.fixture
@@ -371,15 +439,28 @@ def idds_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPa
     return monkeypatch
 
 
-@pytest.mark.parametrize(("env", "words"), [
-    ({"IDDS_HOST": "http://idds.example:443/idds"}, "Cannot find a valid x509 proxy"),
-    ({"IDDS_HOST": "http://idds.example:443/idds", "IDDS_AUTH_TYPE": "oidc",
-      "IDDS_OIDC_TOKEN": "t0ken"}, "vo is not defined"),
-    ({"IDDS_AUTH_TYPE": "oidc", "IDDS_OIDC_TOKEN": "t0ken", "IDDS_VO": "eic"},
-     "set idds.host in the configuration or IDDS_HOST"),
-])
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"IDDS_HOST": "http://idds.example:443/idds"}, "Cannot find a valid x509 proxy"),
+        (
+            {
+                "IDDS_HOST": "http://idds.example:443/idds",
+                "IDDS_AUTH_TYPE": "oidc",
+                "IDDS_OIDC_TOKEN": "t0ken",
+            },
+            "vo is not defined",
+        ),
+        (
+            {"IDDS_AUTH_TYPE": "oidc", "IDDS_OIDC_TOKEN": "t0ken", "IDDS_VO": "eic"},
+            "set idds.host in the configuration or IDDS_HOST",
+        ),
+    ],
+)
 def test_the_runner_refuses_rest_mode_without_host_or_credentials(
-    idds_env: pytest.MonkeyPatch, env: dict[str, str], words: str,
+    idds_env: pytest.MonkeyPatch,
+    env: dict[str, str],
+    words: str,
 ) -> None:
     for name, value in env.items():
         idds_env.setenv(name, value)
@@ -393,8 +474,12 @@ def test_the_runner_accepts_a_complete_oidc_setup_without_calling_idds(
     idds_env: pytest.MonkeyPatch,
 ) -> None:
     # Nothing listens on the host: building the client must not call it.
-    for name, value in {"IDDS_HOST": "http://127.0.0.1:9/idds", "IDDS_AUTH_TYPE": "oidc",
-                        "IDDS_OIDC_TOKEN": "t0ken", "IDDS_VO": "eic"}.items():
+    for name, value in {
+        "IDDS_HOST": "http://127.0.0.1:9/idds",
+        "IDDS_AUTH_TYPE": "oidc",
+        "IDDS_OIDC_TOKEN": "t0ken",
+        "IDDS_VO": "eic",
+    }.items():
         idds_env.setenv(name, value)
 
     check_rest_client(Settings())
@@ -426,16 +511,18 @@ def tls_idds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Gr
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.server_cert, pki.server_key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield f"https://127.0.0.1:{server.server_address[1]}/idds", pki
     server.shutdown()
     server.server_close()
 
 
-def _lookup_through(idds_env: pytest.MonkeyPatch, url: str, pki: GridPki,
-                    ca_certs: Path | None) -> object:
+def _lookup_through(
+    idds_env: pytest.MonkeyPatch, url: str, pki: GridPki, ca_certs: Path | None
+) -> object:
     idds_env.setenv("IDDS_HOST", url)
     idds_env.setenv("X509_USER_PROXY", str(pki.user.path))
     api = direct_api(Idds(ca_certs=ca_certs))
@@ -443,7 +530,8 @@ def _lookup_through(idds_env: pytest.MonkeyPatch, url: str, pki: GridPki,
 
 
 def test_the_direct_route_verifies_idds_certificate_against_the_configured_cas(
-    idds_env: pytest.MonkeyPatch, tls_idds: tuple[str, GridPki],
+    idds_env: pytest.MonkeyPatch,
+    tls_idds: tuple[str, GridPki],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     url, pki = tls_idds
@@ -456,7 +544,8 @@ def test_the_direct_route_verifies_idds_certificate_against_the_configured_cas(
 
 
 def test_without_cas_the_certificate_goes_unverified_and_the_runner_says_so(
-    idds_env: pytest.MonkeyPatch, tls_idds: tuple[str, GridPki],
+    idds_env: pytest.MonkeyPatch,
+    tls_idds: tuple[str, GridPki],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url, pki = tls_idds

@@ -33,17 +33,33 @@ if TYPE_CHECKING:
 TOKEN = f"sim-token-{uuid.uuid4().hex}"  # unique, so finding it anywhere means a leak
 VO = "eic"
 WAIT = 10.0
-FIRST_IDS = {"request_id": 1001, "transform_id": 2001, "processing_id": 3001,
-             "input_coll_id": 40002, "output_coll_id": 40003, "workload_id": 60001}
+FIRST_IDS = {
+    "request_id": 1001,
+    "transform_id": 2001,
+    "processing_id": 3001,
+    "input_coll_id": 40002,
+    "output_coll_id": 40003,
+    "workload_id": 60001,
+}
 OK_ADJUSTED = {"status": 0, "message": "adjusted successfully"}
 OK_CLOSED = {"status": 0, "message": "closed successfully"}
 
 # Anything that would make the client read credentials or settings from
 # elsewhere than what a test sets.
-CLIENT_ENV = ("IDDS_HOST", "IDDS_CONFIG", "IDDS_AUTH_TYPE", "IDDS_OIDC_TOKEN",
-              "IDDS_OIDC_TOKEN_FILE", "IDDS_VO", "OIDC_AUTH_ID_TOKEN", "OIDC_AUTH_TOKEN_FILE",
-              "OIDC_AUTH_VO", "IDDS_ENABLE_JSON_OUTPUTS", "IDDS_CLIENT_MAX_RETRIES",
-              "X509_USER_PROXY")
+CLIENT_ENV = (
+    "IDDS_HOST",
+    "IDDS_CONFIG",
+    "IDDS_AUTH_TYPE",
+    "IDDS_OIDC_TOKEN",
+    "IDDS_OIDC_TOKEN_FILE",
+    "IDDS_VO",
+    "OIDC_AUTH_ID_TOKEN",
+    "OIDC_AUTH_TOKEN_FILE",
+    "OIDC_AUTH_VO",
+    "IDDS_ENABLE_JSON_OUTPUTS",
+    "IDDS_CLIENT_MAX_RETRIES",
+    "X509_USER_PROXY",
+)
 
 
 @pytest.fixture
@@ -82,12 +98,23 @@ def connect(timeout: float = 10) -> ClientManager:
 
 def workflow(run_id: str, target: int = 3) -> dict[str, Any]:
     return {
-        "scope": "eic", "name": f"eic_EIC_fastprocessing_BNL_20260305_{run_id}",
-        "requester": "swf", "username": "swf", "transform_tag": "EIC", "cloud": "US",
-        "campaign": "EIC", "campaign_scope": "eic", "campaign_group": "fastprocessing",
+        "scope": "eic",
+        "name": f"eic_EIC_fastprocessing_BNL_20260305_{run_id}",
+        "requester": "swf",
+        "username": "swf",
+        "transform_tag": "EIC",
+        "cloud": "US",
+        "campaign": "EIC",
+        "campaign_scope": "eic",
+        "campaign_group": "fastprocessing",
         "campaign_tag": "test",
-        "content": {"run_id": run_id, "core_count": 1, "memory_per_core": 2000,
-                    "site": "BNL", "target_worker_count": target},
+        "content": {
+            "run_id": run_id,
+            "core_count": 1,
+            "memory_per_core": 2000,
+            "site": "BNL",
+            "target_worker_count": target,
+        },
     }
 
 
@@ -98,11 +125,21 @@ def auth_headers(token: str | None = TOKEN, auth_type: str = "oidc") -> dict[str
     return headers
 
 
-def raw(server: SimulatedIDDSRest, method: str, path: str, body: str | None = None,
-        headers: dict[str, str] | None = None) -> requests.Response:
+def raw(
+    server: SimulatedIDDSRest,
+    method: str,
+    path: str,
+    body: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> requests.Response:
     """A request the client would not send, as plain HTTP."""
-    return requests.request(method, server.url + path, data=body, timeout=WAIT,
-                            headers=auth_headers() if headers is None else headers)
+    return requests.request(
+        method,
+        server.url + path,
+        data=body,
+        timeout=WAIT,
+        headers=auth_headers() if headers is None else headers,
+    )
 
 
 def exception_message(response: requests.Response) -> str:
@@ -126,7 +163,11 @@ def test_create_answers_the_ids_and_starts_the_run(
     assert server.tasks == {"100123": task}
     (call,) = server.calls
     assert (call.method, call.path, call.endpoint, call.status) == (
-        "POST", "/idds/workflow_task", "create", 200)
+        "POST",
+        "/idds/workflow_task",
+        "create",
+        200,
+    )
     assert call.body == {"workflow": wf}
     assert call.headers["X-IDDS-Auth-Type"] == "oidc"
     assert call.headers["X-IDDS-Auth-VO"] == VO
@@ -154,8 +195,9 @@ def test_a_repeated_create_fails_and_starts_nothing(
 def test_workload_pending_answers_a_null_workload_id(
     client_env: Callable[..., None], created: Seen
 ) -> None:
-    with SimulatedIDDSRest(token=TOKEN, workload_pending=True, create_fails_after=False,
-                           on_task_created=created.add) as sim:
+    with SimulatedIDDSRest(
+        token=TOKEN, workload_pending=True, create_fails_after=False, on_task_created=created.add
+    ) as sim:
         client_env(sim.url)
         answer = connect().create_workflow_task(workflow("100"))
         assert answer == {**FIRST_IDS, "workload_id": None}
@@ -167,22 +209,34 @@ def test_adjust_with_a_null_workload_id_reaches_the_run(
     server: SimulatedIDDSRest, manager: ClientManager, adjusted: Seen
 ) -> None:
     manager.create_workflow_task(workflow("100"))
-    parameters = {"core_count": 2, "memory_per_core": 3000, "site": "BNL",
-                  "content": {"run_id": "100", "request_id": 1001, "transform_id": 2001,
-                              "workload_id": None, "target_worker_count": 5}}
+    parameters = {
+        "core_count": 2,
+        "memory_per_core": 3000,
+        "site": "BNL",
+        "content": {
+            "run_id": "100",
+            "request_id": 1001,
+            "transform_id": 2001,
+            "workload_id": None,
+            "target_worker_count": 5,
+        },
+    }
     assert manager.adjust_worker(1001, 2001, None, parameters) == OK_ADJUSTED
 
     assert adjusted.wait_len(1)
-    assert adjusted.items == [("100", WorkerSize(core_count=2, memory_per_core=3000, site="BNL",
-                                                  target_worker_count=5))]
+    assert adjusted.items == [
+        ("100", WorkerSize(core_count=2, memory_per_core=3000, site="BNL", target_worker_count=5))
+    ]
     # iDDS 2.6.21 stores core_count, memory_per_core and site, no worker count.
     assert server.tasks["100"].target_worker_count == 3
     (call,) = server.calls_to("adjust")
     assert (call.method, call.path, call.status) == (
-        "PUT", "/idds/workflow_task/1001/2001/null/adjust", 200)
+        "PUT",
+        "/idds/workflow_task/1001/2001/null/adjust",
+        200,
+    )
     (adjustment,) = server.adjustments
-    assert (adjustment.run_id, adjustment.request_id, adjustment.workload_id) == (
-        "100", 1001, None)
+    assert (adjustment.run_id, adjustment.request_id, adjustment.workload_id) == ("100", 1001, None)
 
 
 def test_adjust_without_a_transform_id_changes_nothing(
@@ -197,8 +251,10 @@ def test_adjust_without_a_transform_id_changes_nothing(
     assert server.adjustments[0].run_id is None
     assert server.tasks["100"].target_worker_count == 3
 
-    assert manager.adjust_worker(1001, 2001, 60001, {"content": {"target_worker_count": 4}}) \
+    assert (
+        manager.adjust_worker(1001, 2001, 60001, {"content": {"target_worker_count": 4}})
         == OK_ADJUSTED
+    )
     assert adjusted.wait_len(1)
     assert [(run, size.target_worker_count) for run, size in adjusted.items] == [("100", 4)]
 
@@ -207,8 +263,7 @@ def test_close_of_a_known_task_is_to_cancel(
     server: SimulatedIDDSRest, manager: ClientManager
 ) -> None:
     manager.create_workflow_task(workflow("100"))
-    parameters = {"run_id": "100", "request_id": 1001, "transform_id": 2001,
-                  "workload_id": 60001}
+    parameters = {"run_id": "100", "request_id": 1001, "transform_id": 2001, "workload_id": 60001}
     assert manager.close_workflow_task(1001, parameters) == OK_CLOSED
     assert server.closed == {"100": "ToCancel"}
     assert server.calls_to("close")[0].path == "/idds/workflow_task/1001/close"
@@ -221,8 +276,7 @@ def test_close_of_an_unknown_task_is_answered_ok_and_recorded_not_found(
     manager.create_workflow_task(workflow("100"))
     assert manager.close_workflow_task(4242, {"run_id": "999"}) == OK_CLOSED
     # Every id given must match, as iDDS filters: this transform is not run 100's.
-    assert manager.close_workflow_task(1001, {"run_id": "100", "transform_id": 9999}) \
-        == OK_CLOSED
+    assert manager.close_workflow_task(1001, {"run_id": "100", "transform_id": 9999}) == OK_CLOSED
     # iDDS's REST close passes no run id on: the records name the request.
     assert server.closed == {"request_id=4242": "NotFound", "request_id=1001": "NotFound"}
 
@@ -231,8 +285,7 @@ def test_the_legacy_close_path_reads_the_workload_id_from_the_path(
     server: SimulatedIDDSRest, manager: ClientManager
 ) -> None:
     manager.create_workflow_task(workflow("100"))
-    reply = raw(server, "PUT", "/workflow_task/null/60001/close",
-                json.dumps({"parameters": {}}))
+    reply = raw(server, "PUT", "/workflow_task/null/60001/close", json.dumps({"parameters": {}}))
     assert (reply.status_code, reply.json()) == (200, OK_CLOSED)
     assert server.closed == {"100": "ToCancel"}
     assert server.violations == []
@@ -280,7 +333,8 @@ def test_bad_requests_are_400_bad_request(
     garbled = raw(server, "PUT", "/workflow_task/1/2/3/adjust", "{not json")
     assert garbled.status_code == 400
     assert json.loads(exception_message(garbled)) == {
-        "msg": "Cannot decode JSON parameter dictionary"}
+        "msg": "Cannot decode JSON parameter dictionary"
+    }
     assert server.tasks == {}
     assert [c.status for c in server.calls] == [400, 400, 400]
 
@@ -307,8 +361,7 @@ def test_a_wrong_token_is_refused_and_creates_nothing(
     assert created.items == []
 
 
-def test_a_wrong_vo_is_refused(server: SimulatedIDDSRest,
-                               client_env: Callable[..., None]) -> None:
+def test_a_wrong_vo_is_refused(server: SimulatedIDDSRest, client_env: Callable[..., None]) -> None:
     client_env(server.url, vo="atlas")
     ok, text = connect().create_workflow_task(workflow("100"))
     assert ok is False and "VO atlas is not allowed." in text
@@ -359,8 +412,9 @@ def test_an_injected_failure_reaches_the_caller_with_its_message(
 def test_injected_failures_of_one_endpoint_leave_the_others_alone(
     server: SimulatedIDDSRest, manager: ClientManager
 ) -> None:
-    server.fail_next(2, endpoint="close", exception_class="DatabaseException",
-                     message="table locked")
+    server.fail_next(
+        2, endpoint="close", exception_class="DatabaseException", message="table locked"
+    )
     assert manager.create_workflow_task(workflow("100")) == FIRST_IDS
     assert manager.adjust_worker(1001, 2001, 60001, {}) == OK_ADJUSTED
     for _ in range(2):
@@ -379,7 +433,9 @@ def test_an_error_page_without_exception_headers_loses_the_status(
     # JSON and returns only the decoding error.
     server.fail_next(status=502, exception_class=None, message="<html>Bad Gateway</html>")
     assert manager.create_workflow_task(workflow("100")) == (
-        False, "Expecting value: line 1 column 1 (char 0)")
+        False,
+        "Expecting value: line 1 column 1 (char 0)",
+    )
     # A 500 page keeps the page's text.
     server.fail_next(status=500, exception_class=None, message="<html>Oops</html>")
     ok, text = manager.create_workflow_task(workflow("100"))
@@ -415,8 +471,7 @@ def test_fault_arguments_are_checked(server: SimulatedIDDSRest) -> None:
 
 
 def test_the_token_is_never_recorded_or_logged(
-    server: SimulatedIDDSRest, client_env: Callable[..., None],
-    caplog: pytest.LogCaptureFixture
+    server: SimulatedIDDSRest, client_env: Callable[..., None], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     wrong = f"wrong-{uuid.uuid4().hex}"
@@ -441,14 +496,26 @@ def test_the_token_is_never_recorded_or_logged(
 # --- another process ------------------------------------------------------------
 
 
-def test_the_command_line_server_is_driven_over_http(
-    client_env: Callable[..., None]
-) -> None:
+def test_the_command_line_server_is_driven_over_http(client_env: Callable[..., None]) -> None:
     env = {**os.environ, "SIM_IDDS_TOKEN": TOKEN}
     process = subprocess.Popen(
-        [sys.executable, "-m", "swf_testbed.peers.idds_rest", "--port", "0",
-         "--token-env", "SIM_IDDS_TOKEN", "--vo", VO, "--create-answers-ids"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "swf_testbed.peers.idds_rest",
+            "--port",
+            "0",
+            "--token-env",
+            "SIM_IDDS_TOKEN",
+            "--vo",
+            VO,
+            "--create-answers-ids",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert process.stdout is not None
         url = process.stdout.readline().strip()
@@ -467,8 +534,7 @@ def test_the_command_line_server_is_driven_over_http(
         assert control.state()["faults"]["delay"] == {"adjust": 2.5}
         control.clear_faults()
         assert control.state()["faults"] == {"fail_next": [], "delay": {}}
-        refused = requests.post(control.control_url + "/fail", json={"colour": "red"},
-                                timeout=WAIT)
+        refused = requests.post(control.control_url + "/fail", json={"colour": "red"}, timeout=WAIT)
         assert refused.status_code == 400 and "unknown field" in refused.json()["error"]
         with pytest.raises(ValueError, match="status"):
             control.fail_next(status=200)
@@ -484,17 +550,26 @@ def test_the_command_line_server_is_driven_over_http(
     assert TOKEN not in out + err
 
 
-@pytest.mark.parametrize(("endpoint", "body", "run_id"), [
-    ("create", {"workflow": {"content": {"run_id": 100123}}}, "100123"),
-    ("adjust", {"parameters": {"core_count": 2, "content": {"run_id": "7"}}}, "7"),
-    ("close", {"parameters": {"request_id": 1, "run_id": "8"}}, "8"),
-    ("close", {"parameters": {"request_id": 1}}, None),
-    ("create", "not json at all", None),
-])
-def test_a_recorded_call_names_its_run(endpoint: str, body: object,
-                                       run_id: str | None) -> None:
-    call = RestCall("PUT", "/idds/workflow_task", endpoint,  # type: ignore[arg-type]
-                    body, {}, 200, "ok")
+@pytest.mark.parametrize(
+    ("endpoint", "body", "run_id"),
+    [
+        ("create", {"workflow": {"content": {"run_id": 100123}}}, "100123"),
+        ("adjust", {"parameters": {"core_count": 2, "content": {"run_id": "7"}}}, "7"),
+        ("close", {"parameters": {"request_id": 1, "run_id": "8"}}, "8"),
+        ("close", {"parameters": {"request_id": 1}}, None),
+        ("create", "not json at all", None),
+    ],
+)
+def test_a_recorded_call_names_its_run(endpoint: str, body: object, run_id: str | None) -> None:
+    call = RestCall(
+        "PUT",
+        "/idds/workflow_task",
+        endpoint,  # type: ignore[arg-type]
+        body,
+        {},
+        200,
+        "ok",
+    )
 
     assert call.run_id == run_id
 
@@ -516,10 +591,16 @@ def test_as_idds_2_6_21_a_create_answers_500_after_making_the_task(
         assert manager.get_request_id_by_name(wf["name"]) == {wf["name"]: 1001}
         (row,) = manager.get_requests(request_id=1001, with_detail=True)
         assert (row["transform_id"], row["transform_workload_id"], row["transform_name"]) == (
-            2001, 60001, wf["name"])
+            2001,
+            60001,
+            wf["name"],
+        )
         # Statuses as the real app encodes iDDS's enums, decoded back by the client.
         assert (row["status"], row["transform_status"], row["processing_status"]) == (
-            RequestStatus.Transforming, TransformStatus.New, ProcessingStatus.New)
+            RequestStatus.Transforming,
+            TransformStatus.New,
+            ProcessingStatus.New,
+        )
         assert row["scope"] == wf["scope"]
         # idds-client 2.6.21's ClientManager.get_transforms cannot work: it
         # passes its client a workload_id its get_transforms does not take.

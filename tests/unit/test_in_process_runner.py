@@ -17,10 +17,12 @@ from swf_panda_workers.core.timestamps import utc_now
 NOW = utc_now()
 
 
-def scheduled(at: datetime | None, state: StateType = StateType.SCHEDULED,
-              run_id: UUID | None = None) -> FlowRun:
-    return FlowRun(id=run_id or uuid4(), flow_id=uuid4(), next_scheduled_start_time=at,
-                   state=State(type=state))
+def scheduled(
+    at: datetime | None, state: StateType = StateType.SCHEDULED, run_id: UUID | None = None
+) -> FlowRun:
+    return FlowRun(
+        id=run_id or uuid4(), flow_id=uuid4(), next_scheduled_start_time=at, state=State(type=state)
+    )
 
 
 def ids(runs: list[FlowRun]) -> list[UUID]:
@@ -28,10 +30,14 @@ def ids(runs: list[FlowRun]) -> list[UUID]:
 
 
 def test_due_runs_are_taken_earliest_first() -> None:
-    later, earlier, unset = (scheduled(NOW - timedelta(seconds=1)),
-                             scheduled(NOW - timedelta(seconds=30)), scheduled(None))
-    assert ids(runs_to_take([later, unset, earlier], set(), 10, NOW)) == \
-        ids([earlier, later, unset])
+    later, earlier, unset = (
+        scheduled(NOW - timedelta(seconds=1)),
+        scheduled(NOW - timedelta(seconds=30)),
+        scheduled(None),
+    )
+    assert ids(runs_to_take([later, unset, earlier], set(), 10, NOW)) == ids(
+        [earlier, later, unset]
+    )
 
 
 def test_a_run_scheduled_for_later_waits() -> None:
@@ -64,26 +70,30 @@ def test_only_scheduled_runs_are_taken(state: StateType) -> None:
     assert runs_to_take([scheduled(NOW, state)], set(), 10, NOW) == []
 
 
-@pytest.mark.parametrize(("current", "end", "expected"), [
-    # The engine stopped without a final state (the server was away): Crashed.
-    (StateType.RUNNING, StateType.CRASHED, True),
-    (StateType.PENDING, StateType.CRASHED, True),
-    (StateType.CANCELLING, StateType.CANCELLED, True),
-    # The engine reported the end itself.
-    (StateType.COMPLETED, StateType.CRASHED, False),
-    (StateType.FAILED, StateType.CRASHED, False),
-    (StateType.CRASHED, StateType.CRASHED, False),
-    # The Crashed the engine reports for a task cancelled on request becomes Cancelled...
-    (StateType.CRASHED, StateType.CANCELLED, True),
-    # ...but a run that finished before the cancel took effect keeps its end.
-    (StateType.COMPLETED, StateType.CANCELLED, False),
-    (StateType.CANCELLED, StateType.CANCELLED, False),
-    # Scheduled again meanwhile (rescheduled): another attempt's, left alone.
-    (StateType.SCHEDULED, StateType.CRASHED, False),
-    (StateType.SCHEDULED, StateType.CANCELLED, False),
-])
-def test_how_a_run_whose_task_is_over_is_ended(current: StateType, end: StateType,
-                                                expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("current", "end", "expected"),
+    [
+        # The engine stopped without a final state (the server was away): Crashed.
+        (StateType.RUNNING, StateType.CRASHED, True),
+        (StateType.PENDING, StateType.CRASHED, True),
+        (StateType.CANCELLING, StateType.CANCELLED, True),
+        # The engine reported the end itself.
+        (StateType.COMPLETED, StateType.CRASHED, False),
+        (StateType.FAILED, StateType.CRASHED, False),
+        (StateType.CRASHED, StateType.CRASHED, False),
+        # The Crashed the engine reports for a task cancelled on request becomes Cancelled...
+        (StateType.CRASHED, StateType.CANCELLED, True),
+        # ...but a run that finished before the cancel took effect keeps its end.
+        (StateType.COMPLETED, StateType.CANCELLED, False),
+        (StateType.CANCELLED, StateType.CANCELLED, False),
+        # Scheduled again meanwhile (rescheduled): another attempt's, left alone.
+        (StateType.SCHEDULED, StateType.CRASHED, False),
+        (StateType.SCHEDULED, StateType.CANCELLED, False),
+    ],
+)
+def test_how_a_run_whose_task_is_over_is_ended(
+    current: StateType, end: StateType, expected: bool
+) -> None:
     assert ends_with(State(type=current), end) is expected
 
 

@@ -75,8 +75,7 @@ class FakeBus:
 class FakeRuns:
     """``elsewhere``: runs whose flow run another listener replica started."""
 
-    def __init__(self, refuse: int | None = None, elsewhere: frozenset[str] = frozenset()
-                 ) -> None:
+    def __init__(self, refuse: int | None = None, elsewhere: frozenset[str] = frozenset()) -> None:
         self.refuse = refuse
         self.elsewhere = elsewhere
         self.started: list[str] = []
@@ -88,19 +87,24 @@ class FakeRuns:
             return uuid.uuid5(uuid.NAMESPACE_URL, run_id)
         return None
 
-    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
-                    received_at: datetime) -> uuid.UUID:
+    async def start(
+        self, run: RunImminent, namespace: str, announcement: dict[str, Any], received_at: datetime
+    ) -> uuid.UUID:
         # What Prefect's client does with the parameters: a pydantic JSON-mode
         # dump, then httpx's strict JSON in UTF-8.
-        dumped = TypeAdapter(dict[str, Any]).dump_python({"announcement": announcement},
-                                                         mode="json")
+        dumped = TypeAdapter(dict[str, Any]).dump_python(
+            {"announcement": announcement}, mode="json"
+        )
         json.dumps(dumped, ensure_ascii=False, allow_nan=False).encode("utf-8")
         if self.refuse is not None:
             request = httpx.Request("POST", "http://prefect/api/deployments/x/create_flow_run")
             raise httpx.HTTPStatusError(
-                "refused", request=request,
-                response=httpx.Response(self.refuse, text='{"detail": "no\\nway"}',
-                                        request=request))
+                "refused",
+                request=request,
+                response=httpx.Response(
+                    self.refuse, text='{"detail": "no\\nway"}', request=request
+                ),
+            )
         self.started.append(run.run_id)
         return uuid.uuid5(uuid.NAMESPACE_URL, run.run_id)
 
@@ -117,10 +121,12 @@ class FakeEvents:
         self.emitted.append(event)
 
 
-def listener(bus: FakeBus, runs: FakeRuns | None = None,
-             events: FakeEvents | None = None) -> BusListener:
-    settings = Settings.model_validate({
-        "transceiver": {"namespace": NS}, "brokers": {"dead_letter_queue": DLQ}})
+def listener(
+    bus: FakeBus, runs: FakeRuns | None = None, events: FakeEvents | None = None
+) -> BusListener:
+    settings = Settings.model_validate(
+        {"transceiver": {"namespace": NS}, "brokers": {"dead_letter_queue": DLQ}}
+    )
     made = BusListener(settings, runs or FakeRuns(), events or FakeEvents(), bus=bus)
     made._loop = asyncio.get_running_loop()
     return made
@@ -136,8 +142,13 @@ def delivery(body: bytes, destination: str = TOPIC, **headers: str) -> Delivery:
     return Delivery({**base, **headers}, body, "sub", 1)
 
 
-async def handled(body: bytes, bus: FakeBus | None = None, runs: FakeRuns | None = None,
-                  events: FakeEvents | None = None, **kwargs: str) -> tuple[Delivery, FakeBus]:
+async def handled(
+    body: bytes,
+    bus: FakeBus | None = None,
+    runs: FakeRuns | None = None,
+    events: FakeEvents | None = None,
+    **kwargs: str,
+) -> tuple[Delivery, FakeBus]:
     bus = bus or FakeBus()
     shell = listener(bus, runs, events)
     item = delivery(body, **kwargs)
@@ -148,6 +159,7 @@ async def handled(body: bytes, bus: FakeBus | None = None, runs: FakeRuns | None
 def test_every_outcome_has_an_action() -> None:
     async def actions() -> set[type]:
         return set(listener(FakeBus())._actions())
+
     assert asyncio.run(actions()) == set(get_args(Decision))
 
 
@@ -155,12 +167,19 @@ def test_bad_input_is_copied_whole_with_its_reason_then_acked() -> None:
     body = b"{not json" + b" " * 2_000_000  # over the limit too: the size is the reason
     item, bus = asyncio.run(handled(body, swf_reject_reason="forged", expires="1"))
     assert bus.log == [
-        ("send", (DLQ, body, {
-            "persistent": "true",
-            "swf_reject_reason": "body of 2000009 bytes is over the 1000000 byte limit",
-            "swf_original_destination": TOPIC,
-            "swf_original_message_id": item.message_id,
-        })),
+        (
+            "send",
+            (
+                DLQ,
+                body,
+                {
+                    "persistent": "true",
+                    "swf_reject_reason": "body of 2000009 bytes is over the 1000000 byte limit",
+                    "swf_original_destination": TOPIC,
+                    "swf_original_message_id": item.message_id,
+                },
+            ),
+        ),
         ("ack", item.message_id),
     ]
 
@@ -212,7 +231,9 @@ def test_a_result_of_a_run_another_replica_started_is_recorded_with_its_flow_run
     # to its flow run.
     assert [e.event for e in events.emitted] == [STREAM_EVENT] * 2
     assert [r.id for r in events.emitted[0].related] == [
-        "swf.run.itest.5", f"prefect.flow-run.{flow_run_id}"]
+        "swf.run.itest.5",
+        f"prefect.flow-run.{flow_run_id}",
+    ]
     (result,) = unpacked(events.emitted[0])
     assert (result.event, result.resource.id) == ("swf.bus.slice_result", "swf.run.itest.5")
     assert result.resource["swf.listener"] == f"swf-panda-workers-{NS}"
@@ -252,16 +273,37 @@ def test_an_announcement_starts_the_run_and_is_acked() -> None:
     # The run's results are taken from the shared queue before the ack: they
     # may come as soon as iDDS has the task.
     (results,) = bus.subscribed
-    assert (results.destination, results.selector) == ("/queue/panda.results.worker",
-                                                       "run_id = '5'")
+    assert (results.destination, results.selector) == (
+        "/queue/panda.results.worker",
+        "run_id = '5'",
+    )
     assert bus.log[-1] == ("ack", item.message_id)
 
 
-JSON_ISH = st.lists(st.sampled_from([
-    b'{"msg_type": "end_run", "run_id": "1", "x": ', b'{"msg_type": "run_imminent", ',
-    b'"run_id": "7", ', b'"content": {"a": ', b'"s": ', b'NaN', b'1e999', b'"\\ud800"',
-    b'"\\ud83d\\ude00"', b"9" * 4400, b"[" * 40, b"]" * 40, b"}", b"}}", b"\xff", b"\x00", b",",
-]), max_size=8).map(b"".join)
+JSON_ISH = st.lists(
+    st.sampled_from(
+        [
+            b'{"msg_type": "end_run", "run_id": "1", "x": ',
+            b'{"msg_type": "run_imminent", ',
+            b'"run_id": "7", ',
+            b'"content": {"a": ',
+            b'"s": ',
+            b"NaN",
+            b"1e999",
+            b'"\\ud800"',
+            b'"\\ud83d\\ude00"',
+            b"9" * 4400,
+            b"[" * 40,
+            b"]" * 40,
+            b"}",
+            b"}}",
+            b"\xff",
+            b"\x00",
+            b",",
+        ]
+    ),
+    max_size=8,
+).map(b"".join)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -283,16 +325,27 @@ def test_handle_never_raises_and_settles_each_delivery_once(body: bytes, where: 
     assert len(bus.sent) <= 1
 
 
-@pytest.mark.parametrize("body", [
-    pytest.param(b'{"msg_type": "end_run", "run_id": "1", "x": "\\ud800"}',
-                 id="lone surrogate: UTF-8 cannot encode it for Prefect"),
-    pytest.param(b'{"msg_type": "run_imminent", "run_id": "1", "content": {"x": "\\udfff"}}',
-                 id="lone surrogate in an announcement"),
-    pytest.param(b'{"msg_type": "end_run", "run_id": "1", "n": ' + b"9" * 4400 + b"}",
-                 id="integer over the 4300-digit limit: ValueError from json"),
-    pytest.param(b'{"msg_type": "end_run", "run_id": "1", "c": ' + b"[" * 300 + b"]" * 300
-                 + b"}", id="300 levels: over pydantic's serialization depth"),
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            b'{"msg_type": "end_run", "run_id": "1", "x": "\\ud800"}',
+            id="lone surrogate: UTF-8 cannot encode it for Prefect",
+        ),
+        pytest.param(
+            b'{"msg_type": "run_imminent", "run_id": "1", "content": {"x": "\\udfff"}}',
+            id="lone surrogate in an announcement",
+        ),
+        pytest.param(
+            b'{"msg_type": "end_run", "run_id": "1", "n": ' + b"9" * 4400 + b"}",
+            id="integer over the 4300-digit limit: ValueError from json",
+        ),
+        pytest.param(
+            b'{"msg_type": "end_run", "run_id": "1", "c": ' + b"[" * 300 + b"]" * 300 + b"}",
+            id="300 levels: over pydantic's serialization depth",
+        ),
+    ],
+)
 def test_bodies_that_once_crashed_the_listener_are_set_aside(body: bytes) -> None:
     item, bus = asyncio.run(handled(body))
     assert [destination for destination, _, _ in bus.sent] == [DLQ]
@@ -311,14 +364,18 @@ def test_nan_is_set_aside_rather_than_reaching_prefect_as_null() -> None:
 class NoDeploymentYet(FakeRuns):
     """Prefect answers, but the runner does not serve the run deployment yet."""
 
-    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
-                    received_at: datetime) -> uuid.UUID:
+    async def start(
+        self, run: RunImminent, namespace: str, announcement: dict[str, Any], received_at: datetime
+    ) -> uuid.UUID:
         raise DeploymentMissing("deployment swf-run/panda-workers is not on the server")
 
 
 def announcement(run_id: str) -> Delivery:
-    return delivery(json.dumps({"msg_type": "run_imminent", "run_id": run_id,
-                                "namespace": NS, "content": {}}).encode())
+    return delivery(
+        json.dumps(
+            {"msg_type": "run_imminent", "run_id": run_id, "namespace": NS, "content": {}}
+        ).encode()
+    )
 
 
 @pytest.fixture
@@ -328,7 +385,8 @@ def quick_retry(monkeypatch: pytest.MonkeyPatch) -> float:
 
 
 def test_a_run_announced_before_the_runner_serves_its_deployment_waits_unacked(
-        quick_retry: float) -> None:
+    quick_retry: float,
+) -> None:
     """The deployment missing (the runner not up yet, or redeploying) is
     waited out: the announcement stays unacked and is tried again, never set
     aside, and the listener goes on."""
@@ -347,13 +405,15 @@ def test_a_run_announced_before_the_runner_serves_its_deployment_waits_unacked(
 
 
 def test_an_announcement_that_waits_does_not_hold_up_other_runs_messages(
-        quick_retry: float) -> None:
+    quick_retry: float,
+) -> None:
     """While one run's announcement waits for the deployment, the messages
     behind it (another run's end, its results) are handed over at once: the
     wait is the waiting message's alone."""
     events = FakeEvents()
-    end_of_another_run = json.dumps({"msg_type": "end_run", "run_id": "5",
-                                     "namespace": NS}).encode()
+    end_of_another_run = json.dumps(
+        {"msg_type": "end_run", "run_id": "5", "namespace": NS}
+    ).encode()
 
     async def go() -> tuple[list[str], Delivery, FakeBus]:
         bus = FakeBus()
@@ -383,8 +443,9 @@ class SlowToStore(FakeRuns):
         super().__init__()
         self.stored = asyncio.Event()
 
-    async def start(self, run: RunImminent, namespace: str, announcement: dict[str, Any],
-                    received_at: datetime) -> uuid.UUID:
+    async def start(
+        self, run: RunImminent, namespace: str, announcement: dict[str, Any], received_at: datetime
+    ) -> uuid.UUID:
         await self.stored.wait()
         return await super().start(run, namespace, announcement, received_at)
 
@@ -393,8 +454,9 @@ def test_a_slow_run_start_does_not_hold_up_the_messages_behind_it() -> None:
     """The consumer loop queues run starts for the starter, which makes them
     one at a time, in order; meanwhile another run's end is handed over."""
     events = FakeEvents()
-    end_of_another_run = json.dumps({"msg_type": "end_run", "run_id": "5",
-                                     "namespace": NS}).encode()
+    end_of_another_run = json.dumps(
+        {"msg_type": "end_run", "run_id": "5", "namespace": NS}
+    ).encode()
 
     async def go() -> tuple[list[str], FakeBus, list[Delivery]]:
         bus, runs = FakeBus(), SlowToStore()
@@ -423,8 +485,9 @@ def test_a_slow_run_start_does_not_hold_up_the_messages_behind_it() -> None:
 
 
 def result(run_id: str) -> Delivery:
-    return delivery(json.dumps({"msg_type": "slice_result", "run_id": run_id,
-                                "content": {}}).encode(), RESULTS)
+    return delivery(
+        json.dumps({"msg_type": "slice_result", "run_id": run_id, "content": {}}).encode(), RESULTS
+    )
 
 
 class FakePrefect:
@@ -435,12 +498,15 @@ class FakePrefect:
 
     async def read_events(self, filter: Any, limit: int) -> Any:
         from types import SimpleNamespace
-        return SimpleNamespace(events=[SimpleNamespace(id=i) for i in filter.id.id
-                                       if i in self.stored])
+
+        return SimpleNamespace(
+            events=[SimpleNamespace(id=i) for i in filter.id.id if i in self.stored]
+        )
 
 
 def test_results_of_several_runs_go_in_one_event_acked_once_it_is_stored(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(bus_listener, "CONFIRM_EVERY", 0.01)
     events, bus, prefect = FakeEvents(), FakeBus(), FakePrefect()
     items = [result(run_id) for run_id in ("5", "6", "5")]
@@ -462,13 +528,16 @@ def test_results_of_several_runs_go_in_one_event_acked_once_it_is_stored(
         confirming.cancel()
         return seen
 
-    assert asyncio.run(go()) == ["0 sent before the window ends",
-                                 "0 acked before Prefect stores it"]
+    assert asyncio.run(go()) == [
+        "0 sent before the window ends",
+        "0 acked before Prefect stores it",
+    ]
     (batch,) = events.emitted
     assert batch.event == STREAM_EVENT
     assert [(e.resource.id, e.id) for e in unpacked(batch)] == [
         (f"swf.run.{NS}.{r}", message_event_id(NS, i.message_id))
-        for r, i in zip(("5", "6", "5"), items, strict=True)]
+        for r, i in zip(("5", "6", "5"), items, strict=True)
+    ]
     assert bus.acked == [i.message_id for i in items]
 
 
@@ -479,8 +548,9 @@ def test_a_runs_end_is_sent_after_the_results_received_before_it() -> None:
         shell = listener(FakeBus(), events=events)
         shell.owned["5"] = uuid.uuid4()
         await shell.dispatch(result("5"))
-        await shell.dispatch(delivery(json.dumps({"msg_type": "end_run", "run_id": "5",
-                                                  "namespace": NS}).encode()))
+        await shell.dispatch(
+            delivery(json.dumps({"msg_type": "end_run", "run_id": "5", "namespace": NS}).encode())
+        )
 
     asyncio.run(go())
     assert [e.event for e in events.emitted] == [STREAM_EVENT, "swf.bus.end_run"]
@@ -491,8 +561,7 @@ class DownEvents(FakeEvents):
         raise OSError("connection refused")
 
 
-def test_a_batch_prefect_cannot_take_goes_back_to_the_inbox_unacked(
-        quick_retry: float) -> None:
+def test_a_batch_prefect_cannot_take_goes_back_to_the_inbox_unacked(quick_retry: float) -> None:
     bus = FakeBus()
     items = [result("5"), result("5")]
 
@@ -520,8 +589,10 @@ def test_a_batch_holds_at_most_its_number_of_runs() -> None:
         await shell.send_stream()
 
     asyncio.run(go())
-    assert [[e.resource["swf.run_id"] for e in unpacked(batch)] for batch in events.emitted] \
-        == [["1", "2", "1"], ["3"]]
+    assert [[e.resource["swf.run_id"] for e in unpacked(batch)] for batch in events.emitted] == [
+        ["1", "2", "1"],
+        ["3"],
+    ]
 
 
 def test_an_event_left_unstored_is_sent_again_less_and_less_often() -> None:
@@ -531,8 +602,9 @@ def test_an_event_left_unstored_is_sent_again_less_and_less_often() -> None:
 
     async def go() -> list[float]:
         shell = listener(FakeBus(), events=events)
-        await shell.handle(delivery(json.dumps({"msg_type": "end_run", "run_id": "5",
-                                                "namespace": NS}).encode()))
+        await shell.handle(
+            delivery(json.dumps({"msg_type": "end_run", "run_id": "5", "namespace": NS}).encode())
+        )
         (pending,) = shell._pending.values()
         waits = []
         for _ in range(4):

@@ -48,8 +48,12 @@ def sample(metrics: ListenerMetrics, name: str, **labels: str) -> float | None:
 _ids = iter(range(10**9))
 
 
-def message(body: dict[str, Any] | bytes, destination: str = TOPIC, received_at: float = 1000.0,
-            **headers: str) -> Delivery:
+def message(
+    body: dict[str, Any] | bytes,
+    destination: str = TOPIC,
+    received_at: float = 1000.0,
+    **headers: str,
+) -> Delivery:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     base = {"destination": destination, "message-id": f"ID:metrics-{next(_ids)}"}
     if destination == TOPIC:
@@ -57,8 +61,12 @@ def message(body: dict[str, Any] | bytes, destination: str = TOPIC, received_at:
     return Delivery({**base, **headers}, raw, "sub", 1, received_at)
 
 
-def shell(clock: Clock, runs: FakeRuns | None = None, events: FakeEvents | None = None,
-          bus: FakeBus | None = None) -> tuple[BusListener, ListenerMetrics, FakeBus]:
+def shell(
+    clock: Clock,
+    runs: FakeRuns | None = None,
+    events: FakeEvents | None = None,
+    bus: FakeBus | None = None,
+) -> tuple[BusListener, ListenerMetrics, FakeBus]:
     bus = bus or FakeBus()
     made = listener(bus, runs, events)
     made.metrics = ListenerMetrics(clock=clock)
@@ -66,8 +74,11 @@ def shell(clock: Clock, runs: FakeRuns | None = None, events: FakeEvents | None 
 
 
 RUN = {"msg_type": "run_imminent", "run_id": "7", "content": {"target_worker_count": 3}}
-ADJUST: dict[str, Any] = {"msg_type": "adjust_worker", "run_id": "7", "content": {
-    "run_id": "7", "request_id": 1, "transform_id": 2, "target_worker_count": 5}}
+ADJUST: dict[str, Any] = {
+    "msg_type": "adjust_worker",
+    "run_id": "7",
+    "content": {"run_id": "7", "request_id": 1, "transform_id": 2, "target_worker_count": 5},
+}
 END = {"msg_type": "end_run", "run_id": "7"}
 
 
@@ -80,8 +91,10 @@ def test_a_run_start_counts_received_acked_and_its_hand_off_time() -> None:
         return metrics
 
     metrics = asyncio.run(go())
-    assert sample(metrics, "messages_received_total", msg_type="run_imminent",
-                  destination="topic") == 1
+    assert (
+        sample(metrics, "messages_received_total", msg_type="run_imminent", destination="topic")
+        == 1
+    )
     assert sample(metrics, "messages_acked_total") == 1
     assert sample(metrics, "handoff_seconds_count", stored="flow_run") == 1
     assert sample(metrics, "handoff_seconds_sum", stored="flow_run") == pytest.approx(0.3)
@@ -104,25 +117,44 @@ def test_a_recorded_message_is_timed_to_the_ack_after_its_event_is_read_back() -
         return metrics, bus
 
     metrics, _ = asyncio.run(go())
-    assert sample(metrics, "messages_received_total", msg_type="end_run",
-                  destination="topic") == 1
+    assert sample(metrics, "messages_received_total", msg_type="end_run", destination="topic") == 1
     assert sample(metrics, "messages_acked_total") == 1
     assert sample(metrics, "handoff_seconds_count", stored="event") == 1
     assert sample(metrics, "handoff_seconds_sum", stored="event") == pytest.approx(2.0)
 
 
-@pytest.mark.parametrize(("body", "destination", "headers", "msg_type", "reason"), [
-    pytest.param(b"{not json", TOPIC, {}, "unparsed", "bad_json", id="not JSON"),
-    pytest.param(b"x" * 1_000_001, TOPIC, {}, "unparsed", "too_large", id="too large"),
-    pytest.param(json.dumps({"msg_type": "nope", "run_id": "1"}).encode(), TOPIC, {},
-                 "unparsed", "invalid_message", id="unknown type"),
-    pytest.param(json.dumps(END).encode(), RESULTS, {}, "end_run", "wrong_queue",
-                 id="wrong queue"),
-    pytest.param(json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode(),
-                 RESULTS, {"namespace": "prod"}, "unread", None, id="another namespace"),
-])
+@pytest.mark.parametrize(
+    ("body", "destination", "headers", "msg_type", "reason"),
+    [
+        pytest.param(b"{not json", TOPIC, {}, "unparsed", "bad_json", id="not JSON"),
+        pytest.param(b"x" * 1_000_001, TOPIC, {}, "unparsed", "too_large", id="too large"),
+        pytest.param(
+            json.dumps({"msg_type": "nope", "run_id": "1"}).encode(),
+            TOPIC,
+            {},
+            "unparsed",
+            "invalid_message",
+            id="unknown type",
+        ),
+        pytest.param(
+            json.dumps(END).encode(), RESULTS, {}, "end_run", "wrong_queue", id="wrong queue"
+        ),
+        pytest.param(
+            json.dumps({"msg_type": "slice_result", "run_id": "5", "content": {}}).encode(),
+            RESULTS,
+            {"namespace": "prod"},
+            "unread",
+            None,
+            id="another namespace",
+        ),
+    ],
+)
 def test_what_is_not_handed_off_is_counted_by_type_and_reason_and_acked_untimed(
-    body: bytes, destination: str, headers: dict[str, str], msg_type: str, reason: str | None,
+    body: bytes,
+    destination: str,
+    headers: dict[str, str],
+    msg_type: str,
+    reason: str | None,
 ) -> None:
     async def go() -> ListenerMetrics:
         made, metrics, _ = shell(Clock())
@@ -130,8 +162,15 @@ def test_what_is_not_handed_off_is_counted_by_type_and_reason_and_acked_untimed(
         return metrics
 
     metrics = asyncio.run(go())
-    assert sample(metrics, "messages_received_total", msg_type=msg_type,
-                  destination=destination_kind(destination)) == 1
+    assert (
+        sample(
+            metrics,
+            "messages_received_total",
+            msg_type=msg_type,
+            destination=destination_kind(destination),
+        )
+        == 1
+    )
     assert sample(metrics, "messages_acked_total") == 1
     assert sample(metrics, "handoff_seconds_count", stored="flow_run") is None
     assert sample(metrics, "handoff_seconds_count", stored="event") is None
@@ -147,8 +186,10 @@ def test_a_message_prefect_refuses_is_counted_as_rejected_for_that_reason() -> N
 
     metrics = asyncio.run(go())
     assert sample(metrics, "messages_rejected_total", reason="prefect_refused") == 1
-    assert sample(metrics, "messages_received_total", msg_type="run_imminent",
-                  destination="topic") == 1
+    assert (
+        sample(metrics, "messages_received_total", msg_type="run_imminent", destination="topic")
+        == 1
+    )
 
 
 def test_a_copy_the_dead_letter_queue_refused_is_neither_rejected_nor_acked() -> None:
@@ -180,15 +221,23 @@ def test_a_message_retried_while_prefect_is_away_is_received_once(
 
     metrics = asyncio.run(go())
     assert runs.started == ["7"]
-    assert sample(metrics, "messages_received_total", msg_type="run_imminent",
-                  destination="topic") == 1
+    assert (
+        sample(metrics, "messages_received_total", msg_type="run_imminent", destination="topic")
+        == 1
+    )
     assert sample(metrics, "messages_acked_total") == 1
 
 
 def test_workers_requested_follow_the_runs_create_and_adjust_echoed_by_the_topic() -> None:
     clock = Clock()
-    create = {"msg_type": "create_workflow_task", "run_id": "7", "content": {
-        "run_id": "7", "workflow": {"content": {"run_id": "7", "target_worker_count": 3}}}}
+    create = {
+        "msg_type": "create_workflow_task",
+        "run_id": "7",
+        "content": {
+            "run_id": "7",
+            "workflow": {"content": {"run_id": "7", "target_worker_count": 3}},
+        },
+    }
 
     async def go() -> ListenerMetrics:
         made, metrics, _ = shell(clock)
@@ -197,14 +246,17 @@ def test_workers_requested_follow_the_runs_create_and_adjust_echoed_by_the_topic
         await made.handle(message(ADJUST))
         # Another namespace's adjust never reaches us (the topic's selector);
         # one with no size leaves the last one.
-        await made.handle(message({**ADJUST, "content": {**ADJUST["content"],
-                                                         "target_worker_count": None}}))
+        await made.handle(
+            message({**ADJUST, "content": {**ADJUST["content"], "target_worker_count": None}})
+        )
         return metrics
 
     metrics = asyncio.run(go())
     assert sample(metrics, "workers_requested", run_id="7") == 5
-    assert sample(metrics, "messages_received_total", msg_type="adjust_worker",
-                  destination="topic") == 2
+    assert (
+        sample(metrics, "messages_received_total", msg_type="adjust_worker", destination="topic")
+        == 2
+    )
 
 
 def test_an_ended_runs_workers_are_dropped_after_the_grace_period() -> None:
@@ -224,25 +276,52 @@ def test_an_ended_runs_workers_are_dropped_after_the_grace_period() -> None:
     assert sample(metrics, "workers_requested", run_id="7") is None
 
 
-@pytest.mark.parametrize(("calls", "at", "expected"), [
-    pytest.param([("requested", "a", 3, 0)], 10_000, {"a": 3}, id="a run without end stays"),
-    pytest.param([("requested", "a", 3, 0), ("ended", "a", 0, 100)], 400, {"a": 3},
-                 id="within the grace"),
-    pytest.param([("requested", "a", 3, 0), ("ended", "a", 0, 100)], 401, {},
-                 id="past the grace"),
-    pytest.param([("requested", "a", 3, 0), ("ended", "a", 0, 100), ("requested", "a", 2, 350)],
-                 600, {"a": 2}, id="an adjust during the drain restarts the grace"),
-    pytest.param([("requested", "a", 3, 0), ("ended", "a", 0, 100), ("requested", "a", 2, 350)],
-                 651, {}, id="which still ends"),
-    pytest.param([("ended", "b", 0, 0)], 1, {}, id="an end alone records nothing"),
-    pytest.param([("requested", "a", 1, 0), ("requested", "b", 2, 1), ("requested", "c", 3, 2)],
-                 3, {"b": 2, "c": 3}, id="over the cap, the oldest news goes"),
-    pytest.param([("requested", "a", 1, 0), ("requested", "b", 2, 1), ("requested", "a", 4, 2),
-                  ("requested", "c", 3, 3)], 4, {"a": 4, "c": 3},
-                 id="a run with news is kept"),
-])
+@pytest.mark.parametrize(
+    ("calls", "at", "expected"),
+    [
+        pytest.param([("requested", "a", 3, 0)], 10_000, {"a": 3}, id="a run without end stays"),
+        pytest.param(
+            [("requested", "a", 3, 0), ("ended", "a", 0, 100)], 400, {"a": 3}, id="within the grace"
+        ),
+        pytest.param(
+            [("requested", "a", 3, 0), ("ended", "a", 0, 100)], 401, {}, id="past the grace"
+        ),
+        pytest.param(
+            [("requested", "a", 3, 0), ("ended", "a", 0, 100), ("requested", "a", 2, 350)],
+            600,
+            {"a": 2},
+            id="an adjust during the drain restarts the grace",
+        ),
+        pytest.param(
+            [("requested", "a", 3, 0), ("ended", "a", 0, 100), ("requested", "a", 2, 350)],
+            651,
+            {},
+            id="which still ends",
+        ),
+        pytest.param([("ended", "b", 0, 0)], 1, {}, id="an end alone records nothing"),
+        pytest.param(
+            [("requested", "a", 1, 0), ("requested", "b", 2, 1), ("requested", "c", 3, 2)],
+            3,
+            {"b": 2, "c": 3},
+            id="over the cap, the oldest news goes",
+        ),
+        pytest.param(
+            [
+                ("requested", "a", 1, 0),
+                ("requested", "b", 2, 1),
+                ("requested", "a", 4, 2),
+                ("requested", "c", 3, 3),
+            ],
+            4,
+            {"a": 4, "c": 3},
+            id="a run with news is kept",
+        ),
+    ],
+)
 def test_requested_workers_are_kept_bounded(
-    calls: list[tuple[str, str, int, float]], at: float, expected: dict[str, int],
+    calls: list[tuple[str, str, int, float]],
+    at: float,
+    expected: dict[str, int],
 ) -> None:
     sizes = RequestedWorkers(grace=300, kept=2)
     for call, run_id, workers, now in calls:
@@ -253,16 +332,26 @@ def test_requested_workers_are_kept_bounded(
     assert sizes.current(at) == expected
 
 
-@pytest.mark.parametrize(("health", "expected"), [
-    (ListenerHealth(True, True, True, 4),
-     {"listening": 1, "bus_connected": 1, "prefect_reachable": 1, "runs_active": 4}),
-    (ListenerHealth(True, False, False, 2),
-     {"listening": 1, "bus_connected": 0, "prefect_reachable": 0, "runs_active": 2}),
-    (ListenerHealth(False, False, False, None),
-     {"listening": 0, "bus_connected": 0, "prefect_reachable": 0, "runs_active": None}),
-])
+@pytest.mark.parametrize(
+    ("health", "expected"),
+    [
+        (
+            ListenerHealth(True, True, True, 4),
+            {"listening": 1, "bus_connected": 1, "prefect_reachable": 1, "runs_active": 4},
+        ),
+        (
+            ListenerHealth(True, False, False, 2),
+            {"listening": 1, "bus_connected": 0, "prefect_reachable": 0, "runs_active": 2},
+        ),
+        (
+            ListenerHealth(False, False, False, None),
+            {"listening": 0, "bus_connected": 0, "prefect_reachable": 0, "runs_active": None},
+        ),
+    ],
+)
 def test_the_listeners_health_is_read_at_each_scrape(
-    health: ListenerHealth, expected: dict[str, float | None],
+    health: ListenerHealth,
+    expected: dict[str, float | None],
 ) -> None:
     metrics = ListenerMetrics(lambda: health)
     assert {name: sample(metrics, name) for name in expected} == expected

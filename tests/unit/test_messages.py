@@ -108,13 +108,20 @@ def test_every_end_of_run_name_is_a_run_end(msg_type: str) -> None:
 
 @pytest.mark.parametrize(
     ("workload_id", "expected"),
-    [(None, WorkflowIds(request_id=11, transform_id=22, workload_id=None)),
-     (33, WorkflowIds(request_id=11, transform_id=22, workload_id=33))],
+    [
+        (None, WorkflowIds(request_id=11, transform_id=22, workload_id=None)),
+        (33, WorkflowIds(request_id=11, transform_id=22, workload_id=33)),
+    ],
 )
 def test_created_workflow_task_ids(workload_id: int | None, expected: WorkflowIds) -> None:
     content = {
-        "run_id": "100123", "request_id": 11, "transform_id": 22, "processing_id": 5,
-        "input_coll_id": 6, "output_coll_id": 7, "workload_id": workload_id,
+        "run_id": "100123",
+        "request_id": 11,
+        "transform_id": 22,
+        "processing_id": 5,
+        "input_coll_id": 6,
+        "output_coll_id": 7,
+        "workload_id": workload_id,
     }
     msg = parse_message(wire(msg_type="created_workflow_task", run_id="100123", content=content))
 
@@ -125,8 +132,13 @@ def test_created_workflow_task_ids(workload_id: int | None, expected: WorkflowId
 
 def test_adjusted_worker() -> None:
     content = {
-        "run_id": "100123", "request_id": 11, "transform_id": 22, "workload_id": 33,
-        "core_count": 4, "memory_per_core": 2000, "site": "BNL-OSG",
+        "run_id": "100123",
+        "request_id": 11,
+        "transform_id": 22,
+        "workload_id": 33,
+        "core_count": 4,
+        "memory_per_core": 2000,
+        "site": "BNL-OSG",
     }
     msg = parse_message(wire(msg_type="adjusted_worker", run_id="100123", content=content))
 
@@ -139,8 +151,13 @@ def test_adjusted_worker() -> None:
 
 @pytest.mark.parametrize("status", ["ToCancel", "NotFound"])
 def test_closed_workflow_task(status: str) -> None:
-    content = {"run_id": "100123", "request_id": None, "transform_id": None,
-               "workload_id": None, "status": status}
+    content = {
+        "run_id": "100123",
+        "request_id": None,
+        "transform_id": None,
+        "workload_id": None,
+        "status": status,
+    }
     msg = parse_message(wire(msg_type="closed_workflow_task", run_id="100123", content=content))
 
     assert isinstance(msg, ClosedWorkflowTask)
@@ -158,40 +175,57 @@ def slice_result(**content: Any) -> SliceResult:
     [
         pytest.param({"processing_time": 41.5}, 41.5, id="seed processing_time"),
         pytest.param(
-            {"processing_time": 12, "processing_start_at": "2026-01-20T12:00:00",
-             "processed_at": "2026-01-20T12:01:00"},
-            12.0, id="processing_time wins over the timestamps",
+            {
+                "processing_time": 12,
+                "processing_start_at": "2026-01-20T12:00:00",
+                "processed_at": "2026-01-20T12:01:00",
+            },
+            12.0,
+            id="processing_time wins over the timestamps",
         ),
         pytest.param(
-            {"processing_start_at": "2026-01-20T12:00:00",
-             "processed_at": "2026-01-20T12:00:42.500Z"},
-            42.5, id="naive start, Z end",
+            {
+                "processing_start_at": "2026-01-20T12:00:00",
+                "processed_at": "2026-01-20T12:00:42.500Z",
+            },
+            42.5,
+            id="naive start, Z end",
         ),
         pytest.param(
-            {"processing_start_at": "Tue, 20 Jan 2026 12:00:00 UTC",
-             "processed_at": "2026-01-20T14:00:30+02:00"},
-            30.0, id="rfc1123 start, offset end",
+            {
+                "processing_start_at": "Tue, 20 Jan 2026 12:00:00 UTC",
+                "processed_at": "2026-01-20T14:00:30+02:00",
+            },
+            30.0,
+            id="rfc1123 start, offset end",
         ),
         pytest.param(
             {"processing_start_at": "2026-01-20T12:00:10", "processed_at": "2026-01-20T12:00:00"},
-            0.0, id="end before start is zero, not negative",
+            0.0,
+            id="end before start is zero, not negative",
         ),
         pytest.param(
-            {"processing_start_at": "2026-01-20T12:00:00",
-             "result": {"state": "done", "result": {"actual_processing_time": 17.5}}},
-            17.5, id="half the timestamps: falls back to actual_processing_time",
+            {
+                "processing_start_at": "2026-01-20T12:00:00",
+                "result": {"state": "done", "result": {"actual_processing_time": 17.5}},
+            },
+            17.5,
+            id="half the timestamps: falls back to actual_processing_time",
         ),
         pytest.param(
             {"result": {"state": "done", "result": {"actual_processing_time": 9}}},
-            9.0, id="only actual_processing_time (int)",
+            9.0,
+            id="only actual_processing_time (int)",
         ),
         pytest.param(
             {"result": {"state": "done", "result": {"actual_processing_time": True}}},
-            None, id="boolean actual_processing_time is no time",
+            None,
+            id="boolean actual_processing_time is no time",
         ),
         pytest.param(
             {"result": {"state": "done", "result": {"actual_processing_time": "9"}}},
-            None, id="text actual_processing_time is no time",
+            None,
+            id="text actual_processing_time is no time",
         ),
         pytest.param({"result": {"state": "done", "result": None}}, None, id="null inner result"),
         pytest.param({}, None, id="no time at all"),
@@ -204,9 +238,14 @@ def test_slice_result_processing_seconds(content: dict[str, Any], seconds: float
 
 def test_real_transformer_slice_result() -> None:
     msg = slice_result(
-        requested_at="2026-01-20T11:59:58", processing_start_at="2026-01-20T12:00:00",
-        processed_at="2026-01-20T12:00:31", state="done", hostname="wn-01",
-        panda_task_id=123, panda_id="456", harvester_id="h-1",
+        requested_at="2026-01-20T11:59:58",
+        processing_start_at="2026-01-20T12:00:00",
+        processed_at="2026-01-20T12:00:31",
+        state="done",
+        hostname="wn-01",
+        panda_task_id=123,
+        panda_id="456",
+        harvester_id="h-1",
         result={"state": "done", "result": {"actual_processing_time": 30.9}, "error": None},
     )
 
@@ -228,8 +267,13 @@ def test_failed_slice_without_identity() -> None:
 
 
 def test_seed_transformer_heartbeat() -> None:
-    msg = parse_message(wire(msg_type="transformer_heartbeat", created_at="2026-01-20T12:00:00Z",
-                             content={"id": "tf-7", "hostname": "wn-07"}))
+    msg = parse_message(
+        wire(
+            msg_type="transformer_heartbeat",
+            created_at="2026-01-20T12:00:00Z",
+            content={"id": "tf-7", "hostname": "wn-07"},
+        )
+    )
 
     assert isinstance(msg, TransformerHeartbeat)
     assert msg.run_id is None
@@ -244,8 +288,9 @@ def test_seed_heartbeat_falls_back_to_hostname() -> None:
 
 
 def test_real_transformer_heartbeat_with_epoch_and_no_run_id() -> None:
-    msg = parse_message(wire(msg_type="heartbeat", internal_id="abc-123", namespace=None,
-                             timestamp=1768910400.25))
+    msg = parse_message(
+        wire(msg_type="heartbeat", internal_id="abc-123", namespace=None, timestamp=1768910400.25)
+    )
 
     assert isinstance(msg, Heartbeat)
     assert msg.run_id is None
@@ -254,8 +299,7 @@ def test_real_transformer_heartbeat_with_epoch_and_no_run_id() -> None:
 
 
 def test_heartbeat_without_timestamp_is_seen_at_created_at() -> None:
-    msg = parse_message(wire(msg_type="heartbeat", internal_id=9,
-                             created_at="2026-01-20T12:00:00"))
+    msg = parse_message(wire(msg_type="heartbeat", internal_id=9, created_at="2026-01-20T12:00:00"))
     assert isinstance(msg, Heartbeat)
     assert msg.worker == "9"
     assert msg.seen_at == NOON
@@ -263,8 +307,13 @@ def test_heartbeat_without_timestamp_is_seen_at_created_at() -> None:
 
 @pytest.mark.parametrize(
     ("run_id", "expected"),
-    [("100123", "100123"), (100123, "100123"), ("run-7_a.b", "run-7_a.b"), (0, "0"),
-     ("x" * 64, "x" * 64)],
+    [
+        ("100123", "100123"),
+        (100123, "100123"),
+        ("run-7_a.b", "run-7_a.b"),
+        (0, "0"),
+        ("x" * 64, "x" * 64),
+    ],
 )
 def test_run_id_is_text_whether_sent_as_str_or_int(run_id: str | int, expected: str) -> None:
     msg = parse_message(wire(msg_type="end_run", run_id=run_id))
@@ -301,8 +350,16 @@ def test_body_as_bytes_text_or_dict(body: bytes | str | dict[str, Any]) -> None:
 
 
 def test_unknown_envelope_fields_are_kept_and_messages_are_frozen() -> None:
-    msg = parse_message(wire(msg_type="end_run", run_id="1", namespace="dev", instance="i",
-                             sender="agent", brand_new="x"))
+    msg = parse_message(
+        wire(
+            msg_type="end_run",
+            run_id="1",
+            namespace="dev",
+            instance="i",
+            sender="agent",
+            brand_new="x",
+        )
+    )
 
     assert isinstance(msg, RunEnd)
     assert (msg.namespace, msg.instance, msg.sender) == ("dev", "i", "agent")
@@ -359,7 +416,8 @@ def test_unusable_bodies(body: bytes, says: str) -> None:
         pytest.param({"msg_type": "end_run", "run_id": "   "}, "run_id", id="blank run_id"),
         pytest.param({"msg_type": "end_run", "run_id": None}, "run_id", id="null run_id"),
         pytest.param(
-            {"msg_type": "end_run", "run_id": "1' OR namespace='prod"}, "run_id",
+            {"msg_type": "end_run", "run_id": "1' OR namespace='prod"},
+            "run_id",
             id="selector injection",
         ),
         pytest.param({"msg_type": "end_run", "run_id": '1"2'}, "run_id", id="double quote"),
@@ -374,87 +432,122 @@ def test_unusable_bodies(body: bytes, says: str) -> None:
         pytest.param({"msg_type": "end_run", "run_id": 1.5}, "run_id", id="float run_id"),
         pytest.param({"msg_type": "end_run", "run_id": ["1"]}, "run_id", id="list run_id"),
         pytest.param(
-            {"msg_type": "end_run", "run_id": "1", "created_at": "soon"}, "created_at",
+            {"msg_type": "end_run", "run_id": "1", "created_at": "soon"},
+            "created_at",
             id="bad created_at",
         ),
         pytest.param(
-            {"msg_type": "run_imminent", "run_id": "1", "content": "x"}, "content",
+            {"msg_type": "run_imminent", "run_id": "1", "content": "x"},
+            "content",
             id="content not an object",
         ),
         pytest.param(
             {"msg_type": "run_imminent", "run_id": "1", "content": {"target_worker_count": -1}},
-            "content.target_worker_count", id="negative workers",
+            "content.target_worker_count",
+            id="negative workers",
         ),
         pytest.param(
             {"msg_type": "run_imminent", "run_id": "1", "content": {"num_workers": "many"}},
-            "content.num_workers", id="seed name, wrong type",
+            "content.num_workers",
+            id="seed name, wrong type",
         ),
         pytest.param(
-            {"msg_type": "run_imminent_worker", "run_id": "1",
-             "content": {"slice_processing_time": 0}},
-            "content.slice_processing_time", id="zero slice time",
+            {
+                "msg_type": "run_imminent_worker",
+                "run_id": "1",
+                "content": {"slice_processing_time": 0},
+            },
+            "content.slice_processing_time",
+            id="zero slice time",
         ),
         pytest.param(
-            {"msg_type": "created_workflow_task", "run_id": "1"}, "content", id="missing content",
+            {"msg_type": "created_workflow_task", "run_id": "1"},
+            "content",
+            id="missing content",
         ),
         pytest.param(
-            {"msg_type": "created_workflow_task", "run_id": "1",
-             "content": {"request_id": "abc", "transform_id": 2}},
-            "content.request_id", id="text request_id",
+            {
+                "msg_type": "created_workflow_task",
+                "run_id": "1",
+                "content": {"request_id": "abc", "transform_id": 2},
+            },
+            "content.request_id",
+            id="text request_id",
         ),
         pytest.param(
             {"msg_type": "created_workflow_task", "run_id": "1", "content": {"request_id": 1}},
-            "content.transform_id", id="missing transform_id",
+            "content.transform_id",
+            id="missing transform_id",
         ),
         pytest.param(
-            {"msg_type": "created_workflow_task", "run_id": "1",
-             "content": {"request_id": 1, "transform_id": 2, "workload_id": "w"}},
-            "content.workload_id", id="text workload_id",
+            {
+                "msg_type": "created_workflow_task",
+                "run_id": "1",
+                "content": {"request_id": 1, "transform_id": 2, "workload_id": "w"},
+            },
+            "content.workload_id",
+            id="text workload_id",
         ),
         pytest.param(
             {"msg_type": "adjusted_worker", "run_id": "1", "content": {"core_count": "four"}},
-            "content.core_count", id="text core_count",
+            "content.core_count",
+            id="text core_count",
         ),
         pytest.param(
             {"msg_type": "closed_workflow_task", "run_id": "1", "content": {"status": ""}},
-            "content.status", id="empty status",
+            "content.status",
+            id="empty status",
         ),
         pytest.param(
             {"msg_type": "closed_workflow_task", "run_id": "1", "content": {}},
-            "content.status", id="missing status",
+            "content.status",
+            id="missing status",
         ),
         pytest.param(
             {"msg_type": "slice_result", "run_id": "1", "content": {"state": "running"}},
-            "content.state", id="unknown slice state",
+            "content.state",
+            id="unknown slice state",
         ),
         pytest.param(
             {"msg_type": "slice_result", "run_id": "1", "content": {"processing_time": -1}},
-            "content.processing_time", id="negative processing_time",
+            "content.processing_time",
+            id="negative processing_time",
         ),
         pytest.param(
             {"msg_type": "slice_result", "run_id": "1", "content": {"processed_at": "yesterday"}},
-            "content.processed_at", id="bad processed_at",
+            "content.processed_at",
+            id="bad processed_at",
         ),
         pytest.param(
             {"msg_type": "slice_result", "run_id": "1", "content": {"result": "ok"}},
-            "content.result", id="result not an object",
+            "content.result",
+            id="result not an object",
         ),
         pytest.param(
-            {"msg_type": "slice_result", "content": {"state": "done"}}, "run_id",
+            {"msg_type": "slice_result", "content": {"state": "done"}},
+            "run_id",
             id="slice without run_id",
         ),
         pytest.param(
-            {"msg_type": "heartbeat", "timestamp": "whenever"}, "timestamp", id="bad timestamp",
+            {"msg_type": "heartbeat", "timestamp": "whenever"},
+            "timestamp",
+            id="bad timestamp",
         ),
         pytest.param(
-            {"msg_type": "heartbeat", "timestamp": 1e20}, "timestamp", id="epoch out of range",
+            {"msg_type": "heartbeat", "timestamp": 1e20},
+            "timestamp",
+            id="epoch out of range",
         ),
         pytest.param(
-            {"msg_type": "heartbeat", "run_id": "a b"}, "run_id", id="heartbeat bad run_id",
+            {"msg_type": "heartbeat", "run_id": "a b"},
+            "run_id",
+            id="heartbeat bad run_id",
         ),
         pytest.param(
             # int | str: pydantic names the union member after the field
-            {"msg_type": "stop_transformer", "run_id": [1]}, "run_id.int", id="stop list run_id",
+            {"msg_type": "stop_transformer", "run_id": [1]},
+            "run_id.int",
+            id="stop list run_id",
         ),
     ],
 )
@@ -480,31 +573,70 @@ def test_invalid_message_is_a_value_error() -> None:
 # --- properties --------------------------------------------------------------
 
 TAGS = [
-    "run_imminent", "run_imminent_worker", "end_run", "run_end", "run_stop",
-    "created_workflow_task", "adjusted_worker", "closed_workflow_task", "create_workflow_task",
-    "adjust_worker", "close_workflow_task", "stop_transformer", "slice_result",
-    "transformer_heartbeat", "heartbeat",
+    "run_imminent",
+    "run_imminent_worker",
+    "end_run",
+    "run_end",
+    "run_stop",
+    "created_workflow_task",
+    "adjusted_worker",
+    "closed_workflow_task",
+    "create_workflow_task",
+    "adjust_worker",
+    "close_workflow_task",
+    "stop_transformer",
+    "slice_result",
+    "transformer_heartbeat",
+    "heartbeat",
 ]
 FIELDS = [
-    "run_id", "created_at", "request_id", "transform_id", "workload_id", "status", "state",
-    "processing_time", "processing_start_at", "processed_at", "requested_at", "result",
-    "actual_processing_time", "target_worker_count", "num_workers", "core_count",
-    "memory_per_core", "site", "slice_processing_time", "id", "hostname", "workflow", "timestamp",
+    "run_id",
+    "created_at",
+    "request_id",
+    "transform_id",
+    "workload_id",
+    "status",
+    "state",
+    "processing_time",
+    "processing_start_at",
+    "processed_at",
+    "requested_at",
+    "result",
+    "actual_processing_time",
+    "target_worker_count",
+    "num_workers",
+    "core_count",
+    "memory_per_core",
+    "site",
+    "slice_processing_time",
+    "id",
+    "hostname",
+    "workflow",
+    "timestamp",
 ]
 JSON_SCALARS = (
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
     | st.sampled_from(["2026-01-20T12:00:00", "Fri, 02 Jan 2026 03:04:05 UTC", "100123", ""])
 )
 JSON = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 MESSAGES = st.fixed_dictionaries(
     {"msg_type": st.sampled_from(TAGS) | JSON_SCALARS},
     optional={
-        "run_id": JSON, "created_at": JSON, "timestamp": JSON, "internal_id": JSON,
+        "run_id": JSON,
+        "created_at": JSON,
+        "timestamp": JSON,
+        "internal_id": JSON,
         "namespace": JSON,
         "content": st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=5), JSON),
     },
@@ -543,13 +675,21 @@ TIME_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(
 
 
 @settings(max_examples=300, deadline=None)
-@given(value=TIME_VALUES, where=st.sampled_from([
-    ("heartbeat", "timestamp", False), ("end_run", "created_at", False),
-    ("slice_result", "processed_at", True), ("slice_result", "processing_start_at", True),
-    ("slice_result", "requested_at", True),
-]))
+@given(
+    value=TIME_VALUES,
+    where=st.sampled_from(
+        [
+            ("heartbeat", "timestamp", False),
+            ("end_run", "created_at", False),
+            ("slice_result", "processed_at", True),
+            ("slice_result", "processing_start_at", True),
+            ("slice_result", "requested_at", True),
+        ]
+    ),
+)
 def test_any_timestamp_value_parses_or_is_invalid(
-    value: object, where: tuple[str, str, bool],
+    value: object,
+    where: tuple[str, str, bool],
 ) -> None:
     msg_type, field, in_content = where
     data: dict[str, Any] = {"msg_type": msg_type, "run_id": "1", "content": {}}

@@ -42,8 +42,9 @@ class Listener:
     runs_active: int | None = None
 
     def __call__(self) -> ListenerHealth:
-        return ListenerHealth(self.listening, self.bus_connected, self.prefect_reachable,
-                              self.runs_active)
+        return ListenerHealth(
+            self.listening, self.bus_connected, self.prefect_reachable, self.runs_active
+        )
 
     def ready(self) -> None:
         self.listening = self.bus_connected = self.prefect_reachable = True
@@ -58,9 +59,13 @@ def stand_in() -> Iterator[MonitorStandIn]:
 
 def settings(url: str, token: str | None = TOKEN, **monitor: Any) -> Settings:
     environ = {"SWF_API_TOKEN": token} if token else {}
-    return settings_from({"transceiver": {"namespace": "unit"},
-                          "monitor": {"url": url, "interval": 60, "timeout": 2, **monitor}},
-                         environ)
+    return settings_from(
+        {
+            "transceiver": {"namespace": "unit"},
+            "monitor": {"url": url, "interval": 60, "timeout": 2, **monitor},
+        },
+        environ,
+    )
 
 
 def states(calls: list[HeartbeatCall]) -> list[tuple[str, str]]:
@@ -76,15 +81,20 @@ async def until(predicate: Callable[[], bool]) -> None:
     raise AssertionError("waited in vain")
 
 
-def beat(config: Settings, listener: Listener,
-         body: Callable[[HeartbeatReporter | None, asyncio.Event], Awaitable[None]]) -> None:
+def beat(
+    config: Settings,
+    listener: Listener,
+    body: Callable[[HeartbeatReporter | None, asyncio.Event], Awaitable[None]],
+) -> None:
     """Run the heartbeats around ``body`` as the listener process does; it
     ends with ``stopping`` set, then the last heartbeat."""
+
     async def main() -> None:
         stopping = asyncio.Event()
         async with monitor_heartbeats(config, listener, stopping, poll=POLL) as reporter:
             await body(reporter, stopping)
             stopping.set()
+
     asyncio.run(main())
 
 
@@ -106,17 +116,28 @@ def test_heartbeats_follow_the_listener_through_its_states(stand_in: MonitorStan
 
     calls = stand_in.records()
     # Each change once, at once (the interval, 60 s, never came), then EXITED.
-    assert states(calls) == [("WARNING", "STARTING"), ("OK", "READY"), ("OK", "PROCESSING"),
-                             ("OK", "READY"), ("WARNING", "READY"), ("EXITED", "EXITED")]
+    assert states(calls) == [
+        ("WARNING", "STARTING"),
+        ("OK", "READY"),
+        ("OK", "PROCESSING"),
+        ("OK", "READY"),
+        ("WARNING", "READY"),
+        ("EXITED", "EXITED"),
+    ]
     assert [c.status for c in calls] == [201, 200, 200, 200, 200, 200]
     assert all(c.auth == "ok" for c in calls)  # Authorization: Token <token>, every time
     first = calls[0]
     hostname = socket.gethostname()
     assert first.method == "POST" and first.path == "/api/systemagents/heartbeat/"
     assert first.body == {
-        "instance_name": f"panda-workers-unit-{hostname}", "agent_type": "panda_workers",
-        "status": "WARNING", "operational_state": "STARTING", "namespace": "unit",
-        "pid": os.getpid(), "hostname": hostname, "mq_connected": False,
+        "instance_name": f"panda-workers-unit-{hostname}",
+        "agent_type": "panda_workers",
+        "status": "WARNING",
+        "operational_state": "STARTING",
+        "namespace": "unit",
+        "pid": os.getpid(),
+        "hostname": hostname,
+        "mq_connected": False,
         "description": first.field("description"),
     }
     assert "MQ: disconnected" in first.field("description")
@@ -164,12 +185,15 @@ def test_a_listener_that_fails_exits_as_error(stand_in: MonitorStandIn) -> None:
 # --- a monitor that does not answer as it should ---------------------------------------
 
 
-def failing(reporter: HeartbeatReporter | None, at_least: int,
-            then: Callable[[], None] | None = None,
-            delivered: int = 0) -> Callable[[HeartbeatReporter | None, asyncio.Event],
-                                             Awaitable[None]]:
+def failing(
+    reporter: HeartbeatReporter | None,
+    at_least: int,
+    then: Callable[[], None] | None = None,
+    delivered: int = 0,
+) -> Callable[[HeartbeatReporter | None, asyncio.Event], Awaitable[None]]:
     """A listener life: ready, while heartbeats keep failing (``at_least``
     attempts); ``then`` cures the monitor and the heartbeats get through."""
+
     async def life(reporter: HeartbeatReporter | None, _: asyncio.Event) -> None:
         assert reporter is not None
         await until(lambda: reporter.attempts >= at_least)
@@ -177,12 +201,16 @@ def failing(reporter: HeartbeatReporter | None, at_least: int,
         if then is not None:
             then()
             await until(lambda: reporter.delivered > delivered)
+
     return life
 
 
 def monitor_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "swf.monitor" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "swf.monitor" and r.levelno >= logging.WARNING
+    ]
 
 
 @pytest.fixture
@@ -231,6 +259,7 @@ def test_a_hanging_monitor_neither_blocks_nor_holds_up_the_stop(
             while True:
                 ticks.append(1)
                 await asyncio.sleep(0.01)
+
         ticking = asyncio.create_task(tick())
         await until(lambda: len(stand_in.records()) >= 3)
         ticking.cancel()
@@ -269,14 +298,18 @@ def test_503_then_back(stand_in: MonitorStandIn, logs: pytest.LogCaptureFixture)
     assert any("heartbeats delivered again" in r.getMessage() for r in logs.records)
 
 
-def test_redirects_are_reported_not_followed(stand_in: MonitorStandIn,
-                                             logs: pytest.LogCaptureFixture) -> None:
+def test_redirects_are_reported_not_followed(
+    stand_in: MonitorStandIn, logs: pytest.LogCaptureFixture
+) -> None:
     stand_in.behave("redirect")
     listener = Listener()
     listener.ready()
 
-    beat(settings(stand_in.url, interval=0.05), listener,
-         lambda reporter, stopping: failing(reporter, at_least=3)(reporter, stopping))
+    beat(
+        settings(stand_in.url, interval=0.05),
+        listener,
+        lambda reporter, stopping: failing(reporter, at_least=3)(reporter, stopping),
+    )
 
     calls = stand_in.records()
     assert calls and all(c.status == 302 for c in calls)
@@ -288,13 +321,17 @@ def test_redirects_are_reported_not_followed(stand_in: MonitorStandIn,
 
 
 @pytest.mark.parametrize(("token", "auth"), [(None, "missing"), ("not-the-t0ken", "wrong")])
-def test_a_refused_token(stand_in: MonitorStandIn, logs: pytest.LogCaptureFixture,
-                         token: str | None, auth: str) -> None:
+def test_a_refused_token(
+    stand_in: MonitorStandIn, logs: pytest.LogCaptureFixture, token: str | None, auth: str
+) -> None:
     listener = Listener()
     listener.ready()
 
-    beat(settings(stand_in.url, token=token, interval=0.05), listener,
-         lambda reporter, stopping: failing(reporter, at_least=3)(reporter, stopping))
+    beat(
+        settings(stand_in.url, token=token, interval=0.05),
+        listener,
+        lambda reporter, stopping: failing(reporter, at_least=3)(reporter, stopping),
+    )
 
     calls = stand_in.records()
     assert calls and all(c.status == 403 and c.auth == auth for c in calls)
@@ -307,11 +344,17 @@ def test_an_agent_type_the_monitor_does_not_list(logs: pytest.LogCaptureFixture)
     listener = Listener()
     listener.ready()
     with MonitorStandIn(token=TOKEN, agent_types=("data", "processing", "other")) as stand_in:
-        beat(settings(stand_in.url, interval=0.05), listener,
-             lambda reporter, stopping: failing(reporter, at_least=2)(reporter, stopping))
+        beat(
+            settings(stand_in.url, interval=0.05),
+            listener,
+            lambda reporter, stopping: failing(reporter, at_least=2)(reporter, stopping),
+        )
         refused = stand_in.records()
-        beat(settings(stand_in.url, agent_type="other"), listener,
-             lambda reporter, stopping: until(lambda: len(stand_in.heartbeats()) == 1))
+        beat(
+            settings(stand_in.url, agent_type="other"),
+            listener,
+            lambda reporter, stopping: until(lambda: len(stand_in.heartbeats()) == 1),
+        )
 
     assert refused and all(c.status == 400 for c in refused)
     assert "is not a valid choice" in monitor_warnings(logs)[0]
@@ -319,14 +362,18 @@ def test_an_agent_type_the_monitor_does_not_list(logs: pytest.LogCaptureFixture)
     assert [c.field("agent_type") for c in stand_in.heartbeats()] == ["other", "other"]
 
 
-def test_a_body_that_is_not_the_agent(stand_in: MonitorStandIn,
-                                      logs: pytest.LogCaptureFixture) -> None:
+def test_a_body_that_is_not_the_agent(
+    stand_in: MonitorStandIn, logs: pytest.LogCaptureFixture
+) -> None:
     stand_in.behave("garbage")
     listener = Listener()
     listener.ready()
 
-    beat(settings(stand_in.url, interval=0.05), listener,
-         lambda reporter, stopping: failing(reporter, at_least=2)(reporter, stopping))
+    beat(
+        settings(stand_in.url, interval=0.05),
+        listener,
+        lambda reporter, stopping: failing(reporter, at_least=2)(reporter, stopping),
+    )
 
     assert "not the agent's JSON" in monitor_warnings(logs)[0]
 
@@ -335,8 +382,9 @@ def test_an_error_quoting_the_token_is_told_without_it() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.LocalProtocolError(f"Illegal header value {request.headers['authorization']}")
 
-    client = MonitorClient("http://monitor.invalid", SecretStr(TOKEN), 1.0,
-                           transport=httpx.MockTransport(refuse))
+    client = MonitorClient(
+        "http://monitor.invalid", SecretStr(TOKEN), 1.0, transport=httpx.MockTransport(refuse)
+    )
     outcome = asyncio.run(client.post({}))
 
     assert not outcome.delivered

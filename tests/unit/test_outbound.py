@@ -43,21 +43,51 @@ IDS = WorkflowIds(request_id=11, transform_id=22, workload_id=33)
 
 ENVELOPE_KEYS = {"msg_type", "run_id", "created_at", "namespace", "content"}
 WORKFLOW_KEYS = {
-    "scope", "name", "requester", "username", "transform_tag", "cloud", "campaign",
-    "campaign_scope", "campaign_group", "campaign_tag", "content",
+    "scope",
+    "name",
+    "requester",
+    "username",
+    "transform_tag",
+    "cloud",
+    "campaign",
+    "campaign_scope",
+    "campaign_group",
+    "campaign_tag",
+    "content",
 }
 PANDA_ATTRIBUTE_KEYS = {
-    "vo", "queue", "site", "cloud", "working_group", "priority", "core_count", "ram_count",
-    "num_workers", "max_walltime", "max_attempt", "idle_timeout", "username", "task_type",
+    "vo",
+    "queue",
+    "site",
+    "cloud",
+    "working_group",
+    "priority",
+    "core_count",
+    "ram_count",
+    "num_workers",
+    "max_walltime",
+    "max_attempt",
+    "idle_timeout",
+    "username",
+    "task_type",
     "processing_type",
     # the names iDDS 2.6.21 reads for max_walltime and ram_count
-    "walltime", "memory_per_core",
+    "walltime",
+    "memory_per_core",
 }
 TESTBED_CONTENT = {
-    "execution_id": "exec-42", "run_id": "100123", "state": "run", "substate": "physics",
-    "timestamp": "2026-03-05T11:59:00", "simulation_tick": 3, "sender": "daq",
-    "core_count": 2, "target_worker_count": 30, "slice_processing_time": 30,
-    "worker_rampup_time": 300, "worker_rampdown_time": 60,
+    "execution_id": "exec-42",
+    "run_id": "100123",
+    "state": "run",
+    "substate": "physics",
+    "timestamp": "2026-03-05T11:59:00",
+    "simulation_tick": 3,
+    "sender": "daq",
+    "core_count": 2,
+    "target_worker_count": 30,
+    "slice_processing_time": 30,
+    "worker_rampup_time": 300,
+    "worker_rampdown_time": 60,
 }
 
 
@@ -89,8 +119,9 @@ def test_create_workflow_task_envelope_and_content() -> None:
 
 
 def test_workflow_names_and_campaign() -> None:
-    workflow = create_workflow_task(run_imminent(TESTBED_CONTENT), SETTINGS, NOW).body[
-        "content"]["workflow"]
+    workflow = create_workflow_task(run_imminent(TESTBED_CONTENT), SETTINGS, NOW).body["content"][
+        "workflow"
+    ]
 
     assert set(workflow) == WORKFLOW_KEYS
     assert workflow["scope"] == "EIC_2026"
@@ -107,7 +138,8 @@ def test_workflow_names_and_campaign() -> None:
 
 def test_workflow_uses_the_run_site_and_a_configured_scope() -> None:
     settings = settings_from(
-        {"panda": {"scope": "EIC_TEST", "transform_tag": "tag", "campaign": "camp"}}, {})
+        {"panda": {"scope": "EIC_TEST", "transform_tag": "tag", "campaign": "camp"}}, {}
+    )
     run = run_imminent({**TESTBED_CONTENT, "site": "CERN"})
 
     workflow = create_workflow_task(run, settings, NOW).body["content"]["workflow"]
@@ -120,8 +152,9 @@ def test_workflow_uses_the_run_site_and_a_configured_scope() -> None:
 
 
 def test_workflow_content_is_the_run_content_plus_the_task_fields() -> None:
-    content = create_workflow_task(run_imminent(TESTBED_CONTENT), SETTINGS, NOW).body[
-        "content"]["workflow"]["content"]
+    content = create_workflow_task(run_imminent(TESTBED_CONTENT), SETTINGS, NOW).body["content"][
+        "workflow"
+    ]["content"]
 
     # the inbound run content, all of it
     for key in ("execution_id", "state", "substate", "timestamp", "simulation_tick", "sender"):
@@ -156,15 +189,15 @@ def test_the_name_is_dated_by_the_announcement() -> None:
     # A retry after midnight names the same task as the first attempt.
     announced = datetime(2026, 3, 4, 23, 59, 59, tzinfo=UTC)
     run = run_imminent(TESTBED_CONTENT)
-    workflow = create_workflow_task(run, SETTINGS, NOW, workflow=None).body["content"][
-        "workflow"]
+    workflow = create_workflow_task(run, SETTINGS, NOW, workflow=None).body["content"]["workflow"]
     assert workflow["name"].endswith("_20260305_100123")
     assert workflow_name(run, SETTINGS, announced) == "EIC_2026_fastproc_BNL-OSG_20260304_100123"
 
 
 def test_workflow_content_from_the_seed_shape() -> None:
-    run = run_imminent({"num_workers": 4, "num_cores_per_worker": 8, "num_ram_per_core": 2000,
-                        "site": "CERN"})
+    run = run_imminent(
+        {"num_workers": 4, "num_cores_per_worker": 8, "num_ram_per_core": 2000, "site": "CERN"}
+    )
 
     content = create_workflow_task(run, SETTINGS, NOW).body["content"]["workflow"]["content"]
 
@@ -175,8 +208,9 @@ def test_workflow_content_from_the_seed_shape() -> None:
 
 
 def test_workflow_content_defaults_from_the_configuration() -> None:
-    content = create_workflow_task(run_imminent({}), SETTINGS, NOW).body["content"][
-        "workflow"]["content"]
+    content = create_workflow_task(run_imminent({}), SETTINGS, NOW).body["content"]["workflow"][
+        "content"
+    ]
 
     assert content["target_worker_count"] == SETTINGS.panda.num_workers
     assert content["core_count"] == SETTINGS.panda.core_count
@@ -196,8 +230,14 @@ def test_adjust_worker_content() -> None:
     assert set(out.body) == ENVELOPE_KEYS
     assert out.body["msg_type"] == "adjust_worker"
     assert out.body["content"] == {
-        "run_id": "100123", "created_at": NOW_ISO, "request_id": 11, "transform_id": 22,
-        "workload_id": 33, "core_count": 2, "memory_per_core": 4000, "site": "BNL-OSG",
+        "run_id": "100123",
+        "created_at": NOW_ISO,
+        "request_id": 11,
+        "transform_id": 22,
+        "workload_id": 33,
+        "core_count": 2,
+        "memory_per_core": 4000,
+        "site": "BNL-OSG",
         "target_worker_count": 36,
     }
 
@@ -208,8 +248,16 @@ def test_adjust_worker_without_a_target_and_with_a_null_workload() -> None:
 
     content = adjust_worker("100123", ids, size, SETTINGS, NOW).body["content"]
 
-    assert set(content) == {"run_id", "created_at", "request_id", "transform_id",
-                            "workload_id", "core_count", "memory_per_core", "site"}
+    assert set(content) == {
+        "run_id",
+        "created_at",
+        "request_id",
+        "transform_id",
+        "workload_id",
+        "core_count",
+        "memory_per_core",
+        "site",
+    }
     assert content["workload_id"] is None
 
 
@@ -222,9 +270,13 @@ def test_close_workflow_task_by_run_id() -> None:
     # Before iDDS's ids came: iDDS's transceiver finds the task by the run id
     # (or answers NotFound).
     out = close_workflow_task("100123", None, SETTINGS, NOW)
-    assert out.body["content"] == {"run_id": "100123", "created_at": NOW_ISO,
-                                   "request_id": None, "transform_id": None,
-                                   "workload_id": None}
+    assert out.body["content"] == {
+        "run_id": "100123",
+        "created_at": NOW_ISO,
+        "request_id": None,
+        "transform_id": None,
+        "workload_id": None,
+    }
 
 
 def test_close_workflow_task_with_ids() -> None:
@@ -233,8 +285,13 @@ def test_close_workflow_task_with_ids() -> None:
     assert out.destination == "/topic/panda.workers"
     assert set(out.body) == ENVELOPE_KEYS
     assert out.body["msg_type"] == "close_workflow_task"
-    assert out.body["content"] == {"run_id": "100123", "created_at": NOW_ISO,
-                                   "request_id": 11, "transform_id": 22, "workload_id": 33}
+    assert out.body["content"] == {
+        "run_id": "100123",
+        "created_at": NOW_ISO,
+        "request_id": 11,
+        "transform_id": 22,
+        "workload_id": 33,
+    }
 
 
 def test_close_without_ids_nor_run_id_is_unsafe() -> None:
@@ -252,8 +309,15 @@ def test_unsafe_message_is_a_value_error() -> None:
 
 @pytest.mark.parametrize(
     ("run_id", "on_wire"),
-    [("100123", 100123), ("7", 7), ("007", 7), ("run-7", "run-7"), ("12a", "12a"),
-     ("1.5", "1.5"), ("-3", "-3")],
+    [
+        ("100123", 100123),
+        ("7", 7),
+        ("007", 7),
+        ("run-7", "run-7"),
+        ("12a", "12a"),
+        ("1.5", "1.5"),
+        ("-3", "-3"),
+    ],
 )
 def test_wire_run_id(run_id: str, on_wire: int | str) -> None:
     assert wire_run_id(run_id) == on_wire
@@ -269,8 +333,12 @@ def test_stop_transformer_in_both_forms() -> None:
         assert out.destination == "/topic/panda.transformer"
         assert out.headers["run_id"] == "100123"
         assert out.body["content"] == {"requested_at": NOW_ISO}
-    assert as_int.body == {"msg_type": "stop_transformer", "run_id": 100123,
-                           "created_at": NOW_ISO, "content": {"requested_at": NOW_ISO}}
+    assert as_int.body == {
+        "msg_type": "stop_transformer",
+        "run_id": 100123,
+        "created_at": NOW_ISO,
+        "content": {"requested_at": NOW_ISO},
+    }
     assert '"run_id": 100123' in json.dumps(as_int.body)
     assert '"run_id": "100123"' in json.dumps(as_text.body)
 
@@ -282,8 +350,10 @@ def test_stop_transformer_with_a_text_run_id_goes_once() -> None:
     assert '"run_id": "run-7"' in json.dumps(out.body)
 
 
-@pytest.mark.parametrize(("run_id", "forms"), [
-    ("100123", (100123, "100123")), ("007", (7, "007")), ("run-7", ("run-7",))])
+@pytest.mark.parametrize(
+    ("run_id", "forms"),
+    [("100123", (100123, "100123")), ("007", (7, "007")), ("run-7", ("run-7",))],
+)
 def test_stop_run_ids(run_id: str, forms: tuple[int | str, ...]) -> None:
     assert stop_run_ids(run_id) == forms
 
@@ -291,10 +361,11 @@ def test_stop_run_ids(run_id: str, forms: tuple[int | str, ...]) -> None:
 # --- headers -------------------------------------------------------------------
 
 BUILDERS: list[tuple[str, Callable[[Settings], Outgoing]]] = [
-    ("create_workflow_task",
-     lambda s: create_workflow_task(run_imminent(TESTBED_CONTENT), s, NOW)),
-    ("adjust_worker",
-     lambda s: adjust_worker("100123", IDS, WorkerSize(target_worker_count=36), s, NOW)),
+    ("create_workflow_task", lambda s: create_workflow_task(run_imminent(TESTBED_CONTENT), s, NOW)),
+    (
+        "adjust_worker",
+        lambda s: adjust_worker("100123", IDS, WorkerSize(target_worker_count=36), s, NOW),
+    ),
     ("close_workflow_task", lambda s: close_workflow_task("100123", IDS, s, NOW)),
     ("stop_transformer", lambda s: stop_transformers("100123", s, NOW)[0]),
 ]
@@ -327,8 +398,9 @@ def test_headers_follow_the_configured_namespace_and_ttl(
     assert out.headers["namespace"] == "prod"
     if msg_type != "stop_transformer":
         # iDDS's prompt transceiver selects on its own namespace.
-        to_idds = settings_from({"transceiver": {"idds_namespace": "idds-dev"}},
-                                {"SWF_NAMESPACE": "prod"})
+        to_idds = settings_from(
+            {"transceiver": {"idds_namespace": "idds-dev"}}, {"SWF_NAMESPACE": "prod"}
+        )
         assert build(to_idds).headers["namespace"] == "idds-dev"
         assert build(to_idds).body["namespace"] == "prod"
     assert out.headers["ttl"] == "5000"
@@ -381,7 +453,10 @@ def test_a_naive_time_is_utc_for_expires_as_for_created_at() -> None:
     settings = Settings()
     aware = datetime(2026, 1, 20, 12, 0, tzinfo=UTC)
     naive = aware.replace(tzinfo=None)
-    assert headers_for("adjust_worker", "1", settings, naive)["expires"] == \
-        headers_for("adjust_worker", "1", settings, aware)["expires"]
-    assert headers_for("adjust_worker", "1", settings, aware)["expires"] == \
-        str(int(aware.timestamp() * 1000) + settings.transceiver.timetolive)
+    assert (
+        headers_for("adjust_worker", "1", settings, naive)["expires"]
+        == headers_for("adjust_worker", "1", settings, aware)["expires"]
+    )
+    assert headers_for("adjust_worker", "1", settings, aware)["expires"] == str(
+        int(aware.timestamp() * 1000) + settings.transceiver.timetolive
+    )

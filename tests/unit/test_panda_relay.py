@@ -56,11 +56,28 @@ RELAY_PATH = "/server/panda/relay_idds_command"
 
 # Anything that would make panda-client (or idds-client, for the comparison
 # with the direct route) read settings from elsewhere than what a test sets.
-PANDA_ENV = ("PANDA_URL", "PANDA_URL_SSL", "PANDACACHE_URL", "PANDA_AUTH", "PANDA_AUTH_VO",
-             "PANDA_AUTH_ID_TOKEN", "OIDC_AUTH_ID_TOKEN", "OIDC_AUTH_TOKEN_FILE", "OIDC_AUTH_VO",
-             "PANDA_VERIFY_HOST", "PANDA_BEHIND_REAL_LB", "X509_USER_PROXY", "IDDS_HOST",
-             "IDDS_CONFIG", "IDDS_AUTH_TYPE", "IDDS_OIDC_TOKEN", "IDDS_OIDC_TOKEN_FILE",
-             "IDDS_VO", "IDDS_ENABLE_JSON_OUTPUTS", "IDDS_CLIENT_MAX_RETRIES")
+PANDA_ENV = (
+    "PANDA_URL",
+    "PANDA_URL_SSL",
+    "PANDACACHE_URL",
+    "PANDA_AUTH",
+    "PANDA_AUTH_VO",
+    "PANDA_AUTH_ID_TOKEN",
+    "OIDC_AUTH_ID_TOKEN",
+    "OIDC_AUTH_TOKEN_FILE",
+    "OIDC_AUTH_VO",
+    "PANDA_VERIFY_HOST",
+    "PANDA_BEHIND_REAL_LB",
+    "X509_USER_PROXY",
+    "IDDS_HOST",
+    "IDDS_CONFIG",
+    "IDDS_AUTH_TYPE",
+    "IDDS_OIDC_TOKEN",
+    "IDDS_OIDC_TOKEN_FILE",
+    "IDDS_VO",
+    "IDDS_ENABLE_JSON_OUTPUTS",
+    "IDDS_CLIENT_MAX_RETRIES",
+)
 
 PointPanda = Callable[..., None]
 
@@ -106,14 +123,20 @@ def relay_gateway(host: str | None = None) -> RestGateway:
 
 
 def announced(run_id: str = "100123", target: int = 30) -> RunImminent:
-    message = parse_message({"msg_type": "run_imminent", "run_id": run_id,
-                             "content": {"target_worker_count": target, "core_count": 2}})
+    message = parse_message(
+        {
+            "msg_type": "run_imminent",
+            "run_id": run_id,
+            "content": {"target_worker_count": target, "core_count": 2},
+        }
+    )
     assert isinstance(message, RunImminent)
     return message
 
 
-def creating(run_id: str = "100123", target: int = 30) -> tuple[RunImminent, dict[str, Any],
-                                                              datetime]:
+def creating(
+    run_id: str = "100123", target: int = 30
+) -> tuple[RunImminent, dict[str, Any], datetime]:
     """The arguments of a run's create_workflow_task, as the run flow makes them."""
     run = announced(run_id, target)
     return run, outbound.workflow_for(run, Settings(), NOW), NOW
@@ -151,13 +174,17 @@ def free_port() -> int:
         return port
 
 
-def relay_post(server: SimulatedIDDSRest, params: dict[str, Any],
-               headers: dict[str, str] | None = None) -> requests.Response:
+def relay_post(
+    server: SimulatedIDDSRest, params: dict[str, Any], headers: dict[str, str] | None = None
+) -> requests.Response:
     """A relay request as panda-client sends it (gzip JSON), by hand."""
     auth = {"Authorization": f"Bearer {TOKEN}", "Origin": VO} if headers is None else headers
-    return requests.post(server.relay_url + "/relay_idds_command",
-                         data=gzip.compress(json.dumps(params).encode()), timeout=WAIT,
-                         headers={"Content-Type": "application/json", **auth})
+    return requests.post(
+        server.relay_url + "/relay_idds_command",
+        data=gzip.compress(json.dumps(params).encode()),
+        timeout=WAIT,
+        headers={"Content-Type": "application/json", **auth},
+    )
 
 
 # --- the three requests, through the service's gateway ----------------------------------
@@ -171,17 +198,29 @@ def test_create_returns_the_servers_ids_and_starts_the_run(
     assert isinstance(answer, CreatedWorkflowTask)
     assert answer.run_id == "100123"
     assert answer.ids == IDS
-    assert (answer.content.processing_id, answer.content.input_coll_id,
-            answer.content.output_coll_id) == (3001, 40002, 40003)
+    assert (
+        answer.content.processing_id,
+        answer.content.input_coll_id,
+        answer.content.output_coll_id,
+    ) == (3001, 40002, 40003)
     assert created.wait_len(1)
     assert created.items[0][0] == "100123"
     assert server.tasks["100123"].target_worker_count == 30
     # The run's task looked for first (a retry must not make a second).
     lookup, call = server.calls
     assert (lookup.endpoint, lookup.status, lookup.body["command_name"]) == (
-        "lookup", 200, "get_request_id_by_name")
+        "lookup",
+        200,
+        "get_request_id_by_name",
+    )
     assert (call.route, call.method, call.path, call.endpoint, call.status, call.outcome) == (
-        "panda_relay", "POST", RELAY_PATH, "create", 200, "ok")
+        "panda_relay",
+        "POST",
+        RELAY_PATH,
+        "create",
+        200,
+        "ok",
+    )
     assert call.body["command_name"] == "create_workflow_task"
     assert call.body["manager"] == "True"  # JSON true, as PanDA's entry hands it on
     (workflow,) = call.body["args"]
@@ -204,8 +243,13 @@ def test_adjust_and_close_reach_the_server_with_the_runs_ids(
     # iDDS 2.6.21 stores no worker count.
     assert server.tasks["100123"].target_worker_count == 30
     (adjustment,) = server.adjustments
-    assert (adjustment.run_id, adjustment.request_id, adjustment.transform_id,
-            adjustment.workload_id, adjustment.size) == ("100123", 1001, 2001, 60001, SIZE)
+    assert (
+        adjustment.run_id,
+        adjustment.request_id,
+        adjustment.transform_id,
+        adjustment.workload_id,
+        adjustment.size,
+    ) == ("100123", 1001, 2001, 60001, SIZE)
     assert adjustment.parameters["content"]["run_id"] == "100123"
 
     closed = gateway.close_workflow_task("100123", IDS, name_of("100123"), NOW)
@@ -213,34 +257,44 @@ def test_adjust_and_close_reach_the_server_with_the_runs_ids(
     assert server.closed == {"100123": "ToCancel"}
     assert server.violations == []
 
-    adjust_call, close_call = (server.calls_to("adjust", "panda_relay")
-                               + server.calls_to("close", "panda_relay"))
+    adjust_call, close_call = server.calls_to("adjust", "panda_relay") + server.calls_to(
+        "close", "panda_relay"
+    )
     assert adjust_call.body["args"][:3] == [1001, 2001, 60001]
     assert adjust_call.body["args"][3]["core_count"] == 2
     request_id, parameters = close_call.body["args"]
     assert request_id == 1001
-    assert {k: parameters[k] for k in ("run_id", "request_id", "transform_id", "workload_id")} \
-        == {"run_id": "100123", "request_id": 1001, "transform_id": 2001, "workload_id": 60001}
+    assert {k: parameters[k] for k in ("run_id", "request_id", "transform_id", "workload_id")} == {
+        "run_id": "100123",
+        "request_id": 1001,
+        "transform_id": 2001,
+        "workload_id": 60001,
+    }
     assert {c.route for c in server.calls} == {"panda_relay"}
     assert [(c.endpoint, c.status) for c in server.calls] == [
-        ("lookup", 200), ("create", 200), ("adjust", 200), ("close", 200)]
+        ("lookup", 200),
+        ("create", 200),
+        ("adjust", 200),
+        ("close", 200),
+    ]
 
 
-def test_idds_host_goes_with_the_command_name(
-    server: SimulatedIDDSRest, panda: PointPanda
-) -> None:
+def test_idds_host_goes_with_the_command_name(server: SimulatedIDDSRest, panda: PointPanda) -> None:
     panda(server.relay_url)
     gateway = relay_gateway(host="https://idds.example:443/idds")
 
     assert gateway.create_workflow_task(*creating()).ids == IDS
     assert [c.body["command_name"] for c in server.calls] == [
         "get_request_id_by_name+https://idds.example:443/idds",
-        "create_workflow_task+https://idds.example:443/idds"]
+        "create_workflow_task+https://idds.example:443/idds",
+    ]
 
 
 def test_the_relay_and_the_direct_endpoints_share_the_tasks(
-    server: SimulatedIDDSRest, gateway: RestGateway, panda: PointPanda,
-    monkeypatch: pytest.MonkeyPatch
+    server: SimulatedIDDSRest,
+    gateway: RestGateway,
+    panda: PointPanda,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     gateway.create_workflow_task(*creating("100"))
     manager = direct_manager(server, monkeypatch)
@@ -251,8 +305,7 @@ def test_the_relay_and_the_direct_endpoints_share_the_tasks(
     assert ok is False and "Transform already exists" in text
     assert server.duplicate_creates == {"100": 1}
     # ...and a direct close closes it.
-    assert manager.close_workflow_task(1001, {"run_id": "100"})["message"] \
-        == "closed successfully"
+    assert manager.close_workflow_task(1001, {"run_id": "100"})["message"] == "closed successfully"
     assert server.closed == {"100": "ToCancel"}
     assert [c.route for c in server.calls] == ["panda_relay"] * 2 + ["direct"] * 2
     assert [c.route for c in server.calls_to("create", "direct")] == ["direct"]
@@ -260,8 +313,10 @@ def test_the_relay_and_the_direct_endpoints_share_the_tasks(
 
 def test_the_client_follows_each_servers_port(panda: PointPanda) -> None:
     # Repointing pandaclient.Client's URL globals after import is enough.
-    with SimulatedIDDSRest(token=TOKEN, vo=VO) as first, \
-            SimulatedIDDSRest(token=TOKEN, vo=VO) as second:
+    with (
+        SimulatedIDDSRest(token=TOKEN, vo=VO) as first,
+        SimulatedIDDSRest(token=TOKEN, vo=VO) as second,
+    ):
         for sim in (first, second):
             panda(sim.relay_url)
             assert relay_gateway().create_workflow_task(*creating()).ids == IDS
@@ -269,7 +324,11 @@ def test_the_client_follows_each_servers_port(panda: PointPanda) -> None:
         # and the lookup that finds it.
         for sim in (first, second):
             assert [(c.endpoint, c.status) for c in sim.calls] == [
-                ("lookup", 200), ("create", 200), ("lookup", 200), ("requests", 200)]
+                ("lookup", 200),
+                ("create", 200),
+                ("lookup", 200),
+                ("requests", 200),
+            ]
 
 
 # --- failures ----------------------------------------------------------------------------
@@ -286,7 +345,10 @@ def test_an_injected_idds_failure_on_create_is_a_failed_request_with_its_message
     assert server.tasks == {}
     # The failed create made no task: a second look finds none, so it fails.
     assert [(c.endpoint, c.status, c.outcome) for c in server.calls] == [
-        ("lookup", 200, "ok"), ("create", 200, "injected"), ("lookup", 200, "ok")]
+        ("lookup", 200, "ok"),
+        ("create", 200, "injected"),
+        ("lookup", 200, "ok"),
+    ]
     # Only the next request failed.
     assert gateway.create_workflow_task(*creating("100")).ids == IDS
     assert created.wait_len(1)
@@ -304,7 +366,9 @@ def test_the_relay_answers_idds_failures_as_panda_client_returns_them(
     assert (status, ok, failed) == (0, True, False)
     assert text.startswith("Core exception.") and "table locked" in text
     assert api.close_workflow_task(None, {"run_id": "100"}) == (
-        0, [True, [-1, "request_id is None"]])
+        0,
+        [True, [-1, "request_id is None"]],
+    )
     # ClientManager's guard: iDDS was never asked.
     assert server.closed == {} and server.violations == []
     assert [c.outcome for c in server.calls] == ["injected", "refused"]
@@ -324,16 +388,21 @@ def test_an_injected_idds_failure_on_adjust_or_close_is_a_failed_request(
             gateway.close_workflow_task("100123", IDS, name_of("100123"), NOW)
 
 
-@pytest.mark.parametrize("fault", [
-    {"message": "database is down"},
-    {"status": 500, "exception_class": "DatabaseException", "message": "table locked"},
-    {"status": 401, "exception_class": "NotAnIddsException", "message": "odd"},
-    {"status": 502, "exception_class": None, "message": "<html>Bad Gateway</html>"},
-    {"status": 500, "exception_class": None, "message": "<html>Oops</html>"},
-])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"message": "database is down"},
+        {"status": 500, "exception_class": "DatabaseException", "message": "table locked"},
+        {"status": 401, "exception_class": "NotAnIddsException", "message": "odd"},
+        {"status": 502, "exception_class": None, "message": "<html>Bad Gateway</html>"},
+        {"status": 500, "exception_class": None, "message": "<html>Oops</html>"},
+    ],
+)
 def test_the_relay_passes_on_what_client_manager_says(
-    server: SimulatedIDDSRest, panda: PointPanda, monkeypatch: pytest.MonkeyPatch,
-    fault: dict[str, Any]
+    server: SimulatedIDDSRest,
+    panda: PointPanda,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: dict[str, Any],
 ) -> None:
     # The same fault, asked directly with ClientManager and through the relay:
     # PanDA relays the very (False, text) its own ClientManager returns.
@@ -359,7 +428,9 @@ def test_a_bad_request_is_relayed_as_client_manager_says(
     assert isinstance(direct, tuple) and "'workflow' key is required" in direct[1]
     assert panda_api().create_workflow_task({}) == (0, [True, [False, direct[1]]])
     assert [(c.route, c.outcome) for c in server.calls] == [
-        ("direct", "bad_request"), ("panda_relay", "bad_request")]
+        ("direct", "bad_request"),
+        ("panda_relay", "bad_request"),
+    ]
 
 
 def test_a_delay_holds_the_relayed_answer_too(
@@ -371,13 +442,15 @@ def test_a_delay_holds_the_relayed_answer_too(
     assert time.monotonic() - started >= 0.5
 
 
-@pytest.mark.parametrize(("token", "vo", "words"), [
-    ("not-the-token", VO, "Invalid token. Signature verification failed"),
-    (TOKEN, "atlas", "Unknown vo : atlas"),
-])
+@pytest.mark.parametrize(
+    ("token", "vo", "words"),
+    [
+        ("not-the-token", VO, "Invalid token. Signature verification failed"),
+        (TOKEN, "atlas", "Unknown vo : atlas"),
+    ],
+)
 def test_a_refused_token_is_a_failed_request_naming_the_refusal(
-    server: SimulatedIDDSRest, panda: PointPanda, created: Seen,
-    token: str, vo: str, words: str
+    server: SimulatedIDDSRest, panda: PointPanda, created: Seen, token: str, vo: str, words: str
 ) -> None:
     panda(server.relay_url, token=token, vo=vo)
 
@@ -389,7 +462,8 @@ def test_a_refused_token_is_a_failed_request_naming_the_refusal(
     assert f"Token authentication failed. {words}" in text
     assert server.tasks == {}
     assert [(c.route, c.status, c.outcome) for c in server.calls] == [
-        ("panda_relay", 403, "unauthorized")]
+        ("panda_relay", 403, "unauthorized")
+    ]
     assert created.items == []
 
 
@@ -406,9 +480,7 @@ def test_without_a_token_the_relay_wants_a_certificate(
     assert "Authorization" not in call.headers
 
 
-def test_a_server_that_is_down_is_a_failed_request_with_status_255(
-    panda: PointPanda
-) -> None:
+def test_a_server_that_is_down_is_a_failed_request_with_status_255(panda: PointPanda) -> None:
     panda(f"http://127.0.0.1:{free_port()}/server/panda")
 
     with pytest.raises(IddsRequestFailed) as caught:
@@ -439,20 +511,23 @@ def test_form_bodies_kwargs_and_client_are_served(
     # failures fail the relay itself.
     api = panda_api(compress=False, manager=False, idds_host="https://idds.example/idds")
     server.fail_next(endpoint="close", message="table locked")
-    status, (ok, text) = api.close_workflow_task(request_id=1001,
-                                                 parameters={"run_id": "100"})
+    status, (ok, text) = api.close_workflow_task(request_id=1001, parameters={"run_id": "100"})
     assert (status, ok) == (0, False)
     assert text.startswith("failed to execute command with Core exception.")
     assert "table locked" in text
     assert api.close_workflow_task(request_id=1001, parameters={"run_id": "100"}) == (
-        0, [True, {"status": 0, "message": "closed successfully"}])
+        0,
+        [True, {"status": 0, "message": "closed successfully"}],
+    )
     assert server.closed == {"100": "ToCancel"}
 
     call = server.calls[-1]
     # panda-client sends its form without a Content-Type: not JSON, so a form.
     assert "Content-Type" not in call.headers
-    assert call.body == {"command_name": "close_workflow_task+https://idds.example/idds",
-                         "kwargs": {"request_id": 1001, "parameters": {"run_id": "100"}}}
+    assert call.body == {
+        "command_name": "close_workflow_task+https://idds.example/idds",
+        "kwargs": {"request_id": 1001, "parameters": {"run_id": "100"}},
+    }
 
 
 def test_unknown_and_unserved_commands_fail_the_relay(
@@ -461,21 +536,26 @@ def test_unknown_and_unserved_commands_fail_the_relay(
     panda(server.relay_url)
     api = panda_api()
     assert api.no_such_command(1) == (
-        0, [False, "no_such_command is not a command of iDDS ClientManager"])
+        0,
+        [False, "no_such_command is not a command of iDDS ClientManager"],
+    )
     status, (ok, text) = api.get_status(request_id=1)
     assert (status, ok) == (0, False)
     assert "simulated iDDS serves only" in text and "get_status" in text
     assert [(c.endpoint, c.outcome) for c in server.calls] == [
-        (None, "not_a_command"), (None, "relay_failed")]
+        (None, "not_a_command"),
+        (None, "relay_failed"),
+    ]
 
 
 def test_the_relay_refuses_what_panda_would(server: SimulatedIDDSRest) -> None:
-    close = {"command_name": "close_workflow_task", "args": json.dumps([1, {}]),
-             "manager": True}
+    close = {"command_name": "close_workflow_task", "args": json.dumps([1, {}]), "manager": True}
     no_origin = relay_post(server, close, {"Authorization": f"Bearer {TOKEN}"})
     assert (no_origin.status_code, no_origin.text) == (
-        403, "ERROR : Token authentication failed. Token decode failure. "
-             "no HTTP_ORIGIN to identify the VO")
+        403,
+        "ERROR : Token authentication failed. Token decode failure. "
+        "no HTTP_ORIGIN to identify the VO",
+    )
     assert no_origin.headers["Content-Type"] == "text/plain"
 
     other = requests.post(server.relay_url + "/getJob", timeout=WAIT)
@@ -490,14 +570,25 @@ def test_the_relay_refuses_what_panda_would(server: SimulatedIDDSRest) -> None:
     ok, (failed, text) = missing.json()
     assert (ok, failed) == (True, False) and "parameters" in text
 
-    not_gzip = requests.post(server.relay_url + "/relay_idds_command",
-                             data=json.dumps(close), timeout=WAIT,
-                             headers={"Content-Type": "application/json",
-                                      "Authorization": f"Bearer {TOKEN}", "Origin": VO})
+    not_gzip = requests.post(
+        server.relay_url + "/relay_idds_command",
+        data=json.dumps(close),
+        timeout=WAIT,
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {TOKEN}",
+            "Origin": VO,
+        },
+    )
     assert not_gzip.status_code == 500 and "gzip" in not_gzip.text
     assert server.closed == {}
     assert [c.outcome for c in server.calls] == [
-        "unauthorized", "no_api", "relay_failed", "bad_request", "bad_request"]
+        "unauthorized",
+        "no_api",
+        "relay_failed",
+        "bad_request",
+        "bad_request",
+    ]
 
 
 # --- secrets ----------------------------------------------------------------------------

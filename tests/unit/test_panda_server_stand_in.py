@@ -25,14 +25,22 @@ from swf_testbed.peers.panda_server import (
 
 pytest.importorskip("pandaclient", reason="panda-client is a test dependency")
 
-META = {"transformer_broker": {"broker": "127.0.0.1:61613", "destination": "/queue/s"},
-        "transformer_broadcast_broker": {"broker": "127.0.0.1:61613", "destination": "/topic/t"},
-        "result_broker": {"broker": "127.0.0.1:61613", "destination": "/topic/r"},
-        "ejfat": {}}
+META = {
+    "transformer_broker": {"broker": "127.0.0.1:61613", "destination": "/queue/s"},
+    "transformer_broadcast_broker": {"broker": "127.0.0.1:61613", "destination": "/topic/t"},
+    "result_broker": {"broker": "127.0.0.1:61613", "destination": "/topic/r"},
+    "ejfat": {},
+}
 # As iDDS's _build_task_params writes them (the fields the stand-in reads).
-TASK = {"taskName": "EIC_2026_fastproc_BNL-OSG_20261203_100123", "site": "BNL_PanDA_1",
-        "jobParameters": [{"type": "constant", "value": "--run_id 100123 --idle_timeout 120"}],
-        "nEvents": 3, "nEventsPerJob": 1, "noInput": True, "reqID": 7}
+TASK = {
+    "taskName": "EIC_2026_fastproc_BNL-OSG_20261203_100123",
+    "site": "BNL_PanDA_1",
+    "jobParameters": [{"type": "constant", "value": "--run_id 100123 --idle_timeout 120"}],
+    "nEvents": 3,
+    "nEventsPerJob": 1,
+    "noInput": True,
+    "reqID": 7,
+}
 
 
 @pytest.fixture
@@ -41,10 +49,12 @@ def submitted() -> list[TaskSubmission]:
 
 
 @pytest.fixture
-def stand_in(submitted: list[TaskSubmission], monkeypatch: pytest.MonkeyPatch,
-             tmp_path: Any) -> Iterator[PandaServerStandIn]:
-    with PandaServerStandIn(prompt_broker=META, on_task_submitted=submitted.append,
-                            first_task_id=500) as server:
+def stand_in(
+    submitted: list[TaskSubmission], monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> Iterator[PandaServerStandIn]:
+    with PandaServerStandIn(
+        prompt_broker=META, on_task_submitted=submitted.append, first_task_id=500
+    ) as server:
         for name, value in server.client_env().items():
             monkeypatch.setenv(name, value)
         monkeypatch.setenv("X509_USER_PROXY", "/dev/null")  # silences "No valid grid proxy"
@@ -60,7 +70,8 @@ def stand_in(submitted: list[TaskSubmission], monkeypatch: pytest.MonkeyPatch,
 
 
 def test_ids_submission_as_panda_client_sends_and_parses_it(
-        stand_in: PandaServerStandIn, submitted: list[TaskSubmission]) -> None:
+    stand_in: PandaServerStandIn, submitted: list[TaskSubmission]
+) -> None:
     from pandaclient import Client
 
     assert Client.insertTaskParams(TASK, verbose=False) == (0, (0, "succeeded. new jediTaskID=500"))
@@ -99,16 +110,19 @@ def test_unreadable_requests(stand_in: PandaServerStandIn) -> None:
     root = stand_in.url.removesuffix("/server/panda")
     status, body = post(f"{root}/api/v1/task/submit", b"not json")
     assert status == 400 and body["success"] is False
-    status, body = post(f"{root}/api/v1/task/submit",
-                        json.dumps({"task_parameters": {"jobParameters": "x"}}).encode())
+    status, body = post(
+        f"{root}/api/v1/task/submit",
+        json.dumps({"task_parameters": {"jobParameters": "x"}}).encode(),
+    )
     assert status == 400 and "jobParameters" in body["message"]
     assert post(f"{root}/api/v1/task/nothing", b"{}")[0] == 404
     assert stand_in.submissions == []
 
 
 def post(url: str, data: bytes) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as reply:
             return reply.status, json.load(reply)
@@ -116,15 +130,26 @@ def post(url: str, data: bytes) -> tuple[int, Any]:
         return error.code, json.load(error)
 
 
-@pytest.mark.parametrize(("parameters", "arguments"), [
-    ({"jobParameters": [{"type": "constant", "value": "--run_id 7 --idle_timeout 60"}]},
-     ["--run_id", "7", "--idle_timeout", "60"]),
-    ({"jobParameters": [{"type": "constant", "value": "--run_id 7"},
-                        {"type": "template", "value": "${IN}"},
-                        {"type": "constant", "value": "--verbose"}]},
-     ["--run_id", "7", "--verbose"]),
-    ({}, []),
-])
+@pytest.mark.parametrize(
+    ("parameters", "arguments"),
+    [
+        (
+            {"jobParameters": [{"type": "constant", "value": "--run_id 7 --idle_timeout 60"}]},
+            ["--run_id", "7", "--idle_timeout", "60"],
+        ),
+        (
+            {
+                "jobParameters": [
+                    {"type": "constant", "value": "--run_id 7"},
+                    {"type": "template", "value": "${IN}"},
+                    {"type": "constant", "value": "--verbose"},
+                ]
+            },
+            ["--run_id", "7", "--verbose"],
+        ),
+        ({}, []),
+    ],
+)
 def test_job_arguments(parameters: dict[str, Any], arguments: list[str]) -> None:
     assert job_arguments(parameters) == arguments
 

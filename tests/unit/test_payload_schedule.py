@@ -27,11 +27,14 @@ def test_a_slow_stretch_of_one_run_and_the_rest_at_the_default() -> None:
 
 
 def test_the_first_matching_rule_decides() -> None:
-    schedule = PayloadSchedule(0.5, (
-        SliceRule(run_id=X, first=7, last=7, fail="bad input"),
-        SliceRule(run_id=X, first=0, last=20, seconds=2.0),
-        SliceRule(first=0, seconds=1.0),  # every other run, every slice
-    ))
+    schedule = PayloadSchedule(
+        0.5,
+        (
+            SliceRule(run_id=X, first=7, last=7, fail="bad input"),
+            SliceRule(run_id=X, first=0, last=20, seconds=2.0),
+            SliceRule(first=0, seconds=1.0),  # every other run, every slice
+        ),
+    )
     assert schedule.for_slice(X, 7) == SliceOutcome(0.5, "bad input")  # default time, fails
     assert schedule.for_slice(X, 8) == SliceOutcome(2.0)
     assert schedule.for_slice(X, 21) == SliceOutcome(1.0)
@@ -39,8 +42,9 @@ def test_the_first_matching_rule_decides() -> None:
 
 
 def test_run_ids_compare_as_text_and_odd_slice_ids_match_only_catch_alls() -> None:
-    schedule = PayloadSchedule(0.1, (SliceRule(run_id=X, first=0, last=5, seconds=3.0),
-                                     SliceRule(run_id=X, seconds=4.0)))
+    schedule = PayloadSchedule(
+        0.1, (SliceRule(run_id=X, first=0, last=5, seconds=3.0), SliceRule(run_id=X, seconds=4.0))
+    )
     assert schedule.for_slice(int(X), 2) == SliceOutcome(3.0)  # an integer run id
     assert schedule.for_slice(X, None) == SliceOutcome(4.0)  # no slice_id: the catch-all
     assert schedule.for_slice(X, "2") == SliceOutcome(4.0)  # not an integer slice id
@@ -49,21 +53,25 @@ def test_run_ids_compare_as_text_and_odd_slice_ids_match_only_catch_alls() -> No
 
 
 def test_it_travels_as_json(tmp_path: Path) -> None:
-    schedule = PayloadSchedule(0.25, (SliceRule(run_id=X, first=3, last=4, seconds=1.5),
-                                      SliceRule(first=9, fail="boom")))
+    schedule = PayloadSchedule(
+        0.25, (SliceRule(run_id=X, first=3, last=4, seconds=1.5), SliceRule(first=9, fail="boom"))
+    )
     path = schedule.write(tmp_path / "schedule.json")
     assert PayloadSchedule.read(path) == schedule
     assert PayloadSchedule.from_json("{}") == PayloadSchedule()
 
 
-@pytest.mark.parametrize(("make", "words"), [
-    (lambda: SliceRule(first=5, last=4), "empty"),
-    (lambda: SliceRule(seconds=-1), "seconds"),
-    (lambda: SliceRule(seconds=float("nan")), "seconds"),
-    (lambda: PayloadSchedule(-0.5), "default_seconds"),
-    (lambda: PayloadSchedule.from_json('{"default": 1}'), "unknown key"),
-    (lambda: PayloadSchedule.from_json("[]"), "JSON object"),
-])
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: SliceRule(first=5, last=4), "empty"),
+        (lambda: SliceRule(seconds=-1), "seconds"),
+        (lambda: SliceRule(seconds=float("nan")), "seconds"),
+        (lambda: PayloadSchedule(-0.5), "default_seconds"),
+        (lambda: PayloadSchedule.from_json('{"default": 1}'), "unknown key"),
+        (lambda: PayloadSchedule.from_json("[]"), "JSON object"),
+    ],
+)
 def test_nonsense_is_refused(make: Callable[[], object], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         make()

@@ -23,17 +23,27 @@ def size_of(png: bytes) -> tuple[int, int]:
 
 
 def points(requested: list[int], start: float = 0.0) -> list[TimelinePoint]:
-    return [TimelinePoint(at=T0 + timedelta(seconds=start + 5 * i), requested=n,
-                          workers_seen=max(0, n - 1), processing_seconds=None if i == 0 else 2.0,
-                          backlog=float(i % 7), rate=1.5)
-            for i, n in enumerate(requested)]
+    return [
+        TimelinePoint(
+            at=T0 + timedelta(seconds=start + 5 * i),
+            requested=n,
+            workers_seen=max(0, n - 1),
+            processing_seconds=None if i == 0 else 2.0,
+            backlog=float(i % 7),
+            rate=1.5,
+        )
+        for i, n in enumerate(requested)
+    ]
 
 
 def test_timeline_png_is_a_900_by_600_png() -> None:
     traces = [
         Trace("reference", points([3] * 100)),
-        Trace("proportional", points([3] * 40 + [6] * 40 + [4] * 20, start=2.5),
-              adjustments=[T0 + timedelta(seconds=197.5), T0 + timedelta(seconds=397.5)]),
+        Trace(
+            "proportional",
+            points([3] * 40 + [6] * 40 + [4] * 20, start=2.5),
+            adjustments=[T0 + timedelta(seconds=197.5), T0 + timedelta(seconds=397.5)],
+        ),
     ]
 
     png = timeline_png("run 100123: replay", traces)
@@ -42,12 +52,17 @@ def test_timeline_png_is_a_900_by_600_png() -> None:
     assert len(png) > 10_000  # lines drawn, not a blank canvas
 
 
-@pytest.mark.parametrize("traces", [
-    pytest.param([], id="no traces"),
-    pytest.param([Trace("proportional", [])], id="a trace without points"),
-    pytest.param([Trace("reference", points([2])), Trace("proportional", [])],
-                 id="one point and an empty trace"),
-])
+@pytest.mark.parametrize(
+    "traces",
+    [
+        pytest.param([], id="no traces"),
+        pytest.param([Trace("proportional", [])], id="a trace without points"),
+        pytest.param(
+            [Trace("reference", points([2])), Trace("proportional", [])],
+            id="one point and an empty trace",
+        ),
+    ],
+)
 def test_timeline_png_draws_empty_traces(traces: list[Trace]) -> None:
     assert size_of(timeline_png("run 7", traces)) == (900, 600)
 
@@ -59,7 +74,7 @@ def test_markdown_image_round_trips_the_png() -> None:
 
     prefix = "![workers of run 7](data:image/png;base64,"
     assert text.startswith(prefix) and text.endswith(")")
-    assert base64.b64decode(text[len(prefix):-1], validate=True) == png
+    assert base64.b64decode(text[len(prefix) : -1], validate=True) == png
 
 
 def test_markdown_image_keeps_the_alt_text_inside_its_brackets() -> None:

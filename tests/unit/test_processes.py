@@ -31,7 +31,8 @@ PARENT_OF_ONE = (
     "import subprocess, sys, time\n"
     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
     "print(child.pid, flush=True)\n"
-    "time.sleep(600)\n")
+    "time.sleep(600)\n"
+)
 # A process that starts PARENT_OF_ONE as a ManagedProcess from a thread that
 # then ends, prints the pids, and sleeps until killed.
 SUPERVISOR = (
@@ -45,7 +46,8 @@ SUPERVISOR = (
     "starter = threading.Thread(target=start)\n"
     "starter.start()\n"
     "starter.join()\n"
-    "time.sleep(600)\n")
+    "time.sleep(600)\n"
+)
 
 
 def alive(pid: int) -> bool:
@@ -75,9 +77,11 @@ def read_line(path: Path) -> int:
 def test_a_child_and_what_it_started_end_when_their_starter_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "supervisor.out"
     with out.open("wb") as sink:
-        supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR,
-                                       str(tmp_path / "child.log"), PARENT_OF_ONE],
-                                      stdout=sink, stderr=subprocess.STDOUT)
+        supervisor = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISOR, str(tmp_path / "child.log"), PARENT_OF_ONE],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         child = read_line(out)
         grandchild = read_line(tmp_path / "child.log")
@@ -85,8 +89,11 @@ def test_a_child_and_what_it_started_end_when_their_starter_is_killed(tmp_path: 
         assert alive(child) and alive(grandchild)
         supervisor.kill()  # SIGKILL: nothing of the starter's own code runs
         supervisor.wait()
-        assert wait_until(lambda: not alive(child) and not alive(grandchild)), \
-            (child, grandchild, out.read_text())
+        assert wait_until(lambda: not alive(child) and not alive(grandchild)), (
+            child,
+            grandchild,
+            out.read_text(),
+        )
     finally:
         supervisor.kill()
 
@@ -122,8 +129,9 @@ def test_the_reaper_kills_the_groups_still_registered_at_the_end_of_its_input() 
     registered = subprocess.Popen(SLEEPER, start_new_session=True)
     forgotten = subprocess.Popen(SLEEPER, start_new_session=True)
     try:
-        commands = io.StringIO(f"+{registered.pid}\n+{forgotten.pid}\n-{forgotten.pid}\n"
-                               "+not-a-number\n")
+        commands = io.StringIO(
+            f"+{registered.pid}\n+{forgotten.pid}\n-{forgotten.pid}\n+not-a-number\n"
+        )
         assert reap_on_eof(commands) == {registered.pid}
         assert registered.wait(timeout=WAIT) == -signal.SIGKILL
         assert forgotten.poll() is None
@@ -164,7 +172,8 @@ def foreign_server() -> Iterator[int]:
 
 
 def test_a_server_already_on_the_port_is_refused_with_port_and_holder_named(
-        foreign_server: int, tmp_path: Path) -> None:
+    foreign_server: int, tmp_path: Path
+) -> None:
     server = PrefectServer(tmp_path / "home", foreign_server)
     with pytest.raises(PortTaken) as refused:
         server.start(wait=30)

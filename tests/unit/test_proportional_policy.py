@@ -27,34 +27,68 @@ from swf_panda_workers.core.slice_window import Demand
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 # No damping unless a test asks for it.
 UNDAMPED = ProportionalPolicy(
-    bounds=Bounds(min_workers=1, max_workers=1000), target_utilisation=0.8, drain_seconds=300,
-    tolerance=0, up_window=0, down_window=0, max_step_up=1000, max_step_down=1,
-    cooldown_seconds=0, rampup_seconds=0, min_results=1)
+    bounds=Bounds(min_workers=1, max_workers=1000),
+    target_utilisation=0.8,
+    drain_seconds=300,
+    tolerance=0,
+    up_window=0,
+    down_window=0,
+    max_step_up=1000,
+    max_step_down=1,
+    cooldown_seconds=0,
+    rampup_seconds=0,
+    min_results=1,
+)
 
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def demand(rate: float = 1.0, took: float | None = 4.0, backlog: float = 0.0, seen: int = 100,
-           results: int = 50, when: float = 0) -> Demand:
+def demand(
+    rate: float = 1.0,
+    took: float | None = 4.0,
+    backlog: float = 0.0,
+    seen: int = 100,
+    results: int = 50,
+    when: float = 0,
+) -> Demand:
     waited = backlog / rate if rate else 0.0
-    return Demand(at=at(when), results=results, rate=rate, processing_seconds=took,
-                  waited_seconds=waited, backlog=backlog, workers_seen=seen)
+    return Demand(
+        at=at(when),
+        results=results,
+        rate=rate,
+        processing_seconds=took,
+        waited_seconds=waited,
+        backlog=backlog,
+        workers_seen=seen,
+    )
 
 
-def plan(workers: int, adjusted_ago: float | None = None, requested_ago: float | None = None,
-         core_count: int = 1, memory_per_core: int = 2000) -> WorkerPlan:
-    size = WorkerSize(core_count=core_count, memory_per_core=memory_per_core, site="BNL-OSG",
-                      target_worker_count=workers)
+def plan(
+    workers: int,
+    adjusted_ago: float | None = None,
+    requested_ago: float | None = None,
+    core_count: int = 1,
+    memory_per_core: int = 2000,
+) -> WorkerPlan:
+    size = WorkerSize(
+        core_count=core_count,
+        memory_per_core=memory_per_core,
+        site="BNL-OSG",
+        target_worker_count=workers,
+    )
     return WorkerPlan(
-        initial=size, current=size,
+        initial=size,
+        current=size,
         last_adjusted_at=None if adjusted_ago is None else at(-adjusted_ago),
-        requested_at=None if requested_ago is None else at(-requested_ago))
+        requested_at=None if requested_ago is None else at(-requested_ago),
+    )
 
 
-def decide(policy: ProportionalPolicy, plan: WorkerPlan, seen: Demand,
-           memory: ScalingMemory | None = None) -> Adjustment | None:
+def decide(
+    policy: ProportionalPolicy, plan: WorkerPlan, seen: Demand, memory: ScalingMemory | None = None
+) -> Adjustment | None:
     return policy.decide(plan, Observation(seen.at, None, seen), memory or ScalingMemory()).decision
 
 
@@ -90,8 +124,9 @@ def test_nothing_is_asked_for_the_size_already_requested() -> None:
     assert decide(UNDAMPED, plan(5), demand(rate=1, took=4)) is None
 
 
-@pytest.mark.parametrize(("workers", "expected"), [(10, None), (9, None), (8, 10), (12, None),
-                                                   (13, 10)])
+@pytest.mark.parametrize(
+    ("workers", "expected"), [(10, None), (9, None), (8, 10), (12, None), (13, 10)]
+)
 def test_tolerance_band(workers: int, expected: int | None) -> None:
     # need 10: from 8 the change (2) is over 20 % of 8; from 12 it is not (2 < 2.4)
     policy = replace(UNDAMPED, tolerance=0.2)
@@ -137,18 +172,16 @@ def test_workers_on_their_way_are_not_asked_for_twice() -> None:
     # 8 requested 100 s ago, 4 seen so far: the gap is already asked for.
     assert decide(policy, plan(8, requested_ago=100), demand(rate=4, took=4, seen=4)) is None
     # Past the ramp-up, they are not coming: ask again.
-    assert target(decide(policy, plan(8, requested_ago=300), demand(rate=4, took=4, seen=4))) \
-        == 20
+    assert target(decide(policy, plan(8, requested_ago=300), demand(rate=4, took=4, seen=4))) == 20
     # All seen: nothing is on its way.
-    assert target(decide(policy, plan(8, requested_ago=100), demand(rate=4, took=4, seen=8))) \
-        == 20
+    assert target(decide(policy, plan(8, requested_ago=100), demand(rate=4, took=4, seen=8))) == 20
     # Shedding workers never waits for arrivals.
-    assert target(decide(policy, plan(8, requested_ago=100), demand(rate=0.5, took=4, seen=4))) \
-        == 3
+    assert target(decide(policy, plan(8, requested_ago=100), demand(rate=0.5, took=4, seen=4))) == 3
 
 
-def looks(policy: ProportionalPolicy, start: WorkerPlan, needs: list[tuple[float, Demand]]
-          ) -> list[int | None]:
+def looks(
+    policy: ProportionalPolicy, start: WorkerPlan, needs: list[tuple[float, Demand]]
+) -> list[int | None]:
     """Targets decided at each look, the plan following each decision."""
     memory, current, targets = ScalingMemory(), start, []
     for when, seen in needs:
@@ -183,7 +216,11 @@ def test_nothing_is_shed_before_the_policy_has_watched_for_the_down_window() -> 
     policy = replace(UNDAMPED, down_window=60)
     quiet = demand(rate=1, took=4)
     assert looks(policy, plan(20), [(0, quiet), (30, quiet), (59, quiet), (60, quiet)]) == [
-        None, None, None, 5]
+        None,
+        None,
+        None,
+        5,
+    ]
 
 
 def test_the_decision_explains_itself_and_keeps_its_inputs() -> None:
@@ -192,22 +229,25 @@ def test_the_decision_explains_itself_and_keeps_its_inputs() -> None:
     assert decision is not None and decision.inputs == seen
     assert decision.reason == (
         "2.00 slices/s x p90 3.0s / 0.8 + backlog 60 x 3.0s / 300s -> 4 to 6 workers "
-        "(need 9; damped)")
+        "(need 9; damped)"
+    )
 
 
 def test_memory_holds_only_the_longest_window() -> None:
     policy = replace(UNDAMPED, up_window=30, down_window=120)
     memory = ScalingMemory()
     for tick in range(0, 3600, 5):
-        memory = policy.decide(plan(5), Observation(at(tick), None, demand(when=tick)),
-                               memory).memory
+        memory = policy.decide(
+            plan(5), Observation(at(tick), None, demand(when=tick)), memory
+        ).memory
     assert len(memory.needs) == 120 // 5 + 1
 
 
 # --- properties ---------------------------------------------------------------
 
-DEFAULT = ProportionalPolicy(bounds=Bounds(min_workers=2, max_workers=60, max_total_cores=160),
-                             min_results=1)
+DEFAULT = ProportionalPolicy(
+    bounds=Bounds(min_workers=2, max_workers=60, max_total_cores=160), min_results=1
+)
 
 demands = st.builds(
     demand,
@@ -236,8 +276,9 @@ def test_a_decision_is_always_within_bounds(start: WorkerPlan, seen: Demand) -> 
 
 
 @given(plans, demands)
-def test_never_scales_down_below_what_the_arrival_rate_needs(start: WorkerPlan, seen: Demand
-                                                             ) -> None:
+def test_never_scales_down_below_what_the_arrival_rate_needs(
+    start: WorkerPlan, seen: Demand
+) -> None:
     new = target(decide(DEFAULT, start, seen))
     if new is not None and new < start.workers:
         busy = math.ceil(seen.rate * (seen.processing_seconds or 0) - 1e-9)
@@ -251,7 +292,8 @@ def test_never_scales_down_below_what_the_arrival_rate_needs(start: WorkerPlan, 
     every=st.sampled_from([1.0, 5.0, 17.0]),
 )
 def test_a_steady_demand_never_makes_the_size_change_direction(
-        workers: int, seen: Demand, every: float) -> None:
+    workers: int, seen: Demand, every: float
+) -> None:
     targets = looks(DEFAULT, plan(workers), [(i * every, seen) for i in range(400)])
     sizes = [workers, *[t for t in targets if t is not None]]
     steps = [b - a for a, b in itertools.pairwise(sizes)]

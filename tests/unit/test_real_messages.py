@@ -34,12 +34,21 @@ def real(name: str) -> dict[str, Any]:
     return json.loads((REAL / name).read_text())
 
 
-def routed(name: str, results: str = RESULTS, owned: frozenset[str] = frozenset({RUN}),
-           namespace: str = NAMESPACE, idds_namespace: str | None = None) -> Any:
+def routed(
+    name: str,
+    results: str = RESULTS,
+    owned: frozenset[str] = frozenset({RUN}),
+    namespace: str = NAMESPACE,
+    idds_namespace: str | None = None,
+) -> Any:
     message = real(name)
     headers = {**message["headers"], "destination": message["destination"]}
-    return decide(json.dumps(message["body"]).encode(), headers,
-                  Inbox(namespace, results, idds_namespace), owned)
+    return decide(
+        json.dumps(message["body"]).encode(),
+        headers,
+        Inbox(namespace, results, idds_namespace),
+        owned,
+    )
 
 
 # file -> (model, what the listener does with it)
@@ -80,21 +89,23 @@ def test_read_and_routed(name: str) -> None:
     message = real(name)
     # Results are taken from wherever the transformers send them (a queue or
     # a topic): route each where it was sent.
-    where = message["destination"] if message["body"].get("msg_type") == "slice_result" \
-        else RESULTS
+    where = message["destination"] if message["body"].get("msg_type") == "slice_result" else RESULTS
     outcome = routed(name, results=where)
     assert isinstance(outcome, decision), outcome
     if model is not None:
         assert type(parse_message(json.dumps(message["body"]).encode())) is model
 
 
-@pytest.mark.parametrize(("name", "workload_id"), [
-    ("created_workflow_task.idds-2.6.21.json", 31870),
-    ("created_workflow_task_no_namespace.idds-2.6.21.json", 31870),
-    ("created_workflow_task_workload_null.idds-2.6.21.json", None),
-    # iDDS's PanDA client returned (task_id, None): the task id is the first.
-    ("created_workflow_task_workload_pair.idds-2.6.21.json", 31871),
-])
+@pytest.mark.parametrize(
+    ("name", "workload_id"),
+    [
+        ("created_workflow_task.idds-2.6.21.json", 31870),
+        ("created_workflow_task_no_namespace.idds-2.6.21.json", 31870),
+        ("created_workflow_task_workload_null.idds-2.6.21.json", None),
+        # iDDS's PanDA client returned (task_id, None): the task id is the first.
+        ("created_workflow_task_workload_pair.idds-2.6.21.json", 31871),
+    ],
+)
 def test_workload_id_in_every_shape(name: str, workload_id: int | None) -> None:
     created = parse_message(json.dumps(real(name)["body"]).encode())
     assert isinstance(created, CreatedWorkflowTask)
@@ -102,16 +113,20 @@ def test_workload_id_in_every_shape(name: str, workload_id: int | None) -> None:
     assert (created.ids.request_id, created.run_id) == (4711, RUN)
 
 
-@pytest.mark.parametrize(("name", "failed", "seconds"), [
-    # idds-prompt writes whole seconds: a fast slice took 0 s by its clock.
-    ("slice_result_done.idds-prompt-2.6.21.json", False, 0.0),
-    ("slice_result_done_no_requested_at.idds-prompt-2.6.21.json", False, 0.0),
-    ("slice_result_failed.idds-prompt-2.6.21.json", True, 0.0),
-    ("slice_result_done.swf-transform-HEAD.json", False, 0.011514),
-    ("slice_result_failed.swf-transform-HEAD.json", True, 0.00089),
-])
-def test_slice_results_as_the_transformers_send_them(name: str, failed: bool,
-                                                     seconds: float) -> None:
+@pytest.mark.parametrize(
+    ("name", "failed", "seconds"),
+    [
+        # idds-prompt writes whole seconds: a fast slice took 0 s by its clock.
+        ("slice_result_done.idds-prompt-2.6.21.json", False, 0.0),
+        ("slice_result_done_no_requested_at.idds-prompt-2.6.21.json", False, 0.0),
+        ("slice_result_failed.idds-prompt-2.6.21.json", True, 0.0),
+        ("slice_result_done.swf-transform-HEAD.json", False, 0.011514),
+        ("slice_result_failed.swf-transform-HEAD.json", True, 0.00089),
+    ],
+)
+def test_slice_results_as_the_transformers_send_them(
+    name: str, failed: bool, seconds: float
+) -> None:
     result = parse_message(json.dumps(real(name)["body"]).encode())
     assert isinstance(result, SliceResult)
     assert result.run_id == RUN
@@ -123,31 +138,38 @@ def test_slice_results_as_the_transformers_send_them(name: str, failed: bool,
 
 
 def test_idds_prompt_time_format() -> None:
-    result = parse_message(json.dumps(
-        real("slice_result_done.idds-prompt-2.6.21.json")["body"]).encode())
+    result = parse_message(
+        json.dumps(real("slice_result_done.idds-prompt-2.6.21.json")["body"]).encode()
+    )
     assert isinstance(result, SliceResult)
     assert result.content.processed_at == datetime(2026, 12, 3, 13, 10, 41, tzinfo=UTC)
     assert result.created_at == datetime(2026, 12, 3, 13, 10, 41, tzinfo=UTC)
 
 
 def test_requested_at_may_be_null() -> None:
-    result = parse_message(json.dumps(
-        real("slice_result_done_no_requested_at.idds-prompt-2.6.21.json")["body"]).encode())
+    result = parse_message(
+        json.dumps(
+            real("slice_result_done_no_requested_at.idds-prompt-2.6.21.json")["body"]
+        ).encode()
+    )
     assert isinstance(result, SliceResult)
     assert result.content.requested_at is None
 
 
 def test_a_result_naming_no_run_is_dropped_not_set_aside() -> None:
-    outcome = routed("slice_result_from_heartbeat.swf-transform-HEAD.json",
-                     results="/topic/panda.results")
+    outcome = routed(
+        "slice_result_from_heartbeat.swf-transform-HEAD.json", results="/topic/panda.results"
+    )
     assert isinstance(outcome, Ignore)
     assert isinstance(outcome.message, UnroutedSliceResult)
     assert "heartbeat" in outcome.why
 
 
 def test_heartbeats_name_no_run() -> None:
-    for name in ("heartbeat_on_results.swf-transform-HEAD.json",
-                 "heartbeat_on_results_with_namespace.swf-transform-HEAD.json"):
+    for name in (
+        "heartbeat_on_results.swf-transform-HEAD.json",
+        "heartbeat_on_results_with_namespace.swf-transform-HEAD.json",
+    ):
         outcome = routed(name)
         assert isinstance(outcome, Record)
         assert outcome.run_id is None
@@ -155,10 +177,21 @@ def test_heartbeats_name_no_run() -> None:
         assert outcome.message.worker == real(name)["body"]["internal_id"]
 
 
-IDDS_REPLY_FILES = [name for name in EXPECTED if name.split(".")[0].endswith(
-    ("created_workflow_task", "adjusted_worker", "closed_workflow_task",
-     "closed_workflow_task_notfound", "created_workflow_task_no_namespace",
-     "created_workflow_task_workload_null", "created_workflow_task_workload_pair"))]
+IDDS_REPLY_FILES = [
+    name
+    for name in EXPECTED
+    if name.split(".")[0].endswith(
+        (
+            "created_workflow_task",
+            "adjusted_worker",
+            "closed_workflow_task",
+            "closed_workflow_task_notfound",
+            "created_workflow_task_no_namespace",
+            "created_workflow_task_workload_null",
+            "created_workflow_task_workload_pair",
+        )
+    )
+]
 
 
 @pytest.mark.parametrize("name", IDDS_REPLY_FILES)

@@ -24,18 +24,19 @@ POLICY = ReferencePolicy(expected_seconds=30, cooldown_seconds=60)
 
 
 def size(workers: int | None) -> WorkerSize:
-    return WorkerSize(core_count=2, memory_per_core=4000, site="BNL-OSG",
-                      target_worker_count=workers)
+    return WorkerSize(
+        core_count=2, memory_per_core=4000, site="BNL-OSG", target_worker_count=workers
+    )
 
 
-def plan(initial: int | None, current: int | None, adjusted_ago: float | None = None
-         ) -> WorkerPlan:
+def plan(initial: int | None, current: int | None, adjusted_ago: float | None = None) -> WorkerPlan:
     last = None if adjusted_ago is None else T0 - timedelta(seconds=adjusted_ago)
     return WorkerPlan(initial=size(initial), current=size(current), last_adjusted_at=last)
 
 
-def decide(policy: ReferencePolicy, plan: WorkerPlan, slice_seen: SliceObservation
-           ) -> Adjustment | None:
+def decide(
+    policy: ReferencePolicy, plan: WorkerPlan, slice_seen: SliceObservation
+) -> Adjustment | None:
     verdict = policy.decide(plan, Observation(slice_seen.at, slice_seen), ScalingMemory())
     assert verdict.memory == ScalingMemory()  # the reference policy remembers nothing
     return verdict.decision
@@ -84,11 +85,11 @@ def test_reference_policy_table(
 @pytest.mark.parametrize(
     ("initial", "seconds", "expected"),
     [
-        (1, 40, 2),    # ceil(1.2) - never below, and rounded up
-        (1, 50, 2),    # ceil(1.5)
-        (2, 40, 3),    # ceil(2.4)
-        (3, 40, 4),    # ceil(3.6)
-        (3, 50, 5),    # ceil(4.5)
+        (1, 40, 2),  # ceil(1.2) - never below, and rounded up
+        (1, 50, 2),  # ceil(1.5)
+        (2, 40, 3),  # ceil(2.4)
+        (3, 40, 4),  # ceil(3.6)
+        (3, 50, 5),  # ceil(4.5)
         (5, 40, 6),
         (10, 40, 12),
         (10, 50, 15),
@@ -114,8 +115,9 @@ def test_only_the_worker_count_scales() -> None:
     decision = decide(POLICY, WorkerPlan(initial=initial, current=initial), seen(50))
 
     assert decision is not None
-    assert decision.size == WorkerSize(core_count=8, memory_per_core=2000, site="CERN",
-                                       target_worker_count=45)
+    assert decision.size == WorkerSize(
+        core_count=8, memory_per_core=2000, site="CERN", target_worker_count=45
+    )
 
 
 def test_decision_explains_itself() -> None:
@@ -156,7 +158,10 @@ def exact_ceil(numerator: int, denominator: int) -> int:
     adjusted_ago=st.none() | st.floats(min_value=-1e4, max_value=1e4, allow_nan=False),
 )
 def test_never_below_the_initial_size_nor_above_one_and_a_half_times_it(
-    initial: int, current: int | None, seconds: float | None, failed: bool,
+    initial: int,
+    current: int | None,
+    seconds: float | None,
+    failed: bool,
     adjusted_ago: float | None,
 ) -> None:
     decision = decide(POLICY, plan(initial, current, adjusted_ago), seen(seconds, failed))

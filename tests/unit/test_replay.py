@@ -29,26 +29,42 @@ T0 = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 BASE = Settings()
 
 
-def recording(arrivals: list[tuple[float, float]], end: float | None, workers: int = 3,
-              failed: frozenset[int] = frozenset()) -> RunRecording:
+def recording(
+    arrivals: list[tuple[float, float]],
+    end: float | None,
+    workers: int = 3,
+    failed: frozenset[int] = frozenset(),
+) -> RunRecording:
     """A run whose slices arrive at (second, taking seconds), ending at ``end``."""
     slices = []
     for index, (second, took) in enumerate(arrivals):
         queued = T0 + timedelta(seconds=second)
-        slices.append(RecordedSlice(
-            at=queued + timedelta(seconds=took), requested_at=queued,
-            processing_seconds=None if index in failed else took, failed=index in failed,
-            worker="recorded-1"))
+        slices.append(
+            RecordedSlice(
+                at=queued + timedelta(seconds=took),
+                requested_at=queued,
+                processing_seconds=None if index in failed else took,
+                failed=index in failed,
+                worker="recorded-1",
+            )
+        )
     return RunRecording(
-        run_id="100123", namespace="test",
-        announcement={"msg_type": "run_imminent", "run_id": "100123",
-                      "content": {"target_worker_count": workers}},
-        announced_at=T0, ended_at=None if end is None else T0 + timedelta(seconds=end),
-        slices=slices)
+        run_id="100123",
+        namespace="test",
+        announcement={
+            "msg_type": "run_imminent",
+            "run_id": "100123",
+            "content": {"target_worker_count": workers},
+        },
+        announced_at=T0,
+        ended_at=None if end is None else T0 + timedelta(seconds=end),
+        slices=slices,
+    )
 
 
-def steady(rate: float, duration: float,
-           took: Callable[[float], float]) -> list[tuple[float, float]]:
+def steady(
+    rate: float, duration: float, took: Callable[[float], float]
+) -> list[tuple[float, float]]:
     count = round(rate * duration)
     return [(i / rate, took(i / rate)) for i in range(count)]
 
@@ -84,9 +100,14 @@ def directions(values: list[int]) -> list[int]:
     return [1 if b > a else -1 for a, b in pairwise(values) if b != a]
 
 
-@pytest.mark.parametrize("spec", ["reference:drain_timeout=3600",
-                                  "reference:drain_timeout=3600,slice.processing_time=1",
-                                  "proportional:drain_timeout=3600"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "reference:drain_timeout=3600",
+        "reference:drain_timeout=3600,slice.processing_time=1",
+        "proportional:drain_timeout=3600",
+    ],
+)
 def test_drain_processes_every_slice(spec: str) -> None:
     result = replay(SLOWDOWN, configured(spec), spec)
 
@@ -116,10 +137,10 @@ def test_proportional_grows_in_the_slowdown_and_shrinks_after_it() -> None:
 
     result = replay(SLOWDOWN, configured(spec), spec)
 
-    ups = [a for a, (old, new) in zip(result.adjustments, steps(result), strict=True)
-           if new > old]
-    downs = [a for a, (old, new) in zip(result.adjustments, steps(result), strict=True)
-             if new < old]
+    ups = [a for a, (old, new) in zip(result.adjustments, steps(result), strict=True) if new > old]
+    downs = [
+        a for a, (old, new) in zip(result.adjustments, steps(result), strict=True) if new < old
+    ]
     slow_from, slow_to = T0 + timedelta(seconds=600), T0 + timedelta(seconds=1200)
     assert ups and all(slow_from < a.sent_at for a in ups)
     assert any(a.sent_at < slow_to for a in ups), "it reacts during the slowdown"
@@ -214,8 +235,12 @@ def test_proportional_works_off_a_batch_sooner_at_the_same_cost() -> None:
 def test_failed_slices_without_a_time_take_the_median() -> None:
     # Slices 1 and 3 failed with no time: they hold the worker for the
     # median, 2 s, so the run is over after 2 + 2 + 2 + 2 + 2 s on 1 worker.
-    run = recording([(0.0, 1.0), (0.0, 99.0), (0.0, 2.0), (0.0, 99.0), (0.0, 3.0)], end=0,
-                    workers=1, failed=frozenset({1, 3}))
+    run = recording(
+        [(0.0, 1.0), (0.0, 99.0), (0.0, 2.0), (0.0, 99.0), (0.0, 3.0)],
+        end=0,
+        workers=1,
+        failed=frozenset({1, 3}),
+    )
     spec = "reference:slice.processing_time=100"
 
     result = replay(run, configured(spec), spec)
@@ -253,16 +278,24 @@ def test_workers_come_up_after_the_startup() -> None:
 
 
 def test_comparison_table_has_one_column_per_result() -> None:
-    results = [replay(SLOWDOWN, configured(spec), spec)
-               for spec in ("reference", "proportional", "proportional:max_workers=6")]
+    results = [
+        replay(SLOWDOWN, configured(spec), spec)
+        for spec in ("reference", "proportional", "proportional:max_workers=6")
+    ]
 
     table = comparison_table(results).splitlines()
 
     assert all(spec in table[0] for spec in ("reference", "proportional:max_workers=6"))
     rows = {line.split("  ")[0].strip(): line for line in table[2:]}
-    assert set(rows) == {"worker-hours", "backlog over deadline (s)", "adjustments",
-                         "peak workers", "slices processed / abandoned",
-                         "p90 queue wait (s)", "run over after (min)"}
+    assert set(rows) == {
+        "worker-hours",
+        "backlog over deadline (s)",
+        "adjustments",
+        "peak workers",
+        "slices processed / abandoned",
+        "p90 queue wait (s)",
+        "run over after (min)",
+    }
     assert len(rows["peak workers"].split()) == 2 + 3  # "peak", "workers", 3 values
     assert rows["adjustments"].split()[1:] == [str(len(r.adjustments)) for r in results]
 
@@ -278,28 +311,36 @@ def test_settings_with_reads_a_spec() -> None:
     assert chosen.slice.cooldown == 30.0
     assert chosen.scaling.max_total_cores is None
     assert chosen.panda == BASE.panda  # the rest as configured
-    assert settings_with(BASE, "reference") == ("reference", BASE.model_copy(
-        update={"scaling": BASE.scaling.model_copy(update={"policy": "reference"})}))
+    assert settings_with(BASE, "reference") == (
+        "reference",
+        BASE.model_copy(
+            update={"scaling": BASE.scaling.model_copy(update={"policy": "reference"})}
+        ),
+    )
 
 
-@pytest.mark.parametrize(("spec", "named"), [
-    ("proportional:max_wrokers=20", "max_wrokers"),
-    ("proportional:slice.colldown=3", "colldown"),
-    ("proportional:nosuch.key=3", "nosuch"),
-    ("proportional:max_workers=many", "max_workers"),
-    ("proportional:min_workers=50,max_workers=10", "min_workers is above max_workers"),
-    ("proportional:max_workers", "max_workers"),
-    ("proportional:policy=reference", "policy"),
-    ("adaptive", "policy"),
-])
+@pytest.mark.parametrize(
+    ("spec", "named"),
+    [
+        ("proportional:max_wrokers=20", "max_wrokers"),
+        ("proportional:slice.colldown=3", "colldown"),
+        ("proportional:nosuch.key=3", "nosuch"),
+        ("proportional:max_workers=many", "max_workers"),
+        ("proportional:min_workers=50,max_workers=10", "min_workers is above max_workers"),
+        ("proportional:max_workers", "max_workers"),
+        ("proportional:policy=reference", "policy"),
+        ("adaptive", "policy"),
+    ],
+)
 def test_settings_with_rejects_a_bad_spec(spec: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         settings_with(BASE, spec)
 
 
 def test_settings_with_keeps_the_password() -> None:
-    secret = BASE.model_copy(update={"brokers": BASE.brokers.model_copy(
-        update={"password": "s3cret"})})
+    secret = BASE.model_copy(
+        update={"brokers": BASE.brokers.model_copy(update={"password": "s3cret"})}
+    )
     chosen = settings_with(secret, "proportional")[1]
     assert chosen.brokers.password == secret.brokers.password
 
@@ -329,7 +370,8 @@ def test_proportional_stays_within_bounds(rate: float, took: float, initial: int
 @example(rate=1.875, took=2.0, initial=4)
 @given(**STEADY)
 def test_proportional_turns_at_most_once_on_a_steady_stream(
-        rate: float, took: float, initial: int) -> None:
+    rate: float, took: float, initial: int
+) -> None:
     result = steady_replay(rate, took, initial)
 
     moves = directions(sizes(result, initial))

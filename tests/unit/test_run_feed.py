@@ -38,9 +38,13 @@ T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 
 def event(seconds: float, event_id: uuid.UUID | None = None) -> Event:
-    return Event(id=event_id or uuid.uuid4(), occurred=T0 + timedelta(seconds=seconds),
-                 event="swf.bus.slice_result", resource={"prefect.resource.id": "swf.run.t.1"},
-                 payload={})
+    return Event(
+        id=event_id or uuid.uuid4(),
+        occurred=T0 + timedelta(seconds=seconds),
+        event="swf.bus.slice_result",
+        resource={"prefect.resource.id": "swf.run.t.1"},
+        payload={},
+    )
 
 
 def drain(feed: RunFeed) -> list[Event]:
@@ -49,6 +53,7 @@ def drain(feed: RunFeed) -> list[Event]:
         while (item := await feed.next(timeout=0)) is not None:
             found.append(item)
         return found
+
     return asyncio.run(take())
 
 
@@ -93,16 +98,30 @@ def test_an_event_older_than_what_is_remembered_counts_as_seen() -> None:
 def test_a_runs_feed_reads_back_every_kind_of_event_the_run_journals() -> None:
     # A retried REST flow run learns its task's ids only from the answer an
     # earlier attempt journaled: the run's filter must take answer events too.
-    created = CreatedWorkflowTask.model_validate({
-        "msg_type": "created_workflow_task", "run_id": "100123",
-        "created_at": "2026-11-23T12:00:00",
-        "content": {"run_id": "100123", "request_id": 1001, "transform_id": 2001,
-                    "processing_id": 3001, "workload_id": 60001}})
+    created = CreatedWorkflowTask.model_validate(
+        {
+            "msg_type": "created_workflow_task",
+            "run_id": "100123",
+            "created_at": "2026-11-23T12:00:00",
+            "content": {
+                "run_id": "100123",
+                "request_id": 1001,
+                "transform_id": 2001,
+                "processing_id": 3001,
+                "workload_id": 60001,
+            },
+        }
+    )
     journaled = [
         answer_event(created, "t", None),
         effect_event(CreateSent(), "t", "100123", None),
-        message_event({"msg_type": "slice_result", "run_id": "100123"}, "slice_result", "t",
-                      "100123", "delivery-1"),
+        message_event(
+            {"msg_type": "slice_result", "run_id": "100123"},
+            "slice_result",
+            "t",
+            "100123",
+            "delivery-1",
+        ),
         stream_event([stream_message("100123", "delivery-2")], "t"),
     ]
     wanted = run_filter(run_resource_id("t", "100123"), T0)
@@ -113,15 +132,18 @@ def test_a_runs_feed_reads_back_every_kind_of_event_the_run_journals() -> None:
 
 
 def run_event(resource_id: str, name: str = "swf.bus.slice_result") -> Event:
-    return Event(occurred=T0, event=name, resource={"prefect.resource.id": resource_id},
-                 payload={})
+    return Event(occurred=T0, event=name, resource={"prefect.resource.id": resource_id}, payload={})
 
 
 def test_the_hub_hands_each_event_to_the_feeds_of_its_run_only() -> None:
     hub = RunEventsHub()
     taken: dict[str, list[str]] = {"parent": [], "sub": [], "other": []}
-    parent = Route("swf.run.t.1", ("swf.bus.slice_result",), lambda e: taken["parent"].append(
-        e.event), lambda: None)
+    parent = Route(
+        "swf.run.t.1",
+        ("swf.bus.slice_result",),
+        lambda e: taken["parent"].append(e.event),
+        lambda: None,
+    )
     sub = Route("swf.run.t.1", (), lambda e: taken["sub"].append(e.event), lambda: None)
     other = Route("swf.run.t.2", (), lambda e: taken["other"].append(e.event), lambda: None)
     for route in (parent, sub, other):
@@ -131,8 +153,11 @@ def test_the_hub_hands_each_event_to_the_feeds_of_its_run_only() -> None:
     hub._dispatch(run_event("swf.run.t.1", "swf.bus.end_run"))
     hub._dispatch(run_event("swf.run.t.3"))  # followed by no feed here: dropped
 
-    assert taken == {"parent": ["swf.bus.end_run"],
-                     "sub": ["swf.bus.slice_result", "swf.bus.end_run"], "other": []}
+    assert taken == {
+        "parent": ["swf.bus.end_run"],
+        "sub": ["swf.bus.slice_result", "swf.bus.end_run"],
+        "other": [],
+    }
     hub.remove(sub)
     hub._dispatch(run_event("swf.run.t.1"))
     assert taken["sub"] == ["swf.bus.slice_result", "swf.bus.end_run"]
@@ -143,8 +168,7 @@ def test_every_feed_reads_its_history_again_when_the_hub_subscribes_again() -> N
     hub = RunEventsHub()
     swept: list[str] = []
     for resource_id in ("swf.run.t.1", "swf.run.t.2"):
-        route = Route(resource_id, (), lambda e: None,
-                      lambda r=resource_id: swept.append(r))  # type: ignore[misc]
+        route = Route(resource_id, (), lambda e: None, lambda r=resource_id: swept.append(r))  # type: ignore[misc]
         hub._routes.setdefault(resource_id, []).append(route)
     hub._on_subscribed(True)
     assert swept == []  # the first subscription: each feed reads its history itself
@@ -153,25 +177,40 @@ def test_every_feed_reads_its_history_again_when_the_hub_subscribes_again() -> N
 
 
 def stream_message(run_id: str, key: str, seconds: float = 0.0) -> StreamMessage:
-    return StreamMessage("slice_result", run_id, key, {"msg_type": "slice_result",
-                                                        "run_id": run_id, "content": {}},
-                         T0 + timedelta(seconds=seconds), uuid.uuid5(uuid.NAMESPACE_URL, run_id))
+    return StreamMessage(
+        "slice_result",
+        run_id,
+        key,
+        {"msg_type": "slice_result", "run_id": run_id, "content": {}},
+        T0 + timedelta(seconds=seconds),
+        uuid.uuid5(uuid.NAMESPACE_URL, run_id),
+    )
 
 
 def test_a_stream_batch_unpacks_into_the_events_its_messages_would_have_made() -> None:
-    messages = [stream_message("1", "m-1"), stream_message("2", "m-2", 0.5),
-                stream_message("1", "m-3", 1.0)]
+    messages = [
+        stream_message("1", "m-1"),
+        stream_message("2", "m-2", 0.5),
+        stream_message("1", "m-3", 1.0),
+    ]
     batch = stream_event(messages, "t", listener="swf-panda-workers-t")
     assert batch.occurred == T0  # its first message's: a history read from then has it
     assert [r.id for r in batch.related] == [
-        "swf.run.t.1", f"prefect.flow-run.{messages[0].flow_run_id}",
-        "swf.run.t.2", f"prefect.flow-run.{messages[1].flow_run_id}"]
-    alone = [message_event(m.body, "slice_result", "t", m.run_id, m.delivery_key,
-                           listener="swf-panda-workers-t") for m in messages]
+        "swf.run.t.1",
+        f"prefect.flow-run.{messages[0].flow_run_id}",
+        "swf.run.t.2",
+        f"prefect.flow-run.{messages[1].flow_run_id}",
+    ]
+    alone = [
+        message_event(
+            m.body, "slice_result", "t", m.run_id, m.delivery_key, listener="swf-panda-workers-t"
+        )
+        for m in messages
+    ]
     assert [(e.id, e.event, e.resource.root, e.payload) for e in unpacked(batch)] == [
-        (e.id, e.event, e.resource.root, e.payload) for e in alone]
-    assert [e.occurred for e in unpacked(batch, "swf.run.t.1")] == [
-        T0, T0 + timedelta(seconds=1)]
+        (e.id, e.event, e.resource.root, e.payload) for e in alone
+    ]
+    assert [e.occurred for e in unpacked(batch, "swf.run.t.1")] == [T0, T0 + timedelta(seconds=1)]
     assert decode(unpacked(batch)[0]) is not None
 
 
@@ -184,16 +223,29 @@ def test_a_stream_batch_relates_to_no_more_runs_than_the_server_takes() -> None:
 def test_the_hub_hands_each_message_of_a_batch_to_its_runs_feeds() -> None:
     hub = RunEventsHub()
     taken: dict[str, list[uuid.UUID]] = {"1": [], "2": [], "parent-1": []}
-    routes = [Route("swf.run.t.1", (), lambda e: taken["1"].append(e.id), lambda: None),
-              Route("swf.run.t.2", (), lambda e: taken["2"].append(e.id), lambda: None),
-              Route("swf.run.t.1", STREAM_EVENTS, lambda e: taken["parent-1"].append(e.id),
-                    lambda: None)]
+    routes = [
+        Route("swf.run.t.1", (), lambda e: taken["1"].append(e.id), lambda: None),
+        Route("swf.run.t.2", (), lambda e: taken["2"].append(e.id), lambda: None),
+        Route("swf.run.t.1", STREAM_EVENTS, lambda e: taken["parent-1"].append(e.id), lambda: None),
+    ]
     for route in routes:
         hub._routes.setdefault(route.resource_id, []).append(route)
-    hub._dispatch(stream_event([stream_message("1", "a"), stream_message("2", "b"),
-                                stream_message("1", "c"), stream_message("3", "d")], "t"))
-    assert taken == {"1": [message_event_id("t", "a"), message_event_id("t", "c")],
-                     "2": [message_event_id("t", "b")], "parent-1": []}
+    hub._dispatch(
+        stream_event(
+            [
+                stream_message("1", "a"),
+                stream_message("2", "b"),
+                stream_message("1", "c"),
+                stream_message("3", "d"),
+            ],
+            "t",
+        )
+    )
+    assert taken == {
+        "1": [message_event_id("t", "a"), message_event_id("t", "c")],
+        "2": [message_event_id("t", "b")],
+        "parent-1": [],
+    }
 
 
 def test_a_message_stored_in_two_batches_is_read_once() -> None:
@@ -222,6 +274,7 @@ def test_a_settled_feed_holds_what_its_late_history_sweeps_brought() -> None:
         async def sweep() -> None:
             await asyncio.sleep(0.05)
             live.put_nowait(late)
+
         feed._late = asyncio.create_task(sweep())
         before = await feed.next(timeout=0)
         assert before is None
@@ -243,6 +296,7 @@ def test_a_feed_is_settled_once_its_first_late_sweep_is_read() -> None:
             live.put_nowait(late)
             feed._late_read.set()
             await asyncio.sleep(3600)  # the second sweep, far off
+
         feed._late = asyncio.create_task(sweeps())
         await feed.settled()
         still_sweeping = not feed._late.done()

@@ -13,8 +13,9 @@ def test_an_expected_wait_that_lasts_past_the_limit_is_reported_once() -> None:
     assert progress.stalled_for(69.0, LIMIT) is None
     assert progress.stalled_for(71.0, LIMIT) == 61.0
     assert progress.stalled_for(200.0, LIMIT) is None  # reported already
-    assert progress.stall_line(61.0) == ("stalled run_id=7: no progress for 61s, waiting "
-                                         "for iDDS's created_workflow_task")
+    assert progress.stall_line(61.0) == (
+        "stalled run_id=7: no progress for 61s, waiting for iDDS's created_workflow_task"
+    )
 
 
 def test_progress_ends_a_stall_and_says_how_long_it_lasted() -> None:

@@ -31,11 +31,16 @@ LONG_AGO = NOW - timedelta(seconds=UNCLAIMED_GRACE + 1)
 JUST_NOW = NOW - timedelta(seconds=1)
 
 
-def flow_run(state: StateType, since: datetime, run_count: int = 1,
-             process: RunProcess | None = None) -> FlowRun:
+def flow_run(
+    state: StateType, since: datetime, run_count: int = 1, process: RunProcess | None = None
+) -> FlowRun:
     labels = {PROCESS_LABEL: process.label} if process is not None else {}
-    return FlowRun(flow_id=uuid4(), run_count=run_count, labels=labels,
-                   state=State(type=state, timestamp=since, message="exit code -9"))
+    return FlowRun(
+        flow_id=uuid4(),
+        run_count=run_count,
+        labels=labels,
+        state=State(type=state, timestamp=since, message="exit code -9"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ def test_a_run_no_process_claimed_is_an_orphan_only_after_the_grace(
 
 
 def test_a_pending_run_is_judged_by_its_age_not_by_the_last_process(
-    dead_process: RunProcess
+    dead_process: RunProcess,
 ) -> None:
     # Rescheduled after its process died, now being started again: the old
     # process being gone says nothing about the new one.
@@ -124,18 +129,27 @@ def states(*types: StateType) -> list[State]:
 
 def test_a_crash_that_ends_a_cancel_is_not_recovered() -> None:
     # The in-process runner cancels the run's task; its engine reports Crashed.
-    assert crash_ends_a_cancel(states(StateType.SCHEDULED, StateType.PENDING,
-                                      StateType.RUNNING, StateType.CANCELLING,
-                                      StateType.CRASHED))
+    assert crash_ends_a_cancel(
+        states(
+            StateType.SCHEDULED,
+            StateType.PENDING,
+            StateType.RUNNING,
+            StateType.CANCELLING,
+            StateType.CRASHED,
+        )
+    )
 
 
-@pytest.mark.parametrize("history", [
-    (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CRASHED),
-    (StateType.CANCELLING, StateType.RUNNING, StateType.CRASHED),  # cancel undone
-    (StateType.CANCELLING, StateType.CANCELLED),
-    (StateType.CRASHED,),
-    (),
-])
+@pytest.mark.parametrize(
+    "history",
+    [
+        (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CRASHED),
+        (StateType.CANCELLING, StateType.RUNNING, StateType.CRASHED),  # cancel undone
+        (StateType.CANCELLING, StateType.CANCELLED),
+        (StateType.CRASHED,),
+        (),
+    ],
+)
 def test_other_crashes_are_recovered(history: tuple[StateType, ...]) -> None:
     assert not crash_ends_a_cancel(states(*history))
 
@@ -156,8 +170,9 @@ class RecordingClient:
     async def update_flow_run_labels(self, *_: object) -> None:
         return None
 
-    async def set_flow_run_state(self, run_id: object, state: State,
-                                 force: bool = False) -> SimpleNamespace:
+    async def set_flow_run_state(
+        self, run_id: object, state: State, force: bool = False
+    ) -> SimpleNamespace:
         self.rescheduled.append(run_id)
         return SimpleNamespace(status=SetStateStatus.ACCEPT, details=None)
 
@@ -168,7 +183,13 @@ def test_a_run_this_process_executes_is_never_rescheduled() -> None:
     mine = flow_run(StateType.RUNNING, LONG_AGO)
     lost = flow_run(StateType.RUNNING, LONG_AGO)
     client = RecordingClient([mine, lost])
-    rescheduled = asyncio.run(recover_orphans(client, uuid4(),  # type: ignore[arg-type]
-                                              timedelta(hours=1), executing_here={mine.id}))
+    rescheduled = asyncio.run(
+        recover_orphans(
+            client,  # type: ignore[arg-type]
+            uuid4(),
+            timedelta(hours=1),
+            executing_here={mine.id},
+        )
+    )
     assert [run.id for run in rescheduled] == [lost.id]
     assert client.rescheduled == [lost.id]

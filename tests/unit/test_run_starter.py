@@ -41,8 +41,7 @@ class Client:
             raise ObjectNotFound(http_exc=Exception("404"))
         return SimpleNamespace(id=uuid.uuid4())
 
-    async def create_flow_run_from_deployment(self, deployment_id: uuid.UUID,
-                                              **_: Any) -> Any:
+    async def create_flow_run_from_deployment(self, deployment_id: uuid.UUID, **_: Any) -> Any:
         if self.create_status is not None:
             request = httpx.Request("POST", "http://prefect/api/deployments/x/create_flow_run")
             response = httpx.Response(self.create_status, request=request)
@@ -84,12 +83,14 @@ def test_other_refusals_stay_what_they_are() -> None:
 
 def refusal(status: int) -> httpx.HTTPStatusError:
     request = httpx.Request("POST", "http://prefect/api/flow_runs/")
-    return httpx.HTTPStatusError("no", request=request, response=httpx.Response(
-        status, request=request))
+    return httpx.HTTPStatusError(
+        "no", request=request, response=httpx.Response(status, request=request)
+    )
 
 
 def test_a_locked_database_is_retried_at_once_without_the_client_s_own_retries(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # SQLite's "database is locked" comes back as a 503: tried again within
     # tenths of a second, not after Prefect's client's 2, 4, 8... seconds.
     answers: list[int | None] = [503, 503, None]

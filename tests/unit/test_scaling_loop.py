@@ -38,8 +38,7 @@ def at(seconds: float) -> datetime:
 
 
 def result(when: float, took: float = 4.0, worker: str = "wn-1") -> SliceObservation:
-    return SliceObservation(at=at(when), processing_seconds=took, waited_seconds=0.0,
-                            worker=worker)
+    return SliceObservation(at=at(when), processing_seconds=took, waited_seconds=0.0, worker=worker)
 
 
 def workers(count: int) -> WorkerSize:
@@ -47,20 +46,24 @@ def workers(count: int) -> WorkerSize:
 
 
 def announcement(**content: object) -> RunImminent:
-    message = parse_message({"msg_type": "run_imminent_worker", "run_id": "100123",
-                             "content": content})
+    message = parse_message(
+        {"msg_type": "run_imminent_worker", "run_id": "100123", "content": content}
+    )
     assert isinstance(message, RunImminent)
     return message
 
 
 def test_the_configured_policy_with_the_runs_own_figures() -> None:
-    settings = settings_from({"scaling": {"policy": "reference"}, "slice": {
-        "processing_time": 30, "cooldown": 20}}, {})
+    settings = settings_from(
+        {"scaling": {"policy": "reference"}, "slice": {"processing_time": 30, "cooldown": 20}}, {}
+    )
     assert policy_for(settings, announcement(slice_processing_time=12)) == ReferencePolicy(
-        expected_seconds=12, cooldown_seconds=20)
+        expected_seconds=12, cooldown_seconds=20
+    )
 
-    settings = settings_from({"scaling": {"max_workers": 40, "max_total_cores": 64,
-                                          "rampup": 300, "tick": 2}}, {})
+    settings = settings_from(
+        {"scaling": {"max_workers": 40, "max_total_cores": 64, "rampup": 300, "tick": 2}}, {}
+    )
     policy = policy_for(settings, announcement(worker_rampup_time=120))
     assert isinstance(policy, ProportionalPolicy)
     assert policy.bounds == Bounds(min_workers=1, max_workers=40, max_total_cores=64)
@@ -98,8 +101,14 @@ def test_the_reference_policy_looks_at_every_result_only() -> None:
 
 
 def test_a_look_decides_from_the_window_and_draws_the_timeline() -> None:
-    policy = ProportionalPolicy(bounds=Bounds(max_workers=50), tolerance=0, up_window=0,
-                                cooldown_seconds=0, min_results=3, tick_seconds=20)
+    policy = ProportionalPolicy(
+        bounds=Bounds(max_workers=50),
+        tolerance=0,
+        up_window=0,
+        cooldown_seconds=0,
+        min_results=3,
+        tick_seconds=20,
+    )
     loop = ScalingLoop(policy, SliceWindow(60, 90))
     loop.on_idle(PLAN, at(0))  # the first look: nothing in the window yet
     for i in range(40):  # 2 results/s of 4 s: 8 busy workers, 10 at 80 %
@@ -108,9 +117,14 @@ def test_a_look_decides_from_the_window_and_draws_the_timeline() -> None:
     assert decision is not None and decision.size.target_worker_count == 4  # +100 % a step
     assert decision.inputs is not None and decision.inputs.workers_seen == 2
     point = loop.timeline.points[-1]
-    assert point == TimelinePoint(at=at(24), requested=2, workers_seen=2,
-                                  processing_seconds=4.0, backlog=0.0,
-                                  rate=decision.inputs.rate)
+    assert point == TimelinePoint(
+        at=at(24),
+        requested=2,
+        workers_seen=2,
+        processing_seconds=4.0,
+        backlog=0.0,
+        rate=decision.inputs.rate,
+    )
 
 
 def test_a_decision_replaying_a_journaled_adjustment_is_not_sent_again() -> None:
@@ -119,8 +133,11 @@ def test_a_decision_replaying_a_journaled_adjustment_is_not_sent_again() -> None
     # stored after that result): neither is sent. Once the replay has read
     # the entry, 3 may be asked for again (6 -> 4 -> 6 on a real run).
     sent = AdjustSent(size=workers(3), reason="slow", decided_at=at(1), sent_at=at(1.2))
-    loop = ScalingLoop(ReferencePolicy(expected_seconds=10, cooldown_seconds=0),
-                       SliceWindow(60, 90), AdjustmentJournal.of([sent]))
+    loop = ScalingLoop(
+        ReferencePolicy(expected_seconds=10, cooldown_seconds=0),
+        SliceWindow(60, 90),
+        AdjustmentJournal.of([sent]),
+    )
     assert loop.after_result(PLAN, result(1, took=16)) is None
     assert loop.after_result(PLAN, result(1.1, took=16)) is None
     loop.journaled(sent)
@@ -140,8 +157,9 @@ def test_an_adjustment_sent_folds_into_the_plan_its_cooldown_from_its_decision()
     plan = PLAN.adjusted(decision, sent_at=at(4))
     assert plan.current == workers(3) and plan.workers == 3
     assert plan.last_adjusted_at == at(1) and plan.requested_at == at(4)
-    loop = ScalingLoop(ReferencePolicy(expected_seconds=10, cooldown_seconds=60),
-                       SliceWindow(60, 90))
+    loop = ScalingLoop(
+        ReferencePolicy(expected_seconds=10, cooldown_seconds=60), SliceWindow(60, 90)
+    )
     # 1.5x of 2 is 3 again: asked already; nothing new within the cooldown either.
     assert loop.after_result(plan, result(30, took=100)) is None
 
@@ -171,8 +189,11 @@ def test_slow_slices_stretch_the_quiet_spell_of_a_drain() -> None:
 def test_a_long_timeline_is_thinned_not_grown() -> None:
     timeline = Timeline(limit=100)
     for i in range(10_000):
-        timeline.add(TimelinePoint(at=at(i), requested=1, workers_seen=1,
-                                   processing_seconds=1.0, backlog=0, rate=1))
+        timeline.add(
+            TimelinePoint(
+                at=at(i), requested=1, workers_seen=1, processing_seconds=1.0, backlog=0, rate=1
+            )
+        )
     assert 50 <= len(timeline.points) <= 100
     assert timeline.points[0].at == at(0)
     assert timeline.points[-1].at >= at(9_900)

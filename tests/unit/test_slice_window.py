@@ -18,10 +18,16 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def sample(when: float, took: float | None = 2.0, waited: float | None = 0.0,
-           worker: str | None = "wn-1", failed: bool = False) -> SliceObservation:
-    return SliceObservation(at=at(when), processing_seconds=took, waited_seconds=waited,
-                       worker=worker, failed=failed)
+def sample(
+    when: float,
+    took: float | None = 2.0,
+    waited: float | None = 0.0,
+    worker: str | None = "wn-1",
+    failed: bool = False,
+) -> SliceObservation:
+    return SliceObservation(
+        at=at(when), processing_seconds=took, waited_seconds=waited, worker=worker, failed=failed
+    )
 
 
 def test_a_steady_stream_gives_its_rate_time_and_workers() -> None:
@@ -77,37 +83,63 @@ def test_failed_slices_count_as_finished_but_not_in_the_time() -> None:
 
 
 def test_a_sample_from_the_real_transformers_result() -> None:
-    result = parse_message({
-        "msg_type": "slice_result", "run_id": 100123, "created_at": "2026-03-01T08:00:40",
-        "content": {"requested_at": "2026-03-01T08:00:00.000000",
-                    "processing_start_at": "2026-03-01T08:00:12.500000",
-                    "processed_at": "2026-03-01T08:00:40.000000",
-                    "state": "done", "hostname": "wn-7", "result": {"state": "done"}}})
+    result = parse_message(
+        {
+            "msg_type": "slice_result",
+            "run_id": 100123,
+            "created_at": "2026-03-01T08:00:40",
+            "content": {
+                "requested_at": "2026-03-01T08:00:00.000000",
+                "processing_start_at": "2026-03-01T08:00:12.500000",
+                "processed_at": "2026-03-01T08:00:40.000000",
+                "state": "done",
+                "hostname": "wn-7",
+                "result": {"state": "done"},
+            },
+        }
+    )
     assert isinstance(result, SliceResult)
     seen = SliceObservation.of(result, at(41))
-    assert seen == SliceObservation(at=at(41), processing_seconds=27.5, waited_seconds=12.5,
-                               worker="wn-7", failed=False)
+    assert seen == SliceObservation(
+        at=at(41), processing_seconds=27.5, waited_seconds=12.5, worker="wn-7", failed=False
+    )
 
 
 def test_clock_skew_never_makes_a_negative_wait() -> None:
-    result = parse_message({
-        "msg_type": "slice_result", "run_id": 1,
-        "content": {"requested_at": "2026-03-01T08:00:10", "processing_start_at":
-                    "2026-03-01T08:00:05", "processed_at": "2026-03-01T08:00:06"}})
+    result = parse_message(
+        {
+            "msg_type": "slice_result",
+            "run_id": 1,
+            "content": {
+                "requested_at": "2026-03-01T08:00:10",
+                "processing_start_at": "2026-03-01T08:00:05",
+                "processed_at": "2026-03-01T08:00:06",
+            },
+        }
+    )
     assert isinstance(result, SliceResult)
     assert SliceObservation.of(result, at(6)).waited_seconds == 0
 
 
-@pytest.mark.parametrize(("values", "pct", "expected"), [
-    ([], 90, None), ([5.0], 90, 5.0), ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90, 9),
-    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 100, 10), ([3, 1, 2], 50, 2)])
-def test_percentile_is_nearest_rank(values: list[float], pct: float, expected: float | None
-                                    ) -> None:
+@pytest.mark.parametrize(
+    ("values", "pct", "expected"),
+    [
+        ([], 90, None),
+        ([5.0], 90, 5.0),
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90, 9),
+        ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 100, 10),
+        ([3, 1, 2], 50, 2),
+    ],
+)
+def test_percentile_is_nearest_rank(
+    values: list[float], pct: float, expected: float | None
+) -> None:
     assert percentile(values, pct) == expected
 
 
-@given(st.lists(st.tuples(st.floats(0, 1e4), st.floats(0, 1e3), st.sampled_from("abcd")),
-                max_size=200))
+@given(
+    st.lists(st.tuples(st.floats(0, 1e4), st.floats(0, 1e3), st.sampled_from("abcd")), max_size=200)
+)
 def test_the_window_holds_only_its_span(results: list[tuple[float, float, str]]) -> None:
     window = SliceWindow(span=60, percentile=90)
     for when, took, worker in sorted(results):

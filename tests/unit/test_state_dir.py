@@ -18,23 +18,53 @@ HOME = Path("/home/operator")
 @pytest.mark.parametrize(
     ("configured", "environ", "path", "chosen_by"),
     [
-        pytest.param(None, {}, HOME / ".local/state/swf-panda-workers",
-                     "the XDG default, ~/.local/state", id="nothing set: XDG default"),
-        pytest.param(None, {"XDG_STATE_HOME": "/var/lib/op"}, Path("/var/lib/op/swf-panda-workers"),
-                     "XDG_STATE_HOME", id="XDG_STATE_HOME"),
-        pytest.param(None, {"XDG_STATE_HOME": "relative/dir"},
-                     HOME / ".local/state/swf-panda-workers", "the XDG default, ~/.local/state",
-                     id="a relative XDG_STATE_HOME is ignored, as the spec says"),
-        pytest.param(None, {"PREFECT_HOME": "/srv/prefect", "XDG_STATE_HOME": "/var/lib/op"},
-                     Path("/srv/prefect"), "PREFECT_HOME", id="PREFECT_HOME before XDG"),
-        pytest.param("/data/swf", {"PREFECT_HOME": "/srv/prefect"}, Path("/data/swf"),
-                     "prefect.state_dir", id="the configuration before PREFECT_HOME"),
-        pytest.param("/data/swf", {"SWF_STATE_DIR": "/data/other"}, Path("/data/other"),
-                     "SWF_STATE_DIR", id="SWF_STATE_DIR overrides the configuration"),
+        pytest.param(
+            None,
+            {},
+            HOME / ".local/state/swf-panda-workers",
+            "the XDG default, ~/.local/state",
+            id="nothing set: XDG default",
+        ),
+        pytest.param(
+            None,
+            {"XDG_STATE_HOME": "/var/lib/op"},
+            Path("/var/lib/op/swf-panda-workers"),
+            "XDG_STATE_HOME",
+            id="XDG_STATE_HOME",
+        ),
+        pytest.param(
+            None,
+            {"XDG_STATE_HOME": "relative/dir"},
+            HOME / ".local/state/swf-panda-workers",
+            "the XDG default, ~/.local/state",
+            id="a relative XDG_STATE_HOME is ignored, as the spec says",
+        ),
+        pytest.param(
+            None,
+            {"PREFECT_HOME": "/srv/prefect", "XDG_STATE_HOME": "/var/lib/op"},
+            Path("/srv/prefect"),
+            "PREFECT_HOME",
+            id="PREFECT_HOME before XDG",
+        ),
+        pytest.param(
+            "/data/swf",
+            {"PREFECT_HOME": "/srv/prefect"},
+            Path("/data/swf"),
+            "prefect.state_dir",
+            id="the configuration before PREFECT_HOME",
+        ),
+        pytest.param(
+            "/data/swf",
+            {"SWF_STATE_DIR": "/data/other"},
+            Path("/data/other"),
+            "SWF_STATE_DIR",
+            id="SWF_STATE_DIR overrides the configuration",
+        ),
     ],
 )
-def test_where_the_state_is(configured: str | None, environ: dict[str, str], path: Path,
-                            chosen_by: str) -> None:
+def test_where_the_state_is(
+    configured: str | None, environ: dict[str, str], path: Path, chosen_by: str
+) -> None:
     raw = {"prefect": {"state_dir": configured}} if configured else {}
     state = state_dir(settings_from(raw, environ), environ, home=HOME)
     assert (state.path, state.chosen_by) == (path, chosen_by)
@@ -47,13 +77,16 @@ def test_a_state_directory_under_the_temporary_directory_is_told_apart(tmp_path:
     assert not state_dir(settings_from({}, {}), {}, home=HOME).temporary(temp_root=tmp_path)
 
 
-def test_config_prints_the_state_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_prints_the_state_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("SWF_STATE_DIR", str(tmp_path / "state"))
     assert main(["config"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == (f"# serve's state directory (Prefect database, logs): "
-                        f"{tmp_path / 'state'} (from SWF_STATE_DIR)")
+    assert lines[1] == (
+        f"# serve's state directory (Prefect database, logs): "
+        f"{tmp_path / 'state'} (from SWF_STATE_DIR)"
+    )
 
 
 def test_the_databases_earlier_versions_kept_are_found(tmp_path: Path) -> None:
@@ -65,5 +98,7 @@ def test_the_databases_earlier_versions_kept_are_found(tmp_path: Path) -> None:
         database.parent.mkdir(parents=True)
         database.write_bytes(b"SQLite format 3\0")
     assert earlier_databases({"SWF_STATE_DIR": str(configured)}, temp_root=temp) == [
-        in_configured, in_temp]
+        in_configured,
+        in_temp,
+    ]
     assert earlier_databases({}, temp_root=temp) == [in_temp]

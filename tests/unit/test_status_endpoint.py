@@ -22,8 +22,7 @@ from swf_panda_workers.config.loading import settings_from
 from swf_panda_workers.config.schema import Metrics, Settings
 from swf_panda_workers.healthcheck import default_url, problem
 
-HEALTHY = ListenerHealth(listening=True, bus_connected=True, prefect_reachable=True,
-                         runs_active=2)
+HEALTHY = ListenerHealth(listening=True, bus_connected=True, prefect_reachable=True, runs_active=2)
 
 
 class Health:
@@ -57,16 +56,21 @@ def get(url: str) -> tuple[int, str, bytes]:
         return exc.code, exc.headers["Content-Type"], exc.read()
 
 
-@pytest.mark.parametrize(("health", "code", "status"), [
-    pytest.param(HEALTHY, 200, "ok", id="all well"),
-    # Messages wait unacked, nothing is lost; a restart would not bring Prefect back.
-    pytest.param(ListenerHealth(True, True, False, None), 200, "degraded", id="Prefect away"),
-    pytest.param(ListenerHealth(True, False, True, 2), 503, "unavailable", id="broker lost"),
-    pytest.param(ListenerHealth(False, True, True, 2), 503, "unavailable", id="not subscribed"),
-    pytest.param(ListenerHealth(False, False, False, None), 503, "unavailable", id="starting"),
-])
+@pytest.mark.parametrize(
+    ("health", "code", "status"),
+    [
+        pytest.param(HEALTHY, 200, "ok", id="all well"),
+        # Messages wait unacked, nothing is lost; a restart would not bring Prefect back.
+        pytest.param(ListenerHealth(True, True, False, None), 200, "degraded", id="Prefect away"),
+        pytest.param(ListenerHealth(True, False, True, 2), 503, "unavailable", id="broker lost"),
+        pytest.param(ListenerHealth(False, True, True, 2), 503, "unavailable", id="not subscribed"),
+        pytest.param(ListenerHealth(False, False, False, None), 503, "unavailable", id="starting"),
+    ],
+)
 def test_healthz_says_healthy_while_the_listener_takes_messages(
-    health: ListenerHealth, code: int, status: str,
+    health: ListenerHealth,
+    code: int,
+    status: str,
 ) -> None:
     answer, body = health_answer(health)
     assert (answer, body["status"]) == (code, status)
@@ -79,14 +83,23 @@ def test_the_endpoint_serves_metrics_and_health(server: StatusServer, health: He
     code, content_type, body = get(f"{base}/metrics")
     assert code == 200 and content_type.startswith("text/plain")
     names = {family.name for family in text_string_to_metric_families(body.decode())}
-    assert {"swf_panda_workers_messages_received", "swf_panda_workers_messages_acked",
-            "swf_panda_workers_handoff_seconds", "swf_panda_workers_runs_active",
-            "swf_panda_workers_bus_connected"} <= names
+    assert {
+        "swf_panda_workers_messages_received",
+        "swf_panda_workers_messages_acked",
+        "swf_panda_workers_handoff_seconds",
+        "swf_panda_workers_runs_active",
+        "swf_panda_workers_bus_connected",
+    } <= names
 
     code, content_type, body = get(f"{base}/healthz")
     assert (code, content_type) == (200, "application/json")
-    assert json.loads(body) == {"status": "ok", "listening": True, "bus_connected": True,
-                                "prefect_reachable": True, "runs_active": 2}
+    assert json.loads(body) == {
+        "status": "ok",
+        "listening": True,
+        "bus_connected": True,
+        "prefect_reachable": True,
+        "runs_active": 2,
+    }
     health.now = ListenerHealth(True, False, True, 2)
     code, _, body = get(f"{base}/healthz?verbose=1")
     assert (code, json.loads(body)["status"]) == (503, "unavailable")
@@ -100,7 +113,8 @@ def test_port_zero_in_the_configuration_opens_no_endpoint(health: Health) -> Non
 
 
 def test_a_taken_port_is_logged_and_the_listener_goes_on(
-    health: Health, caplog: pytest.LogCaptureFixture,
+    health: Health,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -118,21 +132,28 @@ def test_the_metrics_section_comes_from_the_environment() -> None:
     assert settings_from({}, {"SWF_METRICS_PORT": "0"}).metrics.port == 0
 
 
-@pytest.mark.parametrize(("host", "port", "url"), [
-    ("127.0.0.1", 9640, "http://127.0.0.1:9640/healthz"),
-    ("0.0.0.0", 9641, "http://127.0.0.1:9641/healthz"),
-    ("::", 9640, "http://[::1]:9640/healthz"),
-    ("listener.example", 80, "http://listener.example:80/healthz"),
-    ("127.0.0.1", 0, None),
-])
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        ("127.0.0.1", 9640, "http://127.0.0.1:9640/healthz"),
+        ("0.0.0.0", 9641, "http://127.0.0.1:9641/healthz"),
+        ("::", 9640, "http://[::1]:9640/healthz"),
+        ("listener.example", 80, "http://listener.example:80/healthz"),
+        ("127.0.0.1", 0, None),
+    ],
+)
 def test_the_health_check_asks_the_configured_port_on_this_host(
-    host: str, port: int, url: str | None,
+    host: str,
+    port: int,
+    url: str | None,
 ) -> None:
     assert default_url(Metrics(host=host, port=port)) == url
 
 
 def test_healthcheck_exits_0_when_healthy_and_1_with_one_line_when_not(
-    server: StatusServer, health: Health, capsys: pytest.CaptureFixture[str],
+    server: StatusServer,
+    health: Health,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     url = f"http://127.0.0.1:{server.port}/healthz"
     assert main(["healthcheck", "--url", url]) == 0
@@ -167,12 +188,21 @@ def test_a_listener_that_never_answers_is_unhealthy() -> None:
     assert (wrong, answer) == (f"no answer from {url} within 0.3 s", "")
 
 
-@pytest.mark.parametrize(("config", "err"), [
-    ("metrics:\n  port: 0\n", "healthcheck: metrics.port is 0: the listener serves no /healthz"),
-    ("metrics:\n  prot: 1\n", "healthcheck: configuration error: "),
-])
+@pytest.mark.parametrize(
+    ("config", "err"),
+    [
+        (
+            "metrics:\n  port: 0\n",
+            "healthcheck: metrics.port is 0: the listener serves no /healthz",
+        ),
+        ("metrics:\n  prot: 1\n", "healthcheck: configuration error: "),
+    ],
+)
 def test_healthcheck_without_an_endpoint_to_ask_exits_1_not_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], config: str, err: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    config: str,
+    err: str,
 ) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(config)

@@ -16,8 +16,10 @@ T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
 def message(run_id: str, number: int = 0) -> tuple[StreamMessage, Delivery]:
     key = f"ID:{run_id}-{number}"
-    return (StreamMessage("slice_result", run_id, key, {"run_id": run_id}, T0),
-            Delivery({"message-id": key}, b"{}", "sub", 1))
+    return (
+        StreamMessage("slice_result", run_id, key, {"run_id": run_id}, T0),
+        Delivery({"message-id": key}, b"{}", "sub", 1),
+    )
 
 
 def test_a_batch_is_due_a_window_after_its_first_message() -> None:
@@ -52,6 +54,9 @@ def test_taking_a_batch_empties_it_in_the_order_messages_came() -> None:
     for item in added:
         batch.add(*item, now=5.0)
     messages, deliveries = batch.take()
-    assert [m.delivery_key for m in messages] == [d.message_id for d in deliveries] == [
-        "ID:1-0", "ID:1-1", "ID:1-2"]
+    assert (
+        [m.delivery_key for m in messages]
+        == [d.message_id for d in deliveries]
+        == ["ID:1-0", "ID:1-1", "ID:1-2"]
+    )
     assert len(batch) == 0 and batch.due_in(6.0) is None and batch.takes("2")

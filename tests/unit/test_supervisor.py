@@ -27,11 +27,14 @@ FAILS_ONCE = (
     "    print('cannot start: no marker yet', flush=True)\n"
     "    sys.exit(3)\n"
     "print('up', flush=True)\n"
-    "time.sleep(600)\n")
-IGNORES_SIGTERM = ("import signal, time\n"
-                   "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                   "print('up', flush=True)\n"
-                   "time.sleep(600)\n")
+    "time.sleep(600)\n"
+)
+IGNORES_SIGTERM = (
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('up', flush=True)\n"
+    "time.sleep(600)\n"
+)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -44,10 +47,10 @@ def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
 
 
 def child(tmp_path: Path, name: str, code: str, *args: str) -> Child:
-    process = ManagedProcess(name, [sys.executable, "-c", code, *args], {},
-                             tmp_path / f"{name}.log")
-    return Child(name, process, process.start,
-                 lambda: process.logged_since_start(b"up"))
+    process = ManagedProcess(
+        name, [sys.executable, "-c", code, *args], {}, tmp_path / f"{name}.log"
+    )
+    return Child(name, process, process.start, lambda: process.logged_since_start(b"up"))
 
 
 @pytest.fixture
@@ -75,12 +78,15 @@ def test_backoff_doubles_up_to_its_limit() -> None:
 
 
 def test_a_child_that_exits_is_started_again_and_the_log_says_how_it_ended(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        running: Callable[[Supervisor], threading.Event]) -> None:
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    running: Callable[[Supervisor], threading.Event],
+) -> None:
     flaky = child(tmp_path, "flaky", FAILS_ONCE, str(tmp_path / "marker"))
     ready: list[str] = []
-    supervisor = Supervisor([flaky], Backoff(first=0.1),
-                            on_all_ready=lambda: ready.append("all ready"))
+    supervisor = Supervisor(
+        [flaky], Backoff(first=0.1), on_all_ready=lambda: ready.append("all ready")
+    )
     with caplog.at_level(logging.INFO, logger="swf.serve"):
         running(supervisor)
         assert wait_until(lambda: flaky.ever_ready), flaky.process.tail()
@@ -94,21 +100,23 @@ def test_a_child_that_exits_is_started_again_and_the_log_says_how_it_ended(
 
 
 def test_a_child_not_ready_in_time_is_killed_and_started_again(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        running: Callable[[Supervisor], threading.Event]) -> None:
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    running: Callable[[Supervisor], threading.Event],
+) -> None:
     hung = child(tmp_path, "server", "import time\ntime.sleep(600)\n")  # never says "up"
     hung.ready_within = 0.3
     with caplog.at_level(logging.INFO, logger="swf.serve"):
         running(Supervisor([hung], Backoff(first=0.1)))
-        assert wait_until(lambda: sum("server started" in r.message
-                                      for r in caplog.records) >= 2)
+        assert wait_until(lambda: sum("server started" in r.message for r in caplog.records) >= 2)
     messages = [r.message for r in caplog.records]
     assert "server not ready 0.3s after its start: killing it" in messages
     assert any("killed by SIGKILL after" in m for m in messages)
 
 
 def test_a_child_that_ignores_sigterm_is_killed_at_the_stop_deadline(
-        tmp_path: Path, running: Callable[[Supervisor], threading.Event]) -> None:
+    tmp_path: Path, running: Callable[[Supervisor], threading.Event]
+) -> None:
     stubborn = child(tmp_path, "stubborn", IGNORES_SIGTERM)
     supervisor = Supervisor([stubborn])
     stopping = running(supervisor)

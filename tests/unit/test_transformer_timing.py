@@ -20,12 +20,11 @@ WAIT = 10.0
 RUN = "100123"
 
 
-
-
 def slice_of(content: dict[str, Any]) -> int:
     """The slice a result is for: in the payload's result, as swf-transform sends it."""
     slice_id: int = content["result"]["result"]["slice_id"]
     return slice_id
+
 
 class RecordingBus:
     """What the farm needs of PeerBus: sends are recorded, nothing connects."""
@@ -57,8 +56,9 @@ def bus() -> RecordingBus:
 
 
 def farm_with(bus: RecordingBus, idle_timeout: float) -> TransformerFarm:
-    farm = TransformerFarm(Brokers(host="127.0.0.1", port=1), heartbeat_every=60.0,
-                           idle_timeout=idle_timeout)
+    farm = TransformerFarm(
+        Brokers(host="127.0.0.1", port=1), heartbeat_every=60.0, idle_timeout=idle_timeout
+    )
     farm._bus = bus  # type: ignore[assignment]
     return farm
 
@@ -88,8 +88,9 @@ def test_slices_arrive_when_due_and_wait_no_longer_than_idle_workers_take(
 ) -> None:
     # The last gap (1.0 s) is longer than the idle timeout (0.3 s).
     offsets = [0.0, 0.2, 0.4, 1.4]
-    run = farm.start_run(RUN, workers=2, slices=4, processing_time=lambda _: 0.02,
-                         arrival=lambda i: offsets[i])
+    run = farm.start_run(
+        RUN, workers=2, slices=4, processing_time=lambda _: 0.02, arrival=lambda i: offsets[i]
+    )
     assert farm.wait_for(lambda: run.slices_sent == 3, WAIT)
     time.sleep(0.6)  # the workers have been idle for longer than idle_timeout
     assert (run.queued, run.unprocessed, run.live) == (3, [], 2)
@@ -106,19 +107,23 @@ def test_slices_arrive_when_due_and_wait_no_longer_than_idle_workers_take(
         assert 0 <= wait < 0.1, "an idle worker takes an arrived slice at once"
 
 
-def test_arrival_order_follows_the_arrival_times(
-    farm: TransformerFarm, bus: RecordingBus
-) -> None:
-    run = farm.start_run(RUN, workers=1, slices=3, processing_time=lambda _: 0.0,
-                         arrival=lambda i: 0.2 * (2 - i))
+def test_arrival_order_follows_the_arrival_times(farm: TransformerFarm, bus: RecordingBus) -> None:
+    run = farm.start_run(
+        RUN, workers=1, slices=3, processing_time=lambda _: 0.0, arrival=lambda i: 0.2 * (2 - i)
+    )
     assert farm.wait_for(lambda: run.slices_sent == 3, WAIT)
     by_slice = {slice_of(c): moment(c["requested_at"]) for c in bus.contents()}
     assert by_slice[2] < by_slice[1] < by_slice[0]
 
 
 def test_a_stop_ends_the_arrivals(farm: TransformerFarm) -> None:
-    run = farm.start_run(RUN, workers=2, slices=5, processing_time=lambda _: 0.0,
-                         arrival=lambda i: 0.0 if i < 2 else 60.0)
+    run = farm.start_run(
+        RUN,
+        workers=2,
+        slices=5,
+        processing_time=lambda _: 0.0,
+        arrival=lambda i: 0.0 if i < 2 else 60.0,
+    )
     assert farm.wait_for(lambda: run.slices_sent == 2, WAIT)
     assert run.live == 2  # more to come: not idle
     with farm._state.lock:  # what a stop_transformer naming the run does
@@ -132,8 +137,9 @@ def test_a_stop_ends_the_arrivals(farm: TransformerFarm) -> None:
 
 def test_the_farm_shutdown_ends_the_arrivals(bus: RecordingBus) -> None:
     farm = farm_with(bus, idle_timeout=0.3).start()
-    run = farm.start_run(RUN, workers=2, slices=3, processing_time=lambda _: 0.0,
-                         arrival=lambda i: 60.0 * i)
+    run = farm.start_run(
+        RUN, workers=2, slices=3, processing_time=lambda _: 0.0, arrival=lambda i: 60.0 * i
+    )
     assert farm.wait_for(lambda: run.slices_sent == 1, WAIT)
     began = time.monotonic()
     farm.stop()
@@ -147,8 +153,7 @@ def test_a_failing_arrival_function_does_not_keep_workers_forever(
     def broken(_: int) -> float:
         raise ValueError("no arrival")
 
-    run = farm.start_run(RUN, workers=2, slices=3, processing_time=lambda _: 0.0,
-                         arrival=broken)
+    run = farm.start_run(RUN, workers=2, slices=3, processing_time=lambda _: 0.0, arrival=broken)
     assert farm.wait_idle(WAIT, RUN)
     assert run.queued == 0
 
@@ -180,8 +185,9 @@ def test_idle_surplus_workers_leave_at_once(bus: RecordingBus) -> None:
 
 
 def test_add_workers_raises_a_set_target(farm: TransformerFarm) -> None:
-    run = farm.start_run(RUN, workers=1, slices=0, processing_time=lambda _: 0.0,
-                         arrival=lambda _: 60.0)
+    run = farm.start_run(
+        RUN, workers=1, slices=0, processing_time=lambda _: 0.0, arrival=lambda _: 60.0
+    )
     farm.set_target(RUN, 1)
     farm.add_workers(RUN, 2)
     time.sleep(0.2)

@@ -64,7 +64,8 @@ class SeenEvents:
     def __contains__(self, event: Event) -> bool:
         forgotten = self._forgotten_up_to
         return (forgotten is not None and plain_utc(event.occurred) <= forgotten) or (
-            event.id in self._ids)
+            event.id in self._ids
+        )
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -91,8 +92,9 @@ class RunFeed:
     A ``finite`` feed is the stored history alone (a dry run of a recorded
     run): once it is read, nothing more comes."""
 
-    def __init__(self, history: list[Event], live: asyncio.Queue[Event] | None = None,
-                 finite: bool = False) -> None:
+    def __init__(
+        self, history: list[Event], live: asyncio.Queue[Event] | None = None, finite: bool = False
+    ) -> None:
         self.finite = finite
         self._backlog: deque[Event] = deque(history)
         self._seen = SeenEvents()
@@ -191,8 +193,9 @@ RECONNECT_HISTORY_SWEEPS = (0.0, 6.0, 15.0, 45.0)
 
 
 @asynccontextmanager
-async def follow_run(resource_id: str, since: datetime,
-                     exclude: tuple[str, ...] = ()) -> AsyncIterator[RunFeed]:
+async def follow_run(
+    resource_id: str, since: datetime, exclude: tuple[str, ...] = ()
+) -> AsyncIterator[RunFeed]:
     """Subscribe first, then read the history: an event stored between the
     two shows up in both and is yielded once.
 
@@ -206,8 +209,9 @@ async def follow_run(resource_id: str, since: datetime,
     live: asyncio.Queue[Event] = asyncio.Queue()
     sweeps: set[asyncio.Task[None]] = set()
 
-    async def sweep(start: datetime, delays: tuple[float, ...],
-                    first_read: asyncio.Event | None = None) -> None:
+    async def sweep(
+        start: datetime, delays: tuple[float, ...], first_read: asyncio.Event | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         for number, delay in enumerate(delays):
             if number == 1 and first_read is not None:
@@ -227,12 +231,17 @@ async def follow_run(resource_id: str, since: datetime,
                     # lasted OUTAGE_TOLERANCE).
                     if not server_trouble(exc) or loop.time() > give_up:
                         raise
-                    log.warning("history of %s not readable yet (%s); trying again in %gs",
-                                resource_id, exc, RETRY_EVERY)
+                    log.warning(
+                        "history of %s not readable yet (%s); trying again in %gs",
+                        resource_id,
+                        exc,
+                        RETRY_EVERY,
+                    )
                     await asyncio.sleep(RETRY_EVERY)
 
-    def start_sweep(start: datetime, delays: tuple[float, ...],
-                    first_read: asyncio.Event | None = None) -> asyncio.Task[None]:
+    def start_sweep(
+        start: datetime, delays: tuple[float, ...], first_read: asyncio.Event | None = None
+    ) -> asyncio.Task[None]:
         task = asyncio.create_task(sweep(start, delays, first_read))
         sweeps.add(task)
         task.add_done_callback(sweeps.discard)
@@ -249,8 +258,9 @@ async def follow_run(resource_id: str, since: datetime,
         source = await hub.add(route)
         feed = RunFeed(await history_when_reachable(resource_id, since, exclude), live)
         feed._source = source
-        feed._late = start_sweep(max(since, opened_at - timedelta(minutes=1)),
-                                 LATE_HISTORY_SWEEPS, feed._late_read)
+        feed._late = start_sweep(
+            max(since, opened_at - timedelta(minutes=1)), LATE_HISTORY_SWEEPS, feed._late_read
+        )
         yield feed
     finally:
         hub.remove(route)
@@ -314,7 +324,8 @@ class RunEventsHub:
             self._subscribed.clear()
             self._source = asyncio.create_task(
                 _keep_subscribed(ALL_RUNS, self._dispatch, self._on_subscribed),
-                name="swf-run-events")
+                name="swf-run-events",
+            )
         try:
             await _first_subscription(self._subscribed, self._source)
         except BaseException:
@@ -349,19 +360,24 @@ class RunEventsHub:
 
 
 _HUBS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RunEventsHub] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 @asynccontextmanager
-async def recorded_run(resource_id: str, since: datetime,
-                       exclude: tuple[str, ...] = ()) -> AsyncIterator[RunFeed]:
+async def recorded_run(
+    resource_id: str, since: datetime, exclude: tuple[str, ...] = ()
+) -> AsyncIterator[RunFeed]:
     """The run's stored history as a finite feed, without subscribing: what a
     dry run replays."""
     yield RunFeed(await history_when_reachable(resource_id, since, exclude), finite=True)
 
 
-async def _keep_subscribed(event_filter: EventFilter, deliver: Callable[[Event], None],
-                           on_subscribed: Callable[[bool], None]) -> None:
+async def _keep_subscribed(
+    event_filter: EventFilter,
+    deliver: Callable[[Event], None],
+    on_subscribed: Callable[[bool], None],
+) -> None:
     """Keep one subscription open, opening a new one whenever it drops; raise
     once none could be opened for OUTAGE_TOLERANCE."""
     loop = asyncio.get_running_loop()
@@ -370,11 +386,13 @@ async def _keep_subscribed(event_filter: EventFilter, deliver: Callable[[Event],
     while True:
         try:
             # A copy: the subscriber rewrites its filter's time window.
-            async with get_events_subscriber(filter=event_filter.model_copy(deep=True),
-                                             reconnection_attempts=2) as subscriber:
+            async with get_events_subscriber(
+                filter=event_filter.model_copy(deep=True), reconnection_attempts=2
+            ) as subscriber:
                 if cut_off_since is not None:
-                    log.warning("event subscription open again after %.0fs",
-                                loop.time() - cut_off_since)
+                    log.warning(
+                        "event subscription open again after %.0fs", loop.time() - cut_off_since
+                    )
                 on_subscribed(first)
                 first, cut_off_since = False, None
                 async for event in subscriber:
@@ -385,14 +403,16 @@ async def _keep_subscribed(event_filter: EventFilter, deliver: Callable[[Event],
                 raise
             reason = exc
         if cut_off_since is None:
-            log.warning("event subscription cut off (%s); subscribing again every %gs",
-                        reason, RETRY_EVERY)
+            log.warning(
+                "event subscription cut off (%s); subscribing again every %gs", reason, RETRY_EVERY
+            )
         else:
             log.debug("event subscription still cut off: %s", reason)
         cut_off_since = cut_off_since or loop.time()
         if loop.time() - cut_off_since > OUTAGE_TOLERANCE:
             raise ConnectionError(
-                f"no event subscription for {OUTAGE_TOLERANCE:g}s: Prefect is unreachable")
+                f"no event subscription for {OUTAGE_TOLERANCE:g}s: Prefect is unreachable"
+            )
         await asyncio.sleep(RETRY_EVERY)
 
 

@@ -56,23 +56,26 @@ def run_filter(resource_id: str, since: datetime, exclude: tuple[str, ...] = ())
     of ``exclude``."""
     return EventFilter(
         any_resource=EventAnyResourceFilter(id=[resource_id]),
-        event=EventNameFilter(prefix=list(RUN_EVENT_PREFIXES),
-                              exclude_prefix=list(exclude) or None),
+        event=EventNameFilter(
+            prefix=list(RUN_EVENT_PREFIXES), exclude_prefix=list(exclude) or None
+        ),
         occurred=EventOccurredFilter(since=since, until=utc_now() + timedelta(days=3650)),
         order=EventOrder.ASC,
     )
 
 
-async def stored_events(resource_id: str, since: datetime,
-                        exclude: tuple[str, ...] = ()) -> AsyncIterator[list[Event]]:
+async def stored_events(
+    resource_id: str, since: datetime, exclude: tuple[str, ...] = ()
+) -> AsyncIterator[list[Event]]:
     """The run's stored events, stream batches unpacked, each message once,
     oldest first, a page at a time (a long run has tens of thousands: never
     all in memory at once), less the event names starting with one of
     ``exclude``."""
     read = _OnceEach(resource_id, exclude)
     async with get_client() as client:
-        page = await client.read_events(filter=run_filter(resource_id, since, exclude),
-                                        limit=PAGE_LIMIT)
+        page = await client.read_events(
+            filter=run_filter(resource_id, since, exclude), limit=PAGE_LIMIT
+        )
         yield read.new(page.events)
         while page.next_page is not None:
             page = await client.read_events_page(str(page.next_page))
@@ -98,11 +101,11 @@ class _OnceEach:
         return found
 
 
-async def run_history(resource_id: str, since: datetime,
-                      exclude: tuple[str, ...] = ()) -> list[Event]:
+async def run_history(
+    resource_id: str, since: datetime, exclude: tuple[str, ...] = ()
+) -> list[Event]:
     """The run's stored events, oldest first, as one list."""
-    return [event async for page in stored_events(resource_id, since, exclude)
-            for event in page]
+    return [event async for page in stored_events(resource_id, since, exclude) for event in page]
 
 
 async def fold_history(state: RunState, resource_id: str, since: datetime) -> RunState:
@@ -117,8 +120,9 @@ async def fold_history(state: RunState, resource_id: str, since: datetime) -> Ru
     return state
 
 
-async def history_when_reachable(resource_id: str, since: datetime,
-                                  exclude: tuple[str, ...]) -> list[Event]:
+async def history_when_reachable(
+    resource_id: str, since: datetime, exclude: tuple[str, ...]
+) -> list[Event]:
     """The run's stored history, waiting out a server outage (up to OUTAGE_TOLERANCE)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + OUTAGE_TOLERANCE

@@ -39,8 +39,14 @@ class JournalNotStored(RuntimeError):
 
 def emit(event: Event) -> None:
     """Hand an event to this process's events worker (fire and forget)."""
-    emit_event(event=event.event, resource=event.resource.root, occurred=event.occurred,
-               related=[r.root for r in event.related], payload=event.payload, id=event.id)
+    emit_event(
+        event=event.event,
+        resource=event.resource.root,
+        occurred=event.occurred,
+        related=[r.root for r in event.related],
+        payload=event.payload,
+        id=event.id,
+    )
 
 
 class EventReader(Protocol):
@@ -57,7 +63,7 @@ async def stored_ids(client: EventReader, candidates: Iterable[uuid.UUID]) -> se
     wanted = list(candidates)
     found: set[uuid.UUID] = set()
     for start in range(0, len(wanted), PAGE_LIMIT):
-        chunk = wanted[start:start + PAGE_LIMIT]
+        chunk = wanted[start : start + PAGE_LIMIT]
         page = await client.read_events(
             filter=EventFilter(id=EventIDFilter(id=chunk)), limit=len(chunk)
         )
@@ -90,11 +96,10 @@ async def until_stored(events: list[Event], timeout: float = OUTAGE_TOLERANCE) -
             if now > deadline:
                 raise JournalNotStored(
                     f"Prefect did not store journal events {sorted(map(str, waiting))} "
-                    f"within {timeout:g}s")
+                    f"within {timeout:g}s"
+                )
             if now - emitted_at > JOURNAL_REEMIT_AFTER:
                 emitted_at = now
                 for event in waiting.values():
                     emit(event)
             await asyncio.sleep(JOURNAL_CONFIRM_EVERY)
-
-

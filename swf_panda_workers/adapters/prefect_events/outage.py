@@ -21,7 +21,10 @@ OUTAGE_TOLERANCE = 900.0
 RETRY_EVERY = 2.0  # s between attempts to reach a server that is away (subscribe, read)
 # What a call to an unreachable or restarting server raises.
 SERVER_TROUBLE: tuple[type[BaseException], ...] = (
-    httpx.TransportError, OSError, TimeoutError, WebSocketException,
+    httpx.TransportError,
+    OSError,
+    TimeoutError,
+    WebSocketException,
 )
 # What a call to the server may raise, for ``server_trouble`` to judge: any
 # HTTP error (a 4xx is no trouble of the server's) and SERVER_TROUBLE. One
@@ -38,4 +41,3 @@ def server_trouble(exc: BaseException) -> bool:
     # The subscriber reports a socket closed during its handshake as a bare
     # Exception raised from the ConnectionClosed.
     return isinstance(exc.__cause__, WebSocketException)
-

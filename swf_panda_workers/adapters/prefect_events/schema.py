@@ -77,8 +77,12 @@ def _run_resource(namespace: str, run_id: str) -> dict[str, str]:
 def _flow_run_related(flow_run_id: uuid.UUID | None) -> list[dict[str, str]]:
     if flow_run_id is None:
         return []
-    return [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
-             "prefect.resource.role": "flow-run"}]
+    return [
+        {
+            "prefect.resource.id": f"prefect.flow-run.{flow_run_id}",
+            "prefect.resource.role": "flow-run",
+        }
+    ]
 
 
 def message_event_id(namespace: str, delivery_key: str) -> uuid.UUID:
@@ -100,7 +104,8 @@ def message_event(
     it over (a label; it is not part of the id, so replicas that both receive
     a topic message make the same event, stored once)."""
     resource = (
-        _run_resource(namespace, run_id) if run_id
+        _run_resource(namespace, run_id)
+        if run_id
         else {"prefect.resource.id": namespace_resource_id(namespace), "swf.namespace": namespace}
     )
     if listener is not None:
@@ -133,8 +138,9 @@ STREAM_MAX_RUNS = 40
 STREAM_MAX_MESSAGES = 500
 
 
-def stream_event(messages: Sequence[StreamMessage], namespace: str,
-                 listener: str | None = None) -> Event:
+def stream_event(
+    messages: Sequence[StreamMessage], namespace: str, listener: str | None = None
+) -> Event:
     """Stream messages of one or more runs (at most STREAM_MAX_RUNS) in one
     event of the namespace, related to each of the runs and their flow runs
     (the Prefect UI shows it on theirs). It occurred when its first message
@@ -144,8 +150,7 @@ def stream_event(messages: Sequence[StreamMessage], namespace: str,
     runs = sorted(flow_runs)
     if len(runs) > STREAM_MAX_RUNS:
         raise ValueError(f"a stream batch holds at most {STREAM_MAX_RUNS} runs, not {len(runs)}")
-    resource = {"prefect.resource.id": namespace_resource_id(namespace),
-                "swf.namespace": namespace}
+    resource = {"prefect.resource.id": namespace_resource_id(namespace), "swf.namespace": namespace}
     if listener is not None:
         resource[LISTENER_LABEL] = listener
     ids = [message_event_id(namespace, m.delivery_key) for m in messages]
@@ -154,13 +159,29 @@ def stream_event(messages: Sequence[StreamMessage], namespace: str,
         occurred=min(m.received for m in messages),
         event=STREAM_EVENT,
         resource=resource,
-        related=[related for run_id in runs for related in (
-            {"prefect.resource.id": run_resource_id(namespace, run_id),
-             "prefect.resource.role": RUN_ROLE}, *_flow_run_related(flow_runs[run_id]))],
-        payload={"messages": [
-            {"id": str(event_id), "msg_type": m.msg_type, "run_id": m.run_id,
-             "received": m.received.isoformat(), "message": m.body}
-            for event_id, m in zip(ids, messages, strict=True)]},
+        related=[
+            related
+            for run_id in runs
+            for related in (
+                {
+                    "prefect.resource.id": run_resource_id(namespace, run_id),
+                    "prefect.resource.role": RUN_ROLE,
+                },
+                *_flow_run_related(flow_runs[run_id]),
+            )
+        ],
+        payload={
+            "messages": [
+                {
+                    "id": str(event_id),
+                    "msg_type": m.msg_type,
+                    "run_id": m.run_id,
+                    "received": m.received.isoformat(),
+                    "message": m.body,
+                }
+                for event_id, m in zip(ids, messages, strict=True)
+            ]
+        },
     )
 
 
@@ -182,20 +203,29 @@ def unpacked(event: Event, resource_id: str | None = None) -> list[Event]:
         # Built unchecked: the batch was checked as a whole, and a busy run
         # unpacks hundreds a second; so ``occurred`` stays the stdlib datetime
         # it parses to (no conversion to Prefect's DateTime, a subclass).
-        found.append(Event.model_construct(
-            id=uuid.UUID(item["id"]),
-            occurred=datetime.fromisoformat(item["received"]),  # type: ignore[arg-type]
-            event=message_event_name(item["msg_type"]),
-            resource=Resource.model_construct(root=resource), related=[],
-            payload={"message": item["message"]}))
+        found.append(
+            Event.model_construct(
+                id=uuid.UUID(item["id"]),
+                occurred=datetime.fromisoformat(item["received"]),  # type: ignore[arg-type]
+                event=message_event_name(item["msg_type"]),
+                resource=Resource.model_construct(root=resource),
+                related=[],
+                payload={"message": item["message"]},
+            )
+        )
     return found
 
 
 STALL_EVENT = "swf.run.stalled"  # not among a run's inputs: a report for operators
 
 
-def stall_event(namespace: str, run_id: str, waiting_for: str, idle_seconds: float,
-                flow_run_id: uuid.UUID | None) -> Event:
+def stall_event(
+    namespace: str,
+    run_id: str,
+    waiting_for: str,
+    idle_seconds: float,
+    flow_run_id: uuid.UUID | None,
+) -> Event:
     """A run that made no progress for ``idle_seconds``, waiting for ``waiting_for``."""
     return Event(
         occurred=utc_now(),
@@ -206,8 +236,9 @@ def stall_event(namespace: str, run_id: str, waiting_for: str, idle_seconds: flo
     )
 
 
-def effect_event(effect: Effect, namespace: str, run_id: str,
-                 flow_run_id: uuid.UUID | None) -> Event:
+def effect_event(
+    effect: Effect, namespace: str, run_id: str, flow_run_id: uuid.UUID | None
+) -> Event:
     name, payload = encode_effect(effect)
     return Event(
         occurred=utc_now(),

@@ -34,8 +34,13 @@ class BrokerError(RuntimeError):
     pass
 
 
-def stomp_answers(host: str, port: int, timeout: float = 2.0,
-                  login: str | None = None, passcode: str | None = None) -> bool:
+def stomp_answers(
+    host: str,
+    port: int,
+    timeout: float = 2.0,
+    login: str | None = None,
+    passcode: str | None = None,
+) -> bool:
     """A real STOMP CONNECT -> CONNECTED round trip (logged in, when the
     broker requires it: it answers an anonymous CONNECT with ERROR)."""
     frame = "CONNECT\naccept-version:1.2\nhost:localhost\n"
@@ -120,8 +125,13 @@ class ActiveMQ:
         self._write_config()
         with (self.home / "console.log").open("ab") as log:
             # Ends with this process, however it ends (processes.launch).
-            self.process = launch(self._command(), cwd=self.home, stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.process = launch(
+                self._command(),
+                cwd=self.home,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + wait
         while not self.answers():
@@ -166,15 +176,25 @@ class ActiveMQ:
     def _command(self) -> list[str]:
         h = self.home
         return [
-            "java", "-Xms64m", f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+            "java",
+            "-Xms64m",
+            f"-Xmx{self.heap}",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
             f"-Djava.io.tmpdir={h}/tmp",
             "--add-opens=java.base/java.lang=ALL-UNNAMED",
             "--add-opens=java.base/java.util=ALL-UNNAMED",
             "--add-opens=java.base/java.util.concurrent=ALL-UNNAMED",
             "--add-opens=java.base/java.net=ALL-UNNAMED",
-            f"-Dactivemq.classpath={h}/conf", "-Dactivemq.home=/usr/share/activemq",
-            f"-Dactivemq.base={h}", f"-Dactivemq.conf={h}/conf", f"-Dactivemq.data={h}/data",
-            "-jar", str(JAR), "start", f"xbean:file:{h}/conf/activemq.xml",
+            f"-Dactivemq.classpath={h}/conf",
+            "-Dactivemq.home=/usr/share/activemq",
+            f"-Dactivemq.base={h}",
+            f"-Dactivemq.conf={h}/conf",
+            f"-Dactivemq.data={h}/data",
+            "-jar",
+            str(JAR),
+            "start",
+            f"xbean:file:{h}/conf/activemq.xml",
         ]
 
     def _write_config(self) -> None:
@@ -183,8 +203,12 @@ class ActiveMQ:
         if self.tls is not None:
             ssl_context, ssl_connector = self._tls_config(conf)
         config = _BROKER_XML.format(
-            openwire=self.openwire_port, stomp=self.stomp_port, ssl_context=ssl_context,
-            ssl_connector=ssl_connector, plugins=self._auth_plugin())
+            openwire=self.openwire_port,
+            stomp=self.stomp_port,
+            ssl_context=ssl_context,
+            ssl_connector=ssl_connector,
+            plugins=self._auth_plugin(),
+        )
         # It holds the broker's own secrets (users, store passwords).
         _write_private(conf / "activemq.xml", config.encode())
         # Debian's ActiveMQ logs through log4j 1.2: the packaged log4j2 file is ignored.
@@ -196,14 +220,18 @@ class ActiveMQ:
         password = secrets.token_urlsafe(18)  # fresh each start; only the XML holds it
         keystore = conf / "broker-keystore.p12"
         _write_keystore(keystore, self.tls.cert_file, self.tls.key_file, password)
-        context = (f'keyStore={quoteattr("file:" + str(keystore))} keyStoreType="pkcs12" '
-                   f"keyStorePassword={quoteattr(password)}")
+        context = (
+            f'keyStore={quoteattr("file:" + str(keystore))} keyStoreType="pkcs12" '
+            f"keyStorePassword={quoteattr(password)}"
+        )
         options = "transport.closeAsync=false"
         if self.tls.client_ca_file is not None:
             truststore = conf / "broker-truststore.p12"
             _write_truststore(truststore, self.tls.client_ca_file, password)
-            context += (f' trustStore={quoteattr("file:" + str(truststore))} '
-                        f'trustStoreType="pkcs12" trustStorePassword={quoteattr(password)}')
+            context += (
+                f" trustStore={quoteattr('file:' + str(truststore))} "
+                f'trustStoreType="pkcs12" trustStorePassword={quoteattr(password)}'
+            )
             options += "&amp;transport.needClientAuth=true"
         return (
             f"<sslContext><sslContext {context}/></sslContext>",
@@ -223,9 +251,12 @@ class ActiveMQ:
         users = "".join(
             f"<authenticationUser username={quoteattr(name)} password={quoteattr(password)} "
             'groups="users"/>'
-            for name, password in self.users.items())
-        return ('<plugins><simpleAuthenticationPlugin anonymousAccessAllowed="false">'
-                f"<users>{users}</users></simpleAuthenticationPlugin></plugins>")
+            for name, password in self.users.items()
+        )
+        return (
+            '<plugins><simpleAuthenticationPlugin anonymousAccessAllowed="false">'
+            f"<users>{users}</users></simpleAuthenticationPlugin></plugins>"
+        )
 
 
 def _write_keystore(path: Path, cert_file: Path, key_file: Path, password: str) -> None:
@@ -240,9 +271,16 @@ def _write_keystore(path: Path, cert_file: Path, key_file: Path, password: str) 
 
     chain = x509.load_pem_x509_certificates(cert_file.read_bytes())
     key = load_pem_private_key(key_file.read_bytes(), password=None)
-    _write_private(path, pkcs12.serialize_key_and_certificates(
-        b"broker", key, chain[0], chain[1:] or None,  # type: ignore[arg-type]
-        BestAvailableEncryption(password.encode())))
+    _write_private(
+        path,
+        pkcs12.serialize_key_and_certificates(
+            b"broker",
+            key,  # type: ignore[arg-type]
+            chain[0],
+            chain[1:] or None,
+            BestAvailableEncryption(password.encode()),
+        ),
+    )
 
 
 def _write_private(path: Path, content: bytes) -> None:
@@ -259,13 +297,30 @@ def _write_truststore(path: Path, ca_file: Path, password: str) -> None:
     path.unlink(missing_ok=True)
     keytool = shutil.which("keytool")
     if keytool is None:
-        raise BrokerError("keytool (from the Java runtime) is needed to require client "
-                          "certificates")
+        raise BrokerError(
+            "keytool (from the Java runtime) is needed to require client certificates"
+        )
     result = subprocess.run(
-        [keytool, "-importcert", "-noprompt", "-alias", "client-ca", "-file", str(ca_file),
-         "-keystore", str(path), "-storetype", "PKCS12", "-storepass:env", "SWF_STOREPASS"],
-        env={**os.environ, "SWF_STOREPASS": password}, capture_output=True, text=True,
-        check=False)
+        [
+            keytool,
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "client-ca",
+            "-file",
+            str(ca_file),
+            "-keystore",
+            str(path),
+            "-storetype",
+            "PKCS12",
+            "-storepass:env",
+            "SWF_STOREPASS",
+        ],
+        env={**os.environ, "SWF_STOREPASS": password},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
         raise BrokerError(f"keytool could not import {ca_file}: {result.stdout}{result.stderr}")
 

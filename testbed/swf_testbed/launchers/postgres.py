@@ -58,7 +58,8 @@ def postgres_bindir() -> Path:
     if not installed:
         raise PostgresError(
             "PostgreSQL is not installed: run `apt-get install -y --no-install-recommends "
-            f"postgresql` (or set {BINDIR_ENV} to a directory holding initdb and pg_ctl)")
+            f"postgresql` (or set {BINDIR_ENV} to a directory holding initdb and pg_ctl)"
+        )
     return installed[-1]
 
 
@@ -96,8 +97,10 @@ class PostgresCluster:
         """The URL of ``database`` (default the cluster's first) with the
         cluster's login: ``postgresql+asyncpg`` for Prefect's server, a bare
         ``postgresql`` for iDDS (which picks psycopg2 itself)."""
-        return (f"{scheme}://{quote(self.user)}:{quote(self.password, safe='')}"
-                f"@127.0.0.1:{self.port}/{quote(database or self.database)}")
+        return (
+            f"{scheme}://{quote(self.user)}:{quote(self.password, safe='')}"
+            f"@127.0.0.1:{self.port}/{quote(database or self.database)}"
+        )
 
     def create_database(self, name: str) -> str:
         """Another database in the cluster, owned by the cluster's login (for
@@ -124,14 +127,33 @@ class PostgresCluster:
         self.root = Path(tempfile.mkdtemp(prefix="swf-postgres-"))
         try:
             self._initdb()
-            self._run("pg_ctl", "start", "--wait", "--timeout", "120", "-D", str(self.data_dir),
-                      "-l", str(self.log_path), "-o", self._server_options())
+            self._run(
+                "pg_ctl",
+                "start",
+                "--wait",
+                "--timeout",
+                "120",
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_path),
+                "-o",
+                self._server_options(),
+            )
             self._started = True
             self._postmaster = self._adopt_postmaster()
             # Over the cluster's own socket directory, which only its owner
             # reaches: local logins are trusted, TCP ones need the password.
-            self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", self.user,
-                      self.database)
+            self._run(
+                "createdb",
+                "-h",
+                str(self.root),
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                self.database,
+            )
         except BaseException:
             self.stop()
             raise
@@ -159,12 +181,17 @@ class PostgresCluster:
             pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
             group = os.getpgid(pid)
         except (OSError, ValueError, IndexError) as exc:
-            log.warning("PostgreSQL's postmaster not found (%s): it would outlive a crash "
-                        "of this process", exc)
+            log.warning(
+                "PostgreSQL's postmaster not found (%s): it would outlive a crash of this process",
+                exc,
+            )
             return None
         if group != pid:  # not a group of its own: killing the group could hit others
-            log.warning("PostgreSQL's postmaster %d leads no process group: it would outlive "
-                        "a crash of this process", pid)
+            log.warning(
+                "PostgreSQL's postmaster %d leads no process group: it would outlive "
+                "a crash of this process",
+                pid,
+            )
             return None
         adopt_group(group)
         return group
@@ -190,17 +217,29 @@ class PostgresCluster:
         password_file.chmod(0o600)
         self._give_to_system_user(self.root, password_file)
         try:
-            self._run("initdb", "-D", str(self.data_dir), "-U", self.user,
-                      f"--pwfile={password_file}", "--auth-local=trust",
-                      "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8",
-                      "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.user,
+                f"--pwfile={password_file}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            )
         finally:
             password_file.unlink(missing_ok=True)
 
     def _server_options(self) -> str:
         assert self.root is not None
-        settings = {**SERVER_SETTINGS, "port": str(self.port),
-                    "unix_socket_directories": str(self.root)}
+        settings = {
+            **SERVER_SETTINGS,
+            "port": str(self.port),
+            "unix_socket_directories": str(self.root),
+        }
         # pg_ctl hands -o to a shell: the temporary directory's name is plain.
         return " ".join(f"-c {name}={value}" for name, value in settings.items())
 
@@ -215,7 +254,8 @@ class PostgresCluster:
         except KeyError:
             raise PostgresError(
                 f"no system user {self.system_user!r} to run PostgreSQL as (it refuses root); "
-                "installing Debian's postgresql creates it") from None
+                "installing Debian's postgresql creates it"
+            ) from None
         for path in paths:
             os.chown(path, account.pw_uid, account.pw_gid)
 
@@ -224,9 +264,17 @@ class PostgresCluster:
         argv = [str(self._bindir / program), *args]
         if self._as_root():
             argv = ["runuser", "-u", self.system_user, "--", *argv]
-        done = subprocess.run(argv, cwd=self.root, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL, timeout=180)
+        done = subprocess.run(
+            argv,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            timeout=180,
+        )
         if done.returncode != 0:
             raise PostgresError(
                 f"{program} {' '.join(args[:2])} failed ({done.returncode}):\n"
-                f"{done.stderr.strip() or done.stdout.strip()}\n{self.tail()}")
+                f"{done.stderr.strip() or done.stdout.strip()}\n{self.tail()}"
+            )

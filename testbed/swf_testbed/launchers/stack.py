@@ -96,8 +96,9 @@ class EmbeddedStack:
         if self.shared_server is not None:
             self.server = self.shared_server
         else:
-            self.server = PrefectServer(self.workdir / "prefect", self.prefect_port,
-                                        self.database_url)
+            self.server = PrefectServer(
+                self.workdir / "prefect", self.prefect_port, self.database_url
+            )
             if self.fresh:
                 (self.workdir / "prefect" / "prefect.db").unlink(missing_ok=True)
             self.server.start()
@@ -113,8 +114,9 @@ class EmbeddedStack:
         brokers = self.brokers
         if not self.own_broker or stomp_answers(brokers.host, brokers.port):
             return
-        self.broker = ActiveMQ(self.workdir / "activemq", stomp_port=brokers.port,
-                               openwire_port=brokers.port + 3)
+        self.broker = ActiveMQ(
+            self.workdir / "activemq", stomp_port=brokers.port, openwire_port=brokers.port + 3
+        )
         self.broker.start(fresh=self.fresh)
 
     def start_runner(self) -> None:
@@ -124,22 +126,26 @@ class EmbeddedStack:
 
     def start_listener(self, wait: float = 60.0) -> None:
         env = service_env(self.api_url, self.config_path, self.listener_env)
-        self.listener = start_subscribed(
-            listener_process(env, self.logs, PROJECT_ROOT), wait)
+        self.listener = start_subscribed(listener_process(env, self.logs, PROJECT_ROOT), wait)
 
     def start_replica(self, replica: str, wait: float = 60.0) -> ManagedProcess:
         """Start (or start again) the listener replica ``replica``."""
-        env = service_env(self.api_url, self.config_path,
-                          {**self.listener_env, REPLICA_ENV: replica})
-        process = ManagedProcess(f"listener-{replica}", python_module("listeners"), env,
-                                 self.logs / f"listener-{replica}.log", PROJECT_ROOT)
+        env = service_env(
+            self.api_url, self.config_path, {**self.listener_env, REPLICA_ENV: replica}
+        )
+        process = ManagedProcess(
+            f"listener-{replica}",
+            python_module("listeners"),
+            env,
+            self.logs / f"listener-{replica}.log",
+            PROJECT_ROOT,
+        )
         self.replicas[replica] = start_subscribed(process, wait)
         return process
 
     def stop(self) -> None:
         own_server = self.server if self.server is not self.shared_server else None
-        for part in (self.listener, *self.replicas.values(), self.runner, own_server,
-                     self.broker):
+        for part in (self.listener, *self.replicas.values(), self.runner, own_server, self.broker):
             if part is not None:
                 part.stop()
 

@@ -47,8 +47,9 @@ class PeerBus:
 
     def start(self, timeout: float = 30.0) -> None:
         if self._handle is not None:
-            self._worker = threading.Thread(target=self._drain, name=f"{self._name}-inbox",
-                                            daemon=True)
+            self._worker = threading.Thread(
+                target=self._drain, name=f"{self._name}-inbox", daemon=True
+            )
             self._worker.start()
         self._client.start(timeout)
         if self._subscriptions:
@@ -128,8 +129,9 @@ def poll_until(condition: Callable[[], bool], timeout: float, every: float = 0.0
     return True
 
 
-def peer_headers(msg_type: str, run_id: str | int | None,
-                 namespace: str | None = None) -> dict[str, str]:
+def peer_headers(
+    msg_type: str, run_id: str | int | None, namespace: str | None = None
+) -> dict[str, str]:
     """The headers the real peers put on what they publish."""
     headers = {"persistent": "true", "vo": "eic", "msg_type": msg_type}
     if run_id is not None:
@@ -141,8 +143,12 @@ def peer_headers(msg_type: str, run_id: str | int | None,
 
 def naive_iso(moment: datetime | None = None, timespec: str = "seconds") -> str:
     """The testbed's and the transformer's shape: ISO without zone, UTC implied."""
-    return (moment or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None).isoformat(
-        timespec=timespec)
+    return (
+        (moment or datetime.now(UTC))
+        .astimezone(UTC)
+        .replace(tzinfo=None)
+        .isoformat(timespec=timespec)
+    )
 
 
 def zulu_iso(moment: datetime | None = None) -> str:

@@ -70,8 +70,9 @@ class ChildLauncher:
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-              cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         if not self._thread.is_alive():
             raise RuntimeError("the child launcher is closed")
         future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
@@ -98,8 +99,13 @@ def _popen(request: _Spawn) -> subprocess.Popen[bytes]:
     request.log_path.parent.mkdir(parents=True, exist_ok=True)
     with request.log_path.open("ab") as log:
         return subprocess.Popen(
-            request.argv, env=request.env, cwd=request.cwd, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            request.argv,
+            env=request.env,
+            cwd=request.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             preexec_fn=_die_with(os.getpid()),
         )
 
@@ -158,8 +164,12 @@ class PeerProcess:
         """SIGTERM, then SIGKILL after ``grace`` seconds; the seconds it took."""
         if self._process is not None:
             self.stopped_in = stop_process(self._process, grace)
-            log.info("%s stopped in %.1fs (exit %s)", self.name, self.stopped_in,
-                     self._process.returncode)
+            log.info(
+                "%s stopped in %.1fs (exit %s)",
+                self.name,
+                self.stopped_in,
+                self._process.returncode,
+            )
         if self._own_launcher:
             self._launcher.close()
         return self.stopped_in or 0.0

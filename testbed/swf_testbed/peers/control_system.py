@@ -103,8 +103,17 @@ class ControlSystem:
     ) -> dict[str, Any]:
         """Announce a run; returns the body sent. In the testbed shape
         ``core_count`` is not sent: the agent sends target_workers there."""
-        return self._send(self.announcement(run_id, shape, target_workers, core_count,
-                                            memory_per_core, site, slice_processing_time))
+        return self._send(
+            self.announcement(
+                run_id,
+                shape,
+                target_workers,
+                core_count,
+                memory_per_core,
+                site,
+                slice_processing_time,
+            )
+        )
 
     def end(self, run_id: str, shape: Shape, duplicate: bool = False) -> dict[str, Any]:
         """End a run; returns the (last) body sent. The testbed sends end_run
@@ -119,9 +128,16 @@ class ControlSystem:
         self._send(ControlMessage(self.extra_end_topic, message.headers, message.body))
         return body
 
-    def send_slices(self, run_id: str, count: int, *, rate: float | None = None,
-                    first: int = 0, slices_per_stf: int | None = None,
-                    destination: str | None = None) -> list[dict[str, Any]]:
+    def send_slices(
+        self,
+        run_id: str,
+        count: int,
+        *,
+        rate: float | None = None,
+        first: int = 0,
+        slices_per_stf: int | None = None,
+        destination: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Send slices ``first``..``first+count-1`` of a run, all at once
         (``rate`` None) or ``rate`` per second (paced from the first send, so
         slow sends do not stretch the run); returns the bodies sent. Slices
@@ -137,21 +153,37 @@ class ControlSystem:
                 if wait > 0 and not self._bus.pause(wait):
                     break  # stopped
             number = first + i
-            stf, slice_id = (divmod(number, slices_per_stf) if slices_per_stf
-                             else (0, number))
-            bodies.append(self._send(self.slice_message(run_id, slice_id, stf=stf + 1,
-                                                        destination=destination)))
+            stf, slice_id = divmod(number, slices_per_stf) if slices_per_stf else (0, number)
+            bodies.append(
+                self._send(
+                    self.slice_message(run_id, slice_id, stf=stf + 1, destination=destination)
+                )
+            )
         return bodies
 
-    def send_slices_in_background(self, run_id: str, count: int, *, rate: float,
-                                  first: int = 0, slices_per_stf: int | None = None,
-                                  destination: str | None = None) -> threading.Thread:
+    def send_slices_in_background(
+        self,
+        run_id: str,
+        count: int,
+        *,
+        rate: float,
+        first: int = 0,
+        slices_per_stf: int | None = None,
+        destination: str | None = None,
+    ) -> threading.Thread:
         """``send_slices`` on a thread of its own (join it to wait for the last)."""
         thread = threading.Thread(
-            target=self.send_slices, args=(run_id, count),
-            kwargs={"rate": rate, "first": first, "slices_per_stf": slices_per_stf,
-                    "destination": destination},
-            name=f"slices-{run_id}", daemon=True)
+            target=self.send_slices,
+            args=(run_id, count),
+            kwargs={
+                "rate": rate,
+                "first": first,
+                "slices_per_stf": slices_per_stf,
+                "destination": destination,
+            },
+            name=f"slices-{run_id}",
+            daemon=True,
+        )
         thread.start()
         return thread
 
@@ -199,8 +231,9 @@ class ControlSystem:
         content = {**self._upstream("end_run", run_id), "total_stf_files": 10}
         return self._testbed(self.workers_topic, "end_run", run_id, content)
 
-    def slice_message(self, run_id: str, slice_id: int, *, stf: int = 1,
-                      destination: str | None = None) -> ControlMessage:
+    def slice_message(
+        self, run_id: str, slice_id: int, *, stf: int = 1, destination: str | None = None
+    ) -> ControlMessage:
         """Slice ``slice_id`` of super-time-frame ``stf`` of a run, as the
         fast-processing agent sends it."""
         start = slice_id * TFS_PER_SLICE
@@ -219,8 +252,7 @@ class ControlSystem:
             "substate": "new",
         }
         where = destination or self.slices_destination
-        return self._testbed(where, "slice", run_id, content, persistent=True,
-                             ttl_ms=SLICE_TTL_MS)
+        return self._testbed(where, "slice", run_id, content, persistent=True, ttl_ms=SLICE_TTL_MS)
 
     def _upstream(self, msg_type: str, run_id: str, **state: str) -> dict[str, Any]:
         """The upstream run message the testbed agent forwards as content."""
@@ -239,11 +271,23 @@ class ControlSystem:
     def _execution_id(run_id: str) -> str:
         return f"sim-exec-{run_id}"
 
-    def _testbed(self, destination: str, msg_type: str, run_id: str, content: dict[str, Any],
-                 persistent: bool = False, ttl_ms: int | None = None) -> ControlMessage:
+    def _testbed(
+        self,
+        destination: str,
+        msg_type: str,
+        run_id: str,
+        content: dict[str, Any],
+        persistent: bool = False,
+        ttl_ms: int | None = None,
+    ) -> ControlMessage:
         # The agent's send_message: persistent false and no ttl unless asked.
-        headers = {"persistent": "true" if persistent else "false", "vo": "eic",
-                   "msg_type": msg_type, "namespace": self.namespace, "run_id": run_id}
+        headers = {
+            "persistent": "true" if persistent else "false",
+            "vo": "eic",
+            "msg_type": msg_type,
+            "namespace": self.namespace,
+            "run_id": run_id,
+        }
         if ttl_ms is not None:
             headers["ttl"] = str(ttl_ms)
         body = {
@@ -256,8 +300,9 @@ class ControlSystem:
         }
         return ControlMessage(destination, headers, body)
 
-    def _seed(self, destination: str, msg_type: str, run_id: str,
-              content: dict[str, Any]) -> ControlMessage:
+    def _seed(
+        self, destination: str, msg_type: str, run_id: str, content: dict[str, Any]
+    ) -> ControlMessage:
         body = {
             "msg_type": msg_type,
             "run_id": run_id,

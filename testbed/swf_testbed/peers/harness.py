@@ -81,8 +81,9 @@ class PeerHarness:
         # replaces the pending one. Guarded by _rampup_lock.
         self._rampup_lock = threading.Lock()
         self._rampups: dict[str, threading.Timer] = {}
-        self.recorder = BusRecorder(brokers, topics=(
-            brokers.workers_topic, brokers.transformer_topic))
+        self.recorder = BusRecorder(
+            brokers, topics=(brokers.workers_topic, brokers.transformer_topic)
+        )
         self.farm = TransformerFarm(
             brokers,
             results_queue=brokers.results_destination,
@@ -108,9 +109,14 @@ class PeerHarness:
         self.idds_rest: SimulatedIDDSRest | None = None
         if idds_mode == "rest":
             self.idds_rest = SimulatedIDDSRest(
-                port=rest_port, token=rest_token, vo=rest_vo, workload_pending=workload_pending,
-                on_task_created=self._task_created, on_adjust=self._adjusted,
-                applies_worker_count=applies_worker_count)
+                port=rest_port,
+                token=rest_token,
+                vo=rest_vo,
+                workload_pending=workload_pending,
+                on_task_created=self._task_created,
+                on_adjust=self._adjusted,
+                applies_worker_count=applies_worker_count,
+            )
         self.control = ControlSystem(brokers, namespace, workers_topic=brokers.workers_topic)
 
     def start(self) -> PeerHarness:

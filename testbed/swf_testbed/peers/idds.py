@@ -79,8 +79,11 @@ class SimulatedIDDS(TaskRecords):
         self._on_task_created = on_task_created
         self._on_adjust = on_adjust
         self._state = Notifier()
-        self._book = TaskBook(self._state, workload_pending=workload_pending,
-                              applies_worker_count=applies_worker_count)
+        self._book = TaskBook(
+            self._state,
+            workload_pending=workload_pending,
+            applies_worker_count=applies_worker_count,
+        )
         self._client_id = f"{namespace}.WorkerPublisher.sim.{uuid.uuid4().hex[:8]}"
         # Records for tests; guarded by self._state.lock. The book's records
         # (tasks, duplicate_creates, closed, violations) are properties.
@@ -93,7 +96,8 @@ class SimulatedIDDS(TaskRecords):
         }
         selector = namespace_selector(namespace) if namespace else None
         self._bus = PeerBus(
-            brokers, name="sim-idds",
+            brokers,
+            name="sim-idds",
             subscriptions=(Subscription(workers_topic, selector=selector, ack="auto"),),
             handle=self._on_delivery,
         )
@@ -159,8 +163,9 @@ class SimulatedIDDS(TaskRecords):
         if not self.answer_create:
             return
         for task in made:  # none: the name existed, iDDS failed without a reply
-            self._reply("created_workflow_task", run_id,
-                        {"run_id": task.run_id, **task.created_ids()})
+            self._reply(
+                "created_workflow_task", run_id, {"run_id": task.run_id, **task.created_ids()}
+            )
         if made and not self.workers_before_reply and self._on_task_created is not None:
             self._on_task_created(run_id, made[0])
 
@@ -169,17 +174,27 @@ class SimulatedIDDS(TaskRecords):
         task = self._book.adjust(c.transform_id, c.target_worker_count)
         # What 2.6.21's handler answers: the ids as given, and the size it
         # stored; never a worker count.
-        self._reply("adjusted_worker", message.run_id, {
-            "run_id": c.run_id, "request_id": c.request_id, "transform_id": c.transform_id,
-            "workload_id": c.workload_id, "core_count": c.core_count,
-            "memory_per_core": c.memory_per_core, "site": c.site})
+        self._reply(
+            "adjusted_worker",
+            message.run_id,
+            {
+                "run_id": c.run_id,
+                "request_id": c.request_id,
+                "transform_id": c.transform_id,
+                "workload_id": c.workload_id,
+                "core_count": c.core_count,
+                "memory_per_core": c.memory_per_core,
+                "site": c.site,
+            },
+        )
         if task is not None and self._on_adjust is not None:
             self._on_adjust(task.run_id, c)
 
     def _close(self, message: CloseWorkflowTask) -> None:
         c = message.content
-        closed = self._book.close(c.request_id, c.transform_id, c.workload_id, c.run_id,
-                                  request=repr(message))
+        closed = self._book.close(
+            c.request_id, c.transform_id, c.workload_id, c.run_id, request=repr(message)
+        )
         if closed is None:
             return  # the close that would cancel everything: recorded, unanswered
         self._reply("closed_workflow_task", message.run_id, closed.reply(c.run_id))
@@ -187,10 +202,20 @@ class SimulatedIDDS(TaskRecords):
     def _reply(self, msg_type: str, run_id: str, content: dict[str, Any]) -> None:
         if self.reply_delay > 0 and not self._bus.pause(self.reply_delay):
             return
-        body = {"msg_type": msg_type, "run_id": run_id, "created_at": zulu_iso(),
-                "content": content}
-        headers = {"persistent": "true", "ttl": str(TTL_MS), "vo": "eic",
-                   "msg_type": msg_type, "run_id": run_id, "client-id": self._client_id}
+        body = {
+            "msg_type": msg_type,
+            "run_id": run_id,
+            "created_at": zulu_iso(),
+            "content": content,
+        }
+        headers = {
+            "persistent": "true",
+            "ttl": str(TTL_MS),
+            "vo": "eic",
+            "msg_type": msg_type,
+            "run_id": run_id,
+            "client-id": self._client_id,
+        }
         if self.namespace:
             headers["namespace"] = self.namespace
         # stomp.py sends the publisher's id= and ack= arguments as headers too.
@@ -208,5 +233,6 @@ def _is_unfiltered_close(body: bytes) -> bool:
     content = data.get("content")
     if not isinstance(content, dict):
         return True  # iDDS would read every id as missing
-    return all(content.get(k) is None
-               for k in ("request_id", "transform_id", "workload_id", "run_id"))
+    return all(
+        content.get(k) is None for k in ("request_id", "transform_id", "workload_id", "run_id")
+    )

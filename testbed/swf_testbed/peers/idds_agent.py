@@ -71,9 +71,13 @@ class BrokerAddress:
 
     def as_config(self) -> dict[str, Any]:
         """As iDDS's configuration (and its meta info) spells it."""
-        return {"broker": f"{self.host}:{self.port}", "destination": self.destination,
-                "username": self.username, "password": self.password,
-                "broker_timeout": self.timeout}
+        return {
+            "broker": f"{self.host}:{self.port}",
+            "destination": self.destination,
+            "username": self.username,
+            "password": self.password,
+            "broker_timeout": self.timeout,
+        }
 
 
 @dataclass(frozen=True)
@@ -89,26 +93,36 @@ class PromptBrokers:
     results: BrokerAddress
 
     @classmethod
-    def on(cls, brokers: Brokers, *, slices: str = SLICES_QUEUE,
-           results: str = RESULTS_QUEUE, timeout: int = 10) -> PromptBrokers:
+    def on(
+        cls,
+        brokers: Brokers,
+        *,
+        slices: str = SLICES_QUEUE,
+        results: str = RESULTS_QUEUE,
+        timeout: int = 10,
+    ) -> PromptBrokers:
         """All four on the service's broker, with its login; the workers and
         broadcast topics as the service has them."""
         password = brokers.password.get_secret_value() if brokers.password else None
 
         def at(destination: str) -> BrokerAddress:
-            return BrokerAddress(brokers.host, brokers.port, destination, brokers.username,
-                                 password, timeout)
+            return BrokerAddress(
+                brokers.host, brokers.port, destination, brokers.username, password, timeout
+            )
 
-        return cls(at(brokers.workers_topic), at(slices), at(brokers.transformer_topic),
-                   at(results))
+        return cls(
+            at(brokers.workers_topic), at(slices), at(brokers.transformer_topic), at(results)
+        )
 
     def metainfo(self) -> dict[str, Any]:
         """What iDDS's REST API answers for meta info ``prompt_broker``
         (``get_prompt_broker_config()`` plus the active ejfat items: none)."""
-        return {"transformer_broker": self.slices.as_config(),
-                "transformer_broadcast_broker": self.broadcast.as_config(),
-                "result_broker": self.results.as_config(),
-                "ejfat": {}}
+        return {
+            "transformer_broker": self.slices.as_config(),
+            "transformer_broadcast_broker": self.broadcast.as_config(),
+            "result_broker": self.results.as_config(),
+            "ejfat": {},
+        }
 
 
 def database_schema(database_url: str) -> str | None:
@@ -118,9 +132,15 @@ def database_schema(database_url: str) -> str | None:
     return None if database_url.startswith("sqlite") else SCHEMA
 
 
-def idds_config(database_url: str, namespace: str | None, num_threads: int,
-                brokers: PromptBrokers, logdir: Path, log_level: str = "INFO",
-                timetolive_ms: int = 43_200_000) -> str:
+def idds_config(
+    database_url: str,
+    namespace: str | None,
+    num_threads: int,
+    brokers: PromptBrokers,
+    logdir: Path,
+    log_level: str = "INFO",
+    timetolive_ms: int = 43_200_000,
+) -> str:
     """iDDS's configuration file for the transceiver alone. The transformer
     brokers are written too, where iDDS's REST API would read them."""
     if num_threads < 1:
@@ -136,8 +156,13 @@ def idds_config(database_url: str, namespace: str | None, num_threads: int,
     }
     if namespace:
         prompt = {"namespace": namespace, **prompt}
-    database = {"default": database_url, "pool_size": "10", "pool_recycle": "3600",
-                "echo": "0", "pool_reset_on_return": "rollback"}
+    database = {
+        "default": database_url,
+        "pool_size": "10",
+        "pool_recycle": "3600",
+        "echo": "0",
+        "pool_reset_on_return": "rollback",
+    }
     schema = database_schema(database_url)
     if schema:
         database["schema"] = schema
@@ -170,7 +195,7 @@ def alembic_config(template: str, database_url: str) -> str:
 def _alembic_url(database_url: str) -> str:
     # As iDDS's own engine (orm/base/session.py): psycopg2 for a bare postgresql://.
     if database_url.startswith("postgresql://"):
-        return "postgresql+psycopg2://" + database_url[len("postgresql://"):]
+        return "postgresql+psycopg2://" + database_url[len("postgresql://") :]
     return database_url
 
 
@@ -202,8 +227,10 @@ class IddsRecords:
     def of_run(self, run_id: str | int) -> IddsRecords:
         """Those of one run (one read of all runs, then each run's part)."""
         run = str(run_id)
-        return IddsRecords([t for t in self.transforms if t["run_id"] == run],
-                           [p for p in self.processings if p["run_id"] == run])
+        return IddsRecords(
+            [t for t in self.transforms if t["run_id"] == run],
+            [p for p in self.processings if p["run_id"] == run],
+        )
 
 
 class IddsDatabase:
@@ -216,19 +243,32 @@ class IddsDatabase:
         self._workdir = workdir
 
     def records(self, run_id: str | int | None = None, timeout: float = 60) -> IddsRecords:
-        argv = [str(self._python), str(IDDS_SCRIPT), "records",
-                *([] if run_id is None else [str(run_id)])]
-        done = subprocess.run(argv, env=self._env, cwd=self._workdir, capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        argv = [
+            str(self._python),
+            str(IDDS_SCRIPT),
+            "records",
+            *([] if run_id is None else [str(run_id)]),
+        ]
+        done = subprocess.run(
+            argv,
+            env=self._env,
+            cwd=self._workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if done.returncode != 0:
-            raise IddsFailed(f"reading iDDS's database failed ({done.returncode}):\n"
-                             f"{done.stderr[-3000:]}")
+            raise IddsFailed(
+                f"reading iDDS's database failed ({done.returncode}):\n{done.stderr[-3000:]}"
+            )
         # iDDS's modules may print; the JSON is the last line.
         data = json.loads(done.stdout.strip().splitlines()[-1])
         return IddsRecords(data["transforms"], data["processings"])
 
-    def wait_for(self, predicate: Callable[[IddsRecords], bool], run_id: str | int | None,
-                 timeout: float) -> IddsRecords | None:
+    def wait_for(
+        self, predicate: Callable[[IddsRecords], bool], run_id: str | int | None, timeout: float
+    ) -> IddsRecords | None:
         """Read until ``predicate`` holds (the records then), or None after
         ``timeout``. The database sends no notice: each read is a poll."""
         deadline = time.monotonic() + timeout
@@ -275,9 +315,14 @@ class IddsTransceiver(PeerProcess):
         super().__init__("iDDS transceiver", workdir / "idds-transceiver.log", launcher)
         self.config_path = workdir / "idds.cfg"
         self.alembic_path = workdir / "alembic.ini"
-        self.env = peer_env({**panda_env, "IDDS_CONFIG": str(self.config_path),
-                             "ALEMBIC_CONFIG": str(self.alembic_path),
-                             "IDDS_AGENTS": "transceiver"})
+        self.env = peer_env(
+            {
+                **panda_env,
+                "IDDS_CONFIG": str(self.config_path),
+                "ALEMBIC_CONFIG": str(self.alembic_path),
+                "IDDS_AGENTS": "transceiver",
+            }
+        )
         self.database = IddsDatabase(self._python, self.env, workdir)
         self.started_in: float | None = None  # seconds from the spawn to all subscribed
 
@@ -285,11 +330,19 @@ class IddsTransceiver(PeerProcess):
 
     def start(self, timeout: float = 90.0) -> IddsTransceiver:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(idds_config(
-            self.database_url, self.namespace, self.num_threads, self.prompt, self.workdir,
-            self.log_level))
-        self.alembic_path.write_text(alembic_config(self._alembic_template().read_text(),
-                                                    self.database_url))
+        self.config_path.write_text(
+            idds_config(
+                self.database_url,
+                self.namespace,
+                self.num_threads,
+                self.prompt,
+                self.workdir,
+                self.log_level,
+            )
+        )
+        self.alembic_path.write_text(
+            alembic_config(self._alembic_template().read_text(), self.database_url)
+        )
         self._build(timeout)
         begun = time.monotonic()
         self._spawn([str(self._python), str(IDDS_SCRIPT), "run"], self.env, self.workdir)
@@ -300,8 +353,13 @@ class IddsTransceiver(PeerProcess):
             self.stop()
             raise
         self.started_in = time.monotonic() - begun
-        log.info("iDDS transceiver (pid %s, %s worker(s), namespace %s) subscribed in %.1fs",
-                 self.pid, self.num_threads, self.namespace, self.started_in)
+        log.info(
+            "iDDS transceiver (pid %s, %s worker(s), namespace %s) subscribed in %.1fs",
+            self.pid,
+            self.num_threads,
+            self.namespace,
+            self.started_in,
+        )
         return self
 
     def __enter__(self) -> IddsTransceiver:
@@ -327,37 +385,47 @@ class IddsTransceiver(PeerProcess):
         # idds-server installs its alembic.ini as data beside the interpreter's prefix.
         template = self._python.parent.parent / "config_default" / "alembic.ini"
         if not template.exists():
-            raise IddsFailed(f"iDDS's alembic.ini is not at {template}: is idds-server "
-                             f"installed in {self._python.parent.parent}?")
+            raise IddsFailed(
+                f"iDDS's alembic.ini is not at {template}: is idds-server "
+                f"installed in {self._python.parent.parent}?"
+            )
         return template
 
     def _build(self, timeout: float) -> None:
         build_log = self.workdir / "idds-build.log"
-        process = self._launcher.spawn([str(self._python), str(IDDS_SCRIPT), "build"],
-                                       self.env, build_log, self.workdir)
+        process = self._launcher.spawn(
+            [str(self._python), str(IDDS_SCRIPT), "build"], self.env, build_log, self.workdir
+        )
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop_process(process, 5)
             raise IddsFailed(f"building iDDS's database took over {timeout}s") from None
         if code != 0:
-            raise IddsFailed(f"building iDDS's database failed ({code}):\n"
-                             f"{build_log.read_text(errors='replace')[-3000:]}")
+            raise IddsFailed(
+                f"building iDDS's database failed ({code}):\n"
+                f"{build_log.read_text(errors='replace')[-3000:]}"
+            )
 
     def _wait_until(self, condition: Callable[[], bool], deadline: float, what: str) -> None:
         # The agent's log is a file: read it until the line is there.
         while not condition():
             if not self.alive:
-                raise IddsFailed(f"iDDS's agent exited ({self.exit_code}) before {what}:\n"
-                                 f"{self.log_text()[-3000:]}")
+                raise IddsFailed(
+                    f"iDDS's agent exited ({self.exit_code}) before {what}:\n"
+                    f"{self.log_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise IddsFailed(f"iDDS's agent: no {what} in time:\n{self.log_text()[-3000:]}")
             time.sleep(0.05)
 
     def _wait_subscribed(self, deadline: float) -> None:
         line = SUBSCRIBED.format(destination=self.prompt.workers.destination)
-        self._wait_until(lambda: self.count_in_log(line) >= self.num_threads, deadline,
-                         f"{self.num_threads} subscription(s)")
+        self._wait_until(
+            lambda: self.count_in_log(line) >= self.num_threads,
+            deadline,
+            f"{self.num_threads} subscription(s)",
+        )
 
     def _probe(self, deadline: float) -> None:
         """A message only a subscribed worker can log, until one was logged
@@ -376,12 +444,14 @@ class IddsTransceiver(PeerProcess):
                 sent.append(self._send_probe(bus))
                 next_at = time.monotonic() + PROBE_EVERY
             text = self.log_text()
-            return any(text.count(UNKNOWN_TYPE.format(msg_type=PROBE_TYPE, run_id=run_id))
-                       >= self.num_threads for run_id in sent)
+            return any(
+                text.count(UNKNOWN_TYPE.format(msg_type=PROBE_TYPE, run_id=run_id))
+                >= self.num_threads
+                for run_id in sent
+            )
 
         try:
-            self._wait_until(handled, deadline,
-                             f"a probe handled by {self.num_threads} worker(s)")
+            self._wait_until(handled, deadline, f"a probe handled by {self.num_threads} worker(s)")
         finally:
             bus.stop()
 
@@ -390,6 +460,9 @@ class IddsTransceiver(PeerProcess):
         headers = {"persistent": "false", "vo": "eic", "msg_type": PROBE_TYPE, "run_id": run_id}
         if self.namespace:
             headers["namespace"] = self.namespace
-        bus.send(self.prompt.workers.destination,
-                 {"msg_type": PROBE_TYPE, "run_id": run_id, "content": {}}, headers)
+        bus.send(
+            self.prompt.workers.destination,
+            {"msg_type": PROBE_TYPE, "run_id": run_id, "content": {}},
+            headers,
+        )
         return run_id

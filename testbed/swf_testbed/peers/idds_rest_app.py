@@ -109,8 +109,9 @@ class IddsRestApp(PeerProcess):
         self._python = python or peers_python()
         super().__init__("iDDS REST app", workdir / "idds-rest-app.log", launcher)
         self.auth_path = workdir / "idds-auth.cfg"
-        self.env = peer_env({**panda_env, "IDDS_CONFIG": str(config_path),
-                             "IDDS_AUTH_CONFIG": str(self.auth_path)})
+        self.env = peer_env(
+            {**panda_env, "IDDS_CONFIG": str(config_path), "IDDS_AUTH_CONFIG": str(self.auth_path)}
+        )
         self._url: str | None = None
         self.started_in: float | None = None  # seconds from the spawn to the first answer
 
@@ -118,30 +119,49 @@ class IddsRestApp(PeerProcess):
 
     def start(self, timeout: float = 60.0) -> IddsRestApp:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.auth_path.write_text(auth_config(
-            [self.pki.user.user_dn, self.pki.panda.user_dn], [self.pki.panda.user_dn]))
+        self.auth_path.write_text(
+            auth_config([self.pki.user.user_dn, self.pki.panda.user_dn], [self.pki.panda.user_dn])
+        )
         begun = time.monotonic()
         deadline = begun + timeout
         self._spawn(
-            [str(self._python), str(REST_SCRIPT), "--host", self.host, "--port", str(self.port),
-             "--cert", str(self.pki.server_cert), "--key", str(self.pki.server_key),
-             "--ca", str(self.pki.ca)], self.env, self.workdir)
+            [
+                str(self._python),
+                str(REST_SCRIPT),
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--cert",
+                str(self.pki.server_cert),
+                "--key",
+                str(self.pki.server_key),
+                "--ca",
+                str(self.pki.ca),
+            ],
+            self.env,
+            self.workdir,
+        )
         try:
-            self._wait_until(lambda: _SERVING.search(self.log_text()) is not None, deadline,
-                             "its 'serving' line")
+            self._wait_until(
+                lambda: _SERVING.search(self.log_text()) is not None, deadline, "its 'serving' line"
+            )
             match = _SERVING.search(self.log_text())
             assert match is not None
             self._url = match.group(1)
             status, body = self.get("/ping", timeout=max(1.0, deadline - time.monotonic()))
             if status != 200:
-                raise IddsRestFailed(f"iDDS's REST app answered ping with {status} {body!r}:\n"
-                                     f"{self.log_text()[-3000:]}")
+                raise IddsRestFailed(
+                    f"iDDS's REST app answered ping with {status} {body!r}:\n"
+                    f"{self.log_text()[-3000:]}"
+                )
         except BaseException:
             self.stop()
             raise
         self.started_in = time.monotonic() - begun
-        log.info("iDDS REST app (pid %s) on %s, answering in %.1fs", self.pid, self.url,
-                 self.started_in)
+        log.info(
+            "iDDS REST app (pid %s) on %s, answering in %.1fs", self.pid, self.url, self.started_in
+        )
         return self
 
     def __enter__(self) -> IddsRestApp:
@@ -164,8 +184,9 @@ class IddsRestApp(PeerProcess):
         """idds-client's settings for the operator (see ``client_env``)."""
         return client_env(self.url, self.pki.user, self.pki.ca, config_root)
 
-    def get(self, path: str, credential: ProxyCredential | None = None,
-            timeout: float = 10.0) -> tuple[int, object]:
+    def get(
+        self, path: str, credential: ProxyCredential | None = None, timeout: float = 10.0
+    ) -> tuple[int, object]:
         """GET ``path`` (under /idds) with ``credential`` (default the
         operator's; verified TLS): the status and the decoded JSON body."""
         proxy = (credential or self.pki.user).path
@@ -173,8 +194,7 @@ class IddsRestApp(PeerProcess):
         context.load_cert_chain(str(proxy), str(proxy))
         address = self.url.removeprefix("https://").split("/", 1)[0]
         host, port = address.rsplit(":", 1)
-        connection = http.client.HTTPSConnection(host, int(port), context=context,
-                                                 timeout=timeout)
+        connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=timeout)
         try:
             connection.request("GET", MOUNT + path)
             response = connection.getresponse()
@@ -190,9 +210,11 @@ class IddsRestApp(PeerProcess):
         while not condition():
             if not self.alive:
                 code = self._process.poll() if self._process is not None else None
-                raise IddsRestFailed(f"iDDS's REST app exited ({code}) before {what}:\n"
-                                     f"{self.log_text()[-3000:]}")
+                raise IddsRestFailed(
+                    f"iDDS's REST app exited ({code}) before {what}:\n{self.log_text()[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise IddsRestFailed(f"iDDS's REST app: no {what} in time:\n"
-                                     f"{self.log_text()[-3000:]}")
+                raise IddsRestFailed(
+                    f"iDDS's REST app: no {what} in time:\n{self.log_text()[-3000:]}"
+                )
             time.sleep(0.05)

@@ -51,8 +51,11 @@ class TaskInfo:
     scope: str = ""  # the workflow's (the request's scope in iDDS)
 
     def reply_ids(self) -> dict[str, int | None]:
-        return {"request_id": self.request_id, "transform_id": self.transform_id,
-                "workload_id": self.workload_id}
+        return {
+            "request_id": self.request_id,
+            "transform_id": self.transform_id,
+            "workload_id": self.workload_id,
+        }
 
     def created_ids(self) -> dict[str, int | None]:
         """What iDDS answers to a create."""
@@ -67,9 +70,14 @@ class TaskInfo:
 
     def matches(self, request_id: TaskId, transform_id: TaskId, workload_id: TaskId) -> bool:
         """As iDDS filters processings: on each id given (as text or number)."""
-        return all(given is None or str(given) == str(own) for given, own in (
-            (request_id, self.request_id), (transform_id, self.transform_id),
-            (workload_id, self.workload_id)))
+        return all(
+            given is None or str(given) == str(own)
+            for given, own in (
+                (request_id, self.request_id),
+                (transform_id, self.transform_id),
+                (workload_id, self.workload_id),
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -83,17 +91,22 @@ class Closed:
     cancelled: tuple[TaskInfo, ...]
 
     def reply(self, run_id: str | None) -> dict[str, Any]:
-        return {"run_id": run_id, "request_id": self.request_id,
-                "transform_id": self.transform_id, "workload_id": self.workload_id,
-                "status": self.status}
+        return {
+            "run_id": run_id,
+            "request_id": self.request_id,
+            "transform_id": self.transform_id,
+            "workload_id": self.workload_id,
+            "status": self.status,
+        }
 
 
 class TaskBook:
     """The tasks and what happened to them. Every method takes the owner's
     ``Notifier`` lock and notifies; tests read the attributes under it."""
 
-    def __init__(self, state: Notifier, workload_pending: bool = False,
-                 applies_worker_count: bool = False) -> None:
+    def __init__(
+        self, state: Notifier, workload_pending: bool = False, applies_worker_count: bool = False
+    ) -> None:
         self._state = state
         # PanDA's submission failed (or is not made): workload_id null.
         self.workload_pending = workload_pending
@@ -118,8 +131,9 @@ class TaskBook:
         with self._state.lock:
             return [task for task in self.all_tasks if task.run_id == run_id]
 
-    def create(self, workflow: Mapping[str, Any], namespace: str | None = None,
-               copies: int = 1) -> list[TaskInfo]:
+    def create(
+        self, workflow: Mapping[str, Any], namespace: str | None = None, copies: int = 1
+    ) -> list[TaskInfo]:
         """The tasks this create made: one, ``copies`` when handled that many
         times at once, or none when a task of that name exists already."""
         content = workflow.get("content") or {}
@@ -134,13 +148,15 @@ class TaskBook:
             made = [self._new_task(run_id, name, workflow, namespace) for _ in range(copies)]
             self.all_tasks.extend(made)
             if run_id is None or not str(run_id).strip():
-                self.violations.append(f"create_workflow_task without content.run_id: "
-                                       f"{str(dict(workflow))[:300]}")
+                self.violations.append(
+                    f"create_workflow_task without content.run_id: {str(dict(workflow))[:300]}"
+                )
             self._state.notify()
             return made
 
-    def _new_task(self, run_id: object, name: str, workflow: Mapping[str, Any],
-                  namespace: str | None) -> TaskInfo:
+    def _new_task(
+        self, run_id: object, name: str, workflow: Mapping[str, Any], namespace: str | None
+    ) -> TaskInfo:
         content = workflow.get("content") or {}
         target = content.get("target_worker_count") if isinstance(content, Mapping) else None
         n = next(self._ids)
@@ -168,24 +184,36 @@ class TaskBook:
             self._state.notify()
             return task
 
-    def find(self, request_id: TaskId = None, transform_id: TaskId = None,
-             workload_id: TaskId = None) -> TaskInfo | None:
+    def find(
+        self, request_id: TaskId = None, transform_id: TaskId = None, workload_id: TaskId = None
+    ) -> TaskInfo | None:
         """The first task every given id matches."""
         with self._state.lock:
-            return next((task for task in self.all_tasks
-                         if task.matches(request_id, transform_id, workload_id)), None)
+            return next(
+                (
+                    task
+                    for task in self.all_tasks
+                    if task.matches(request_id, transform_id, workload_id)
+                ),
+                None,
+            )
 
     def named(self, name: str) -> list[TaskInfo]:
         with self._state.lock:
             return [task for task in self.all_tasks if task.name == name]
 
-    def close(self, request_id: TaskId, transform_id: TaskId, workload_id: TaskId,
-              run_id: str | None, request: str) -> Closed | None:
+    def close(
+        self,
+        request_id: TaskId,
+        transform_id: TaskId,
+        workload_id: TaskId,
+        run_id: str | None,
+        request: str,
+    ) -> Closed | None:
         """Close as iDDS does (see the module's text); None for the close
         that would cancel everything, recorded in ``violations``. ``request``
         describes the request for that record."""
-        if request_id is None and run_id is None and transform_id is None \
-                and workload_id is None:
+        if request_id is None and run_id is None and transform_id is None and workload_id is None:
             self.violation(f"close_workflow_task with no ids: {request[:300]}")
             return None
         with self._state.lock:
@@ -200,8 +228,11 @@ class TaskBook:
             if request_id is None and transform_id is None and workload_id is None:
                 self.violation(f"close_workflow_task with no ids: {request[:300]}")
                 return None
-            cancelled = tuple(self._replace(task, status="ToCancel") for task in self.all_tasks
-                              if task.matches(request_id, transform_id, workload_id))
+            cancelled = tuple(
+                self._replace(task, status="ToCancel")
+                for task in self.all_tasks
+                if task.matches(request_id, transform_id, workload_id)
+            )
             key = run_id or (cancelled[0].run_id if cancelled else f"request_id={request_id}")
             self.closed[key] = "ToCancel" if cancelled else "NotFound"
             self._state.notify()

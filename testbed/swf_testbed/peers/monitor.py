@@ -87,8 +87,15 @@ class MonitorStandIn:
     SWF_MONITOR_URL takes). ``port`` 0 picks a free one; ``start`` again
     after ``stop`` binds the same port (a monitor restarted)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
-                 agent_types: Collection[str] | None = None, hang_for: float = 60.0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str | None = None,
+        agent_types: Collection[str] | None = None,
+        hang_for: float = 60.0,
+    ) -> None:
         self._address = (host, port)
         self._token = token
         self._agent_types = agent_types
@@ -110,8 +117,9 @@ class MonitorStandIn:
         host, port = self._server.server_address[:2]
         assert isinstance(host, str)  # an AF_INET server: (host, port)
         self._address = (host, port)  # the port picked, kept for restarts
-        self._thread = threading.Thread(target=partial(self._server.serve_forever, 0.05),
-                                        name="monitor-stand-in", daemon=True)
+        self._thread = threading.Thread(
+            target=partial(self._server.serve_forever, 0.05), name="monitor-stand-in", daemon=True
+        )
         self._thread.start()
         log.info("swf-monitor stand-in on %s", self.url)
         return self
@@ -146,8 +154,11 @@ class MonitorStandIn:
     def heartbeats(self, instance_name: str | None = None) -> list[HeartbeatCall]:
         """The heartbeats accepted (answered 200 or 201), oldest first."""
         with self._state.lock:
-            return [c for c in self.calls if c.accepted
-                    and instance_name in (None, c.field("instance_name"))]
+            return [
+                c
+                for c in self.calls
+                if c.accepted and instance_name in (None, c.field("instance_name"))
+            ]
 
     def records(self) -> list[HeartbeatCall]:
         """Every request so far, accepted or not."""
@@ -166,19 +177,26 @@ class MonitorStandIn:
         with self._state.lock:
             behaviour = self._behaviour
             answer = self._answer(behaviour, method, path, auth, body)
-            self.calls.append(HeartbeatCall(method, path, body, _redacted(headers), auth,
-                                            answer.status, behaviour))
+            self.calls.append(
+                HeartbeatCall(
+                    method, path, body, _redacted(headers), auth, answer.status, behaviour
+                )
+            )
             self._state.notify()
         if answer.status == HUNG:
             self._released.wait(self._hang_for)
         return answer
 
-    def _answer(self, behaviour: Behaviour, method: str, path: str, auth: Auth,
-                body: Any) -> _Answer:
+    def _answer(
+        self, behaviour: Behaviour, method: str, path: str, auth: Auth, body: Any
+    ) -> _Answer:
         # What a front end does (gateway errors, login redirects) comes before the app.
         if behaviour == "fail":
-            return _Answer(503, b"<html><body>503 Service Unavailable</body></html>",
-                           (("Content-Type", "text/html"),))
+            return _Answer(
+                503,
+                b"<html><body>503 Service Unavailable</body></html>",
+                (("Content-Type", "text/html"),),
+            )
         if behaviour == "hang":
             return _Answer(HUNG)
         if behaviour == "redirect":
@@ -190,11 +208,17 @@ class MonitorStandIn:
         if method != "POST":
             return _json(405, {"detail": f'Method "{method}" not allowed.'})
         if auth in ("missing", "wrong"):
-            detail = ("Authentication credentials were not provided." if auth == "missing"
-                      else "Invalid token.")
+            detail = (
+                "Authentication credentials were not provided."
+                if auth == "missing"
+                else "Invalid token."
+            )
             return _json(403, {"detail": detail})
-        if isinstance(body, dict) and isinstance(body.get("instance_name"), str) \
-                and len(body["instance_name"]) > INSTANCE_NAME_MAX:
+        if (
+            isinstance(body, dict)
+            and isinstance(body.get("instance_name"), str)
+            and len(body["instance_name"]) > INSTANCE_NAME_MAX
+        ):
             return _Answer(500, b"<h1>Server Error (500)</h1>", (("Content-Type", "text/html"),))
         problems = self._problems(body)
         if problems:
@@ -219,8 +243,11 @@ class MonitorStandIn:
         if not isinstance(name, str) or not name:
             problems["instance_name"] = ["This field is required."]
         agent_type = body.get("agent_type")
-        if not isinstance(agent_type, str) or not 0 < len(agent_type) <= 20 or (
-                self._agent_types is not None and agent_type not in self._agent_types):
+        if (
+            not isinstance(agent_type, str)
+            or not 0 < len(agent_type) <= 20
+            or (self._agent_types is not None and agent_type not in self._agent_types)
+        ):
             problems["agent_type"] = [f'"{agent_type}" is not a valid choice.']
         for field, choices in (("status", STATUSES), ("operational_state", OPERATIONAL_STATES)):
             if body.get(field) not in choices:
@@ -248,8 +275,12 @@ def _redacted(headers: dict[str, str]) -> dict[str, str]:
 
 
 class _Server(LocalHTTPServer):
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 stand_in: MonitorStandIn) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        stand_in: MonitorStandIn,
+    ) -> None:
         self.stand_in = stand_in
         super().__init__(address, handler)
 
@@ -259,8 +290,9 @@ class _Handler(PeerRequestHandler):
     server_version = "swf-monitor-stand-in"
 
     def answer(self, body: bytes) -> None:
-        answer = self.server.stand_in._handle(self.command, self.path,
-                                              dict(self.headers.items()), body)
+        answer = self.server.stand_in._handle(
+            self.command, self.path, dict(self.headers.items()), body
+        )
         if answer.status == HUNG:
             self.close_connection = True
             return
@@ -272,11 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     (what SWF_MONITOR_URL takes)."""
     parser = argparse.ArgumentParser(
         prog="python -m swf_testbed.peers.monitor",
-        description="A stand-in for swf-monitor's agent heartbeat endpoint.")
+        description="A stand-in for swf-monitor's agent heartbeat endpoint.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    parser.add_argument("--token-env", metavar="VAR",
-                        help="require 'Authorization: Token <the token in this variable>'")
+    parser.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="require 'Authorization: Token <the token in this variable>'",
+    )
     args = parser.parse_args(argv)
     token = None
     if args.token_env:
@@ -298,8 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             calls = stand_in.records()
             for call in calls[seen:]:
-                log.info("%s %s -> %s: %s", call.method, call.path, call.status,
-                         json.dumps(call.body) if isinstance(call.body, dict) else call.body)
+                log.info(
+                    "%s %s -> %s: %s",
+                    call.method,
+                    call.path,
+                    call.status,
+                    json.dumps(call.body) if isinstance(call.body, dict) else call.body,
+                )
             seen = len(calls)
     return 0
 

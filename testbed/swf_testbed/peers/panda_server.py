@@ -82,8 +82,11 @@ def job_arguments(task_parameters: Mapping[str, Any]) -> list[str]:
     items = task_parameters.get("jobParameters") or []
     if not isinstance(items, list):
         raise ValueError(f"jobParameters is not a list: {items!r}")
-    text = " ".join(str(item.get("value", "")) for item in items
-                    if isinstance(item, Mapping) and item.get("type") == "constant")
+    text = " ".join(
+        str(item.get("value", ""))
+        for item in items
+        if isinstance(item, Mapping) and item.get("type") == "constant"
+    )
     return shlex.split(text)
 
 
@@ -93,7 +96,7 @@ def option(arguments: list[str], name: str) -> str | None:
         if argument == name and i + 1 < len(arguments):
             return arguments[i + 1]
         if argument.startswith(name + "="):
-            return argument[len(name) + 1:]
+            return argument[len(name) + 1 :]
     return None
 
 
@@ -188,9 +191,16 @@ class PandaServerStandIn:
         first_task_id: int = 31870,
     ) -> None:
         self._address = (host, port)
-        self._prompt_broker = dict(prompt_broker) if prompt_broker is not None else {
-            "transformer_broker": None, "transformer_broadcast_broker": None,
-            "result_broker": None, "ejfat": {}}
+        self._prompt_broker = (
+            dict(prompt_broker)
+            if prompt_broker is not None
+            else {
+                "transformer_broker": None,
+                "transformer_broadcast_broker": None,
+                "result_broker": None,
+                "ejfat": {},
+            }
+        )
         self._on_task_submitted = on_task_submitted
         self._relay_target: IddsRelayTarget | None = None
         self._task_ids = itertools.count(first_task_id)
@@ -206,8 +216,9 @@ class PandaServerStandIn:
 
     def start(self) -> PandaServerStandIn:
         self._server = _Server(self._address, _Handler, self)
-        self._thread = threading.Thread(target=partial(self._server.serve_forever, 0.05),
-                                        name="panda-stand-in", daemon=True)
+        self._thread = threading.Thread(
+            target=partial(self._server.serve_forever, 0.05), name="panda-stand-in", daemon=True
+        )
         self._thread.start()
         log.info("PanDA server stand-in on %s", self.url)
         return self
@@ -264,13 +275,15 @@ class PandaServerStandIn:
 
     # --- handling (one server thread per request) ------------------------------
 
-    def _handle(self, method: str, target: str, headers: Mapping[str, str],
-                body: bytes) -> _Answer:
+    def _handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> _Answer:
         path = urlsplit(target).path
         lowered = {k.lower(): v for k, v in headers.items()}
         if path == SUBMIT_PATH:
-            answer = self._submit(body) if method == "POST" else _envelope(
-                405, False, f"{method} is not allowed on {path}")
+            answer = (
+                self._submit(body)
+                if method == "POST"
+                else _envelope(405, False, f"{method} is not allowed on {path}")
+            )
         elif path.startswith(RELAY_PREFIX + "/"):
             answer = self._relay(method, path, lowered.get("content-type"), body)
         else:
@@ -285,9 +298,10 @@ class PandaServerStandIn:
         try:
             data = json.loads(body)
             if not isinstance(data, dict) or not isinstance(data.get("task_parameters"), dict):
-                raise ValueError("the body is no {\"task_parameters\": {...}} object")
-            submission = TaskSubmission(next(self._task_ids), data["task_parameters"],
-                                        data.get("parent_tid"))
+                raise ValueError('the body is no {"task_parameters": {...}} object')
+            submission = TaskSubmission(
+                next(self._task_ids), data["task_parameters"], data.get("parent_tid")
+            )
             job_arguments(submission.task_parameters)  # readable, or refused now
         except ValueError as exc:
             # The real server answers a request it cannot read with success false.
@@ -295,14 +309,20 @@ class PandaServerStandIn:
         with self._state.lock:
             self.submissions.append(submission)
             self._state.notify()
-        log.info("task %s submitted: %s, %s jobs, %s", submission.task_id,
-                 submission.task_name, submission.jobs, " ".join(submission.job_arguments))
+        log.info(
+            "task %s submitted: %s, %s jobs, %s",
+            submission.task_id,
+            submission.task_name,
+            submission.jobs,
+            " ".join(submission.job_arguments),
+        )
         then = partial(self._on_task_submitted, submission) if self._on_task_submitted else None
-        return _envelope(200, True, f"succeeded. new jediTaskID={submission.task_id}",
-                         submission.task_id, then)
+        return _envelope(
+            200, True, f"succeeded. new jediTaskID={submission.task_id}", submission.task_id, then
+        )
 
     def _relay(self, method: str, path: str, content_type: str | None, body: bytes) -> _Answer:
-        name = path[len(RELAY_PREFIX) + 1:]
+        name = path[len(RELAY_PREFIX) + 1 :]
         if name != RELAY_METHOD:
             # PanDA's entry refuses any method it does not export.
             return _Answer(403, panda_error_text(f"{name} is forbidden"), TEXT_PLAIN)
@@ -327,8 +347,7 @@ class PandaServerStandIn:
             args = relay_json(params.get("args"), list)
             kwargs = relay_json(params.get("kwargs"), dict)
             if target is not None:
-                result = _relayed(target, named_host or target.host, command, manager, args,
-                                  kwargs)
+                result = _relayed(target, named_host or target.host, command, manager, args, kwargs)
             else:
                 result = self._idds_answer(command, manager, args, kwargs)
         except (ValueError, TypeError) as exc:
@@ -338,12 +357,16 @@ class PandaServerStandIn:
             self._state.notify()
         return _Answer(200, relay_text(result), TEXT_PLAIN)
 
-    def _idds_answer(self, command: str, manager: bool, args: list[Any],
-                     kwargs: dict[str, Any]) -> list[Any]:
+    def _idds_answer(
+        self, command: str, manager: bool, args: list[Any], kwargs: dict[str, Any]
+    ) -> list[Any]:
         """What relay_idds_command returns for the call."""
         if command != "get_metainfo":
-            return [False, f"failed to execute command with the PanDA stand-in relays only "
-                           f"get_metainfo, not {command or '(none)'}"]
+            return [
+                False,
+                f"failed to execute command with the PanDA stand-in relays only "
+                f"get_metainfo, not {command or '(none)'}",
+            ]
         if len(args) + len(kwargs) != 1 or (kwargs and "name" not in kwargs):
             raise TypeError(f"get_metainfo() takes one argument, name; got {args} {kwargs}")
         name = kwargs["name"] if kwargs else args[0]
@@ -352,8 +375,14 @@ class PandaServerStandIn:
         return [True, [True, meta]] if manager else [True, meta]
 
 
-def _relayed(target: IddsRelayTarget, host: str, command: str, manager: bool,
-             args: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+def _relayed(
+    target: IddsRelayTarget,
+    host: str,
+    command: str,
+    manager: bool,
+    args: list[Any],
+    kwargs: dict[str, Any],
+) -> list[Any]:
     """What PanDA's relay_idds_command returns for a command run by the real
     iDDS: a ClientManager or Client on ``host`` (PanDA's own credential)
     runs it."""
@@ -362,9 +391,11 @@ def _relayed(target: IddsRelayTarget, host: str, command: str, manager: bool,
     from idds.client.client import Client
     from idds.client.clientmanager import ClientManager
 
-    client = Client(host=host, auth={"auth_type": "x509_proxy",
-                                     "client_proxy": str(target.proxy)},
-                    timeout=target.timeout)
+    client = Client(
+        host=host,
+        auth={"auth_type": "x509_proxy", "client_proxy": str(target.proxy)},
+        timeout=target.timeout,
+    )
     client.retries = 1  # one try: the caller decides about retrying
     if target.ca_certs is not None:
         verify_server(client.session, target.ca_certs)
@@ -381,16 +412,25 @@ def _relayed(target: IddsRelayTarget, host: str, command: str, manager: bool,
         return [False, f"failed to execute command with {exc}"]
 
 
-def _envelope(status: int, success: bool, message: str, data: Any = None,
-              then: Callable[[], None] | None = None) -> _Answer:
+def _envelope(
+    status: int,
+    success: bool,
+    message: str,
+    data: Any = None,
+    then: Callable[[], None] | None = None,
+) -> _Answer:
     """The PanDA server's JSON answer: {success, message, data}."""
     body = json.dumps({"success": success, "message": message, "data": data}).encode()
     return _Answer(status, body, _JSON, then)
 
 
 class _Server(LocalHTTPServer):
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 stand_in: PandaServerStandIn) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        stand_in: PandaServerStandIn,
+    ) -> None:
         self.stand_in = stand_in
         super().__init__(address, handler)
 
@@ -400,12 +440,14 @@ class _Handler(PeerRequestHandler):
     server_version = "panda-stand-in"
 
     def answer(self, body: bytes) -> None:
-        answer = self.server.stand_in._handle(self.command, self.path,
-                                              dict(self.headers.items()), body)
+        answer = self.server.stand_in._handle(
+            self.command, self.path, dict(self.headers.items()), body
+        )
         self.reply(answer.status, answer.headers, answer.body)
         if answer.then is not None:
             try:
                 answer.then()
             except Exception:  # the stand-in keeps serving; the log says what broke
-                log.exception("PanDA stand-in: callback after %s %s failed",
-                              self.command, self.path)
+                log.exception(
+                    "PanDA stand-in: callback after %s %s failed", self.command, self.path
+                )

@@ -32,13 +32,17 @@ def peers_python() -> Path:
     if not python.exists():
         raise PeersNotInstalled(
             f"the real peers' interpreter {python} is missing: run `bash scripts/bootstrap.sh` "
-            f"(it makes .venv-peers), or set {PYTHON_ENV}")
+            f"(it makes .venv-peers), or set {PYTHON_ENV}"
+        )
     return python
 
 
 def peer_env(extra: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
     """A peer process's environment: ours (``base``, default os.environ)
     without what would steer the peers elsewhere, plus ``extra``."""
-    inherited = {k: v for k, v in (os.environ if base is None else base).items()
-                 if k not in _NOT_INHERITED and not k.startswith(_NOT_INHERITED_PREFIXES)}
+    inherited = {
+        k: v
+        for k, v in (os.environ if base is None else base).items()
+        if k not in _NOT_INHERITED and not k.startswith(_NOT_INHERITED_PREFIXES)
+    }
     return {**inherited, "PYTHONUNBUFFERED": "1", **extra}

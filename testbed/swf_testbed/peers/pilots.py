@@ -112,37 +112,62 @@ class Pilots:
     def start_task(self, submission: TaskSubmission) -> list[Pilot]:
         """PanDA's jobs for a task: ``submission.jobs`` transformers, each
         with the task's job arguments."""
-        return [self.start_job(submission.task_id, submission.job_arguments)
-                for _ in range(submission.jobs)]
+        return [
+            self.start_job(submission.task_id, submission.job_arguments)
+            for _ in range(submission.jobs)
+        ]
 
     def start_job(self, task_id: int, arguments: list[str]) -> Pilot:
         if self._stopping.is_set():
             raise RuntimeError("the pilots are stopping: no new job starts")
         panda_id, harvester_id = next(self._panda_ids), next(self._harvester_ids)
-        env = peer_env({
-            **self._panda_env,
-            "PanDA_TaskID": str(task_id),
-            "PANDAID": str(panda_id),
-            "HARVESTER_WORKER_ID": str(harvester_id),
-            SCHEDULE_ENV: str(self._schedule_path),
-            # A pilot's idds-prompt has no idds-server beside it, so iDDS's code
-            # runs as a client, needing no server configuration; here both share
-            # one interpreter, and without this idds-prompt refuses to start.
-            "IDDS_CLIENT_MODE": "1",
-            "IDDS_LOCAL_CONFIG_ROOT": str(self.workdir / "idds-local"),  # not ~/.idds
-        })
+        env = peer_env(
+            {
+                **self._panda_env,
+                "PanDA_TaskID": str(task_id),
+                "PANDAID": str(panda_id),
+                "HARVESTER_WORKER_ID": str(harvester_id),
+                SCHEDULE_ENV: str(self._schedule_path),
+                # A pilot's idds-prompt has no idds-server beside it, so iDDS's code
+                # runs as a client, needing no server configuration; here both share
+                # one interpreter, and without this idds-prompt refuses to start.
+                "IDDS_CLIENT_MODE": "1",
+                "IDDS_LOCAL_CONFIG_ROOT": str(self.workdir / "idds-local"),  # not ~/.idds
+            }
+        )
         log_path = self.workdir / f"transformer-{task_id}-{panda_id}.log"
-        process = self._launcher.spawn([str(self._python), str(TRANSFORMER_SCRIPT), *arguments],
-                                       env, log_path, cwd=self.workdir)
-        pilot = Pilot(task_id, panda_id, harvester_id, tuple(arguments), log_path, process.pid,
-                      time.time(), process=process)
+        process = self._launcher.spawn(
+            [str(self._python), str(TRANSFORMER_SCRIPT), *arguments],
+            env,
+            log_path,
+            cwd=self.workdir,
+        )
+        pilot = Pilot(
+            task_id,
+            panda_id,
+            harvester_id,
+            tuple(arguments),
+            log_path,
+            process.pid,
+            time.time(),
+            process=process,
+        )
         with self._state.lock:
             self._pilots.append(pilot)
             self._state.notify()
-        threading.Thread(target=self._await_exit, args=(pilot, process),
-                         name=f"pilot-{panda_id}-exit", daemon=True).start()
-        log.info("pilot %s (task %s) started: pid %s, %s", panda_id, task_id, process.pid,
-                 " ".join(arguments))
+        threading.Thread(
+            target=self._await_exit,
+            args=(pilot, process),
+            name=f"pilot-{panda_id}-exit",
+            daemon=True,
+        ).start()
+        log.info(
+            "pilot %s (task %s) started: pid %s, %s",
+            panda_id,
+            task_id,
+            process.pid,
+            " ".join(arguments),
+        )
         return pilot
 
     def _await_exit(self, pilot: Pilot, process: Popen[bytes]) -> None:
@@ -150,8 +175,13 @@ class Pilots:
         with self._state.lock:
             pilot.exited_at, pilot.exit_code = time.time(), code
             self._state.notify()
-        log.info("pilot %s (task %s) exited with %s after %.1fs", pilot.panda_id,
-                 pilot.task_id, code, pilot.lifetime or 0.0)
+        log.info(
+            "pilot %s (task %s) exited with %s after %.1fs",
+            pilot.panda_id,
+            pilot.task_id,
+            code,
+            pilot.lifetime or 0.0,
+        )
 
     # --- records ------------------------------------------------------------------
 
@@ -165,8 +195,9 @@ class Pilots:
 
     def live(self, run_id: str | int | None = None) -> int:
         """Transformers running now (of the run, when given)."""
-        return sum(1 for p in self.pilots
-                   if p.alive and (run_id is None or p.run_id == str(run_id)))
+        return sum(
+            1 for p in self.pilots if p.alive and (run_id is None or p.run_id == str(run_id))
+        )
 
     def live_by_run(self) -> dict[str | None, int]:
         return dict(Counter(p.run_id for p in self.pilots if p.alive))
@@ -182,8 +213,10 @@ class Pilots:
         SIGKILL after ``grace`` seconds. Waits until all have ended."""
         self._stopping.set()
         running = [p for p in self.pilots if p.alive and p.process is not None]
-        threads = [threading.Thread(target=stop_process, args=(p.process, grace), daemon=True)
-                   for p in running]
+        threads = [
+            threading.Thread(target=stop_process, args=(p.process, grace), daemon=True)
+            for p in running
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -72,9 +72,12 @@ class SliceResults:
         self.destination = destination
         self._state = Notifier()
         self._received: list[ReceivedResult] = []  # guarded by self._state.lock
-        self._bus = PeerBus(brokers, name="real-peers-results",
-                            subscriptions=(Subscription(destination, ack="auto"),),
-                            handle=self._take)
+        self._bus = PeerBus(
+            brokers,
+            name="real-peers-results",
+            subscriptions=(Subscription(destination, ack="auto"),),
+            handle=self._take,
+        )
 
     def start(self) -> SliceResults:
         self._bus.start()
@@ -106,8 +109,11 @@ class SliceResults:
         except InvalidMessage as exc:
             error = str(exc)  # kept: a test may want to see what the service would refuse
         with self._state.lock:
-            self._received.append(ReceivedResult(body if isinstance(body, dict) else {},
-                                                 dict(delivery.headers), message, error))
+            self._received.append(
+                ReceivedResult(
+                    body if isinstance(body, dict) else {}, dict(delivery.headers), message, error
+                )
+            )
             self._state.notify()
 
 
@@ -146,14 +152,19 @@ class RealPeers:
     ) -> None:
         self.brokers = brokers
         self.workdir = workdir
-        self.prompt = PromptBrokers.on(brokers, slices=slices_destination,
-                                       results=results_destination)
+        self.prompt = PromptBrokers.on(
+            brokers, slices=slices_destination, results=results_destination
+        )
         self._launcher: ChildLauncher | None = None
-        self.panda = PandaServerStandIn(prompt_broker=self.prompt.metainfo(),
-                                        on_task_submitted=self._task_submitted)
-        self.control = ControlSystem(brokers, control_namespace or namespace or "dev",
-                                     workers_topic=brokers.workers_topic,
-                                     slices_destination=slices_destination)
+        self.panda = PandaServerStandIn(
+            prompt_broker=self.prompt.metainfo(), on_task_submitted=self._task_submitted
+        )
+        self.control = ControlSystem(
+            brokers,
+            control_namespace or namespace or "dev",
+            workers_topic=brokers.workers_topic,
+            slices_destination=slices_destination,
+        )
         self.results = SliceResults(brokers, results_destination) if collect_results else None
         self._namespace = namespace
         self._num_threads = num_threads
@@ -194,8 +205,12 @@ class RealPeers:
             self._started.append(launcher.close)
             self.panda.start()
             self._started.append(self.panda.stop)
-            self._pilots = Pilots(self.workdir / "pilots", self.panda.client_env(),
-                                  schedule=self._schedule, launcher=launcher)
+            self._pilots = Pilots(
+                self.workdir / "pilots",
+                self.panda.client_env(),
+                schedule=self._schedule,
+                launcher=launcher,
+            )
             self._started.append(self._pilots.stop_all)
             if self.results is not None:
                 self.results.start()
@@ -203,22 +218,38 @@ class RealPeers:
             self.control.start()
             self._started.append(self.control.stop)
             self._idds = IddsTransceiver(
-                self.workdir / "idds", self.brokers, self.prompt, self.panda.client_env(),
-                namespace=self._namespace, num_threads=self._num_threads,
-                database_url=self._database_url, launcher=launcher)
+                self.workdir / "idds",
+                self.brokers,
+                self.prompt,
+                self.panda.client_env(),
+                namespace=self._namespace,
+                num_threads=self._num_threads,
+                database_url=self._database_url,
+                launcher=launcher,
+            )
             self._started.append(self._idds.stop)
             self._idds.start(timeout)
             if self._pki is not None:
                 # After the transceiver: its start writes iDDS's configuration
                 # and builds the database the app serves.
                 self._rest = IddsRestApp(
-                    self.workdir / "idds", self._idds.config_path, self.panda.client_env(),
-                    self._pki, port=self._rest_port, launcher=launcher)
+                    self.workdir / "idds",
+                    self._idds.config_path,
+                    self.panda.client_env(),
+                    self._pki,
+                    port=self._rest_port,
+                    launcher=launcher,
+                )
                 self._started.append(self._rest.stop)
                 self._rest.start(timeout)
-                self.panda.relay_to(IddsRelayTarget(self._rest.url, self._pki.panda.path,
-                                                    self.workdir / "panda-idds-client",
-                                                    ca_certs=self._pki.ca))
+                self.panda.relay_to(
+                    IddsRelayTarget(
+                        self._rest.url,
+                        self._pki.panda.path,
+                        self.workdir / "panda-idds-client",
+                        ca_certs=self._pki.ca,
+                    )
+                )
         except BaseException:
             self.stop()
             raise
@@ -250,7 +281,8 @@ class RealPeers:
     def _task_submitted(self, submission: TaskSubmission) -> None:
         # PanDA starts the task's jobs: one transformer each.
         if self._pilots is None:
-            log.warning("task %s submitted before the pilots exist: no job started",
-                        submission.task_id)
+            log.warning(
+                "task %s submitted before the pilots exist: no job started", submission.task_id
+            )
             return
         self._pilots.start_task(submission)

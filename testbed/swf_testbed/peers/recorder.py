@@ -58,7 +58,8 @@ class BusRecorder:
         self._state = Notifier()
         self._records: list[Recorded] = []  # guarded by self._state.lock
         self._bus = PeerBus(
-            brokers, name="sim-recorder",
+            brokers,
+            name="sim-recorder",
             subscriptions=tuple(Subscription(t, ack="auto") for t in topics),
             handle=self._record,
         )
@@ -89,7 +90,8 @@ class BusRecorder:
         """Bodies of that type (and run: compared as text, whatever was sent)."""
         with self._state.lock:
             return [
-                r.body for r in self._records
+                r.body
+                for r in self._records
                 if r.msg_type == msg_type
                 and (run_id is None or str(r.body.get("run_id")) == str(run_id))
             ]
@@ -123,8 +125,12 @@ class BusRecorder:
         namespace header, which every peer and the service ignore."""
         marker = f"recorder-marker-{uuid.uuid4().hex}"
         for topic in self._topics:
-            body = {"msg_type": "heartbeat", "internal_id": marker, "namespace": None,
-                    "timestamp": time.time()}
+            body = {
+                "msg_type": "heartbeat",
+                "internal_id": marker,
+                "namespace": None,
+                "timestamp": time.time(),
+            }
             self._bus.send(topic, body, {"persistent": "false", "msg_type": "heartbeat"})
 
         def back() -> bool:
@@ -142,8 +148,17 @@ class BusRecorder:
         counted whole: a stop goes in each form a transformer obeys)."""
         headings = ("run_id", *SUMMARY_COLUMNS.values())
         rows = [headings] + [
-            (str(run_id), *(str(self.stops(str(run_id)) if t == "stop_transformer"
-                                else len(self.of_type(t, run_id))) for t in SUMMARY_COLUMNS))
+            (
+                str(run_id),
+                *(
+                    str(
+                        self.stops(str(run_id))
+                        if t == "stop_transformer"
+                        else len(self.of_type(t, run_id))
+                    )
+                    for t in SUMMARY_COLUMNS
+                ),
+            )
             for run_id in run_ids
         ]
         return text_table(rows)
@@ -164,7 +179,6 @@ class BusRecorder:
 def text_table(rows: Sequence[Sequence[str]]) -> str:
     """Right-aligned columns, the first row a heading underlined with dashes."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
-             for row in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -12,8 +12,9 @@ from swf_testbed.peers.control_system import Shape
 from swf_testbed.peers.harness import PeerHarness
 
 
-def slowdown_in_the_middle(normal: float, slow: float, first: int,
-                           last: int) -> Callable[[int], float]:
+def slowdown_in_the_middle(
+    normal: float, slow: float, first: int, last: int
+) -> Callable[[int], float]:
     """Slice times with a slow stretch (slices first..last-1), to make the
     run ask for more workers."""
 
@@ -54,8 +55,12 @@ def play_session(
     started = time.monotonic()
     for run_id in run_ids:
         for _ in range(2 if duplicate_messages else 1):
-            peers.control.announce(run_id, shape, target_workers=target_workers,
-                                   slice_processing_time=slice_processing_time)
+            peers.control.announce(
+                run_id,
+                shape,
+                target_workers=target_workers,
+                slice_processing_time=slice_processing_time,
+            )
 
     result.created = peers.wait_until(lambda: all(map(peers.task_created, run_ids)), wait)
     result.timings["created"] = time.monotonic() - started
@@ -75,5 +80,6 @@ def play_session(
     result.timings["closed"] = time.monotonic() - started
     # Topics are delivered independently: the stop may trail the close reply.
     result.stopped = recorder.wait_for(
-        lambda: all(recorder.of_type("stop_transformer", r) for r in run_ids), 10)
+        lambda: all(recorder.of_type("stop_transformer", r) for r in run_ids), 10
+    )
     return result

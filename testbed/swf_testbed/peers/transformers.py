@@ -134,12 +134,14 @@ class TransformerFarm:
         self._threads: list[threading.Thread] = []
         self._handlers: dict[type, Callable[[Any], None]] = {StopTransformer: self._on_stop}
         self._bus = PeerBus(
-            brokers, name="sim-transformers",
+            brokers,
+            name="sim-transformers",
             subscriptions=(Subscription(transformer_topic, ack="auto"),),
             handle=self._on_delivery,
         )
-        self._ticker = threading.Thread(target=self._beat, name="sim-transformers-heartbeat",
-                                        daemon=True)
+        self._ticker = threading.Thread(
+            target=self._beat, name="sim-transformers-heartbeat", daemon=True
+        )
 
     def start(self) -> TransformerFarm:
         self._bus.start()
@@ -257,11 +259,13 @@ class TransformerFarm:
 
     def wait_idle(self, timeout: float, run_id: str | None = None) -> bool:
         """Wait until no transformer (of ``run_id``, or at all) is running."""
+
         def idle() -> bool:
             if run_id is not None:
                 run = self.runs.get(run_id)
                 return run is None or run.live == 0
             return all(run.live == 0 for run in self.runs.values())
+
         return self._state.wait_for(idle, timeout)
 
     # --- slice arrivals ------------------------------------------------------
@@ -275,16 +279,22 @@ class TransformerFarm:
     def _start_feeder(self, run: RunSlices, arrival: Callable[[int], float]) -> None:
         """Call with the lock held."""
         run.feeding = True
-        feeder = threading.Thread(target=self._feed, args=(run, arrival, time.monotonic()),
-                                  name=f"sim-{run.run_id}-feeder", daemon=True)
+        feeder = threading.Thread(
+            target=self._feed,
+            args=(run, arrival, time.monotonic()),
+            name=f"sim-{run.run_id}-feeder",
+            daemon=True,
+        )
         self._threads.append(feeder)
         feeder.start()
 
     def _feed(self, run: RunSlices, arrival: Callable[[int], float], began: float) -> None:
         """Queue each slice at its arrival time, in arrival order, until all
         are queued, the run is stopped or the farm closes."""
+
         def halted() -> bool:
             return run.stopped or self._closing.is_set()
+
         try:
             due = sorted((began + arrival(index), index) for index in range(run.slices))
             for at, index in due:
@@ -310,8 +320,9 @@ class TransformerFarm:
             run.started += 1
             run.live += 1
             hostname = f"sim-{run.run_id}-{run.started}"  # its socket.getfqdn()
-            thread = threading.Thread(target=self._transform, args=(run, hostname),
-                                      name=hostname, daemon=True)
+            thread = threading.Thread(
+                target=self._transform, args=(run, hostname), name=hostname, daemon=True
+            )
             self._threads.append(thread)
             thread.start()
 
@@ -331,9 +342,10 @@ class TransformerFarm:
         """A slice to process, or None (the transformer has left): stopped,
         farm closing, surplus to the run's target, or idle too long."""
         with self._state.lock:
+
             def ready() -> bool:
-                return (run.stopped or self._closing.is_set() or run.surplus
-                        or bool(run.pending))
+                return run.stopped or self._closing.is_set() or run.surplus or bool(run.pending)
+
             # While slices are still to arrive the transformer is not idle:
             # the idle clock starts once the last one has arrived.
             self._state.wait_for(lambda: ready() or not run.arriving, None)
@@ -360,8 +372,12 @@ class TransformerFarm:
             return  # the farm is shutting down: the slice is abandoned
         seconds = round(time.monotonic() - began, 6)
         failed = run.fail_every is not None and (index + 1) % run.fail_every == 0
-        slice_content = {"run_id": run.run_id, "slice_id": index, "state": "queued",
-                         "substate": "new"}
+        slice_content = {
+            "run_id": run.run_id,
+            "slice_id": index,
+            "state": "queued",
+            "substate": "new",
+        }
         content: dict[str, Any] = {
             "requested_at": run.queued_at[index],
             "processing_start_at": naive_iso(started_at, timespec="microseconds"),
@@ -376,10 +392,16 @@ class TransformerFarm:
             "result": (
                 # A failed slice carries no slice identity.
                 {"state": False, "result": None, "error": f"simulated failure of slice {index}"}
-                if failed else
-                {"state": True, "result": {**slice_content, "processed": True,
-                                           "actual_processing_time": seconds},
-                 "error": None}
+                if failed
+                else {
+                    "state": True,
+                    "result": {
+                        **slice_content,
+                        "processed": True,
+                        "actual_processing_time": seconds,
+                    },
+                    "error": None,
+                }
             ),
         }
         if run.seed_shape:
@@ -391,9 +413,16 @@ class TransformerFarm:
             "content": content,
         }
         # No namespace, as from iDDS jobs; a ttl, which ActiveMQ Classic ignores.
-        headers = {"persistent": "true", "ttl": str(RESULT_TTL_MS), "vo": "eic",
-                   "msg_type": "slice_result", "run_id": run.run_id,
-                   "client-id": self._client_id, "id": self._client_id, "ack": "auto"}
+        headers = {
+            "persistent": "true",
+            "ttl": str(RESULT_TTL_MS),
+            "vo": "eic",
+            "msg_type": "slice_result",
+            "run_id": run.run_id,
+            "client-id": self._client_id,
+            "id": self._client_id,
+            "ack": "auto",
+        }
         if self.result_ttl_ms is not None:
             headers["expires"] = str(int(time.time() * 1000) + self.result_ttl_ms)
         with self._state.lock:
@@ -422,14 +451,26 @@ class TransformerFarm:
             with self._state.lock:
                 live = list(self._heartbeats.items())
             for transformer, namespace in live:
-                for name, destination in (("ResultPublisher", self.results_queue),
-                                          ("TFBroadcastSubscriber", self.transformer_topic)):
+                for name, destination in (
+                    ("ResultPublisher", self.results_queue),
+                    ("TFBroadcastSubscriber", self.transformer_topic),
+                ):
                     internal_id = f"{namespace}.{name}.{transformer}"
-                    body = {"msg_type": "heartbeat", "internal_id": internal_id,
-                            "namespace": namespace, "timestamp": time.time()}
-                    headers = {"persistent": "false", "vo": "eic", "msg_type": "heartbeat",
-                               "namespace": namespace or "", "client-id": internal_id,
-                               "id": internal_id, "ack": "auto"}
+                    body = {
+                        "msg_type": "heartbeat",
+                        "internal_id": internal_id,
+                        "namespace": namespace,
+                        "timestamp": time.time(),
+                    }
+                    headers = {
+                        "persistent": "false",
+                        "vo": "eic",
+                        "msg_type": "heartbeat",
+                        "namespace": namespace or "",
+                        "client-id": internal_id,
+                        "id": internal_id,
+                        "ack": "auto",
+                    }
                     try:
                         self._bus.send(destination, body, headers)
                     except BusUnavailable as exc:  # a missed beat is what a real one would do

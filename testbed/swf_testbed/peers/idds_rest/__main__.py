@@ -19,17 +19,25 @@ def main(argv: list[str] | None = None) -> int:
     and its relay URL (what PANDA_URL_SSL takes) on stderr."""
     parser = argparse.ArgumentParser(
         prog="python -m swf_testbed.peers.idds_rest",
-        description="A simulated iDDS workflow-task REST server, for demos and tests.")
+        description="A simulated iDDS workflow-task REST server, for demos and tests.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8443, help="0 picks a free port")
-    parser.add_argument("--token-env", metavar="VAR",
-                        help="require oidc with the token in this environment variable")
+    parser.add_argument(
+        "--token-env",
+        metavar="VAR",
+        help="require oidc with the token in this environment variable",
+    )
     parser.add_argument("--vo", help="require this VO (X-IDDS-Auth-VO)")
-    parser.add_argument("--create-answers-ids", action="store_true",
-                        help="answer a create with the task's ids, as a fixed iDDS would "
-                        "(iDDS 2.6.21 answers 500 after making the task)")
-    parser.add_argument("--workload-pending", action="store_true",
-                        help="answer creates with workload_id null")
+    parser.add_argument(
+        "--create-answers-ids",
+        action="store_true",
+        help="answer a create with the task's ids, as a fixed iDDS would "
+        "(iDDS 2.6.21 answers 500 after making the task)",
+    )
+    parser.add_argument(
+        "--workload-pending", action="store_true", help="answer creates with workload_id null"
+    )
     args = parser.parse_args(argv)
     token = None
     if args.token_env:
@@ -45,14 +53,22 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with SimulatedIDDSRest(args.host, args.port, token=token, vo=args.vo,
-                           workload_pending=args.workload_pending,
-                           create_fails_after=not args.create_answers_ids) as server:
+    with SimulatedIDDSRest(
+        args.host,
+        args.port,
+        token=token,
+        vo=args.vo,
+        workload_pending=args.workload_pending,
+        create_fails_after=not args.create_answers_ids,
+    ) as server:
         print(server.url, flush=True)
         print(f"# PanDA relay (PANDA_URL_SSL): {server.relay_url}", file=sys.stderr, flush=True)
-        print(f"# faults and records: {server.control_url} (GET /state; POST /fail, "
-              f"/delay, /clear); auth: {'oidc token from $' + args.token_env if token else 'any'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"# faults and records: {server.control_url} (GET /state; POST /fail, "
+            f"/delay, /clear); auth: {'oidc token from $' + args.token_env if token else 'any'}",
+            file=sys.stderr,
+            flush=True,
+        )
         stop.wait()
     return 0
 

@@ -23,13 +23,25 @@ class SimControl:
         self.control_url = f"{parts.scheme}://{parts.netloc}{CONTROL_PREFIX}"
         self.timeout = timeout
 
-    def fail_next(self, count: int = 1, *, status: int = 500,
-                  exception_class: str | None = "CoreException",
-                  message: str = "simulated iDDS failure",
-                  endpoint: Endpoint | None = None) -> None:
-        self._post("/fail", {"count": count, "status": status,
-                             "exception_class": exception_class, "message": message,
-                             "endpoint": endpoint})
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = 500,
+        exception_class: str | None = "CoreException",
+        message: str = "simulated iDDS failure",
+        endpoint: Endpoint | None = None,
+    ) -> None:
+        self._post(
+            "/fail",
+            {
+                "count": count,
+                "status": status,
+                "exception_class": exception_class,
+                "message": message,
+                "endpoint": endpoint,
+            },
+        )
 
     def delay(self, seconds: float, *, endpoint: Endpoint | None = None) -> None:
         self._post("/delay", {"seconds": seconds, "endpoint": endpoint})
@@ -44,8 +56,11 @@ class SimControl:
 
     def _post(self, action: str, args: dict[str, Any]) -> None:
         request = urllib.request.Request(
-            self.control_url + action, data=json.dumps(args).encode(), method="POST",
-            headers={"Content-Type": "application/json"})
+            self.control_url + action,
+            data=json.dumps(args).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout):
                 pass

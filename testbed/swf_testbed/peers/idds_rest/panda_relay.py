@@ -59,21 +59,23 @@ from swf_testbed.peers.idds_rest.api import PREFIX, Answer, Endpoint, header_saf
 # (endpoint, path ids, body, path) -> iDDS's answer.
 RelayedServe = Callable[[Endpoint, dict[str, str], bytes, str], Answer]
 
-_RELAYED: dict[str, Endpoint] = {"create_workflow_task": "create",
-                                 "adjust_worker": "adjust",
-                                 "close_workflow_task": "close",
-                                 "get_request_id_by_name": "lookup",
-                                 "get_requests": "requests"}
+_RELAYED: dict[str, Endpoint] = {
+    "create_workflow_task": "create",
+    "adjust_worker": "adjust",
+    "close_workflow_task": "close",
+    "get_request_id_by_name": "lookup",
+    "get_requests": "requests",
+}
 # The three methods' parameters (the same in ClientManager and Client), to
 # bind relayed args and kwargs as the call would.
 _SIGNATURES: dict[Endpoint, inspect.Signature] = {
     "create": inspect.signature(lambda workflow: None),
-    "adjust": inspect.signature(
-        lambda request_id, transform_id, workload_id, parameters: None),
+    "adjust": inspect.signature(lambda request_id, transform_id, workload_id, parameters: None),
     "close": inspect.signature(lambda request_id, parameters: None),
     "lookup": inspect.signature(lambda name: None),
     "requests": inspect.signature(
-        lambda request_id=None, workload_id=None, with_detail=False, with_metadata=False: None),
+        lambda request_id=None, workload_id=None, with_detail=False, with_metadata=False: None
+    ),
 }
 
 
@@ -89,11 +91,12 @@ class PandaRelay:
         self._token = token
         self._vo = vo
 
-    def answer(self, method: str, path: str, headers: Mapping[str, str],
-               body: bytes) -> tuple[Endpoint | None, Any, Answer]:
+    def answer(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> tuple[Endpoint | None, Any, Answer]:
         """PanDA's relay_idds_command: the endpoint reached (None: none), the
         request as recorded, and PanDA's answer."""
-        name = path[len(RELAY_PREFIX) + 1:]
+        name = path[len(RELAY_PREFIX) + 1 :]
         if name != RELAY_METHOD:
             # PanDA's entry refuses any method it does not export.
             return None, readable_body(body), _panda_error(403, f"{name} is forbidden", "no_api")
@@ -107,8 +110,9 @@ class PandaRelay:
             params = relay_params(lowered.get("content-type"), body)
         except ValueError as exc:
             unreadable = str(exc)
-        recorded: Any = relay_record(params) if params is not None else (
-            f"<unreadable body: {unreadable}>")
+        recorded: Any = (
+            relay_record(params) if params is not None else (f"<unreadable body: {unreadable}>")
+        )
         command, manager = relay_command(params or {})
         endpoint = _RELAYED.get(command)
         # PanDA checks the token before it reads the body.
@@ -118,34 +122,58 @@ class PandaRelay:
         failure = entry_failure(params, unreadable)
         if params is None or failure is not None:
             # The entry's answer to a call it cannot make: 500, the error's text.
-            return endpoint, recorded, Answer(500, "bad_request", (failure or "").encode(),
-                                               TEXT_PLAIN)
+            return (
+                endpoint,
+                recorded,
+                Answer(500, "bad_request", (failure or "").encode(), TEXT_PLAIN),
+            )
         api = "ClientManager" if manager else "Client"
         if endpoint is None:
             if _is_idds_command(command, manager):
-                return None, recorded, _relay_answer(
-                    [False, f"failed to execute command with the simulated iDDS serves only "
-                            f"{', '.join(_RELAYED)}, not {command}"], "relay_failed")
-            return None, recorded, _relay_answer(
-                [False, f"{command} is not a command of iDDS {api}"], "not_a_command")
+                return (
+                    None,
+                    recorded,
+                    _relay_answer(
+                        [
+                            False,
+                            f"failed to execute command with the simulated iDDS serves only "
+                            f"{', '.join(_RELAYED)}, not {command}",
+                        ],
+                        "relay_failed",
+                    ),
+                )
+            return (
+                None,
+                recorded,
+                _relay_answer(
+                    [False, f"{command} is not a command of iDDS {api}"], "not_a_command"
+                ),
+            )
         try:
             args = relay_json(params.get("args"), list)
             kwargs = relay_json(params.get("kwargs"), dict)
         except ValueError as exc:
-            return endpoint, recorded, _relay_answer(
-                [False, f"failed to execute command with {exc}"], "relay_failed")
+            return (
+                endpoint,
+                recorded,
+                _relay_answer([False, f"failed to execute command with {exc}"], "relay_failed"),
+            )
         try:
             arguments = _SIGNATURES[endpoint].bind(*args, **kwargs).arguments
         except TypeError as exc:
-            return endpoint, recorded, _relayed_failure(manager, f"{command}(): {exc}",
-                                                         "bad_request")
+            return (
+                endpoint,
+                recorded,
+                _relayed_failure(manager, f"{command}(): {exc}", "bad_request"),
+            )
         refused = _client_manager_guard(endpoint, arguments) if manager else None
         if refused is not None:
             # ClientManager's own guard: iDDS is never asked.
             return endpoint, recorded, _relay_answer([True, [-1, refused]], "refused")
         ids, api_path, data = _idds_request(endpoint, arguments)
-        answer = self._serve(endpoint, ids, json.dumps(data, default=str).encode(),
-                             PREFIX + api_path)
+        answer = self._serve(
+            endpoint, ids, json.dumps(data, default=str).encode(), PREFIX + api_path
+        )
         ok, result = _as_client_sees(answer)
         if ok:
             return endpoint, recorded, _relay_answer([True, result], answer.outcome, answer.then)
@@ -190,16 +218,20 @@ def _is_idds_command(command: str, manager: bool) -> bool:
 def _client_manager_guard(endpoint: Endpoint, arguments: Mapping[str, Any]) -> str | None:
     """What ClientManager (idds-client 2.6.21) refuses by itself, returning
     ``(-1, text)`` without asking iDDS."""
-    if endpoint == "adjust" and arguments["request_id"] is None \
-            and arguments["workload_id"] is None:
+    if (
+        endpoint == "adjust"
+        and arguments["request_id"] is None
+        and arguments["workload_id"] is None
+    ):
         return "Both request_id and workload_id are None. One of them should not be None"
     if endpoint == "close" and arguments["request_id"] is None:
         return "request_id is None"
     return None
 
 
-def _idds_request(endpoint: Endpoint,
-                  arguments: Mapping[str, Any]) -> tuple[dict[str, str], str, dict[str, Any]]:
+def _idds_request(
+    endpoint: Endpoint, arguments: Mapping[str, Any]
+) -> tuple[dict[str, str], str, dict[str, Any]]:
     """The path ids, API path and body of the iDDS request that idds-client's
     WorkflowTaskClient makes of a call (a None id as "null")."""
     if endpoint == "create":
@@ -207,17 +239,26 @@ def _idds_request(endpoint: Endpoint,
     if endpoint == "lookup":
         return {"name": str(arguments["name"])}, f"/request/name/{arguments['name']}", {}
     if endpoint == "requests":
-        ids = {key: "null" if arguments.get(key) is None else str(arguments[key])
-               for key in ("request_id", "workload_id")}
+        ids = {
+            key: "null" if arguments.get(key) is None else str(arguments[key])
+            for key in ("request_id", "workload_id")
+        }
         detail = str(bool(arguments.get("with_detail")))
-        return ({**ids, "with_detail": detail},
-                f"/request/{ids['request_id']}/{ids['workload_id']}/{detail}/"
-                f"{bool(arguments.get('with_metadata'))}/False/False", {})
-    ids = {key: "null" if arguments[key] is None else str(arguments[key])
-           for key in ("request_id", "transform_id", "workload_id") if key in arguments}
+        return (
+            {**ids, "with_detail": detail},
+            f"/request/{ids['request_id']}/{ids['workload_id']}/{detail}/"
+            f"{bool(arguments.get('with_metadata'))}/False/False",
+            {},
+        )
+    ids = {
+        key: "null" if arguments[key] is None else str(arguments[key])
+        for key in ("request_id", "transform_id", "workload_id")
+        if key in arguments
+    }
     if endpoint == "adjust":
-        api_path = (f"/workflow_task/{ids['request_id']}/{ids['transform_id']}/"
-                    f"{ids['workload_id']}/adjust")
+        api_path = (
+            f"/workflow_task/{ids['request_id']}/{ids['transform_id']}/{ids['workload_id']}/adjust"
+        )
     else:
         api_path = f"/workflow_task/{ids['request_id']}/close"
     return ids, api_path, {"parameters": arguments["parameters"]}
@@ -256,8 +297,9 @@ def _relayed_failure(manager: bool, text: str, outcome: str) -> Answer:
     return _relay_answer([False, f"failed to execute command with {text}"], outcome)
 
 
-def _relay_answer(payload: list[Any], outcome: str,
-                  then: Callable[[], None] | None = None) -> Answer:
+def _relay_answer(
+    payload: list[Any], outcome: str, then: Callable[[], None] | None = None
+) -> Answer:
     # relay_idds_command's json.dumps((ok, ...)), which PanDA sends as text.
     return Answer(200, outcome, relay_text(payload), TEXT_PLAIN, then)
 

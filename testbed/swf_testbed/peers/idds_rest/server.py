@@ -81,22 +81,39 @@ _SECRET_HEADER_WORDS = ("token", "authorization", "cookie", "cert", "secret", "p
 _ID = r"(?P<{}>[^/]+)"
 _ROUTES: tuple[tuple[re.Pattern[str], Endpoint, str], ...] = (
     (re.compile(r"^/workflow_task$"), "create", "POST"),
-    (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('transform_id')}/"
-                rf"{_ID.format('workload_id')}/adjust$"), "adjust", "PUT"),
+    (
+        re.compile(
+            rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('transform_id')}/"
+            rf"{_ID.format('workload_id')}/adjust$"
+        ),
+        "adjust",
+        "PUT",
+    ),
     (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/close$"), "close", "PUT"),
-    (re.compile(rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('workload_id')}/close$"),
-     "close", "PUT"),
+    (
+        re.compile(
+            rf"^/workflow_task/{_ID.format('request_id')}/{_ID.format('workload_id')}/close$"
+        ),
+        "close",
+        "PUT",
+    ),
     # The lookups of idds-client's get_request_id_by_name and get_requests.
     (re.compile(r"^/request/name/(?P<name>[^/]+)$"), "lookup", "GET"),
-    (re.compile(rf"^/request/{_ID.format('request_id')}/{_ID.format('workload_id')}/"
-                r"(?P<with_detail>[^/]+)(/[^/]+){0,3}$"), "requests", "GET"),
+    (
+        re.compile(
+            rf"^/request/{_ID.format('request_id')}/{_ID.format('workload_id')}/"
+            r"(?P<with_detail>[^/]+)(/[^/]+){0,3}$"
+        ),
+        "requests",
+        "GET",
+    ),
 )
 
 # What the real app answers for a path or method it has no API for (werkzeug's
 # wording, inside iDDS's errorhandler).
 _NO_API = {
     404: "404 Not Found: The requested URL was not found on the server. If you entered the "
-         "URL manually please check your spelling and try again.",
+    "URL manually please check your spelling and try again.",
     405: "405 Method Not Allowed: The method is not allowed for the requested URL.",
 }
 
@@ -127,8 +144,7 @@ class RestCall:
             named = _as_dict(_as_dict(body.get("workflow")).get("content")).get("run_id")
         else:
             parameters = _as_dict(body.get("parameters"))
-            inner = _as_dict(parameters.get("content")) if self.endpoint == "adjust" \
-                else parameters
+            inner = _as_dict(parameters.get("content")) if self.endpoint == "adjust" else parameters
             named = inner.get("run_id")
         return None if named is None else str(named)
 
@@ -195,8 +211,11 @@ class SimulatedIDDSRest(TaskRecords):
         self._on_task_created = on_task_created
         self._on_adjust = on_adjust
         self._state = Notifier()
-        self._book = TaskBook(self._state, workload_pending=workload_pending,
-                              applies_worker_count=applies_worker_count)
+        self._book = TaskBook(
+            self._state,
+            workload_pending=workload_pending,
+            applies_worker_count=applies_worker_count,
+        )
         self._stopping = threading.Event()
         self._relay = PandaRelay(self._serve_relayed, token, vo)
         self._server: _Server | None = None
@@ -213,8 +232,9 @@ class SimulatedIDDSRest(TaskRecords):
         self._stopping.clear()
         self._server = _Server(self._address, _Handler, self)
         # A short poll interval: shutdown() waits for the loop to notice.
-        self._thread = threading.Thread(target=partial(self._server.serve_forever, 0.05),
-                                        name="sim-idds-rest", daemon=True)
+        self._thread = threading.Thread(
+            target=partial(self._server.serve_forever, 0.05), name="sim-idds-rest", daemon=True
+        )
         self._thread.start()
         log.info("simulated iDDS REST server on %s", self.url)
         return self
@@ -262,8 +282,7 @@ class SimulatedIDDSRest(TaskRecords):
     def calls_to(self, endpoint: Endpoint | None, route: Route | None = None) -> list[RestCall]:
         """The calls to ``endpoint`` (by either route, unless ``route`` is given)."""
         with self._state.lock:
-            return [c for c in self.calls
-                    if c.endpoint == endpoint and route in (None, c.route)]
+            return [c for c in self.calls if c.endpoint == endpoint and route in (None, c.route)]
 
     def calls_for(self, endpoint: Endpoint, run_id: str) -> list[RestCall]:
         """The direct calls to ``endpoint`` about the run ``run_id``."""
@@ -272,10 +291,19 @@ class SimulatedIDDSRest(TaskRecords):
     def summary_table(self, run_ids: Iterable[str]) -> str:
         """Per run, the HTTP status of each request, e.g. ``500,200``."""
         headings = ("run_id", *ENDPOINTS)
-        rows = [headings, *(
-            (run_id, *(",".join(str(c.status) for c in self.calls_for(e, run_id)) or "-"
-                       for e in ENDPOINTS))
-            for run_id in run_ids)]
+        rows = [
+            headings,
+            *(
+                (
+                    run_id,
+                    *(
+                        ",".join(str(c.status) for c in self.calls_for(e, run_id)) or "-"
+                        for e in ENDPOINTS
+                    ),
+                )
+                for run_id in run_ids
+            ),
+        ]
         return text_table(rows)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
@@ -305,10 +333,15 @@ class SimulatedIDDSRest(TaskRecords):
 
     # --- faults -------------------------------------------------------------
 
-    def fail_next(self, count: int = 1, *, status: int = 500,
-                  exception_class: str | None = "CoreException",
-                  message: str = "simulated iDDS failure",
-                  endpoint: Endpoint | None = None) -> None:
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = 500,
+        exception_class: str | None = "CoreException",
+        message: str = "simulated iDDS failure",
+        endpoint: Endpoint | None = None,
+    ) -> None:
         """Answer the next ``count`` requests (to ``endpoint`` only, when
         given) with ``status`` and ``exception_class(message)``, doing nothing.
         With ``exception_class=None`` the answer has no exception headers and
@@ -342,11 +375,10 @@ class SimulatedIDDSRest(TaskRecords):
 
     # --- handling (one server thread per request) ---------------------------
 
-    def _handle(self, method: str, target: str, headers: Mapping[str, str],
-                body: bytes) -> Answer:
+    def _handle(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Answer:
         path = urlsplit(target).path
         if path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/"):
-            return self._control(method, path[len(CONTROL_PREFIX):], body)
+            return self._control(method, path[len(CONTROL_PREFIX) :], body)
         route: Route = "direct"
         if path.startswith(RELAY_PREFIX + "/"):
             route = "panda_relay"
@@ -356,16 +388,32 @@ class SimulatedIDDSRest(TaskRecords):
             readable = readable_body(body)
             if endpoint is not None:
                 answer = self._serve(endpoint, ids, headers, body, path)
-        call = RestCall(method, path, endpoint, readable, _redacted(headers),
-                        answer.status, answer.outcome, route)
+        call = RestCall(
+            method,
+            path,
+            endpoint,
+            readable,
+            _redacted(headers),
+            answer.status,
+            answer.outcome,
+            route,
+        )
         with self._state.lock:
             self.calls.append(call)
             self._state.notify()
         log.info("%s %s -> %s (%s)", method, path, answer.status, answer.outcome)
         return answer
 
-    def _serve(self, endpoint: Endpoint, ids: dict[str, str], headers: Mapping[str, str],
-               body: bytes, path: str, *, authenticate: bool = True) -> Answer:
+    def _serve(
+        self,
+        endpoint: Endpoint,
+        ids: dict[str, str],
+        headers: Mapping[str, str],
+        body: bytes,
+        path: str,
+        *,
+        authenticate: bool = True,
+    ) -> Answer:
         """One iDDS API request, as iDDS answers it. ``authenticate=False``
         for PanDA's relayed requests: PanDA authenticated the caller itself,
         and iDDS trusts PanDA's own credentials."""
@@ -388,8 +436,9 @@ class SimulatedIDDSRest(TaskRecords):
         except _Rejected as rejected:
             return rejected.answer
 
-    def _serve_relayed(self, endpoint: Endpoint, ids: dict[str, str], body: bytes,
-                       path: str) -> Answer:
+    def _serve_relayed(
+        self, endpoint: Endpoint, ids: dict[str, str], body: bytes, path: str
+    ) -> Answer:
         """An iDDS request PanDA's relay makes: PanDA authenticated the caller."""
         return self._serve(endpoint, ids, {}, body, path, authenticate=False)
 
@@ -414,35 +463,51 @@ class SimulatedIDDSRest(TaskRecords):
         if not token:
             raise _Rejected(_auth_failed("Failed to verify oidc token: no token"))
         if not hmac.compare_digest(token.encode(), self._token.encode()):
-            raise _Rejected(_auth_failed("Failed to verify oidc token: Signature verification "
-                                         "failed (not the simulated iDDS's token)"))
+            raise _Rejected(
+                _auth_failed(
+                    "Failed to verify oidc token: Signature verification "
+                    "failed (not the simulated iDDS's token)"
+                )
+            )
 
     def _inject(self, endpoint: Endpoint) -> None:
         with self._state.lock:
-            failure = next((f for f in self._failures
-                            if f.endpoint in (None, endpoint)), None)
+            failure = next((f for f in self._failures if f.endpoint in (None, endpoint)), None)
             if failure is None:
                 return
             failure.remaining -= 1
             if failure.remaining <= 0:
                 self._failures.remove(failure)
         if failure.exception_class is None:
-            raise _Rejected(Answer(failure.status, "injected", failure.message.encode(),
-                                    (("Content-Type", "text/html"),)))
-        raise _Rejected(_error(failure.status, failure.exception_class, failure.message,
-                               "injected"))
+            raise _Rejected(
+                Answer(
+                    failure.status,
+                    "injected",
+                    failure.message.encode(),
+                    (("Content-Type", "text/html"),),
+                )
+            )
+        raise _Rejected(
+            _error(failure.status, failure.exception_class, failure.message, "injected")
+        )
 
     def _create(self, body: bytes) -> Answer:
         try:
             data = json.loads(body) if body else None
             if not data:
-                raise _Rejected(_error(400, "BadRequest", "Request body must not be empty",
-                                       "bad_request"))
+                raise _Rejected(
+                    _error(400, "BadRequest", "Request body must not be empty", "bad_request")
+                )
             workflow = data.get("workflow")
             if not workflow:
-                raise _Rejected(_error(400, "BadRequest",
-                                       "'workflow' key is required in the request body",
-                                       "bad_request"))
+                raise _Rejected(
+                    _error(
+                        400,
+                        "BadRequest",
+                        "'workflow' key is required in the request body",
+                        "bad_request",
+                    )
+                )
         except (ValueError, AttributeError):
             return _undecodable()
         workflow = _mapping(workflow)
@@ -455,16 +520,19 @@ class SimulatedIDDSRest(TaskRecords):
         then = partial(created, task.run_id, task) if created and task.run_id else None
         if self.create_fails_after:
             # The task and its PanDA task exist; the answer is an error.
-            return replace(_error(500, "CoreException", CREATE_UNPACK_ERROR, "error",
-                                  wrap=False), then=then)
+            return replace(
+                _error(500, "CoreException", CREATE_UNPACK_ERROR, "error", wrap=False), then=then
+            )
         return _ok(task.created_ids(), then)
 
     def _lookup(self, name: str) -> Answer:
         # iDDS's get_request_ids_by_name: a SQL LIKE ("_" any character, "*" any run).
-        pattern = re.compile(".*".join(re.escape(part).replace("_", ".")
-                                       for part in name.split("*")) + r"\Z")
-        return _ok({task.name: task.request_id for task in self.all_tasks
-                    if pattern.match(task.name)})
+        pattern = re.compile(
+            ".*".join(re.escape(part).replace("_", ".") for part in name.split("*")) + r"\Z"
+        )
+        return _ok(
+            {task.name: task.request_id for task in self.all_tasks if pattern.match(task.name)}
+        )
 
     def _requests(self, request_id: str, with_detail: str) -> Answer:
         """A request's row, or with details a row per transform of it (the
@@ -473,16 +541,30 @@ class SimulatedIDDSRest(TaskRecords):
         as iDDS's JSON encoder writes its enums (idds-client decodes them
         back into enums): as the real app answers."""
         wanted = _task_id(request_id)
-        rows = [{"request_id": t.request_id, "scope": t.scope, "name": t.name,
-                 "workload_id": None, "status": RequestStatus.Transforming}
-                | ({"transform_id": t.transform_id, "transform_name": t.name,
+        rows = [
+            {
+                "request_id": t.request_id,
+                "scope": t.scope,
+                "name": t.name,
+                "workload_id": None,
+                "status": RequestStatus.Transforming,
+            }
+            | (
+                {
+                    "transform_id": t.transform_id,
+                    "transform_name": t.name,
                     "transform_workload_id": t.workload_id,
                     "transform_status": TransformStatus.New,
                     "processing_id": t.processing_id,
                     "processing_workload_id": t.workload_id,
-                    "processing_status": ProcessingStatus[t.status]}
-                   if with_detail.lower() == "true" else {})
-                for t in self.all_tasks if wanted is None or str(t.request_id) == str(wanted)]
+                    "processing_status": ProcessingStatus[t.status],
+                }
+                if with_detail.lower() == "true"
+                else {}
+            )
+            for t in self.all_tasks
+            if wanted is None or str(t.request_id) == str(wanted)
+        ]
         return Answer(200, "ok", idds_json_dumps(rows).encode())
 
     def _adjust(self, ids: dict[str, str], body: bytes) -> Answer:
@@ -499,13 +581,15 @@ class SimulatedIDDSRest(TaskRecords):
         except ValidationError:
             size = None  # iDDS stores whatever it is given; nothing to resize
         request_id, transform_id, workload_id = (
-            _task_id(ids.get(k)) for k in ("request_id", "transform_id", "workload_id"))
+            _task_id(ids.get(k)) for k in ("request_id", "transform_id", "workload_id")
+        )
         # iDDS updates the transform named in the path; without one, nothing.
         task = self._book.adjust(transform_id, size.target_worker_count if size else None)
         run_id = task.run_id if task is not None else None
         with self._state.lock:
-            self.adjustments.append(Adjustment(run_id, request_id, transform_id, workload_id,
-                                               size, dict(parameters)))
+            self.adjustments.append(
+                Adjustment(run_id, request_id, transform_id, workload_id, size, dict(parameters))
+            )
             self._state.notify()
         adjusted = self._on_adjust
         then = None
@@ -520,9 +604,12 @@ class SimulatedIDDSRest(TaskRecords):
             parameters["workload_id"] = legacy_workload_id
         # iDDS's REST close passes no run id on: given no ids, it filters on nothing.
         self._book.close(
-            _task_id(ids.get("request_id")), _task_id(parameters.get("transform_id")),
-            _task_id(parameters.get("workload_id")), None,
-            request=f"PUT {path} {json.dumps(parameters, default=str)}")
+            _task_id(ids.get("request_id")),
+            _task_id(parameters.get("transform_id")),
+            _task_id(parameters.get("workload_id")),
+            None,
+            request=f"PUT {path} {json.dumps(parameters, default=str)}",
+        )
         # The real iDDS says the same whether it cancelled one, none or all.
         return _ok({"status": 0, "message": "closed successfully"})
 
@@ -533,8 +620,9 @@ class SimulatedIDDSRest(TaskRecords):
             if method == "GET" and action == "/state":
                 return _json(200, self.state(), "control")
             if method != "POST" or action not in ("/fail", "/delay", "/clear"):
-                return _json(404, {"error": f"no control {method} {CONTROL_PREFIX}{action}"},
-                             "control")
+                return _json(
+                    404, {"error": f"no control {method} {CONTROL_PREFIX}{action}"}, "control"
+                )
             args = json.loads(body) if body else {}
             if not isinstance(args, dict):
                 raise ValueError("the body must be a JSON object")
@@ -569,8 +657,12 @@ def client_env(port: int, token: str, config_root: Path, vo: str = "eic") -> dic
 
 
 class _Server(LocalHTTPServer):
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 sim: SimulatedIDDSRest) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        sim: SimulatedIDDSRest,
+    ) -> None:
         self.sim = sim
         super().__init__(address, handler)
 
@@ -585,16 +677,19 @@ class _Handler(PeerRequestHandler):
     def answer(self, body: bytes) -> None:
         # A bad Content-Length reads as an empty body: iDDS's own "must not be
         # empty" answers.
-        answer = self.server.sim._handle(self.command, self.path, dict(self.headers.items()),
-                                         body)
-        self.reply(answer.status, [(name, header_safe(value)) for name, value in answer.headers],
-                   answer.body)
+        answer = self.server.sim._handle(self.command, self.path, dict(self.headers.items()), body)
+        self.reply(
+            answer.status,
+            [(name, header_safe(value)) for name, value in answer.headers],
+            answer.body,
+        )
         if answer.then is not None:
             try:
                 answer.then()
             except Exception:  # the simulator keeps serving; the log says what broke
-                log.exception("simulated iDDS: callback after %s %s failed",
-                              self.command, self.path)
+                log.exception(
+                    "simulated iDDS: callback after %s %s failed", self.command, self.path
+                )
 
 
 # --- helpers ------------------------------------------------------------------
@@ -603,7 +698,7 @@ class _Handler(PeerRequestHandler):
 def _route(method: str, path: str) -> tuple[Endpoint | None, dict[str, str], Answer]:
     """The endpoint and path ids; or no endpoint and the 404/405 answer."""
     if path.startswith(PREFIX + "/"):
-        api_path = path[len(PREFIX):]
+        api_path = path[len(PREFIX) :]
         methods: set[str] = set()
         for pattern, endpoint, allowed in _ROUTES:
             matched = pattern.match(api_path)
@@ -615,9 +710,16 @@ def _route(method: str, path: str) -> tuple[Endpoint | None, dict[str, str], Ans
         status = 405 if methods else 404
     else:
         status = 404
-    return None, {}, _error_raw(status, "IDDSException",
-                                f"The requested REST API is not defined: {_NO_API[status]}",
-                                "no_api")
+    return (
+        None,
+        {},
+        _error_raw(
+            status,
+            "IDDSException",
+            f"The requested REST API is not defined: {_NO_API[status]}",
+            "no_api",
+        ),
+    )
 
 
 def _parameters(body: bytes) -> Any:
@@ -637,9 +739,15 @@ def _as_dict(value: Any) -> Mapping[str, Any]:
 def _mapping(value: Any) -> Mapping[str, Any]:
     # iDDS calls .get on it: anything else fails there, with Python's words.
     if not isinstance(value, Mapping):
-        raise _Rejected(_error(500, "CoreException",
-                               f"'{type(value).__name__}' object has no attribute 'get'",
-                               "error", wrap=False))
+        raise _Rejected(
+            _error(
+                500,
+                "CoreException",
+                f"'{type(value).__name__}' object has no attribute 'get'",
+                "error",
+                wrap=False,
+            )
+        )
     return value
 
 
@@ -662,8 +770,9 @@ def _json(status: int, data: dict[str, Any], outcome: str) -> Answer:
     return Answer(status, outcome, json.dumps(data, default=str).encode())
 
 
-def _error(status: int, exception_class: str, message: str, outcome: str,
-           wrap: bool = True) -> Answer:
+def _error(
+    status: int, exception_class: str, message: str, outcome: str, wrap: bool = True
+) -> Answer:
     """As iDDS's generate_http_response after ``raise ExceptionClass(message)``:
     ExceptionMessage is ``{"msg": str(the exception)}``. ``wrap=False`` for a
     plain Python error, whose text iDDS sends as it is."""
@@ -672,13 +781,17 @@ def _error(status: int, exception_class: str, message: str, outcome: str,
     return _error_raw(status, exception_class, json.dumps({"msg": text}), outcome)
 
 
-def _error_raw(status: int, exception_class: str, header_message: str,
-               outcome: str) -> Answer:
-    return Answer(status, outcome, b"", (
-        ("Content-Type", "application/json"),
-        ("ExceptionClass", exception_class),
-        ("ExceptionMessage", header_message),
-    ))
+def _error_raw(status: int, exception_class: str, header_message: str, outcome: str) -> Answer:
+    return Answer(
+        status,
+        outcome,
+        b"",
+        (
+            ("Content-Type", "application/json"),
+            ("ExceptionClass", exception_class),
+            ("ExceptionMessage", header_message),
+        ),
+    )
 
 
 def _auth_failed(reason: str) -> Answer:
@@ -687,13 +800,16 @@ def _auth_failed(reason: str) -> Answer:
 
 
 def _undecodable() -> Answer:
-    return _error(400, "BadRequest", "Cannot decode JSON parameter dictionary", "bad_request",
-                  wrap=False)
+    return _error(
+        400, "BadRequest", "Cannot decode JSON parameter dictionary", "bad_request", wrap=False
+    )
 
 
 def _redacted(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name: REDACTED if any(w in name.lower() for w in _SECRET_HEADER_WORDS) else value
-            for name, value in headers.items()}
+    return {
+        name: REDACTED if any(w in name.lower() for w in _SECRET_HEADER_WORDS) else value
+        for name, value in headers.items()
+    }
 
 
 def _check_endpoint(endpoint: str | None) -> None:

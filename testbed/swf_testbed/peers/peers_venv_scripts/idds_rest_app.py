@@ -48,14 +48,23 @@ MOUNT = "/idds"
 REQUEST_LOG = "request "  # what each request's log line starts with
 ERROR_KEY = "swf.idds_error"  # iDDS's error headers of the answer, for the log line
 # OpenSSL's short names, as its one-line (legacy) DN form writes them.
-_SHORT_NAMES = {"2.5.4.3": "CN", "0.9.2342.19200300.100.1.25": "DC", "2.5.4.10": "O",
-                "2.5.4.11": "OU", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
-                "1.2.840.113549.1.9.1": "emailAddress", "0.9.2342.19200300.100.1.1": "UID"}
+_SHORT_NAMES = {
+    "2.5.4.3": "CN",
+    "0.9.2342.19200300.100.1.25": "DC",
+    "2.5.4.10": "O",
+    "2.5.4.11": "OU",
+    "2.5.4.6": "C",
+    "2.5.4.7": "L",
+    "2.5.4.8": "ST",
+    "1.2.840.113549.1.9.1": "emailAddress",
+    "0.9.2342.19200300.100.1.1": "UID",
+}
 
 
 def legacy_dn(name: x509.Name) -> str:
-    return "".join(f"/{_SHORT_NAMES.get(a.oid.dotted_string, a.oid.dotted_string)}={a.value!s}"
-                   for a in name)
+    return "".join(
+        f"/{_SHORT_NAMES.get(a.oid.dotted_string, a.oid.dotted_string)}={a.value!s}" for a in name
+    )
 
 
 class ModSslRequestHandler(WSGIRequestHandler):
@@ -83,8 +92,14 @@ class ModSslRequestHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         status = code if isinstance(code, int) else int(code) if str(code).isdigit() else 0
         environ = getattr(self, "environ", {})
-        line = {"method": self.command, "path": self.path, "status": int(status),
-                "dn": self.client_dn, "error": environ.get(ERROR_KEY), "at": time.time()}
+        line = {
+            "method": self.command,
+            "path": self.path,
+            "status": int(status),
+            "dn": self.client_dn,
+            "error": environ.get(ERROR_KEY),
+            "at": time.time(),
+        }
         print(REQUEST_LOG + json.dumps(line), flush=True)
 
 
@@ -96,8 +111,9 @@ def with_errors_noted(app: Callable[..., Any]) -> Callable[..., Any]:
         def start(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
             named = dict(headers)
             if "ExceptionClass" in named:
-                environ[ERROR_KEY] = (f"{named['ExceptionClass']}: "
-                                      f"{named.get('ExceptionMessage', '')}")[:500]
+                environ[ERROR_KEY] = (
+                    f"{named['ExceptionClass']}: {named.get('ExceptionMessage', '')}"
+                )[:500]
             return start_response(status, headers, *args)
 
         return app(environ, start)
@@ -132,9 +148,14 @@ def main(argv: list[str]) -> int:
     from idds.rest.v1.app import create_app
 
     application = with_errors_noted(DispatcherMiddleware(_not_found, {MOUNT: create_app()}))
-    server = make_server(args.host, args.port, application, threaded=True,
-                         request_handler=ModSslRequestHandler,
-                         ssl_context=tls_context(args.cert, args.key, args.ca))
+    server = make_server(
+        args.host,
+        args.port,
+        application,
+        threaded=True,
+        request_handler=ModSslRequestHandler,
+        ssl_context=tls_context(args.cert, args.key, args.ca),
+    )
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -142,8 +163,9 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                               name="idds-rest", daemon=True)
+    serving = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="idds-rest", daemon=True
+    )
     serving.start()
     print(f"serving https://{args.host}:{server.server_port}{MOUNT}", flush=True)
     stop.wait()

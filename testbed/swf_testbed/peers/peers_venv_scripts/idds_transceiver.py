@@ -44,10 +44,31 @@ def run(_args: list[str]) -> int:
 
 
 # What a test needs of each row, as iDDS's core API returns it.
-TRANSFORM_FIELDS = ("transform_id", "request_id", "workload_id", "run_id", "name", "status",
-                    "substatus", "created_at", "updated_at", "transform_metadata")
-PROCESSING_FIELDS = ("processing_id", "transform_id", "request_id", "workload_id", "run_id",
-                     "status", "substatus", "submitter", "site", "created_at", "updated_at")
+TRANSFORM_FIELDS = (
+    "transform_id",
+    "request_id",
+    "workload_id",
+    "run_id",
+    "name",
+    "status",
+    "substatus",
+    "created_at",
+    "updated_at",
+    "transform_metadata",
+)
+PROCESSING_FIELDS = (
+    "processing_id",
+    "transform_id",
+    "request_id",
+    "workload_id",
+    "run_id",
+    "status",
+    "substatus",
+    "submitter",
+    "site",
+    "created_at",
+    "updated_at",
+)
 
 
 def _plain(value: Any) -> Any:
@@ -78,8 +99,7 @@ def records(args: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"build": build, "run": run,
-                                                   "records": records}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"build": build, "run": run, "records": records}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -68,16 +68,16 @@ class PayloadSchedule:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.default_seconds) and self.default_seconds >= 0):
-            raise ValueError(f"default_seconds must be a finite number >= 0, "
-                             f"not {self.default_seconds}")
+            raise ValueError(
+                f"default_seconds must be a finite number >= 0, not {self.default_seconds}"
+            )
 
     def for_slice(self, run_id: Any, slice_id: Any) -> SliceOutcome:
         """The outcome for a slice whose content names ``run_id`` and
         ``slice_id`` (either may be missing or of another type: compared as
         the testbed sends them, a string run id and an integer slice id)."""
         run = None if run_id is None else str(run_id)
-        number = slice_id if isinstance(slice_id, int) and not isinstance(slice_id, bool) \
-            else None
+        number = slice_id if isinstance(slice_id, int) and not isinstance(slice_id, bool) else None
         for rule in self.rules:
             if rule.matches(run, number):
                 seconds = self.default_seconds if rule.seconds is None else rule.seconds
@@ -85,8 +85,13 @@ class PayloadSchedule:
         return SliceOutcome(self.default_seconds)
 
     def to_json(self) -> str:
-        return json.dumps({"default_seconds": self.default_seconds,
-                           "rules": [asdict(rule) for rule in self.rules]}, indent=1)
+        return json.dumps(
+            {
+                "default_seconds": self.default_seconds,
+                "rules": [asdict(rule) for rule in self.rules],
+            },
+            indent=1,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> PayloadSchedule:
