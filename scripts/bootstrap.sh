@@ -35,7 +35,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing Python packages into .venv" >&2
   # One pip call, so the `testbed` extra resolves to the checkout's testbed/
   # (the simulators, launchers and demo; never in the image), not a registry.
-  .venv/bin/pip install -q --disable-pip-version-check -e ./testbed -e ".[test,testbed]"
+  # The product first: named second, pip 23 looks for the testbed's
+  # requirement on swf-panda-workers in the registry and fails.
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test,testbed]" -e ./testbed
   echo "$want" > "$stamp"
 fi
 
