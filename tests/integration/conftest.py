@@ -290,8 +290,15 @@ def _interesting(lines: list[str]) -> list[str]:
     return [line for line in lines if "HTTP Request:" not in line]
 
 
-# The module-scoped stacks, here so that pytest finds them for every file;
-# imported last, as stacks.py reads this module's configuration.
+# The other stacks, here so that pytest finds them for every file; imported
+# last, as stacks.py reads this module's configuration.
+from secure_stacks import (  # noqa: E402
+    auth_server,
+    secure_broker,
+    secure_pki,
+    secure_service,
+    tls_brokers,
+)
 from stacks import (  # noqa: E402
     deployed,
     fault_stack,
@@ -299,19 +306,30 @@ from stacks import (  # noqa: E402
     monitor,
     monitor_stack,
     observed_stack,
+    real_rest_peers,
     replica_stack,
+    serve,
+    serve_config,
     subprocess_stack,
     topic_stacks,
 )
 
 __all__ = [
+    "auth_server",
     "deployed",
     "fault_stack",
     "metrics_port",
     "monitor",
     "monitor_stack",
     "observed_stack",
+    "real_rest_peers",
     "replica_stack",
+    "secure_broker",
+    "secure_pki",
+    "secure_service",
+    "serve",
+    "serve_config",
     "subprocess_stack",
+    "tls_brokers",
     "topic_stacks",
 ]

@@ -1,25 +1,39 @@
-"""The integration tests' module-scoped stacks, each a fixture named for the
-stack it gives, beside the session's (conftest.py): a runner and a listener
-(or two) of a namespace of their own, sharing the session's broker and Prefect
-server, or a server of their own. conftest.py imports them, so that pytest
-finds them for every test file; module scope as before: each starts with the
-first test of a file that asks for it and stops after the last."""
+"""The integration tests' stacks beyond the session's (conftest.py), each a
+fixture named for what it gives: a runner and a listener (or two) of a
+namespace of their own, sharing the session's broker and Prefect server, or
+a server of their own; `swf-panda-workers serve` with its own server; the
+real iDDS REST app and its peers. test_security.py's, with a broker and a
+server of their own, are in secure_stacks.py. conftest.py imports them, so
+that pytest finds them for every test file. Their scopes are as they were in
+the files: a module-scoped one starts with the first test of a file that
+asks for it and stops after the last; `serve` is a fresh process per test."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import PREFECT_PORT, STACK_CONFIG
+from conftest import (
+    PREFECT_PORT,
+    REAL_REST_IDDS_PORT,
+    REAL_REST_NAMESPACE,
+    STACK_CONFIG,
+    STOMP_PORT,
+    new_idds_database_url,
+)
+from process_reads import command_line, descendants, start_time
 
 from swf_panda_workers.service.processes import (
     ManagedProcess,
@@ -28,7 +42,10 @@ from swf_panda_workers.service.processes import (
     service_env,
 )
 from swf_testbed.launchers.stack import PROJECT_ROOT, EmbeddedStack, start_subscribed
+from swf_testbed.peers._bus import poll_until
+from swf_testbed.peers.grid_pki import GridPki
 from swf_testbed.peers.monitor import MonitorStandIn
+from swf_testbed.peers.real_peers import RealPeers
 
 
 def free_port() -> int:
@@ -295,3 +312,142 @@ def deployed(stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> 
         for process in reversed(started):
             process.stop()
         server.stop()
+
+
+# --- test_serve.py: `swf-panda-workers serve`, started and stopped by each test ---------
+
+SERVE_NAMESPACE = "itestserve"
+SERVE_RESULTS_QUEUE = "/queue/panda.results.worker.serve"
+# Apart from the session servers (+10 each) and test_prefect_deploy's (+50).
+SERVE_PORT = int(os.environ.get("SWF_TEST_SERVE_PREFECT_PORT", str(PREFECT_PORT + 7)))
+SERVE_WAIT = 120.0  # generous: the machine is shared; every wait ends when its condition holds
+SERVE_COMMAND = str(Path(sys.executable).with_name("swf-panda-workers"))
+
+SERVE_CONFIG = {
+    "transceiver": {"namespace": SERVE_NAMESPACE},
+    "brokers": {"host": "127.0.0.1", "port": STOMP_PORT, "results_queue": SERVE_RESULTS_QUEUE},
+    "slice": {"processing_time": 0.5, "cooldown": 2},
+    "scaling": {"policy": "reference", "end": "stop"},
+    "timeouts": {"created_workflow_task": 30, "closed_workflow_task": 30, "run_end": 600},
+    "prefect": {"runner_limit": 10, "server_port": SERVE_PORT},
+    "metrics": {"port": 0},
+}
+
+
+@dataclass
+class Serve:
+    """One `swf-panda-workers serve` process and its state directory."""
+
+    state: Path
+    config: Path
+    process: ManagedProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        env = {
+            key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")
+        }  # serve starts its own server
+        self.process = ManagedProcess(
+            "serve",
+            [SERVE_COMMAND, "serve", "--config", str(self.config)],
+            {**env, "PYTHONUNBUFFERED": "1"},
+            self.state / "serve.out",
+        )
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{SERVE_PORT}/api"
+
+    def start(self) -> None:
+        """Start serve; return once it says it serves."""
+        self.process.start()
+        ready = poll_until(
+            lambda: self.process.logged_since_start(b"serving namespace") or not self.process.alive,
+            SERVE_WAIT,
+        )
+        assert ready and self.process.alive, f"serve not serving:\n{self.process.tail(60)}"
+
+    def tree(self) -> set[tuple[int, int]]:
+        """serve and every process below it, as (pid, start time) pairs: a pid
+        reused later is another process."""
+        assert self.process.pid is not None
+        return {
+            (pid, started)
+            for pid in descendants(self.process.pid)
+            if (started := start_time(pid)) is not None
+        }
+
+    def child_pid(self, module: str) -> int:
+        assert self.process.pid is not None
+        [pid] = [
+            pid for pid in descendants(self.process.pid) if f"-m {module}" in command_line(pid)
+        ]
+        return pid
+
+    def sigterm(self) -> float:
+        """SIGTERM serve alone; return the seconds it took to exit."""
+        assert self.process.process is not None
+        began = time.monotonic()
+        self.process.process.send_signal(signal.SIGTERM)
+        code = self.process.process.wait(SERVE_WAIT)
+        took = time.monotonic() - began
+        assert code == 0, f"serve exited {code} on SIGTERM:\n{self.process.tail(40)}"
+        self.process.reap()
+        return took
+
+    def sigkill(self) -> None:
+        """SIGKILL serve alone, as the OOM killer or a supervisor giving up does."""
+        assert self.process.process is not None
+        self.process.process.kill()
+        self.process.process.wait(SERVE_WAIT)
+        self.process.reap()
+
+
+@pytest.fixture(scope="module")
+def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state directory for the module: its database is the one every
+    start of serve must find again."""
+    home = tmp_path_factory.mktemp("serve")
+    config = home / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                **SERVE_CONFIG,
+                "prefect": {**SERVE_CONFIG["prefect"], "state_dir": str(home / "state")},
+            }
+        )
+    )
+    return config
+
+
+@pytest.fixture
+def serve(serve_config: Path) -> Iterator[Serve]:
+    state = Path(yaml.safe_load(serve_config.read_text())["prefect"]["state_dir"])
+    state.mkdir(exist_ok=True)
+    made = Serve(state, serve_config)
+    yield made
+    made.process.stop(grace=30)
+
+
+# --- test_real_rest.py: the real iDDS REST app, PanDA and the transformers ---------------
+
+
+@pytest.fixture(scope="module")
+def real_rest_peers(
+    real_rest_stack: EmbeddedStack,
+    idds_pki: GridPki,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RealPeers]:
+    """The real iDDS (transceiver and REST app, one database) where the REST
+    stack's runner expects it, PanDA and the transformers."""
+    brokers = real_rest_stack.brokers
+    with RealPeers(
+        brokers,
+        tmp_path_factory.mktemp("real-rest-peers"),
+        namespace=REAL_REST_NAMESPACE,
+        database_url=new_idds_database_url(request),
+        results_destination=brokers.results_destination,
+        pki=idds_pki,
+        rest_port=REAL_REST_IDDS_PORT,
+    ) as started:
+        yield started

@@ -5,7 +5,8 @@ real transformers (idds-prompt's run_prompt) for each task iDDS submits,
 which fetch their brokers through PanDA's relay, itself relaying to the real
 app with PanDA's own proxy. The service is the REST stack
 (``real_rest_stack``) with nothing but its environment changed: idds-client
-holding the operator's proxy and the CA to verify iDDS with.
+holding the operator's proxy and the CA to verify iDDS with. The peers are
+``real_rest_peers`` (stacks.py), the stack is conftest.py's.
 
 The simulator (``peers/idds_rest/``) stays for what needs fault injection
 (test_rest_mode.py, test_idds_quirks.py). Figures are printed (``pytest -s``).
@@ -18,13 +19,13 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from broker_reads import queued
-from conftest import REAL_REST_IDDS_PORT, REAL_REST_NAMESPACE, new_idds_database_url
+from conftest import REAL_REST_NAMESPACE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run, slices_reported
 
@@ -56,68 +57,46 @@ STOP_IDLE = 5  # a stopped transformer leaves once its slice queue was idle this
 PROBE = Path(__file__).with_name("rest_gateway_probe.py")
 
 
-@pytest.fixture(scope="module")
-def peers(
-    real_rest_stack: EmbeddedStack,
-    idds_pki: GridPki,
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[RealPeers]:
-    """The real iDDS (transceiver and REST app, one database) where the REST
-    stack's runner expects it, PanDA and the transformers."""
-    brokers = real_rest_stack.brokers
-    with RealPeers(
-        brokers,
-        tmp_path_factory.mktemp("real-rest-peers"),
-        namespace=REAL_REST_NAMESPACE,
-        database_url=new_idds_database_url(request),
-        results_destination=brokers.results_destination,
-        pki=idds_pki,
-        rest_port=REAL_REST_IDDS_PORT,
-    ) as started:
-        yield started
-
-
 def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
     real_rest_stack: EmbeddedStack,
-    peers: RealPeers,
+    real_rest_peers: RealPeers,
     idds_pki: GridPki,
     new_run_id: Callable[[], str],
 ) -> None:
     runs = [new_run_id(), new_run_id()]
-    peers.set_schedule(
+    real_rest_peers.set_schedule(
         PayloadSchedule(
             0.1, tuple(SliceRule(run_id, *SLOW, seconds=SLOW_SECONDS) for run_id in runs)
         )
     )
     brokers = real_rest_stack.brokers
-    app = peers.rest
+    app = real_rest_peers.rest
     seen_before = len(app.requests())
     figures: dict[str, object] = {"rest_app_start_s": round(app.started_in or 0, 2)}
     with BusRecorder(brokers, topics=(brokers.transformer_topic,)) as recorder:
         started = time.monotonic()
         for run_id in runs:
-            peers.control.announce(
+            real_rest_peers.control.announce(
                 run_id, "testbed", target_workers=2, slice_processing_time=EXPECTED
             )
 
         # --- created: the real create answers 500 after making the task and
         # its PanDA task, whose jobs start real transformers
-        assert peers.pilots.wait_for(
-            lambda: all(len(peers.pilots.of_run(r)) == 2 for r in runs), WAIT
+        assert real_rest_peers.pilots.wait_for(
+            lambda: all(len(real_rest_peers.pilots.of_run(r)) == 2 for r in runs), WAIT
         )
         figures["announce_to_transformers_s"] = round(time.monotonic() - started, 2)
 
         # --- the slices, to real transformers; each result stored for its run
         # (the listener acked it) before the run ends
         for run_id in runs:
-            peers.control.send_slices(run_id, SLICES, rate=20)
+            real_rest_peers.control.send_slices(run_id, SLICES, rate=20)
         for run_id in runs:
             assert wait_stored_results(real_rest_stack.api_url, run_id, SLICES), (
                 f"run {run_id}: not every slice result reached the service"
             )
         for run_id in runs:
-            peers.control.end(run_id, "testbed")
+            real_rest_peers.control.end(run_id, "testbed")
         ended = time.time()
 
         flow_runs = {
@@ -137,11 +116,11 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
         assert recorder.wait_for(
             lambda: all(recorder.stop_forms(r) == [int(r), r] for r in runs), WAIT
         )
-        assert peers.pilots.wait_for(
-            lambda: all(peers.pilots.live(r) == 0 for r in runs), STOP_IDLE + WAIT
+        assert real_rest_peers.pilots.wait_for(
+            lambda: all(real_rest_peers.pilots.live(r) == 0 for r in runs), STOP_IDLE + WAIT
         )
     for run_id in runs:
-        for pilot in peers.pilots.of_run(run_id):
+        for pilot in real_rest_peers.pilots.of_run(run_id):
             assert pilot.exit_code == 0
             # Kept on the log: exit 0 is the same for the stop and for the idle
             # timeout; only the real transformer's log tells which ended it.
@@ -150,11 +129,11 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
                 in pilot.log_text()
             )
     figures["end_to_transformer_exit_s"] = sorted(
-        round((p.exited_at or 0) - ended, 1) for r in runs for p in peers.pilots.of_run(r)
+        round((p.exited_at or 0) - ended, 1) for r in runs for p in real_rest_peers.pilots.of_run(r)
     )
 
     # --- what iDDS holds and what its REST API was asked, run by run
-    records = peers.idds.database.records()
+    records = real_rest_peers.idds.database.records()
     answered = app.requests()[seen_before:]
     # The service with the operator's proxy; the transformers' broker look-ups
     # relayed by PanDA with its own (iDDS answers them from its configuration).
@@ -173,11 +152,14 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
         figures["other_create_errors"] = [(q.error or "")[:160] for q in creates if q not in made]
     for run_id in runs:
         (transform,) = records.of_run(run_id).transforms
-        (submission,) = peers.panda.submissions_for(run_id)
+        (submission,) = real_rest_peers.panda.submissions_for(run_id)
         assert transform["workload_id"] == submission.task_id
         assert records.of_run(run_id).processing_statuses() == ["ToCancel"]
         # Nothing of the run left waiting: no slice, no result.
-        for queue in (peers.prompt.slices.destination, real_rest_stack.brokers.results_destination):
+        for queue in (
+            real_rest_peers.prompt.slices.destination,
+            real_rest_stack.brokers.results_destination,
+        ):
             assert queued(real_rest_stack.brokers, queue, run_selector(run_id)) == 0, queue
         ids = (transform["request_id"], transform["transform_id"], submission.task_id)
         mine = of_task(requests, transform["name"], ids)
@@ -191,12 +173,12 @@ def test_two_runs_go_through_their_whole_life_over_the_real_idds_rest_api(
             mine["details"][0].at - mine["lookup"][0].at, 3
         )
     figures["rest_app_rss_mb"] = round((app.rss_kb() or 0) / 1024, 1)
-    figures["idds_transceiver_rss_mb"] = round((peers.idds.rss_kb() or 0) / 1024, 1)
+    figures["idds_transceiver_rss_mb"] = round((real_rest_peers.idds.rss_kb() or 0) / 1024, 1)
     print(f"\nREST mode, real iDDS REST API: {figures}")
 
 
 def test_the_rest_gateway_on_both_routes_survives_the_real_api(
-    peers: RealPeers,
+    real_rest_peers: RealPeers,
     idds_pki: GridPki,
     new_run_id: Callable[[], str],
     tmp_path: Path,
@@ -207,11 +189,11 @@ def test_the_rest_gateway_on_both_routes_survives_the_real_api(
     the close answers 200; through the relay iDDS sees PanDA's DN."""
     figures: dict[str, object] = {}
     routes = {
-        "direct": (idds_pki.user.dn, peers.rest.client_env(tmp_path / "idds-client")),
+        "direct": (idds_pki.user.dn, real_rest_peers.rest.client_env(tmp_path / "idds-client")),
         "panda_relay": (
             idds_pki.panda.dn,
             {
-                **peers.panda.client_env(),
+                **real_rest_peers.panda.client_env(),
                 "IDDS_LOCAL_CONFIG_ROOT": str(tmp_path / "idds-client"),
                 "X509_USER_PROXY": "/dev/null",
             },
@@ -219,21 +201,21 @@ def test_the_rest_gateway_on_both_routes_survives_the_real_api(
     }  # plain http: no proxy is sent
     for route, (dn, env) in routes.items():
         run_id = new_run_id()
-        seen_before = len(peers.rest.requests())
+        seen_before = len(real_rest_peers.rest.requests())
         report = probe(route, run_id, env)
         created, again, closed = report["created"], report["created_again"], report["closed"]
         ids = (created["request_id"], created["transform_id"], created["workload_id"])
         assert (again["request_id"], again["transform_id"], again["workload_id"]) == ids
         assert closed["status"] == "closed successfully"
-        records = peers.idds.database.records(run_id)
+        records = real_rest_peers.idds.database.records(run_id)
         assert [t["transform_id"] for t in records.transforms] == [ids[1]]
         assert records.processing_statuses() == ["ToCancel"]
-        (submission,) = peers.panda.submissions_for(run_id)
+        (submission,) = real_rest_peers.panda.submissions_for(run_id)
         assert submission.task_id == ids[2]
         # Less the broker look-ups of the run's transformer, relayed by PanDA.
         requests = [
             q
-            for q in peers.rest.requests()[seen_before:]
+            for q in real_rest_peers.rest.requests()[seen_before:]
             if not q.path.startswith("/idds/metainfo/")
         ]
         assert {q.dn for q in requests} == {dn}
@@ -241,7 +223,7 @@ def test_the_rest_gateway_on_both_routes_survives_the_real_api(
         assert [q.status for q in posts] == [500]  # the second create found the task
         assert "too many values to unpack" in (posts[0].error or "")
         figures[route] = {k: report[k] for k in ("create_s", "create_again_s", "close_s")}
-        stop_transformers(peers, run_id)
+        stop_transformers(real_rest_peers, run_id)
     print(f"\nthe REST gateway against the real iDDS REST API: {figures}")
 
 

@@ -20,7 +20,6 @@ import asyncio
 import os
 import signal
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,16 +28,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PREFECT_PORT, STOMP_PORT, once
+from conftest import PREFECT_PORT, once
 from prefect.events import Event
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_reads import final_flow_run
+from process_reads import command_line, still_alive
+from stacks import (
+    SERVE_CONFIG,
+    SERVE_NAMESPACE,
+    SERVE_RESULTS_QUEUE,
+    SERVE_WAIT,
+    Serve,
+)
 
 from swf_panda_workers.adapters.prefect_events.history import run_history
 from swf_panda_workers.adapters.prefect_events.schema import run_resource_id
 from swf_panda_workers.config.schema import Brokers
 from swf_panda_workers.core.timestamps import utc_now
-from swf_panda_workers.service.processes import ManagedProcess
 from swf_testbed.launchers.stack import EmbeddedStack
 from swf_testbed.peers._bus import poll_until
 from swf_testbed.peers.harness import PeerHarness
@@ -48,10 +54,9 @@ pytestmark = [
     once("serve's own Prefect server is SQLite in its state directory, whatever the session's"),
 ]
 
-NAMESPACE = "itestserve"
-RESULTS_QUEUE = "/queue/panda.results.worker.serve"
-# Apart from the session servers (+10 each) and test_prefect_deploy's (+50).
-SERVE_PORT = int(os.environ.get("SWF_TEST_SERVE_PREFECT_PORT", str(PREFECT_PORT + 7)))
+# serve's (stacks.py); WAIT is generous, and every wait ends when its condition holds
+NAMESPACE, RESULTS_QUEUE, WAIT = SERVE_NAMESPACE, SERVE_RESULTS_QUEUE, SERVE_WAIT
+
 CYCLES = 20
 SLICES = 8
 # The last slice takes 0.8 s where 0.5 s is expected: one adjust_worker per
@@ -61,158 +66,10 @@ SLICES = 8
 SLOW_SLICE = 7
 ARRIVAL_GAP = 0.2
 MID_RUN = frozenset({2, 7, 12, 17})  # stopped once the run's adjust is journaled, before its end
-WAIT = 120.0  # generous: the machine is shared; every wait ends when its condition holds
-SERVE = str(Path(sys.executable).with_name("swf-panda-workers"))
-
-SERVE_CONFIG = {
-    "transceiver": {"namespace": NAMESPACE},
-    "brokers": {"host": "127.0.0.1", "port": STOMP_PORT, "results_queue": RESULTS_QUEUE},
-    "slice": {"processing_time": 0.5, "cooldown": 2},
-    "scaling": {"policy": "reference", "end": "stop"},
-    "timeouts": {"created_workflow_task": 30, "closed_workflow_task": 30, "run_end": 600},
-    "prefect": {"runner_limit": 10, "server_port": SERVE_PORT},
-    "metrics": {"port": 0},
-}
 
 
 def processing_time(index: int) -> float:
     return 0.8 if index == SLOW_SLICE else 0.1
-
-
-@dataclass
-class Serve:
-    """One `swf-panda-workers serve` process and its state directory."""
-
-    state: Path
-    config: Path
-    process: ManagedProcess = field(init=False)
-
-    def __post_init__(self) -> None:
-        env = {
-            key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")
-        }  # serve starts its own server
-        self.process = ManagedProcess(
-            "serve",
-            [SERVE, "serve", "--config", str(self.config)],
-            {**env, "PYTHONUNBUFFERED": "1"},
-            self.state / "serve.out",
-        )
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{SERVE_PORT}/api"
-
-    def start(self) -> None:
-        """Start serve; return once it says it serves."""
-        self.process.start()
-        ready = poll_until(
-            lambda: self.process.logged_since_start(b"serving namespace") or not self.process.alive,
-            WAIT,
-        )
-        assert ready and self.process.alive, f"serve not serving:\n{self.process.tail(60)}"
-
-    def tree(self) -> set[tuple[int, int]]:
-        """serve and every process below it, as (pid, start time) pairs: a pid
-        reused later is another process."""
-        assert self.process.pid is not None
-        return {
-            (pid, started)
-            for pid in descendants(self.process.pid)
-            if (started := start_time(pid)) is not None
-        }
-
-    def child_pid(self, module: str) -> int:
-        assert self.process.pid is not None
-        [pid] = [
-            pid for pid in descendants(self.process.pid) if f"-m {module}" in command_line(pid)
-        ]
-        return pid
-
-    def sigterm(self) -> float:
-        """SIGTERM serve alone; return the seconds it took to exit."""
-        assert self.process.process is not None
-        began = time.monotonic()
-        self.process.process.send_signal(signal.SIGTERM)
-        code = self.process.process.wait(WAIT)
-        took = time.monotonic() - began
-        assert code == 0, f"serve exited {code} on SIGTERM:\n{self.process.tail(40)}"
-        self.process.reap()
-        return took
-
-    def sigkill(self) -> None:
-        """SIGKILL serve alone, as the OOM killer or a supervisor giving up does."""
-        assert self.process.process is not None
-        self.process.process.kill()
-        self.process.process.wait(WAIT)
-        self.process.reap()
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = stat_fields(stat)
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, ()))
-    return found
-
-
-def stat_fields(stat: Path) -> list[str] | None:
-    """The fields after the command name: state, ppid, ... (None: gone)."""
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def start_time(pid: int) -> int | None:
-    """When the process started (clock ticks since boot); None if it is gone
-    or a zombie (dead, its status not yet collected)."""
-    fields = stat_fields(Path(f"/proc/{pid}/stat"))
-    if fields is None or fields[0] == "Z":
-        return None
-    return int(fields[19])
-
-
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def still_alive(processes: set[tuple[int, int]]) -> set[tuple[int, int]]:
-    return {(pid, started) for pid, started in processes if start_time(pid) == started}
-
-
-@pytest.fixture(scope="module")
-def serve_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One state directory for the module: its database is the one every
-    start of serve must find again."""
-    home = tmp_path_factory.mktemp("serve")
-    config = home / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                **SERVE_CONFIG,
-                "prefect": {**SERVE_CONFIG["prefect"], "state_dir": str(home / "state")},
-            }
-        )
-    )
-    return config
-
-
-@pytest.fixture
-def serve(serve_config: Path) -> Iterator[Serve]:
-    state = Path(yaml.safe_load(serve_config.read_text())["prefect"]["state_dir"])
-    state.mkdir(exist_ok=True)
-    made = Serve(state, serve_config)
-    yield made
-    made.process.stop(grace=30)
 
 
 @pytest.fixture(scope="module")
