@@ -155,6 +155,7 @@ class InProcessRunner:
         # The same runs, readable from other threads (the recovery's).
         self._executing_ids: frozenset[UUID] = frozenset()
         self._cancelling: set[UUID] = set()  # cancelled from Prefect: end them Cancelled
+        self._cancel_taken: set[UUID] = set()  # their engine has ended on the cancel
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._polling_ended = threading.Event()  # no claim can be in progress
@@ -282,6 +283,7 @@ class InProcessRunner:
         self._executing.pop(flow_run_id, None)
         self._executing_ids = frozenset(self._executing)
         self._cancelling.discard(flow_run_id)
+        self._cancel_taken.discard(flow_run_id)
 
     def executing_ids(self) -> frozenset[UUID]:
         """The flow runs this process executes now; safe from any thread."""
@@ -297,6 +299,7 @@ class InProcessRunner:
         except asyncio.CancelledError:
             if flow_run_id not in self._cancelling:
                 raise
+            self._cancel_taken.add(flow_run_id)
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()  # the cancel asked for is done; what follows must not see it
@@ -357,10 +360,16 @@ class InProcessRunner:
         )
         for flow_run in runs:
             task = self._executing.get(flow_run.id)
-            if task is not None and flow_run.id not in self._cancelling:
+            if task is None or flow_run.id in self._cancel_taken:
+                continue
+            if flow_run.id not in self._cancelling:
                 log.warning("flow run %s (%s) cancelled from Prefect", flow_run.name, flow_run.id)
                 self._cancelling.add(flow_run.id)
-                task.cancel()
+            # Again at every look until the engine ends on it: code that
+            # swallows a cancel (asyncio.wait_for before Python 3.12, when
+            # the awaited result comes with it) would leave the run
+            # Cancelling for good.
+            task.cancel()
 
     def stop(self, timeout: float = STOP_GRACE) -> list[str]:
         """From another thread: take no more runs; returns the runs in flight

@@ -144,7 +144,12 @@ class RunFeed:
                 elif left <= 0:
                     return None
                 else:
-                    event = await asyncio.wait_for(self._live.get(), min(left, 1.0))
+                    # Not asyncio.wait_for: before Python 3.12 it drops a
+                    # cancel that comes as the event arrives, and a run
+                    # cancelled from Prefect would go on (busy streams make
+                    # that likely).
+                    async with asyncio.timeout(min(left, 1.0)):
+                        event = await self._live.get()
             except TimeoutError:
                 continue
             if event not in self._seen:
