@@ -4,6 +4,8 @@ No Prefect server needed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import datetime, timedelta
 from uuid import UUID, uuid4
 
@@ -108,3 +110,59 @@ def test_a_sync_flow_is_refused() -> None:
 
     with pytest.raises(TypeError, match="not async"):
         InProcessRunner(blocking, "x", 1, [], "")
+
+
+class CancellingRuns:
+    """What cancel_requested reads of Prefect: these runs are Cancelling."""
+
+    def __init__(self, runs: list[FlowRun]) -> None:
+        self.runs = runs
+
+    async def read_flow_runs(self, **_: object) -> list[FlowRun]:
+        return self.runs
+
+
+def test_a_cancel_the_flow_swallowed_is_repeated_until_the_engine_ends_on_it() -> None:
+    # The flow drops the first cancel, as asyncio.wait_for did before Python
+    # 3.12 when its result came with the cancel; the runner's next look
+    # cancels again, and once the engine has ended on a cancel it is left be.
+    @flow
+    async def the_flow() -> None:
+        return None
+
+    async def scenario() -> tuple[int, bool]:
+        runner = InProcessRunner(the_flow, "x", 1, [], "")
+        run = scheduled(NOW, StateType.CANCELLING)
+        cancels_seen = 0
+
+        async def engine() -> None:
+            nonlocal cancels_seen
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    cancels_seen += 1
+                    if cancels_seen > 1:
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+
+        task = asyncio.create_task(engine())
+        await asyncio.sleep(0)  # the engine is at its await
+        runner._executing[run.id] = task
+        client = CancellingRuns([run])
+        await runner.cancel_requested(client)  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        assert not task.done(), "the first cancel was swallowed"
+        await runner.cancel_requested(client)  # type: ignore[arg-type]
+        # A guard, not a timing: a cancel not repeated leaves the engine waiting forever.
+        with contextlib.suppress(asyncio.CancelledError):
+            async with asyncio.timeout(30):
+                await task
+        runner._cancel_taken.add(run.id)  # as execute() records it
+        before = cancels_seen
+        await runner.cancel_requested(client)  # type: ignore[arg-type]
+        return before, cancels_seen == before
+
+    cancels, left_alone = asyncio.run(scenario())
+    assert cancels == 2
+    assert left_alone
