@@ -109,7 +109,8 @@ class ScalingLoop:
         self.window = window
         # The adjustments an earlier attempt journaled, not replayed yet.
         self.journal = journal or AdjustmentJournal()
-        self.drain_rule = drain or DrainRule(quiet=30.0, timeout=900.0)
+        # Without one, the configuration's defaults (a replay never drains this way).
+        self.drain_rule = drain or DrainRule.of(Settings())
         self.memory = ScalingMemory()
         self.timeline = Timeline()
         self.last_result_at: datetime | None = None
