@@ -42,3 +42,10 @@ def queued(brokers: Brokers, queue: str, selector: str | None = None, timeout: f
         return browser.messages
     finally:
         connection.disconnect()
+
+
+def ids_of(body: dict[str, object]) -> tuple[object, ...]:
+    """The task ids (request, transform, workload) a recorded iDDS message names."""
+    content = body["content"]
+    assert isinstance(content, dict)
+    return tuple(content[k] for k in ("request_id", "transform_id", "workload_id"))

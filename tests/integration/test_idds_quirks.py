@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from broker_reads import ids_of
 from conftest import once
 from prefect_reads import final_flow_run, slices_reported
 
@@ -26,12 +27,6 @@ pytestmark = [
 
 SLICES = 20
 WAIT = 60.0
-
-
-def ids_of(body: dict[str, object]) -> tuple[object, ...]:
-    content = body["content"]
-    assert isinstance(content, dict)
-    return tuple(content[k] for k in ("request_id", "transform_id", "workload_id"))
 
 
 def sent_at(recorder: BusRecorder, msg_type: str, run_id: str) -> list[float]:

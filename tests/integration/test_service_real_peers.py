@@ -17,15 +17,15 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from broker_reads import queued
+from broker_reads import ids_of, queued
 from conftest import once
 from prefect_reads import final_flow_run, slices_reported, wait_stored
 
 from swf_panda_workers.adapters.stomp_bus import run_selector
 from swf_testbed.launchers.stack import EmbeddedStack
+from swf_testbed.peers.idds_agent import IddsRecords
 from swf_testbed.peers.peers_venv_scripts.payload_schedule import (
     PayloadSchedule,
     SliceRule,
@@ -138,22 +138,18 @@ def account(
     # Every task iDDS made for the run ToCancel in its own database.
     records = peers.idds.database.records(run_id)
     statuses = records.processing_statuses()
-    assert statuses and set(statuses) == {"ToCancel"}, tasks_report(peers, recorder, run_id)
+    assert statuses and set(statuses) == {"ToCancel"}, tasks_report(
+        records, peers, recorder, run_id
+    )
     # Nothing of the run left waiting: no slice, no result.
     for queue in (peers.prompt.slices.destination, stack.brokers.results_destination):
         assert queued(stack.brokers, queue, run_selector(run_id)) == 0, queue
     return [round((p.exited_at or 0) - stop_sent, 1) for p in pilots.of_run(run_id)]
 
 
-def tasks_report(peers: RealPeers, recorder: BusRecorder, run_id: str) -> str:
+def tasks_report(records: IddsRecords, peers: RealPeers, recorder: BusRecorder, run_id: str) -> str:
     """What iDDS holds of the run beside what went by on the bus, and iDDS's
     own log of the run: which task was left open, and why, at a glance."""
-
-    def ids(body: dict[str, Any]) -> tuple[Any, ...]:
-        content = body.get("content") or {}
-        return tuple(content.get(k) for k in ("request_id", "transform_id", "workload_id"))
-
-    records = peers.idds.database.records(run_id)
     lines = ["iDDS's processings (request, transform, workload, status, updated):"]
     lines += [
         f"  {p['request_id']}, {p['transform_id']}, {p['workload_id']}, {p['status']}, "
@@ -161,7 +157,7 @@ def tasks_report(peers: RealPeers, recorder: BusRecorder, run_id: str) -> str:
         for p in records.processings
     ]
     for msg_type in ("created_workflow_task", "close_workflow_task", "closed_workflow_task"):
-        seen = [ids(body) for body in recorder.of_type(msg_type, run_id)]
+        seen = [ids_of(body) for body in recorder.of_type(msg_type, run_id)]
         lines.append(f"{msg_type} on the bus: {seen}")
     # iDDS's log is the only view into its threads: its creates, closes and failures.
     log = peers.idds.log_path.read_text(errors="replace").splitlines()
