@@ -167,7 +167,7 @@ class Run:
         )  # one flow run, never two
         assert flow_run.state_name == "Completed", flow_run.state
         self.assert_once()
-        farm_run = self.peers.farm.runs[self.run_id]
+        farm_run = self.peers.farm.run(self.run_id, 10)
         assert farm_run.failed_sent > 0  # both counts are really exercised
         done, failed = farm_run.slices_sent - farm_run.failed_sent, farm_run.failed_sent
         summary = asyncio.run(

@@ -101,7 +101,7 @@ def test_the_metrics_count_a_whole_run(
         run_id = new_run_id()
         peers.control.announce(run_id, "testbed", target_workers=3, slice_processing_time=0.5)
         assert peers.wait_until(lambda: peers.task_created(run_id), WAIT)
-        farm_run = peers.farm.runs[run_id]
+        farm_run = peers.farm.run(run_id, WAIT)
         assert peers.farm.wait_for(
             lambda: farm_run.slices_sent + farm_run.failed_sent >= SLICES, WAIT
         )

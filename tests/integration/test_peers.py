@@ -479,8 +479,7 @@ def test_harness_adjusts_start_transformers_after_the_rampup(
         requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
         answer = parse_message(requester.next_of("created_workflow_task").body)
         assert isinstance(answer, CreatedWorkflowTask)
-        assert farm.wait_for(lambda: run_id in farm.runs, WAIT)
-        run = farm.runs[run_id]
+        run = farm.run(run_id, WAIT)
         assert run.started == 2  # the initial ones start at once
 
         def adjust(target: int) -> float:
@@ -528,8 +527,7 @@ def test_harness_starts_and_adds_transformers(
         requester.client.send(outbound.create_workflow_task(imminent(run_id, 2), settings, now()))
         answer = parse_message(requester.next_of("created_workflow_task").body)
         assert isinstance(answer, CreatedWorkflowTask)
-        assert peers.farm.wait_for(lambda: run_id in peers.farm.runs, WAIT)
-        assert peers.farm.runs[run_id].started == 2
+        assert peers.farm.run(run_id, WAIT).started == 2
 
         size = WorkerSize(target_worker_count=4)
         requester.client.send(outbound.adjust_worker(run_id, answer.ids, size, settings, now()))
@@ -600,8 +598,7 @@ def test_harness_in_rest_mode_serves_idds_over_http(
             "transform_id": row["transform_id"],
             "workload_id": row["transform_workload_id"],
         }
-        assert peers.farm.wait_for(lambda: run_id in peers.farm.runs, WAIT)
-        assert peers.farm.runs[run_id].started == 2
+        assert peers.farm.run(run_id, WAIT).started == 2
         first = parse_message(results.next_of("slice_result").body)
         assert isinstance(first, SliceResult) and first.run_id == run_id
         assert first.content.panda_task_id == str(ids["workload_id"])  # from the environment

@@ -154,7 +154,7 @@ def completed_once_and_accounted(
         a["content"]["target_worker_count"] for a in peers.recorder.of_type("adjust_worker", run_id)
     ]
     assert sizes and len(sizes) == len(set(sizes)), f"adjust_worker sizes: {sizes}"
-    farm_run = peers.farm.runs[run_id]
+    farm_run = peers.farm.run(run_id, 10)
     assert farm_run.failed_sent > 0  # else the failed count below proves nothing
     done, failed = farm_run.slices_sent - farm_run.failed_sent, farm_run.failed_sent
     summary = asyncio.run(artifact_markdown(stack.api_url, f"run-{namespace}-{run_id}"))

@@ -112,7 +112,8 @@ def test_two_concurrent_runs_go_through_their_whole_life_over_rest(
         for msg_type in ("create_workflow_task", "adjust_worker", "close_workflow_task"):
             assert peers.recorder.of_type(msg_type, run_id) == []
         assert peers.recorder.stop_forms(run_id) == [int(run_id), run_id]
-        assert peers.farm.wait_for(lambda r=run_id: peers.farm.runs[r].stopped, 10)
+        farm_run = peers.farm.run(run_id, 10)
+        assert peers.farm.wait_for(lambda r=farm_run: r.stopped, 10)
 
     assert server.duplicate_creates == {}
     assert server.violations == []

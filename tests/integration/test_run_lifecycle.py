@@ -125,7 +125,8 @@ def test_two_concurrent_runs_go_through_their_whole_life(
         assert {k: close["content"][k] for k in ids} == ids
         assert one(recorder, "closed_workflow_task", run_id)["content"]["status"] == "ToCancel"
         # The farm hears the stop on its own connection: wait for it, briefly.
-        assert peers.farm.wait_for(lambda r=run_id: peers.farm.runs[r].stopped, 10), (
+        farm_run = peers.farm.run(run_id, 10)
+        assert peers.farm.wait_for(lambda r=farm_run: r.stopped, 10), (
             "the transformers ignored stop_transformer"
         )
 
@@ -212,7 +213,7 @@ def test_slice_results_before_the_ids_are_held_until_the_ids_come(
         assert recorder.wait_for(
             lambda: bool(recorder.of_type("created_workflow_task", run_id)), 30
         )
-        assert peers.farm.runs[run_id].slices_sent == 12, "results were not all before the ids"
+        assert peers.farm.run(run_id, 30).slices_sent == 12, "results were not all before the ids"
         assert recorder.wait_for(lambda: bool(recorder.of_type("adjust_worker", run_id)), 30)
         adjust = one(recorder, "adjust_worker", run_id)["content"]
         assert {k: adjust[k] for k in ("request_id", "transform_id", "workload_id")} == reply_ids(

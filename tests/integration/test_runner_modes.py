@@ -94,7 +94,7 @@ def end_and_account(
             for t in ("create_workflow_task", "stop_transformer", "close_workflow_task")
         }
         assert set(counts.values()) == {1}, f"run {run_id}: {counts}"
-        farm_run = peers.farm.runs[run_id]
+        farm_run = peers.farm.run(run_id, 10)
         assert farm_run.failed_sent > 0  # else the failed count proves nothing
         done = farm_run.slices_sent - farm_run.failed_sent
         summary = asyncio.run(artifact_markdown(stack.api_url, f"run-{namespace}-{run_id}"))

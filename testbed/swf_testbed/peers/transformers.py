@@ -242,6 +242,15 @@ class TransformerFarm:
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         return self._state.wait_for(predicate, timeout)
 
+    def run(self, run_id: str, timeout: float) -> RunSlices:
+        """The run's slices, once its transformers have started. iDDS starts
+        them just after its created reply, so a test that has seen the reply
+        may still be ahead of the farm."""
+        if not self._state.wait_for(lambda: run_id in self.runs, timeout):
+            raise LookupError(f"no transformers started for run {run_id} within {timeout:g} s")
+        with self._state.lock:
+            return self.runs[run_id]
+
     def hold_results(self, timeout: float) -> bool:
         """Keep finished slices' results from being sent, until ``release_results``;
         True once no result is being sent any more. For stopping the broker
