@@ -90,7 +90,7 @@ class Run:
             lambda: bool(recorder.of_type("created_workflow_task", self.run_id)), WAIT
         ), f"iDDS never answered create_workflow_task of run {self.run_id}"
         # iDDS starts the transformers right after its reply.
-        assert self.peers.wait_until(lambda: self.run_id in self.peers.farm.runs, 30)
+        self.peers.farm.run(self.run_id, 30)
 
     def slices_sent(self) -> int:
         return self.peers.farm.runs[self.run_id].slices_sent

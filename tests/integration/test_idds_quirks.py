@@ -63,10 +63,8 @@ def test_two_tasks_for_one_run_the_extra_is_closed_at_once(
             ),
             WAIT,
         )
-        assert peers.farm.wait_for(
-            lambda: run_id in peers.farm.runs and peers.farm.runs[run_id].slices_sent >= SLICES,
-            WAIT,
-        )
+        farm_run = peers.farm.run(run_id, WAIT)
+        assert peers.farm.wait_for(lambda: farm_run.slices_sent >= SLICES, WAIT)
         extra_closed_at = sent_at(recorder, "close_workflow_task", run_id)[0]
         peers.control.end(run_id, "testbed")
         flow_run = asyncio.run(final_flow_run(stack.api_url, namespace, run_id))
@@ -85,7 +83,6 @@ def test_two_tasks_for_one_run_the_extra_is_closed_at_once(
             lambda: all(t.status == "ToCancel" for t in peers.idds.tasks_of(run_id)), WAIT
         )
         assert len(peers.idds.tasks_of(run_id)) == 2
-        farm_run = peers.farm.runs[run_id]
         assert slices_reported(stack.api_url, namespace, run_id) == (
             farm_run.slices_sent - farm_run.failed_sent,
             farm_run.failed_sent,

@@ -67,7 +67,8 @@ def test_a_slowdown_scales_up_then_back_down_within_bounds(
     farm = peers.farm
     # All slices queued; end the run while the last ones are still processed,
     # as the control system does: the drain must finish them.
-    assert farm.wait_for(lambda: run_id in farm.runs and farm.runs[run_id].queued >= SLICES, 150)
+    farm_run = farm.run(run_id, 150)
+    assert farm.wait_for(lambda: farm_run.queued >= SLICES, 150)
     peers.control.end(run_id, "seed")
     assert peers.wait_until(lambda: peers.task_closed(run_id), 120), "the task was not closed"
 
